@@ -1,0 +1,21 @@
+"""The web process: receives Locate2u webhooks, records them and hands them on."""
+from flask import Flask
+
+from receiver import errors, health, webhooks
+from receiver.handoff import Handoff
+from workers.config import ConfigError, Settings
+
+
+def create_app(settings=None):
+    """Build the receiver app from ``settings`` (default: the environment)."""
+    settings = settings or Settings.from_env()
+    if not settings.redis_url:
+        raise ConfigError({"REDIS_URL": "required for the web process ('l2u-relay run' starts an embedded Redis)"})
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["l2u.settings"] = settings
+    app.extensions["l2u.handoff"] = Handoff.from_settings(settings)
+    errors.init_app(app)
+    app.register_blueprint(webhooks.bp)
+    app.register_blueprint(health.bp)
+    return app

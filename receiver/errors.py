@@ -1,0 +1,22 @@
+"""JSON error answers, so every rejection says what is wrong in the same shape."""
+from flask import jsonify
+from werkzeug.exceptions import HTTPException
+
+
+def error_response(status, error, message, retry_after=None, **extra):
+    """A JSON error: ``{"error": code, "message": text, ...extra}``."""
+    response = jsonify({"error": error, "message": message, **extra})
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def init_app(app):
+    @app.errorhandler(HTTPException)
+    def _http_error(exc):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        if exc.code == 413:
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            return error_response(413, code, f"request body is larger than the limit of {limit} bytes")
+        return error_response(exc.code or 500, code, exc.description or exc.name)

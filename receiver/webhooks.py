@@ -1,0 +1,56 @@
+"""``POST /webhooks/locate2u/<event_type>/<token>``: authenticate, check, record, enqueue."""
+import hashlib
+import json
+
+from flask import Blueprint, current_app, jsonify, request
+
+from receiver.errors import error_response
+from receiver.handoff import Unavailable
+from workers.events import EVENT_TYPES, missing_key_field
+from workers.webhook_auth import token_matches
+
+bp = Blueprint("webhooks", __name__)
+RETRY_AFTER_SECONDS = 5
+
+
+def delivery_id_for(event_type, body):
+    """SHA-256 of event type and raw body: the same delivery twice has the same id."""
+    return hashlib.sha256(event_type.encode() + b"\n" + body).hexdigest()
+
+
+def _parse(body):
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"body is not valid JSON: {exc}"
+    if not isinstance(payload, dict):
+        return None, f"body must be a JSON object, not {type(payload).__name__}"
+    return payload, None
+
+
+@bp.post("/webhooks/locate2u/<event_type>/<token>")
+def receive(event_type, token):
+    if event_type not in EVENT_TYPES:
+        return error_response(404, "unknown_event_type", f"unknown event type {event_type!r}",
+                              known=sorted(EVENT_TYPES))
+    settings = current_app.extensions["l2u.settings"]
+    if not token_matches(token, event_type, (settings.webhook_secret, settings.webhook_secret_previous)):
+        return error_response(401, "invalid_token", "the URL token is not valid for this event type")
+    body = request.get_data(cache=False)
+    payload, problem = _parse(body)
+    if problem:
+        return error_response(400, "invalid_body", problem)
+    handoff = current_app.extensions["l2u.handoff"]
+    try:
+        missing = missing_key_field(event_type, payload)
+        if missing:
+            message = f"field {missing!r} is required for {event_type}"
+            handoff.quarantine_delivery(event_type, body.decode(), message, {missing: ["Missing data."]})
+            return error_response(422, "missing_field", message, field=missing)
+        delivery_id = delivery_id_for(event_type, body)
+        status = handoff.accept(delivery_id, event_type, body.decode())
+    except Unavailable as exc:
+        current_app.logger.warning("delivery refused for now: %s", exc)
+        return error_response(503, "unavailable", "temporarily unable to accept deliveries; retry later",
+                              retry_after=RETRY_AFTER_SECONDS)
+    return jsonify({"status": status, "delivery_id": delivery_id})

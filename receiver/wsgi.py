@@ -1,0 +1,4 @@
+"""WSGI entry point for gunicorn: ``gunicorn receiver.wsgi:app``."""
+from receiver import create_app
+
+app = create_app()

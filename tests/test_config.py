@@ -1,0 +1,53 @@
+import pytest
+
+from workers.config import MIB, ConfigError, Settings
+from workers.events import EVENT_TYPES
+
+SECRET = "s" * 20
+
+
+def test_defaults_from_a_minimal_environment():
+    settings = Settings.from_env({"RELAY_WEBHOOK_SECRET": SECRET})
+    assert settings.max_body_bytes == MIB
+    assert settings.event_types == tuple(EVENT_TYPES)
+    assert settings.locate2u_grant == "client_credentials"
+    assert settings.locate2u_api_url == "https://integration.locate2u.com"
+    assert settings.storepoint_api_url == "https://api.storepoint.co/admin/v1"
+    assert settings.retry_schedule == (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+def test_broker_defaults_to_redis_url():
+    settings = Settings.from_env({"RELAY_WEBHOOK_SECRET": SECRET, "REDIS_URL": "redis://r:6379/0"})
+    assert settings.broker == "redis://r:6379/0"
+    other = Settings.from_env({"RELAY_WEBHOOK_SECRET": SECRET, "REDIS_URL": "redis://r/0",
+                               "CELERY_BROKER_URL": "amqp://guest@mq//"})
+    assert other.broker == "amqp://guest@mq//"
+
+
+def test_every_problem_is_listed_in_one_message():
+    environ = {"RELAY_MAX_BODY_BYTES": "lots", "RELAY_EVENT_TYPES": "stop.assigned,stop.teleported",
+               "LOCATE2U_GRANT": "password", "B2B_USERNAME": "u", "FORWARD_URLS": "ftp://x",
+               "STOREPOINT_API_URL": "not a url", "PORT": "0"}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(environ)
+    problems = caught.value.problems
+    assert set(problems) == {"RELAY_WEBHOOK_SECRET", "RELAY_MAX_BODY_BYTES", "RELAY_EVENT_TYPES", "LOCATE2U_GRANT",
+                             "B2B_PASSWORD", "B2B_API_URL", "B2B_BUSINESS_PARTNER_ID", "B2B_COUNTRY_ID",
+                             "FORWARD_URLS", "FORWARD_SECRET", "STOREPOINT_API_URL", "PORT"}
+    message = str(caught.value)
+    assert message.startswith("invalid configuration:")
+    assert "stop.teleported" in message and "Missing data for required field" in message
+    assert message.count("\n  - ") == len(problems)
+
+
+def test_values_are_never_echoed_for_secrets():
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RELAY_WEBHOOK_SECRET": "tooshort-secret"})
+    assert "tooshort-secret" not in str(caught.value)
+
+
+def test_to_env_round_trips():
+    settings = Settings.from_env({"RELAY_WEBHOOK_SECRET": SECRET, "REDIS_URL": "redis://h/1",
+                                  "FORWARD_URLS": "http://a/x,http://b/y", "FORWARD_SECRET": "whsec_abc",
+                                  "RELAY_RETRY_SCHEDULE": "0,1,2"})
+    assert Settings.from_env(settings.to_env()) == settings

@@ -1,0 +1,60 @@
+"""A real Celery worker consuming what the receiver recorded."""
+import json
+import time
+
+import pytest
+
+from tests.payloads import PUBLISHED
+from tests.test_receiver import post
+from workers.stores import Ledger, Quarantine
+
+
+def wait_for(predicate, timeout=30, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def stack(settings, start_process):
+    web = start_process("gunicorn", settings)
+    worker = start_process("worker", settings)
+    return web, worker
+
+
+def test_worker_validates_and_records_the_outcome(stack, redis_client):
+    web, _ = stack
+    ledger = Ledger(redis_client)
+    delivery_id = post(web.url, "trip.created", PUBLISHED["trip.created"]).json()["delivery_id"]
+    entry = wait_for(lambda: (e := ledger.get(delivery_id)) and e["status"] != "received" and e)
+    assert entry["status"] == "unrouted"
+    assert entry["entity"] == "trip"
+    assert redis_client.zscore(Ledger.RECEIVED, delivery_id) is None
+
+
+def test_schema_invalid_delivery_is_quarantined_with_the_messages(stack, redis_client):
+    web, _ = stack
+    body = dict(PUBLISHED["stop.assigned"], actionDate="not a date")
+    delivery_id = post(web.url, "stop.assigned", body).json()["delivery_id"]
+    ledger = Ledger(redis_client)
+    entry = wait_for(lambda: (e := ledger.get(delivery_id)) and e["status"] == "quarantined" and e)
+    assert "actionDate" in entry["reason"]
+    [item] = Quarantine(redis_client).items()
+    assert item["delivery_id"] == delivery_id
+    assert item["errors"] == {"actionDate": ["Not a valid datetime."]}
+    assert json.loads(item["body"]) == body
+
+
+def test_sweeper_requeues_an_orphaned_ledger_entry(settings, start_process, redis_client):
+    """A crash between "recorded" and "queued": the ledger has it, the queue does not."""
+    ledger = Ledger(redis_client)
+    body = json.dumps(PUBLISHED["trip.assigned"])
+    assert ledger.record("orphan-1", "trip.assigned", body, 3600, received_at=time.time() - 10)
+    assert redis_client.llen("ingest") == 0
+    start_process("worker", settings, beat=True)
+    entry = wait_for(lambda: (e := ledger.get("orphan-1")) and e["status"] != "received" and e, timeout=60)
+    assert entry["status"] == "unrouted"

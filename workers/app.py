@@ -1,0 +1,26 @@
+"""The Celery app (``celery -A workers.app worker|beat|flower``)."""
+import os
+
+from workers.celery_config import SWEEP_RECEIVED, make_celery
+from workers.config import Settings
+
+MAX_SWEEP_INTERVAL = 30.0
+
+
+def create_worker_app(settings=None):
+    """The worker/beat Celery app: tasks from ``workers.tasks`` and the beat schedule."""
+    settings = settings or Settings.from_env()
+    app = make_celery(settings)
+    app.conf.update(
+        include=["workers.tasks"],
+        beat_schedule={
+            "sweep-received": {"task": SWEEP_RECEIVED,
+                               "schedule": min(MAX_SWEEP_INTERVAL, max(1.0, settings.sweep_after / 2))},
+        },
+        beat_schedule_filename=os.path.join(settings.data_dir, "celerybeat-schedule"),
+    )
+    os.makedirs(settings.data_dir, exist_ok=True)
+    return app
+
+
+app = create_worker_app()

@@ -1,0 +1,57 @@
+"""Celery configuration built from Settings, shared by the worker and the receiver.
+
+The receiver builds a producer-only app from this (it hands work on by task
+name and never imports task code); ``workers.app`` adds the tasks and beat.
+"""
+from celery import Celery
+from kombu import Exchange, Queue
+
+INGEST_QUEUE = "ingest"
+DELIVER_QUEUE = "deliver"
+CONTROL_QUEUE = "control"
+
+PROCESS_DELIVERY = "l2u.process_delivery"
+DELIVER = "l2u.deliver"
+SWEEP_RECEIVED = "l2u.sweep_received"
+RELEASE_DUE_RETRIES = "l2u.release_due_retries"
+SYNC_SUBSCRIPTIONS = "l2u.sync_subscriptions"
+
+TASK_ROUTES = {
+    PROCESS_DELIVERY: {"queue": INGEST_QUEUE},
+    DELIVER: {"queue": DELIVER_QUEUE},
+    SWEEP_RECEIVED: {"queue": CONTROL_QUEUE},
+    RELEASE_DUE_RETRIES: {"queue": CONTROL_QUEUE},
+    SYNC_SUBSCRIPTIONS: {"queue": CONTROL_QUEUE},
+}
+
+
+def celery_config(settings):
+    """The Celery settings dict: JSON only, late acks, prefetch 1, bounded visibility."""
+    return {
+        "broker_url": settings.broker,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 2,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout,
+                                     "socket_timeout": 5, "socket_connect_timeout": 2},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_routes": TASK_ROUTES,
+        "task_default_queue": INGEST_QUEUE,
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name)
+                        for name in (INGEST_QUEUE, DELIVER_QUEUE, CONTROL_QUEUE)],
+        "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings, name="l2u-relay"):
+    """A configured Celery app (no tasks registered)."""
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,214 @@
+"""The one reader of the environment.
+
+``Settings.from_env()`` reads every variable once, validates it with a
+marshmallow schema and raises ``ConfigError`` listing every problem at once.
+Everything else receives a ``Settings`` object, so tests pass values directly.
+"""
+import dataclasses
+import os
+from urllib.parse import urlsplit
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+
+from workers.events import EVENT_TYPES
+
+MIB = 1024 * 1024
+SVIX_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``problems`` maps variable name to message."""
+
+    def __init__(self, problems):
+        self.problems = problems
+        lines = [f"  - {name}: {message}" for name, message in sorted(problems.items())]
+        super().__init__("invalid configuration:\n" + "\n".join(lines))
+
+
+class CommaList(fields.Field):
+    """A comma-separated environment value as a tuple of stripped strings."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
+class HttpUrl(fields.Url):
+    """An http(s) URL; loopback hosts allowed so tests can use simulators."""
+
+    def __init__(self, **kwargs):
+        super().__init__(schemes={"http", "https"}, require_tld=False, **kwargs)
+
+
+def _env(name, field):
+    field.data_key = name
+    return field
+
+
+class SettingsSchema(Schema):
+    """Environment variables (``data_key``) and their rules."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    redis_url = _env("REDIS_URL", fields.String(load_default=None))
+    broker_url = _env("CELERY_BROKER_URL", fields.String(load_default=None))
+    port = _env("PORT", fields.Integer(load_default=8000, validate=validate.Range(1, 65535)))
+    public_url = _env("RELAY_PUBLIC_URL", HttpUrl(load_default=None))
+    webhook_secret = _env("RELAY_WEBHOOK_SECRET", fields.String(required=True, validate=validate.Length(min=16)))
+    webhook_secret_previous = _env("RELAY_WEBHOOK_SECRET_PREVIOUS",
+                                   fields.String(load_default=None, validate=validate.Length(min=16)))
+    max_body_bytes = _env("RELAY_MAX_BODY_BYTES",
+                          fields.Integer(load_default=MIB, validate=validate.Range(1024, 64 * MIB)))
+    event_types = _env("RELAY_EVENT_TYPES", CommaList(load_default=tuple(EVENT_TYPES)))
+    routes_file = _env("RELAY_ROUTES_FILE", fields.String(load_default=None))
+    dedup_window = _env("RELAY_DEDUP_WINDOW", fields.Integer(load_default=86400, validate=validate.Range(60)))
+    sweep_after = _env("RELAY_SWEEP_AFTER", fields.Integer(load_default=120, validate=validate.Range(1)))
+    visibility_timeout = _env("RELAY_VISIBILITY_TIMEOUT",
+                              fields.Integer(load_default=300, validate=validate.Range(10, 3600)))
+    retry_schedule = _env("RELAY_RETRY_SCHEDULE", CommaList(load_default=tuple(map(str, SVIX_RETRY_SCHEDULE))))
+    data_dir = _env("RELAY_DATA_DIR", fields.String(load_default=".l2u-relay"))
+    log_level = _env("LOG_LEVEL", fields.String(load_default="INFO",
+                                                validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])))
+
+    locate2u_client_id = _env("LOCATE2U_CLIENT_ID", fields.String(load_default=None))
+    locate2u_client_secret = _env("LOCATE2U_CLIENT_SECRET", fields.String(load_default=None))
+    locate2u_grant = _env("LOCATE2U_GRANT", fields.String(
+        load_default="client_credentials", validate=validate.OneOf(["client_credentials", "authorization_code"])))
+    locate2u_scope = _env("LOCATE2U_SCOPE", fields.String(load_default="integrations-api"))
+    locate2u_api_url = _env("LOCATE2U_API_URL", HttpUrl(load_default="https://integration.locate2u.com"))
+    locate2u_id_url = _env("LOCATE2U_ID_URL", HttpUrl(load_default="https://id.locate2u.com"))
+
+    storepoint_api_url = _env("STOREPOINT_API_URL", HttpUrl(load_default="https://api.storepoint.co/admin/v1"))
+    storepoint_api_token = _env("STOREPOINT_API_TOKEN", fields.String(load_default=None))
+    b2b_api_url = _env("B2B_API_URL", HttpUrl(load_default=None))
+    b2b_api_token = _env("B2B_API_TOKEN", fields.String(load_default=None))
+    b2b_username = _env("B2B_USERNAME", fields.String(load_default=None))
+    b2b_password = _env("B2B_PASSWORD", fields.String(load_default=None))
+    b2b_business_partner_id = _env("B2B_BUSINESS_PARTNER_ID", fields.String(load_default=None))
+    b2b_country_id = _env("B2B_COUNTRY_ID", fields.String(load_default=None))
+    locate_api_url = _env("LOCATE_API_URL", HttpUrl(load_default=None))
+    locate_api_token = _env("LOCATE_API_TOKEN", fields.String(load_default=None))
+    deliverycom_api_url = _env("DELIVERYCOM_API_URL", HttpUrl(load_default="https://api.delivery.com"))
+    deliverycom_access_token = _env("DELIVERYCOM_ACCESS_TOKEN", fields.String(load_default=None))
+    forward_urls = _env("FORWARD_URLS", CommaList(load_default=()))
+    forward_secret = _env("FORWARD_SECRET", CommaList(load_default=()))
+    flower_basic_auth = _env("FLOWER_BASIC_AUTH", fields.String(load_default=None))
+
+    @validates_schema(skip_on_field_errors=False)
+    def _cross_checks(self, data, **kwargs):
+        problems = {}
+        for name in data.get("event_types", ()):
+            if name not in EVENT_TYPES:
+                problems["RELAY_EVENT_TYPES"] = [f"unknown event type {name!r}; known: {', '.join(EVENT_TYPES)}"]
+        for value in data.get("retry_schedule", ()):
+            if not value.isdigit():
+                problems["RELAY_RETRY_SCHEDULE"] = [f"{value!r} is not a whole number of seconds"]
+        for url in data.get("forward_urls", ()):
+            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+                problems["FORWARD_URLS"] = [f"{url!r} is not an http(s) URL"]
+        for needed_by, requirement in _SINK_REQUIREMENTS.items():
+            if data.get(needed_by):
+                for name, key in requirement:
+                    if not data.get(key):
+                        problems[name] = [f"required when {self.fields[needed_by].data_key} is set"]
+        if bool(data.get("b2b_username")) != bool(data.get("b2b_password")):
+            problems["B2B_PASSWORD"] = ["B2B_USERNAME and B2B_PASSWORD go together"]
+        if data.get("flower_basic_auth") and ":" not in data["flower_basic_auth"]:
+            problems["FLOWER_BASIC_AUTH"] = ["must be user:password"]
+        if problems:
+            raise ValidationError(problems)
+
+
+# A sink is enabled when its credential is set; then these must be set too.
+_SINK_REQUIREMENTS = {
+    "b2b_api_token": (("B2B_API_URL", "b2b_api_url"), ("B2B_BUSINESS_PARTNER_ID", "b2b_business_partner_id"),
+                      ("B2B_COUNTRY_ID", "b2b_country_id")),
+    "b2b_username": (("B2B_API_URL", "b2b_api_url"), ("B2B_BUSINESS_PARTNER_ID", "b2b_business_partner_id"),
+                     ("B2B_COUNTRY_ID", "b2b_country_id")),
+    "locate_api_token": (("LOCATE_API_URL", "locate_api_url"),),
+    "forward_urls": (("FORWARD_SECRET", "forward_secret"),),
+    "locate2u_client_id": (("LOCATE2U_CLIENT_SECRET", "locate2u_client_secret"),),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated configuration. Build with ``from_env()`` or directly in tests."""
+
+    webhook_secret: str
+    redis_url: str | None = None
+    broker_url: str | None = None
+    port: int = 8000
+    public_url: str | None = None
+    webhook_secret_previous: str | None = None
+    max_body_bytes: int = MIB
+    event_types: tuple = tuple(EVENT_TYPES)
+    routes_file: str | None = None
+    dedup_window: int = 86400
+    sweep_after: int = 120
+    visibility_timeout: int = 300
+    retry_schedule: tuple = SVIX_RETRY_SCHEDULE
+    data_dir: str = ".l2u-relay"
+    log_level: str = "INFO"
+    locate2u_client_id: str | None = None
+    locate2u_client_secret: str | None = None
+    locate2u_grant: str = "client_credentials"
+    locate2u_scope: str = "integrations-api"
+    locate2u_api_url: str = "https://integration.locate2u.com"
+    locate2u_id_url: str = "https://id.locate2u.com"
+    storepoint_api_url: str = "https://api.storepoint.co/admin/v1"
+    storepoint_api_token: str | None = None
+    b2b_api_url: str | None = None
+    b2b_api_token: str | None = None
+    b2b_username: str | None = None
+    b2b_password: str | None = None
+    b2b_business_partner_id: str | None = None
+    b2b_country_id: str | None = None
+    locate_api_url: str | None = None
+    locate_api_token: str | None = None
+    deliverycom_api_url: str = "https://api.delivery.com"
+    deliverycom_access_token: str | None = None
+    forward_urls: tuple = ()
+    forward_secret: tuple = ()
+    flower_basic_auth: str | None = None
+
+    @classmethod
+    def from_env(cls, environ=None):
+        """Read and validate the environment; raise ConfigError listing every problem."""
+        environ = os.environ if environ is None else environ
+        schema = SettingsSchema()
+        names = {field.data_key for field in schema.fields.values()}
+        raw = {name: value for name, value in environ.items() if name in names and value != ""}
+        try:
+            data = schema.load(raw)
+        except ValidationError as error:
+            raise ConfigError({name: "; ".join(_flatten(messages))
+                               for name, messages in error.normalized_messages().items()}) from None
+        data["retry_schedule"] = tuple(int(value) for value in data["retry_schedule"])
+        return cls(**data)
+
+    @property
+    def broker(self):
+        """The Celery broker URL: ``CELERY_BROKER_URL``, else ``REDIS_URL``."""
+        return self.broker_url or self.redis_url
+
+    def to_env(self):
+        """The environment variables that reproduce these settings (for child processes)."""
+        env = {}
+        for name, field in SettingsSchema().fields.items():
+            value = getattr(self, name)
+            if value is None or value == ():
+                continue
+            env[field.data_key] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        return env
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def _flatten(messages):
+    if isinstance(messages, dict):
+        return [m for value in messages.values() for m in _flatten(value)]
+    if isinstance(messages, list):
+        return [m for value in messages for m in _flatten(value)]
+    return [str(messages)]
