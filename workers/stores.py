@@ -118,3 +118,23 @@ class Quarantine:
     def items(self, limit=100):
         """The newest quarantined deliveries first."""
         return [json.loads(raw) for raw in self.redis.lrange(self.KEY, 0, limit - 1)]
+
+
+class MappingStore:
+    """One sink's map of our location key → the remote system's id."""
+
+    def __init__(self, client, sink):
+        self.redis = client
+        self.key = f"{PREFIX}map:{sink}"
+
+    def get(self, key):
+        return self.redis.hget(self.key, key)
+
+    def set(self, key, remote_id):
+        self.redis.hset(self.key, key, remote_id)
+
+    def delete(self, key):
+        self.redis.hdel(self.key, key)
+
+    def all(self):
+        return self.redis.hgetall(self.key)

@@ -1,0 +1,44 @@
+"""One exception root for everything that goes wrong talking to another system.
+
+``RetriableError``: trying again later may succeed (429, 5xx, timeouts, lost
+connections); the pipeline retries it on its schedule. ``PermanentError``:
+trying again will not help (other 4xx, data a sink cannot accept); it goes to
+the dead-letter store at once. Both keep the request and the answer that
+caused them, so a dead letter explains itself. Configuration problems are
+``workers.config.ConfigError``, outside this hierarchy, so nothing swallows them.
+"""
+BODY_LIMIT = 2000
+
+
+class RelayError(Exception):
+    """Root of the relay's errors about external systems."""
+
+    retriable = False
+
+    def __init__(self, message, *, status=None, body=None, method=None, url=None, retry_after=None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.body = body[:BODY_LIMIT] if isinstance(body, str) else body
+        self.method = method
+        self.url = url
+        self.retry_after = retry_after
+
+    def to_json(self):
+        """What a dead letter or a log line keeps of this error."""
+        return {"error": type(self).__name__, "message": self.message, "status": self.status, "body": self.body,
+                "method": self.method, "url": self.url}
+
+
+class RetriableError(RelayError):
+    """Safe to retry later: the request may not have taken effect, and every write is an upsert."""
+
+    retriable = True
+
+
+class PermanentError(RelayError):
+    """Retrying the same request cannot succeed; dead-letter it with this reason."""
+
+
+class NotFound(PermanentError):
+    """The remote system has no such record (HTTP 404 or the vendor's equivalent)."""

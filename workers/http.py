@@ -1,0 +1,94 @@
+"""The HTTP client every connector uses: one session, explicit timeouts, error classes.
+
+``HttpClient.request`` raises ``RetriableError`` for 408/425/429/5xx, timeouts
+and connection failures (with ``Retry-After`` parsed), ``NotFound`` for 404 and
+``PermanentError`` for other 4xx — unless the status is in ``accept``, in which
+case the response is returned for the caller to interpret. Secrets given in
+``redact`` never appear in an error.
+"""
+import email.utils
+import time
+from urllib.parse import urljoin
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from workers.errors import NotFound, PermanentError, RetriableError
+
+USER_AGENT = "locate2u-relay/0.1 (+https://github.com/locate2u-relay)"
+DEFAULT_TIMEOUT = (3.05, 30)
+RETRIABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def make_session(pool_size=10):
+    """A ``requests.Session`` with connection reuse and our User-Agent."""
+    session = requests.Session()
+    session.trust_env = False
+    adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = USER_AGENT
+    return session
+
+
+def parse_retry_after(value, now=None):
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class HttpClient:
+    """Requests against one base URL, with the relay's error classification."""
+
+    def __init__(self, base_url, session=None, timeout=DEFAULT_TIMEOUT, headers=None, auth=None, redact=()):
+        self.base_url = base_url.rstrip("/") + "/"
+        self.session = session or make_session()
+        self.timeout = timeout
+        self.headers = dict(headers or {})
+        self.auth = auth
+        self.redact = tuple(secret for secret in redact if secret)
+
+    def url(self, path):
+        return urljoin(self.base_url, path.lstrip("/"))
+
+    def request(self, method, path, accept=(), **kwargs):
+        """Send a request; return the response if 2xx or in ``accept``, else raise."""
+        url = self.url(path)
+        kwargs.setdefault("timeout", self.timeout)
+        kwargs["headers"] = {**self.headers, **kwargs.get("headers", {})}
+        if self.auth is not None:
+            kwargs.setdefault("auth", self.auth)
+        try:
+            response = self.session.request(method, url, **kwargs)
+        except (requests.Timeout, requests.ConnectionError) as exc:
+            raise RetriableError(f"{method} {url} failed: {type(exc).__name__}", method=method, url=url) from None
+        if response.ok or response.status_code in accept:
+            return response
+        raise self.error_for(response)
+
+    def error_for(self, response, message=None):
+        """The RelayError an unexpected response stands for."""
+        method, url = response.request.method, self._scrub(response.request.url)
+        status = response.status_code
+        body = self._scrub(response.text)
+        message = message or f"{method} {url} answered {status}"
+        details = {"status": status, "body": body, "method": method, "url": url}
+        if status in RETRIABLE_STATUSES:
+            return RetriableError(message, retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                                  **details)
+        if status == 404:
+            return NotFound(message, **details)
+        return PermanentError(message, **details)
+
+    def _scrub(self, text):
+        for secret in self.redact:
+            text = text.replace(secret, "[redacted]")
+        return text
