@@ -75,5 +75,10 @@ def locality_parts(text):
     cut = len(words)
     while cut and any(ch.isdigit() for ch in words[cut - 1]):
         cut -= 1  # the postal code is the trailing run of words with digits
-    city_words = [word for word in words[:cut] if not (word.isupper() and len(word) <= 3)]  # drop "NSW", "VIC"
-    return " ".join(city_words), " ".join(words[cut:])
+    start = 0
+    if cut == len(words):  # no trailing code: European style puts it first ("28013 Madrid")
+        while start < cut and any(ch.isdigit() for ch in words[start]):
+            start += 1
+    postal = " ".join(words[:start] + words[cut:])
+    city_words = [word for word in words[start:cut] if not (word.isupper() and len(word) <= 3)]  # drop "NSW"
+    return " ".join(city_words), postal
