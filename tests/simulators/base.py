@@ -109,6 +109,7 @@ class SimulatorServer:
     """Serve a WSGI app on 127.0.0.1 (a free port by default) in a daemon thread."""
 
     def __init__(self, app, port=0):
+        self.app = app
         self._server = make_server("127.0.0.1", port, app, threaded=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
