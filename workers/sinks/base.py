@@ -5,14 +5,19 @@ A concrete sink sets ``name``, builds itself from Settings in
 ``deactivate`` where the system has an active flag). The base owns the HTTP
 client (session, timeouts, User-Agent, error classification), the key →
 remote-id mapping and dispatch by action; the pipeline owns retries,
-ordering, breakers and dead letters.
+ordering, breakers and dead letters. Subclasses call the system with
+``call`` (errors worded by their ``error_detail``), record writes with
+``remember``/``forget`` and build reconcile reports with ``compare_listing``.
 """
 import abc
 import dataclasses
+import json
 
 from workers.errors import PermanentError
+from workers.stores import MappingStore
 
 ACTIONS = ("upsert", "deactivate", "delete")
+ANY_ERROR = range(400, 600)
 
 
 class Sink(abc.ABC):
@@ -59,6 +64,71 @@ class Sink(abc.ABC):
             raise PermanentError(f"unknown action {action!r} for sink {self.name}")
         merged = {**self.options, **(options or {})}
         return getattr(self, action)(location, merged)
+
+    # Helpers for subclasses: vendor-worded errors, and the mapping plus what was last written.
+
+    def call(self, method, path, accept=(), **kwargs):
+        """``client.request``, whose errors say what the vendor's error body says (``error_detail``)."""
+        response = self.client.request(method, path, accept=ANY_ERROR, **kwargs)
+        if response.ok or response.status_code in accept:
+            return response
+        error = self.client.error_for(response)  # its body has the secrets scrubbed
+        try:
+            body = json.loads(error.body or "")
+        except ValueError:
+            body = None
+        detail = self.error_detail(body) if isinstance(body, dict) else None
+        raise self.client.error_for(response, f"{error.message}: {detail}" if detail else None)
+
+    def error_detail(self, body):
+        """One line naming what was wrong, from a vendor's JSON error ``body`` (a dict), or None."""
+        return None
+
+    def remember(self, key, remote_id, written):
+        """Map ``key`` to ``remote_id`` and keep the (flat) fields just written, for reconcile's drift check."""
+        snapshots = self._snapshots()
+        merged = {**json.loads(snapshots.get(key) or "{}"), **written}
+        self.mappings.set(key, remote_id)
+        snapshots.set(key, json.dumps(merged))
+
+    def forget(self, key):
+        """Drop the mapping of ``key`` and what we wrote for it."""
+        self.mappings.delete(key)
+        self._snapshots().delete(key)
+
+    def compare_listing(self, records, complete=True):
+        """A ReconcileReport from the remote listing's ``(key or None, remote id, flat fields)`` triples.
+
+        A key found with no mapping, or whose mapped record is not among those found, is remapped
+        (``rebuilt``); further records with the same key are ``unknown_remote``, as are records
+        without our key; fields differing from what ``remember`` kept are ``changed_remote``.
+        Mapped keys not found are ``missing_remote`` only when the listing is ``complete``.
+        """
+        report = ReconcileReport(self.name)
+        mapped, snapshots, found = self.mappings.all(), self._snapshots(), {}
+        for key, remote_id, fields in records:
+            report.scanned += 1
+            if key is None:
+                report.unknown_remote.append(remote_id)
+            else:
+                found.setdefault(key, []).append((remote_id, fields))
+        for key, candidates in found.items():
+            ids = [remote_id for remote_id, _ in candidates]
+            remote_id, fields = candidates[ids.index(mapped[key]) if mapped.get(key) in ids else 0]
+            report.unknown_remote += [other for other in ids if other != remote_id]
+            if mapped.get(key) != remote_id:
+                self.mappings.set(key, remote_id)
+                report.rebuilt[key] = remote_id
+            written = json.loads(snapshots.get(key) or "{}")
+            changed = sorted(name for name, value in written.items() if fields.get(name) != value)
+            if changed:
+                report.changed_remote[key] = changed
+        if complete:
+            report.missing_remote = sorted(set(mapped) - set(found))
+        return report
+
+    def _snapshots(self):
+        return MappingStore(self.mappings.redis, f"{self.name}:written")
 
 
 @dataclasses.dataclass
