@@ -1,21 +1,25 @@
 """The Celery app (``celery -A workers.app worker|beat|flower``)."""
 import os
 
-from workers.celery_config import SWEEP_RECEIVED, make_celery
+from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, make_celery
 from workers.config import Settings
+from workers.routes import load_routes
 
 MAX_SWEEP_INTERVAL = 30.0
+RELEASE_INTERVAL = 1.0
 
 
 def create_worker_app(settings=None):
     """The worker/beat Celery app: tasks from ``workers.tasks`` and the beat schedule."""
     settings = settings or Settings.from_env()
+    load_routes(settings.routes_file)  # a bad routes file stops start-up, not a task
     app = make_celery(settings)
     app.conf.update(
         include=["workers.tasks"],
         beat_schedule={
             "sweep-received": {"task": SWEEP_RECEIVED,
                                "schedule": min(MAX_SWEEP_INTERVAL, max(1.0, settings.sweep_after / 2))},
+            "release-due-retries": {"task": RELEASE_DUE_RETRIES, "schedule": RELEASE_INTERVAL},
         },
         beat_schedule_filename=os.path.join(settings.data_dir, "celerybeat-schedule"),
     )

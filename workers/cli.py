@@ -3,6 +3,7 @@ import sys
 
 import click
 
+from workers import ops_commands
 from workers.config import ConfigError, Settings
 from workers.events import EVENT_TYPES
 from workers.webhook_auth import webhook_url
@@ -61,6 +62,10 @@ def _settings(environ=None):
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
+
+main.add_command(ops_commands.dlq)
+main.add_command(ops_commands.deliveries)
+main.add_command(ops_commands.reconcile)
 
 if __name__ == "__main__":
     main()

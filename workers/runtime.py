@@ -2,20 +2,50 @@
 import functools
 
 from workers.config import Settings
-from workers.stores import Ledger, Quarantine, connect
+from workers.resilience import CircuitBreaker, RateLimiter, RetryScheduler
+from workers.routes import load_routes
+from workers.sinks import enabled_sinks
+from workers.stores import DeadLetterStore, Ledger, Quarantine, VersionStore, connect
 
 
 class Runtime:
-    """Settings plus the Redis-backed stores the tasks use."""
+    """Settings plus the stores, routes, sinks and clients the tasks use."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, send_task):
         self.settings = settings
         self.redis = connect(settings.redis_url)
         self.ledger = Ledger(self.redis)
         self.quarantine = Quarantine(self.redis)
+        self.dead_letters = DeadLetterStore(self.redis)
+        self.scheduler = RetryScheduler(self.redis, send_task)
+        self.routes = load_routes(settings.routes_file)
+
+    @functools.cached_property
+    def sinks(self):
+        return enabled_sinks(self.settings, self.redis)
+
+    @functools.cached_property
+    def locate2u(self):
+        from workers.locate2u.client import Locate2uClient
+
+        return Locate2uClient.from_settings(self.settings, self.redis)
+
+    @functools.cache
+    def breaker(self, sink):
+        return CircuitBreaker(self.redis, sink, **self.routes[sink].breaker)
+
+    @functools.cache
+    def limiter(self, sink):
+        return RateLimiter(self.redis, sink, **self.routes[sink].rate_limit)
+
+    @functools.cache
+    def versions(self, sink):
+        return VersionStore(self.redis, sink)
 
 
 @functools.cache
 def runtime():
     """The process-wide Runtime, read from the environment on first use."""
-    return Runtime(Settings.from_env())
+    from workers.app import app
+
+    return Runtime(Settings.from_env(), app.send_task)

@@ -6,6 +6,7 @@ the dedup key and the sweeper's index in one atomic round trip.
 """
 import json
 import time
+from datetime import datetime
 
 import redis
 
@@ -15,6 +16,9 @@ QUARANTINE_LIMIT = 10000
 
 # Final delivery states; anything else is still in progress.
 FINAL_STATES = ("applied", "stale", "dead_lettered", "quarantined", "unrouted")
+# Final per-sink outcomes.
+FINAL_SINK_STATES = ("applied", "stale", "dead_lettered")
+TRACE_LIMIT = 200
 
 _RECORD = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) == false then return 0 end
@@ -85,6 +89,40 @@ class Ledger:
             pipe.zrem(self.RECEIVED, delivery_id)
             pipe.execute()
 
+    def start_fan_out(self, delivery_id, sinks, **fields):
+        """Mark the delivery routed, every sink pending, before any deliver task is queued."""
+        pending = json.dumps({"state": "pending", "attempts": 0, "at": time.time()})
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key(delivery_id), mapping={"status": "routed", **fields,
+                                                      **{f"sink:{sink}": pending for sink in sinks}})
+            pipe.zrem(self.RECEIVED, delivery_id)
+            pipe.execute()
+
+    def sink_outcome(self, delivery_id, sink, state, **details):
+        """Record one sink's outcome; once every sink is final, settle the overall status."""
+        outcome = json.dumps({"state": state, "at": time.time(), **details})
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key(delivery_id), f"sink:{sink}", outcome)
+            pipe.hgetall(self.key(delivery_id))
+            entry = pipe.execute()[1]
+        states = [json.loads(v)["state"] for k, v in entry.items() if k.startswith("sink:")]
+        if states and all(s in FINAL_SINK_STATES for s in states):
+            final = ("dead_lettered" if "dead_lettered" in states
+                     else "stale" if all(s == "stale" for s in states) else "applied")
+            self.redis.hset(self.key(delivery_id), "status", final)
+
+    def trace(self, delivery_id, what, **details):
+        """Append a line to the delivery's history (``l2u-relay deliveries show``)."""
+        key = f"{PREFIX}trace:{delivery_id}"
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, json.dumps({"at": time.time(), "what": what, **details}))
+            pipe.ltrim(key, -TRACE_LIMIT, -1)
+            pipe.expire(key, LEDGER_RETENTION)
+            pipe.execute()
+
+    def history(self, delivery_id):
+        return [json.loads(line) for line in self.redis.lrange(f"{PREFIX}trace:{delivery_id}", 0, -1)]
+
     def stuck(self, older_than, now=None, limit=500):
         """Delivery ids still "received" after ``older_than`` seconds."""
         cutoff = (time.time() if now is None else now) - older_than
@@ -138,3 +176,75 @@ class MappingStore:
 
     def all(self):
         return self.redis.hgetall(self.key)
+
+
+class VersionStore:
+    """Per (sink, key): the ``actionDate`` of the last applied event, as epoch seconds."""
+
+    def __init__(self, client, sink):
+        self.redis = client
+        self.key = f"{PREFIX}version:{sink}"
+
+    def is_stale(self, key, version):
+        """True if a newer version than ``version`` was already applied for ``key``."""
+        applied = self.redis.hget(self.key, key)
+        return applied is not None and _instant(version) < float(applied)
+
+    def applied(self, key, version):
+        self.redis.hset(self.key, key, repr(_instant(version)))
+
+
+def _instant(version):
+    return datetime.fromisoformat(version).timestamp()
+
+
+class DeadLetterStore:
+    """What could not be applied, with everything needed to explain and replay it.
+
+    One entry per (delivery, sink) — or (delivery, "enrich") when the event could
+    not be turned into a location — so replaying twice cannot double it.
+    """
+
+    INDEX = PREFIX + "dlq"
+
+    def __init__(self, client):
+        self.redis = client
+
+    @staticmethod
+    def entry_id(delivery_id, sink):
+        return f"{delivery_id}:{sink}"
+
+    def add(self, delivery_id, sink, reason, **details):
+        entry_id = self.entry_id(delivery_id, sink)
+        entry = {"id": entry_id, "delivery_id": delivery_id, "sink": sink, "reason": reason,
+                 "at": time.time(), **details}
+        with self.redis.pipeline() as pipe:
+            pipe.set(f"{self.INDEX}:{entry_id}", json.dumps(entry))
+            pipe.zadd(self.INDEX, {entry_id: entry["at"]})
+            pipe.execute()
+        return entry
+
+    def get(self, entry_id):
+        raw = self.redis.get(f"{self.INDEX}:{entry_id}")
+        return json.loads(raw) if raw else None
+
+    def list(self, sink=None, since=None):
+        """Entries oldest first, optionally for one sink and since an epoch time."""
+        ids = self.redis.zrangebyscore(self.INDEX, since or "-inf", "+inf")
+        raws = self.redis.mget([f"{self.INDEX}:{entry_id}" for entry_id in ids]) if ids else []
+        entries = [json.loads(raw) for raw in raws if raw]
+        return [entry for entry in entries if sink is None or entry["sink"] == sink]
+
+    def remove(self, entry_id):
+        """Drop an entry (applied after replay, or purged); return True if it existed."""
+        with self.redis.pipeline() as pipe:
+            pipe.delete(f"{self.INDEX}:{entry_id}")
+            pipe.zrem(self.INDEX, entry_id)
+            return bool(pipe.execute()[0])
+
+    def counts(self):
+        """Dead letters per sink."""
+        counts = {}
+        for entry in self.list():
+            counts[entry["sink"]] = counts.get(entry["sink"], 0) + 1
+        return counts

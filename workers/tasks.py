@@ -1,35 +1,71 @@
-"""Celery tasks: thin, idempotent, JSON arguments only."""
+"""Celery tasks: thin, idempotent, JSON arguments only.
+
+Anything unexpected (a bug) is dead-lettered with its reason before the task
+fails, so nothing accepted is lost even then; a Redis outage puts the message
+back for redelivery instead.
+"""
 import json
 import logging
 
+import redis
 from celery import shared_task
+from celery.exceptions import Reject
 from marshmallow import ValidationError
 
-from workers.celery_config import INGEST_QUEUE, PROCESS_DELIVERY, SWEEP_RECEIVED
+from workers import pipeline
+from workers.celery_config import DELIVER, INGEST_QUEUE, PROCESS_DELIVERY, RELEASE_DUE_RETRIES, SWEEP_RECEIVED
+from workers.errors import PermanentError
 from workers.events import parse_event
 from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
+PROCESSABLE = ("received", "retrying")
 
 
 @shared_task(name=PROCESS_DELIVERY)
-def process_delivery(delivery_id, event_type):
+def process_delivery(delivery_id, event_type, attempt=0, replay=False):
     """Validate a recorded delivery and fan it out to its routed sinks."""
     rt = runtime()
-    entry = rt.ledger.get(delivery_id)
-    if entry is None:
-        log.warning("delivery %s is not in the ledger (expired or released); nothing to do", delivery_id)
-        return "missing"
-    if entry["status"] != "received":
-        return entry["status"]  # a redelivery of work already done
     try:
-        event = parse_event(delivery_id, event_type, json.loads(entry["body"]))
-    except ValidationError as exc:
-        rt.quarantine.add(event_type, entry["body"], "schema validation failed", exc.messages, delivery_id)
-        rt.ledger.set_status(delivery_id, "quarantined", reason=str(exc.messages))
-        return "quarantined"
-    rt.ledger.set_status(delivery_id, "unrouted", entity=event.entity)
-    return "unrouted"
+        entry = rt.ledger.get(delivery_id)
+        if entry is None:
+            log.warning("delivery %s is not in the ledger (expired or released); nothing to do", delivery_id)
+            return "missing"
+        if entry["status"] not in PROCESSABLE:
+            return entry["status"]  # a redelivery of work already done
+        try:
+            event = parse_event(delivery_id, event_type, json.loads(entry["body"]))
+        except ValidationError as exc:
+            rt.quarantine.add(event_type, entry["body"], "schema validation failed", exc.messages, delivery_id)
+            rt.ledger.set_status(delivery_id, "quarantined", reason=json.dumps(exc.messages))
+            return "quarantined"
+        return _guarded(lambda: pipeline.route_delivery(rt, event, attempt, replay),
+                        lambda exc: pipeline._dead_letter_enrich(rt, event, attempt, exc))
+    except redis.RedisError as exc:
+        raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
+
+
+@shared_task(name=DELIVER)
+def deliver(delivery_id, sink, action, record, attempt=0, replay=False):
+    """Apply one delivery to one sink (see ``pipeline.deliver_to_sink``)."""
+    rt = runtime()
+    try:
+        return _guarded(lambda: pipeline.deliver_to_sink(rt, delivery_id, sink, action, record, attempt, replay),
+                        lambda exc: pipeline._dead_letter(rt, delivery_id, sink, action, record, attempt + 1, exc))
+    except redis.RedisError as exc:
+        raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
+
+
+def _guarded(work, dead_letter):
+    """Run ``work``; a bug is dead-lettered with its reason, then raised so Flower shows it."""
+    try:
+        return work()
+    except redis.RedisError:
+        raise
+    except Exception as exc:
+        log.exception("unexpected error; dead-lettering")
+        dead_letter(PermanentError(f"internal error: {type(exc).__name__}: {exc}"))
+        raise
 
 
 @shared_task(name=SWEEP_RECEIVED)
@@ -47,3 +83,9 @@ def sweep_received():
     if stuck:
         log.info("sweeper re-queued %d deliveries", len(stuck))
     return len(stuck)
+
+
+@shared_task(name=RELEASE_DUE_RETRIES)
+def release_due_retries():
+    """Send the retries whose time has come (beat, every second)."""
+    return runtime().scheduler.release_due()

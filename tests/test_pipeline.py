@@ -1,0 +1,251 @@
+"""The pipeline against a real Redis, a loopback Locate2u and a recording HTTP sink.
+
+Tasks run in-process here (their Celery messages are captured and driven by
+the test) so retries, breakers and ordering can be stepped deterministically;
+tests/test_pipeline_processes.py runs the same flow through real processes.
+"""
+import json
+import time
+
+import pytest
+
+from tests.payloads import status_change
+from tests.simulators import locate2u, recorder
+from tests.simulators.base import SimulatorServer
+from workers import tasks
+from workers.celery_config import DELIVER, PROCESS_DELIVERY
+from workers.http import HttpClient
+from workers.routes import DEFAULT_ROUTES, Route
+from workers.runtime import Runtime
+from workers.sinks.base import Sink
+
+STOP_ID = 164557
+
+
+class RecordingSink(Sink):
+    """A minimal concrete sink: PUT/DELETE /records/<key> on the recorder."""
+
+    name = "recording"
+
+    @classmethod
+    def from_settings(cls, settings, mappings):
+        raise NotImplementedError
+
+    def upsert(self, location, options):
+        body = {"name": location.name, "status": location.status, "version": location.version}
+        return self.client.request("PUT", f"/records/{location.key}", json=body).json()["id"]
+
+    def delete(self, location, options):
+        self.client.request("DELETE", f"/records/{location.key}")
+
+
+@pytest.fixture
+def l2u():
+    state = locate2u.Locate2uState()
+    state.add_stop(stopId=STOP_ID)
+    with SimulatorServer(locate2u.create_app(state)) as server:
+        yield server
+
+
+@pytest.fixture
+def sink_server():
+    with SimulatorServer(recorder.create_app()) as server:
+        yield server
+
+
+class Driver:
+    """Captures the tasks the pipeline sends and runs them in-process."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_task(self, name, args):
+        self.sent.append((name, args))
+
+    def run(self, release_retries=True, limit=200):
+        """Run sent tasks (and due retries, fast-forwarded) until nothing is left."""
+        for _ in range(limit):
+            if not self.sent and release_retries:
+                self.rt.scheduler.release_due(now=time.time() + 10 ** 6)
+            if not self.sent:
+                return
+            name, args = self.sent.pop(0)
+            {PROCESS_DELIVERY: tasks.process_delivery, DELIVER: tasks.deliver}[name].run(*args)
+        raise AssertionError("tasks kept coming")
+
+
+@pytest.fixture
+def driver(settings, l2u, sink_server, monkeypatch):
+    settings = settings.replace(locate2u_client_id=l2u.app.config["STATE"].client_id,
+                                locate2u_client_secret=l2u.app.config["STATE"].client_secret,
+                                locate2u_api_url=l2u.url, locate2u_id_url=l2u.url, retry_schedule=(0, 1, 2, 3))
+    drv = Driver()
+    rt = Runtime(settings, drv.send_task)
+    rt.routes = {"storepoint": Route("storepoint", on_status={"Cancelled": "delete"},
+                                     breaker={"threshold": 3, "cooldown": 60.0}),
+                 "forward": DEFAULT_ROUTES["forward"]}
+    rt.sinks = {"storepoint": RecordingSink(HttpClient(sink_server.url), mappings=None)}
+    drv.rt = rt
+    monkeypatch.setattr(tasks, "runtime", lambda: rt)
+    return drv
+
+
+def accept(rt, body, event_type="stop.status-changed"):
+    """What the receiver does: record, then queue process_delivery."""
+    raw = json.dumps(body)
+    delivery_id = f"d-{abs(hash(raw))}"
+    assert rt.ledger.record(delivery_id, event_type, raw, 3600)
+    rt.scheduler.send_task(PROCESS_DELIVERY, args=[delivery_id, event_type])
+    return delivery_id
+
+
+def sink_state(server):
+    return server.app.config["STATE"]
+
+
+def test_delivery_is_enriched_and_applied(driver, sink_server, l2u):
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T14:16:40.9450989+10:00"))
+    driver.run()
+    record = sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]
+    assert record == {"name": "Locate2u", "status": "Arrived", "version": "2022-04-27T14:16:40.945098+10:00"}
+    entry = driver.rt.ledger.get(delivery_id)
+    assert entry["status"] == "applied"
+    assert entry["sinks"]["storepoint"]["state"] == "applied"
+    assert entry["sinks"]["storepoint"]["remote_id"] == f"rec-l2u-stop-{STOP_ID}"
+    assert [line["what"] for line in driver.rt.ledger.history(delivery_id)] == ["routed", "applied"]
+
+
+def test_burst_for_one_stop_fetches_it_once(driver, l2u):
+    for minute in range(5):
+        accept(driver.rt, status_change(STOP_ID, "Enroute", f"2022-04-27T05:0{minute}:00+00:00"))
+    driver.run()
+    fetches = [path for method, path in l2u.app.config["STATE"].requests_log if path.startswith("/v1/Stops/")]
+    assert fetches == [f"/v1/Stops/{STOP_ID}"]
+
+
+def test_newest_first_ends_in_the_newest_state(driver, sink_server):
+    newest = status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00")
+    older = status_change(STOP_ID, "Arrived", "2022-04-27T15:30:00+10:00")  # 05:30 UTC
+    newest_id, older_id = accept(driver.rt, newest), accept(driver.rt, older)
+    driver.run()
+    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Complete"
+    assert len(sink_state(sink_server).writes) == 1
+    assert driver.rt.ledger.get(older_id)["sinks"]["storepoint"]["state"] == "stale"
+    assert driver.rt.ledger.get(older_id)["status"] == "stale"
+    assert driver.rt.ledger.get(newest_id)["status"] == "applied"
+
+
+def test_503_then_success_is_retried(driver, sink_server):
+    sink_server.app.config["FAULTS"].inject(503, times=2)
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run()
+    entry = driver.rt.ledger.get(delivery_id)
+    assert entry["status"] == "applied" and entry["sinks"]["storepoint"]["attempts"] == 3
+    assert [line["what"] for line in driver.rt.ledger.history(delivery_id)] == ["routed", "retry", "retry", "applied"]
+
+
+def test_retry_waits_at_least_retry_after(driver, sink_server):
+    sink_server.app.config["FAULTS"].inject(429, retry_after=120)
+    accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run(release_retries=False)
+    [(task, args, due)] = driver.rt.scheduler.pending()
+    assert task == DELIVER and args[4] == 1
+    assert due - time.time() > 115
+    assert driver.rt.scheduler.release_due() == 0  # not due yet
+
+
+def test_permanent_error_is_dead_lettered_at_once_with_its_body(driver, sink_server, l2u):
+    l2u.app.config["STATE"].stops[STOP_ID]["name"] = ""  # the sink refuses a nameless location
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run()
+    [entry] = driver.rt.dead_letters.list()
+    assert entry["sink"] == "storepoint" and entry["delivery_id"] == delivery_id
+    assert entry["attempts"] == 1 and entry["error"]["status"] == 400
+    assert json.loads(entry["error"]["body"]) == {"error": "validation_error", "details": {"name": ["required"]}}
+    assert driver.rt.ledger.get(delivery_id)["status"] == "dead_lettered"
+
+
+def test_exhausted_retries_are_dead_lettered(driver, sink_server):
+    sink_server.app.config["FAULTS"].inject(500, times=10)
+    driver.rt.routes["storepoint"] = Route("storepoint", breaker={"threshold": 100, "cooldown": 1.0})
+    accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run()
+    [entry] = driver.rt.dead_letters.list()
+    assert entry["reason"].startswith("retries exhausted:") and entry["attempts"] == 4
+
+
+def test_unknown_stop_is_dead_lettered_with_that_reason(driver):
+    delivery_id = accept(driver.rt, status_change(999999, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run()
+    [entry] = driver.rt.dead_letters.list()
+    assert entry["stage"] == "enrich" and entry["error"]["status"] == 404
+    assert driver.rt.ledger.get(delivery_id)["status"] == "dead_lettered"
+
+
+def test_breaker_opens_pauses_without_spending_attempts_and_closes(driver, sink_server):
+    faults = sink_server.app.config["FAULTS"]
+    faults.inject(503, times=3)
+    for stop_id in (1, 2, 3):
+        driver.rt.redis.set(f"l2u:stop:{stop_id}", json.dumps({"stopId": stop_id, "name": f"S{stop_id}"}))
+        accept(driver.rt, status_change(stop_id, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run(release_retries=False)
+    breaker = driver.rt.breaker("storepoint")
+    assert breaker.state() == "open"
+    verdict, wait = breaker.admit()
+    assert verdict == "open" and 50 < wait <= 60
+    # While open, a due retry goes back to wait without another request or attempt.
+    writes_before = len(sink_state(sink_server).writes)
+    driver.rt.scheduler.release_due(now=time.time() + 5)
+    driver.run(release_retries=False)
+    assert len(sink_state(sink_server).writes) == writes_before
+    attempts = [args[4] for _, args, _ in driver.rt.scheduler.pending()]
+    assert attempts == [1, 1, 1]
+    # After the cooldown one probe goes through, succeeds and closes the breaker.
+    driver.rt.redis.hset(breaker.key, "open_until", time.time() - 1)
+    driver.run()
+    assert breaker.state() == "closed"
+    assert set(sink_state(sink_server).records) == {"l2u-stop-1", "l2u-stop-2", "l2u-stop-3"}
+
+
+def test_replay_applies_a_fixed_dead_letter(driver, sink_server, l2u):
+    stops = l2u.app.config["STATE"].stops
+    stops[STOP_ID]["name"] = ""
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run()
+    [entry] = driver.rt.dead_letters.list()
+    entry["record"]["name"] = "Fixed name"  # what an operator's fix upstream amounts to
+    from workers.pipeline import replay_dead_letter
+    replay_dead_letter(driver.rt, entry)
+    assert driver.rt.dead_letters.get(entry["id"]) is not None  # kept until applied
+    driver.run()
+    assert driver.rt.dead_letters.list() == []
+    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["name"] == "Fixed name"
+    assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
+
+
+def test_cancellation_routes_to_delete(driver, sink_server):
+    accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    accept(driver.rt, status_change(STOP_ID, "Cancelled", "2022-04-27T05:10:00+00:00"))
+    driver.run()
+    assert sink_state(sink_server).records == {}
+    assert [w[0] for w in sink_state(sink_server).writes] == ["PUT", "DELETE"]
+
+
+def test_events_no_sink_takes_are_unrouted(driver):
+    driver.rt.routes = {"storepoint": Route("storepoint")}
+    delivery_id = accept(driver.rt, {"tripId": 4, "actionDate": "2022-04-27T05:00:00+00:00"}, "trip.created")
+    driver.run()
+    assert driver.rt.ledger.get(delivery_id)["status"] == "unrouted"
+
+
+def test_every_delivery_ends_applied_stale_or_dead_lettered(driver, sink_server, l2u):
+    sink_server.app.config["FAULTS"].fail_rate(0.3)
+    driver.rt.routes["storepoint"] = Route("storepoint", breaker={"threshold": 1000, "cooldown": 1.0})
+    ids = [accept(driver.rt, status_change(STOP_ID if i % 3 else 424242, "Enroute",
+                                           f"2022-04-27T05:{i:02d}:00+00:00")) for i in range(30)]
+    driver.run(limit=2000)
+    statuses = [driver.rt.ledger.get(delivery_id)["status"] for delivery_id in ids]
+    counts = {status: statuses.count(status) for status in set(statuses)}
+    assert set(counts) <= {"applied", "stale", "dead_lettered"}
+    assert sum(counts.values()) == len(ids)
+    assert counts["dead_lettered"] == len(driver.rt.dead_letters.list()) >= 10  # the unknown stop

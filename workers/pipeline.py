@@ -1,0 +1,199 @@
+"""From a validated event to one write per sink: route → enrich → build → fan out → deliver.
+
+``route_delivery`` runs once per delivery (the ``process_delivery`` task) and
+queues one ``deliver`` per routed sink, so a failing sink never delays or
+repeats the others. ``deliver_to_sink`` runs per (delivery, sink): breaker,
+rate limit, per-key lock and ordering check, then the sink's action, then
+applied / stale / retry / dead letter.
+"""
+import json
+import logging
+
+from workers.celery_config import DELIVER, PROCESS_DELIVERY
+from workers.errors import PermanentError, RelayError, RetriableError
+from workers.locations import Location, location_from_stop
+from workers.resilience import retry_delay
+from workers.routes import render
+
+log = logging.getLogger(__name__)
+STOP_CACHE_SECONDS = 10
+LOCK_SECONDS = 180
+BUSY_RETRY_SECONDS = 1.0
+# Dead-letter stages: what a replay has to redo.
+ENRICH, ROUTE, DELIVER_STAGE = "enrich", "route", "deliver"
+
+
+def template_context(event, stop):
+    """Names a key or field template may use: the stop record, the payload, the keys."""
+    entity_id = event.keys.get(f"{event.entity}Id", event.delivery_id)
+    return {**(stop or {}), **event.payload, **event.keys, "event_type": event.event_type,
+            "entity": event.entity, "entity_id": entity_id, "status": event.status or ""}
+
+
+def build_record(route, event, stop, context):
+    """The Location (as JSON) one route writes for ``event``."""
+    key = render(route.key, context)
+    fields = {name: render(template, context) for name, template in route.fields.items()}
+    if route.needs_stop and stop is None:
+        raise PermanentError(f"{event.event_type} carries no stopId, so {route.sink} has no location to write")
+    if stop is None:
+        return Location(key=key, version=event.action_date.isoformat(), status=event.status, fields=fields,
+                        event=event.to_json()).to_json()
+    location = location_from_stop(stop, event.to_json(), key, fields)
+    overrides = {name: value for name, value in fields.items() if hasattr(location, name) and name != "fields"}
+    record = location.to_json()
+    record.update(overrides)
+    return record
+
+
+def fetch_stop(rt, stop_id):
+    """The stop record, cached briefly so a burst of events for one stop costs one call."""
+    cache_key = f"l2u:stop:{stop_id}"
+    cached = rt.redis.get(cache_key)
+    if cached:
+        return json.loads(cached)
+    if rt.locate2u is None:
+        raise PermanentError("Locate2u is not configured (LOCATE2U_CLIENT_ID), so stops cannot be fetched")
+    stop = rt.locate2u.get_stop(stop_id)
+    rt.redis.set(cache_key, json.dumps(stop), ex=STOP_CACHE_SECONDS)
+    return stop
+
+
+def route_delivery(rt, event, attempt=0, replay=False):
+    """Enrich ``event`` and queue one deliver task per routed sink."""
+    routed = [(route, action) for route in rt.routes.values()
+              if route.sink in rt.sinks and (action := route.action_for(event))]
+    if not routed:
+        rt.ledger.set_status(event.delivery_id, "unrouted", entity=event.entity)
+        rt.ledger.trace(event.delivery_id, "unrouted", reason="no enabled sink takes this event")
+        return "unrouted"
+    try:
+        stop = None
+        if event.stop_id is not None and any(route.needs_stop for route, _ in routed):
+            stop = fetch_stop(rt, event.stop_id)
+    except RetriableError as exc:
+        return _retry_enrich(rt, event, attempt, exc, replay)
+    except PermanentError as exc:
+        return _dead_letter_enrich(rt, event, attempt, exc)
+    context = template_context(event, stop)
+    jobs, refused = [], []
+    for route, action in routed:
+        try:
+            jobs.append((route.sink, action, build_record(route, event, stop, context)))
+        except PermanentError as exc:
+            refused.append((route.sink, action, exc))
+    rt.ledger.start_fan_out(event.delivery_id, [sink for sink, _, _ in jobs + refused], entity=event.entity)
+    if replay:  # everything is redone: earlier dead letters of this delivery are superseded
+        for name in [ENRICH] + [sink for sink, _, _ in jobs + refused]:
+            rt.dead_letters.remove(rt.dead_letters.entry_id(event.delivery_id, name))
+    for sink, action, exc in refused:
+        _dead_letter(rt, event.delivery_id, sink, action, None, 1, exc, stage=ROUTE, event_type=event.event_type)
+    for sink, action, record in jobs:
+        rt.scheduler.schedule(DELIVER, [event.delivery_id, sink, action, record, 0, False], 0)
+    rt.ledger.trace(event.delivery_id, "routed", sinks=[sink for sink, _, _ in jobs])
+    return "routed"
+
+
+def _retry_enrich(rt, event, attempt, exc, replay):
+    delay = retry_delay(rt.settings.retry_schedule, attempt + 1, exc.retry_after)
+    if delay is None:
+        return _dead_letter_enrich(rt, event, attempt, exc)
+    rt.ledger.trace(event.delivery_id, "enrich retry", error=exc.message, delay=round(delay, 1))
+    rt.ledger.set_status(event.delivery_id, "retrying")
+    rt.scheduler.schedule(PROCESS_DELIVERY, [event.delivery_id, event.event_type, attempt + 1, replay], delay)
+    return "retrying"
+
+
+def _dead_letter_enrich(rt, event, attempt, exc):
+    rt.dead_letters.add(event.delivery_id, ENRICH, exc.message, event_type=event.event_type, stage=ENRICH,
+                        attempts=attempt + 1, error=exc.to_json())
+    rt.ledger.set_status(event.delivery_id, "dead_lettered", reason=exc.message)
+    rt.ledger.trace(event.delivery_id, "dead-lettered", stage=ENRICH, reason=exc.message)
+    return "dead_lettered"
+
+
+def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, replay=False):
+    """Apply one routed write; return the outcome (applied, stale, retrying, dead_lettered, waiting)."""
+    args = [delivery_id, sink_name, action, record, attempt, replay]
+    sink, route = rt.sinks.get(sink_name), rt.routes[sink_name]
+    if sink is None:
+        return _dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1,
+                            PermanentError(f"sink {sink_name} is not configured any more"))
+    breaker = rt.breaker(sink_name)
+    verdict, wait = breaker.admit()
+    if verdict == "open":
+        return _wait(rt, args, wait, "paused: circuit breaker open")
+    wait = rt.limiter(sink_name).take()
+    if wait:
+        return _wait(rt, args, wait, "rate limited")
+    location = Location.from_json(record)
+    lock = rt.redis.lock(f"l2u:lock:{sink_name}:{location.key}", timeout=LOCK_SECONDS, blocking=False)
+    if not lock.acquire():
+        return _wait(rt, args, BUSY_RETRY_SECONDS, "another write for this key is in progress")
+    try:
+        versions = rt.versions(sink_name)
+        if route.ordered and versions.is_stale(location.key, location.version):
+            rt.ledger.sink_outcome(delivery_id, sink_name, "stale", attempts=attempt)
+            rt.ledger.trace(delivery_id, "stale", sink=sink_name, key=location.key)
+            return "stale"
+        try:
+            remote_id = sink.apply(action, location, route.options)
+        except RetriableError as exc:
+            breaker.failure()
+            return _retry(rt, args, exc)
+        except PermanentError as exc:
+            breaker.success()
+            return _dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc)
+        breaker.success()
+        versions.applied(location.key, location.version)
+    finally:
+        lock.release()
+    rt.ledger.sink_outcome(delivery_id, sink_name, "applied", attempts=attempt + 1, remote_id=remote_id)
+    rt.ledger.trace(delivery_id, "applied", sink=sink_name, action=action, key=location.key)
+    if replay:
+        rt.dead_letters.remove(rt.dead_letters.entry_id(delivery_id, sink_name))
+    return "applied"
+
+
+def _wait(rt, args, delay, why):
+    """Put the same attempt back for later without spending it."""
+    rt.scheduler.schedule(DELIVER, args, delay)
+    rt.ledger.sink_outcome(args[0], args[1], "waiting", attempts=args[4], reason=why)
+    return "waiting"
+
+
+def _retry(rt, args, exc):
+    delivery_id, sink_name, action, record, attempt, replay = args
+    delay = retry_delay(rt.settings.retry_schedule, attempt + 1, exc.retry_after)
+    if delay is None:
+        return _dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc, exhausted=True)
+    rt.scheduler.schedule(DELIVER, [delivery_id, sink_name, action, record, attempt + 1, replay], delay)
+    rt.ledger.sink_outcome(delivery_id, sink_name, "retrying", attempts=attempt + 1, reason=exc.message,
+                           next_in=round(delay, 1))
+    rt.ledger.trace(delivery_id, "retry", sink=sink_name, error=exc.message, status=exc.status,
+                    delay=round(delay, 1))
+    return "retrying"
+
+
+def _dead_letter(rt, delivery_id, sink_name, action, record, attempts, exc, exhausted=False, stage=DELIVER_STAGE,
+                 event_type=None):
+    reason = f"retries exhausted: {exc.message}" if exhausted else exc.message
+    event_type = event_type or (record or {}).get("event", {}).get("event_type")
+    rt.dead_letters.add(delivery_id, sink_name, reason, stage=stage, action=action, record=record,
+                        event_type=event_type, key=(record or {}).get("key"), attempts=attempts,
+                        error=exc.to_json() if isinstance(exc, RelayError) else None)
+    rt.ledger.sink_outcome(delivery_id, sink_name, "dead_lettered", attempts=attempts, reason=reason)
+    rt.ledger.trace(delivery_id, "dead-lettered", sink=sink_name, reason=reason)
+    return "dead_lettered"
+
+
+def replay_dead_letter(rt, entry):
+    """Queue a dead letter again; it leaves the store only once applied."""
+    if entry["stage"] != DELIVER_STAGE:
+        rt.ledger.set_status(entry["delivery_id"], "received")
+        rt.scheduler.schedule(PROCESS_DELIVERY, [entry["delivery_id"], entry["event_type"], 0, True], 0)
+    else:
+        rt.ledger.sink_outcome(entry["delivery_id"], entry["sink"], "pending", attempts=0, reason="replayed")
+        rt.scheduler.schedule(DELIVER, [entry["delivery_id"], entry["sink"], entry["action"], entry["record"],
+                                        0, True], 0)
+    rt.ledger.trace(entry["delivery_id"], "replayed", sink=entry["sink"])

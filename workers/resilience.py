@@ -1,0 +1,139 @@
+"""Shared-by-all-workers protections, kept in Redis: retry timing, breakers, rate limits.
+
+- ``retry_delay``: the retry schedule with jitter, never sooner than ``Retry-After``.
+- ``RetryScheduler``: due retries wait in a sorted set that beat releases, so
+  long delays never sit in the broker past its visibility timeout.
+- ``CircuitBreaker``: per sink; opens after N consecutive failures, lets one
+  probe through after the cooldown, closes on success.
+- ``RateLimiter``: a token bucket per sink shared by every worker.
+"""
+import json
+import random
+import time
+import uuid
+
+from workers.stores import PREFIX
+
+JITTER = 0.1
+
+
+def retry_delay(schedule, attempt, retry_after=None, rng=random):
+    """Seconds before retry number ``attempt`` (1-based), or None when the schedule is spent."""
+    if attempt >= len(schedule):
+        return None
+    base = schedule[attempt]
+    delay = base + rng.uniform(0, base * JITTER)
+    return max(delay, retry_after or 0.0)
+
+
+class RetryScheduler:
+    """Tasks due later, held in a Redis sorted set until ``release_due`` sends them."""
+
+    KEY = PREFIX + "retries"
+
+    def __init__(self, client, send_task):
+        self.redis = client
+        self.send_task = send_task
+
+    def schedule(self, task_name, args, delay):
+        """Send now when ``delay`` is 0, otherwise hold until it is due."""
+        if delay <= 0:
+            self.send_task(task_name, args=args)
+            return
+        member = json.dumps({"task": task_name, "args": args, "id": uuid.uuid4().hex})
+        self.redis.zadd(self.KEY, {member: time.time() + delay})
+
+    def release_due(self, now=None, limit=500):
+        """Send every task that is due; return how many. Sent before removal: at least once."""
+        due = self.redis.zrangebyscore(self.KEY, "-inf", time.time() if now is None else now, start=0, num=limit)
+        for member in due:
+            item = json.loads(member)
+            self.send_task(item["task"], args=item["args"])
+            self.redis.zrem(self.KEY, member)
+        return len(due)
+
+    def pending(self):
+        """Scheduled retries as (task, args, due) tuples, soonest first."""
+        return [(json.loads(m)["task"], json.loads(m)["args"], due)
+                for m, due in self.redis.zrange(self.KEY, 0, -1, withscores=True)]
+
+
+_ADMIT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'open' then return {'closed', '0'} end
+local wait = tonumber(redis.call('HGET', KEYS[1], 'open_until')) - tonumber(ARGV[1])
+if wait > 0 then return {'open', tostring(wait)} end
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return {'probe', '0'} end
+return {'open', '1'}
+"""
+
+_FAILURE = """
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+local state = redis.call('HGET', KEYS[1], 'state')
+if failures >= tonumber(ARGV[1]) or state == 'open' then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'open_until', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
+
+
+class CircuitBreaker:
+    """One sink's breaker: closed → open (after ``threshold`` failures) → one probe → closed."""
+
+    def __init__(self, client, sink, threshold=5, cooldown=30.0):
+        self.redis = client
+        self.key = f"{PREFIX}breaker:{sink}"
+        self.probe_key = self.key + ":probe"
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._admit = client.register_script(_ADMIT)
+        self._failure = client.register_script(_FAILURE)
+
+    def admit(self, now=None):
+        """``(verdict, wait)``: "closed" or "probe" may proceed; "open" waits ``wait`` seconds."""
+        verdict, wait = self._admit(keys=[self.key, self.probe_key],
+                                    args=[time.time() if now is None else now, max(1, int(self.cooldown))])
+        return verdict, float(wait)
+
+    def failure(self, now=None):
+        """Record a failure; return True if the breaker is (now) open."""
+        return bool(self._failure(keys=[self.key, self.probe_key],
+                                  args=[self.threshold, time.time() if now is None else now, self.cooldown]))
+
+    def success(self):
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key, mapping={"state": "closed", "failures": 0})
+            pipe.delete(self.probe_key)
+            pipe.execute()
+
+    def state(self):
+        return self.redis.hget(self.key, "state") or "closed"
+
+
+_TAKE = """
+local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or burst)
+local stamp = tonumber(redis.call('HGET', KEYS[1], 'stamp') or now)
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
+return tostring(wait)
+"""
+
+
+class RateLimiter:
+    """A token bucket per sink in Redis: ``rate`` writes a second, bursts up to ``burst``."""
+
+    def __init__(self, client, sink, rate=50.0, burst=100):
+        self.key = f"{PREFIX}bucket:{sink}"
+        self.rate = rate
+        self.burst = burst
+        self._take = client.register_script(_TAKE)
+
+    def take(self, now=None):
+        """Take a token; return 0.0, or the seconds to wait when the bucket is empty."""
+        return float(self._take(keys=[self.key], args=[self.rate, self.burst, time.time() if now is None else now]))
