@@ -30,7 +30,7 @@ import requests
 from flask import Blueprint, Flask, current_app, g, jsonify, redirect, request
 from werkzeug.exceptions import HTTPException
 
-from tests.simulators.base import FaultPlan, install_faults, run_main
+from tests.simulators.base import FaultPlan, SimulatorServer, install_faults, run_main
 
 # --- reference data -------------------------------------------------------
 
@@ -183,6 +183,16 @@ class Locate2uState:
             if record is None or time.monotonic() >= record["expires_at"]:
                 return None
             return dict(record)
+
+    def revoke_refresh_tokens(self):
+        """Forget every refresh token, as when a user withdraws the relay's access."""
+        with self._lock:
+            self._refresh.clear()
+
+    def revoke_access_tokens(self):
+        """Forget every access token: the next API call with one answers 401."""
+        with self._lock:
+            self._access.clear()
 
     def _revoke(self, tokens):
         for token in tokens:
@@ -610,6 +620,22 @@ def create_app(state=None):
         return jsonify(app.config["STATE"].snapshot())
 
     return app
+
+
+class Locate2uServer(SimulatorServer):
+    """The simulator on a loopback port, with its state and fault plan at hand."""
+
+    def __init__(self, state=None, port=0):
+        self.state = state if state is not None else Locate2uState()
+        app = create_app(self.state)
+        self.faults = app.config["FAULTS"]
+        super().__init__(app, port)
+
+    def configure(self, settings, **changes):
+        """``settings`` pointed at this simulator as both identity server and API."""
+        return settings.replace(**{"locate2u_client_id": self.state.client_id,
+                                   "locate2u_client_secret": self.state.client_secret,
+                                   "locate2u_api_url": self.url, "locate2u_id_url": self.url, **changes})
 
 
 if __name__ == "__main__":

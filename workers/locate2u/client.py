@@ -1,0 +1,149 @@
+"""The Locate2u Customer Integration API client.
+
+One ``requests.Session`` (connection reuse, explicit timeouts) for the API and
+the identity server. 429 is retried on every call (the request was refused,
+not applied) and 5xx/timeouts on idempotent ones, honouring ``Retry-After``,
+a few attempts and at most ``max_wait`` seconds of waiting in all; then the
+``RetriableError`` is raised for the caller's own schedule. A 401 renews the
+token once and retries once. Errors keep method, URL, status and body, with
+every token and secret redacted.
+"""
+import logging
+import random
+import time
+from urllib.parse import quote
+
+from workers.errors import RetriableError
+from workers.http import HttpClient, make_session
+from workers.locate2u.tokens import (CALLBACK_PATH, IdentityServer, ReauthorizationRequired, TokenManager,
+                                     TokenStore)
+
+__all__ = ["Locate2uClient", "ReauthorizationRequired", "RetryPolicy"]
+
+log = logging.getLogger(__name__)
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+API_TIMEOUT = (3.05, 20)
+
+
+class RetryPolicy:
+    """Bounded retries: ``attempts`` tries, at most ``max_wait`` seconds asleep in total."""
+
+    def __init__(self, attempts=4, max_wait=30.0, backoff=0.25, sleep=time.sleep):
+        self.attempts = attempts
+        self.max_wait = max_wait
+        self.backoff = backoff
+        self.sleep = sleep
+
+    def run(self, call, idempotent):
+        """Return ``call()``, retrying RetriableError while allowed; re-raise it when not."""
+        waited = 0.0
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return call()
+            except RetriableError as exc:
+                delay = self._delay(exc, attempt)
+                if attempt == self.attempts or not (idempotent or exc.status == 429) \
+                        or waited + delay > self.max_wait:
+                    raise
+                log.info("%s; retrying in %.1fs (attempt %d of %d)", exc.message, delay, attempt + 1, self.attempts)
+                self.sleep(delay)
+                waited += delay
+        raise AssertionError("unreachable")
+
+    def _delay(self, exc, attempt):
+        if exc.retry_after is not None:
+            return exc.retry_after
+        return self.backoff * 2 ** (attempt - 1) * (1 + random.random() / 2)
+
+
+def redirect_uri(settings):
+    """``RELAY_PUBLIC_URL`` + the OAuth callback path, or None without a public URL."""
+    return settings.public_url.rstrip("/") + CALLBACK_PATH if settings.public_url else None
+
+
+class Locate2uClient:
+    """Discovery, Stops and Webhooks endpoints of the Customer Integration API."""
+
+    def __init__(self, api_url, session, tokens, retry):
+        self.api_url = api_url
+        self.session = session
+        self.tokens = tokens
+        self.retry = retry
+
+    @classmethod
+    def from_settings(cls, settings, redis_client, retry=None):
+        """The client for ``settings``, or None when ``LOCATE2U_CLIENT_ID`` is unset."""
+        if not settings.locate2u_client_id:
+            return None
+        session = make_session()
+        retry = retry or RetryPolicy()
+        identity = IdentityServer(settings.locate2u_id_url, session, retry, settings.locate2u_client_id,
+                                  settings.locate2u_client_secret)
+        store = TokenStore(redis_client, settings.webhook_secret, settings.webhook_secret_previous)
+        tokens = TokenManager(store, identity, grant=settings.locate2u_grant, scope=settings.locate2u_scope,
+                              redirect_uri=redirect_uri(settings))
+        return cls(settings.locate2u_api_url, session, tokens, retry)
+
+    # endpoints ---------------------------------------------------------------
+
+    def whoami(self):
+        """``GET /v1/Discovery/User``: the authenticated user and team."""
+        return self.call("GET", "/v1/Discovery/User")
+
+    def get_stop(self, stop_id):
+        """``GET /v1/Stops/{id}``; NotFound when there is no such stop."""
+        return self.call("GET", f"/v1/Stops/{quote(str(stop_id), safe='')}")
+
+    def create_stop(self, stop):
+        """``POST /v1/Stops``: create one stop; return the stop record."""
+        return self.call("POST", "/v1/Stops", stop)
+
+    def import_stops(self, stops):
+        """``POST /v1/Stops/import``: create many stops in one request."""
+        return self.call("POST", "/v1/Stops/import", list(stops))
+
+    def event_types(self):
+        """``GET /v1/Webhooks/event-types``."""
+        return self.call("GET", "/v1/Webhooks/event-types")
+
+    def list_webhooks(self):
+        """``GET /v1/Webhooks``: every subscription of this account."""
+        return self.call("GET", "/v1/Webhooks")
+
+    def get_webhook(self, hook_id):
+        return self.call("GET", f"/v1/Webhooks/{quote(str(hook_id), safe='')}")
+
+    def create_webhook(self, event_type, url):
+        return self.call("POST", "/v1/Webhooks", {"eventType": event_type, "url": url})
+
+    def update_webhook(self, hook_id, event_type, url):
+        return self.call("PUT", f"/v1/Webhooks/{quote(str(hook_id), safe='')}", {"eventType": event_type, "url": url})
+
+    def delete_webhook(self, hook_id):
+        return self.call("DELETE", f"/v1/Webhooks/{quote(str(hook_id), safe='')}")
+
+    # transport ---------------------------------------------------------------
+
+    def call(self, method, path, body=None):
+        """Send one API request with a bearer token; return the decoded JSON (None if empty)."""
+        token = self.tokens.access_token()
+        http, response = self._attempt(token, method, path, body)
+        if response.status_code == 401:
+            log.info("Locate2u rejected the access token on %s %s; renewing it once", method, path)
+            http, response = self._attempt(self.tokens.renew_rejected(token), method, path, body)
+        if response.status_code == 401:
+            raise http.error_for(response, f"{method} {http.url(path)} answered 401 even with a renewed token")
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise http.error_for(response, f"{method} {http.url(path)} answered non-JSON") from None
+
+    def _attempt(self, token, method, path, body):
+        http = HttpClient(self.api_url, self.session, timeout=API_TIMEOUT,
+                          headers={"Authorization": f"Bearer {token}"}, redact=(token,))
+        kwargs = {"json": body} if body is not None else {}
+        response = self.retry.run(lambda: http.request(method, path, accept=(401,), **kwargs),
+                                  idempotent=method in IDEMPOTENT_METHODS)
+        return http, response
