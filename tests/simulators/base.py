@@ -111,7 +111,8 @@ class SimulatorServer:
     def __init__(self, app, port=0):
         self.app = app
         self._server = make_server("127.0.0.1", port, app, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
 
     def start(self):
