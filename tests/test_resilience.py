@@ -1,0 +1,50 @@
+import random
+import time
+
+from workers.resilience import CircuitBreaker, RateLimiter, RetryScheduler, retry_delay
+
+SCHEDULE = (0, 5, 300, 1800)
+
+
+def test_retry_delay_follows_the_schedule_with_jitter_and_retry_after():
+    rng = random.Random(1)
+    assert 5 <= retry_delay(SCHEDULE, 1, rng=rng) <= 5.5
+    assert 300 <= retry_delay(SCHEDULE, 2, rng=rng) <= 330
+    assert retry_delay(SCHEDULE, 1, retry_after=60, rng=rng) == 60
+    assert retry_delay(SCHEDULE, 4) is None
+
+
+def test_scheduler_sends_now_or_holds_until_due(redis_client):
+    sent = []
+    scheduler = RetryScheduler(redis_client, lambda name, args: sent.append((name, args)))
+    scheduler.schedule("t", [1], 0)
+    scheduler.schedule("t", [2], 100)
+    assert sent == [("t", [1])]
+    assert scheduler.release_due() == 0
+    assert scheduler.release_due(now=time.time() + 101) == 1
+    assert sent[-1] == ("t", [2]) and scheduler.pending() == []
+
+
+def test_breaker_lets_one_probe_through_after_cooldown(redis_client):
+    breaker = CircuitBreaker(redis_client, "s", threshold=2, cooldown=10)
+    now = time.time()
+    assert breaker.admit(now) == ("closed", 0.0)
+    assert not breaker.failure(now)
+    assert breaker.failure(now)
+    verdict, wait = breaker.admit(now + 1)
+    assert verdict == "open" and 8.9 < wait < 9.1
+    assert breaker.admit(now + 11)[0] == "probe"
+    assert breaker.admit(now + 11)[0] == "open"  # only one probe at a time
+    assert breaker.failure(now + 11)  # the probe failed: open again
+    assert breaker.admit(now + 12)[0] == "open"
+    assert breaker.admit(now + 22)[0] == "probe"
+    breaker.success()
+    assert breaker.admit(now + 22) == ("closed", 0.0) and breaker.state() == "closed"
+
+
+def test_rate_limiter_is_a_token_bucket_shared_through_redis(redis_client):
+    first, second = RateLimiter(redis_client, "s", rate=2, burst=3), RateLimiter(redis_client, "s", rate=2, burst=3)
+    now = 1000.0
+    assert [first.take(now), second.take(now), first.take(now)] == [0.0, 0.0, 0.0]
+    assert second.take(now) == 0.5
+    assert first.take(now + 0.5) == 0.0
