@@ -1,0 +1,181 @@
+"""The Storepoint sink against the loopback Storepoint simulator."""
+import dataclasses
+
+import pytest
+
+from tests.simulators.base import SimulatorServer
+from tests.simulators.storepoint import StorepointState, create_app
+from tests.sink_contract import SinkContract, sample_location
+from workers.config import ConfigError, Settings
+from workers.errors import PermanentError
+from workers.sinks.storepoint import StorepointSink
+from workers.stores import MappingStore
+
+TOKEN = "sp-test-token"
+
+
+@pytest.fixture
+def sim():
+    with SimulatorServer(create_app(StorepointState(token=TOKEN))) as server:
+        yield server
+
+
+def make_sink(sim, mappings):
+    settings = Settings(webhook_secret="x" * 16, storepoint_api_url=sim.url, storepoint_api_token=TOKEN)
+    return StorepointSink.from_settings(settings, mappings)
+
+
+def state(sim):
+    return sim.app.config["STATE"]
+
+
+def ours(sim, key):
+    return state(sim).find(lambda location: f"l2u:{key}" in location["tags"])
+
+
+def requests(sim, method=None):
+    """(method, path) of every request the simulator saw, oldest first."""
+    return [(m, path) for m, path, _ in state(sim).requests_log if method in (None, m)]
+
+
+class TestStorepointContract(SinkContract):
+    make_sink = staticmethod(make_sink)
+
+    def remote(self, sim, key):
+        return ours(sim, key)
+
+    def remote_name(self, record):
+        return record["name"]
+
+    def is_active(self, record):
+        return True  # Storepoint lists active locations only; deleted ones are gone
+
+    def invalid_location(self):
+        return sample_location(contact_email="not-an-email")
+
+
+@pytest.fixture
+def mappings(redis_client):
+    return MappingStore(redis_client, "storepoint")
+
+
+@pytest.fixture
+def sink(sim, mappings):
+    return make_sink(sim, mappings)
+
+
+def test_writes_tags_description_contact_and_coordinates(sim, sink):
+    remote_id = sink.apply("upsert", sample_location(status="On Route"), {"tags": "vip"})
+    [record] = ours(sim, "l2u-stop-164557")
+    assert record["id"] == remote_id
+    assert record["tags"] == ["locate2u", "on route", "vip", "l2u:l2u-stop-164557"]
+    assert record["description"] == "Please call before you deliver"
+    assert record["contact"] == {"phone": "212-555-0123", "email": "matt.robinson@example.com"}
+    assert record["coordinates"] == {"lat": 40.73771, "lng": -73.987949}
+    assert record["address"] == "235 Park Ave S, New York, NY 10003, USA"
+
+
+def test_update_deleted_there_recreates_and_remaps(sim, sink, mappings):
+    first = sink.apply("upsert", sample_location())
+    state(sim).locations.pop(first)  # a person deleted it in the Storepoint dashboard
+    second = sink.apply("upsert", sample_location(name="Back again"))
+    assert second != first and mappings.get("l2u-stop-164557") == second
+    [record] = ours(sim, "l2u-stop-164557")
+    assert record["id"] == second and record["name"] == "Back again"
+
+
+def test_missing_coordinates_is_a_permanent_error_naming_them(sim, sink):
+    with pytest.raises(PermanentError, match="no coordinates"):
+        sink.apply("upsert", sample_location(latitude=None))
+    assert requests(sim) == []  # never sent half-filled
+
+
+def test_missing_coordinates_allowed_skips_a_new_location(sim, sink, mappings):
+    assert sink.apply("upsert", sample_location(longitude=None), {"require_coordinates": False}) is None
+    assert requests(sim) == [] and mappings.get("l2u-stop-164557") is None
+
+
+def test_missing_coordinates_allowed_keeps_a_mapped_location_coordinates(sim, sink):
+    remote_id = sink.apply("upsert", sample_location())
+    sink.apply("upsert", sample_location(name="Renamed", latitude=None, longitude=None),
+               {"require_coordinates": False})
+    [record] = ours(sim, "l2u-stop-164557")
+    assert record["id"] == remote_id and record["name"] == "Renamed"
+    assert record["coordinates"] == {"lat": 40.73771, "lng": -73.987949}
+    assert "coordinates" not in state(sim).requests_log[-1][2]
+
+
+def test_custom_fields_are_checked_once_then_written(sim, sink):
+    location = sample_location(fields={"cf_l2u_key": "l2u-stop-164557", "name": "Locate2u"})
+    sink.apply("upsert", location)
+    sink.apply("upsert", location)
+    [record] = ours(sim, location.key)
+    assert record["custom_fields"] == {"cf_l2u_key": "l2u-stop-164557"}
+    assert requests(sim, "GET") == [("GET", "/custom_fields")]
+
+
+def test_unknown_custom_field_is_a_configuration_error(sim, sink):
+    with pytest.raises(ConfigError, match="cf_nope.*the locator has: cf_l2u_key"):
+        sink.apply("upsert", sample_location(fields={"cf_nope": "x"}))
+    assert requests(sim, "POST") == []
+
+
+def test_validation_error_names_the_field(sim, sink):
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location(contact_email="nope"))
+    assert caught.value.status == 400
+    assert "validation_error" in caught.value.message and "contact.email" in caught.value.message
+
+
+def test_token_never_appears_in_errors(sim, sink):
+    sim.app.config["FAULTS"].inject(400, body={"error": "error", "message": f"bad token {TOKEN}"})
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location())
+    assert "bad token [redacted]" in caught.value.message and TOKEN not in str(caught.value.to_json())
+
+
+def test_deactivate_is_refused_storepoint_has_no_active_flag(sink):
+    assert not sink.supports_deactivate
+    with pytest.raises(PermanentError, match="no active flag"):
+        sink.apply("deactivate", sample_location(status="Cancelled"))
+
+
+def test_delete_of_an_unmapped_location_sends_nothing(sim, sink):
+    assert sink.apply("delete", sample_location()) is None
+    assert requests(sim) == []
+
+
+def test_reconcile_rebuilds_a_wiped_mapping_and_reports_drift(sim, sink, mappings, redis_client):
+    ids = {stop: sink.apply("upsert", sample_location(stop_id=stop)) for stop in (1, 2, 3, 4)}
+    state(sim).locations[ids[2]]["name"] = "Edited by a person"
+    state(sim).locations.pop(ids[3])
+    duplicate = state(sim).add(tags=["l2u:l2u-stop-1"])["id"]
+    foreign = state(sim).add(name="Their own store")["id"]
+    redis_client.delete(mappings.key)  # the mapping is lost; what we wrote is not
+    mappings.set("l2u-stop-3", ids[3])
+
+    report = sink.reconcile()
+
+    assert report.rebuilt == {"l2u-stop-1": ids[1], "l2u-stop-2": ids[2], "l2u-stop-4": ids[4]}
+    assert report.changed_remote == {"l2u-stop-2": ["name"]}
+    assert report.missing_remote == ["l2u-stop-3"]
+    assert sorted(report.unknown_remote) == sorted([duplicate, foreign])
+    assert report.scanned == 5
+    before = len(state(sim).locations)
+    assert sink.apply("upsert", sample_location(stop_id=1)) == ids[1]
+    assert len(state(sim).locations) == before  # updated, not duplicated
+
+
+def test_reconcile_pages_past_500(sim, sink, mappings):
+    for n in range(1203):
+        state(sim).add(name=f"Stop {n}", tags=[f"l2u:l2u-stop-{n}"])
+    report = sink.reconcile()
+    assert report.scanned == 1203 and len(report.rebuilt) == 1203
+    assert len(mappings.all()) == 1203
+    assert requests(sim, "GET") == [("GET", f"/locations?limit=500&page={page}") for page in (1, 2, 3)]
+
+
+def test_from_settings_enables_on_the_token():
+    settings = Settings(webhook_secret="x" * 16)
+    assert not StorepointSink.enabled(settings)
+    assert StorepointSink.enabled(dataclasses.replace(settings, storepoint_api_token=TOKEN))

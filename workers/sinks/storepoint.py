@@ -1,0 +1,145 @@
+"""Storepoint store locator: a stop becomes a locator location.
+
+Storepoint has no lookup by external id and no active flag. We keep key →
+``loc_…`` id in the mapping store and tag every location ``l2u:<key>``, so
+``reconcile`` can find our locations again in ``GET /locations`` after the
+mapping is lost. An upsert with no mapping creates without searching first
+(a search is a scan of every page); after losing Redis, run
+``l2u-relay reconcile storepoint`` before resuming, which remaps instead of
+duplicating (see docs/sinks/storepoint.md).
+"""
+import dataclasses
+import logging
+
+from workers.config import ConfigError
+from workers.errors import PermanentError
+from workers.http import HttpClient
+from workers.locations import Location
+from workers.sinks.base import Sink
+
+log = logging.getLogger(__name__)
+
+MARKER = "l2u:"
+BASE_TAG = "locate2u"
+PAGE_LIMIT = 500  # the documented maximum of GET /locations
+# Rendered route fields with these names were already applied to the Location;
+# every other one is a Storepoint custom field id.
+LOCATION_ATTRIBUTES = frozenset(field.name for field in dataclasses.fields(Location))
+DEFAULT_OPTIONS = {
+    # A stop without coordinates: PermanentError (true), or leave them out (false):
+    # a mapped location keeps its last coordinates, an unmapped one is not created.
+    "require_coordinates": True,
+    # Extra tags on every location, besides "locate2u", the status and the key marker.
+    "tags": (),
+}
+
+
+def flatten(location):
+    """A Storepoint location (or request body) as flat comparable fields: ``contact.phone``, sorted tags."""
+    flat = {}
+    for name, value in location.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{member}": inner for member, inner in value.items()})
+        else:
+            flat[name] = sorted(value) if isinstance(value, list) else value
+    return flat
+
+
+def key_of(location):
+    """Our key from a Storepoint location's ``l2u:`` tag, or None when it is not ours."""
+    return next((tag[len(MARKER):] for tag in location.get("tags") or () if tag.startswith(MARKER)), None)
+
+
+class StorepointSink(Sink):
+    """Locations: create ``POST /locations``, update ``POST /locations/{id}``, delete ``…/delete``."""
+
+    name = "storepoint"
+    credential = "storepoint_api_token"
+
+    def __init__(self, client, mappings, options=None):
+        super().__init__(client, mappings, options)
+        self._custom_field_ids = None  # fetched on first use
+
+    @classmethod
+    def from_settings(cls, settings, mappings):
+        token = settings.storepoint_api_token
+        client = HttpClient(settings.storepoint_api_url, headers={"Authorization": f"Bearer {token}"},
+                            redact=(token,))
+        return cls(client, mappings)
+
+    def upsert(self, location, options):
+        """Update the mapped location (recreating one deleted there), else create it; return its ``loc_`` id."""
+        options = {**DEFAULT_OPTIONS, **options}
+        if not location.has_coordinates and options["require_coordinates"]:
+            raise PermanentError(f"stop {location.key} has no coordinates, which Storepoint requires "
+                                 "(route option require_coordinates: false leaves them out)")
+        body = self.body(location, options)
+        remote_id = self.mappings.get(location.key)
+        if remote_id:
+            if self.call("POST", f"locations/{remote_id}", accept=(404,), json=body).ok:
+                self.remember(location.key, remote_id, flatten(body))
+                return remote_id
+            log.info("storepoint: %s (%s) was deleted there; creating it again", location.key, remote_id)
+            self.forget(location.key)
+        if "coordinates" not in body:
+            log.info("storepoint: %s has no coordinates; not created", location.key)
+            return None
+        remote_id = self.call("POST", "locations", json=body).json()["location"]["id"]
+        self.remember(location.key, remote_id, flatten(body))
+        return remote_id
+
+    def delete(self, location, options):
+        """Delete the mapped location; one unmapped or already gone is a success."""
+        remote_id = self.mappings.get(location.key)
+        if remote_id:
+            self.call("POST", f"locations/{remote_id}/delete", accept=(404,))
+            self.forget(location.key)
+        return None
+
+    def reconcile(self, since=None):
+        """Scan every location (Storepoint cannot filter by date, so ``since`` is ignored)."""
+        return self.compare_listing((key_of(item), item["id"], flatten(item)) for item in self._listing())
+
+    def body(self, location, options):
+        """The create/update body: every field we own, coordinates only when both are known."""
+        status_tags = [location.status.lower()] if location.status else []
+        extra_tags = [options["tags"]] if isinstance(options["tags"], str) else list(options["tags"])
+        body = {
+            "name": location.name,
+            "address": location.address,
+            "description": location.notes or "",
+            "tags": [BASE_TAG, *status_tags, *extra_tags, MARKER + location.key],
+            "contact": {"phone": location.contact_phone or "", "email": location.contact_email or ""},
+        }
+        if location.has_coordinates:
+            body["coordinates"] = {"lat": location.latitude, "lng": location.longitude}
+        custom = {name: value for name, value in location.fields.items() if name not in LOCATION_ATTRIBUTES}
+        if custom:
+            self._check_custom_fields(custom)
+            body["custom_fields"] = custom
+        return body
+
+    def error_detail(self, body):
+        """``validation_error: Invalid input data (contact.email: must be a valid email)``."""
+        details = body.get("details") or {}
+        fields = "; ".join(f"{field}: {' '.join(map(str, messages))}" for field, messages in details.items())
+        return f"{body.get('error')}: {body.get('message')}" + (f" ({fields})" if fields else "")
+
+    def _check_custom_fields(self, values):
+        if self._custom_field_ids is None:
+            listed = self.call("GET", "custom_fields").json()["custom_fields"]
+            self._custom_field_ids = {field["id"] for field in listed}
+        unknown = sorted(set(values) - self._custom_field_ids)
+        if unknown:
+            known = ", ".join(sorted(self._custom_field_ids)) or "none"
+            raise ConfigError({"RELAY_ROUTES_FILE": f"storepoint fields: unknown Storepoint custom field id(s) "
+                                                    f"{', '.join(unknown)}; the locator has: {known}"})
+
+    def _listing(self):
+        page = 1
+        while True:
+            answer = self.call("GET", "locations", params={"limit": PAGE_LIMIT, "page": page}).json()
+            yield from answer["locations"]
+            if not answer["locations"] or not answer["pagination"].get("next"):
+                return
+            page += 1
