@@ -1,0 +1,146 @@
+"""Tokens: encrypted at rest, renewed ahead of expiry, once for many workers; code grant and refresh."""
+import threading
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+
+from tests.simulators.locate2u import Locate2uServer
+from workers.locate2u.client import Locate2uClient
+from workers.locate2u.tokens import LOCK_KEY, TOKENS_KEY, OAuthStates, ReauthorizationRequired, TokenStore
+
+PUBLIC_URL = "https://relay.example"
+
+
+@pytest.fixture
+def sim():
+    with Locate2uServer() as server:
+        yield server
+
+
+@pytest.fixture
+def cc_settings(sim, settings):
+    return sim.configure(settings)
+
+
+@pytest.fixture
+def code_settings(sim, settings):
+    return sim.configure(settings, locate2u_grant="authorization_code", public_url=PUBLIC_URL)
+
+
+def grants(sim):
+    return [request["grant_type"] for request in sim.state.token_requests]
+
+
+def consent(client):
+    """Play the user: open the authorize URL, approve, read the code off the redirect."""
+    state = OAuthStates(client.tokens.store.redis).issue()
+    answer = requests.get(client.tokens.authorize_url(state), allow_redirects=False, timeout=5)
+    location = answer.headers["Location"]
+    assert location.startswith(PUBLIC_URL + "/oauth/locate2u/callback?")
+    query = parse_qs(urlsplit(location).query)
+    assert query["state"] == [state]
+    return query["code"][0]
+
+
+def in_threads(count, target):
+    barrier = threading.Barrier(count)
+    results, errors = [], []
+
+    def run():
+        barrier.wait()
+        try:
+            results.append(target())
+        except Exception as exc:  # collected and asserted on by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    return results
+
+
+def test_tokens_are_encrypted_and_survive_secret_rotation(redis_client):
+    old = TokenStore(redis_client, "old-secret-0123456789")
+    old.save({"access_token": "plain-access-token"})
+    assert "plain-access-token" not in redis_client.get(TOKENS_KEY)
+    assert TokenStore(redis_client, "new-secret-0123456789").load() is None
+    rotated = TokenStore(redis_client, "new-secret-0123456789", previous_secret="old-secret-0123456789")
+    assert rotated.load() == {"access_token": "plain-access-token"}
+    # re-encrypted under the new secret: readable once the old one is retired
+    assert TokenStore(redis_client, "new-secret-0123456789").load() == {"access_token": "plain-access-token"}
+
+
+def test_expired_token_is_renewed(sim, cc_settings, redis_client):
+    sim.state.token_lifetime = 1
+    client = Locate2uClient.from_settings(cc_settings, redis_client)
+    first = client.tokens.access_token()
+    assert client.tokens.access_token() == first
+    time.sleep(1.05)
+    assert client.whoami()["userId"] == 12345
+    assert client.tokens.access_token() != first and grants(sim) == ["client_credentials"] * 2
+
+
+def test_renewed_ahead_of_expiry_without_waiting_for_a_busy_lock(sim, cc_settings, redis_client):
+    client = Locate2uClient.from_settings(cc_settings, redis_client)
+    first = client.tokens.access_token()
+    now = time.time()
+    client.tokens.clock = lambda: now + 3600 - 60  # inside the renewal margin, still valid
+    lock = redis_client.lock(LOCK_KEY, timeout=10)
+    assert lock.acquire(blocking=False)
+    assert client.tokens.access_token() == first  # someone else is renewing: keep using it
+    lock.release()
+    second = client.tokens.access_token()
+    assert second != first and grants(sim) == ["client_credentials"] * 2
+
+
+def test_many_workers_fetch_one_token(sim, cc_settings, redis_client):
+    clients = [Locate2uClient.from_settings(cc_settings, redis_client) for _ in range(8)]
+    users = in_threads(8, lambda: clients.pop().whoami())
+    assert len(users) == 8 and grants(sim) == ["client_credentials"]
+
+
+def test_many_workers_after_a_401_renew_once(sim, cc_settings, redis_client):
+    Locate2uClient.from_settings(cc_settings, redis_client).whoami()
+    sim.state.revoke_access_tokens()
+    clients = [Locate2uClient.from_settings(cc_settings, redis_client) for _ in range(6)]
+    in_threads(6, lambda: clients.pop().whoami())
+    assert grants(sim) == ["client_credentials"] * 2
+
+
+def test_code_grant_refreshes_once_for_many_workers(sim, code_settings, redis_client):
+    sim.state.token_lifetime = 1
+    client = Locate2uClient.from_settings(code_settings, redis_client)
+    client.tokens.exchange_code(consent(client))
+    assert client.tokens.status() == "ok" and client.whoami()["userId"] == 12345
+    time.sleep(1.05)
+    clients = [Locate2uClient.from_settings(code_settings, redis_client) for _ in range(6)]
+    in_threads(6, lambda: clients.pop().whoami())  # refresh tokens rotate: a second refresh would fail
+    assert grants(sim) == ["authorization_code", "refresh_token"]
+    assert sim.state.token_requests[0]["redirect_uri"] == PUBLIC_URL + "/oauth/locate2u/callback"
+
+
+def test_rejected_refresh_token_requires_reauthorization(sim, code_settings, redis_client, caplog):
+    sim.state.token_lifetime = 1
+    client = Locate2uClient.from_settings(code_settings, redis_client)
+    client.tokens.exchange_code(consent(client))
+    sim.state.revoke_refresh_tokens()
+    time.sleep(1.05)
+    with pytest.raises(ReauthorizationRequired):
+        client.get_stop(1)
+    assert client.tokens.status() == "reauthorization required: run l2u-relay oauth url or open /oauth/locate2u/start"
+    assert "re-authorisation required: the Locate2u refresh token was rejected" in caplog.text
+    assert client.tokens.describe()["reason"] == "the refresh token was rejected (invalid_grant)"
+    client.tokens.exchange_code(consent(client))  # a new consent clears it
+    assert client.tokens.status() == "ok" and client.whoami()["userId"] == 12345
+
+
+def test_oauth_state_is_single_use(redis_client):
+    states = OAuthStates(redis_client)
+    state = states.issue()
+    assert states.consume(state) and not states.consume(state)
+    assert not states.consume("made-up") and not states.consume(None)
