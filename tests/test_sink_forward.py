@@ -1,0 +1,216 @@
+"""The signed forward sink against a loopback receiver that verifies Standard Webhooks signatures."""
+import base64
+import json
+import threading
+import time
+
+import pytest
+from flask import Flask, jsonify, request
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tests.simulators.base import FaultPlan, SimulatorServer, install_faults
+from tests.sink_contract import SinkContract, sample_location
+from workers.config import ConfigError, Settings
+from workers.errors import PermanentError, RetriableError
+from workers.sinks.forward import ForwardSink
+from workers.stores import MappingStore
+
+SECRET = "whsec_" + base64.b64encode(b"forward-test-secret-0123456789ab").decode()
+NEW_SECRET = "whsec_" + base64.b64encode(b"forward-rotated-secret-987654321").decode()
+
+
+class ReceiverState:
+    """What the receiver saw: the latest message per endpoint and location key, and every accepted request."""
+
+    def __init__(self, secrets):
+        self.webhooks = {name: Webhook(secret) for name, secret in secrets.items()}
+        self.messages = {name: {} for name in secrets}
+        self.log = []
+        self.lock = threading.Lock()
+
+
+def create_receiver(secrets=None):
+    """A consumer app: ``POST /hooks/<name>`` verified with that endpoint's secret; 422 without a location name."""
+    state = ReceiverState(secrets or {"a": SECRET, "b": SECRET})
+    faults = FaultPlan()
+    app = Flask(__name__)
+    app.config["STATE"], app.config["FAULTS"] = state, faults
+    install_faults(app, faults)
+
+    @app.post("/hooks/<name>")
+    def receive(name):
+        try:
+            message = state.webhooks[name].verify(request.get_data(as_text=True), dict(request.headers))
+        except WebhookVerificationError as exc:
+            return jsonify({"error": str(exc)}), 401
+        location = message.get("location")
+        if location is not None and not location.get("name"):
+            return jsonify({"error": "validation", "fields": {"location.name": "required"}}), 422
+        key = location["key"] if location else message["delivery_id"]
+        with state.lock:
+            state.messages[name][key] = message
+            state.log.append((name, dict(request.headers)))
+        return "", 204
+
+    return app
+
+
+def serve(secrets=None):
+    return SimulatorServer(create_receiver(secrets)).start()
+
+
+@pytest.fixture
+def sim():
+    server = serve()
+    yield server
+    server.stop()
+
+
+def make_forward(urls, mappings, secrets=(SECRET,)):
+    settings = Settings(webhook_secret="x" * 16, forward_urls=tuple(urls), forward_secret=tuple(secrets))
+    return ForwardSink.from_settings(settings, mappings)
+
+
+@pytest.fixture
+def mappings(redis_client):
+    return MappingStore(redis_client, "forward")
+
+
+def encoded(sink, action, location):
+    """The exact body the sink sends."""
+    return json.dumps(sink.message(action, location), sort_keys=True, separators=(",", ":"))
+
+
+def received(sim, name="a"):
+    return [headers for endpoint, headers in sim.app.config["STATE"].log if endpoint == name]
+
+
+class TestForwardContract(SinkContract):
+    def make_sink(self, sim, mappings):
+        return make_forward([f"{sim.url}/hooks/a"], mappings)
+
+    def remote(self, sim, key):
+        message = sim.app.config["STATE"].messages["a"].get(key)
+        return [message] if message and message["action"] != "delete" else []
+
+    def remote_name(self, record):
+        return record["location"]["name"]
+
+    def is_active(self, record):
+        return record["action"] == "upsert"
+
+    def invalid_location(self):
+        return sample_location(name="")
+
+
+def test_message_is_the_event_with_action_and_location(sim, mappings):
+    location = sample_location()
+    make_forward([f"{sim.url}/hooks/a"], mappings).apply("deactivate", location)
+    message = sim.app.config["STATE"].messages["a"][location.key]
+    assert {name: message[name] for name in location.event} == location.event
+    assert message["action"] == "deactivate"
+    assert message["location"]["name"] == "Locate2u" and "event" not in message["location"]
+
+
+def test_non_stop_event_carries_no_location(sim, mappings):
+    trip = sample_location(stop_id=None, key="l2u-trip-46659", event={"delivery_id": "d-9", "entity": "trip"})
+    make_forward([f"{sim.url}/hooks/a"], mappings).apply("upsert", trip)
+    assert "location" not in sim.app.config["STATE"].messages["a"]["d-9"]
+
+
+def test_signature_verifies_with_reference_library(sim, mappings):
+    sink = make_forward([f"{sim.url}/hooks/a"], mappings)
+    webhook_id = sink.apply("upsert", sample_location())
+    [headers] = received(sim)
+    assert headers["Webhook-Id"] == webhook_id and webhook_id.startswith("d-1.forward.")
+    assert abs(int(headers["Webhook-Timestamp"]) - time.time()) < 60
+    assert headers["Webhook-Signature"].startswith("v1,") and " " not in headers["Webhook-Signature"]
+    data = encoded(sink, "upsert", sample_location())
+    assert Webhook(SECRET).verify(data, headers) == sink.message("upsert", sample_location())
+    with pytest.raises(WebhookVerificationError):
+        Webhook(NEW_SECRET).verify(data, headers)
+
+
+def test_webhook_id_is_stable_across_retries(sim, mappings):
+    sink = make_forward([f"{sim.url}/hooks/a"], mappings)
+    sim.app.config["FAULTS"].inject(503)
+    with pytest.raises(RetriableError):
+        sink.apply("upsert", sample_location())
+    first = sink.apply("upsert", sample_location())
+    assert first == sink.webhook_id(sample_location(), encoded(sink, "upsert", sample_location()))
+    assert [headers["Webhook-Id"] for headers in received(sim)] == [first]
+    assert sink.apply("upsert", sample_location(name="Other")) != first
+
+
+def test_rotation_signs_with_every_secret(mappings):
+    server = serve({"old": SECRET, "new": NEW_SECRET})
+    try:
+        sink = make_forward([f"{server.url}/hooks/old", f"{server.url}/hooks/new"], mappings,
+                            secrets=(SECRET, NEW_SECRET))
+        sink.apply("upsert", sample_location())
+        state = server.app.config["STATE"]
+        assert set(state.messages["old"]) == set(state.messages["new"]) == {"l2u-stop-164557"}
+        assert len(received(server, "old")[0]["Webhook-Signature"].split(" ")) == 2
+    finally:
+        server.stop()
+
+
+def test_wrong_secret_is_permanent_401(sim, mappings):
+    sink = make_forward([f"{sim.url}/hooks/a"], mappings, secrets=(NEW_SECRET,))
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location())
+    assert caught.value.status == 401 and "signature" in caught.value.body.lower()
+
+
+def test_gone_endpoint_is_reported_by_url_and_others_still_delivered(sim, mappings):
+    sink = make_forward([f"{sim.url}/hooks/a", f"{sim.url}/hooks/b"], mappings)
+    sim.app.config["FAULTS"].inject(410, path_prefix="/hooks/b")
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location())
+    assert caught.value.status == 410 and f"{sim.url}/hooks/b" in str(caught.value)
+    assert "disabled" in str(caught.value)
+    assert len(received(sim, "a")) == 1
+
+
+def test_retry_does_not_repeat_delivered_endpoints(sim, mappings):
+    sink = make_forward([f"{sim.url}/hooks/a", f"{sim.url}/hooks/b"], mappings)
+    sim.app.config["FAULTS"].inject(503, times=2, path_prefix="/hooks/b", retry_after=3)
+    for _ in range(2):
+        with pytest.raises(RetriableError) as caught:
+            sink.apply("upsert", sample_location())
+        assert caught.value.retry_after == 3 and "/hooks/b" in str(caught.value)
+    sink.apply("upsert", sample_location())
+    sink.apply("upsert", sample_location())  # a redelivery after success sends nothing
+    assert len(received(sim, "a")) == 1 and len(received(sim, "b")) == 1
+
+
+def test_mixed_failures_are_retriable_and_name_every_url(sim, mappings):
+    sink = make_forward([f"{sim.url}/hooks/a", f"{sim.url}/hooks/b"], mappings)
+    sim.app.config["FAULTS"].inject(410, path_prefix="/hooks/a")
+    sim.app.config["FAULTS"].inject(502, path_prefix="/hooks/b")
+    with pytest.raises(RetriableError) as caught:
+        sink.apply("delete", sample_location())
+    assert "2 of 2" in str(caught.value) and "/hooks/a" in str(caught.value) and "/hooks/b" in str(caught.value)
+    assert caught.value.status == 502
+
+
+def test_redirect_is_not_success(sim, mappings):
+    sink = make_forward([f"{sim.url}/hooks/a"], mappings)
+    sim.app.config["FAULTS"].inject(307)
+    with pytest.raises(PermanentError, match="redirect"):
+        sink.apply("upsert", sample_location())
+
+
+def test_secret_never_in_errors(sim, mappings):
+    sink = make_forward([f"{sim.url}/hooks/a"], mappings)
+    sim.app.config["FAULTS"].inject(400, body={"echo": SECRET})
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location())
+    assert SECRET not in str(caught.value.to_json())
+
+
+@pytest.mark.parametrize("secret", ["whsec_", "not base64!"])
+def test_invalid_secret_is_a_config_error(mappings, secret):
+    with pytest.raises(ConfigError) as caught:
+        make_forward(["http://127.0.0.1:9/hook"], mappings, secrets=(secret,))
+    assert list(caught.value.problems) == ["FORWARD_SECRET"] and "not base64!" not in str(caught.value)

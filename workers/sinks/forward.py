@@ -1,0 +1,117 @@
+"""Signed forward: the normalized event POSTed to every ``FORWARD_URLS`` endpoint.
+
+Each message is signed with Standard Webhooks headers (``webhook-id``,
+``webhook-timestamp``, ``webhook-signature``) by the ``standardwebhooks``
+package, one ``v1`` signature per secret in ``FORWARD_SECRET`` so receivers
+can rotate. The endpoints a message has reached are remembered in Redis, so a
+retry only goes to the ones that failed.
+"""
+import hashlib
+import json
+from datetime import datetime, timezone
+
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
+
+from workers.config import ConfigError
+from workers.errors import PermanentError, RelayError, RetriableError
+from workers.http import HttpClient
+from workers.sinks.base import Sink
+from workers.stores import LEDGER_RETENTION, PREFIX
+
+
+def signer(secret):
+    """A ``Webhook`` signer for ``secret``; ConfigError (never showing it) when it is not a valid one."""
+    try:
+        return Webhook(secret)
+    except (ValueError, EmptyWebhookSecretError):
+        raise ConfigError({"FORWARD_SECRET": "each secret must be a Standard Webhooks secret: "
+                                             "whsec_ followed by base64"}) from None
+
+
+def combined(errors, total):
+    """One error for several failed endpoints: retriable if any of them is, keeping the first one's answer."""
+    if len(errors) == 1:
+        return errors[0]
+    retriable = [error for error in errors if error.retriable]
+    first = (retriable or errors)[0]
+    waits = [error.retry_after for error in retriable if error.retry_after is not None]
+    return (RetriableError if retriable else PermanentError)(
+        f"{len(errors)} of {total} forward endpoints failed: " + "; ".join(error.message for error in errors),
+        status=first.status, body=first.body, method=first.method, url=first.url, retry_after=max(waits, default=None))
+
+
+class ForwardSink(Sink):
+    """Every action POSTs the event (with ``action``) to each URL; 2xx means applied."""
+
+    name = "forward"
+    credential = "forward_urls"
+    supports_deactivate = True
+
+    def __init__(self, client, mappings, urls, secrets, options=None):
+        super().__init__(client, mappings, options)
+        self.urls = tuple(urls)
+        self.signers = tuple(signer(secret) for secret in secrets)
+
+    @classmethod
+    def from_settings(cls, settings, mappings):
+        client = HttpClient(settings.forward_urls[0], redact=settings.forward_secret)
+        return cls(client, mappings, settings.forward_urls, settings.forward_secret)
+
+    def upsert(self, location, options):
+        """Forward the event as an upsert; return the webhook id."""
+        return self.forward("upsert", location)
+
+    def deactivate(self, location, options):
+        """Forward the event as a deactivation; return the webhook id."""
+        return self.forward("deactivate", location)
+
+    def delete(self, location, options):
+        """Forward the event as a deletion; return the webhook id."""
+        return self.forward("delete", location)
+
+    def forward(self, action, location):
+        """POST the message to every URL it has not reached yet; raise one error for those that failed."""
+        data = json.dumps(self.message(action, location), sort_keys=True, separators=(",", ":"), default=str)
+        webhook_id = self.webhook_id(location, data)
+        reached = f"{PREFIX}{self.name}:sent:{webhook_id}"
+        done = self.mappings.redis.smembers(reached)
+        errors = []
+        for url in self.urls:
+            if url in done:
+                continue
+            try:
+                self._post(url, webhook_id, data)
+            except RelayError as error:
+                errors.append(error)
+                continue
+            with self.mappings.redis.pipeline() as pipe:
+                pipe.sadd(reached, url).expire(reached, LEDGER_RETENTION).execute()
+        if errors:
+            raise combined(errors, len(self.urls))
+        return webhook_id
+
+    def message(self, action, location):
+        """The normalized event plus ``action``, and the location's fields when it is a stop's."""
+        body = {**location.event, "action": action}
+        if location.stop_id is not None:
+            body["location"] = {name: value for name, value in location.to_json().items() if name != "event"}
+        return body
+
+    def webhook_id(self, location, data):
+        """The delivery id plus a suffix stable for this sink and message, so retries keep the id."""
+        digest = hashlib.sha256(data.encode()).hexdigest()[:16]
+        return f"{location.event['delivery_id']}.{self.name}.{digest}"
+
+    def _post(self, url, webhook_id, data):
+        timestamp = datetime.now(timezone.utc)
+        headers = {"Content-Type": "application/json", "webhook-id": webhook_id,
+                   "webhook-timestamp": str(int(timestamp.timestamp())),
+                   "webhook-signature": " ".join(each.sign(webhook_id, timestamp, data) for each in self.signers)}
+        response = self.client.request("POST", url, accept=(410,), data=data.encode(), headers=headers,
+                                       allow_redirects=False)
+        if response.status_code == 410:
+            raise self.client.error_for(response, f"forward endpoint {url} answered 410 Gone: it is disabled; "
+                                                  "remove it from FORWARD_URLS or re-enable it")
+        if response.status_code >= 300:
+            raise self.client.error_for(response, f"forward endpoint {url} answered a redirect "
+                                                  f"({response.status_code}); configure its final URL")
