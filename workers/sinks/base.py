@@ -14,10 +14,17 @@ import dataclasses
 import json
 
 from workers.errors import PermanentError
+from workers.locations import Location
 from workers.stores import MappingStore
 
 ACTIONS = ("upsert", "deactivate", "delete")
 ANY_ERROR = range(400, 600)
+LOCATION_ATTRIBUTES = frozenset(field.name for field in dataclasses.fields(Location))
+
+
+def sink_fields(location):
+    """The route's rendered ``fields`` naming no Location attribute: the sink's own field names."""
+    return {name: value for name, value in location.fields.items() if name not in LOCATION_ATTRIBUTES}
 
 
 class Sink(abc.ABC):

@@ -8,23 +8,18 @@ mapping is lost. An upsert with no mapping creates without searching first
 ``l2u-relay reconcile storepoint`` before resuming, which remaps instead of
 duplicating (see docs/sinks/storepoint.md).
 """
-import dataclasses
 import logging
 
 from workers.config import ConfigError
 from workers.errors import PermanentError
 from workers.http import HttpClient
-from workers.locations import Location
-from workers.sinks.base import Sink
+from workers.sinks.base import Sink, sink_fields
 
 log = logging.getLogger(__name__)
 
 MARKER = "l2u:"
 BASE_TAG = "locate2u"
 PAGE_LIMIT = 500  # the documented maximum of GET /locations
-# Rendered route fields with these names were already applied to the Location;
-# every other one is a Storepoint custom field id.
-LOCATION_ATTRIBUTES = frozenset(field.name for field in dataclasses.fields(Location))
 DEFAULT_OPTIONS = {
     # A stop without coordinates: PermanentError (true), or leave them out (false):
     # a mapped location keeps its last coordinates, an unmapped one is not created.
@@ -113,7 +108,7 @@ class StorepointSink(Sink):
         }
         if location.has_coordinates:
             body["coordinates"] = {"lat": location.latitude, "lng": location.longitude}
-        custom = {name: value for name, value in location.fields.items() if name not in LOCATION_ATTRIBUTES}
+        custom = sink_fields(location)  # route fields naming a custom field id
         if custom:
             self._check_custom_fields(custom)
             body["custom_fields"] = custom

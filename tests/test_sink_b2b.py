@@ -1,0 +1,249 @@
+"""The B2B sink against the loopback B2B (B2Market) simulator."""
+import dataclasses
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tests.simulators.b2b import B2BState, create_app, documented_fault
+from tests.simulators.base import SimulatorServer
+from tests.sink_contract import SinkContract, sample_location
+from workers.config import ConfigError, Settings
+from workers.errors import NotFound, PermanentError, RetriableError
+from workers.sinks.b2b import B2BSink
+from workers.stores import MappingStore
+
+TOKEN, USER, PASSWORD = "b2b-static-token", "b2b-user", "b2b-pass"
+SYDNEY = "55 Miller St, Pyrmont NSW 2009, Australia"
+
+
+@pytest.fixture
+def sim():
+    with SimulatorServer(create_app(B2BState(token=TOKEN, username=USER, password=PASSWORD))) as server:
+        yield server
+
+
+def settings_for(sim, **credentials):
+    return Settings(webhook_secret="x" * 16, b2b_api_url=sim.url, b2b_business_partner_id="BP-1",
+                    b2b_country_id="US", **(credentials or {"b2b_api_token": TOKEN}))
+
+
+def state(sim):
+    return sim.app.config["STATE"]
+
+
+def record(sim, key):
+    return state(sim).by_remote(key)
+
+
+def requests(sim, method=None):
+    """(method, path) of every request the simulator saw, oldest first."""
+    return [(m, path) for m, path, _ in state(sim).requests_log if method in (None, m)]
+
+
+class TestB2BContract(SinkContract):
+    def make_sink(self, sim, mappings):
+        return B2BSink.from_settings(settings_for(sim), mappings)
+
+    def remote(self, sim, key):
+        return [location for location in state(sim).locations.values() if location["idRemote"] == key]
+
+    def remote_name(self, record):
+        return record["name"]
+
+    def is_active(self, record):
+        return record["active"]
+
+    def invalid_location(self):
+        return sample_location(address="somewhere without a comma")  # no city to send
+
+
+class TestB2BContractWithLogin(TestB2BContract):
+    def make_sink(self, sim, mappings):
+        return B2BSink.from_settings(settings_for(sim, b2b_username=USER, b2b_password=PASSWORD), mappings)
+
+
+@pytest.fixture
+def mappings(redis_client):
+    return MappingStore(redis_client, "b2b")
+
+
+@pytest.fixture
+def sink(sim, mappings):
+    return B2BSink.from_settings(settings_for(sim), mappings)
+
+
+@pytest.fixture
+def jwt_sink(sim, mappings):
+    return B2BSink.from_settings(settings_for(sim, b2b_username=USER, b2b_password=PASSWORD), mappings)
+
+
+def test_create_splits_city_and_postal_code_and_uses_configured_partner_and_country(sim, sink, mappings):
+    remote_id = sink.apply("upsert", sample_location())
+    created = record(sim, "l2u-stop-164557")
+    assert created["id"] == remote_id == mappings.get("l2u-stop-164557")
+    assert (created["city"], created["postalCode"]) == ("New York", "10003")
+    assert created["businessPartner"]["id"] == "BP-1" and created["country"]["id"] == "US"
+    assert (created["active"], created["shippingAddress"], created["billingAddress"], created["default"]) == (
+        True, True, False, False)
+
+
+def test_route_options_and_fields_override_parameters(sim, sink):
+    sink.apply("upsert", sample_location(address=SYDNEY, fields={"stateId": "NSW", "name": "Locate2u"}),
+               {"country_id": "AU", "billing_address": True})
+    created = record(sim, "l2u-stop-164557")
+    assert (created["city"], created["postalCode"], created["state"]["id"]) == ("Pyrmont", "2009", "NSW")
+    assert created["country"]["id"] == "AU" and created["billingAddress"] is True
+
+
+def test_unknown_route_field_is_a_configuration_error(sim, sink):
+    with pytest.raises(ConfigError, match="colour are not B2B parameters"):
+        sink.apply("upsert", sample_location(fields={"colour": "red"}))
+    assert requests(sim) == []
+
+
+def test_login_once_then_again_when_the_jwt_is_refused(sim, jwt_sink):
+    jwt_sink.apply("upsert", sample_location())
+    jwt_sink.apply("upsert", sample_location(name="Renamed"))
+    assert state(sim).login_count == 1
+    state(sim).expire_jwts()
+    jwt_sink.apply("upsert", sample_location(name="Renamed again"))
+    assert state(sim).login_count == 2 and record(sim, "l2u-stop-164557")["name"] == "Renamed again"
+    assert [path for _, path in requests(sim)].count("/login") == 2
+
+
+def test_relogin_only_once_per_call(sim, jwt_sink):
+    jwt_sink.apply("upsert", sample_location())
+    documented_fault(sim.app.config["FAULTS"], 401, times=2, path_prefix="/Location")
+    with pytest.raises(PermanentError) as caught:
+        jwt_sink.apply("upsert", sample_location())
+    assert caught.value.status == 401 and state(sim).login_count == 2
+
+
+def test_bad_password_fails_without_showing_it(sim, mappings):
+    sink = B2BSink.from_settings(settings_for(sim, b2b_username=USER, b2b_password="wrong-password"), mappings)
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location())
+    assert caught.value.status == 401 and "/login" in caught.value.url
+    assert "wrong-password" not in str(caught.value.to_json())
+
+
+def test_duplicate_on_create_updates_instead(sim, sink, mappings):
+    existing = state(sim).add("l2u-stop-164557", name="Old name", countryId="US")
+    assert sink.apply("upsert", sample_location()) == existing["id"]
+    assert record(sim, "l2u-stop-164557")["name"] == "Locate2u"
+    assert len(state(sim).locations) == 1 and mappings.get("l2u-stop-164557") == existing["id"]
+
+
+def test_mapped_but_deleted_there_is_created_again(sim, sink, mappings):
+    first = sink.apply("upsert", sample_location())
+    state(sim).locations.clear()
+    second = sink.apply("upsert", sample_location())
+    assert second != first and mappings.get("l2u-stop-164557") == second
+
+
+def test_cancelled_stop_is_written_inactive(sim, sink):
+    sink.apply("upsert", sample_location(status="Cancelled"))
+    assert record(sim, "l2u-stop-164557")["active"] is False
+
+
+def test_deactivating_what_is_not_there_creates_nothing(sim, sink):
+    assert sink.apply("deactivate", sample_location(status="Cancelled")) is None
+    assert state(sim).locations == {}
+
+
+def test_upsert_many_creates_in_one_call(sim, sink, mappings):
+    locations = [sample_location(stop_id=n) for n in (1, 2, 3)]
+    results = sink.upsert_many(locations)
+    assert requests(sim, "POST") == [("POST", "/Location/create")]
+    assert results == {loc.key: record(sim, loc.key)["id"] for loc in locations} == mappings.all()
+
+
+def test_upsert_many_falls_back_per_location(sim, sink):
+    sink.apply("upsert", sample_location(stop_id=1))
+    state(sim).add("l2u-stop-2", countryId="US")  # exists, unmapped: 409 for the batch
+    locations = [sample_location(stop_id=n, name=f"Stop {n}") for n in (1, 2, 3)]
+    locations.append(sample_location(stop_id=4, address="no city here"))
+    results = sink.upsert_many(locations)
+    assert all(isinstance(results[f"l2u-stop-{n}"], str) for n in (1, 2, 3))
+    assert [record(sim, f"l2u-stop-{n}")["name"] for n in (1, 2, 3)] == ["Stop 1", "Stop 2", "Stop 3"]
+    assert isinstance(results["l2u-stop-4"], PermanentError)
+    assert "Parameter city is required" in results["l2u-stop-4"].message
+    assert record(sim, "l2u-stop-4") is None
+
+
+def test_upsert_many_raises_a_retriable_batch_error(sim, sink):
+    documented_fault(sim.app.config["FAULTS"], 429, retry_after=3)
+    with pytest.raises(RetriableError) as caught:
+        sink.upsert_many([sample_location(stop_id=1), sample_location(stop_id=2)])
+    assert caught.value.retry_after == 3
+
+
+def test_delete_refused_for_the_business_partner_deactivates(sim, sink, mappings):
+    sink.apply("upsert", sample_location())
+    sink.apply("delete", sample_location())
+    assert record(sim, "l2u-stop-164557")["active"] is False
+    assert mappings.get("l2u-stop-164557")
+
+
+def test_delete_when_allowed_deletes_and_forgets(sim, sink, mappings):
+    state(sim).allow_delete = True
+    sink.apply("upsert", sample_location())
+    assert sink.apply("delete", sample_location()) is None
+    assert record(sim, "l2u-stop-164557") is None and mappings.get("l2u-stop-164557") is None
+
+
+def test_errors_name_the_parameter(sim, sink):
+    with pytest.raises(PermanentError, match="Parameter name is required") as caught:
+        sink.apply("upsert", sample_location(name=None))
+    assert caught.value.status == 400
+    body = {"code": 404, "error": "No entity found for BusinessPartner with BP-1."}
+    sim.app.config["FAULTS"].inject(404, body=body)
+    with pytest.raises(NotFound, match="No entity found for BusinessPartner with BP-1"):
+        sink.apply("upsert", sample_location())
+
+
+def test_server_errors_are_retriable(sim, sink):
+    documented_fault(sim.app.config["FAULTS"], 500)
+    with pytest.raises(RetriableError, match="Database connection failed"):
+        sink.apply("upsert", sample_location())
+
+
+def test_reconcile_rebuilds_and_reports_drift(sim, sink, mappings, redis_client):
+    ids = {n: sink.apply("upsert", sample_location(stop_id=n)) for n in (1, 2, 3)}
+    theirs = state(sim).add("ERP-77")["id"]
+    state(sim).locations[ids[2]]["city"] = "Brooklyn"
+    del state(sim).locations[ids[3]]
+    redis_client.delete(mappings.key)
+    mappings.set("l2u-stop-3", ids[3])
+
+    report = sink.reconcile()
+
+    assert report.rebuilt == {"l2u-stop-1": ids[1], "l2u-stop-2": ids[2]}
+    assert report.changed_remote == {"l2u-stop-2": ["city"]}
+    assert report.missing_remote == ["l2u-stop-3"]
+    assert report.unknown_remote == [theirs] and report.scanned == 3
+    assert mappings.get("l2u-stop-1") == ids[1]
+
+
+def test_reconcile_since_pages_through_recent_changes_only(sim, sink, mappings):
+    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    state(sim).clock = lambda: start
+    for n in range(1, 4):
+        sink.apply("upsert", sample_location(stop_id=n))
+    state(sim).clock = lambda: start + timedelta(days=2)
+    for n in range(4, 205):
+        sink.apply("upsert", sample_location(stop_id=n))
+    mappings.delete("l2u-stop-1")
+
+    report = sink.reconcile(since="2025-01-02")
+
+    assert report.scanned == 201 and report.rebuilt == {} and report.missing_remote == []
+    listing = [path for _, path in requests(sim, "GET")]
+    assert listing == [f"/Location/updatedFrom?date=2025-01-02T00%3A00%3A00&page={p}&pageSize=100" for p in (1, 2, 3)]
+
+
+def test_enabled_by_token_or_username():
+    settings = Settings(webhook_secret="x" * 16)
+    assert not B2BSink.enabled(settings)
+    assert B2BSink.enabled(dataclasses.replace(settings, b2b_api_token=TOKEN))
+    assert B2BSink.enabled(dataclasses.replace(settings, b2b_username=USER, b2b_password=PASSWORD))

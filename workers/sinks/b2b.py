@@ -1,0 +1,227 @@
+"""B2B location API (B2Market): a stop becomes a location of a business partner.
+
+Our key is the location's ``idRemote``, which update and delete accept as
+the id, so no lookup is ever needed; the mapping store keeps key → B2B id to
+choose update before create and for reconcile. Creates take an array, so
+``upsert_many`` sends several in one call. A location tied to a business
+partner cannot be deleted: ``delete`` then deactivates it.
+"""
+import logging
+import re
+from datetime import datetime, timezone
+from urllib.parse import quote
+
+import requests
+
+from workers.addresses import locality_parts
+from workers.config import ConfigError
+from workers.errors import RelayError
+from workers.http import HttpClient
+from workers.sinks.base import Sink, sink_fields
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "l2u-"  # an idRemote starting so is one of our keys
+FULL_HISTORY = "1999-01-01"  # updatedFrom's documented default date: every location
+PAGE_SIZE = 100
+PARTNER_REFUSAL = re.compile(r"business\s*partner", re.IGNORECASE)
+# Route fields that may set a parameter directly (e.g. when the address splits badly).
+FIELD_PARAMETERS = ("city", "postalCode", "stateId")
+# Route option → create/update parameter; business_partner_id and country_id default to the settings.
+OPTION_PARAMETERS = {"country_id": "countryId", "shipping_address": "shippingAddress",
+                     "billing_address": "billingAddress", "default": "default"}
+DEFAULT_OPTIONS = {"shipping_address": True, "billing_address": False, "default": False}
+# Parameters a listed location returns under the same name.
+LISTED_PARAMETERS = ("name", "address", "city", "postalCode", "active", "shippingAddress", "billingAddress",
+                     "default")
+
+
+def listed_fields(item):
+    """A listed location as the flat parameters we write (``countryId``, ``stateId`` from their objects)."""
+    return {**{name: item.get(name) for name in LISTED_PARAMETERS},
+            "countryId": (item.get("country") or {}).get("id"), "stateId": (item.get("state") or {}).get("id")}
+
+
+def updated_from(since):
+    """``since`` (None, a datetime or an ISO 8601 string) as updatedFrom's ``date`` parameter, in UTC."""
+    if since is None:
+        return FULL_HISTORY
+    moment = since if isinstance(since, datetime) else datetime.fromisoformat(str(since))
+    if moment.tzinfo:
+        moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def returned_ids(response):
+    """``{idRemote: id}`` from an answer's ``data`` list; empty when the answer has another shape."""
+    try:
+        data = response.json().get("data")
+    except (ValueError, AttributeError):
+        return {}
+    items = data if isinstance(data, list) else []
+    return {item["idRemote"]: str(item["id"]) for item in items if isinstance(item, dict) and item.get("id")}
+
+
+class JwtLogin(requests.auth.AuthBase):
+    """``Authorization: Bearer <jwt>``; the sink gets the JWT from ``POST /login`` into ``token``."""
+
+    def __init__(self, username, password):
+        self.username, self.password, self.token = username, password, None
+
+    def __call__(self, request):
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        return request
+
+
+class B2BSink(Sink):
+    """Locations by ``idRemote``: ``POST /Location/create``, ``PUT …/update/{id}``, ``DELETE …/delete/{id}``."""
+
+    name = "b2b"
+    credential = "b2b_api_token"  # or B2B_USERNAME/B2B_PASSWORD, see enabled()
+    supports_deactivate = True
+
+    def __init__(self, client, mappings, options=None, login=None):
+        super().__init__(client, mappings, {**DEFAULT_OPTIONS, **(options or {})})
+        self.login = login
+
+    @classmethod
+    def enabled(cls, settings):
+        return bool(settings.b2b_api_token or settings.b2b_username)
+
+    @classmethod
+    def from_settings(cls, settings, mappings):
+        """A static token when ``B2B_API_TOKEN`` is set, else a JWT from ``B2B_USERNAME``/``B2B_PASSWORD``."""
+        token = settings.b2b_api_token
+        login = None if token else JwtLogin(settings.b2b_username, settings.b2b_password)
+        client = HttpClient(settings.b2b_api_url, headers={"Authorization": f"Bearer {token}"} if token else {},
+                            auth=login, redact=(token, settings.b2b_password))
+        options = {"business_partner_id": settings.b2b_business_partner_id, "country_id": settings.b2b_country_id}
+        return cls(client, mappings, options, login)
+
+    def upsert(self, location, options):
+        """Update by idRemote when mapped (creating it again if gone), else create (409: update); return the id."""
+        fields = self.fields(location, options)
+        if self.mappings.get(location.key):
+            remote_id = self._update(location.key, fields)
+            if remote_id is not None:
+                return remote_id
+        item = {"idRemote": location.key, "businessPartnerId": options["business_partner_id"], **fields}
+        response = self.call("POST", "Location/create", accept=(409,), json=[item])
+        if response.status_code != 409:
+            return self._remember(location.key, fields, response)
+        log.info("b2b: %s exists already (409); updating it", location.key)
+        remote_id = self._update(location.key, fields)
+        if remote_id is None:
+            raise self.client.error_for(response, f"creating {location.key} answered 409 Duplicate entry, "
+                                                  "yet no location has that idRemote to update")
+        return remote_id
+
+    def upsert_many(self, locations, options=None):
+        """Upsert ``locations``, creating the unmapped ones in one call; return ``{key: B2B id or RelayError}``.
+
+        The create call is all-or-nothing: when it answers 400 or 409 every location is upserted
+        on its own, so only the culprit fails. A retriable error of the batch call is raised.
+        """
+        options = {**self.options, **(options or {})}
+        new = {location.key: self.fields(location, options)
+               for location in locations if not self.mappings.get(location.key)}
+        created = {}
+        if len(new) > 1:
+            items = [{"idRemote": key, "businessPartnerId": options["business_partner_id"], **fields}
+                     for key, fields in new.items()]
+            response = self.call("POST", "Location/create", accept=(400, 409), json=items)
+            if response.ok:
+                created = {key: self._remember(key, fields, response) for key, fields in new.items()}
+        results = {}
+        for location in locations:
+            try:
+                results[location.key] = created.get(location.key) or self.upsert(location, options)
+            except RelayError as error:
+                results[location.key] = error
+        return results
+
+    def deactivate(self, location, options):
+        """Update with ``active: false``; a location that is not there is left alone (None)."""
+        return self._update(location.key, {**self.fields(location, options), "active": False})
+
+    def delete(self, location, options):
+        """Delete by idRemote (gone already is a success); refused for its business partner: deactivate."""
+        try:
+            self.call("DELETE", f"Location/delete/{quote(location.key, safe='')}", accept=(404,))
+        except RelayError as error:
+            if not PARTNER_REFUSAL.search(error.body or ""):
+                raise
+            log.info("b2b: %s cannot be deleted (business partner); deactivating it", location.key)
+            return self.deactivate(location, options)
+        self.forget(location.key)
+        return None
+
+    def reconcile(self, since=None):
+        """Page through ``GET /Location/updatedFrom``; ours missing there is reported only when ``since`` is None."""
+        records = ((item["idRemote"] if str(item.get("idRemote") or "").startswith(KEY_PREFIX) else None,
+                    str(item["id"]), listed_fields(item)) for item in self._listing(updated_from(since)))
+        return self.compare_listing(records, complete=since is None)
+
+    def fields(self, location, options):
+        """The parameters we write, empty ones left out (a partial update then keeps them)."""
+        city, postal_code = locality_parts(location.address)
+        values = {"name": location.name, "address": location.address, "city": city, "postalCode": postal_code,
+                  "active": not location.cancelled,
+                  **{parameter: options[option] for option, parameter in OPTION_PARAMETERS.items()}}
+        own = sink_fields(location)
+        unknown = sorted(set(own) - set(FIELD_PARAMETERS))
+        if unknown:
+            raise ConfigError({"RELAY_ROUTES_FILE": f"b2b fields: {', '.join(unknown)} are not B2B parameters; "
+                                                    f"fields may set {', '.join(FIELD_PARAMETERS)}"})
+        values.update(own)
+        return {name: value for name, value in values.items() if value not in (None, "")}
+
+    def call(self, method, path, accept=(), **kwargs):
+        """``Sink.call``; with a username, log in first and once more when the JWT is refused (401)."""
+        if self.login is None:
+            return super().call(method, path, accept, **kwargs)
+        if self.login.token is None:
+            self._log_in()
+        response = super().call(method, path, (*accept, 401), **kwargs)
+        if response.status_code == 401:
+            log.info("b2b: JWT refused; logging in again")
+            self._log_in()
+            response = super().call(method, path, accept, **kwargs)
+        return response
+
+    def error_detail(self, body):
+        """The ``error`` of ``{"code": N, "error": "Parameter city is required"}``."""
+        return body.get("error")
+
+    def _log_in(self):
+        credentials = {"_username": self.login.username, "_password": self.login.password}
+        response = super().call("POST", "login", json=credentials, auth=None)
+        try:
+            self.login.token = response.json()["token"]
+        except (ValueError, KeyError, TypeError):
+            raise self.client.error_for(response, "B2B login answered without a token") from None
+        self.client.redact = (self.login.password, self.login.token)
+
+    def _update(self, key, fields):
+        """PUT ``fields`` by idRemote; the B2B id, or None (mapping dropped) when there is no such location."""
+        response = self.call("PUT", f"Location/update/{quote(key, safe='')}", accept=(404,), json=fields)
+        if response.status_code == 404:
+            self.forget(key)
+            return None
+        return self._remember(key, fields, response)
+
+    def _remember(self, key, fields, response):
+        """Map ``key`` to the B2B id the answer gives (else to ``key``, which the API accepts as id)."""
+        remote_id = returned_ids(response).get(key, key)
+        self.remember(key, remote_id, fields)
+        return remote_id
+
+    def _listing(self, date):
+        page = 1
+        while True:
+            answer = self.call("GET", "Location/updatedFrom",
+                               params={"date": date, "page": page, "pageSize": PAGE_SIZE}).json()
+            yield from answer["data"]
+            if not answer["data"] or page >= answer["pagination"]["totalPages"]:
+                return
+            page += 1
