@@ -1,9 +1,10 @@
 """The web process: receives Locate2u webhooks, records them and hands them on."""
 from flask import Flask
 
-from receiver import errors, health, webhooks
+from receiver import errors, health, metrics, webhooks
 from receiver.handoff import Handoff
 from workers.config import ConfigError, Settings
+from workers.logs import configure_logging
 
 
 def create_app(settings=None):
@@ -11,11 +12,13 @@ def create_app(settings=None):
     settings = settings or Settings.from_env()
     if not settings.redis_url:
         raise ConfigError({"REDIS_URL": "required for the web process ('l2u-relay run' starts an embedded Redis)"})
+    configure_logging(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["l2u.settings"] = settings
-    app.extensions["l2u.handoff"] = Handoff.from_settings(settings)
+    handoff = app.extensions["l2u.handoff"] = Handoff.from_settings(settings)
     errors.init_app(app)
+    metrics.init_app(app, handoff.ledger.redis, settings)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
     return app

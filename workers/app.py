@@ -1,8 +1,11 @@
 """The Celery app (``celery -A workers.app worker|beat|flower``)."""
 import os
 
+from celery.signals import setup_logging
+
 from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, make_celery
 from workers.config import Settings
+from workers.logs import configure_logging
 from workers.routes import load_routes
 
 MAX_SWEEP_INTERVAL = 30.0
@@ -22,7 +25,10 @@ def create_worker_app(settings=None):
             "release-due-retries": {"task": RELEASE_DUE_RETRIES, "schedule": RELEASE_INTERVAL},
         },
         beat_schedule_filename=os.path.join(settings.data_dir, "celerybeat-schedule"),
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
+    setup_logging.connect(lambda **kwargs: configure_logging(settings), weak=False)
     os.makedirs(settings.data_dir, exist_ok=True)
     return app
 

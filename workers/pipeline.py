@@ -8,6 +8,7 @@ applied / stale / retry / dead letter.
 """
 import json
 import logging
+import time
 
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.errors import PermanentError, RelayError, RetriableError
@@ -74,7 +75,7 @@ def route_delivery(rt, event, attempt=0, replay=False):
     except RetriableError as exc:
         return _retry_enrich(rt, event, attempt, exc, replay)
     except PermanentError as exc:
-        return _dead_letter_enrich(rt, event, attempt, exc)
+        return dead_letter_enrich(rt, event, attempt, exc)
     context = template_context(event, stop)
     jobs, refused = [], []
     for route, action in routed:
@@ -87,7 +88,7 @@ def route_delivery(rt, event, attempt=0, replay=False):
         for name in [ENRICH] + [sink for sink, _, _ in jobs + refused]:
             rt.dead_letters.remove(rt.dead_letters.entry_id(event.delivery_id, name))
     for sink, action, exc in refused:
-        _dead_letter(rt, event.delivery_id, sink, action, None, 1, exc, stage=ROUTE, event_type=event.event_type)
+        dead_letter(rt, event.delivery_id, sink, action, None, 1, exc, stage=ROUTE, event_type=event.event_type)
     for sink, action, record in jobs:
         rt.scheduler.schedule(DELIVER, [event.delivery_id, sink, action, record, 0, False], 0)
     rt.ledger.trace(event.delivery_id, "routed", sinks=[sink for sink, _, _ in jobs])
@@ -97,18 +98,19 @@ def route_delivery(rt, event, attempt=0, replay=False):
 def _retry_enrich(rt, event, attempt, exc, replay):
     delay = retry_delay(rt.settings.retry_schedule, attempt + 1, exc.retry_after)
     if delay is None:
-        return _dead_letter_enrich(rt, event, attempt, exc)
+        return dead_letter_enrich(rt, event, attempt, exc)
     rt.ledger.trace(event.delivery_id, "enrich retry", error=exc.message, delay=round(delay, 1))
     rt.ledger.set_status(event.delivery_id, "retrying")
     rt.scheduler.schedule(PROCESS_DELIVERY, [event.delivery_id, event.event_type, attempt + 1, replay], delay)
     return "retrying"
 
 
-def _dead_letter_enrich(rt, event, attempt, exc):
+def dead_letter_enrich(rt, event, attempt, exc):
     rt.dead_letters.add(event.delivery_id, ENRICH, exc.message, event_type=event.event_type, stage=ENRICH,
                         attempts=attempt + 1, error=exc.to_json())
     rt.ledger.set_status(event.delivery_id, "dead_lettered", reason=exc.message)
     rt.ledger.trace(event.delivery_id, "dead-lettered", stage=ENRICH, reason=exc.message)
+    log.error("dead-lettered before fan-out: %s", exc.message)
     return "dead_lettered"
 
 
@@ -117,7 +119,7 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
     args = [delivery_id, sink_name, action, record, attempt, replay]
     sink, route = rt.sinks.get(sink_name), rt.routes[sink_name]
     if sink is None:
-        return _dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1,
+        return dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1,
                             PermanentError(f"sink {sink_name} is not configured any more"))
     breaker = rt.breaker(sink_name)
     verdict, wait = breaker.admit()
@@ -135,6 +137,8 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
         if route.ordered and versions.is_stale(location.key, location.version):
             rt.ledger.sink_outcome(delivery_id, sink_name, "stale", attempts=attempt)
             rt.ledger.trace(delivery_id, "stale", sink=sink_name, key=location.key)
+            rt.metrics.delivery(sink_name, "stale")
+            log.info("stale: a newer version of %s is already applied", location.key)
             return "stale"
         try:
             remote_id = sink.apply(action, location, route.options)
@@ -143,13 +147,16 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
             return _retry(rt, args, exc)
         except PermanentError as exc:
             breaker.success()
-            return _dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc)
+            return dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc)
         breaker.success()
         versions.applied(location.key, location.version)
     finally:
         lock.release()
-    rt.ledger.sink_outcome(delivery_id, sink_name, "applied", attempts=attempt + 1, remote_id=remote_id)
+    received_at = rt.ledger.sink_outcome(delivery_id, sink_name, "applied", attempts=attempt + 1,
+                                         remote_id=remote_id)
     rt.ledger.trace(delivery_id, "applied", sink=sink_name, action=action, key=location.key)
+    rt.metrics.delivery(sink_name, "applied", time.time() - received_at if received_at else None)
+    log.info("applied %s %s", action, location.key)
     if replay:
         rt.dead_letters.remove(rt.dead_letters.entry_id(delivery_id, sink_name))
     return "applied"
@@ -166,16 +173,18 @@ def _retry(rt, args, exc):
     delivery_id, sink_name, action, record, attempt, replay = args
     delay = retry_delay(rt.settings.retry_schedule, attempt + 1, exc.retry_after)
     if delay is None:
-        return _dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc, exhausted=True)
+        return dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc, exhausted=True)
     rt.scheduler.schedule(DELIVER, [delivery_id, sink_name, action, record, attempt + 1, replay], delay)
     rt.ledger.sink_outcome(delivery_id, sink_name, "retrying", attempts=attempt + 1, reason=exc.message,
                            next_in=round(delay, 1))
     rt.ledger.trace(delivery_id, "retry", sink=sink_name, error=exc.message, status=exc.status,
                     delay=round(delay, 1))
+    rt.metrics.incr("l2u_worker_retries", sink=sink_name)
+    log.warning("retry %d in %.1fs: %s", attempt + 1, delay, exc.message)
     return "retrying"
 
 
-def _dead_letter(rt, delivery_id, sink_name, action, record, attempts, exc, exhausted=False, stage=DELIVER_STAGE,
+def dead_letter(rt, delivery_id, sink_name, action, record, attempts, exc, exhausted=False, stage=DELIVER_STAGE,
                  event_type=None):
     reason = f"retries exhausted: {exc.message}" if exhausted else exc.message
     event_type = event_type or (record or {}).get("event", {}).get("event_type")
@@ -184,6 +193,8 @@ def _dead_letter(rt, delivery_id, sink_name, action, record, attempts, exc, exha
                         error=exc.to_json() if isinstance(exc, RelayError) else None)
     rt.ledger.sink_outcome(delivery_id, sink_name, "dead_lettered", attempts=attempts, reason=reason)
     rt.ledger.trace(delivery_id, "dead-lettered", sink=sink_name, reason=reason)
+    rt.metrics.delivery(sink_name, "dead_lettered")
+    log.error("dead-lettered: %s", reason)
     return "dead_lettered"
 
 

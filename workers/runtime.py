@@ -2,6 +2,7 @@
 import functools
 
 from workers.config import Settings
+from workers.metrics import WorkerMetrics
 from workers.resilience import CircuitBreaker, RateLimiter, RetryScheduler
 from workers.routes import load_routes
 from workers.sinks import enabled_sinks
@@ -19,6 +20,7 @@ class Runtime:
         self.dead_letters = DeadLetterStore(self.redis)
         self.scheduler = RetryScheduler(self.redis, send_task)
         self.routes = load_routes(settings.routes_file)
+        self.metrics = WorkerMetrics(self.redis)
 
     @functools.cached_property
     def sinks(self):

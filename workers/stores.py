@@ -99,7 +99,10 @@ class Ledger:
             pipe.execute()
 
     def sink_outcome(self, delivery_id, sink, state, **details):
-        """Record one sink's outcome; once every sink is final, settle the overall status."""
+        """Record one sink's outcome; once every sink is final, settle the overall status.
+
+        Returns the delivery's received-at time (epoch seconds), for latency metrics.
+        """
         outcome = json.dumps({"state": state, "at": time.time(), **details})
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(delivery_id), f"sink:{sink}", outcome)
@@ -110,6 +113,7 @@ class Ledger:
             final = ("dead_lettered" if "dead_lettered" in states
                      else "stale" if all(s == "stale" for s in states) else "applied")
             self.redis.hset(self.key(delivery_id), "status", final)
+        return float(entry.get("received_at", 0))
 
     def trace(self, delivery_id, what, **details):
         """Append a line to the delivery's history (``l2u-relay deliveries show``)."""

@@ -4,6 +4,7 @@ Anything unexpected (a bug) is dead-lettered with its reason before the task
 fails, so nothing accepted is lost even then; a Redis outage puts the message
 back for redelivery instead.
 """
+import contextlib
 import json
 import logging
 
@@ -16,6 +17,7 @@ from workers import pipeline
 from workers.celery_config import DELIVER, INGEST_QUEUE, PROCESS_DELIVERY, RELEASE_DUE_RETRIES, SWEEP_RECEIVED
 from workers.errors import PermanentError
 from workers.events import parse_event
+from workers.logs import log_context
 from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,12 @@ PROCESSABLE = ("received", "retrying")
 def process_delivery(delivery_id, event_type, attempt=0, replay=False):
     """Validate a recorded delivery and fan it out to its routed sinks."""
     rt = runtime()
-    try:
+    with log_context(delivery_id=delivery_id, event_type=event_type):
+        return _process(rt, delivery_id, event_type, attempt, replay)
+
+
+def _process(rt, delivery_id, event_type, attempt, replay):
+    with _redis_outage():
         entry = rt.ledger.get(delivery_id)
         if entry is None:
             log.warning("delivery %s is not in the ledger (expired or released); nothing to do", delivery_id)
@@ -40,18 +47,24 @@ def process_delivery(delivery_id, event_type, attempt=0, replay=False):
             rt.ledger.set_status(delivery_id, "quarantined", reason=json.dumps(exc.messages))
             return "quarantined"
         return _guarded(lambda: pipeline.route_delivery(rt, event, attempt, replay),
-                        lambda exc: pipeline._dead_letter_enrich(rt, event, attempt, exc))
-    except redis.RedisError as exc:
-        raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
+                        lambda exc: pipeline.dead_letter_enrich(rt, event, attempt, exc))
 
 
 @shared_task(name=DELIVER)
 def deliver(delivery_id, sink, action, record, attempt=0, replay=False):
     """Apply one delivery to one sink (see ``pipeline.deliver_to_sink``)."""
     rt = runtime()
-    try:
+    event_type = (record or {}).get("event", {}).get("event_type")
+    with log_context(delivery_id=delivery_id, sink=sink, event_type=event_type), _redis_outage():
         return _guarded(lambda: pipeline.deliver_to_sink(rt, delivery_id, sink, action, record, attempt, replay),
-                        lambda exc: pipeline._dead_letter(rt, delivery_id, sink, action, record, attempt + 1, exc))
+                        lambda exc: pipeline.dead_letter(rt, delivery_id, sink, action, record, attempt + 1, exc))
+
+
+@contextlib.contextmanager
+def _redis_outage():
+    """A Redis outage puts the message back for redelivery instead of failing the task."""
+    try:
+        yield
     except redis.RedisError as exc:
         raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
 

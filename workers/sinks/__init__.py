@@ -11,6 +11,19 @@ SINK_CLASSES = {
     "forward": "workers.sinks.forward:ForwardSink",
 }
 SINK_NAMES = tuple(SINK_CLASSES)
+# A sink is enabled when any of these settings is set (its credentials).
+SINK_CREDENTIALS = {
+    "storepoint": ("storepoint_api_token",),
+    "b2b": ("b2b_api_token", "b2b_username"),
+    "locate": ("locate_api_token",),
+    "deliverycom": ("deliverycom_access_token",),
+    "forward": ("forward_urls",),
+}
+
+
+def configured_sink_names(settings):
+    """Names of the sinks whose credentials are set (without importing connector code)."""
+    return [name for name in SINK_NAMES if any(getattr(settings, attr) for attr in SINK_CREDENTIALS[name])]
 
 
 def sink_class(name):
@@ -20,12 +33,5 @@ def sink_class(name):
 
 def enabled_sinks(settings, redis):
     """``{name: Sink}`` for every sink whose credentials are configured."""
-    sinks = {}
-    for name in SINK_NAMES:
-        try:
-            cls = sink_class(name)
-        except ModuleNotFoundError:
-            continue
-        if cls.enabled(settings):
-            sinks[name] = cls.from_settings(settings, MappingStore(redis, name))
-    return sinks
+    return {name: sink_class(name).from_settings(settings, MappingStore(redis, name))
+            for name in configured_sink_names(settings)}

@@ -1,0 +1,58 @@
+"""``GET /metrics``: receiver series (per gunicorn worker, merged) plus the workers' series from Redis."""
+import os
+import time
+
+from flask import Blueprint, Response, current_app, g, request
+from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+from workers.metrics import RedisMetricsCollector
+from workers.sinks import configured_sink_names
+
+bp = Blueprint("metrics", __name__)
+
+REQUESTS = Counter("l2u_receiver_requests", "Receiver requests by route and status", ["route", "status"])
+ACK_SECONDS = Histogram("l2u_receiver_ack_seconds", "Seconds to answer a webhook delivery",
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+DUPLICATES = Counter("l2u_receiver_duplicates", "Deliveries recognised as duplicates")
+REJECTIONS = Counter("l2u_receiver_rejections", "Deliveries rejected, by reason", ["reason"])
+
+
+def init_app(app, redis_client, settings):
+    app.extensions["l2u.metrics_collector"] = RedisMetricsCollector(redis_client, configured_sink_names(settings))
+    app.before_request(_start_timer)
+    app.after_request(_observe)
+    app.register_blueprint(bp)
+
+
+def _start_timer():
+    g.l2u_started = time.perf_counter()
+
+
+def _observe(response):
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    REQUESTS.labels(route, str(response.status_code)).inc()
+    if request.endpoint == "webhooks.receive":
+        ACK_SECONDS.observe(time.perf_counter() - g.l2u_started)
+        if response.status_code >= 400:
+            REJECTIONS.labels((response.get_json(silent=True) or {}).get("error", str(response.status_code))).inc()
+        elif (response.get_json(silent=True) or {}).get("status") == "duplicate":
+            DUPLICATES.inc()
+    return response
+
+
+@bp.get("/metrics")
+def metrics():
+    text = generate_latest(_receiver_registry())
+    worker_registry = CollectorRegistry()
+    worker_registry.register(current_app.extensions["l2u.metrics_collector"])
+    return Response(text + generate_latest(worker_registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _receiver_registry():
+    """Under gunicorn (multiprocess mode) the series of every worker process, merged."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry

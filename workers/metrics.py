@@ -1,0 +1,101 @@
+"""Worker metrics, kept in Redis so every worker on every host adds to one set of series.
+
+Worker dynos cannot be scraped on a Heroku-style host, and prefork children
+do not share memory, so workers count into Redis hashes and the web process's
+``/metrics`` reads them through ``RedisMetricsCollector`` together with live
+gauges (queue depth, dead letters, breaker state).
+"""
+import json
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from workers.celery_config import CONTROL_QUEUE, DELIVER_QUEUE, INGEST_QUEUE
+from workers.stores import PREFIX, DeadLetterStore
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+COUNTERS = PREFIX + "metrics:counters"
+LATENCY = PREFIX + "metrics:latency:"
+QUEUES = (INGEST_QUEUE, DELIVER_QUEUE, CONTROL_QUEUE)
+
+# counter name -> (help, label names)
+COUNTER_HELP = {
+    "l2u_worker_deliveries": ("Deliveries to sinks by outcome", ("sink", "outcome")),
+    "l2u_worker_retries": ("Retries scheduled after a retriable error", ("sink",)),
+    "l2u_worker_token_refreshes": ("Locate2u access tokens obtained from the identity server", ("grant",)),
+}
+
+
+class WorkerMetrics:
+    """Counters and a latency histogram per sink, incremented in Redis."""
+
+    def __init__(self, client):
+        self.redis = client
+
+    def incr(self, name, **labels):
+        self.redis.hincrby(COUNTERS, _field(name, labels), 1)
+
+    def delivery(self, sink, outcome, latency=None):
+        """Count one outcome; ``latency`` is receipt-to-applied seconds when it was applied."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(COUNTERS, _field("l2u_worker_deliveries", {"sink": sink, "outcome": outcome}), 1)
+            if latency is not None:
+                key = LATENCY + sink
+                for bound in LATENCY_BUCKETS:
+                    if latency <= bound:
+                        pipe.hincrby(key, repr(bound), 1)
+                pipe.hincrby(key, "count", 1)
+                pipe.hincrbyfloat(key, "sum", latency)
+            pipe.execute()
+
+
+def _field(name, labels):
+    return json.dumps([name, sorted(labels.items())])
+
+
+class RedisMetricsCollector:
+    """Prometheus collector over the Redis-held worker metrics and live state."""
+
+    def __init__(self, client, sinks):
+        self.redis = client
+        self.sinks = sinks
+
+    def collect(self):
+        yield from self._counters()
+        yield from self._latency()
+        depth = GaugeMetricFamily("l2u_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
+        for queue in QUEUES:
+            depth.add_metric([queue], self.redis.llen(queue))
+        yield depth
+        retries = GaugeMetricFamily("l2u_scheduled_retries", "Deliveries waiting for their retry time")
+        retries.add_metric([], self.redis.zcard(PREFIX + "retries"))
+        yield retries
+        dead = GaugeMetricFamily("l2u_dead_letters", "Dead letters waiting per sink", labels=["sink"])
+        counts = DeadLetterStore(self.redis).counts()
+        for sink in sorted(set(self.sinks) | set(counts)):
+            dead.add_metric([sink], counts.get(sink, 0))
+        yield dead
+        breaker = GaugeMetricFamily("l2u_breaker_open", "1 while a sink's circuit breaker is open", labels=["sink"])
+        for sink in self.sinks:
+            breaker.add_metric([sink], 1 if self.redis.hget(f"{PREFIX}breaker:{sink}", "state") == "open" else 0)
+        yield breaker
+
+    def _counters(self):
+        families = {name: CounterMetricFamily(name, help_, labels=labels)
+                    for name, (help_, labels) in COUNTER_HELP.items()}
+        for field, value in self.redis.hgetall(COUNTERS).items():
+            name, labels = json.loads(field)
+            family = families[name]
+            family.add_metric([dict(labels)[label] for label in COUNTER_HELP[name][1]], int(value))
+        yield from families.values()
+
+    def _latency(self):
+        family = HistogramMetricFamily("l2u_worker_receipt_to_applied_seconds",
+                                       "Seconds from receipt at the webhook to applied at the sink", labels=["sink"])
+        for sink in self.sinks:
+            data = self.redis.hgetall(LATENCY + sink)
+            if not data:
+                continue
+            buckets = [(repr(bound), int(data.get(repr(bound), 0))) for bound in LATENCY_BUCKETS]
+            buckets.append(("+Inf", int(data["count"])))
+            family.add_metric([sink], buckets, float(data["sum"]))
+        yield family
