@@ -11,6 +11,14 @@ import dataclasses
 import usaddress
 
 US_COUNTRY_NAMES = frozenset({"us", "usa", "u.s.", "u.s.a.", "united states", "united states of america"})
+# Countries a trailing address part commonly names; recognised before parsing, since
+# usaddress mis-tags foreign addresses rather than naming their country.
+OTHER_COUNTRY_NAMES = frozenset({
+    "australia", "new zealand", "canada", "mexico", "united kingdom", "uk", "england", "scotland", "wales",
+    "ireland", "france", "germany", "spain", "portugal", "italy", "netherlands", "belgium", "switzerland",
+    "austria", "sweden", "norway", "denmark", "finland", "poland", "india", "singapore", "malaysia",
+    "philippines", "indonesia", "japan", "china", "hong kong", "south africa", "brazil", "argentina",
+    "chile", "united arab emirates", "uae"})
 US_STATES = frozenset(
     "AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE NV NH NJ NM NY NC ND "
     "OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY PR VI GU AS MP".split())
@@ -37,10 +45,23 @@ def _join(tagged, labels):
     return " ".join(tagged[label].strip(" ,") for label in labels if tagged.get(label)).strip()
 
 
+def _trailing_country(text):
+    """The country a trailing comma-separated part names, when it is a known non-US one."""
+    last = text.rsplit(",", 1)[-1].strip(" .")
+    return last if "," in text and last.lower() in OTHER_COUNTRY_NAMES else ""
+
+
 def split_us_address(text):
-    """Parse ``text`` as a US address; ``problem`` says why it is not one when ``us`` is False."""
+    """Parse ``text`` as a US address; ``problem`` says why it is not one when ``us`` is False.
+
+    ``zip_code`` is the five-digit part of a ZIP+4 as written (never truncated), so a
+    malformed ZIP stays visible to the caller's checks.
+    """
     if not text or not text.strip():
         return AddressParts(problem="the address is empty")
+    country = _trailing_country(text)
+    if country:
+        return AddressParts(country=country, problem=f"the address is not in the US (country {country!r})")
     try:
         tagged, kind = usaddress.tag(text)
     except usaddress.RepeatedLabelError:
@@ -48,7 +69,7 @@ def split_us_address(text):
     country = tagged.get("CountryName", "").strip(" ,")
     parts = AddressParts(street=_join(tagged, STREET_LABELS), unit=_join(tagged, UNIT_LABELS),
                          city=tagged.get("PlaceName", "").strip(" ,"), state=tagged.get("StateName", "").strip(" ,"),
-                         zip_code=tagged.get("ZipCode", "").strip(" ,")[:5], country=country)
+                         zip_code=tagged.get("ZipCode", "").strip(" ,").split("-")[0], country=country)
     if country and country.lower() not in US_COUNTRY_NAMES:
         return dataclasses.replace(parts, problem=f"the address is not in the US (country {country!r})")
     if kind != "Street Address":

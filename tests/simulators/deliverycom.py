@@ -20,6 +20,7 @@ Simulator choices (the seed leaves these open or is inconsistent):
   characters" although the rule is >= 5; a phone over 12 characters gets
   "The phone may not be greater than 12 characters."; the ``bad_loc_id``
   dev_msg is "Could not find address for location id N" (the seed's typo fixed);
+- ids count up from 1574900 and are never reused after a delete;
 - lengths are measured after stripping whitespace; a non-string value for a
   checked field fails that field; stored values are stripped, and street,
   city and state upper-cased;
@@ -158,11 +159,12 @@ class DeliverycomState:
         self.locations = {}
         self.requests_log = []
         self.lock = threading.RLock()
+        self._next_id = FIRST_LOCATION_ID
 
     def add(self, fields):
         """Store a location without validation (also for seeding tests); returns a copy."""
         with self.lock:
-            location_id = str(max((int(key) for key in self.locations), default=FIRST_LOCATION_ID - 1) + 1)
+            location_id, self._next_id = str(self._next_id), self._next_id + 1  # ids are never reused
             location = {"location_id": location_id, **{field: None for field in (*FIELD_RULES, *OPTIONAL_FIELDS)}}
             self.locations[location_id] = location
             return self._apply(location, fields, regeocode=True)

@@ -1,0 +1,205 @@
+"""The Delivery.com sink against the loopback Delivery.com simulator."""
+import pytest
+
+from tests.simulators.base import SimulatorServer
+from tests.simulators.deliverycom import DeliverycomState, create_app
+from tests.sink_contract import SinkContract, sample_location
+from workers.config import Settings
+from workers.errors import PermanentError, RetriableError
+from workers.sinks.deliverycom import DeliverycomSink, normalize_phone, rule_violations
+from workers.stores import MappingStore
+
+TOKEN = "dc-test-token"
+
+
+@pytest.fixture
+def sim():
+    server = SimulatorServer(create_app(DeliverycomState(access_token=TOKEN))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mappings(redis_client):
+    return MappingStore(redis_client, "deliverycom")
+
+
+@pytest.fixture
+def sink(sim, mappings):
+    return make_deliverycom(sim, mappings)
+
+
+def make_deliverycom(sim, mappings, token=TOKEN):
+    settings = Settings(webhook_secret="x" * 16, deliverycom_api_url=sim.url, deliverycom_access_token=token)
+    return DeliverycomSink.from_settings(settings, mappings)
+
+
+def state(sim):
+    return sim.app.config["STATE"]
+
+
+def sent(sim, method=None):
+    return [entry for entry in state(sim).requests_log if method is None or entry[0] == method]
+
+
+class TestDeliverycomContract(SinkContract):
+    def make_sink(self, sim, mappings):
+        return make_deliverycom(sim, mappings)
+
+    def remote(self, sim, key):
+        return list(state(sim).locations.values())  # each test's account holds only that test's addresses
+
+    def remote_name(self, record):
+        return record["company"]
+
+    def is_active(self, record):
+        return True
+
+    def invalid_location(self):
+        return sample_location(address="1 Main St, Springfield, IL 62701")  # valid, but USPS cannot verify it
+
+
+def test_address_is_split_into_the_seed_fields(sim, sink):
+    location_id = sink.apply("upsert", sample_location(address="235 Park Ave S Floor 5, New York, NY 10003-1234",
+                                                       contact_phone="+1 (212) 555-0123"))
+    record = state(sim).locations[location_id]
+    assert {name: record[name] for name in ("street", "unit_number", "city", "state", "zip_code", "phone")} == {
+        "street": "235 PARK AVE S", "unit_number": "Floor 5", "city": "NEW YORK", "state": "NY",
+        "zip_code": "10003", "phone": "2125550123"}
+
+
+@pytest.mark.parametrize("changes, field, reason", [
+    ({"address": "12 B, New York, NY 10003"}, "street", "street has 4 characters; Delivery.com requires at least 5"),
+    ({"address": "235 Park Ave S, X, NY 10003"}, "city", "city has 1 characters; Delivery.com requires at least 2"),
+    ({"fields": {"state": "NYC"}}, "state", "state has 3 characters; Delivery.com requires exactly 2"),
+    ({"address": "235 Park Ave S, New York, NY 1000"}, "zip_code", "zip_code has 4 characters"),
+    ({"address": "235 Park Ave S, New York, NY"}, "zip_code", "zip_code is missing characters"),
+    ({"contact_phone": "555-0123"}, "phone", "phone has 7 characters; Delivery.com requires 10-12"),
+    ({"contact_phone": None}, "phone", "phone is missing characters"),
+])
+def test_rule_violations_are_permanent_and_never_sent(sim, sink, changes, field, reason):
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location(**changes))
+    assert reason in str(caught.value) and "l2u-stop-164557" in str(caught.value)
+    assert sent(sim) == []
+
+
+def test_every_violation_is_named_at_once():
+    problems = rule_violations({"street": "1 A", "city": "", "state": "N", "zip_code": "123456", "phone": "1" * 13})
+    assert list(problems) == ["street", "city", "state", "zip_code", "phone"]
+
+
+def test_default_phone_option_fills_a_missing_phone(sim, sink):
+    location_id = sink.apply("upsert", sample_location(contact_phone=None), {"default_phone": "(212) 555-0100"})
+    assert state(sim).locations[location_id]["phone"] == "2125550100"
+
+
+@pytest.mark.parametrize("text, digits", [("212-555-0123", "2125550123"), ("+1 212 555 0123", "2125550123"),
+                                          ("+61 2 9999 9999", "61299999999"), (None, "")])
+def test_normalize_phone(text, digits):
+    assert normalize_phone(text) == digits
+
+
+@pytest.mark.parametrize("address, says", [
+    ("55 Miller St, Pyrmont NSW 2009, Australia", "not in the US (country 'Australia')"),
+    ("PO Box 123, Austin, TX 73301", "po box"),
+    ("1 Main St, Springfield", "no US state"),
+])
+def test_addresses_that_are_not_us_street_addresses_are_permanent(sim, sink, address, says):
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location(address=address))
+    assert "US addresses only" in str(caught.value) and says in str(caught.value)
+    assert sent(sim) == []
+
+
+def test_existing_address_on_the_account_is_updated_not_duplicated(sim, sink):
+    existing = state(sim).add({"street": "235 PARK AVE S", "city": "NEW YORK", "state": "NY", "zip_code": "10003",
+                               "phone": "5555555555", "latitude": 40.73771, "longitude": -73.987949})
+    location = sample_location()
+    assert sink.apply("upsert", location) == existing["location_id"]
+    assert len(state(sim).locations) == 1 and state(sim).locations[existing["location_id"]]["company"] == "Locate2u"
+    [lookup] = sent(sim, "GET")
+    assert lookup[2] == {"latitude": "40.73771", "longitude": "-73.987949"}
+    assert sent(sim, "POST") == []
+
+
+def test_nearby_different_address_is_not_taken(sim, sink):
+    state(sim).add({"street": "233 PARK AVE S", "city": "NEW YORK", "state": "NY", "zip_code": "10003",
+                    "phone": "5555555555", "latitude": 40.73771, "longitude": -73.987949})
+    sink.apply("upsert", sample_location())
+    assert len(state(sim).locations) == 2
+
+
+def test_match_existing_off_skips_the_lookup(sim, sink):
+    sink.apply("upsert", sample_location(), {"match_existing": False})
+    assert sent(sim, "GET") == [] and len(sent(sim, "POST")) == 1
+
+
+def test_bad_loc_is_permanent_with_user_and_dev_messages(sim, sink):
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location(address="1 Main St, Springfield, IL 62701"))
+    assert not caught.value.retriable and caught.value.status == 400
+    assert "bad_loc" in str(caught.value) and "Address was not verified." in str(caught.value)
+    assert "We could not find the address" in str(caught.value)
+
+
+def test_server_field_errors_carry_their_messages(sim, sink):
+    message = {"code": "bad_street", "field": "street", "user_msg": "The street must be at least 2 characters.",
+               "dev_msg": "street rejected"}
+    sim.app.config["FAULTS"].inject(400, body={"message": [message]}, path_prefix="/customer/location")
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location(), {"match_existing": False})
+    assert "bad_street (street): The street must be at least 2 characters. [street rejected]" in str(caught.value)
+
+
+def test_bad_loc_id_on_update_is_permanent_and_drops_the_stale_mapping(sim, sink, mappings):
+    location_id = sink.apply("upsert", sample_location())
+    state(sim).delete(location_id)
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location(name="Locate2u HQ"))
+    assert "bad_loc_id" in str(caught.value) and f"location id {location_id}" in str(caught.value)
+    assert mappings.get("l2u-stop-164557") is None
+    recreated = sink.apply("upsert", sample_location(name="Locate2u HQ"))
+    assert recreated != location_id and state(sim).locations[recreated]["company"] == "Locate2u HQ"
+
+
+def test_delete_only_what_we_mapped(sim, sink):
+    other = state(sim).add({"street": "235 PARK AVE S", "city": "NEW YORK", "state": "NY", "zip_code": "10003",
+                            "phone": "5555555555"})
+    assert sink.apply("delete", sample_location()) is None
+    assert list(state(sim).locations) == [other["location_id"]] and sent(sim) == []
+
+
+def test_delete_of_an_address_removed_there_succeeds(sim, sink, mappings):
+    location_id = sink.apply("upsert", sample_location())
+    state(sim).delete(location_id)
+    sink.apply("delete", sample_location())
+    assert mappings.get("l2u-stop-164557") is None
+
+
+def test_unauthorised_is_permanent_and_hides_the_token(sim, mappings):
+    sink = make_deliverycom(sim, mappings, token="wrong-token-value")
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location())
+    assert caught.value.status == 401 and "wrong-token-value" not in str(caught.value.to_json())
+
+
+def test_reconcile_reports_missing_unknown_and_changed(sim, sink, mappings):
+    kept = sink.apply("upsert", sample_location())
+    gone = sink.apply("upsert", sample_location(stop_id=2, address="199 Water St, New York, NY 10038"))
+    state(sim).delete(gone)
+    state(sim).update(kept, {"company": "Renamed"})
+    stranger = state(sim).add({"street": "1 Main St", "city": "Boston", "state": "MA", "zip_code": "02108",
+                               "phone": "6175550100"})
+    report = sink.reconcile()
+    assert report.missing_remote == ["l2u-stop-2"]
+    assert report.unknown_remote == [stranger["location_id"]]
+    assert report.changed_remote == {"l2u-stop-164557": ["company"]}
+    assert report.scanned == 2
+
+
+def test_retry_after_is_kept(sim, sink):
+    sim.app.config["FAULTS"].inject(429, retry_after=11)
+    with pytest.raises(RetriableError) as caught:
+        sink.apply("upsert", sample_location())
+    assert caught.value.retry_after == 11

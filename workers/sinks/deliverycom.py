@@ -1,0 +1,168 @@
+"""Delivery.com customer locations: a stop's address on the customer's account.
+
+The one-line stop address is split with ``workers.addresses`` (usaddress) and
+checked against every rule of the create endpoint before anything is sent;
+Delivery.com verifies addresses against USPS, so only US addresses map.
+Delivery.com has no field for our key: the ``location_id`` is kept in the
+mapping store, and before creating we look for the same address already on
+the account (``GET /customer/location?latitude&longitude``).
+"""
+import json
+import logging
+import re
+
+from workers.addresses import split_us_address
+from workers.errors import PermanentError
+from workers.http import HttpClient
+from workers.sinks.base import Sink, sink_fields
+
+log = logging.getLogger(__name__)
+
+PATH = "customer/location"
+
+# The seed's create rules: field -> (least, most) characters.
+RULES = {"street": (5, None), "city": (2, None), "state": (2, 2), "zip_code": (5, 5), "phone": (10, 12)}
+# Delivery.com field -> Location attribute, besides the parsed address parts.
+LOCATION_FIELDS = {"company": "name", "phone": "contact_phone"}
+# What Delivery.com stores per location, compared by reconcile.
+STORED_FIELDS = ("street", "unit_number", "city", "state", "zip_code", "phone", "company", "cross_streets")
+
+DEFAULT_OPTIONS = {
+    # Phone sent when the stop has no contact phone (Delivery.com requires one).
+    "default_phone": None,
+    # Look for the same address on the account (by coordinates) before creating one.
+    "match_existing": True,
+}
+
+
+def rule_violations(body):
+    """``{field: reason}`` for every seed rule that ``body`` breaks."""
+    problems = {}
+    for field, (least, most) in RULES.items():
+        value = body.get(field)
+        size = len(value.strip()) if isinstance(value, str) else 0
+        if least <= size <= (most or size):
+            continue
+        wanted = f"exactly {least}" if least == most else f"{least}-{most}" if most else f"at least {least}"
+        found = f"has {size}" if size else "is missing"
+        problems[field] = f"{field} {found} characters; Delivery.com requires {wanted}"
+    return problems
+
+
+def normalize_phone(text):
+    """The digits of a phone number, without a leading US country code (``+1 212-555-0123`` → ``2125550123``)."""
+    digits = re.sub(r"\D", "", text or "")
+    return digits[1:] if len(digits) == 11 and digits.startswith("1") else digits
+
+
+def stored(location):
+    """A Delivery.com location as flat comparable fields (absent optional fields as "")."""
+    return {field: location.get(field) or "" for field in STORED_FIELDS}
+
+
+def codes(body):
+    """The ``code`` of every message in a Delivery.com answer body (text or dict)."""
+    try:
+        body = json.loads(body) if isinstance(body, str) else body
+    except ValueError:
+        return set()
+    messages = body.get("message") if isinstance(body, dict) else None
+    return {message.get("code") for message in messages if isinstance(message, dict)} \
+        if isinstance(messages, list) else set()
+
+
+class DeliverycomSink(Sink):
+    """Customer locations: create, update (PUT) and delete (DELETE) by ``location_id``."""
+
+    name = "deliverycom"
+    credential = "deliverycom_access_token"
+
+    @classmethod
+    def from_settings(cls, settings, mappings):
+        token = settings.deliverycom_access_token
+        client = HttpClient(settings.deliverycom_api_url, redact=(token,),
+                            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+        return cls(client, mappings)
+
+    def upsert(self, location, options):
+        """Update the mapped (or an equal existing) address, else create it; return its ``location_id``."""
+        options = {**DEFAULT_OPTIONS, **options}
+        body = self.payload(location, options)
+        location_id = self.mappings.get(location.key)
+        if location_id is None and options["match_existing"]:
+            location_id = self._existing(location, body)
+        if location_id is None:
+            answer = self.call("POST", PATH, json=body).json()["location"]
+        else:
+            answer = self._update(location.key, location_id, body)
+        location_id = str(answer["location_id"])
+        self.remember(location.key, location_id, stored(answer))
+        return location_id
+
+    def delete(self, location, options):
+        """Delete the address we mapped for ``location``; one unmapped or already gone is a success."""
+        location_id = self.mappings.get(location.key)
+        if location_id is None:
+            log.info("deliverycom: no address mapped for %s; nothing to delete", location.key)
+            return None
+        try:
+            self.call("DELETE", f"{PATH}/{location_id}")
+        except PermanentError as error:
+            if "bad_loc_id" not in codes(error.body):
+                raise
+        self.forget(location.key)
+        return location_id
+
+    def reconcile(self, since=None):
+        """Compare the account's addresses with our mappings (no marker there: unmapped ones are unknown)."""
+        keys = {location_id: key for key, location_id in self.mappings.all().items()}
+        listed = self.call("GET", f"{PATH}/").json()["locations"]
+        return self.compare_listing((keys.get(str(item["location_id"])), str(item["location_id"]), stored(item))
+                                    for item in listed)
+
+    def payload(self, location, options):
+        """The create/update body for ``location``; PermanentError naming each field that cannot be sent."""
+        parts = split_us_address(location.address)
+        if not parts.us:
+            raise PermanentError(f"cannot send {location.key} to Delivery.com, which takes US addresses only: "
+                                 f"{parts.problem}")
+        body = {"street": parts.street, "unit_number": parts.unit or None, "city": parts.city,
+                "state": parts.state, "zip_code": parts.zip_code}
+        body.update({field: getattr(location, attribute) for field, attribute in LOCATION_FIELDS.items()})
+        body["phone"] = normalize_phone(body["phone"] or options["default_phone"])
+        body.update(sink_fields(location))
+        problems = rule_violations(body)
+        if problems:
+            raise PermanentError(f"cannot send {location.key} to Delivery.com: " + "; ".join(problems.values()))
+        return body
+
+    def error_detail(self, body):
+        """``bad_street (street): <user_msg> [<dev_msg>]`` for each message of a 400."""
+        messages = body.get("message") if isinstance(body.get("message"), list) else []
+        return "; ".join(f"{message.get('code')}{' (' + message['field'] + ')' if message.get('field') else ''}: "
+                         f"{message.get('user_msg')} [{message.get('dev_msg')}]"
+                         for message in messages if isinstance(message, dict)) or None
+
+    def _existing(self, location, body):
+        """The ``location_id`` of the same address already on the account (same ZIP and house number), or None."""
+        if not location.has_coordinates:
+            return None
+        listed = self.call("GET", PATH, params={"latitude": location.latitude,
+                                                "longitude": location.longitude}).json()["locations"]
+        house = body["street"].split()[0].upper()
+        for item in listed:
+            street = (item.get("street") or "").split()
+            if item.get("zip_code") == body["zip_code"] and street and street[0].upper() == house:
+                log.info("deliverycom: %s matches address %s already on the account", location.key,
+                         item["location_id"])
+                return str(item["location_id"])
+        return None
+
+    def _update(self, key, location_id, body):
+        """PUT ``body``; a ``bad_loc_id`` drops the stale mapping (the next change creates it) and is permanent."""
+        try:
+            return self.call("PUT", f"{PATH}/{location_id}", json=body).json()["location"]
+        except PermanentError as error:
+            if "bad_loc_id" in codes(error.body):
+                self.forget(key)
+            raise
