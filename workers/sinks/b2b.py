@@ -42,6 +42,11 @@ def listed_fields(item):
             "countryId": (item.get("country") or {}).get("id"), "stateId": (item.get("state") or {}).get("id")}
 
 
+def create_item(key, fields, options):
+    """One element of the ``POST /Location/create`` array: our key, the owning partner, our fields."""
+    return {"idRemote": key, "businessPartnerId": options["business_partner_id"], **fields}
+
+
 def updated_from(since):
     """``since`` (None, a datetime or an ISO 8601 string) as updatedFrom's ``date`` parameter, in UTC."""
     if since is None:
@@ -105,7 +110,7 @@ class B2BSink(Sink):
             remote_id = self._update(location.key, fields)
             if remote_id is not None:
                 return remote_id
-        item = {"idRemote": location.key, "businessPartnerId": options["business_partner_id"], **fields}
+        item = create_item(location.key, fields, options)
         response = self.call("POST", "Location/create", accept=(409,), json=[item])
         if response.status_code != 409:
             return self._remember(location.key, fields, response)
@@ -127,8 +132,7 @@ class B2BSink(Sink):
                for location in locations if not self.mappings.get(location.key)}
         created = {}
         if len(new) > 1:
-            items = [{"idRemote": key, "businessPartnerId": options["business_partner_id"], **fields}
-                     for key, fields in new.items()]
+            items = [create_item(key, fields, options) for key, fields in new.items()]
             response = self.call("POST", "Location/create", accept=(400, 409), json=items)
             if response.ok:
                 created = {key: self._remember(key, fields, response) for key, fields in new.items()}
