@@ -1,0 +1,243 @@
+"""The LOCATE inventory sink against the loopback LOCATE simulator."""
+import time
+
+import pytest
+
+from tests.simulators.base import SimulatorServer
+from tests.simulators.locate import LocateState, create_app
+from tests.sink_contract import SinkContract, sample_location
+from workers.config import ConfigError, Settings
+from workers.errors import PermanentError, RetriableError
+from workers.sinks.locate import LocateSink
+from workers.stores import MappingStore
+
+KEY = "locate-test-key"
+RESOURCE = "customeraddress"
+
+
+@pytest.fixture
+def sim():
+    server = SimulatorServer(create_app(LocateState(api_key=KEY, resources=(RESOURCE, "carrier"),
+                                                    background_delay=0.15))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mappings(redis_client):
+    return MappingStore(redis_client, "locate")
+
+
+@pytest.fixture
+def sink(sim, mappings):
+    return make_locate(sim, mappings)
+
+
+def make_locate(sim, mappings, token=KEY, **options):
+    settings = Settings(webhook_secret="x" * 16, locate_api_url=sim.url, locate_api_token=token)
+    sink = LocateSink.from_settings(settings, mappings)
+    sink.options.update(options)
+    return sink
+
+
+def state(sim):
+    return sim.app.config["STATE"]
+
+
+def records(sim, key, resource=RESOURCE, with_trashed=False):
+    return [row for row in state(sim).rows(resource, with_trashed) if row.get("remote_key") == key]
+
+
+def requests(sim, method=None, path=None):
+    return [entry for entry in state(sim).requests_log
+            if (method is None or entry[0] == method) and (path is None or entry[1] == path)]
+
+
+class TestLocateContract(SinkContract):
+    def make_sink(self, sim, mappings):
+        return make_locate(sim, mappings)
+
+    def remote(self, sim, key):
+        return records(sim, key)
+
+    def remote_name(self, record):
+        return record["name"]
+
+    def is_active(self, record):
+        return True  # no active flag: cancellations soft delete
+
+    def invalid_location(self):
+        return sample_location(name=None)
+
+
+def test_fields_written_with_the_default_mapping(sim, sink):
+    record_id = sink.apply("upsert", sample_location())
+    record = state(sim).get(RESOURCE, int(record_id))
+    assert {name: record[name] for name in ("name", "address1", "latitude", "longitude", "phone", "email",
+                                            "notes", "remote_key")} == {
+        "name": "Locate2u", "address1": "235 Park Ave S, New York, NY 10003, USA", "latitude": 40.73771,
+        "longitude": -73.987949, "phone": "212-555-0123", "email": "matt.robinson@example.com",
+        "notes": "Please call before you deliver", "remote_key": "l2u-stop-164557"}
+
+
+def test_every_call_sends_json_headers_and_basic_auth_with_a_60s_ceiling(sim, sink):
+    sink.apply("upsert", sample_location())
+    sink.apply("delete", sample_location())
+    assert sink.client.timeout[1] == 60 and sink.client.auth == (KEY, KEY)
+    for method, _path, _query, _body, headers in requests(sim):
+        assert headers["Accept"] == "application/json" and headers["Content-Type"] == "application/json", method
+
+
+def test_lookup_is_a_simple_filter_on_the_key_including_trashed(sim, sink):
+    sink.apply("upsert", sample_location())
+    [lookup] = requests(sim, "GET", f"/{RESOURCE}")
+    assert lookup[2]["remote_key"] == "l2u-stop-164557" and lookup[2]["withTrashed"] == "1"
+    assert lookup[2]["perPage"] == "100" and lookup[2]["fields"] == "id,deleted_at"
+
+
+def test_route_options_choose_resource_mapping_and_static_fields(sim, sink):
+    options = {"resource": "carrier", "key_field": "external_ref", "field_map": {"name": "title"},
+               "static_fields": {"active": 1}}
+    record_id = sink.apply("upsert", sample_location(), options)
+    record = state(sim).get("carrier", int(record_id))
+    assert record.items() >= {"title": "Locate2u", "external_ref": "l2u-stop-164557", "active": 1}.items()
+    assert state(sim).rows(RESOURCE) == []
+
+
+def test_route_fields_that_name_no_location_attribute_are_written_as_is(sim, sink):
+    location = sample_location(fields={"name": "ignored here", "customer_id": "7"})
+    record = state(sim).get(RESOURCE, int(sink.apply("upsert", location)))
+    assert record["customer_id"] == "7" and record["name"] == "Locate2u"
+
+
+def test_unknown_field_map_attribute_is_a_config_error(sim, sink):
+    with pytest.raises(ConfigError, match="colour"):
+        sink.apply("upsert", sample_location(), {"field_map": {"colour": "color"}})
+
+
+# ------------------------------------------------------------ background processing
+
+@pytest.mark.parametrize("background", ["always", "auto"])
+def test_202_is_read_back_before_returning(sim, sink, background):
+    state(sim).background = background
+    for name in ("Locate2u", "Locate2u HQ", "Locate2u Depot"):
+        record_id = sink.apply("upsert", sample_location(name=name))
+        assert state(sim).get(RESOURCE, int(record_id))["name"] == name  # applied before upsert returned
+    sink.apply("delete", sample_location())
+    assert records(sim, "l2u-stop-164557") == []
+    if background == "always":
+        assert any(entry[0] == "GET" and entry[1] == f"/{RESOURCE}/{record_id}" for entry in requests(sim))
+
+
+def test_202_that_never_shows_is_retriable_and_bounded(sim, sink):
+    state(sim).background, state(sim).background_delay = "always", 5
+    started = time.monotonic()
+    with pytest.raises(RetriableError, match="background processing"):
+        sink.apply("upsert", sample_location(), {"background_timeout": 0.3})
+    assert 0.3 <= time.monotonic() - started < 2
+
+
+def test_background_processing_header_is_a_route_option(sim, sink):
+    state(sim).background = "always"
+    sink.apply("upsert", sample_location(), {"background_processing": "never"})
+    [create] = requests(sim, "POST", f"/{RESOURCE}")
+    assert create[4]["X-Background-Processing"] == "never"
+    assert all("X-Background-Processing" not in entry[4] for entry in requests(sim, "GET"))
+
+
+# ------------------------------------------------------------------- soft deletes
+
+def test_soft_deleted_record_is_restored_not_duplicated(sim, sink, mappings):
+    record_id = sink.apply("upsert", sample_location())
+    state(sim).delete(RESOURCE, int(record_id))
+    mappings.delete("l2u-stop-164557")  # as after losing Redis
+    assert sink.apply("upsert", sample_location(name="Back again")) == record_id
+    [record] = records(sim, "l2u-stop-164557", with_trashed=True)
+    assert record["deleted_at"] is None and record["name"] == "Back again"
+    assert requests(sim, "POST", f"/{RESOURCE}/{record_id}/restore")
+
+
+def test_restore_after_our_own_delete(sim, sink):
+    record_id = sink.apply("upsert", sample_location())
+    sink.apply("delete", sample_location())
+    assert sink.apply("upsert", sample_location()) == record_id
+    assert len(records(sim, "l2u-stop-164557", with_trashed=True)) == 1
+
+
+def test_soft_deleted_record_is_reported_when_restore_is_off(sim, sink):
+    record_id = sink.apply("upsert", sample_location())
+    sink.apply("delete", sample_location())
+    with pytest.raises(PermanentError, match=f"{RESOURCE} {record_id} holding l2u-stop-164557 is soft-deleted"):
+        sink.apply("upsert", sample_location(), {"restore_trashed": False})
+    assert requests(sim, "POST", f"/{RESOURCE}/{record_id}/restore") == []
+
+
+def test_delete_soft_deletes_every_live_record_with_our_key(sim, sink):
+    for _ in range(2):
+        state(sim).create(RESOURCE, {"name": "dup", "address1": "1 Main St", "remote_key": "l2u-stop-164557"})
+    sink.apply("delete", sample_location())
+    assert records(sim, "l2u-stop-164557") == []
+    assert len(records(sim, "l2u-stop-164557", with_trashed=True)) == 2
+
+
+# ------------------------------------------------------------------------ errors
+
+def test_422_names_the_fields(sim, sink):
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location(name=None, address=None, latitude="north"))
+    message = str(caught.value)
+    assert caught.value.status == 422
+    for text in ("name: The name field is required.", "address1: The address1 field is required.",
+                 "latitude: The latitude must be a number."):
+        assert text in message
+
+
+def test_unauthorised_is_permanent_and_hides_the_key(sim, mappings):
+    sink = make_locate(sim, mappings, token="wrong-locate-key")
+    with pytest.raises(PermanentError) as caught:
+        sink.apply("upsert", sample_location())
+    assert caught.value.status == 401 and "wrong-locate-key" not in str(caught.value.to_json())
+
+
+def test_login_redirect_is_permanent_not_success(sim, sink):
+    del sink.client.headers["Accept"]
+    with pytest.raises(PermanentError, match="login page") as caught:
+        sink.apply("upsert", sample_location())
+    assert caught.value.status == 302
+
+
+# --------------------------------------------------------------------- reconcile
+
+def test_reconcile_pages_by_100_with_fields_and_sort(sim, sink, mappings):
+    kept = sink.apply("upsert", sample_location())
+    gone = sink.apply("upsert", sample_location(stop_id=2))
+    state(sim).delete(RESOURCE, int(gone))
+    state(sim).update(RESOURCE, int(kept), {"name": "Renamed in LOCATE"})
+    for number in range(1000, 1230):
+        state(sim).create(RESOURCE, {"name": f"stop {number}", "address1": "1 Main St",
+                                     "remote_key": f"l2u-stop-{number}"})
+    duplicate = state(sim).create(RESOURCE, {"name": "dup", "address1": "x", "remote_key": "l2u-stop-164557"})
+    state(sim).create(RESOURCE, {"name": "not ours", "address1": "x"})
+    del state(sim).requests_log[:]
+
+    report = sink.reconcile()
+
+    listings = requests(sim, "GET", f"/{RESOURCE}")
+    assert [query["page"] for _, _, query, _, _ in listings] == ["1", "2", "3"]
+    for _, _, query, _, _ in listings:
+        assert query["perPage"] == "100" and query["sort"] == "id" and query["filter"] == "remote_key IS NOT NULL"
+        assert query["fields"].split(",")[:2] == ["id", "remote_key"] and "name" in query["fields"]
+    assert report.scanned == 232
+    assert len(report.rebuilt) == 230 and report.rebuilt["l2u-stop-1000"] == mappings.get("l2u-stop-1000")
+    assert report.missing_remote == ["l2u-stop-2"]
+    assert report.unknown_remote == [str(duplicate["id"])]
+    assert report.changed_remote == {"l2u-stop-164557": ["name"]}
+    assert mappings.get("l2u-stop-164557") == kept
+
+
+def test_reconcile_since_filters_by_update_time_and_reports_no_missing(sim, sink):
+    sink.apply("upsert", sample_location())
+    report = sink.reconcile(since="2000-01-01T00:00:00Z")
+    [listing] = requests(sim, "GET", f"/{RESOURCE}")[-1:]
+    assert listing[2]["filter"] == 'remote_key IS NOT NULL && updated_at>="2000-01-01T00:00:00Z"'
+    assert report.scanned == 1 and report.missing_remote == []

@@ -1,0 +1,239 @@
+"""LOCATE inventory: each location is a record of a configurable resource.
+
+The resource (default ``customeraddress``) and the field mapping come from the
+route options, since LOCATE does not publish which resource holds customer
+addresses. Our key is written to ``key_field`` (default ``remote_key``) and
+upserts find the record by a simple filter on it, soft-deleted ones included
+(``withTrashed=1``), so a soft-deleted record is restored rather than
+duplicated. A write LOCATE moves to background processing (202, no body) is
+read back with backoff until it shows; only then does the call return.
+"""
+import base64
+import json
+import math
+import time
+from datetime import datetime, timezone
+
+from workers.config import ConfigError
+from workers.errors import PermanentError, RetriableError
+from workers.http import DEFAULT_TIMEOUT, HttpClient
+from workers.sinks.base import LOCATION_ATTRIBUTES, Sink, sink_fields
+
+JSON = "application/json"
+READ_TIMEOUT = 60  # LOCATE ends every request after 60 s
+PER_PAGE = 100  # LOCATE's maximum
+BACKOFF_FIRST, BACKOFF_MOST = 0.05, 2.0
+
+DEFAULT_OPTIONS = {
+    "resource": "customeraddress",
+    "key_field": "remote_key",
+    # Location attribute -> LOCATE field.
+    "field_map": {"name": "name", "address": "address1", "latitude": "latitude", "longitude": "longitude",
+                  "contact_phone": "phone", "contact_email": "email", "notes": "notes"},
+    # Constant fields written on every create and update (e.g. {"customer_id": 7}).
+    "static_fields": {},
+    # X-Background-Processing: "always", "never", or None to let LOCATE choose.
+    "background_processing": None,
+    # Seconds to wait for a backgrounded write to show before a RetriableError.
+    "background_timeout": 30,
+    # Restore a soft-deleted record holding our key; false: report it (PermanentError).
+    "restore_trashed": True,
+}
+
+
+def is_number(value):
+    """True for numbers and numeric strings, never for booleans."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def same_value(remote, written):
+    """Whether LOCATE's ``remote`` value is the one we wrote (numbers numerically, text case-insensitively)."""
+    if is_number(remote) and is_number(written):
+        return math.isclose(float(remote), float(written), rel_tol=1e-9, abs_tol=1e-9)
+    return text(remote) == text(written)
+
+
+def text(value):
+    return "" if value is None else str(value).strip().lower()
+
+
+def differences(record, body):
+    """``{field: {"wrote": ..., "remote": ...}}`` for the fields of ``body`` that ``record`` does not show."""
+    return {field: {"wrote": value, "remote": record.get(field)} for field, value in body.items()
+            if not same_value(record.get(field), value)}
+
+
+def utc_iso(value):
+    """A datetime (or ISO string) as LOCATE expects dates: UTC ISO 8601."""
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(value)
+
+
+class LocateSink(Sink):
+    """Records of one LOCATE resource, keyed by our location key in ``key_field``."""
+
+    name = "locate"
+    credential = "locate_api_token"
+
+    @classmethod
+    def from_settings(cls, settings, mappings):
+        token = settings.locate_api_token
+        basic = base64.b64encode(f"{token}:{token}".encode()).decode()
+        client = HttpClient(settings.locate_api_url, timeout=(DEFAULT_TIMEOUT[0], READ_TIMEOUT),
+                            headers={"Accept": JSON, "Content-Type": JSON}, auth=(token, token),
+                            redact=(token, basic))
+        return cls(client, mappings)
+
+    def upsert(self, location, options):
+        """Update the record holding our key (restoring a soft-deleted one), else create it; return its id."""
+        options = {**DEFAULT_OPTIONS, **options}
+        body = self.payload(location, options)
+        record_id = self.mappings.get(location.key)
+        if record_id is None or self._update(record_id, body, options) is None:
+            record_id = self._find(location.key, options)
+            if record_id is None:
+                record_id = self._create(location.key, body, options)
+            elif self._update(record_id, body, options) is None:
+                raise RetriableError(f"LOCATE {options['resource']} {record_id} for {location.key} vanished "
+                                     "while it was being updated")
+        self.remember(location.key, record_id, body)
+        return record_id
+
+    def delete(self, location, options):
+        """Soft delete every live record holding our key; none left is a success."""
+        options = {**DEFAULT_OPTIONS, **options}
+        params = {options["key_field"]: location.key, "fields": "id", "sort": "id"}
+        for row in list(self._rows(options["resource"], params)):
+            path = f"{options['resource']}/{row['id']}"
+            self._write("DELETE", path, options, lambda: {} if self._get(path) is None else None, missing_ok=True)
+        self.forget(location.key)
+
+    def reconcile(self, since=None):
+        """Page through the records carrying a key (changed since ``since``): rebuild lost mappings, report drift."""
+        options = {**DEFAULT_OPTIONS, **self.options}
+        key_field = options["key_field"]
+        written = (json.loads(snapshot) for snapshot in self._snapshots().all().values())
+        compared = sorted(set(options["field_map"].values()).union(*written) - {"id", key_field})
+        condition = f"{key_field} IS NOT NULL" + (f' && updated_at>="{utc_iso(since)}"' if since else "")
+        params = {"filter": condition, "fields": ",".join(["id", key_field, *compared]), "sort": "id"}
+        rows = self._rows(options["resource"], params, every_page=True)
+        return self.compare_listing(((row[key_field], str(row["id"]), row) for row in rows), complete=since is None)
+
+    def payload(self, location, options):
+        """The record body: mapped location attributes, static fields, route overrides and our key."""
+        unknown = sorted(set(options["field_map"]) - LOCATION_ATTRIBUTES)
+        if unknown:
+            raise ConfigError({"RELAY_ROUTES_FILE": f"locate options.field_map: {', '.join(unknown)}: "
+                                                    "no such location attribute"})
+        body = {field: getattr(location, attribute) for attribute, field in options["field_map"].items()}
+        body.update(options["static_fields"])
+        body.update(sink_fields(location))
+        body[options["key_field"]] = location.key
+        return body
+
+    # ------------------------------------------------------------------ steps
+
+    def _find(self, key, options):
+        """The id of the record holding ``key``; a soft-deleted one is restored (or reported)."""
+        params = {options["key_field"]: key, "withTrashed": 1, "fields": "id,deleted_at", "sort": "id"}
+        rows = list(self._rows(options["resource"], params))
+        live = [row for row in rows if not row.get("deleted_at")]
+        if live or not rows:
+            return str(live[0]["id"]) if live else None
+        record_id = str(rows[-1]["id"])
+        if not options["restore_trashed"]:
+            raise PermanentError(f"LOCATE {options['resource']} {record_id} holding {key} is soft-deleted and "
+                                 "restore_trashed is off: restore or purge it in LOCATE")
+        path = f"{options['resource']}/{record_id}"
+        self._write("POST", f"{path}/restore", options, lambda: self._get(path))
+        return record_id
+
+    def _create(self, key, body, options):
+        resource, key_field = options["resource"], options["key_field"]
+
+        def shown():
+            rows = self._rows(resource, {key_field: key, "fields": ",".join(["id", *body]), "sort": "id"})
+            return next((row for row in rows if not differences(row, body)), None)
+
+        record = self._write("POST", resource, options, shown, json=body)
+        if not isinstance(record, dict) or "id" not in record:
+            raise PermanentError(f"LOCATE created {key} in {resource} but answered without its id", body=str(record))
+        return str(record["id"])
+
+    def _update(self, record_id, body, options):
+        """PUT ``body``; the record as written, or None when there is no live record ``record_id``."""
+        path = f"{options['resource']}/{record_id}"
+
+        def shown():
+            record = self._get(path, {"fields": ",".join(body)})
+            return record if record is not None and not differences(record, body) else None
+
+        return self._write("PUT", path, options, shown, missing_ok=True, json=body)
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _write(self, method, path, options, shown, missing_ok=False, **kwargs):
+        """Send a write; return its record, or read back with ``shown`` when LOCATE backgrounded it (202)."""
+        mode = options["background_processing"]
+        headers = {"X-Background-Processing": mode} if mode else {}
+        response = self._send(method, path, accept=(404,) if missing_ok else (), headers=headers, **kwargs)
+        if response.status_code == 404:
+            return None
+        if response.status_code == 202 and not response.content:
+            return self._await(shown, options, f"{method} {path}")
+        return self._json(response) if response.content else {}
+
+    def _await(self, shown, options, what):
+        """Poll ``shown()`` with exponential backoff until it returns a value; RetriableError past the timeout."""
+        timeout = float(options["background_timeout"])
+        deadline, delay = time.monotonic() + timeout, BACKOFF_FIRST
+        while (result := shown()) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RetriableError(f"LOCATE moved {what} to background processing (202) and it had not "
+                                     f"happened after {timeout:g} s")
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, BACKOFF_MOST)
+        return result
+
+    def _get(self, path, params=None):
+        """One record, or None when LOCATE has no live record there."""
+        response = self._send("GET", path, accept=(404,), params=params)
+        return None if response.status_code == 404 else self._json(response)
+
+    def _rows(self, resource, params, every_page=False):
+        """The ``data`` of a listing (``perPage=100``); all pages when ``every_page``."""
+        page, last = 1, 1
+        while page <= last:
+            envelope = self._json(self._send("GET", resource, params={**params, "perPage": PER_PAGE, "page": page}))
+            if not isinstance(envelope, dict) or not isinstance(envelope.get("data"), list):
+                raise PermanentError(f"LOCATE listed {resource} without a data array", body=str(envelope)[:300])
+            yield from envelope["data"]
+            page, last = page + 1, int(envelope.get("last_page") or 1) if every_page else 1
+
+    def _send(self, method, path, accept=(), **kwargs):
+        """A request (errors worded by ``error_detail``); a redirect to the login page is a PermanentError."""
+        response = self.call(method, path, accept=accept, allow_redirects=False, **kwargs)
+        if response.is_redirect:
+            raise self.client.error_for(response, f"LOCATE redirected {method} {path} to "
+                                                  f"{response.headers.get('Location')} (its login page)")
+        return response
+
+    def error_detail(self, body):
+        """``The given data was invalid. (address1: The address1 field is required.)``: 422s name the fields."""
+        errors = body.get("errors") if isinstance(body.get("errors"), dict) else {}
+        fields = "; ".join(f"{field}: {' '.join(map(str, messages if isinstance(messages, list) else [messages]))}"
+                           for field, messages in errors.items())
+        return f"{body.get('message', '')} ({fields})" if fields else body.get("message")
+
+    def _json(self, response):
+        try:
+            return response.json()
+        except ValueError:
+            raise self.client.error_for(response, "LOCATE answered a body that is not JSON") from None
