@@ -1,5 +1,8 @@
-"""``/healthz`` (process up) and ``/readyz`` (Redis and broker reachable)."""
+"""``/healthz`` (process up) and ``/readyz`` (Redis and broker reachable; Locate2u auth reported)."""
+import redis
 from flask import Blueprint, current_app, jsonify
+
+from receiver.oauth import auth_status
 
 bp = Blueprint("health", __name__)
 
@@ -14,9 +17,17 @@ def readyz():
     handoff = current_app.extensions["l2u.handoff"]
     checks = {"redis": _check(handoff.ledger.redis.ping), "broker": _check(_broker_ping(handoff.producer))}
     ready = all(value == "ok" for value in checks.values())
+    checks["locate2u"] = _locate2u_status()  # reported, never a reason to be unready
     response = jsonify({"status": "ready" if ready else "not_ready", "checks": checks})
     response.status_code = 200 if ready else 503
     return response
+
+
+def _locate2u_status():
+    try:
+        return auth_status()
+    except redis.RedisError as exc:
+        return f"error: {type(exc).__name__}"
 
 
 def _broker_ping(producer):

@@ -116,7 +116,7 @@ def test_health_and_readiness(web):
     assert requests.get(web.url + "/healthz", timeout=5).json() == {"status": "ok"}
     ready = requests.get(web.url + "/readyz", timeout=5)
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"redis": "ok", "broker": "ok"}}
+    assert ready.json() == {"status": "ready", "checks": {"redis": "ok", "broker": "ok", "locate2u": "not configured"}}
 
 
 def test_redis_down_gives_503_then_the_retry_is_accepted(settings, start_process, tmp_path):

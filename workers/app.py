@@ -3,7 +3,7 @@ import os
 
 from celery.signals import setup_logging
 
-from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, make_celery
+from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, SYNC_SUBSCRIPTIONS, make_celery
 from workers.config import Settings
 from workers.logs import configure_logging
 from workers.routes import load_routes
@@ -18,11 +18,13 @@ def create_worker_app(settings=None):
     load_routes(settings.routes_file)  # a bad routes file stops start-up, not a task
     app = make_celery(settings)
     app.conf.update(
-        include=["workers.tasks"],
+        include=["workers.tasks", "workers.locate2u.tasks"],
         beat_schedule={
             "sweep-received": {"task": SWEEP_RECEIVED,
                                "schedule": min(MAX_SWEEP_INTERVAL, max(1.0, settings.sweep_after / 2))},
             "release-due-retries": {"task": RELEASE_DUE_RETRIES, "schedule": RELEASE_INTERVAL},
+            **({"sync-subscriptions": {"task": SYNC_SUBSCRIPTIONS, "schedule": settings.subscription_sync_interval}}
+               if settings.locate2u_client_id else {}),
         },
         beat_schedule_filename=os.path.join(settings.data_dir, "celerybeat-schedule"),
         worker_send_task_events=True,

@@ -6,6 +6,7 @@ import click
 from workers import ops_commands
 from workers.config import ConfigError, Settings
 from workers.events import EVENT_TYPES
+from workers.locate2u import commands as locate2u_commands
 from workers.webhook_auth import webhook_url
 
 
@@ -66,6 +67,10 @@ def _settings(environ=None):
 main.add_command(ops_commands.dlq)
 main.add_command(ops_commands.deliveries)
 main.add_command(ops_commands.reconcile)
+main.add_command(locate2u_commands.oauth)
+main.add_command(locate2u_commands.whoami)
+main.add_command(locate2u_commands.stops)
+main.add_command(locate2u_commands.subscriptions)
 
 if __name__ == "__main__":
     main()

@@ -63,6 +63,8 @@ class SettingsSchema(Schema):
     routes_file = _env("RELAY_ROUTES_FILE", fields.String(load_default=None))
     dedup_window = _env("RELAY_DEDUP_WINDOW", fields.Integer(load_default=86400, validate=validate.Range(60)))
     sweep_after = _env("RELAY_SWEEP_AFTER", fields.Integer(load_default=120, validate=validate.Range(1)))
+    subscription_sync_interval = _env("RELAY_SUBSCRIPTION_SYNC_INTERVAL",
+                                      fields.Integer(load_default=900, validate=validate.Range(60)))
     visibility_timeout = _env("RELAY_VISIBILITY_TIMEOUT",
                               fields.Integer(load_default=300, validate=validate.Range(10, 3600)))
     retry_schedule = _env("RELAY_RETRY_SCHEDULE", CommaList(load_default=tuple(map(str, SVIX_RETRY_SCHEDULE))))
@@ -147,6 +149,7 @@ class Settings:
     dedup_window: int = 86400
     sweep_after: int = 120
     visibility_timeout: int = 300
+    subscription_sync_interval: int = 900
     retry_schedule: tuple = SVIX_RETRY_SCHEDULE
     data_dir: str = ".l2u-relay"
     log_level: str = "INFO"

@@ -1,0 +1,197 @@
+"""``l2u-relay oauth | whoami | stops | subscriptions``: the Locate2u side of the relay.
+
+Exit codes: 0 done; 1 Locate2u, the identity server or Redis failed, or some
+rows failed to import; 2 configuration problem (including Locate2u not
+configured, or an unreadable import file); 3 re-authorisation required.
+``subscriptions sync`` exits 0 when it has nothing it can do yet (Locate2u not
+configured, or not yet authorised), so a first deploy's release phase passes.
+"""
+import functools
+import json
+
+import click
+import redis
+from tqdm import tqdm
+
+from workers.config import ConfigError, Settings
+from workers.errors import RelayError
+from workers.locate2u.client import Locate2uClient, redirect_uri
+from workers.locate2u.stops_import import DEFAULT_BATCH, MAX_BATCH, ImportFileError, import_stops, read_rows
+from workers.locate2u.subscriptions import SubscriptionSync, mask_url, our_prefix
+from workers.locate2u.tokens import OAuthStates, ReauthorizationRequired
+from workers.stores import connect
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_REAUTH = 1, 2, 3
+PROGRESS_MIN_ROWS = 500
+NOT_CONFIGURED = "Locate2u is not configured: set LOCATE2U_CLIENT_ID and LOCATE2U_CLIENT_SECRET"
+
+
+def _fail(message, code):
+    click.echo(f"error: {message}", err=True)
+    click.get_current_context().exit(code)
+
+
+def _describe(exc):
+    text = exc.message
+    if exc.body:
+        text += f"\n  response body: {exc.body}"
+    if exc.retriable:
+        text += "\n  (gave up after bounded retries: check LOCATE2U_API_URL, LOCATE2U_ID_URL and the network)"
+    return text
+
+
+def _reported(command):
+    """Turn the relay's errors into one plain message and the documented exit code."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_CONFIG)
+        except ReauthorizationRequired as exc:
+            _fail(f"re-authorisation required: {exc}", EXIT_REAUTH)
+        except RelayError as exc:
+            _fail(_describe(exc), EXIT_FAILED)
+        except redis.RedisError as exc:
+            _fail(f"Redis is unavailable: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    return wrapper
+
+
+def _context(require_client=True):
+    """(settings, redis client, Locate2uClient or None) from the environment."""
+    settings = Settings.from_env()
+    if not settings.locate2u_client_id:
+        if require_client:
+            _fail(NOT_CONFIGURED, EXIT_CONFIG)
+        return settings, None, None
+    if not settings.redis_url:
+        raise ConfigError({"REDIS_URL": "required: the Locate2u tokens and OAuth state live in Redis"})
+    redis_client = connect(settings.redis_url)
+    return settings, redis_client, Locate2uClient.from_settings(settings, redis_client)
+
+
+# --- oauth ----------------------------------------------------------------------
+
+@click.group()
+def oauth():
+    """Authorise the relay with Locate2u (LOCATE2U_GRANT=authorization_code)."""
+
+
+@oauth.command("url")
+@_reported
+def oauth_url():
+    """Print the URL where a Locate2u user approves the relay."""
+    settings, redis_client, client = _context()
+    click.echo(client.tokens.authorize_url(OAuthStates(redis_client).issue()))
+    click.echo(f"Open it in any browser and approve. It then goes to {redirect_uri(settings)}; if that page "
+               "cannot load, copy the code= value from the address bar and run: l2u-relay oauth exchange CODE "
+               "(within 5 minutes).", err=True)
+
+
+@oauth.command("exchange")
+@click.argument("code")
+@_reported
+def oauth_exchange(code):
+    """Redeem an authorization CODE and store the tokens (encrypted) in Redis."""
+    _, _, client = _context()
+    client.tokens.exchange_code(code)
+    user = client.whoami()
+    click.echo(f"authorised as {user.get('email')} ({user.get('teamName')}); tokens stored encrypted in Redis")
+
+
+@oauth.command("status")
+@_reported
+def oauth_status():
+    """Show the token state (never the tokens); exit 3 when re-authorisation is required."""
+    _, _, client = _context(require_client=False)
+    if client is None:
+        click.echo("status: not configured")
+        click.get_current_context().exit(EXIT_CONFIG)
+    facts = client.tokens.describe()
+    for name, value in facts.items():
+        click.echo(f"{name}: {value}")
+    if facts["status"] != "ok":
+        click.get_current_context().exit(EXIT_REAUTH)
+
+
+# --- whoami and stops ----------------------------------------------------------------
+
+@click.command()
+@_reported
+def whoami():
+    """Show the Locate2u user and team the relay acts as."""
+    _, _, client = _context()
+    click.echo(json.dumps(client.whoami(), indent=2))
+
+
+@click.group()
+def stops():
+    """Locate2u stops."""
+
+
+@stops.command("import")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=DEFAULT_BATCH, show_default=True,
+              help="Stops per import request.")
+@_reported
+def stops_import(path, batch_size):
+    """Create the stops in PATH (CSV or JSON); report every bad row; exit 1 if any failed."""
+    _, _, client = _context()
+    try:
+        rows = read_rows(path)
+    except ImportFileError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    with tqdm(total=len(rows), unit="row", disable=True if len(rows) < PROGRESS_MIN_ROWS else None) as bar:
+        report = import_stops(client, rows, batch_size, progress=bar.update)
+    for error in report.errors:
+        click.echo(str(error))
+    click.echo(report.summary())
+    if report.errors:
+        click.get_current_context().exit(EXIT_FAILED)
+
+
+# --- subscriptions ------------------------------------------------------------------
+
+@click.group()
+def subscriptions():
+    """Locate2u webhook subscriptions."""
+
+
+@subscriptions.command("list")
+@_reported
+def subscriptions_list():
+    """List every subscription of the account (URL tokens shortened)."""
+    settings, _, client = _context()
+    prefix = our_prefix(settings.public_url) if settings.public_url else None
+    for hook in client.list_webhooks():
+        owner = "ours" if prefix and str(hook.get("url")).startswith(prefix) else "not ours"
+        click.echo(f"{hook.get('id')}\t{hook.get('eventType')}\t{owner}\t{mask_url(str(hook.get('url')))}")
+
+
+@subscriptions.command("delete")
+@click.argument("hook_id")
+@_reported
+def subscriptions_delete(hook_id):
+    """Delete the subscription HOOK_ID."""
+    _, _, client = _context()
+    client.delete_webhook(hook_id)
+    click.echo(f"deleted subscription {hook_id}")
+
+
+@subscriptions.command("sync")
+@click.option("--dry-run", is_flag=True, help="Show the changes without making them.")
+@_reported
+def subscriptions_sync(dry_run):
+    """Create, update and delete our subscriptions to match RELAY_EVENT_TYPES (others untouched)."""
+    settings, redis_client, client = _context(require_client=False)
+    if client is None:
+        click.echo(f"nothing to sync: {NOT_CONFIGURED}")
+        return
+    try:
+        report = SubscriptionSync.from_settings(client, settings, redis_client).run(dry_run=dry_run)
+    except ReauthorizationRequired as exc:
+        click.echo(f"sync skipped: re-authorisation required: {exc}", err=True)
+        return
+    for change in report.changes:
+        click.echo(("would " if dry_run else "") + str(change))
+    click.echo(report.summary())

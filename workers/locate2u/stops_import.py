@@ -1,0 +1,215 @@
+"""Bulk stop import: read a CSV or JSON file, validate every row, create the valid ones in batches.
+
+CSV: one stop per row; nested fields are dotted columns (``contact.name``,
+``location.latitude``, ``customFields.colour``); empty cells are left out.
+JSON: an array of stop objects. Rows are validated with marshmallow before
+anything is sent, each problem reported with its line and field; valid rows
+go to ``POST /v1/Stops/import`` in batches. A batch that fails is reported
+row by row and not retried on 5xx (the import may have partly applied).
+"""
+import csv
+import dataclasses
+import io
+import json
+
+from marshmallow import Schema, ValidationError, fields, validate
+
+from workers.errors import RelayError
+from workers.locate2u.tokens import ReauthorizationRequired
+
+DEFAULT_BATCH = 100
+MAX_BATCH = 500  # the most the API takes in one import call
+_NOT_BLANK = validate.Regexp(r"\S", error="Must not be blank.")
+EXTRA_VALUES = "(values beyond the header)"
+_TIME = validate.Regexp(r"^([01]\d|2[0-3]):[0-5]\d$", error="Must be a time as HH:MM.")
+
+
+class ImportFileError(ValueError):
+    """The file cannot be read as stops at all (not a row problem)."""
+
+
+class _IdField(fields.String):
+    """A string id; a JSON integer is taken as its decimal string."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class ContactSchema(Schema):
+    name = fields.String(allow_none=True)
+    phone = fields.String(allow_none=True)
+    email = fields.Email(allow_none=True)
+
+
+class LocationSchema(Schema):
+    latitude = fields.Float(required=True, validate=validate.Range(-90, 90))
+    longitude = fields.Float(required=True, validate=validate.Range(-180, 180))
+
+
+class StopRowSchema(Schema):
+    """A stop as ``POST /v1/Stops`` accepts it; unknown fields are errors (typos show up)."""
+
+    name = fields.String(required=True, validate=_NOT_BLANK)
+    address = fields.String(required=True, validate=_NOT_BLANK)
+    contact = fields.Nested(ContactSchema, allow_none=True)
+    location = fields.Nested(LocationSchema, allow_none=True)
+    tripDate = fields.Date(allow_none=True)
+    appointmentTime = fields.String(allow_none=True, validate=_TIME)
+    timeWindowStart = fields.String(allow_none=True, validate=_TIME)
+    timeWindowEnd = fields.String(allow_none=True, validate=_TIME)
+    durationMinutes = fields.Integer(allow_none=True, validate=validate.Range(min=0))
+    notes = fields.String(allow_none=True)
+    type = fields.String(allow_none=True)
+    source = fields.String(allow_none=True)
+    sourceReference = fields.String(allow_none=True)
+    customerId = _IdField(allow_none=True)
+    customFields = fields.Dict(keys=fields.String(), allow_none=True)
+    load = fields.Dict(keys=fields.String(), allow_none=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowError:
+    line: int
+    field: str
+    message: str
+
+    def __str__(self):
+        return f"line {self.line}: {self.field}: {self.message}"
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """Created stops as (line, stopId) and every problem as a RowError."""
+
+    created: list = dataclasses.field(default_factory=list)
+    errors: list = dataclasses.field(default_factory=list)
+
+    @property
+    def failed_rows(self):
+        return len({error.line for error in self.errors})
+
+    def summary(self):
+        return f"created {len(self.created)}, failed {self.failed_rows}"
+
+
+# --- reading -------------------------------------------------------------------
+
+def read_rows(path):
+    """The file's rows as ``[(line, row)]``; JSON when it starts with ``[``, CSV otherwise."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ImportFileError(f"cannot read {path}: {exc}") from None
+    return _json_rows(text) if text.lstrip().startswith("[") else _csv_rows(text)
+
+
+def _csv_rows(text):
+    """Rows with the line each starts on (a quoted cell may span lines)."""
+    reader = csv.DictReader(io.StringIO(text), restkey=EXTRA_VALUES)
+    rows = []
+    try:
+        if not reader.fieldnames:
+            raise ImportFileError("the CSV file has no header row")
+        start = reader.line_num + 1
+        for row in reader:
+            rows.append((start, _nest({k: v for k, v in row.items() if v not in ("", None)})))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise ImportFileError(f"CSV error at line {reader.line_num}: {exc}") from None
+    return rows
+
+
+def _nest(flat):
+    nested = {}
+    for key, value in flat.items():
+        *parents, leaf = key.strip().split(".")
+        target = nested
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return nested
+
+
+def _json_rows(text):
+    """The items of a top-level JSON array, each with the line it starts on."""
+    decoder, rows = json.JSONDecoder(), []
+    pos = _skip(text, text.index("[") + 1)
+    line, counted = 1, 0
+    while text[pos:pos + 1] != "]":
+        line, counted = line + text.count("\n", counted, pos), pos
+        try:
+            item, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise ImportFileError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        rows.append((line, item))
+        pos = _skip(text, end)
+        if text[pos:pos + 1] == ",":
+            pos = _skip(text, pos + 1)
+        elif text[pos:pos + 1] != "]":
+            raise ImportFileError(f"invalid JSON after the item starting on line {line}: expected ',' or ']'")
+    if text[pos + 1:].strip():
+        raise ImportFileError("unexpected content after the JSON array")
+    return rows
+
+
+def _skip(text, pos):
+    return len(text) - len(text[pos:].lstrip()) if pos < len(text) else pos
+
+
+# --- validating and sending ------------------------------------------------------
+
+def validate_rows(rows):
+    """Split ``[(line, row)]`` into valid API payloads ``[(line, stop)]`` and RowErrors."""
+    schema, valid, errors = StopRowSchema(), [], []
+    for line, row in rows:
+        try:
+            valid.append((line, schema.dump(schema.load(row))))
+        except ValidationError as exc:
+            errors += [RowError(line, name, message) for name, message in _flatten(exc.messages)]
+    return valid, errors
+
+
+def _flatten(messages, prefix=""):
+    if isinstance(messages, list):
+        yield prefix or "row", "; ".join(map(str, messages))
+        return
+    for key, value in messages.items():
+        name = "row" if key == "_schema" else key
+        yield from _flatten(value, f"{prefix}.{name}" if prefix else name)
+
+
+def import_stops(client, rows, batch_size=DEFAULT_BATCH, progress=lambda count: None):
+    """Validate ``rows`` and create the valid ones in batches; return an ImportReport.
+
+    ``progress(count)`` is told how many rows are done (invalid ones at once).
+    """
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch size must be between 1 and {MAX_BATCH}")
+    valid, errors = validate_rows(rows)
+    report = ImportReport(errors=errors)
+    progress(len(rows) - len(valid))
+    for start in range(0, len(valid), batch_size):
+        batch = valid[start:start + batch_size]
+        _send(client, batch, report)
+        progress(len(batch))
+    report.errors.sort(key=lambda error: error.line)
+    return report
+
+
+def _send(client, batch, report):
+    try:
+        answer = client.import_stops([stop for _, stop in batch])
+    except ReauthorizationRequired:
+        raise
+    except RelayError as exc:
+        report.errors += [RowError(line, "row", f"not imported: {exc.message}") for line, _ in batch]
+        return
+    failed = {item["index"]: item.get("errors") or {"row": ["rejected by Locate2u"]}
+              for item in answer.get("failed", [])}
+    lines = [line for index, (line, _) in enumerate(batch) if index not in failed]
+    report.created += list(zip(lines, answer.get("created", [])))
+    for index, messages in sorted(failed.items()):
+        report.errors += [RowError(batch[index][0], name, message) for name, message in _flatten(messages)]
