@@ -241,3 +241,10 @@ def test_reconcile_since_filters_by_update_time_and_reports_no_missing(sim, sink
     [listing] = requests(sim, "GET", f"/{RESOURCE}")[-1:]
     assert listing[2]["filter"] == 'remote_key IS NOT NULL && updated_at>="2000-01-01T00:00:00Z"'
     assert report.scanned == 1 and report.missing_remote == []
+
+
+@pytest.mark.parametrize("since, sent", [("2026-11-01T10:00:00+10:00", "2026-11-01T00:00:00Z"),
+                                         ("2026-11-01T08:00", "2026-11-01T08:00:00Z")])
+def test_reconcile_since_is_sent_in_utc(sim, sink, since, sent):
+    sink.reconcile(since=since)
+    assert requests(sim, "GET", f"/{RESOURCE}")[-1][2]["filter"].endswith(f'updated_at>="{sent}"')

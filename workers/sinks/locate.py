@@ -69,10 +69,10 @@ def differences(record, body):
 
 
 def utc_iso(value):
-    """A datetime (or ISO string) as LOCATE expects dates: UTC ISO 8601."""
-    if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return str(value)
+    """A datetime or ISO 8601 string as LOCATE expects dates: UTC ISO 8601 (a naive time is taken as UTC)."""
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class LocateSink(Sink):
