@@ -105,6 +105,7 @@ class Locate2uState:
 
     def __init__(self, client_id="test-client", client_secret="test-secret", token_lifetime=3600):
         self.client_id, self.client_secret, self.token_lifetime = client_id, client_secret, token_lifetime
+        self.event_types = EVENT_TYPES  # what GET /v1/Webhooks/event-types offers
         self.token_requests = []
         self.stops = {}
         self.webhooks = {}
@@ -543,7 +544,7 @@ def import_stops():
 
 @api.get("/Webhooks/event-types")
 def event_types():
-    return jsonify(list(EVENT_TYPES))
+    return jsonify(list(_state().event_types))
 
 
 @api.get("/Webhooks")

@@ -1,0 +1,110 @@
+"""Subscription reconciliation: the plan, and syncs against the simulator."""
+import pytest
+
+from tests.simulators.locate2u import Locate2uServer
+from workers.errors import PermanentError
+from workers.locate2u.client import Locate2uClient
+from workers.locate2u.subscriptions import Change, SubscriptionSync, mask_url, plan
+from workers.webhook_auth import webhook_url
+
+PUBLIC = "https://relay.example"
+PREFIX = PUBLIC + "/webhooks/locate2u/"
+FOREIGN = "https://crm.example/hooks/locate2u"
+NEW_SECRET = "rotated-webhook-secret-0123456789"
+
+
+def hook(hook_id, event_type, url):
+    return {"id": hook_id, "eventType": event_type, "url": url}
+
+
+# --- plan (pure) ---------------------------------------------------------------------
+
+def test_plan_creates_updates_deletes_only_ours():
+    desired = {"stop.assigned": PREFIX + "stop.assigned/new", "trip.created": PREFIX + "trip.created/tok",
+               "note.created": PREFIX + "note.created/tok"}
+    existing = [hook(1, "stop.assigned", PREFIX + "stop.assigned/old"),   # drifted (rotated token)
+                hook(2, "trip.created", PREFIX + "trip.created/tok"),     # as desired
+                hook(3, "trip.created", PREFIX + "trip.created/dup"),     # our duplicate
+                hook(4, "shipment.assigned", PREFIX + "shipment.assigned/x"),  # no longer wanted
+                hook(5, "stop.assigned", FOREIGN),                        # someone else's
+                hook(6, "note.created", "https://relay.example.evil/webhooks/locate2u/note.created/x")]
+    assert plan(existing, desired, PREFIX) == [
+        Change("update", "stop.assigned", PREFIX + "stop.assigned/new", 1),
+        Change("create", "note.created", PREFIX + "note.created/tok"),
+        Change("delete", "trip.created", PREFIX + "trip.created/dup", 3),
+        Change("delete", "shipment.assigned", PREFIX + "shipment.assigned/x", 4),
+    ]
+
+
+def test_plan_of_the_desired_state_is_empty():
+    desired = {"stop.assigned": PREFIX + "stop.assigned/t"}
+    assert plan([hook(9, "stop.assigned", PREFIX + "stop.assigned/t")], desired, PREFIX) == []
+
+
+def test_url_tokens_are_masked_for_display():
+    url = webhook_url(PUBLIC, "a-secret-of-enough-length", "stop.assigned")
+    token = url.rsplit("/", 1)[1]
+    assert mask_url(url) == f"{PREFIX}stop.assigned/{token[:4]}…" and token not in str(Change("create", "x", url))
+    assert mask_url(FOREIGN) == FOREIGN
+
+
+# --- syncs against the simulator ---------------------------------------------------------
+
+@pytest.fixture
+def sim():
+    with Locate2uServer() as server:
+        yield server
+
+
+@pytest.fixture
+def configured(sim, settings):
+    return sim.configure(settings, public_url=PUBLIC)
+
+
+def sync(settings, redis_client, dry_run=False):
+    client = Locate2uClient.from_settings(settings, redis_client)
+    return SubscriptionSync.from_settings(client, settings, redis_client).run(dry_run=dry_run)
+
+
+def urls(sim):
+    return {h["eventType"]: h["url"] for h in sim.state.list_webhooks() if h["url"] != FOREIGN}
+
+
+def test_sync_is_idempotent_and_leaves_foreign_subscriptions_alone(sim, configured, redis_client):
+    foreign = sim.state.add_webhook("stop.assigned", FOREIGN)
+    dry = sync(configured, redis_client, dry_run=True)
+    assert dry.counts()["create"] == 8 and not dry.applied and len(sim.state.webhooks) == 1
+    first = sync(configured, redis_client)
+    assert first.counts() == {"create": 8, "update": 0, "delete": 0, "unchanged": 0, "foreign": 1}
+    assert urls(sim) == {t: webhook_url(PUBLIC, configured.webhook_secret, t) for t in configured.event_types}
+    snapshot = sim.state.list_webhooks()
+    second = sync(configured, redis_client)
+    assert second.changes == [] and second.counts()["unchanged"] == 8
+    assert sim.state.list_webhooks() == snapshot and sim.state.webhooks[foreign["id"]] == foreign
+    assert second.summary() == ("created 0, updated 0, deleted 0, unchanged 8, not ours (left alone) 1")
+
+
+def test_fewer_event_types_deletes_our_stale_ones(sim, configured, redis_client):
+    sync(configured, redis_client)
+    report = sync(configured.replace(event_types=("stop.assigned", "stop.status-changed")), redis_client)
+    assert report.counts()["delete"] == 6 and set(urls(sim)) == {"stop.assigned", "stop.status-changed"}
+
+
+def test_secret_rotation_updates_every_url(sim, configured, redis_client):
+    sync(configured, redis_client)
+    ids = {h["eventType"]: h["id"] for h in sim.state.list_webhooks()}
+    rotated = configured.replace(webhook_secret=NEW_SECRET, webhook_secret_previous=configured.webhook_secret)
+    report = sync(rotated, redis_client)
+    assert report.counts()["update"] == 8 and report.counts()["create"] == 0
+    assert urls(sim) == {t: webhook_url(PUBLIC, NEW_SECRET, t) for t in configured.event_types}
+    assert {h["eventType"]: h["id"] for h in sim.state.list_webhooks()} == ids  # updated in place
+    assert sync(rotated, redis_client).changes == []
+    # the token stored under the old secret still decrypts: no new token request
+    assert len(sim.state.token_requests) == 1
+
+
+def test_event_types_are_checked_before_any_change(sim, configured, redis_client):
+    sim.state.event_types = ("stop.assigned",)
+    with pytest.raises(PermanentError, match="does not offer event type"):
+        sync(configured, redis_client)
+    assert sim.state.webhooks == {}
