@@ -1,0 +1,107 @@
+"""Stop import: reading CSV/JSON with line numbers, row validation, batches against the simulator."""
+import pytest
+
+from tests.simulators.locate2u import Locate2uServer
+from workers.locate2u.client import Locate2uClient, RetryPolicy
+from workers.locate2u.stops_import import ImportFileError, RowError, import_stops, read_rows, validate_rows
+
+CSV = """name,address,contact.name,contact.email,location.latitude,location.longitude,tripDate,durationMinutes
+Alpha,1 George St Sydney,Ann,ann@example.com,-33.86,151.20,2024-05-01,10
+"Bravo
+two lines",,Bob,not-an-email,,,,
+Charlie,3 Pitt St Sydney,,,95,151.2,2024-13-01,ten
+Delta,4 King St Sydney,,,,,,,surplus
+Echo,5 Market St Sydney,,,,,,
+"""
+
+JSON = """[
+  {"name": "Alpha", "address": "1 George St", "customerId": 7},
+  {"name": "Bravo",
+   "address": "  ", "adress": "typo"},
+  {"name": "Charlie", "address": "3 Pitt St", "contact": {"email": "c@example.com"}},
+  "not an object"
+]
+"""
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_csv_rows_are_validated_with_line_and_field(tmp_path):
+    valid, errors = validate_rows(read_rows(write(tmp_path, "stops.csv", CSV)))
+    assert [line for line, _ in valid] == [2, 7]
+    assert valid[0][1] == {"name": "Alpha", "address": "1 George St Sydney",
+                           "contact": {"name": "Ann", "email": "ann@example.com"},
+                           "location": {"latitude": -33.86, "longitude": 151.2},
+                           "tripDate": "2024-05-01", "durationMinutes": 10}
+    assert [str(e) for e in errors] == [
+        "line 3: address: Missing data for required field.",
+        "line 3: contact.email: Not a valid email address.",
+        "line 5: location.latitude: Must be greater than or equal to -90 and less than or equal to 90.",
+        "line 5: tripDate: Not a valid date.",
+        "line 5: durationMinutes: Not a valid integer.",
+        "line 6: (values beyond the header): Unknown field.",
+    ]
+
+
+def test_json_rows_keep_their_lines(tmp_path):
+    valid, errors = validate_rows(read_rows(write(tmp_path, "stops.json", JSON)))
+    assert [(line, stop["name"]) for line, stop in valid] == [(2, "Alpha"), (5, "Charlie")]
+    assert valid[0][1]["customerId"] == "7"
+    assert errors == [RowError(3, "address", "Must not be blank."), RowError(3, "adress", "Unknown field."),
+                      RowError(6, "row", "Invalid input type.")]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no header row"),
+    ('[{"name": "A"} {"name": "B"}]', "expected ',' or ']'"),
+    ('[{"name": "A",]', "invalid JSON at line 1"),
+    ('[] trailing', "unexpected content"),
+])
+def test_unreadable_files_are_one_clear_error(tmp_path, text, message):
+    with pytest.raises(ImportFileError, match=message):
+        read_rows(write(tmp_path, "bad.json" if text else "empty.csv", text))
+
+
+@pytest.fixture
+def sim():
+    with Locate2uServer() as server:
+        yield server
+
+
+@pytest.fixture
+def client(sim, settings, redis_client):
+    return Locate2uClient.from_settings(sim.configure(settings), redis_client, RetryPolicy(sleep=lambda s: None))
+
+
+def test_valid_rows_go_in_batches_and_the_report_adds_up(client, sim, tmp_path):
+    rows = [(n + 2, {"name": f"S{n}", "address": f"{n} Main St"}) for n in range(7)] + [(9, {"name": "no address"})]
+    done = []
+    report = import_stops(client, rows, batch_size=3, progress=done.append)
+    assert done == [1, 3, 3, 1] and sum(done) == len(rows)
+    assert [line for line, _ in report.created] == list(range(2, 9))
+    assert sorted(stop_id for _, stop_id in report.created) == sorted(sim.state.stops)
+    assert [p for p in sim.state.requests_log if p[1] == "/v1/Stops/import"] == [("POST", "/v1/Stops/import")] * 3
+    assert report.summary() == "created 7, failed 1"
+
+
+def test_a_failed_batch_is_reported_row_by_row(client, sim):
+    rows = [(2, {"name": "A", "address": "1 A St"}), (3, {"name": "B", "address": "2 B St"})]
+    sim.faults.inject(503, path_prefix="/v1/Stops/import")
+    failed = import_stops(client, rows, batch_size=1)
+    assert [str(e) for e in failed.errors] == [
+        f"line 2: row: not imported: POST {sim.url}/v1/Stops/import answered 503"]  # a POST is not retried on 5xx
+    assert [line for line, _ in failed.created] == [3]
+
+
+def test_rows_the_api_rejects_are_reported_with_their_lines():
+    class RejectsFirst:
+        def import_stops(self, stops):
+            return {"created": [501], "failed": [{"index": 0, "errors": {"address": ["Not deliverable."]}}]}
+
+    rows = [(4, {"name": "A", "address": "1 A St"}), (6, {"name": "B", "address": "2 B St"})]
+    report = import_stops(RejectsFirst(), rows)
+    assert report.created == [(6, 501)] and [str(e) for e in report.errors] == ["line 4: address: Not deliverable."]
