@@ -8,7 +8,7 @@ from tests.simulators.locate import LocateState, create_app
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.errors import PermanentError, RetriableError
-from workers.sinks.locate import LocateSink
+from workers.sinks.locate import LocateSink, same_value
 from workers.stores import MappingStore
 
 KEY = "locate-test-key"
@@ -248,3 +248,11 @@ def test_reconcile_since_filters_by_update_time_and_reports_no_missing(sim, sink
 def test_reconcile_since_is_sent_in_utc(sim, sink, since, sent):
     sink.reconcile(since=since)
     assert requests(sim, "GET", f"/{RESOURCE}")[-1][2]["filter"].endswith(f'updated_at>="{sent}"')
+
+
+@pytest.mark.parametrize("remote, written, same", [
+    ("40.7377100", 40.73771, True), (40.73771, 40.73772, False), ("LOCATE2U ", "Locate2u", True),
+    (None, None, True), (None, "", True), ("1", True, False), ("a", "b", False),
+])
+def test_read_back_tolerates_how_locate_serves_values(remote, written, same):
+    assert same_value(remote, written) is same

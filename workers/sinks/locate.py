@@ -55,17 +55,16 @@ def same_value(remote, written):
     """Whether LOCATE's ``remote`` value is the one we wrote (numbers numerically, text case-insensitively)."""
     if is_number(remote) and is_number(written):
         return math.isclose(float(remote), float(written), rel_tol=1e-9, abs_tol=1e-9)
-    return text(remote) == text(written)
+    return plain(remote) == plain(written)
 
 
-def text(value):
+def plain(value):
     return "" if value is None else str(value).strip().lower()
 
 
-def differences(record, body):
-    """``{field: {"wrote": ..., "remote": ...}}`` for the fields of ``body`` that ``record`` does not show."""
-    return {field: {"wrote": value, "remote": record.get(field)} for field, value in body.items()
-            if not same_value(record.get(field), value)}
+def shows(record, body):
+    """Whether ``record`` (as read back) shows every field of ``body``."""
+    return all(same_value(record.get(field), value) for field, value in body.items())
 
 
 def utc_iso(value):
@@ -159,7 +158,7 @@ class LocateSink(Sink):
 
         def shown():
             rows = self._rows(resource, {key_field: key, "fields": ",".join(["id", *body]), "sort": "id"})
-            return next((row for row in rows if not differences(row, body)), None)
+            return next((row for row in rows if shows(row, body)), None)
 
         record = self._write("POST", resource, options, shown, json=body)
         if not isinstance(record, dict) or "id" not in record:
@@ -172,7 +171,7 @@ class LocateSink(Sink):
 
         def shown():
             record = self._get(path, {"fields": ",".join(body)})
-            return record if record is not None and not differences(record, body) else None
+            return record if record is not None and shows(record, body) else None
 
         return self._write("PUT", path, options, shown, missing_ok=True, json=body)
 
