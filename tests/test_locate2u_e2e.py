@@ -1,0 +1,178 @@
+"""End to end through real processes: gunicorn, the l2u-relay CLI and a Celery worker, against the simulator."""
+import json
+import subprocess
+import sys
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+
+from tests.payloads import PUBLISHED
+from tests.processes import BIN, process_env
+from tests.simulators.locate2u import Locate2uServer
+from workers.celery_config import CONTROL_QUEUE, SYNC_SUBSCRIPTIONS, make_celery
+from workers.devstack import REPO_ROOT, free_port
+from workers.locate2u.tokens import TokenStore
+from workers.webhook_auth import url_token
+
+REAUTH = "reauthorization required: run l2u-relay oauth url or open /oauth/locate2u/start"
+
+
+@pytest.fixture
+def sim():
+    with Locate2uServer() as server:
+        yield server
+
+
+@pytest.fixture
+def relay_settings(sim, settings):
+    """Client-credentials settings whose RELAY_PUBLIC_URL is where ``serve`` starts gunicorn."""
+    return sim.configure(settings, public_url=f"http://127.0.0.1:{free_port()}")
+
+
+@pytest.fixture
+def code_settings(relay_settings):
+    return relay_settings.replace(locate2u_grant="authorization_code")
+
+
+@pytest.fixture
+def serve(start_process, monkeypatch):
+    def serve(settings):
+        port = urlsplit(settings.public_url).port
+        monkeypatch.setattr("tests.processes.free_port", lambda: port)  # listen where RELAY_PUBLIC_URL points
+        return start_process("gunicorn", settings)
+    return serve
+
+
+def cli(settings, *args):
+    return subprocess.run([str(BIN / "l2u-relay"), *args], env=process_env(settings), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def locate2u_check(web):
+    ready = requests.get(web.url + "/readyz", timeout=5)
+    assert ready.status_code == 200  # Locate2u's auth state never makes the receiver unready
+    return ready.json()["checks"]["locate2u"]
+
+
+def grants(sim):
+    return [request["grant_type"] for request in sim.state.token_requests]
+
+
+def test_code_flow_through_the_receiver_then_refresh_and_reauthorization(sim, code_settings, serve, redis_client):
+    sim.state.token_lifetime = 1
+    web = serve(code_settings)
+    assert locate2u_check(web) == REAUTH
+    start = requests.get(web.url + "/oauth/locate2u/start", allow_redirects=False, timeout=5)
+    assert start.status_code == 302 and start.headers["Location"].startswith(sim.url + "/connect/authorize?")
+    assert parse_qs(urlsplit(start.headers["Location"]).query)["scope"] == ["integrations-api offline_access"]
+    approved = requests.get(start.headers["Location"], allow_redirects=False, timeout=5)  # the user consents
+    callback = approved.headers["Location"]
+    assert callback.startswith(code_settings.public_url + "/oauth/locate2u/callback?code=")
+    done = requests.get(callback, timeout=10)
+    assert done.status_code == 200 and done.json()["status"] == "authorized"
+    assert locate2u_check(web) == "ok"
+    assert json.loads(redis_client.lindex(CONTROL_QUEUE, 0))["headers"]["task"] == SYNC_SUBSCRIPTIONS
+    replayed = requests.get(callback, timeout=5)
+    forged = requests.get(web.url + "/oauth/locate2u/callback", params={"code": "c", "state": "forged"}, timeout=5)
+    for answer in (replayed, forged):
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_state"
+
+    time.sleep(1.05)  # the access token has expired: the CLI refreshes it from the stored refresh token
+    whoami = cli(code_settings, "whoami")
+    assert whoami.returncode == 0 and json.loads(whoami.stdout)["teamName"] == "Simulated Team"
+    assert grants(sim) == ["authorization_code", "refresh_token"]
+    tokens = TokenStore(redis_client, code_settings.webhook_secret).load()
+    for secret in (tokens["access_token"], tokens["refresh_token"], sim.state.client_secret):
+        assert secret not in web.output() + whoami.stdout + whoami.stderr
+
+    sim.state.revoke_refresh_tokens()  # the user withdraws the relay's access
+    time.sleep(1.05)
+    refused = cli(code_settings, "whoami")
+    assert refused.returncode == 3
+    assert "re-authorisation required: the Locate2u refresh token was rejected" in refused.stderr
+    assert locate2u_check(web) == REAUTH
+    status = cli(code_settings, "oauth", "status")
+    assert status.returncode == 3 and "reason: the refresh token was rejected (invalid_grant)" in status.stdout
+
+
+def test_oauth_cli_for_hosts_without_a_browser(sim, code_settings):
+    url = cli(code_settings, "oauth", "url")
+    assert url.returncode == 0 and "l2u-relay oauth exchange CODE" in url.stderr
+    approved = requests.get(url.stdout.strip(), allow_redirects=False, timeout=5)
+    code = parse_qs(urlsplit(approved.headers["Location"]).query)["code"][0]  # read off the address bar
+    exchanged = cli(code_settings, "oauth", "exchange", code)
+    assert exchanged.returncode == 0 and "authorised as sim.user@example.com (Simulated Team)" in exchanged.stdout
+    status = cli(code_settings, "oauth", "status")
+    assert status.returncode == 0 and "status: ok" in status.stdout and "has_refresh_token: True" in status.stdout
+    again = cli(code_settings, "oauth", "exchange", code)
+    assert again.returncode == 1 and "rejected" in again.stderr and code not in again.stderr
+
+
+def test_release_sync_then_a_delivery_reaches_the_receiver(sim, relay_settings, serve):
+    web = serve(relay_settings)
+    foreign = sim.state.add_webhook("trip.created", "https://crm.example/hooks/trips")
+    first = cli(relay_settings, "subscriptions", "sync")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[-1] == "created 8, updated 0, deleted 0, unchanged 0, not ours (left alone) 1"
+    second = cli(relay_settings, "subscriptions", "sync")
+    assert second.stdout == "created 0, updated 0, deleted 0, unchanged 8, not ours (left alone) 1\n"
+    assert sim.state.webhooks[foreign["id"]] == foreign
+
+    [answer] = sim.state.deliver("stop.status-changed", PUBLISHED["stop.status-changed"])
+    assert answer.status_code == 200 and answer.json()["status"] == "accepted"
+
+    listing = cli(relay_settings, "subscriptions", "list")
+    assert listing.returncode == 0 and len(listing.stdout.splitlines()) == 9
+    assert "\tnot ours\thttps://crm.example/hooks/trips" in listing.stdout
+    assert url_token(relay_settings.webhook_secret, "stop.assigned") not in listing.stdout + first.stdout
+    ours = next(h["id"] for h in sim.state.list_webhooks() if h["eventType"] == "stop.assigned")
+    assert cli(relay_settings, "subscriptions", "delete", str(ours)).returncode == 0
+    dry = cli(relay_settings, "subscriptions", "sync", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.startswith("would create stop.assigned ")
+    assert len(sim.state.webhooks) == 8
+
+
+def test_unreachable_locate2u_is_a_clear_error_and_exit_1(relay_settings):
+    id_down = cli(relay_settings.replace(locate2u_id_url="http://127.0.0.1:9"), "subscriptions", "sync")
+    assert id_down.returncode == 1
+    assert "error: POST http://127.0.0.1:9/connect/token failed: ConnectionError" in id_down.stderr
+    api_down = cli(relay_settings.replace(locate2u_api_url="http://127.0.0.1:9"), "whoami")
+    assert api_down.returncode == 1
+    assert "error: GET http://127.0.0.1:9/v1/Discovery/User failed: ConnectionError" in api_down.stderr
+    assert "gave up after bounded retries" in api_down.stderr
+
+
+def test_stops_import_cli_creates_good_rows_and_reports_bad_ones(sim, relay_settings, tmp_path):
+    path = tmp_path / "stops.csv"
+    path.write_text("name,address,contact.email,durationMinutes\n"
+                    "Alpha,1 George St,a@example.com,10\n"
+                    "Bravo,,b@example.com,5\n"
+                    "Charlie,3 Pitt St,,15\n"
+                    "Delta,4 King St,not-an-email,x\n"
+                    "Echo,5 Market St,,\n")
+    result = cli(relay_settings, "stops", "import", str(path), "--batch-size", "2")
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == ["line 3: address: Missing data for required field.",
+                                          "line 5: contact.email: Not a valid email address.",
+                                          "line 5: durationMinutes: Not a valid integer.",
+                                          "created 3, failed 2"]
+    assert sorted(stop["name"] for stop in sim.state.stops.values()) == ["Alpha", "Charlie", "Echo"]
+    missing = cli(relay_settings, "stops", "import", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_sync_task_runs_in_a_worker_and_beat_schedules_it(sim, relay_settings, start_process):
+    start_process("worker", relay_settings)
+    make_celery(relay_settings).send_task(SYNC_SUBSCRIPTIONS, queue=CONTROL_QUEUE)
+    deadline = time.monotonic() + 20
+    while len(sim.state.webhooks) < 8 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(sim.state.webhooks) == 8
+    probe = ("from workers.app import create_worker_app; from workers.config import Settings; s = Settings.from_env();"
+             "print(create_worker_app(s).conf.beat_schedule.get('sync-subscriptions'));"
+             "print(create_worker_app(s.replace(locate2u_client_id=None)).conf.beat_schedule.get('sync-subscriptions'))")
+    printed = subprocess.run([sys.executable, "-c", probe], env=process_env(relay_settings), cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert printed == [str({"task": SYNC_SUBSCRIPTIONS, "schedule": 900}), "None"]
