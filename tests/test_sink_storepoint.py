@@ -179,3 +179,17 @@ def test_from_settings_enables_on_the_token():
     settings = Settings(webhook_secret="x" * 16)
     assert not StorepointSink.enabled(settings)
     assert StorepointSink.enabled(dataclasses.replace(settings, storepoint_api_token=TOKEN))
+
+
+def test_create_interrupted_before_mapping_is_not_duplicated(sim, redis_client, mappings):
+    """A worker killed after Storepoint created the location but before the mapping was saved."""
+    sink = make_sink(sim, mappings)
+    location = sample_location()
+    sink.apply("upsert", location)
+    mappings.delete(location.key)  # the mapping write never happened...
+    MappingStore(redis_client, "storepoint:intent").set(location.key, "1")  # ...after the intent was marked
+    sink.apply("upsert", sample_location(name="After redelivery"))
+    [only] = ours(sim, location.key)
+    assert only["name"] == "After redelivery"
+    assert mappings.get(location.key) == only["id"]
+    assert MappingStore(redis_client, "storepoint:intent").get(location.key) is None

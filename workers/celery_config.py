@@ -31,7 +31,11 @@ def celery_config(settings):
         "broker_url": settings.broker,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 2,
+        # Work held by a dead worker comes back after the visibility timeout; the sweep for it
+        # runs every restore interval (kombu's default would scan only every 100 s).
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout,
+                                     "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+                                     "unacked_restore_throttle": 1,
                                      "socket_timeout": 5, "socket_connect_timeout": 2},
         "task_serializer": "json",
         "accept_content": ["json"],

@@ -66,7 +66,7 @@ class SettingsSchema(Schema):
     subscription_sync_interval = _env("RELAY_SUBSCRIPTION_SYNC_INTERVAL",
                                       fields.Integer(load_default=900, validate=validate.Range(60)))
     visibility_timeout = _env("RELAY_VISIBILITY_TIMEOUT",
-                              fields.Integer(load_default=300, validate=validate.Range(10, 3600)))
+                              fields.Integer(load_default=240, validate=validate.Range(10, 3600)))
     retry_schedule = _env("RELAY_RETRY_SCHEDULE", CommaList(load_default=tuple(map(str, SVIX_RETRY_SCHEDULE))))
     data_dir = _env("RELAY_DATA_DIR", fields.String(load_default=".l2u-relay"))
     log_level = _env("LOG_LEVEL", fields.String(load_default="INFO",
@@ -148,7 +148,7 @@ class Settings:
     routes_file: str | None = None
     dedup_window: int = 86400
     sweep_after: int = 120
-    visibility_timeout: int = 300
+    visibility_timeout: int = 240
     subscription_sync_interval: int = 900
     retry_schedule: tuple = SVIX_RETRY_SCHEDULE
     data_dir: str = ".l2u-relay"

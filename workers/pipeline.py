@@ -129,7 +129,9 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
     if wait:
         return _wait(rt, args, wait, "rate limited")
     location = Location.from_json(record)
-    lock = rt.redis.lock(f"l2u:lock:{sink_name}:{location.key}", timeout=LOCK_SECONDS, blocking=False)
+    # A lock left by a killed worker lapses no later than its message is redelivered.
+    lock = rt.redis.lock(f"l2u:lock:{sink_name}:{location.key}",
+                         timeout=min(LOCK_SECONDS, rt.settings.visibility_timeout), blocking=False)
     if not lock.acquire():
         return _wait(rt, args, BUSY_RETRY_SECONDS, "another write for this key is in progress")
     try:

@@ -4,9 +4,11 @@ Storepoint has no lookup by external id and no active flag. We keep key →
 ``loc_…`` id in the mapping store and tag every location ``l2u:<key>``, so
 ``reconcile`` can find our locations again in ``GET /locations`` after the
 mapping is lost. An upsert with no mapping creates without searching first
-(a search is a scan of every page); after losing Redis, run
-``l2u-relay reconcile storepoint`` before resuming, which remaps instead of
-duplicating (see docs/sinks/storepoint.md).
+(a search is a scan of every page), except when an earlier create for the
+same key was interrupted before its mapping was saved: then it scans for the
+key tag first, so a redelivery never creates a second location. After losing
+Redis, run ``l2u-relay reconcile storepoint`` before resuming, which remaps
+instead of duplicating (see docs/sinks/storepoint.md).
 """
 import logging
 
@@ -14,6 +16,7 @@ from workers.config import ConfigError
 from workers.errors import PermanentError
 from workers.http import HttpClient
 from workers.sinks.base import Sink, sink_fields
+from workers.stores import MappingStore
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,24 @@ class StorepointSink(Sink):
         if "coordinates" not in body:
             log.info("storepoint: %s has no coordinates; not created", location.key)
             return None
+        return self._create(location.key, body)
+
+    def _create(self, key, body):
+        """Create, guarded by an intent mark: if an earlier attempt died between Storepoint's answer
+        and our mapping (a killed worker, a timeout), find that location by its key tag and update it."""
+        intents = MappingStore(self.mappings.redis, f"{self.name}:intent")
+        if intents.get(key):
+            found = next((item["id"] for item in self._listing() if key_of(item) == key), None)
+            if found:
+                log.info("storepoint: %s was created by an interrupted attempt (%s); updating it", key, found)
+                self.call("POST", f"locations/{found}", json=body)
+                self.remember(key, found, flatten(body))
+                intents.delete(key)
+                return found
+        intents.set(key, "1")
         remote_id = self.call("POST", "locations", json=body).json()["location"]["id"]
-        self.remember(location.key, remote_id, flatten(body))
+        self.remember(key, remote_id, flatten(body))
+        intents.delete(key)
         return remote_id
 
     def delete(self, location, options):
