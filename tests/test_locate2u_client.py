@@ -137,3 +137,13 @@ def test_secrets_never_in_errors_or_logs(sim, settings, redis_client, caplog):
     assert "[redacted]" in text
     assert token not in text and sim.state.client_secret not in text and "Bearer " + token not in text
     assert token not in str(redis_client.get("l2u:locate2u:tokens"))
+
+
+def test_wrong_client_secret_is_permanent_and_names_the_settings(sim, settings, redis_client):
+    client = Locate2uClient.from_settings(sim.configure(settings, locate2u_client_secret="wrong-secret-value"),
+                                          redis_client)
+    with pytest.raises(PermanentError) as caught:
+        client.whoami()
+    message = str(caught.value)
+    assert caught.value.status == 401 and "invalid_client" in message and "LOCATE2U_CLIENT_SECRET" in message
+    assert "wrong-secret-value" not in message + str(caught.value.to_json())

@@ -170,9 +170,9 @@ def test_sync_task_runs_in_a_worker_and_beat_schedules_it(sim, relay_settings, s
     while len(sim.state.webhooks) < 8 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(sim.state.webhooks) == 8
-    probe = ("from workers.app import create_worker_app; from workers.config import Settings; s = Settings.from_env();"
-             "print(create_worker_app(s).conf.beat_schedule.get('sync-subscriptions'));"
-             "print(create_worker_app(s.replace(locate2u_client_id=None)).conf.beat_schedule.get('sync-subscriptions'))")
+    probe = ("from workers.app import create_worker_app\nfrom workers.config import Settings\ns = Settings.from_env()\n"
+             "for each in (s, s.replace(locate2u_client_id=None)):\n"
+             "    print(create_worker_app(each).conf.beat_schedule.get('sync-subscriptions'))\n")
     printed = subprocess.run([sys.executable, "-c", probe], env=process_env(relay_settings), cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=60).stdout.splitlines()
     assert printed == [str({"task": SYNC_SUBSCRIPTIONS, "schedule": 900}), "None"]

@@ -148,25 +148,29 @@ class IdentityServer:
         response = self.retry.run(lambda: http.request("POST", "/connect/token", data=form, accept=(400, 401)),
                                   idempotent=True)
         if response.status_code in (400, 401):
-            error = _oauth_error(response)
-            message = f"token request ({form['grant_type']}) rejected by {http.url('/connect/token')}: {error}"
-            if response.status_code == 401:
-                message += " (check LOCATE2U_CLIENT_ID and LOCATE2U_CLIENT_SECRET)"
-            base = http.error_for(response)
-            raise TokenRejected(message, oauth_error=error, status=base.status, body=base.body, method=base.method,
-                                url=base.url)
-        body = response.json()
-        if not body.get("access_token"):
-            raise PermanentError("token response has no access_token", status=response.status_code,
-                                 method="POST", url=http.url("/connect/token"))
+            raise _rejection(http, response, form["grant_type"])
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not body.get("access_token"):
+            raise PermanentError(f"the token response of {http.url('/connect/token')} has no access_token",
+                                 status=response.status_code, method="POST", url=http.url("/connect/token"))
         return body
 
 
-def _oauth_error(response):
+def _rejection(http, response, grant_type):
+    """The TokenRejected for an RFC 6749 error answer (400/401) of the token endpoint."""
     try:
-        return str(response.json().get("error") or "unknown_error")
+        error = str(response.json().get("error") or "unknown_error")
     except (ValueError, AttributeError):
-        return "unknown_error"
+        error = "unknown_error"
+    message = f"token request ({grant_type}) rejected by {http.url('/connect/token')}: {error}"
+    if response.status_code == 401:
+        message += " (check LOCATE2U_CLIENT_ID and LOCATE2U_CLIENT_SECRET)"
+    base = http.error_for(response)
+    return TokenRejected(message, oauth_error=error, status=base.status, body=base.body, method=base.method,
+                         url=base.url)
 
 
 class TokenManager:
