@@ -147,3 +147,10 @@ def test_wrong_client_secret_is_permanent_and_names_the_settings(sim, settings, 
     message = str(caught.value)
     assert caught.value.status == 401 and "invalid_client" in message and "LOCATE2U_CLIENT_SECRET" in message
     assert "wrong-secret-value" not in message + str(caught.value.to_json())
+
+
+def test_429_is_retried_even_on_post(client, sim):
+    client.whoami()
+    sim.faults.inject(429, times=1, retry_after=0, path_prefix="/v1/Stops")
+    assert client.create_stop({"name": "A", "address": "1 A St"})["status"] == "Created"
+    assert len(sim.state.stops) == 1
