@@ -1,5 +1,4 @@
 """The B2B sink against the loopback B2B (B2Market) simulator."""
-import dataclasses
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -241,9 +240,3 @@ def test_reconcile_since_pages_through_recent_changes_only(sim, sink, mappings):
     listing = [path for _, path in requests(sim, "GET")]
     assert listing == [f"/Location/updatedFrom?date=2025-01-02T00%3A00%3A00&page={p}&pageSize=100" for p in (1, 2, 3)]
 
-
-def test_enabled_by_token_or_username():
-    settings = Settings(webhook_secret="x" * 16)
-    assert not B2BSink.enabled(settings)
-    assert B2BSink.enabled(dataclasses.replace(settings, b2b_api_token=TOKEN))
-    assert B2BSink.enabled(dataclasses.replace(settings, b2b_username=USER, b2b_password=PASSWORD))

@@ -1,5 +1,4 @@
 """The Storepoint sink against the loopback Storepoint simulator."""
-import dataclasses
 
 import pytest
 
@@ -173,12 +172,6 @@ def test_reconcile_pages_past_500(sim, sink, mappings):
     assert report.scanned == 1203 and len(report.rebuilt) == 1203
     assert len(mappings.all()) == 1203
     assert requests(sim, "GET") == [("GET", f"/locations?limit=500&page={page}") for page in (1, 2, 3)]
-
-
-def test_from_settings_enables_on_the_token():
-    settings = Settings(webhook_secret="x" * 16)
-    assert not StorepointSink.enabled(settings)
-    assert StorepointSink.enabled(dataclasses.replace(settings, storepoint_api_token=TOKEN))
 
 
 def test_create_interrupted_before_mapping_is_not_duplicated(sim, redis_client, mappings):

@@ -82,16 +82,11 @@ class B2BSink(Sink):
     """Locations by ``idRemote``: ``POST /Location/create``, ``PUT …/update/{id}``, ``DELETE …/delete/{id}``."""
 
     name = "b2b"
-    credential = "b2b_api_token"  # or B2B_USERNAME/B2B_PASSWORD, see enabled()
     supports_deactivate = True
 
     def __init__(self, client, mappings, options=None, login=None):
         super().__init__(client, mappings, {**DEFAULT_OPTIONS, **(options or {})})
         self.login = login
-
-    @classmethod
-    def enabled(cls, settings):
-        return bool(settings.b2b_api_token or settings.b2b_username)
 
     @classmethod
     def from_settings(cls, settings, mappings):

@@ -31,18 +31,12 @@ class Sink(abc.ABC):
     """A downstream system that locations (or events) are written to."""
 
     name = None
-    #: The settings attribute whose presence enables this sink.
-    credential = None
     supports_deactivate = False
 
     def __init__(self, client, mappings, options=None):
         self.client = client
         self.mappings = mappings
         self.options = dict(options or {})
-
-    @classmethod
-    def enabled(cls, settings):
-        return bool(getattr(settings, cls.credential))
 
     @classmethod
     @abc.abstractmethod

@@ -75,7 +75,6 @@ class DeliverycomSink(Sink):
     """Customer locations: create, update (PUT) and delete (DELETE) by ``location_id``."""
 
     name = "deliverycom"
-    credential = "deliverycom_access_token"
 
     @classmethod
     def from_settings(cls, settings, mappings):

@@ -44,7 +44,6 @@ class ForwardSink(Sink):
     """Every action POSTs the event (with ``action``) to each URL; 2xx means applied."""
 
     name = "forward"
-    credential = "forward_urls"
     supports_deactivate = True
 
     def __init__(self, client, mappings, urls, secrets, options=None):

@@ -78,7 +78,6 @@ class LocateSink(Sink):
     """Records of one LOCATE resource, keyed by our location key in ``key_field``."""
 
     name = "locate"
-    credential = "locate_api_token"
 
     @classmethod
     def from_settings(cls, settings, mappings):

@@ -52,7 +52,6 @@ class StorepointSink(Sink):
     """Locations: create ``POST /locations``, update ``POST /locations/{id}``, delete ``…/delete``."""
 
     name = "storepoint"
-    credential = "storepoint_api_token"
 
     def __init__(self, client, mappings, options=None):
         super().__init__(client, mappings, options)
