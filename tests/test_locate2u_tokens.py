@@ -94,8 +94,11 @@ def test_renewed_ahead_of_expiry_without_waiting_for_a_busy_lock(sim, cc_setting
     assert lock.acquire(blocking=False)
     assert client.tokens.access_token() == first  # someone else is renewing: keep using it
     lock.release()
+    sim.faults.inject(503, times=4, path_prefix="/connect/token")
+    client.tokens.identity.retry.sleep = lambda seconds: None
+    assert client.tokens.access_token() == first  # the identity server is down: still valid, keep it
     second = client.tokens.access_token()
-    assert second != first and grants(sim) == ["client_credentials"] * 2
+    assert second != first and grants(sim) == ["client_credentials"] * 2 and sim.faults.injected == 4
 
 
 def test_many_workers_fetch_one_token(sim, cc_settings, redis_client):

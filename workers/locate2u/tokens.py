@@ -37,7 +37,7 @@ REAUTH_KEY = PREFIX + "locate2u:reauth"
 LOCK_KEY = PREFIX + "locate2u:token-lock"
 STATE_PREFIX = PREFIX + "locate2u:oauth-state:"
 STATE_TTL = 600          # seconds a /start state stays redeemable
-LOCK_TIMEOUT = 60        # a renewal never holds the lock longer than this
+LOCK_TIMEOUT = 120       # longer than a renewal can take with its bounded retries
 LOCK_WAIT = 40           # how long a worker waits for another's renewal
 MAX_REFRESH_AHEAD = 300  # renew this long before expiry (at most a tenth of the lifetime)
 TOKEN_TIMEOUT = (3.05, 15)
@@ -190,7 +190,12 @@ class TokenManager:
         if self._fresh(tokens):
             return tokens["access_token"]
         if tokens and self.clock() < tokens["expires_at"]:
-            return self._renew(wait=False) or tokens["access_token"]
+            try:
+                return self._renew(wait=False) or tokens["access_token"]
+            except RetriableError as exc:
+                log.warning("could not renew the Locate2u token ahead of expiry (%s); using the current one",
+                            exc.message)
+                return tokens["access_token"]
         return self._renew()
 
     def renew_rejected(self, token):
