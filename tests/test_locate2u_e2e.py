@@ -134,6 +134,19 @@ def test_release_sync_then_a_delivery_reaches_the_receiver(sim, relay_settings, 
     assert len(sim.state.webhooks) == 8
 
 
+def test_secret_rotation_moves_every_subscription_and_deliveries_follow(sim, relay_settings, serve):
+    assert cli(relay_settings, "subscriptions", "sync").returncode == 0
+    rotated = relay_settings.replace(webhook_secret="rotated-webhook-secret-0123456789",
+                                     webhook_secret_previous=relay_settings.webhook_secret)
+    serve(rotated)  # the redeployed receiver accepts both secrets
+    moved = cli(rotated, "subscriptions", "sync")
+    assert moved.stdout.splitlines()[-1] == "created 0, updated 8, deleted 0, unchanged 0, not ours (left alone) 0"
+    assert all(h["url"].endswith(url_token(rotated.webhook_secret, h["eventType"]))
+               for h in sim.state.list_webhooks())
+    [answer] = sim.state.deliver("trip.assigned", PUBLISHED["trip.assigned"])
+    assert answer.status_code == 200 and answer.json()["status"] == "accepted"
+
+
 def test_unreachable_locate2u_is_a_clear_error_and_exit_1(relay_settings):
     id_down = cli(relay_settings.replace(locate2u_id_url="http://127.0.0.1:9"), "subscriptions", "sync")
     assert id_down.returncode == 1
