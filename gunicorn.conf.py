@@ -20,7 +20,10 @@ logconfig_dict = {
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "pythonjsonlogger.json.JsonFormatter",
                             "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    # Access lines carry request paths: webhook URL tokens and OAuth codes are redacted.
+    "filters": {"redact": {"()": "workers.logs.RedactingFilter"}},
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout",
+                            "filters": ["redact"]}},
     "root": {"level": "INFO", "handlers": ["stdout"]},
     "loggers": {"gunicorn.error": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
                 "gunicorn.access": {"handlers": ["stdout"], "level": "INFO", "propagate": False}},

@@ -78,9 +78,9 @@ class Gunicorn(Process):
             if self.proc.poll() is not None:
                 raise AssertionError(f"gunicorn exited:\n{self.output()[-3000:]}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).ok:
+                if requests.get(self.url + "/healthz", timeout=2).ok:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:
                 time.sleep(0.1)
         raise AssertionError(f"gunicorn not ready:\n{self.output()[-3000:]}")
 

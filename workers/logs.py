@@ -13,12 +13,13 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
-CONTEXT_FIELDS = ("delivery_id", "sink", "event_type")
 _context = contextvars.ContextVar("l2u_log_context", default={})
 _PATTERNS = (
     (re.compile(r"(/webhooks/locate2u/[\w.-]+/)[\w-]+"), r"\1[redacted]"),
     (re.compile(r"(?i)\b(bearer|basic)\s+[\w.~+/=-]+"), r"\1 [redacted]"),
-    (re.compile(r"(?i)((?:access|refresh)_token|client_secret|password|code)(['\"]?\s*[=:]\s*['\"]?)[^\s'\",&]+"),
+    (re.compile(r"(?i)([?&](?:code|state|access_token|refresh_token|client_secret|password)=)[^&\s\"']+"),
+     r"\1[redacted]"),
+    (re.compile(r"(?i)((?:access|refresh)_token|client_secret|password)(['\"]?\s*[=:]\s*['\"]?)[^\s'\",&]+"),
      r"\1\2[redacted]"),
 )
 
@@ -31,6 +32,11 @@ def log_context(**fields):
         yield
     finally:
         _context.reset(token)
+
+
+def bind_context(**fields):
+    """Replace the fields bound to this thread's log lines (a task binds its delivery on start)."""
+    _context.set({k: v for k, v in fields.items() if v is not None})
 
 
 class ContextFilter(logging.Filter):
@@ -90,5 +96,5 @@ def configure_logging(settings):
         root.removeHandler(handler)
     root.addHandler(json_handler(settings_secrets(settings)))
     root.setLevel(settings.log_level)
-    for noisy in ("urllib3", "kombu", "amqp"):
+    for noisy in ("urllib3", "kombu", "amqp", "celery.worker.strategy"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -10,6 +10,7 @@ import logging
 
 import redis
 from celery import shared_task
+from celery.signals import task_prerun
 from celery.exceptions import Reject
 from marshmallow import ValidationError
 
@@ -17,22 +18,28 @@ from workers import pipeline
 from workers.celery_config import DELIVER, INGEST_QUEUE, PROCESS_DELIVERY, RELEASE_DUE_RETRIES, SWEEP_RECEIVED
 from workers.errors import PermanentError
 from workers.events import parse_event
-from workers.logs import log_context
+from workers.logs import bind_context
 from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
 PROCESSABLE = ("received", "retrying")
 
 
+@task_prerun.connect
+def _bind_log_context(task=None, args=(), **_):
+    """Every line logged while a task runs, Celery's own included, carries its delivery's context."""
+    if task.name == PROCESS_DELIVERY:
+        bind_context(delivery_id=args[0], event_type=args[1])
+    elif task.name == DELIVER:
+        bind_context(delivery_id=args[0], sink=args[1], event_type=(args[3] or {}).get("event", {}).get("event_type"))
+    else:
+        bind_context()
+
+
 @shared_task(name=PROCESS_DELIVERY)
 def process_delivery(delivery_id, event_type, attempt=0, replay=False):
     """Validate a recorded delivery and fan it out to its routed sinks."""
     rt = runtime()
-    with log_context(delivery_id=delivery_id, event_type=event_type):
-        return _process(rt, delivery_id, event_type, attempt, replay)
-
-
-def _process(rt, delivery_id, event_type, attempt, replay):
     with _redis_outage():
         entry = rt.ledger.get(delivery_id)
         if entry is None:
@@ -54,8 +61,7 @@ def _process(rt, delivery_id, event_type, attempt, replay):
 def deliver(delivery_id, sink, action, record, attempt=0, replay=False):
     """Apply one delivery to one sink (see ``pipeline.deliver_to_sink``)."""
     rt = runtime()
-    event_type = (record or {}).get("event", {}).get("event_type")
-    with log_context(delivery_id=delivery_id, sink=sink, event_type=event_type), _redis_outage():
+    with _redis_outage():
         return _guarded(lambda: pipeline.deliver_to_sink(rt, delivery_id, sink, action, record, attempt, replay),
                         lambda exc: pipeline.dead_letter(rt, delivery_id, sink, action, record, attempt + 1, exc))
 

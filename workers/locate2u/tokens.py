@@ -25,6 +25,7 @@ from redis.exceptions import LockError
 from workers.config import ConfigError
 from workers.errors import PermanentError, RetriableError
 from workers.http import HttpClient
+from workers.metrics import WorkerMetrics
 from workers.stores import PREFIX
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,7 @@ class TokenManager:
                   "expires_at": now + lifetime, "refresh_at": now + lifetime - min(MAX_REFRESH_AHEAD, lifetime / 10),
                   "scope": body.get("scope"), "grant": self.grant, "client_id": self.identity.client_id}
         self.store.save(tokens)
+        WorkerMetrics(self.store.redis).incr("l2u_worker_token_refreshes", grant=self.grant)
         log.info("obtained a Locate2u access token (%s grant, valid %ds)", self.grant, lifetime)
         return tokens
 

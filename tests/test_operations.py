@@ -1,0 +1,82 @@
+"""What operators see: /metrics series, JSON logs with the delivery's context, no secrets, docs in sync."""
+import json
+import re
+from pathlib import Path
+
+import requests
+
+from tests.payloads import status_change
+from tests.test_end_to_end import SP_TOKEN, B2B_TOKEN, STOP_ID, settled, sims, stack_settings  # noqa: F401
+from tests.test_receiver import post
+from tests.test_worker_ingest import wait_for
+from workers.config import SettingsSchema
+from workers.logs import settings_secrets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def metric(text, name, **labels):
+    """The value of one sample in Prometheus text, or None."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            sample_labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+            if all(sample_labels.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_metrics_logs_and_secrets_after_a_delivery(stack_settings, start_process, redis_client):
+    web = start_process("gunicorn", stack_settings)
+    worker = start_process("worker", stack_settings, beat=True)
+    first = post(web.url, "stop.status-changed", status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    post(web.url, "stop.status-changed", status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    post(web.url, "stop.status-changed", {"no": "stopId"})
+    delivery_id = first.json()["delivery_id"]
+    wait_for(lambda: settled(redis_client, delivery_id))
+
+    text = requests.get(web.url + "/metrics", timeout=10).text
+    route = "/webhooks/locate2u/<event_type>/<token>"
+    assert metric(text, "l2u_receiver_requests_total", route=route, status="200") == 2
+    assert metric(text, "l2u_receiver_duplicates_total") == 1
+    assert metric(text, "l2u_receiver_rejections_total", reason="missing_field") == 1
+    assert metric(text, "l2u_receiver_ack_seconds_count") == 3
+    for sink in ("storepoint", "b2b"):
+        assert metric(text, "l2u_worker_deliveries_total", sink=sink, outcome="applied") == 1
+        assert metric(text, "l2u_worker_receipt_to_applied_seconds_count", sink=sink) == 1
+        assert metric(text, "l2u_dead_letters", sink=sink) == 0
+        assert metric(text, "l2u_breaker_open", sink=sink) == 0
+    assert metric(text, "l2u_queue_depth", queue="deliver") is not None
+    assert metric(text, "l2u_scheduled_retries") == 0
+    assert metric(text, "l2u_worker_token_refreshes_total", grant="client_credentials") == 1
+
+    worker.stop()
+    output = worker.output()
+    lines = [line for line in output.splitlines() if delivery_id in line]
+    assert lines, "the worker logged nothing about the delivery"
+    records = [json.loads(line) for line in lines]
+    assert all(record.get("delivery_id") == delivery_id for record in records), lines
+    assert {record.get("sink") for record in records} >= {"storepoint", "b2b"}
+    assert any(record["message"].startswith("applied upsert") for record in records)
+
+    everything = output + web.output()
+    for secret in settings_secrets(stack_settings) + [SP_TOKEN, B2B_TOKEN]:
+        if secret:
+            assert secret not in everything
+
+
+def test_app_json_and_readme_document_every_setting():
+    app_json = json.loads((REPO / "app.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    provided_by_the_host = {"REDIS_URL", "PORT", "RELAY_DATA_DIR"}
+    for field in SettingsSchema().fields.values():
+        assert f"`{field.data_key}`" in readme, field.data_key
+        if field.data_key not in provided_by_the_host:
+            assert field.data_key in app_json["env"], field.data_key
+    assert set(app_json["env"]) <= {field.data_key for field in SettingsSchema().fields.values()}
+
+
+def test_procfile_is_the_documented_interface():
+    procfile = (REPO / "Procfile").read_text().splitlines()
+    assert procfile == ["web: gunicorn receiver.wsgi:app", "worker: celery -A workers.app worker",
+                        "beat: celery -A workers.app beat", "flower: celery -A workers.app flower",
+                        "release: l2u-relay subscriptions sync"]
