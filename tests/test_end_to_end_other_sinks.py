@@ -6,7 +6,8 @@ from tests.simulators import deliverycom, locate, locate2u
 from tests.simulators.base import SimulatorServer
 from tests.test_end_to_end import settled
 from tests.test_receiver import post
-from tests.test_sink_forward import SECRET, create_receiver
+from tests.simulators.forward_receiver import create_receiver
+from tests.test_sink_forward import SECRET
 from tests.test_worker_ingest import wait_for
 from workers.stores import DeadLetterStore
 

@@ -1,14 +1,13 @@
 """The signed forward sink against a loopback receiver that verifies Standard Webhooks signatures."""
 import base64
 import json
-import threading
 import time
 
 import pytest
-from flask import Flask, jsonify, request
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tests.simulators.base import FaultPlan, SimulatorServer, install_faults
+from tests.simulators.base import SimulatorServer
+from tests.simulators.forward_receiver import create_receiver
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.errors import PermanentError, RetriableError
@@ -19,44 +18,8 @@ SECRET = "whsec_" + base64.b64encode(b"forward-test-secret-0123456789ab").decode
 NEW_SECRET = "whsec_" + base64.b64encode(b"forward-rotated-secret-987654321").decode()
 
 
-class ReceiverState:
-    """What the receiver saw: the latest message per endpoint and location key, and every accepted request."""
-
-    def __init__(self, secrets):
-        self.webhooks = {name: Webhook(secret) for name, secret in secrets.items()}
-        self.messages = {name: {} for name in secrets}
-        self.log = []
-        self.lock = threading.Lock()
-
-
-def create_receiver(secrets=None):
-    """A consumer app: ``POST /hooks/<name>`` verified with that endpoint's secret; 422 without a location name."""
-    state = ReceiverState(secrets or {"a": SECRET, "b": SECRET})
-    faults = FaultPlan()
-    app = Flask(__name__)
-    app.config["STATE"], app.config["FAULTS"] = state, faults
-    install_faults(app, faults)
-
-    @app.post("/hooks/<name>")
-    def receive(name):
-        try:
-            message = state.webhooks[name].verify(request.get_data(as_text=True), dict(request.headers))
-        except WebhookVerificationError as exc:
-            return jsonify({"error": str(exc)}), 401
-        location = message.get("location")
-        if location is not None and not location.get("name"):
-            return jsonify({"error": "validation", "fields": {"location.name": "required"}}), 422
-        key = location["key"] if location else message["delivery_id"]
-        with state.lock:
-            state.messages[name][key] = message
-            state.log.append((name, dict(request.headers)))
-        return "", 204
-
-    return app
-
-
 def serve(secrets=None):
-    return SimulatorServer(create_receiver(secrets)).start()
+    return SimulatorServer(create_receiver(secrets or {"a": SECRET, "b": SECRET})).start()
 
 
 @pytest.fixture
