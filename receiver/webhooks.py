@@ -19,13 +19,20 @@ def delivery_id_for(event_type, body):
 
 
 def _parse(body):
+    """``(text, payload, problem)``: the body as UTF-8 text (a leading BOM dropped) and its JSON object.
+
+    The text is what the ledger keeps, so a worker parses exactly what was checked here.
+    """
     try:
-        payload = json.loads(body)
+        text = body.decode("utf-8-sig")
+        payload = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        return None, f"body is not valid JSON: {exc}"
+        return None, None, f"body is not valid JSON: {exc}"
+    except RecursionError:
+        return None, None, "body is not valid JSON: nested too deeply"
     if not isinstance(payload, dict):
-        return None, f"body must be a JSON object, not {type(payload).__name__}"
-    return payload, None
+        return None, None, f"body must be a JSON object, not {type(payload).__name__}"
+    return text, payload, None
 
 
 @bp.post("/webhooks/locate2u/<event_type>/<token>")
@@ -37,7 +44,7 @@ def receive(event_type, token):
     if not token_matches(token, event_type, (settings.webhook_secret, settings.webhook_secret_previous)):
         return error_response(401, "invalid_token", "the URL token is not valid for this event type")
     body = request.get_data(cache=False)
-    payload, problem = _parse(body)
+    text, payload, problem = _parse(body)
     if problem:
         return error_response(400, "invalid_body", problem)
     handoff = current_app.extensions["l2u.handoff"]
@@ -45,10 +52,10 @@ def receive(event_type, token):
         missing = missing_key_field(event_type, payload)
         if missing:
             message = f"field {missing!r} is required for {event_type}"
-            handoff.quarantine_delivery(event_type, body.decode(), message, {missing: ["Missing data."]})
+            handoff.quarantine_delivery(event_type, text, message, {missing: ["Missing data."]})
             return error_response(422, "missing_field", message, field=missing)
         delivery_id = delivery_id_for(event_type, body)
-        status = handoff.accept(delivery_id, event_type, body.decode())
+        status = handoff.accept(delivery_id, event_type, text)
     except Unavailable as exc:
         current_app.logger.warning("delivery refused for now: %s", exc)
         return error_response(503, "unavailable", "temporarily unable to accept deliveries; retry later",
