@@ -1,7 +1,6 @@
 """The local stack behind ``l2u-relay run``: embedded Redis plus the Procfile processes."""
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -95,16 +94,22 @@ def local_environment(data_dir, port):
     return env
 
 
-def run_processes(env, names=LOCAL_PROCESSES, cwd=None):
-    """Run the named Procfile processes under honcho until Ctrl-C; return the exit code."""
+def run_processes(env, names=LOCAL_PROCESSES, on_start=None):
+    """Run the named Procfile processes under honcho until Ctrl-C; return the exit code.
+
+    ``on_start(stop)`` is called first; ``stop(code)`` ends everything with that exit code.
+    """
     commands = procfile_commands()
     manager = Manager()
     for name in names:
-        manager.add_process(name, commands[name], env=env, cwd=cwd or str(REPO_ROOT))
+        manager.add_process(name, commands[name], env=env, cwd=str(REPO_ROOT))
+
+    def stop(code):
+        manager.returncode = code
+        manager.terminate()
+
+    if on_start:
+        on_start(stop)
     manager.loop()
     return manager.returncode
 
-
-def tool(name):
-    """Path of a console script installed beside this Python (gunicorn, celery)."""
-    return shutil.which(name, path=os.path.dirname(sys.executable)) or name
