@@ -1,16 +1,19 @@
 """What operators see: /metrics series, JSON logs with the delivery's context, no secrets, docs in sync."""
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import requests
 
 from tests.payloads import status_change
+from tests.processes import BIN, process_env
 from tests.test_end_to_end import SP_TOKEN, B2B_TOKEN, STOP_ID, settled, sims, stack_settings  # noqa: F401
 from tests.test_receiver import post
 from tests.test_worker_ingest import wait_for
 from workers.config import SettingsSchema
 from workers.logs import settings_secrets
+from workers.stores import DeadLetterStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +83,51 @@ def test_procfile_is_the_documented_interface():
     assert procfile == ["web: gunicorn receiver.wsgi:app", "worker: celery -A workers.app worker",
                         "beat: celery -A workers.app beat", "flower: celery -A workers.app flower",
                         "release: l2u-relay subscriptions sync"]
+
+
+def cli(settings, *args):
+    result = subprocess.run([str(BIN / "l2u-relay"), *args], env=process_env(settings), capture_output=True,
+                            text=True, timeout=60, input="y\n")
+    return result
+
+
+def test_status_dlq_and_deliveries_commands_against_a_live_stack(stack_settings, sims, start_process,
+                                                                  redis_client):
+    settings = stack_settings.replace(public_url="http://127.0.0.1:9")
+    web = start_process("gunicorn", settings)
+    start_process("worker", settings, beat=True)
+    sims["storepoint"].app.config["FAULTS"].inject(400, body={"error": "validation_error", "message": "Invalid",
+                                                              "details": {"name": ["is taken"]}})
+    delivery_id = post(web.url, "stop.status-changed",
+                       status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00")).json()["delivery_id"]
+    assert wait_for(lambda: settled(redis_client, delivery_id))["status"] == "dead_lettered"
+
+    status = json.loads(cli(settings, "status", "--json").stdout)
+    assert status["dead_letters"] == {"storepoint": 1}
+    assert status["sinks"]["storepoint"] == {"breaker": "closed", "mapped": 0, "dead_letters": 1}
+    assert status["sinks"]["b2b"]["mapped"] == 1
+    assert set(status["queues"]) == {"ingest", "deliver", "control"} and status["scheduled_retries"] == 0
+    assert status["locate2u"]["token"]["status"] == "ok"
+    assert status["locate2u"]["subscriptions"]["desired"] == 8
+    assert len(status["locate2u"]["subscriptions"]["pending_changes"]) == 8  # not synced yet
+    table = cli(settings, "status").stdout
+    assert "storepoint    closed         0             1" in table and "subscriptions 0/8 in place" in table
+
+    listing = cli(settings, "dlq", "list", "--sink", "storepoint")
+    assert listing.returncode == 0 and "1 dead letter(s)" in listing.stdout
+    assert "validation_error: Invalid (name: is taken)" in listing.stdout
+    entry_id = f"{delivery_id}:storepoint"
+    shown = json.loads(cli(settings, "dlq", "show", entry_id).stdout)
+    assert shown["error"]["status"] == 400 and shown["attempts"] == 1
+    assert cli(settings, "dlq", "show", "nope").returncode == 1
+
+    replayed = cli(settings, "dlq", "replay", entry_id)
+    assert replayed.returncode == 0 and "queued 1 dead letter(s)" in replayed.stdout
+    wait_for(lambda: DeadLetterStore(redis_client).list() == [])
+    assert wait_for(lambda: settled(redis_client, delivery_id))["status"] == "applied"
+
+    trace = cli(settings, "deliveries", "show", delivery_id).stdout
+    for step in ("routed", "dead-lettered", "replayed", "applied"):
+        assert step in trace
+    assert "storepoint   applied" in trace
+    assert cli(settings, "dlq", "replay").returncode == 2  # neither IDs nor --all

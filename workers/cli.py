@@ -101,6 +101,7 @@ def _settings(environ=None):
 main.add_command(ops_commands.dlq)
 main.add_command(ops_commands.deliveries)
 main.add_command(ops_commands.reconcile)
+main.add_command(ops_commands.status)
 main.add_command(locate2u_commands.oauth)
 main.add_command(locate2u_commands.whoami)
 main.add_command(locate2u_commands.stops)

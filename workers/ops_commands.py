@@ -163,3 +163,15 @@ def reconcile(sink, since, as_json):
         click.echo(f"  {title}: {len(items)}")
         for item in list(items)[:50]:
             click.echo(f"    {item}" + (f": {items[item]}" if isinstance(items, dict) else ""))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+def status(as_json):
+    """Queues, retries, dead letters, breakers, Locate2u token and subscriptions at a glance."""
+    from workers import status as relay_status
+
+    data = relay_status.collect(_runtime())
+    if as_json:
+        return _echo_json(data)
+    click.echo(relay_status.render(data))

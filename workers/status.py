@@ -1,0 +1,69 @@
+"""``l2u-relay status``: the relay at a glance — queues, retries, dead letters, breakers, Locate2u."""
+import redis
+
+from workers.config import ConfigError
+from workers.errors import RelayError
+from workers.locate2u.subscriptions import SubscriptionSync
+from workers.metrics import QUEUES
+from workers.resilience import RetryScheduler
+from workers.stores import PREFIX
+
+KOMBU_UNACKED = "unacked"  # kombu's Redis transport keeps delivered-but-unacknowledged messages here
+
+
+def collect(rt):
+    """Everything ``status`` shows, as JSON-ready data (one network call: the subscriptions list)."""
+    return {"queues": {queue: rt.redis.llen(queue) for queue in QUEUES},
+            "in_flight": rt.redis.hlen(KOMBU_UNACKED),
+            "scheduled_retries": rt.redis.zcard(RetryScheduler.KEY),
+            "dead_letters": rt.dead_letters.counts(),
+            "sinks": {name: _sink(rt, name) for name in rt.sinks},
+            "locate2u": _locate2u(rt)}
+
+
+def _sink(rt, name):
+    return {"breaker": rt.breaker(name).state(),
+            "mapped": rt.redis.hlen(f"{PREFIX}map:{name}"),
+            "dead_letters": rt.dead_letters.counts().get(name, 0)}
+
+
+def _locate2u(rt):
+    if rt.locate2u is None:
+        return {"configured": False}
+    info = {"configured": True, "token": rt.locate2u.tokens.describe()}
+    try:
+        report = SubscriptionSync.from_settings(rt.locate2u, rt.settings, rt.redis).run(dry_run=True)
+    except (RelayError, ConfigError, redis.RedisError) as exc:
+        info["subscriptions"] = {"error": getattr(exc, "message", str(exc))}
+    else:
+        info["subscriptions"] = {"desired": len(rt.settings.event_types), "in_place": report.unchanged,
+                                 "pending_changes": [str(change) for change in report.changes],
+                                 "foreign": report.foreign}
+    return info
+
+
+def render(data):
+    """The compact table a person reads."""
+    lines = ["queues        " + "  ".join(f"{q}={n}" for q, n in data["queues"].items())
+             + f"  in-flight={data['in_flight']}  scheduled-retries={data['scheduled_retries']}"]
+    lines.append(f"{'sink':<13} {'breaker':<8} {'mapped':>7} {'dead letters':>13}")
+    for name, sink in data["sinks"].items():
+        lines.append(f"{name:<13} {sink['breaker']:<8} {sink['mapped']:>7} {sink['dead_letters']:>13}")
+    other = {k: v for k, v in data["dead_letters"].items() if k not in data["sinks"]}
+    if other:
+        lines.append("dead letters before fan-out: " + ", ".join(f"{k}={v}" for k, v in other.items()))
+    l2u = data["locate2u"]
+    if not l2u["configured"]:
+        lines.append("locate2u      not configured (LOCATE2U_CLIENT_ID)")
+        return "\n".join(lines)
+    token = l2u["token"]
+    expiry = f", expires in {token['expires_in']}s" if token["expires_in"] is not None else ""
+    lines.append(f"locate2u      token {token['status']} ({token['grant']}{expiry})")
+    subs = l2u["subscriptions"]
+    if "error" in subs:
+        lines.append(f"subscriptions unavailable: {subs['error']}")
+    else:
+        lines.append(f"subscriptions {subs['in_place']}/{subs['desired']} in place, "
+                     f"{len(subs['pending_changes'])} change(s) pending, {subs['foreign']} not ours")
+        lines += [f"  pending: {change}" for change in subs["pending_changes"]]
+    return "\n".join(lines)
