@@ -15,6 +15,7 @@ from tests.simulators.base import SimulatorServer
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.http import HttpClient
+from workers.pipeline import replay_dead_letter
 from workers.routes import DEFAULT_ROUTES, Route
 from workers.runtime import Runtime
 from workers.sinks.base import Sink
@@ -214,7 +215,6 @@ def test_replay_applies_a_fixed_dead_letter(driver, sink_server, l2u):
     driver.run()
     [entry] = driver.rt.dead_letters.list()
     entry["record"]["name"] = "Fixed name"  # what an operator's fix upstream amounts to
-    from workers.pipeline import replay_dead_letter
     replay_dead_letter(driver.rt, entry)
     assert driver.rt.dead_letters.get(entry["id"]) is not None  # kept until applied
     driver.run()
@@ -249,3 +249,17 @@ def test_every_delivery_ends_applied_stale_or_dead_lettered(driver, sink_server,
     assert set(counts) <= {"applied", "stale", "dead_lettered"}
     assert sum(counts.values()) == len(ids)
     assert counts["dead_lettered"] == len(driver.rt.dead_letters.list()) >= 10  # the unknown stop
+
+
+def test_replayed_dead_letter_superseded_by_a_newer_event_ends_stale(driver, sink_server):
+    sink_server.app.config["FAULTS"].inject(400)
+    accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run()
+    [entry] = driver.rt.dead_letters.list()
+    accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
+    driver.run()
+    replay_dead_letter(driver.rt, entry)
+    driver.run()
+    assert driver.rt.dead_letters.list() == []
+    assert driver.rt.ledger.get(entry["delivery_id"])["status"] == "stale"
+    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Complete"

@@ -141,6 +141,8 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
             rt.ledger.trace(delivery_id, "stale", sink=sink_name, key=location.key)
             rt.metrics.delivery(sink_name, "stale")
             log.info("stale: a newer version of %s is already applied", location.key)
+            if replay:  # final: a newer version superseded the dead letter
+                rt.dead_letters.remove(rt.dead_letters.entry_id(delivery_id, sink_name))
             return "stale"
         try:
             remote_id = sink.apply(action, location, route.options)
