@@ -38,9 +38,9 @@ import threading
 from datetime import datetime, timezone
 from urllib.parse import urlencode
 
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
-from .base import FaultPlan, install_faults, run_main
+from .base import method_path_body, run_main, simulator_app
 
 DEFAULT_PAGE_SIZE = 10
 FIRST_ID = 1001
@@ -425,20 +425,7 @@ def _error_response(status, message):
 
 def create_app(state=None):
     """Build the simulator app around ``state`` (a fresh one by default)."""
-    app = Flask(__name__)
-    state = state or B2BState()
-    faults = FaultPlan()
-    app.config["STATE"] = state
-    app.config["FAULTS"] = faults
-
-    @app.before_request
-    def _log():
-        if not request.path.startswith("/_sim/"):
-            path = request.full_path if request.query_string else request.path
-            with state.lock:
-                state.requests_log.append((request.method, path, request.get_json(silent=True)))
-
-    install_faults(app, faults)
+    app = simulator_app(__name__, state or B2BState(), method_path_body)
     app.add_url_rule("/login", view_func=login, methods=["POST"])
     app.register_blueprint(api)
 

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 
-from flask import jsonify, request
+from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
 
@@ -103,6 +103,37 @@ def install_faults(app, faults):
     def _clear_faults():
         faults.clear()
         return jsonify({"ok": True})
+
+
+def simulator_app(import_name, state, log_entry=None, unlogged=("/_sim/",)):
+    """A Flask app with ``config["STATE"]``, ``config["FAULTS"]`` and fault injection installed.
+
+    With ``log_entry(request)``, every request outside ``unlogged`` prefixes (faulted ones
+    included) is appended to ``state.requests_log`` under ``state.lock``.
+    """
+    app = Flask(import_name)
+    app.config["STATE"], app.config["FAULTS"] = state, FaultPlan()
+    if log_entry is not None:
+        @app.before_request
+        def _log():
+            if not request.path.startswith(unlogged):
+                with state.lock:
+                    state.requests_log.append(log_entry(request))
+    install_faults(app, app.config["FAULTS"])
+    return app
+
+
+def method_path_body(req):
+    """Log entry ``(method, path with its query string, JSON body or None)``."""
+    return req.method, req.full_path if req.query_string else req.path, req.get_json(silent=True)
+
+
+def method_path_query_body_headers(*header_names):
+    """Log entries ``(method, path, query dict, JSON body, {header: value} of ``header_names``)``."""
+    def entry(req):
+        headers = {name: req.headers[name] for name in header_names if name in req.headers}
+        return req.method, req.path, req.args.to_dict(), req.get_json(silent=True), headers
+    return entry
 
 
 class SimulatorServer:

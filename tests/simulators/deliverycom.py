@@ -41,9 +41,9 @@ import math
 import threading
 from decimal import Decimal
 
-from flask import Flask, jsonify, request
+from flask import jsonify, request
 
-from tests.simulators.base import FaultPlan, install_faults, run_main
+from tests.simulators.base import method_path_query_body_headers, run_main, simulator_app
 
 FIRST_LOCATION_ID = 1574900
 MATCH_TOLERANCE = 1e-4
@@ -230,20 +230,8 @@ def _listed(location):
 def create_app(state=None):
     """Build the Delivery.com simulator app around ``state`` (a fresh DeliverycomState by default)."""
     state = state or DeliverycomState()
-    faults = FaultPlan()
-    app = Flask(__name__)
-    app.config["STATE"], app.config["FAULTS"] = state, faults
+    app = simulator_app(__name__, state, method_path_query_body_headers(*LOGGED_HEADERS))
     app.json.sort_keys = False
-
-    @app.before_request
-    def _log():
-        if not request.path.startswith("/_sim/"):
-            headers = {name: request.headers[name] for name in LOGGED_HEADERS if name in request.headers}
-            with state.lock:
-                state.requests_log.append((request.method, request.path, request.args.to_dict(),
-                                           request.get_json(silent=True), headers))
-
-    install_faults(app, faults)
 
     @app.before_request
     def _authenticate():

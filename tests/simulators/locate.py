@@ -40,15 +40,16 @@ import threading
 from datetime import datetime, timezone
 from urllib.parse import urlencode
 
-from flask import Flask, Response, jsonify, redirect, request
+from flask import Response, jsonify, redirect, request
 
-from tests.simulators.base import FaultPlan, install_faults, run_main
+from tests.simulators.base import method_path_query_body_headers, run_main, simulator_app
 
 MAX_PER_PAGE = 100
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 LIST_PARAMS = {"perPage", "page", "sort", "fields", "withTrashed", "filter", "embed"}
 READ_ONLY_FIELDS = {"id", "created_at", "updated_at", "deleted_at"}
 LOGGED_HEADERS = ("Accept", "Content-Type", "X-Background-Processing")
+UNGUARDED = ("/_sim/", "/login")  # neither logged nor checked for auth and headers
 INVALID = "The given data was invalid."
 NOT_FOUND = {"message": "Not found"}
 LOGIN_PAGE = "<!DOCTYPE html><html><head><title>LOCATE | Login</title></head><body>Login</body></html>"
@@ -400,27 +401,12 @@ def _wants_json():
 def create_app(state=None):
     """Build the LOCATE simulator app around ``state`` (a fresh LocateState by default)."""
     state = state or LocateState()
-    faults = FaultPlan()
-    app = Flask(__name__)
-    app.config["STATE"], app.config["FAULTS"] = state, faults
+    app = simulator_app(__name__, state, method_path_query_body_headers(*LOGGED_HEADERS), unlogged=UNGUARDED)
     app.json.sort_keys = False
-
-    def exempt():
-        return request.path.startswith("/_sim/") or request.path == "/login"
-
-    @app.before_request
-    def _log():
-        if not exempt():
-            headers = {name: request.headers[name] for name in LOGGED_HEADERS if name in request.headers}
-            with state.lock:
-                state.requests_log.append((request.method, request.path, request.args.to_dict(),
-                                           request.get_json(silent=True), headers))
-
-    install_faults(app, faults)
 
     @app.before_request
     def _guard():
-        if exempt():
+        if request.path.startswith(UNGUARDED):
             return None
         needs_content_type = request.method in WRITE_METHODS
         if not _wants_json() or (needs_content_type and request.mimetype != "application/json"):

@@ -33,9 +33,9 @@ import string
 import threading
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
-from .base import FaultPlan, install_faults, run_main
+from .base import method_path_body, run_main, simulator_app
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 10
@@ -428,20 +428,7 @@ def list_custom_fields():
 
 def create_app(state=None):
     """Build the simulator app around ``state`` (a fresh one by default)."""
-    app = Flask(__name__)
-    state = state or StorepointState()
-    faults = FaultPlan()
-    app.config["STATE"] = state
-    app.config["FAULTS"] = faults
-
-    @app.before_request
-    def _log():
-        if not request.path.startswith("/_sim/"):
-            path = request.full_path if request.query_string else request.path
-            with state.lock:
-                state.requests_log.append((request.method, path, request.get_json(silent=True)))
-
-    install_faults(app, faults)
+    app = simulator_app(__name__, state or StorepointState(), method_path_body)
     app.register_blueprint(api)
     app.register_blueprint(api, url_prefix="/admin/v1", name="storepoint_admin_v1")
 
