@@ -25,6 +25,43 @@ def test_scheduler_sends_now_or_holds_until_due(redis_client):
     assert sent[-1] == ("t", [2]) and scheduler.pending() == []
 
 
+
+def test_releasers_running_at_once_send_each_due_task_once(redis_client):
+    """Chaos finding: a backlog of release tasks ran side by side and each sent the same retries,
+    so every retry chain doubled (thousands of redundant deliver tasks in one run)."""
+    sent = []
+    other = RetryScheduler(redis_client, lambda name, args: sent.append(args[0]))
+
+    def send_and_race(name, args):
+        sent.append(args[0])
+        if len(sent) == 1:
+            other.release_due(now=time.time() + 101)  # a second releaser, mid-way through the first
+
+    scheduler = RetryScheduler(redis_client, send_and_race)
+    for number in (1, 2, 3):
+        scheduler.schedule("t", [number], 100)
+    assert scheduler.release_due(now=time.time() + 101) == 3
+    assert sorted(sent) == [1, 2, 3]
+    assert redis_client.zcard(RetryScheduler.CLAIMED) == 0
+
+
+def test_claimed_retries_of_a_releaser_that_died_are_sent_after_the_lease(redis_client):
+    def die(name, args):
+        raise SystemExit("killed")
+
+    for number in (1, 2):
+        RetryScheduler(redis_client, die).schedule("t", [number], 10)
+    now = time.time() + 11
+    try:
+        RetryScheduler(redis_client, die).release_due(now=now)
+    except SystemExit:
+        pass
+    sent = []
+    survivor = RetryScheduler(redis_client, lambda name, args: sent.append(args[0]))
+    assert survivor.release_due(now=now + 1) == 0  # still claimed by the dead releaser
+    assert survivor.release_due(now=now + RetryScheduler.CLAIM_SECONDS + 1) == 2
+    assert sorted(sent) == [1, 2]
+
 def test_breaker_lets_one_probe_through_after_cooldown(redis_client):
     breaker = CircuitBreaker(redis_client, "s", threshold=2, cooldown=10)
     now = time.time()

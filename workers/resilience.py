@@ -26,14 +26,35 @@ def retry_delay(schedule, attempt, retry_after=None, rng=random):
     return max(delay, retry_after or 0.0)
 
 
+# Due members move to the claimed set in one step, so releasers running at once (a backlog of
+# release tasks, several workers) never send the same retry twice. A claim whose releaser died
+# before sending goes back to the due set once its lease is over: still at least once.
+_CLAIM = """
+local now = tonumber(ARGV[1])
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('ZADD', KEYS[1], now, member)
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), member)
+end
+return due
+"""
+
+
 class RetryScheduler:
     """Tasks due later, held in a Redis sorted set until ``release_due`` sends them."""
 
     KEY = PREFIX + "retries"
+    CLAIMED = PREFIX + "retries:claimed"
+    CLAIM_SECONDS = 30
 
     def __init__(self, client, send_task):
         self.redis = client
         self.send_task = send_task
+        self._claim = client.register_script(_CLAIM)
 
     def schedule(self, task_name, args, delay):
         """Send now when ``delay`` is 0, otherwise hold until it is due."""
@@ -44,12 +65,17 @@ class RetryScheduler:
         self.redis.zadd(self.KEY, {member: time.time() + delay})
 
     def release_due(self, now=None, limit=500):
-        """Send every task that is due; return how many. Sent before removal: at least once."""
-        due = self.redis.zrangebyscore(self.KEY, "-inf", time.time() if now is None else now, start=0, num=limit)
+        """Send every task that is due; return how many.
+
+        Each due task is claimed (atomically, so concurrent releasers share the work instead of
+        each sending it) and its claim dropped only once sent: at least once, never twice at once.
+        """
+        now = time.time() if now is None else now
+        due = self._claim(keys=[self.KEY, self.CLAIMED], args=[now, limit, self.CLAIM_SECONDS])
         for member in due:
             item = json.loads(member)
             self.send_task(item["task"], args=item["args"])
-            self.redis.zrem(self.KEY, member)
+            self.redis.zrem(self.CLAIMED, member)
         return len(due)
 
     def pending(self):
