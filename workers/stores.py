@@ -2,7 +2,8 @@
 
 Keys all start with ``l2u:``. The ledger keeps the raw delivery (event type,
 body, received-at, status) in one hash per delivery; ``record()`` writes it,
-the dedup key and the sweeper's index in one atomic round trip.
+the dedup key and the sweeper's index (and, from the receiver, the Celery
+message) in one atomic round trip.
 """
 import json
 import time
@@ -27,6 +28,7 @@ redis.call('HSET', KEYS[2], 'delivery_id', ARGV[1], 'event_type', ARGV[3], 'body
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+if KEYS[5] then redis.call('LPUSH', KEYS[5], ARGV[7]) end
 return 1
 """
 
@@ -57,11 +59,18 @@ class Ledger:
     def dedup_key(delivery_id):
         return f"{PREFIX}dedup:{delivery_id}"
 
-    def record(self, delivery_id, event_type, body, dedup_window, received_at=None):
-        """Record a new delivery; return False if it is a duplicate within the window."""
+    def record(self, delivery_id, event_type, body, dedup_window, received_at=None, enqueue=None):
+        """Record a new delivery; return False if it is a duplicate within the window.
+
+        ``enqueue`` is an optional ``(list key, message)``: the message is LPUSHed by the same
+        atomic script, so the delivery is recorded and queued together or not at all.
+        """
         received_at = time.time() if received_at is None else received_at
         keys = [self.dedup_key(delivery_id), self.key(delivery_id), self.RECEIVED, self.ALL]
         args = [delivery_id, dedup_window, event_type, body, repr(received_at), LEDGER_RETENTION]
+        if enqueue is not None:
+            keys.append(enqueue[0])
+            args.append(enqueue[1])
         return bool(self._record(keys=keys, args=args))
 
     def release(self, delivery_id):
