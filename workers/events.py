@@ -63,8 +63,17 @@ class EventSchema(Schema):
     assignedTo = fields.Nested(Person, allow_none=True)
 
 
+class EntityId(fields.Integer):
+    """An id as a JSON integer or a string of one ("42"); 4.2 is refused, never truncated to entity 4."""
+
+    def _validated(self, value):
+        if isinstance(value, float) and not value.is_integer():
+            raise self.make_error("invalid", input=value)
+        return super()._validated(value)
+
+
 def _id(required=True):
-    return fields.Integer(required=required, allow_none=not required, strict=False)
+    return EntityId(required=required, allow_none=not required, strict=False)
 
 
 class StatusChange(Schema):
