@@ -1,7 +1,7 @@
 """The web process: receives Locate2u webhooks, records them and hands them on."""
 from flask import Flask
 
-from receiver import errors, health, metrics, oauth, webhooks
+from receiver import errors, health, metrics, oauth, openapi, webhooks
 from receiver.handoff import Handoff
 from workers.config import ConfigError, Settings
 from workers.logs import configure_logging
@@ -21,5 +21,6 @@ def create_app(settings=None):
     metrics.init_app(app, handoff.ledger.redis, settings)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(openapi.bp)
     oauth.init_app(app)
     return app
