@@ -3,6 +3,7 @@ import hashlib
 import json
 
 from flask import Blueprint, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from receiver.errors import error_response
 from receiver.handoff import Unavailable
@@ -35,6 +36,16 @@ def _parse(body):
     return text, payload, None
 
 
+def _read_body():
+    """The body, or 413 when it is over the limit, also when it is streamed without a Content-Length
+    (Werkzeug then stops reading at the limit without saying so; one more byte tells)."""
+    body = request.get_data(cache=False)
+    if (request.content_length is None and len(body) >= current_app.config["MAX_CONTENT_LENGTH"]
+            and request.environ["wsgi.input"].read(1)):
+        raise RequestEntityTooLarge()
+    return body
+
+
 @bp.post("/webhooks/locate2u/<event_type>/<token>")
 def receive(event_type, token):
     if event_type not in EVENT_TYPES:
@@ -43,7 +54,7 @@ def receive(event_type, token):
     settings = current_app.extensions["l2u.settings"]
     if not token_matches(token, event_type, (settings.webhook_secret, settings.webhook_secret_previous)):
         return error_response(401, "invalid_token", "the URL token is not valid for this event type")
-    body = request.get_data(cache=False)
+    body = _read_body()
     text, payload, problem = _parse(body)
     if problem:
         return error_response(400, "invalid_body", problem)
