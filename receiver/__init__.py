@@ -5,6 +5,7 @@ from receiver import errors, health, metrics, oauth, openapi, webhooks
 from receiver.handoff import Handoff
 from workers.config import ConfigError, Settings
 from workers.logs import configure_logging
+from workers.routes import load_routes
 
 
 def create_app(settings=None):
@@ -12,6 +13,7 @@ def create_app(settings=None):
     settings = settings or Settings.from_env()
     if not settings.redis_url:
         raise ConfigError({"REDIS_URL": "required for the web process ('l2u-relay run' starts an embedded Redis)"})
+    load_routes(settings.routes_file)  # every process refuses a bad routes file at start-up
     configure_logging(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

@@ -92,3 +92,9 @@ def test_worker_refuses_to_start_with_a_bad_routes_file(tmp_path, settings):
                             timeout=60)
     assert result.returncode != 0
     assert "line 2: storepoint.action: Must be one of" in result.stderr
+
+
+def test_receiver_refuses_a_bad_routes_file_too(tmp_path, settings):
+    from receiver import create_app
+    with pytest.raises(ConfigError, match="line 2: storepoint.action"):
+        create_app(settings.replace(routes_file=write(tmp_path, "storepoint:\n  action: explode\n")))
