@@ -145,9 +145,14 @@ def test_cancelled_stop_is_written_inactive(sim, sink):
     assert record(sim, "l2u-stop-164557")["active"] is False
 
 
-def test_deactivating_what_is_not_there_creates_nothing(sim, sink):
-    assert sink.apply("deactivate", sample_location(status="Cancelled")) is None
-    assert state(sim).locations == {}
+def test_deactivating_what_is_not_there_creates_it_inactive(sim, sink, mappings):
+    """Chaos finding: a cancellation that arrived before the stop's first event left B2B with no
+    location (and the older events were then stale), where in order it ends with an inactive one."""
+    remote_id = sink.apply("deactivate", sample_location(status="Cancelled"))
+    created = record(sim, "l2u-stop-164557")
+    assert created["active"] is False and remote_id == created["id"] == mappings.get("l2u-stop-164557")
+    assert sink.apply("deactivate", sample_location(status="Cancelled")) == remote_id
+    assert len(state(sim).locations) == 1
 
 
 def test_upsert_many_creates_in_one_call(sim, sink, mappings):

@@ -100,19 +100,20 @@ class B2BSink(Sink):
 
     def upsert(self, location, options):
         """Update by idRemote when mapped (creating it again if gone), else create (409: update); return the id."""
-        fields = self.fields(location, options)
-        if self.mappings.get(location.key):
-            remote_id = self._update(location.key, fields)
+        return self._upsert(location.key, self.fields(location, options), options)
+
+    def _upsert(self, key, fields, options):
+        if self.mappings.get(key):
+            remote_id = self._update(key, fields)
             if remote_id is not None:
                 return remote_id
-        item = create_item(location.key, fields, options)
-        response = self.call("POST", "Location/create", accept=(409,), json=[item])
+        response = self.call("POST", "Location/create", accept=(409,), json=[create_item(key, fields, options)])
         if response.status_code != 409:
-            return self._remember(location.key, fields, response)
-        log.info("b2b: %s exists already (409); updating it", location.key)
-        remote_id = self._update(location.key, fields)
+            return self._remember(key, fields, response)
+        log.info("b2b: %s exists already (409); updating it", key)
+        remote_id = self._update(key, fields)
         if remote_id is None:
-            raise self.client.error_for(response, f"creating {location.key} answered 409 Duplicate entry, "
+            raise self.client.error_for(response, f"creating {key} answered 409 Duplicate entry, "
                                                   "yet no location has that idRemote to update")
         return remote_id
 
@@ -140,8 +141,12 @@ class B2BSink(Sink):
         return results
 
     def deactivate(self, location, options):
-        """Update with ``active: false``; a location that is not there is left alone (None)."""
-        return self._update(location.key, {**self.fields(location, options), "active": False})
+        """Upsert with ``active: false``: a location that is not there is created inactive.
+
+        So a cancellation that arrives before the stop's first event (events come in any
+        order) ends as it would after it: one inactive location, not none.
+        """
+        return self._upsert(location.key, {**self.fields(location, options), "active": False}, options)
 
     def delete(self, location, options):
         """Delete by idRemote (gone already is a success); refused for its business partner: deactivate."""
