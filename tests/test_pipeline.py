@@ -263,3 +263,88 @@ def test_replayed_dead_letter_superseded_by_a_newer_event_ends_stale(driver, sin
     assert driver.rt.dead_letters.list() == []
     assert driver.rt.ledger.get(entry["delivery_id"])["status"] == "stale"
     assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Complete"
+
+
+# Found by the chaos run (tests/chaos.py): each of these once left a delivery unfinished for good.
+
+def test_fan_out_interrupted_before_its_deliver_was_queued_is_resumed_on_redelivery(driver, sink_server):
+    """The worker died between marking the sinks pending and queueing deliver; the redelivered
+    process_delivery found the entry "routed" and returned, so that sink never got the write."""
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    _, args = driver.sent.pop(0)
+
+    def killed(*_args, **_kwargs):
+        raise SystemExit("SIGKILL")
+
+    driver.rt.scheduler.schedule = killed
+    with pytest.raises(SystemExit):
+        tasks.process_delivery.run(*args)
+    del driver.rt.scheduler.schedule
+    assert driver.rt.ledger.get(delivery_id)["sinks"]["storepoint"]["state"] == "pending"
+    assert tasks.process_delivery.run(*args) == "resumed"  # Celery redelivers it after the visibility timeout
+    driver.run()
+    assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
+    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
+    assert "resumed" in [line["what"] for line in driver.rt.ledger.history(delivery_id)]
+
+
+def test_sweeper_resumes_a_fan_out_whose_deliver_message_was_lost(driver, sink_server):
+    """The broker lost a deliver message (a worker killed between BRPOP and recording it unacked, or
+    Redis stopping then): nothing would ever redeliver it, so the sink stayed pending for good."""
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    name, args = driver.sent.pop(0)
+    tasks.process_delivery.run(*args)
+    [(lost, _)] = driver.sent
+    driver.sent.clear()
+    assert lost == DELIVER
+    assert tasks.sweep_received.run() == 0  # not stalled yet: it may just be queued
+    time.sleep(driver.rt.settings.sweep_after + 0.1)
+    assert tasks.sweep_received.run() == 1
+    assert tasks.sweep_received.run() == 0  # re-queued once per sweep_after, not every sweep
+    driver.run()
+    assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
+    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
+    assert driver.rt.redis.zcard(driver.rt.ledger.OPEN) == 0
+
+
+def test_sweeper_leaves_a_fan_out_alone_while_its_retry_is_not_due(driver, sink_server):
+    sink_server.app.config["FAULTS"].inject(503)
+    driver.rt.settings = driver.rt.settings.replace(retry_schedule=(0, 60))
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run(release_retries=False)
+    assert driver.rt.ledger.get(delivery_id)["sinks"]["storepoint"]["state"] == "retrying"
+    time.sleep(driver.rt.settings.sweep_after + 0.1)
+    assert tasks.sweep_received.run() == 0 and driver.sent == []
+
+
+def test_broker_outage_while_fanning_out_is_redelivered_not_dead_lettered(driver):
+    """Redis restarting: queueing deliver failed with kombu's OperationalError, which was taken for a
+    bug and dead-lettered as an internal error (when the dead letter itself could still be written)."""
+    from celery.exceptions import Reject
+    from kombu.exceptions import OperationalError
+
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    _, args = driver.sent.pop(0)
+
+    def broker_down(name, args):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    driver.rt.scheduler.send_task = broker_down
+    with pytest.raises(Reject):
+        tasks.process_delivery.run(*args)
+    assert driver.rt.dead_letters.list() == []
+    driver.rt.scheduler.send_task = driver.send_task
+    tasks.process_delivery.run(*args)  # the redelivery resumes the fan-out
+    driver.run()
+    assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
+
+
+def test_activity_on_one_sink_does_not_hide_another_sinks_stall(redis_client):
+    from workers.stores import Ledger
+
+    ledger = Ledger(redis_client)
+    ledger.record("d-1", "stop.status-changed", "{}", 3600)
+    ledger.start_fan_out("d-1", ["storepoint", "b2b"])
+    ledger.sink_outcome("d-1", "b2b", "retrying", attempts=1, next_in=100)  # b2b busy retrying
+    time.sleep(0.01)
+    assert ledger.stalled(0) == ["d-1"]  # storepoint has made no progress since the fan-out

@@ -15,6 +15,7 @@ from workers.errors import PermanentError, RelayError, RetriableError
 from workers.locations import Location, location_from_stop
 from workers.resilience import retry_delay
 from workers.routes import render
+from workers.stores import FINAL_SINK_STATES
 
 log = logging.getLogger(__name__)
 STOP_CACHE_SECONDS = 10
@@ -60,10 +61,15 @@ def fetch_stop(rt, stop_id):
     return stop
 
 
+def routes_for(rt, event):
+    """``[(route, action)]`` of the enabled sinks that take ``event``."""
+    return [(route, action) for route in rt.routes.values()
+            if route.sink in rt.sinks and (action := route.action_for(event))]
+
+
 def route_delivery(rt, event, attempt=0, replay=False):
     """Enrich ``event`` and queue one deliver task per routed sink."""
-    routed = [(route, action) for route in rt.routes.values()
-              if route.sink in rt.sinks and (action := route.action_for(event))]
+    routed = routes_for(rt, event)
     if not routed:
         rt.ledger.set_status(event.delivery_id, "unrouted", entity=event.entity)
         rt.ledger.trace(event.delivery_id, "unrouted", reason="no enabled sink takes this event")
@@ -103,6 +109,69 @@ def _retry_enrich(rt, event, attempt, exc, replay):
     rt.ledger.set_status(event.delivery_id, "retrying")
     rt.scheduler.schedule(PROCESS_DELIVERY, [event.delivery_id, event.event_type, attempt + 1, replay], delay)
     return "retrying"
+
+
+def stalled_sinks(entry, grace=0.0, now=None):
+    """Sinks of a routed ledger entry with no final outcome and no progress for ``grace`` seconds.
+
+    Progress is the sink's last outcome; a scheduled retry counts from its due time.
+    """
+    now = time.time() if now is None else now
+    return sorted(name for name in open_sinks(entry)
+                  if entry["sinks"][name]["at"] + entry["sinks"][name].get("next_in", 0) + grace <= now)
+
+
+def open_sinks(entry):
+    """Sinks of a ledger entry without a final outcome."""
+    return [name for name, sink in entry["sinks"].items() if sink["state"] not in FINAL_SINK_STATES]
+
+
+def next_progress(entry):
+    """When the earliest open sink of ``entry`` is due to make progress (epoch seconds)."""
+    return min((entry["sinks"][name]["at"] + entry["sinks"][name].get("next_in", 0) for name in open_sinks(entry)),
+               default=time.time())
+
+
+def resume_fan_out(rt, event, entry, grace=0.0):
+    """Queue ``deliver`` again for the stalled sinks of a routed delivery.
+
+    A fan-out stalls when the worker dies between marking the sinks pending and
+    queueing the last deliver task (the redelivered ``process_delivery`` finds it
+    "routed"), or when the broker loses a message. Deliver is idempotent, so
+    queueing one that was merely slow costs a redundant write, never a wrong one.
+    """
+    stalled = stalled_sinks(entry, grace)
+    if not stalled:
+        return entry["status"]
+    routed = {route.sink: (route, action) for route, action in routes_for(rt, event) if route.sink in stalled}
+    stop, failure = None, None
+    try:
+        if event.stop_id is not None and any(route.needs_stop for route, _ in routed.values()):
+            stop = fetch_stop(rt, event.stop_id)
+    except RetriableError as exc:  # the sweeper comes back to it
+        rt.ledger.trace(event.delivery_id, "resume postponed", error=exc.message)
+        return "routed"
+    except PermanentError as exc:
+        failure = exc
+    context = template_context(event, stop)
+    for sink in stalled:
+        attempts = entry["sinks"][sink]["attempts"]
+        route, action = routed.get(sink, (None, None))
+        try:
+            if route is None:
+                raise PermanentError(f"{sink} no longer takes {event.event_type}")
+            if failure:
+                raise failure
+            record = build_record(route, event, stop, context)
+        except PermanentError as exc:
+            dead_letter(rt, event.delivery_id, sink, action, None, attempts + 1, exc, stage=ROUTE,
+                        event_type=event.event_type)
+            continue
+        rt.ledger.sink_outcome(event.delivery_id, sink, "pending", attempts=attempts, reason="resumed")
+        rt.scheduler.schedule(DELIVER, [event.delivery_id, sink, action, record, attempts, False], 0)
+    rt.ledger.trace(event.delivery_id, "resumed", sinks=stalled)
+    log.warning("resumed a stalled fan-out to %s", ", ".join(stalled))
+    return "resumed"
 
 
 def dead_letter_enrich(rt, event, attempt, exc):
@@ -169,7 +238,7 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
 def _wait(rt, args, delay, why):
     """Put the same attempt back for later without spending it."""
     rt.scheduler.schedule(DELIVER, args, delay)
-    rt.ledger.sink_outcome(args[0], args[1], "waiting", attempts=args[4], reason=why)
+    rt.ledger.sink_outcome(args[0], args[1], "waiting", attempts=args[4], reason=why, next_in=round(delay, 1))
     return "waiting"
 
 

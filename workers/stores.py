@@ -45,6 +45,7 @@ class Ledger:
     """Every accepted delivery, its status and per-sink outcomes."""
 
     RECEIVED = PREFIX + "ledger:received"  # sweeper index: still "received"
+    OPEN = PREFIX + "ledger:open"  # stall sweeper index: routed, some sink not final; scored by next check
     ALL = PREFIX + "ledger:all"
 
     def __init__(self, client):
@@ -105,6 +106,7 @@ class Ledger:
             pipe.hset(self.key(delivery_id), mapping={"status": "routed", **fields,
                                                       **{f"sink:{sink}": pending for sink in sinks}})
             pipe.zrem(self.RECEIVED, delivery_id)
+            pipe.zadd(self.OPEN, {delivery_id: time.time()})
             pipe.execute()
 
     def sink_outcome(self, delivery_id, sink, state, **details):
@@ -117,11 +119,18 @@ class Ledger:
             pipe.hset(self.key(delivery_id), f"sink:{sink}", outcome)
             pipe.hgetall(self.key(delivery_id))
             entry = pipe.execute()[1]
-        states = [json.loads(v)["state"] for k, v in entry.items() if k.startswith("sink:")]
+        outcomes = [json.loads(v) for k, v in entry.items() if k.startswith("sink:")]
+        states = [outcome["state"] for outcome in outcomes]
         if states and all(s in FINAL_SINK_STATES for s in states):
             final = ("dead_lettered" if "dead_lettered" in states
                      else "stale" if all(s == "stale" for s in states) else "applied")
-            self.redis.hset(self.key(delivery_id), "status", final)
+            with self.redis.pipeline() as pipe:
+                pipe.hset(self.key(delivery_id), "status", final)
+                pipe.zrem(self.OPEN, delivery_id)
+                pipe.execute()
+        else:  # the stall sweeper looks again once the least advanced open sink is due
+            due = min(o["at"] + o.get("next_in", 0) for o in outcomes if o["state"] not in FINAL_SINK_STATES)
+            self.redis.zadd(self.OPEN, {delivery_id: due})
         return float(entry.get("received_at", 0))
 
     def trace(self, delivery_id, what, **details):
@@ -144,6 +153,19 @@ class Ledger:
     def touch_received(self, delivery_id, now=None):
         """Restart the sweeper's clock for a delivery it has just re-queued."""
         self.redis.zadd(self.RECEIVED, {delivery_id: time.time() if now is None else now}, xx=True)
+
+    def stalled(self, older_than, now=None, limit=500):
+        """Routed delivery ids whose fan-out has had no progress for ``older_than`` seconds."""
+        cutoff = (time.time() if now is None else now) - older_than
+        return self.redis.zrangebyscore(self.OPEN, "-inf", cutoff, start=0, num=limit)
+
+    def check_open_at(self, delivery_id, when):
+        """When the stall sweeper should look at a routed delivery again."""
+        self.redis.zadd(self.OPEN, {delivery_id: when}, xx=True)
+
+    def close_open(self, delivery_id):
+        """Drop a delivery from the stall sweeper's index (settled, or gone from the ledger)."""
+        self.redis.zrem(self.OPEN, delivery_id)
 
     def ids(self, since=0):
         """Every delivery id in the ledger, oldest first."""

@@ -7,11 +7,13 @@ back for redelivery instead.
 import contextlib
 import json
 import logging
+import time
 
 import redis
 from celery import shared_task
 from celery.signals import task_prerun
 from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 from marshmallow import ValidationError
 
 from workers import pipeline
@@ -23,6 +25,8 @@ from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
 PROCESSABLE = ("received", "retrying")
+# Redis (ledger) or broker unavailable: put the message back, never dead-letter it as a bug.
+OUTAGES = (redis.RedisError, OperationalError)
 
 
 @task_prerun.connect
@@ -45,7 +49,7 @@ def process_delivery(delivery_id, event_type, attempt=0, replay=False):
         if entry is None:
             log.warning("delivery %s is not in the ledger (expired or released); nothing to do", delivery_id)
             return "missing"
-        if entry["status"] not in PROCESSABLE:
+        if entry["status"] not in PROCESSABLE and not pipeline.stalled_sinks(entry):
             return entry["status"]  # a redelivery of work already done
         try:
             event = parse_event(delivery_id, event_type, json.loads(entry["body"]))
@@ -53,6 +57,9 @@ def process_delivery(delivery_id, event_type, attempt=0, replay=False):
             rt.quarantine.add(event_type, entry["body"], "schema validation failed", exc.messages, delivery_id)
             rt.ledger.set_status(delivery_id, "quarantined", reason=json.dumps(exc.messages))
             return "quarantined"
+        if entry["status"] not in PROCESSABLE:  # routed before, but a sink's deliver was never queued or got lost
+            return _guarded(lambda: pipeline.resume_fan_out(rt, event, entry),
+                            lambda exc: pipeline.dead_letter_enrich(rt, event, attempt, exc))
         return _guarded(lambda: pipeline.route_delivery(rt, event, attempt, replay),
                         lambda exc: pipeline.dead_letter_enrich(rt, event, attempt, exc))
 
@@ -68,10 +75,10 @@ def deliver(delivery_id, sink, action, record, attempt=0, replay=False):
 
 @contextlib.contextmanager
 def _redis_outage():
-    """A Redis outage puts the message back for redelivery instead of failing the task."""
+    """A Redis or broker outage puts the message back for redelivery instead of failing the task."""
     try:
         yield
-    except redis.RedisError as exc:
+    except OUTAGES as exc:
         raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
 
 
@@ -79,7 +86,7 @@ def _guarded(work, dead_letter):
     """Run ``work``; a bug is dead-lettered with its reason, then raised so Flower shows it."""
     try:
         return work()
-    except redis.RedisError:
+    except OUTAGES:
         raise
     except Exception as exc:
         log.exception("unexpected error; dead-lettering")
@@ -89,8 +96,13 @@ def _guarded(work, dead_letter):
 
 @shared_task(name=SWEEP_RECEIVED)
 def sweep_received():
-    """Re-queue deliveries recorded but never picked up (a crash between record and queue)."""
+    """Re-queue deliveries recorded but never picked up (a crash between record and queue),
+    and routed ones whose fan-out stalled (see ``pipeline.resume_fan_out``)."""
     rt = runtime()
+    return _sweep_received(rt) + _sweep_stalled(rt)
+
+
+def _sweep_received(rt):
     stuck = rt.ledger.stuck(rt.settings.sweep_after)
     for delivery_id in stuck:
         entry = rt.ledger.get(delivery_id)
@@ -102,6 +114,25 @@ def sweep_received():
     if stuck:
         log.info("sweeper re-queued %d deliveries", len(stuck))
     return len(stuck)
+
+
+def _sweep_stalled(rt):
+    """``process_delivery`` again for routed deliveries a sink made no progress on for ``sweep_after``."""
+    grace, requeued = rt.settings.sweep_after, 0
+    for delivery_id in rt.ledger.stalled(grace):
+        entry = rt.ledger.get(delivery_id)
+        if entry is None or not pipeline.open_sinks(entry):
+            rt.ledger.close_open(delivery_id)
+            continue
+        if pipeline.stalled_sinks(entry, grace):
+            rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"]], 0)
+            rt.ledger.check_open_at(delivery_id, time.time())
+            requeued += 1
+        else:
+            rt.ledger.check_open_at(delivery_id, pipeline.next_progress(entry))
+    if requeued:
+        log.warning("sweeper resumed %d stalled fan-outs", requeued)
+    return requeued
 
 
 @shared_task(name=RELEASE_DUE_RETRIES)
