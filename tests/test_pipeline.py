@@ -339,6 +339,22 @@ def test_broker_outage_while_fanning_out_is_redelivered_not_dead_lettered(driver
     assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
 
 
+def test_a_stale_write_does_not_use_up_the_breaker_probe(driver, sink_server):
+    """With the breaker open, every probe went to a write that turned out stale and never called
+    the sink; with many such writes queued, B2B stayed paused for minutes after it recovered."""
+    driver.rt.redis.set("l2u:stop:2", json.dumps({"stopId": 2, "name": "S2"}))
+    accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
+    driver.run()
+    breaker = driver.rt.breaker("storepoint")
+    driver.rt.redis.hset(breaker.key, mapping={"state": "open", "open_until": time.time() - 1})  # cooldown over
+    older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    other = accept(driver.rt, status_change(2, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run(release_retries=False)
+    assert driver.rt.ledger.get(older)["status"] == "stale"
+    assert driver.rt.ledger.get(other)["status"] == "applied"  # it got the probe, which closed the breaker
+    assert breaker.state() == "closed"
+
+
 def test_activity_on_one_sink_does_not_hide_another_sinks_stall(redis_client):
     from workers.stores import Ledger
 

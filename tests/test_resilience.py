@@ -79,6 +79,15 @@ def test_breaker_lets_one_probe_through_after_cooldown(redis_client):
     assert breaker.admit(now + 22) == ("closed", 0.0) and breaker.state() == "closed"
 
 
+def test_an_unused_probe_is_given_back(redis_client):
+    breaker = CircuitBreaker(redis_client, "s", threshold=1, cooldown=10)
+    now = time.time()
+    breaker.failure(now)
+    assert breaker.admit(now + 11)[0] == "probe"
+    breaker.abandon_probe()  # e.g. the rate limit held that write back
+    assert breaker.admit(now + 11)[0] == "probe"
+
+
 def test_rate_limiter_is_a_token_bucket_shared_through_redis(redis_client):
     first, second = RateLimiter(redis_client, "s", rate=2, burst=3), RateLimiter(redis_client, "s", rate=2, burst=3)
     now = 1000.0

@@ -190,13 +190,6 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
     if sink is None:
         return dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1,
                             PermanentError(f"sink {sink_name} is not configured any more"))
-    breaker = rt.breaker(sink_name)
-    verdict, wait = breaker.admit()
-    if verdict == "open":
-        return _wait(rt, args, wait, "paused: circuit breaker open")
-    wait = rt.limiter(sink_name).take()
-    if wait:
-        return _wait(rt, args, wait, "rate limited")
     location = Location.from_json(record)
     # A lock left by a killed worker lapses no later than its message is redelivered.
     lock = rt.redis.lock(f"l2u:lock:{sink_name}:{location.key}",
@@ -206,13 +199,13 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
     try:
         versions = rt.versions(sink_name)
         if route.ordered and versions.is_stale(location.key, location.version):
-            rt.ledger.sink_outcome(delivery_id, sink_name, "stale", attempts=attempt)
-            rt.ledger.trace(delivery_id, "stale", sink=sink_name, key=location.key)
-            rt.metrics.delivery(sink_name, "stale")
-            log.info("stale: a newer version of %s is already applied", location.key)
-            if replay:  # final: a newer version superseded the dead letter
-                rt.dead_letters.remove(rt.dead_letters.entry_id(delivery_id, sink_name))
-            return "stale"
+            return _stale(rt, delivery_id, sink_name, location.key, attempt, replay)
+        # Only a write that is really sent asks the breaker and the rate limit, so a stale one
+        # never uses up the breaker's single probe (or a token) without calling the sink.
+        breaker = rt.breaker(sink_name)
+        held_back = _hold_back(rt, breaker, sink_name)
+        if held_back:
+            return _wait(rt, args, *held_back)
         try:
             remote_id = sink.apply(action, location, route.options)
         except RetriableError as exc:
@@ -233,6 +226,29 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
     if replay:
         rt.dead_letters.remove(rt.dead_letters.entry_id(delivery_id, sink_name))
     return "applied"
+
+
+def _hold_back(rt, breaker, sink_name):
+    """``(seconds, why)`` when the breaker or the rate limit holds a write back, else None."""
+    verdict, wait = breaker.admit()
+    if verdict == "open":
+        return wait, "paused: circuit breaker open"
+    wait = rt.limiter(sink_name).take()
+    if wait:
+        if verdict == "probe":  # another write may probe now instead of after the next cooldown
+            breaker.abandon_probe()
+        return wait, "rate limited"
+    return None
+
+
+def _stale(rt, delivery_id, sink_name, key, attempt, replay):
+    rt.ledger.sink_outcome(delivery_id, sink_name, "stale", attempts=attempt)
+    rt.ledger.trace(delivery_id, "stale", sink=sink_name, key=key)
+    rt.metrics.delivery(sink_name, "stale")
+    log.info("stale: a newer version of %s is already applied", key)
+    if replay:  # final: a newer version superseded the dead letter
+        rt.dead_letters.remove(rt.dead_letters.entry_id(delivery_id, sink_name))
+    return "stale"
 
 
 def _wait(rt, args, delay, why):

@@ -128,6 +128,10 @@ class CircuitBreaker:
         return bool(self._failure(keys=[self.key, self.probe_key],
                                   args=[self.threshold, time.time() if now is None else now, self.cooldown]))
 
+    def abandon_probe(self):
+        """Give back the probe this caller was admitted with but did not use."""
+        self.redis.delete(self.probe_key)
+
     def success(self):
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key, mapping={"state": "closed", "failures": 0})
