@@ -30,7 +30,7 @@ from workers.events import EVENT_TYPES
 from workers.stores import Ledger
 from workers.webhook_auth import url_token
 
-EXAMPLES = 40        # per operation and generation mode: about 1,400 schemathesis cases in all
+EXAMPLES = 40        # per operation and generation mode: 735 schemathesis cases in all (about 16 s)
 RAW_EXAMPLES = 200   # hypothesis cases for each raw-body property
 MAX_BODY = 4096
 PREVIOUS_SECRET = "previous-secret-0123456789"
