@@ -364,3 +364,23 @@ def test_activity_on_one_sink_does_not_hide_another_sinks_stall(redis_client):
     ledger.sink_outcome("d-1", "b2b", "retrying", attempts=1, next_in=100)  # b2b busy retrying
     time.sleep(0.01)
     assert ledger.stalled(0) == ["d-1"]  # storepoint has made no progress since the fan-out
+
+
+def test_sweeper_backs_off_a_fan_out_that_only_waits_behind_a_backlog(driver):
+    """Chaos finding: with the deliver queue backed up past RELAY_SWEEP_AFTER, the sweeper resumed
+    hundreds of fan-outs whose messages were merely queued, adding work to the backlog every sweep."""
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    _, args = driver.sent.pop(0)
+    tasks.process_delivery.run(*args)
+    driver.sent.clear()  # the deliver message is still "queued", behind the backlog
+    grace = driver.rt.settings.sweep_after
+    time.sleep(grace + 0.1)
+    assert tasks.sweep_received.run() == 1
+    [(name, args)] = driver.sent
+    assert name == PROCESS_DELIVERY and tasks.process_delivery.run(*args) == "resumed"
+    driver.sent.clear()  # both deliver messages still "queued"
+    time.sleep(grace + 0.1)
+    assert tasks.sweep_received.run() == 0  # resumed once: now it waits twice as long
+    time.sleep(grace + 0.1)
+    assert tasks.sweep_received.run() == 1
+    assert driver.rt.ledger.get(delivery_id)["resumes"] == "1"

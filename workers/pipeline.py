@@ -132,6 +132,15 @@ def next_progress(entry):
                default=time.time())
 
 
+def resume_backoff(entry, grace):
+    """The sweeper's patience for ``entry``: ``grace`` doubled for each earlier resume.
+
+    A fan-out that only looks stalled (its deliver waits behind a backlog longer than
+    ``grace``) is resumed a few times at most, so the sweeper never feeds the backlog.
+    """
+    return grace * 2 ** int(entry.get("resumes", 0))
+
+
 def resume_fan_out(rt, event, entry, grace=0.0):
     """Queue ``deliver`` again for the stalled sinks of a routed delivery.
 
@@ -169,6 +178,7 @@ def resume_fan_out(rt, event, entry, grace=0.0):
             continue
         rt.ledger.sink_outcome(event.delivery_id, sink, "pending", attempts=attempts, reason="resumed")
         rt.scheduler.schedule(DELIVER, [event.delivery_id, sink, action, record, attempts, False], 0)
+    rt.ledger.count_resume(event.delivery_id)
     rt.ledger.trace(event.delivery_id, "resumed", sinks=stalled)
     log.warning("resumed a stalled fan-out to %s", ", ".join(stalled))
     return "resumed"

@@ -163,6 +163,10 @@ class Ledger:
         """When the stall sweeper should look at a routed delivery again."""
         self.redis.zadd(self.OPEN, {delivery_id: when}, xx=True)
 
+    def count_resume(self, delivery_id):
+        """Count one resume of a stalled fan-out (the sweeper backs off by it)."""
+        return self.redis.hincrby(self.key(delivery_id), "resumes", 1)
+
     def close_open(self, delivery_id):
         """Drop a delivery from the stall sweeper's index (settled, or gone from the ledger)."""
         self.redis.zrem(self.OPEN, delivery_id)

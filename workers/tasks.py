@@ -118,18 +118,19 @@ def _sweep_received(rt):
 
 def _sweep_stalled(rt):
     """``process_delivery`` again for routed deliveries a sink made no progress on for ``sweep_after``."""
-    grace, requeued = rt.settings.sweep_after, 0
-    for delivery_id in rt.ledger.stalled(grace):
+    base, requeued = rt.settings.sweep_after, 0
+    for delivery_id in rt.ledger.stalled(base):
         entry = rt.ledger.get(delivery_id)
         if entry is None or not pipeline.open_sinks(entry):
             rt.ledger.close_open(delivery_id)
             continue
+        grace = pipeline.resume_backoff(entry, base)
         if pipeline.stalled_sinks(entry, grace):
             rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"]], 0)
             rt.ledger.check_open_at(delivery_id, time.time())
             requeued += 1
-        else:
-            rt.ledger.check_open_at(delivery_id, pipeline.next_progress(entry))
+        else:  # look again when it would count as stalled
+            rt.ledger.check_open_at(delivery_id, pipeline.next_progress(entry) + grace - base)
     if requeued:
         log.warning("sweeper resumed %d stalled fan-outs", requeued)
     return requeued
