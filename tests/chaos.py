@@ -406,6 +406,7 @@ class Chaos(threading.Thread):
         self.crashes = []   # last output of each worker that exited without being killed
         self.history = []   # (seconds, what, sink) of what was done
         self.timeline_done = threading.Event()
+        self.max_queued = 0  # most tasks waiting in the ingest and deliver queues at once
         self.stopping = threading.Event()
 
     def timeline(self):
@@ -426,6 +427,7 @@ class Chaos(threading.Thread):
         timeline = self.timeline()
         while not self.stopping.wait(0.2):
             self._supervise()
+            self._sample_backlog()
             if not timeline:
                 self.timeline_done.set()
             while timeline and start + timeline[0][0] <= time.monotonic():
@@ -436,12 +438,20 @@ class Chaos(threading.Thread):
                 except Exception as exc:  # noqa: BLE001 - the run reports it as a problem instead of dying
                     self.errors.append(f"{what} at {moment:.0f}s failed: {type(exc).__name__}: {exc}")
 
+    def _sample_backlog(self):
+        try:
+            client = self.stack.client()
+            queued = client.llen("ingest") + client.llen("deliver")
+        except redis.RedisError:
+            return
+        self.max_queued = max(self.max_queued, queued)
+
     def _supervise(self):
         """Restart a worker that exited on its own, as the platform (Procfile) would; count it."""
         for worker in list(self.stack.workers):
             if worker.proc.poll() is not None:
                 self.stack.workers.remove(worker)
-                self.crashes.append(worker.output()[-600:])
+                self.crashes.append(crash_reason(worker.output()))
                 self.stack.start_worker()
 
     def _kill(self, _):
@@ -743,6 +753,7 @@ def verify(stack, chaos, posts, events):
         "sender_connection_errors": figures["connection_errors"],
         "worker_kills_survived": chaos.kills, "redis_restarts_survived": chaos.redis_restarts,
         "worker_crashes_restarted": len(chaos.crashes), "fan_outs_resumed": figures["fan_outs_resumed"],
+        "max_tasks_queued": chaos.max_queued,
         "sink_503_injected": sp_faults[503] + b2b_faults[503], "sink_429_injected": sp_faults[429] + b2b_faults[429],
         "sink_faults_injected": sum(sp_faults.values()) + sum(b2b_faults.values()),
         "retries": figures["retries"], "sink_writes_applied": figures["sink_applied"],
@@ -755,13 +766,19 @@ def verify(stack, chaos, posts, events):
         "b2b_requests": len(stack.sims["b2b"].app.config["STATE"].requests_log),
     }
     notes = [f"chaos timeline (s, what): {chaos.history}"]
-    notes += [f"worker exited by itself and was restarted: ...{crash_reason(text)}" for text in chaos.crashes]
+    notes += [f"worker exited by itself and was restarted: {reason}" for reason in chaos.crashes]
     return Report("", 0, figures, problems, notes)
 
 
 def crash_reason(output):
-    lines = [line for line in output.splitlines() if "Unrecoverable" in line or "Error" in line]
-    return (lines[-1] if lines else output.splitlines()[-1] if output else "")[:300]
+    """The line saying why a worker exited: Celery's "Unrecoverable error" message, else the last line."""
+    for line in reversed(output.splitlines()):
+        if "Unrecoverable error" in line:
+            try:
+                return json.loads(line)["message"][:300]
+            except (ValueError, KeyError, TypeError):
+                return line[:300]
+    return (output.strip().splitlines() or [""])[-1][:300]
 
 
 def capture_simulator_logs(path):
