@@ -17,7 +17,8 @@ from kombu.exceptions import OperationalError
 from marshmallow import ValidationError
 
 from workers import pipeline
-from workers.celery_config import DELIVER, INGEST_QUEUE, PROCESS_DELIVERY, RELEASE_DUE_RETRIES, SWEEP_RECEIVED
+from workers.celery_config import (DELIVER, DELIVER_QUEUE, INGEST_QUEUE, PROCESS_DELIVERY, RELEASE_DUE_RETRIES,
+                                   SWEEP_RECEIVED)
 from workers.errors import PermanentError
 from workers.events import parse_event
 from workers.logs import bind_context
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 PROCESSABLE = ("received", "retrying")
 # Redis (ledger) or broker unavailable: put the message back, never dead-letter it as a bug.
 OUTAGES = (redis.RedisError, OperationalError)
+WORK_QUEUES = (INGEST_QUEUE, DELIVER_QUEUE)
 
 
 @task_prerun.connect
@@ -117,8 +119,15 @@ def _sweep_received(rt):
 
 
 def _sweep_stalled(rt):
-    """``process_delivery`` again for routed deliveries a sink made no progress on for ``sweep_after``."""
+    """``process_delivery`` again for routed deliveries a sink made no progress on for ``sweep_after``.
+
+    Only while the work queues are empty: then every deliver message sent so far has been
+    taken, so one without progress is lost or held by a dead worker. During a backlog it may
+    simply be waiting its turn, and resuming it would only feed the backlog.
+    """
     base, requeued = rt.settings.sweep_after, 0
+    if not _queues_empty(rt):
+        return 0
     for delivery_id in rt.ledger.stalled(base):
         entry = rt.ledger.get(delivery_id)
         if entry is None or not pipeline.open_sinks(entry):
@@ -134,6 +143,15 @@ def _sweep_stalled(rt):
     if requeued:
         log.warning("sweeper resumed %d stalled fan-outs", requeued)
     return requeued
+
+
+def _queues_empty(rt):
+    """True when no ingest or deliver message waits in the broker.
+
+    Only knowable here when the broker is the ledger's Redis (the default); with another
+    broker this answers True, so no progress for the grace period alone counts as stalled.
+    """
+    return rt.settings.broker != rt.settings.redis_url or not any(rt.redis.llen(q) for q in WORK_QUEUES)
 
 
 @shared_task(name=RELEASE_DUE_RETRIES)
