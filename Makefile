@@ -20,5 +20,13 @@ test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The benchmark (README, Performance): BENCH_ARGS="--profile ci" for the tiny run. Uses wrk when it
+# is there, installing it from Debian's packages when run as root, else a pure-Python load generator.
+bench: $(VENV)/.installed
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null 2>&1; }; }; } || \
+	  echo "wrk is not installed (Debian: apt-get install wrk): using the Python load generator"
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .l2u-relay *.egg-info

@@ -1,0 +1,46 @@
+"""The two baseline web apps of the ingest benchmark, served by the same gunicorn settings as the receiver.
+
+- ``bare()``: Flask, a POST that reads the JSON body and answers 200 with a small JSON object;
+- ``one_pipeline()``: the same plus one Redis pipeline per request (``SET NX`` of a dedup key
+  and ``LPUSH`` of the body): the least any durable accept path can do.
+
+Served as ``gunicorn -c gunicorn.conf.py 'bench.apps:bare()'`` (``REDIS_URL`` for the second).
+"""
+import hashlib
+import json
+import os
+
+import redis
+from flask import Flask, jsonify, request
+
+ROUTE = "/webhooks/locate2u/<event_type>/<token>"
+BENCH_QUEUE = "bench:queue"
+
+
+def bare():
+    app = Flask(__name__)
+
+    @app.post(ROUTE)
+    def receive(event_type, token):
+        payload = json.loads(request.get_data(cache=False))
+        return jsonify({"status": "accepted", "keys": len(payload)})
+
+    return app
+
+
+def one_pipeline():
+    app = Flask(__name__)
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+
+    @app.post(ROUTE)
+    def receive(event_type, token):
+        body = request.get_data(cache=False)
+        json.loads(body)
+        delivery_id = hashlib.sha256(event_type.encode() + b"\n" + body).hexdigest()
+        with client.pipeline(transaction=False) as pipe:
+            pipe.set(f"bench:dedup:{delivery_id}", 1, nx=True, ex=86400)
+            pipe.lpush(BENCH_QUEUE, body)
+            created, _ = pipe.execute()
+        return jsonify({"status": "accepted" if created else "duplicate", "delivery_id": delivery_id})
+
+    return app

@@ -1,0 +1,276 @@
+"""The benchmark: ``python -m bench.run`` (``make bench``); ``--profile ci`` is a tiny run that checks it works.
+
+1. ingest: the receiver against a bare Flask app and a one-Redis-pipeline app, all
+   under the project's gunicorn settings, driven by wrk (or the Python fallback);
+   the rounds alternate the apps and each ratio is the median of per-round ratios.
+2. end to end: N deliveries posted to the receiver and applied by the workers
+   (the shipped pool and concurrency defaults unless given) to the Storepoint and
+   B2B simulators, Locate2u simulated for enrichment; then the same events applied
+   by a plain threaded requests.Session loop at the same concurrency; then a paced
+   run at half the relay's measured rate for receipt-to-applied latency.
+3. memory: peak RSS of a web worker and of the Celery worker processes.
+
+Prints a Markdown table with the ratios and writes every number to a JSON file.
+Timings depend on the machine and on whatever else runs on it; only ratios from
+the same run mean much.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import e2e, load, sims
+from bench.stack import Stack, peak_rss_mib
+from tests.processes import process_env
+from workers.config import Settings
+from workers.webhook_auth import url_token
+
+SECRET = "bench-webhook-secret-0123456789"
+EVENT_PATH = f"/webhooks/locate2u/{e2e.EVENT_TYPE}/" + url_token(SECRET, e2e.EVENT_TYPE)
+PROFILES = {
+    # 5,000 stops: each gets four changes, too far apart for the 10 s stop cache (relay and plain loop alike).
+    "full": {"rounds": 5, "seconds": 6, "connections": 32, "deliveries": 20000, "stops": 5000,
+             "latency_seconds": 30, "settle_timeout": 3600},
+    "ci": {"rounds": 1, "seconds": 1, "connections": 8, "deliveries": 60, "stops": 20, "latency_seconds": 2,
+           "settle_timeout": 120},
+}
+INGEST_APPS = (
+    ("bare", "bare Flask: read JSON, answer 200"),
+    ("pipeline", "one Redis pipeline (SET NX + LPUSH)"),
+    ("receiver", "receiver: auth, checks, dedup, ledger + queue in one script"),
+    ("send_task", "receiver with a send_task hand-off (another broker)"),
+)
+ROUTES = """\
+storepoint: {rate_limit: {rate: 100000, burst: 100000}}
+b2b: {rate_limit: {rate: 100000, burst: 100000}}
+"""
+
+
+def settings_for(redis_url, workdir, **extra):
+    return Settings(webhook_secret=SECRET, redis_url=redis_url, data_dir=str(workdir / "data"), **extra)
+
+
+# ------------------------------------------------------------------ ingest
+
+def ingest(workdir, profile, use_wrk):
+    with Stack(workdir / "ingest") as stack:
+        redis_url = stack.start_redis()
+        env = process_env(settings_for(redis_url, workdir))
+        # The same Redis named differently: the receiver then publishes with send_task, as with RabbitMQ.
+        other_broker = redis_url.replace("127.0.0.1", "localhost")
+        apps = {"bare": stack.gunicorn("bare", "bench.apps:bare()", env, wait=False),
+                "pipeline": stack.gunicorn("pipeline", "bench.apps:one_pipeline()", env, wait=False),
+                "receiver": stack.gunicorn("receiver", "receiver.wsgi:app", env, wait=False),
+                "send_task": stack.gunicorn("send_task", "receiver.wsgi:app", wait=False,
+                                            env=process_env(settings_for(redis_url, workdir, broker_url=other_broker)))}
+        for app in apps.values():
+            app.ready()
+        rounds = []
+        names = list(apps)
+        for number in range(profile["rounds"]):
+            order = names[number % len(names):] + names[:number % len(names)]
+            results = {}
+            for name in order:
+                results[name] = load.drive(apps[name].url, EVENT_PATH, profile["seconds"], profile["connections"],
+                                           f"{name}{number}", use_wrk)
+            rounds.append(results)
+            print(f"  ingest round {number + 1}: " + ", ".join(f"{name} {results[name]['rate']:.0f}/s"
+                                                               for name in names), flush=True)
+        memory = {"web_worker_peak_rss_mib": max(peak_rss_mib(pid) for pid in apps["receiver"].children())}
+    summary = {name: {key: statistics.median(r[name][key] for r in rounds) for key in ("rate", "p50", "p99")}
+               for name in names}
+    for name in names:
+        summary[name]["errors"] = sum(r[name]["errors"] for r in rounds)
+        summary[name]["tool"] = rounds[0][name]["tool"]
+    ratios = {"pipeline/bare": _ratio(rounds, "pipeline", "bare"),
+              "receiver/bare": _ratio(rounds, "receiver", "bare"),
+              "receiver/pipeline": _ratio(rounds, "receiver", "pipeline"),
+              "send_task/pipeline": _ratio(rounds, "send_task", "pipeline")}
+    return {"rounds": rounds, "summary": summary, "ratios": ratios, "memory": memory}
+
+
+def _ratio(rounds, a, b):
+    return statistics.median(r[a]["rate"] / r[b]["rate"] for r in rounds)
+
+
+# ------------------------------------------------------------------ end to end
+
+def end_to_end(workdir, profile, pool, concurrency):
+    events = e2e.make_events(profile["deliveries"], 0, profile["stops"], "E")
+    stop_args = ("--stops", str(profile["stops"]), "--first-stop", str(load.STOP_BASE))
+    with Stack(workdir / "relay") as stack:
+        redis_url = stack.start_redis()
+        urls = stack.simulators(e2e.SINKS + ("locate2u",), *stop_args)
+        routes = workdir / "routes.yaml"
+        routes.write_text(ROUTES)
+        settings = settings_for(
+            redis_url, workdir, routes_file=str(routes),
+            locate2u_client_id=sims.L2U_CLIENT, locate2u_client_secret=sims.L2U_SECRET,
+            locate2u_api_url=urls["locate2u"], locate2u_id_url=urls["locate2u"],
+            storepoint_api_url=urls["storepoint"], storepoint_api_token=sims.SP_TOKEN,
+            b2b_api_url=urls["b2b"], b2b_api_token=sims.B2B_TOKEN, b2b_business_partner_id=sims.B2B_PARTNER,
+            b2b_country_id=sims.B2B_COUNTRY,
+            # A 20,000-delivery burst waits in the queue for minutes: the sweeper must not re-queue it.
+            sweep_after=3600)
+        env = process_env(settings)
+        web = stack.gunicorn("receiver", "receiver.wsgi:app", env, wait=False)
+        worker_args = ["worker", "-n", "bench@%h", "--without-gossip", "--without-mingle"]
+        worker_args += ["-P", pool] if pool else []
+        worker_args += ["-c", str(concurrency)] if concurrency else []
+        worker = stack.celery("worker", worker_args, env, wait=False)
+        stack.celery("beat", ["beat", "-s", str(workdir / "data" / "celerybeat-schedule")], env, ready=None)
+        web.ready()
+        worker.ready()
+        pool, threads = worker_banner(worker.output())
+        connections = profile["connections"]
+        cpu_before, own_before = stack.cpu(), time.process_time()
+        relay = e2e.relay_run(web.url, EVENT_PATH, redis_url, events, connections,
+                               timeout=profile["settle_timeout"])
+        relay["cpu_ms_per_event"] = cpu_per_event(cpu_before, stack.cpu(), len(events),
+                                                  load_generator=time.process_time() - own_before)
+        print(f"  relay ({pool} pool, concurrency {threads}): {relay['rate']:.0f} events/s", flush=True)
+        half = max(1.0, relay["rate"] / 2)
+        paced_events = e2e.make_events(max(10, int(half * profile["latency_seconds"])), len(events),
+                                       profile["stops"], "L")
+        paced = e2e.relay_run(web.url, EVENT_PATH, redis_url, paced_events, connections, rate=half,
+                               timeout=profile["settle_timeout"])
+        paced["target_rate"] = half
+        print(f"  relay at {half:.0f}/s: p99 " + ", ".join(f"{sink} {paced['sinks'][sink]['p99_ms']:.0f} ms"
+                                                         for sink in e2e.SINKS), flush=True)
+        pids = [worker.pid] + worker.children()
+        memory = {"celery_worker_peak_rss_mib": max(peak_rss_mib(pid) for pid in pids),
+                  "celery_processes": len(pids),
+                  "web_worker_peak_rss_mib": max(peak_rss_mib(pid) for pid in web.children())}
+
+    with Stack(workdir / "plain") as stack:
+        urls = stack.simulators(e2e.SINKS + ("locate2u",), *stop_args)
+        cpu_before, own_before = stack.cpu(), time.process_time()
+        plain = e2e.plain_loop(urls, events, threads)
+        plain["cpu_ms_per_event"] = cpu_per_event(cpu_before, stack.cpu(), len(events),
+                                                  plain_loop=time.process_time() - own_before)
+        print(f"  plain loop, {threads} threads: {plain['rate']:.0f} events/s", flush=True)
+    return {"plain": plain, "relay": relay, "paced": paced, "memory": memory, "threads": threads, "pool": pool}
+
+
+def cpu_per_event(before, after, events, **own):
+    """Milliseconds of CPU per event, by process (sinks summed), from two ``Stack.cpu()`` readings."""
+    used = {name: after[name] - before.get(name, 0.0) for name in after}
+    used["sinks"] = sum(used.pop(name) for name in e2e.SINKS + ("locate2u",))
+    used.update(own)
+    return {name: round(seconds * 1000 / events, 3) for name, seconds in used.items()}
+
+
+def worker_banner(text):
+    """The pool and concurrency a Celery worker reports at start-up ("concurrency: 8 (thread)")."""
+    match = re.search(r"concurrency:\s*(\d+)\s*\(([\w-]+)\)", text)
+    if not match:
+        raise RuntimeError(f"no concurrency line in the worker's banner:\n{text[-2000:]}")
+    return match.group(2), int(match.group(1))
+
+
+# ------------------------------------------------------------------ report
+
+def table(result):
+    ing, end = result["ingest"], result["e2e"]
+    s, r = ing["summary"], ing["ratios"]
+    tool = s["bare"]["tool"]
+    rows = [("ingest", f"{label}", f"{s[name]['rate']:,.0f} accepted/s", f"{s[name]['p50']:.1f} ms",
+             f"{s[name]['p99']:.1f} ms", ratio)
+            for (name, label), ratio in zip(INGEST_APPS, (
+                "1.00× bare", f"{r['pipeline/bare']:.2f}× bare",
+                f"{r['receiver/pipeline']:.2f}× pipeline ({r['receiver/bare']:.2f}× bare)",
+                f"{r['send_task/pipeline']:.2f}× pipeline"))]
+    plain, relay, paced = end["plain"], end["relay"], end["paced"]
+    rows.append(("end to end", f"plain requests.Session loop, {end['threads']} threads",
+                 f"{plain['rate']:,.0f} events/s", "—", "—", "1.00×"))
+    for sink in e2e.SINKS:
+        rows.append(("end to end", f"relay, {relay['events']:,} deliveries → {sink}",
+                     f"{relay['rate']:,.0f} events/s", _s(relay["sinks"][sink]["p50_ms"]),
+                     _s(relay["sinks"][sink]["p99_ms"]), f"{relay['rate'] / plain['rate']:.2f}× plain loop"))
+    for sink in e2e.SINKS:
+        rows.append(("latency", f"relay at half that rate ({paced['target_rate']:,.0f}/s) → {sink}",
+                     "receipt to applied", _s(paced["sinks"][sink]["p50_ms"]), _s(paced["sinks"][sink]["p99_ms"]),
+                     "target p99 < 1 s"))
+    mem = end["memory"]
+    rows.append(("memory", "web worker (gunicorn sync), peak RSS", f"{mem['web_worker_peak_rss_mib']:.0f} MiB",
+                 "", "", ""))
+    rows.append(("memory", f"Celery worker process ({end['pool']} pool), peak RSS",
+                 f"{mem['celery_worker_peak_rss_mib']:.0f} MiB", "", "", f"{mem['celery_processes']} processes"))
+    lines = ["| phase | what | throughput | p50 | p99 | ratio |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("")
+    lines.append(f"load generator: {tool}; machine: {result['machine']}")
+    lines.append("targets: " + "; ".join(f"{name} {'met' if ok else 'NOT met'} ({value})"
+                                         for name, ok, value in targets(result)))
+    return "\n".join(lines)
+
+
+def targets(result):
+    ratios, end = result["ingest"]["ratios"], result["e2e"]
+    worst = max(end["paced"]["sinks"][sink]["p99_ms"] for sink in e2e.SINKS)
+    e2e_ratio = end["relay"]["rate"] / end["plain"]["rate"]
+    return [("ingest ≥ 0.9× pipeline", ratios["receiver/pipeline"] >= 0.9, f"{ratios['receiver/pipeline']:.2f}×"),
+            ("end to end ≥ 0.7× plain loop", e2e_ratio >= 0.7, f"{e2e_ratio:.2f}×"),
+            ("p99 at half rate < 1 s", worst < 1000, f"{worst:.0f} ms")]
+
+
+def _s(ms):
+    return f"{ms / 1000:.2f} s" if ms >= 1000 else f"{ms:.0f} ms"
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    mem = next((int(line.split()[1]) // 1024 // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    return f"{os.cpu_count()} cores {cpu}, {mem} GiB, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Ingest and end-to-end benchmark of the relay.")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--deliveries", type=int, help="end-to-end deliveries (default: the profile's)")
+    parser.add_argument("--seconds", type=int, help="seconds per ingest load run (default: the profile's)")
+    parser.add_argument("--rounds", type=int, help="ingest rounds (default: the profile's)")
+    parser.add_argument("--pool", help="Celery pool for the workers (default: the app's)")
+    parser.add_argument("--concurrency", type=int, help="Celery concurrency (default: the app's)")
+    parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk is there")
+    parser.add_argument("--skip", choices=("ingest", "e2e"), action="append", default=[])
+    parser.add_argument("--json", default=".l2u-relay/bench/last.json", help="where to write every number")
+    args = parser.parse_args(argv)
+    profile = dict(PROFILES[args.profile])
+    for name in ("deliveries", "seconds", "rounds"):
+        if getattr(args, name):
+            profile[name] = getattr(args, name)
+    use_wrk = load.have_wrk() and not args.python_load
+    if not use_wrk and not args.python_load:
+        print("wrk not found (Debian: apt-get install wrk); using the Python load generator", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="l2u-bench-"))
+    result = {"profile": args.profile, "settings": profile, "machine": machine(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(f"bench ({args.profile} profile), logs in {workdir}", flush=True)
+    if "ingest" not in args.skip:
+        result["ingest"] = ingest(workdir, profile, use_wrk)
+    if "e2e" not in args.skip:
+        result["e2e"] = end_to_end(workdir, profile, args.pool, args.concurrency)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    if "ingest" in result and "e2e" in result:
+        print()
+        print(table(result))
+    print(f"\nall numbers: {args.json}")
+    incomplete = [name for name in ("relay", "paced") if not result.get("e2e", {}).get(name, {"complete": True})["complete"]]
+    if incomplete:
+        print(f"INCOMPLETE: some deliveries of the {' and '.join(incomplete)} run did not settle in time", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
