@@ -207,22 +207,6 @@ def start_simulators(profile, rng, tokens):
 
 # --------------------------------------------------------------- processes
 
-class ChaosGunicorn(Gunicorn):
-    """Gunicorn whose readiness wait also rides out a slow first answer on a loaded machine."""
-
-    def _wait_ready(self, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gunicorn exited:\n{self.output()[-3000:]}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.2)
-        raise AssertionError(f"gunicorn not ready:\n{self.output()[-3000:]}")
-
-
 class Beat(Process):
     """``celery -A workers.app beat``: sweeper and due retries; never killed here."""
 
@@ -256,7 +240,7 @@ class Stack:
             b2b_api_url=self.sims["b2b"].url, b2b_username="chaos-relay", b2b_password=self.tokens["b2b_password"],
             b2b_business_partner_id="BP-CHAOS", b2b_country_id="AU")
         self.env = process_env(self.settings, WEB_CONCURRENCY=2)
-        self.web = self._add(ChaosGunicorn(self.env))
+        self.web = self._add(Gunicorn(self.env))
         self.beat = self._add(Beat(self.env))
         starters = [threading.Thread(target=self.start_worker) for _ in range(self.profile.workers)]
         for thread in starters:

@@ -72,7 +72,7 @@ class Gunicorn(Process):
                                       "-w", str(workers), "--graceful-timeout", "2"], env)
         self._wait_ready()
 
-    def _wait_ready(self, timeout=30):
+    def _wait_ready(self, timeout=60):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -80,7 +80,7 @@ class Gunicorn(Process):
             try:
                 if requests.get(self.url + "/healthz", timeout=2).ok:
                     return
-            except requests.RequestException:
+            except requests.RequestException:  # not listening yet, or slow on a loaded machine
                 time.sleep(0.1)
         raise AssertionError(f"gunicorn not ready:\n{self.output()[-3000:]}")
 

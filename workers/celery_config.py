@@ -36,6 +36,8 @@ def celery_config(settings):
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout,
                                      "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
                                      "unacked_restore_throttle": 1,
+                                     # a worker killed while restoring holds kombu's restore lock this long
+                                     "unacked_mutex_expire": 60,
                                      "socket_timeout": 5, "socket_connect_timeout": 2},
         "task_serializer": "json",
         "accept_content": ["json"],
