@@ -58,3 +58,13 @@ def test_sweeper_requeues_an_orphaned_ledger_entry(settings, start_process, redi
     start_process("worker", settings, beat=True)
     entry = wait_for(lambda: (e := ledger.get("orphan-1")) and e["status"] != "received" and e, timeout=60)
     assert entry["status"] == "unrouted"
+
+
+def test_ledger_index_forgets_deliveries_past_retention(redis_client):
+    from workers.stores import LEDGER_RETENTION
+    ledger = Ledger(redis_client)
+    now = time.time()
+    ledger.record("old", "trip.created", "{}", 3600, received_at=now - LEDGER_RETENTION - 10)
+    ledger.record("new", "trip.created", "{}", 3600, received_at=now)
+    assert ledger.prune(now) == 1
+    assert ledger.ids() == ["new"]

@@ -171,6 +171,14 @@ class Ledger:
         """Drop a delivery from the stall sweeper's index (settled, or gone from the ledger)."""
         self.redis.zrem(self.OPEN, delivery_id)
 
+    def prune(self, now=None):
+        """Forget ids older than the ledger's retention (their hashes have expired); return how many.
+
+        The sweepers' own indexes drop such ids when they meet them.
+        """
+        cutoff = (time.time() if now is None else now) - LEDGER_RETENTION
+        return self.redis.zremrangebyscore(self.ALL, "-inf", cutoff)
+
     def ids(self, since=0):
         """Every delivery id in the ledger, oldest first."""
         return self.redis.zrangebyscore(self.ALL, since, "+inf")

@@ -101,6 +101,7 @@ def sweep_received():
     """Re-queue deliveries recorded but never picked up (a crash between record and queue),
     and routed ones whose fan-out stalled (see ``pipeline.resume_fan_out``)."""
     rt = runtime()
+    rt.ledger.prune()
     return _sweep_received(rt) + _sweep_stalled(rt)
 
 
