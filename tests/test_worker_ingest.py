@@ -6,7 +6,7 @@ import pytest
 
 from tests.payloads import PUBLISHED
 from tests.test_receiver import post
-from workers.stores import Ledger, Quarantine
+from workers.stores import LEDGER_RETENTION, Ledger, Quarantine
 
 
 def wait_for(predicate, timeout=30, interval=0.1):
@@ -61,7 +61,6 @@ def test_sweeper_requeues_an_orphaned_ledger_entry(settings, start_process, redi
 
 
 def test_ledger_index_forgets_deliveries_past_retention(redis_client):
-    from workers.stores import LEDGER_RETENTION
     ledger = Ledger(redis_client)
     now = time.time()
     ledger.record("old", "trip.created", "{}", 3600, received_at=now - LEDGER_RETENTION - 10)
