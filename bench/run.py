@@ -77,8 +77,13 @@ def ingest(workdir, profile, use_wrk):
             order = names[number % len(names):] + names[:number % len(names)]
             results = {}
             for name in order:
+                before = stack.cpu()
                 results[name] = load.drive(apps[name].url, EVENT_PATH, profile["seconds"], profile["connections"],
                                            f"{name}{number}", use_wrk)
+                after, requests = stack.cpu(), max(1, results[name]["requests"])
+                results[name]["cpu_us_per_request"] = {
+                    "web": round((after[name] - before[name]) * 1e6 / requests),
+                    "redis": round((after["redis"] - before["redis"]) * 1e6 / requests)}
             rounds.append(results)
             print(f"  ingest round {number + 1}: " + ", ".join(f"{name} {results[name]['rate']:.0f}/s"
                                                                for name in names), flush=True)
@@ -87,6 +92,8 @@ def ingest(workdir, profile, use_wrk):
                for name in names}
     for name in names:
         summary[name]["errors"] = sum(r[name]["errors"] for r in rounds)
+        summary[name]["cpu_us_per_request"] = {part: statistics.median(r[name]["cpu_us_per_request"][part]
+                                                                       for r in rounds) for part in ("web", "redis")}
         summary[name]["tool"] = rounds[0][name]["tool"]
     ratios = {"pipeline/bare": _ratio(rounds, "pipeline", "bare"),
               "receiver/bare": _ratio(rounds, "receiver", "bare"),

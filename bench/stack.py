@@ -132,11 +132,12 @@ class Stack:
         self.redis = EmbeddedRedis(folder, appendonly=True).start()
         return self.redis.url
 
-    def gunicorn(self, name, app_spec, env, workers=2, wait=True):
-        """``gunicorn -c gunicorn.conf.py APP`` on a free port: the project's web settings for every app."""
+    def gunicorn(self, name, app_spec, env, wait=True):
+        """``gunicorn -c gunicorn.conf.py APP`` on a free port: the project's web settings for every app
+        (``WEB_CONCURRENCY`` sync workers)."""
         port = free_port()
         proc = self._add(Process(name, [str(BIN / "gunicorn"), "-c", str(REPO_ROOT / "gunicorn.conf.py"),
-                                        "-b", f"127.0.0.1:{port}", "-w", str(workers), app_spec], env, self.logdir))
+                                        "-b", f"127.0.0.1:{port}", app_spec], env, self.logdir))
         proc.url = f"http://127.0.0.1:{port}"
         proc.ready = lambda: wait_http(proc.url + "/healthz", process=proc)
         if wait:
