@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -249,6 +250,7 @@ def main(argv=None):
     parser.add_argument("--concurrency", type=int, help="Celery concurrency (default: the app's)")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk is there")
     parser.add_argument("--skip", choices=("ingest", "e2e"), action="append", default=[])
+    parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs after a run that worked")
     parser.add_argument("--json", default=".l2u-relay/bench/last.json", help="where to write every number")
     args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
@@ -261,20 +263,24 @@ def main(argv=None):
     workdir = Path(tempfile.mkdtemp(prefix="l2u-bench-"))
     result = {"profile": args.profile, "settings": profile, "machine": machine(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    print(f"bench ({args.profile} profile), logs in {workdir}", flush=True)
+    print(f"bench ({args.profile} profile), logs in {workdir} (removed after a run that worked)", flush=True)
     if "ingest" not in args.skip:
         result["ingest"] = ingest(workdir, profile, use_wrk)
     if "e2e" not in args.skip:
         result["e2e"] = end_to_end(workdir, profile, args.pool, args.concurrency)
+    incomplete = [name for name in ("relay", "paced")
+                  if not result.get("e2e", {}).get(name, {"complete": True})["complete"]]
+    if not args.keep_logs and not incomplete:  # kept when the run failed, for its logs
+        shutil.rmtree(workdir, ignore_errors=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     if "ingest" in result and "e2e" in result:
         print()
         print(table(result))
     print(f"\nall numbers: {args.json}")
-    incomplete = [name for name in ("relay", "paced") if not result.get("e2e", {}).get(name, {"complete": True})["complete"]]
     if incomplete:
-        print(f"INCOMPLETE: some deliveries of the {' and '.join(incomplete)} run did not settle in time", flush=True)
+        print(f"INCOMPLETE: some deliveries of the {' and '.join(incomplete)} run did not settle in time; "
+              f"logs in {workdir}", flush=True)
         return 1
     return 0
 
