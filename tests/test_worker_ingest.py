@@ -6,6 +6,8 @@ import pytest
 
 from tests.payloads import PUBLISHED
 from tests.test_receiver import post
+from workers import tasks
+from workers.runtime import Runtime
 from workers.stores import LEDGER_RETENTION, Ledger, Quarantine
 
 
@@ -67,3 +69,13 @@ def test_ledger_index_forgets_deliveries_past_retention(redis_client):
     ledger.record("new", "trip.created", "{}", 3600, received_at=now)
     assert ledger.prune(now) == 1
     assert ledger.ids() == ["new"]
+
+
+def test_sweeper_leaves_received_deliveries_alone_during_a_backlog(settings, redis_client):
+    """A backlog older than RELAY_SWEEP_AFTER is waiting its turn, not lost: no re-queue storm."""
+    ledger = Ledger(redis_client)
+    ledger.record("waiting", "trip.created", "{}", 3600, received_at=time.time() - 100)
+    redis_client.lpush("ingest", "a message still queued")
+    assert tasks._sweep_received(Runtime(settings, send_task=None)) == 0
+    assert ledger.stuck(1) == ["waiting"]
+    assert redis_client.llen("ingest") == 1

@@ -106,6 +106,11 @@ def sweep_received():
 
 
 def _sweep_received(rt):
+    """``process_delivery`` again for deliveries still "received" after ``sweep_after``, only while
+    the work queues are empty: during a backlog they are waiting their turn, and re-queueing
+    them would double the backlog every sweep."""
+    if not _queues_empty(rt):
+        return 0
     stuck = rt.ledger.stuck(rt.settings.sweep_after)
     for delivery_id in stuck:
         entry = rt.ledger.get(delivery_id)
