@@ -5,45 +5,31 @@ process writes its output to a log file in the run's folder.
 """
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import requests
 
+from tests.processes import Process as TestProcess
 from workers.devstack import REPO_ROOT, EmbeddedRedis, free_port
 
 BIN = Path(sys.executable).parent
 
 
-class Process:
+class Process(TestProcess):
+    """A process whose output goes to the run's folder, with its pids for the CPU and memory figures."""
+
     def __init__(self, name, command, env, logdir):
-        self.name = name
-        self.log = Path(logdir) / f"{name}.log"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        super().__init__(name, command, env, log_path=Path(logdir) / f"{name}.log")
 
     @property
     def pid(self):
         return self.proc.pid
 
-    def output(self):
-        return self.log.read_text(errors="replace")
-
     def check(self):
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
-
-    def wait_for_output(self, text, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.output():
-                return
-            self.check()
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not print {text!r} within {timeout}s:\n{self.output()[-3000:]}")
 
     def children(self):
         """Pids of this process's children (gunicorn workers, Celery pool processes)."""
@@ -51,15 +37,6 @@ class Process:
 
     def pids(self):
         return [self.pid] + self.children()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(15)
 
 
 def children_of(pid):

@@ -28,11 +28,12 @@ def process_env(settings, **extra):
 class Process:
     """A child process whose output goes to a file the test can read."""
 
-    def __init__(self, name, command, env):
+    def __init__(self, name, command, env, log_path=None):
         self.name = name
-        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        self.log = open(log_path, "w") if log_path else tempfile.NamedTemporaryFile(
+            prefix=f"{name}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
 
     def output(self):
         return Path(self.log.name).read_text(errors="replace")
