@@ -1,6 +1,6 @@
 """One loopback simulator per process for the end-to-end benchmark: ``python -m bench.sims NAME``.
 
-The simulators are the test suite's (``tests/simulators``), served by werkzeug's
+The simulators are the test suite's (``workers/ops/simulators``), served by werkzeug's
 threaded server with HTTP/1.1 keep-alive and without per-request log lines, so the
 relay and the plain loop both reuse connections. Each runs in its own process so
 the sinks are not one GIL. Prints its URL on the first line; ``GET /_bench/count``
@@ -14,7 +14,7 @@ import threading
 
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from tests.simulators import b2b, locate2u, storepoint
+from workers.ops.simulators import b2b, locate2u, storepoint
 
 SP_TOKEN = "bench-storepoint-token"
 B2B_TOKEN = "bench-b2b-token"

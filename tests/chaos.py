@@ -45,8 +45,8 @@ import requests
 from receiver.webhooks import delivery_id_for
 from tests.payloads import PUBLISHED
 from tests.processes import BIN, CeleryWorker, Gunicorn, Process, process_env
-from tests.simulators import b2b, locate2u, storepoint
-from tests.simulators.base import SimulatorServer
+from workers.ops.simulators import b2b, locate2u, storepoint
+from workers.ops.simulators.base import SimulatorServer
 from workers.config import Settings
 from workers.devstack import EmbeddedRedis
 from workers.metrics import COUNTERS

@@ -7,8 +7,8 @@ import pytest
 
 from tests.payloads import status_change
 from tests.processes import BIN, process_env
-from tests.simulators import b2b, locate2u, storepoint
-from tests.simulators.base import SimulatorServer
+from workers.ops.simulators import b2b, locate2u, storepoint
+from workers.ops.simulators.base import SimulatorServer
 from tests.test_receiver import post
 from tests.test_worker_ingest import wait_for
 from workers.stores import Ledger, MappingStore

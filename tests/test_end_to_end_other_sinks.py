@@ -2,11 +2,11 @@
 import pytest
 
 from tests.payloads import PUBLISHED, status_change
-from tests.simulators import deliverycom, locate, locate2u
-from tests.simulators.base import SimulatorServer
+from workers.ops.simulators import deliverycom, locate, locate2u
+from workers.ops.simulators.base import SimulatorServer
 from tests.test_end_to_end import settled
 from tests.test_receiver import post
-from tests.simulators.forward_receiver import create_receiver
+from workers.ops.simulators.forward_receiver import create_receiver
 from tests.test_sink_forward import SECRET
 from tests.test_worker_ingest import wait_for
 from workers.stores import DeadLetterStore

@@ -25,7 +25,7 @@ from receiver import create_app
 from receiver.openapi import build_document
 from tests.conftest import TEST_SECRET
 from tests.payloads import PUBLISHED
-from tests.simulators.locate2u import Locate2uServer
+from workers.ops.simulators.locate2u import Locate2uServer
 from workers.events import EVENT_TYPES
 from workers.stores import Ledger
 from workers.webhook_auth import url_token

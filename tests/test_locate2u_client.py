@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tests.simulators.locate2u import EXAMPLE_STOP, Locate2uServer
+from workers.ops.simulators.locate2u import EXAMPLE_STOP, Locate2uServer
 from workers.errors import NotFound, PermanentError, RetriableError
 from workers.locate2u.client import Locate2uClient, ReauthorizationRequired, RetryPolicy
 

@@ -10,7 +10,7 @@ import requests
 
 from tests.payloads import PUBLISHED
 from tests.processes import BIN, process_env
-from tests.simulators.locate2u import Locate2uServer
+from workers.ops.simulators.locate2u import Locate2uServer
 from workers.celery_config import CONTROL_QUEUE, SYNC_SUBSCRIPTIONS, make_celery
 from workers.devstack import REPO_ROOT, free_port
 from workers.locate2u.tokens import TokenStore

@@ -1,7 +1,7 @@
 """Stop import: reading CSV/JSON with line numbers, row validation, batches against the simulator."""
 import pytest
 
-from tests.simulators.locate2u import Locate2uServer
+from workers.ops.simulators.locate2u import Locate2uServer
 from workers.locate2u.client import Locate2uClient, RetryPolicy
 from workers.locate2u.stops_import import ImportFileError, RowError, import_stops, read_rows, validate_rows
 

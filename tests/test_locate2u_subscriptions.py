@@ -1,7 +1,7 @@
 """Subscription reconciliation: the plan, and syncs against the simulator."""
 import pytest
 
-from tests.simulators.locate2u import Locate2uServer
+from workers.ops.simulators.locate2u import Locate2uServer
 from workers.errors import PermanentError
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.subscriptions import Change, SubscriptionSync, mask_url, plan

@@ -6,7 +6,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from tests.simulators.locate2u import Locate2uServer
+from workers.ops.simulators.locate2u import Locate2uServer
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.tokens import LOCK_KEY, TOKENS_KEY, OAuthStates, ReauthorizationRequired, TokenStore
 

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from tests.payloads import status_change
-from tests.simulators import locate2u, recorder
-from tests.simulators.base import SimulatorServer
+from workers.ops.simulators import locate2u, recorder
+from workers.ops.simulators.base import SimulatorServer
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.http import HttpClient

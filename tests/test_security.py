@@ -21,7 +21,7 @@ from receiver import create_app
 from tests.conftest import TEST_SECRET
 from tests.payloads import PUBLISHED
 from tests.processes import Process, process_env
-from tests.simulators.locate2u import Locate2uServer
+from workers.ops.simulators.locate2u import Locate2uServer
 from workers import webhook_auth
 from workers.devstack import REPO_ROOT, free_port
 from workers.locate2u.client import Locate2uClient

@@ -5,8 +5,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import requests
 
-from tests.simulators.b2b import B2BState, create_app, documented_fault
-from tests.simulators.base import SimulatorServer
+from workers.ops.simulators.b2b import B2BState, create_app, documented_fault
+from workers.ops.simulators.base import SimulatorServer
 
 AUTH = {"Authorization": "Bearer b2b-static-token"}
 DOC_KEYS = {"id", "idRemote", "businessPartner", "name", "address", "city", "state", "postalCode",

@@ -2,8 +2,8 @@
 import pytest
 import requests
 
-from tests.simulators.base import SimulatorServer
-from tests.simulators.deliverycom import FIELD_RULES, DeliverycomState, create_app, format_coordinate, geocode
+from workers.ops.simulators.base import SimulatorServer
+from workers.ops.simulators.deliverycom import FIELD_RULES, DeliverycomState, create_app, format_coordinate, geocode
 
 TOKEN = "dc-test-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}

@@ -6,8 +6,8 @@ import time
 import pytest
 import requests
 
-from tests.simulators.base import SimulatorServer
-from tests.simulators.locate import LocateState, create_app
+from workers.ops.simulators.base import SimulatorServer
+from workers.ops.simulators.locate import LocateState, create_app
 
 KEY = "locate-test-key"
 AUTH = "Basic " + base64.b64encode(f"{KEY}:{KEY}".encode()).decode()

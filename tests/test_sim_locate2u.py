@@ -7,8 +7,8 @@ import pytest
 import requests
 from flask import Flask, request
 
-from tests.simulators.base import SimulatorServer
-from tests.simulators.locate2u import EVENT_TYPES, Locate2uState, create_app
+from workers.ops.simulators.base import SimulatorServer
+from workers.ops.simulators.locate2u import EVENT_TYPES, Locate2uState, create_app
 
 REDIRECT = "https://relay.example/oauth/callback"
 

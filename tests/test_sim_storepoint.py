@@ -5,8 +5,8 @@ import time
 import pytest
 import requests
 
-from tests.simulators.base import SimulatorServer
-from tests.simulators.storepoint import StorepointState, create_app
+from workers.ops.simulators.base import SimulatorServer
+from workers.ops.simulators.storepoint import StorepointState, create_app
 
 AUTH = {"Authorization": "Bearer sp-test-token"}
 ID_RE = re.compile(r"^loc_[a-z0-9]{10}$")

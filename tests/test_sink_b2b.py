@@ -3,8 +3,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.simulators.b2b import B2BState, create_app, documented_fault
-from tests.simulators.base import SimulatorServer
+from workers.ops.simulators.b2b import B2BState, create_app, documented_fault
+from workers.ops.simulators.base import SimulatorServer
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.errors import NotFound, PermanentError, RetriableError

@@ -1,8 +1,8 @@
 """The Delivery.com sink against the loopback Delivery.com simulator."""
 import pytest
 
-from tests.simulators.base import SimulatorServer
-from tests.simulators.deliverycom import DeliverycomState, create_app
+from workers.ops.simulators.base import SimulatorServer
+from workers.ops.simulators.deliverycom import DeliverycomState, create_app
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import Settings
 from workers.errors import PermanentError, RetriableError

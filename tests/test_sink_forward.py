@@ -6,8 +6,8 @@ import time
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tests.simulators.base import SimulatorServer
-from tests.simulators.forward_receiver import create_receiver
+from workers.ops.simulators.base import SimulatorServer
+from workers.ops.simulators.forward_receiver import create_receiver
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.errors import PermanentError, RetriableError

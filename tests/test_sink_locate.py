@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from tests.simulators.base import SimulatorServer
-from tests.simulators.locate import LocateState, create_app
+from workers.ops.simulators.base import SimulatorServer
+from workers.ops.simulators.locate import LocateState, create_app
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.errors import PermanentError, RetriableError

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tests.simulators.base import SimulatorServer
-from tests.simulators.storepoint import StorepointState, create_app
+from workers.ops.simulators.base import SimulatorServer
+from workers.ops.simulators.storepoint import StorepointState, create_app
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.errors import PermanentError

@@ -1,22 +1,20 @@
 """Demo mode of ``l2u-relay run``: the whole mission on loopback, without any account.
 
 With no Locate2u credentials configured, ``run`` starts the loopback
-simulators of Locate2u and every downstream system (from the checkout's
-``tests/simulators``), points the relay at them, syncs the subscriptions
+simulators of Locate2u and every downstream system (``workers/ops/simulators``,
+shipped in the package), points the relay at them, syncs the subscriptions
 through the real release command, plays a delivery day through the real
 receiver, and prints what each system now holds and what was dead-lettered.
 """
 import base64
 import logging
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 
 import requests
 
-from workers.devstack import REPO_ROOT
 from workers.stores import DeadLetterStore, Ledger, connect
 
 SECRETS = {"storepoint": "demo-storepoint-token", "b2b": "demo-b2b-token", "locate": "demo-locate-key",
@@ -75,14 +73,9 @@ class DemoSystems:
     """The simulators of every external system, on free loopback ports."""
 
     def __init__(self):
-        if (REPO_ROOT / "tests" / "simulators").is_dir() and str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
-        try:
-            from tests.simulators import b2b, deliverycom, forward_receiver, locate, locate2u, storepoint
-            from tests.simulators.base import SimulatorServer
-        except ImportError as exc:
-            raise RuntimeError("demo mode runs from a checkout of the repository (it uses tests/simulators)") \
-                from exc
+        from workers.ops.simulators import b2b, deliverycom, forward_receiver, locate, locate2u, storepoint
+        from workers.ops.simulators.base import SimulatorServer
+
         self.l2u = locate2u.Locate2uState()
         for stop_id, (name, address, (lat, lng), phone) in STOPS.items():
             self.l2u.add_stop(stopId=stop_id, name=name, address=address, status="Pending",

@@ -42,7 +42,7 @@ from urllib.parse import urlencode
 
 from flask import Response, jsonify, redirect, request
 
-from tests.simulators.base import method_path_query_body_headers, run_main, simulator_app
+from workers.ops.simulators.base import method_path_query_body_headers, run_main, simulator_app
 
 MAX_PER_PAGE = 100
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}

@@ -3,7 +3,7 @@ import threading
 
 from flask import Flask, jsonify, request
 
-from tests.simulators.base import FaultPlan, install_faults, run_main
+from workers.ops.simulators.base import FaultPlan, install_faults, run_main
 
 
 class RecorderState:

@@ -43,7 +43,7 @@ from decimal import Decimal
 
 from flask import jsonify, request
 
-from tests.simulators.base import method_path_query_body_headers, run_main, simulator_app
+from workers.ops.simulators.base import method_path_query_body_headers, run_main, simulator_app
 
 FIRST_LOCATION_ID = 1574900
 MATCH_TOLERANCE = 1e-4

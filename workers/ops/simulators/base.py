@@ -162,7 +162,7 @@ class SimulatorServer:
 
 
 def run_main(create_app, description):
-    """Command-line entry for ``python -m tests.simulators.<name>``."""
+    """Command-line entry for ``python -m workers.ops.simulators.<name>``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = free port)")
     args = parser.parse_args()

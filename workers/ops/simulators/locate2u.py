@@ -13,7 +13,7 @@ JSON body, with no event-type field and no auth header, to every URL
 subscribed to an event type. Faults (429 + ``Retry-After``, 5xx, latency) come
 from ``base.install_faults``; ``GET /_sim/state`` shows the state as JSON.
 
-Run standalone with ``python -m tests.simulators.locate2u --port 8081``.
+Run standalone with ``python -m workers.ops.simulators.locate2u --port 8081``.
 """
 import copy
 import hmac
@@ -30,7 +30,7 @@ import requests
 from flask import Blueprint, Flask, current_app, g, jsonify, redirect, request
 from werkzeug.exceptions import HTTPException
 
-from tests.simulators.base import FaultPlan, SimulatorServer, install_faults, run_main
+from workers.ops.simulators.base import FaultPlan, SimulatorServer, install_faults, run_main
 
 # --- reference data -------------------------------------------------------
 

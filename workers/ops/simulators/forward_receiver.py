@@ -4,7 +4,7 @@ import threading
 from flask import Flask, jsonify, request
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tests.simulators.base import FaultPlan, install_faults
+from workers.ops.simulators.base import FaultPlan, install_faults
 
 
 class ReceiverState:

@@ -24,7 +24,7 @@ Choices where the vendor publishes nothing:
 - ``nextPageUrl`` is absolute (built from the request's host) or ``null``;
 - timestamps are UTC ISO 8601 with offset, taken from ``state.clock()``.
 
-Run standalone with ``python -m tests.simulators.b2b --port 8082``.
+Run standalone with ``python -m workers.ops.simulators.b2b --port 8082``.
 """
 import base64
 import copy

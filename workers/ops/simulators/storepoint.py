@@ -23,7 +23,7 @@ Choices where the vendor publishes nothing:
   ``None`` (description, image_url) or empty (tags, contact, hours,
   custom_fields).
 
-Run standalone with ``python -m tests.simulators.storepoint --port 8081``.
+Run standalone with ``python -m workers.ops.simulators.storepoint --port 8081``.
 """
 import copy
 import math

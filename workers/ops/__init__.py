@@ -1,0 +1,1 @@
+"""Operator tools shipped with the package: loopback simulators (demo mode and tests use them)."""
