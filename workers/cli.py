@@ -1,78 +1,112 @@
-"""``l2u-relay``: run the local stack and operate the relay."""
-import contextlib
-import functools
+"""``l2u-relay``: run the local stack and operate the relay.
+
+Every command but ``run`` first takes the settings of a ``l2u-relay run`` still
+running in this checkout (``<data dir>/stack.json``) as defaults for what the
+environment does not set. A configuration problem ends any command with one
+message naming the setting and exit 2; so does a Redis that cannot be reached.
+"""
+import os
 import sys
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
+import redis
 
 from workers import ops_commands
 from workers.config import ConfigError, Settings
 from workers.locate2u import commands as locate2u_commands
 from workers.webhook_auth import webhook_url
 
+EXIT_CONFIG = 2
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
-    """Locate2u webhook relay: receiver, workers and operations."""
+
+class RelayGroup(click.Group):
+    """Turns configuration problems and an unreachable Redis into one message and exit 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+        except redis.ConnectionError as exc:
+            click.echo(f"error: Redis cannot be reached at {_redis_location()}: {exc}\n"
+                       "  start it (l2u-relay run starts one in this checkout) or fix REDIS_URL", err=True)
+        except redis.RedisError as exc:
+            click.echo(f"error: Redis at {_redis_location()} failed: {type(exc).__name__}: {exc}", err=True)
+        ctx.exit(EXIT_CONFIG)
+
+
+def _redis_location():
+    parts = urlsplit(os.environ.get("REDIS_URL") or "")
+    return parts.hostname and f"{parts.hostname}:{parts.port or 6379}" or "REDIS_URL"
+
+
+@click.group(cls=RelayGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def main(ctx):
+    """Locate2u webhook relay: receiver, workers and operations.
+
+    Commands run in a checkout where ``l2u-relay run`` is running use its settings (Redis, sinks, Locate2u)
+    for anything the environment does not set.
+    """
+    if ctx.invoked_subcommand != "run":
+        from workers.devstack import stack_environment
+
+        for name, value in stack_environment(os.environ).items():
+            os.environ.setdefault(name, value)
 
 
 @main.command()
-@click.option("--port", type=int, default=None, help="Web port (default: $PORT or 8000).")
-@click.option("--data-dir", default=None, help="Folder for the embedded Redis and local secret "
-                                               "(default: $RELAY_DATA_DIR or .l2u-relay).")
+@click.option("--port", type=int, default=None, help="Web port (default: $PORT, else 8000 or a free one if "
+                                                     "8000 is taken).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the web process listens on (0.0.0.0 for every interface).")
+@click.option("--data-dir", default=None, help="Folder for the embedded Redis, local secret, stack settings and "
+                                               "demo logs (default: $RELAY_DATA_DIR or .l2u-relay).")
 @click.option("--demo-then-exit", is_flag=True,
               help="Demo mode only: stop once the demo day is applied; exit 0 if every system holds what it should.")
-def run(port, data_dir, demo_then_exit):
+@click.option("-v", "--verbose", is_flag=True, help="Demo mode: stream the processes' logs here instead of to "
+                                                    "the log file.")
+def run(port, host, data_dir, demo_then_exit, verbose):
     """Run web, worker and beat locally; start an embedded Redis when REDIS_URL is unset.
 
     With no Locate2u credentials (LOCATE2U_CLIENT_ID unset) this is demo mode: loopback simulators of
-    Locate2u and every downstream system, a delivery day sent through the real receiver, and a summary
-    of what each system then holds.
+    Locate2u and every downstream system, a Redis of its own emptied at start (REDIS_URL is not used),
+    a delivery day sent through the real receiver, progress while the workers settle it, and a summary
+    of what each system then holds. The processes' logs go to DATA_DIR/demo.log (-v streams them).
+
+    The settings the processes use are written to DATA_DIR/stack.json (secrets only as where to re-read
+    them), so other l2u-relay commands in this checkout find the stack.
     """
     from workers import devstack
 
-    data_dir = data_dir or _env_or("RELAY_DATA_DIR", ".l2u-relay")
-    port = port or int(_env_or("PORT", "8000"))
+    data_dir = Path(data_dir or os.environ.get("RELAY_DATA_DIR") or devstack.DEFAULT_DATA_DIR).resolve()
+    port = _free_web_port(host, port or (int(os.environ["PORT"]) if os.environ.get("PORT") else None))
     env = devstack.local_environment(data_dir, port)
-    with contextlib.ExitStack() as stack:
-        demo = None if env.get("LOCATE2U_CLIENT_ID") else stack.enter_context(_demo_systems())
-        if demo:
-            env.update(demo.env())
-        settings = _settings(env)
-        if not env.get("REDIS_URL"):
-            embedded = stack.enter_context(devstack.EmbeddedRedis(f"{data_dir}/redis"))
-            env["REDIS_URL"] = embedded.url
-            click.echo(f"embedded Redis: {embedded.url} (data in {data_dir}/redis)")
-        _print_urls(settings)
-        names, on_start = devstack.LOCAL_PROCESSES, None
-        if demo:
-            flower_url = f"http://127.0.0.1:{devstack.free_port()}"
-            env.update(FLOWER_ADDRESS="127.0.0.1", FLOWER_PORT=flower_url.rsplit(":", 1)[1])
-            names += ("flower",)
-            on_start = functools.partial(_start_demo, demo, env, settings.public_url, flower_url, demo_then_exit)
-        code = devstack.run_processes(env, names, on_start)
+    env.setdefault("GUNICORN_CMD_ARGS", f"--bind {host}:{port}")
+    demo_mode = not env.get("LOCATE2U_CLIENT_ID")
+    with devstack.LocalStack(data_dir, env, demo=demo_mode, verbose=verbose, echo=click.echo) as stack:
+        if not demo_mode:
+            _print_urls(stack.settings)
+        code = stack.run(demo_then_exit)
     sys.exit(code)
 
 
-def _demo_systems():
-    from workers.demo import DemoSystems
+def _free_web_port(host, port):
+    """``port`` when given and free (else exit 2 naming it); with none given, 8000 or a free one."""
+    from workers.devstack import free_port, port_in_use
 
-    click.echo("DEMO MODE: no Locate2u credentials are set, so Locate2u and every downstream system are "
-               "simulated on loopback (set LOCATE2U_CLIENT_ID and LOCATE2U_CLIENT_SECRET for the real thing)")
-    try:
-        return DemoSystems()
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _start_demo(demo, env, web_url, flower_url, then_exit, stop):
-    from workers.demo import DemoDriver
-
-    def done(ok):
-        if then_exit:
-            stop(0 if ok else 1)
-
-    DemoDriver(demo, env, web_url, flower_url, done, echo=lambda line: click.echo(line)).start()
+    if port is not None:
+        if port_in_use(host, port):
+            raise click.UsageError(f"port {port} is already in use on {host}: stop what uses it, or choose "
+                                   "another with --port (or PORT)")
+        return port
+    if port_in_use(host, 8000):
+        port = free_port()
+        click.echo(f"port 8000 is already in use; the receiver uses port {port} instead (--port chooses one)")
+        return port
+    return 8000
 
 
 def _print_urls(settings):
@@ -84,18 +118,9 @@ def _print_urls(settings):
     click.echo("press Ctrl-C to stop everything")
 
 
-def _env_or(name, default):
-    import os
-
-    return os.environ.get(name) or default
-
-
 def _settings(environ=None):
-    """Settings from the environment, or exit 2 with every problem listed."""
-    try:
-        return Settings.from_env(environ)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    """Settings from the environment; a ConfigError ends the command with exit 2 (RelayGroup)."""
+    return Settings.from_env(environ)
 
 
 main.add_command(ops_commands.dlq)

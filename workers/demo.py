@@ -15,11 +15,15 @@ from collections import Counter
 
 import requests
 
-from workers.stores import DeadLetterStore, Ledger, connect
+from workers.stores import FINAL_STATES as FINAL, DeadLetterStore, Ledger, connect
 
-SECRETS = {"storepoint": "demo-storepoint-token", "b2b": "demo-b2b-token", "locate": "demo-locate-key",
+SECRETS = {"locate2u": "demo-locate2u-client-secret", "storepoint": "demo-storepoint-token", "b2b": "demo-b2b-token", "locate": "demo-locate-key",
            "deliverycom": "demo-deliverycom-token",
            "forward": "whsec_" + base64.b64encode(b"demo-forward-signing-secret-0001").decode()}
+# The secret settings of demo mode (fixed test values), re-read by commands that find the demo stack.
+DEMO_SECRETS = {"LOCATE2U_CLIENT_SECRET": SECRETS["locate2u"], "STOREPOINT_API_TOKEN": SECRETS["storepoint"],
+                "B2B_API_TOKEN": SECRETS["b2b"], "LOCATE_API_TOKEN": SECRETS["locate"],
+                "DELIVERYCOM_ACCESS_TOKEN": SECRETS["deliverycom"], "FORWARD_SECRET": SECRETS["forward"]}
 
 STOPS = {
     7001: ("Joe's Coffee", "199 Water St, New York, NY 10038, USA", (40.7068885, -74.0042710), "212-555-0101"),
@@ -76,7 +80,7 @@ class DemoSystems:
         from workers.ops.simulators import b2b, deliverycom, forward_receiver, locate, locate2u, storepoint
         from workers.ops.simulators.base import SimulatorServer
 
-        self.l2u = locate2u.Locate2uState()
+        self.l2u = locate2u.Locate2uState(client_id="demo-client", client_secret=SECRETS["locate2u"])
         for stop_id, (name, address, (lat, lng), phone) in STOPS.items():
             self.l2u.add_stop(stopId=stop_id, name=name, address=address, status="Pending",
                               location={"latitude": lat, "longitude": lng},
@@ -105,14 +109,12 @@ class DemoSystems:
     def env(self):
         """Environment that wires the relay to the simulators."""
         urls = {name: server.url for name, server in self.servers.items()}
-        return {"LOCATE2U_CLIENT_ID": self.l2u.client_id, "LOCATE2U_CLIENT_SECRET": self.l2u.client_secret,
-                "LOCATE2U_API_URL": urls["locate2u"], "LOCATE2U_ID_URL": urls["locate2u"],
-                "STOREPOINT_API_URL": urls["storepoint"], "STOREPOINT_API_TOKEN": SECRETS["storepoint"],
-                "B2B_API_URL": urls["b2b"], "B2B_API_TOKEN": SECRETS["b2b"], "B2B_BUSINESS_PARTNER_ID": "BP-1",
-                "B2B_COUNTRY_ID": "US", "LOCATE_API_URL": urls["locate"], "LOCATE_API_TOKEN": SECRETS["locate"],
-                "DELIVERYCOM_API_URL": urls["deliverycom"], "DELIVERYCOM_ACCESS_TOKEN": SECRETS["deliverycom"],
-                "FORWARD_URLS": urls["forward"] + "/hooks/demo", "FORWARD_SECRET": SECRETS["forward"],
-                "RELAY_RETRY_SCHEDULE": "0,1,2,5,10"}
+        return {"LOCATE2U_CLIENT_ID": self.l2u.client_id, "LOCATE2U_API_URL": urls["locate2u"],
+                "LOCATE2U_ID_URL": urls["locate2u"], "STOREPOINT_API_URL": urls["storepoint"],
+                "B2B_API_URL": urls["b2b"], "B2B_BUSINESS_PARTNER_ID": "BP-1", "B2B_COUNTRY_ID": "US",
+                "LOCATE_API_URL": urls["locate"], "DELIVERYCOM_API_URL": urls["deliverycom"],
+                "FORWARD_URLS": urls["forward"] + "/hooks/demo", "RELAY_RETRY_SCHEDULE": "0,1,2,5,10",
+                **DEMO_SECRETS}
 
     def holdings(self, redis_url):
         """What every downstream system holds now, and the dead letters."""
@@ -126,36 +128,55 @@ class DemoSystems:
                 "dead letters": letters, "forward messages": len(self.state("forward").log)}
 
 
-class DemoDriver(threading.Thread):
-    """Waits for the stack, syncs subscriptions, plays the day, prints the outcome."""
+def _sink_states(entry):
+    return ", ".join(f"{name}={outcome['state']}" for name, outcome in sorted(entry["sinks"].items()))
 
-    def __init__(self, systems, env, web_url, flower_url, on_done, echo=print, timeout=120):
+
+class DemoDriver(threading.Thread):
+    """Waits for the stack, syncs subscriptions, plays the day, then prints a summary that stands alone.
+
+    While it waits it says what for and how far along it is; ``on_done(ok)`` is called last.
+    """
+
+    def __init__(self, systems, env, web_url, flower_url, log_path, on_done, echo=print, timeout=180):
         super().__init__(daemon=True)
         self.systems, self.env, self.web_url, self.flower_url = systems, env, web_url, flower_url
-        self.on_done, self.echo, self.timeout = on_done, echo, timeout
-        self.ok = False
+        self.log_path, self.on_done, self.echo, self.timeout = log_path, on_done, echo, timeout
+        self.ok = self.reported = False
+        self.summary = []
 
     def run(self):
         try:
             self._wait_ready()
-            subprocess.run(["l2u-relay", "subscriptions", "sync"], env=self.env, check=True, timeout=60)
+            self.echo("demo: syncing the Locate2u subscriptions (l2u-relay subscriptions sync)")
+            with open(self.log_path, "a") as log:
+                subprocess.run(["l2u-relay", "subscriptions", "sync"], env=self.env, check=True, timeout=60,
+                               stdout=log, stderr=subprocess.STDOUT)
             self._play()
+            self._settle()
             self.ok = self._report()
         except (OSError, RuntimeError, subprocess.SubprocessError, requests.RequestException) as exc:
-            self.echo(f"demo: failed: {exc}")
-        finally:
-            self.on_done(self.ok)
+            self.summary.append(f"demo: FAILED: {exc}")
+        self.summary.append(f"process logs: {self.log_path} (l2u-relay run -v streams them)")
+        self.echo("\n".join(["", "=== demo summary ===", *self.summary]))
+        self.reported = True
+        self.on_done(self.ok)
 
     def _wait_ready(self):
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
+        self.echo(f"demo: waiting for the receiver to be ready ({self.web_url}/readyz)")
+        started = time.monotonic()
+        next_note = started + 10
+        while time.monotonic() < started + self.timeout:
             try:
                 if requests.get(self.web_url + "/readyz", timeout=5).ok:
                     return
             except requests.RequestException:
                 pass
+            if time.monotonic() >= next_note:
+                self.echo(f"demo: still waiting for the receiver ({time.monotonic() - started:.0f}s)")
+                next_note += 10
             time.sleep(0.5)
-        raise RuntimeError("the receiver did not become ready")
+        raise RuntimeError(f"the receiver at {self.web_url} did not become ready within {self.timeout}s")
 
     def _play(self):
         answers = {"accepted": 0, "duplicate": 0}
@@ -163,34 +184,49 @@ class DemoDriver(threading.Thread):
             for response in self.systems.l2u.deliver(event_type, payload):
                 response.raise_for_status()
                 answers[response.json()["status"]] += 1
-        self.echo(f"demo: Locate2u delivered {len(DAY)} events: {answers['accepted']} accepted, "
-                  f"{answers['duplicate']} recognised as duplicates")
+        self.accepted = answers["accepted"]
+        line = (f"demo: Locate2u delivered {len(DAY)} events: {answers['accepted']} accepted, "
+                f"{answers['duplicate']} recognised as duplicates")
+        self.echo(line)
+        self.summary.append(line)
+
+    def _settle(self):
+        """Wait until every accepted delivery has a final status, telling how many have."""
         ledger = Ledger(connect(self.env["REDIS_URL"]))
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            entries = [ledger.get(delivery_id) for delivery_id in ledger.ids()]
-            if entries and all(e["status"] in ("applied", "stale", "dead_lettered", "unrouted") for e in entries):
-                self.echo(f"demo: all {len(entries)} deliveries settled; outcomes per sink:")
-                outcomes = {}
-                for entry in entries:
-                    for sink, outcome in entry["sinks"].items():
-                        outcomes.setdefault(sink, Counter())[outcome["state"]] += 1
-                for sink, counts in sorted(outcomes.items()):
-                    self.echo(f"  {sink:<16} {dict(sorted(counts.items()))}")
-                return
+        started, shown = time.monotonic(), None
+        while True:
+            entries = [entry for entry in map(ledger.get, ledger.ids()) if entry]
+            settled = [e for e in entries if e["status"] in FINAL]
+            progress = (len(settled), len(entries))
+            if progress != shown:
+                self.echo(f"demo: waiting for the workers: {len(settled)} of {self.accepted} deliveries settled")
+                shown = progress
+            if len(settled) >= self.accepted:
+                break
+            if time.monotonic() > started + self.timeout:
+                waiting = [f"{e['delivery_id']}: {e['status']} ({_sink_states(e)})"
+                           for e in entries if e["status"] not in FINAL]
+                raise RuntimeError(f"{len(settled)} of {self.accepted} deliveries settled within {self.timeout}s; "
+                                   "still open: " + ("; ".join(waiting[:5]) or "none recorded") +
+                                   " (are the worker and beat running? see the process logs)")
             time.sleep(0.5)
-        raise RuntimeError("deliveries did not settle in time")
+        outcomes = {}
+        for entry in settled:
+            for sink, outcome in entry["sinks"].items():
+                outcomes.setdefault(sink, Counter())[outcome["state"]] += 1
+        self.summary.append(f"demo: all {len(settled)} deliveries settled; outcomes per sink:")
+        self.summary += [f"  {sink:<16} {dict(sorted(counts.items()))}" for sink, counts in sorted(outcomes.items())]
 
     def _report(self):
         held = self.systems.holdings(self.env["REDIS_URL"])
-        self.echo("demo: what each downstream system now holds")
+        self.summary.append("demo: what each downstream system now holds")
         for name, value in held.items():
             shown = sorted(value.items()) if isinstance(value, dict) else sorted(value) if isinstance(value, set) \
                 else value
             mark = "" if name not in EXPECTED else ("  ✓" if value == EXPECTED[name] else "  ✗ expected "
                                                                                        f"{EXPECTED[name]}")
-            self.echo(f"  {name:<16} {shown}{mark}")
-        self.echo(f"demo: Flower (task monitor): {self.flower_url}")
+            self.summary.append(f"  {name:<16} {shown}{mark}")
+        self.summary.append(f"Flower (task monitor): {self.flower_url}")
         ok = all(held[name] == expected for name, expected in EXPECTED.items())
-        self.echo("demo: all downstream state as expected" if ok else "demo: downstream state NOT as expected")
+        self.summary.append("demo: all downstream state as expected" if ok else "demo: downstream state NOT as expected")
         return ok

