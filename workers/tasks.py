@@ -2,7 +2,7 @@
 
 Anything unexpected (a bug) is dead-lettered with its reason before the task
 fails, so nothing accepted is lost even then; a Redis outage puts the message
-back for redelivery instead.
+back for redelivery instead. ``redis_outage`` is the one place that tells them apart.
 """
 import contextlib
 import json
@@ -26,8 +26,10 @@ from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
 PROCESSABLE = ("received", "retrying")
-# Redis (ledger) or broker unavailable: put the message back, never dead-letter it as a bug.
-OUTAGES = (redis.RedisError, OperationalError)
+# Redis (ledger) or broker unavailable for a while: put the message back, never dead-letter it as a bug.
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, redis.OutOfMemoryError, OperationalError)
+# The same conditions as Redis words them from inside a script, where they have no class of their own.
+OUTAGE_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN")
 WORK_QUEUES = (INGEST_QUEUE, DELIVER_QUEUE)
 
 
@@ -75,22 +77,42 @@ def deliver(delivery_id, sink, action, record, attempt=0, replay=False):
                         lambda exc: pipeline.dead_letter(rt, delivery_id, sink, action, record, attempt + 1, exc))
 
 
+def redis_outage(exc):
+    """True when ``exc`` means Redis or the broker is unavailable for now (down, restarting, loading its
+    file, a read-only replica, out of memory): trying later will work.
+
+    Every other error, Redis ones included (``WRONGTYPE``, a script error, a lost lock), is a bug:
+    the same call fails the same way again, so it is dead-lettered with the error at the first try.
+    """
+    return isinstance(exc, OUTAGES) or (isinstance(exc, redis.ResponseError) and _reply_code(exc) in OUTAGE_REPLIES)
+
+
+def _reply_code(exc):
+    """The code of a Redis error reply, also when a script relays it (``Error running script … -OOM …``)."""
+    text = str(exc)
+    if text.startswith("Error running script"):
+        text = text.rpartition(": -")[2]
+    return text.split(" ", 1)[0]
+
+
 @contextlib.contextmanager
 def _redis_outage():
     """A Redis or broker outage puts the message back for redelivery instead of failing the task."""
     try:
         yield
-    except OUTAGES as exc:
-        raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
+    except Exception as exc:
+        if redis_outage(exc):
+            raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
+        raise
 
 
 def _guarded(work, dead_letter):
     """Run ``work``; a bug is dead-lettered with its reason, then raised so Flower shows it."""
     try:
         return work()
-    except OUTAGES:
-        raise
     except Exception as exc:
+        if redis_outage(exc):
+            raise
         log.exception("unexpected error; dead-lettering")
         dead_letter(PermanentError(f"internal error: {type(exc).__name__}: {exc}"))
         raise

@@ -1,0 +1,71 @@
+"""Redis error classes (issue 14, item 5): an outage puts the message back, a bug ends dead-lettered.
+
+Every error here comes from a real Redis: a key of the wrong type, a failing script, a server out of
+memory under ``noeviction``, a read-only replica.
+"""
+import pytest
+import redis
+from celery.exceptions import Reject
+
+from tests.payloads import status_change
+from tests.test_pipeline import STOP_ID, accept, driver, l2u, sink_server  # noqa: F401 (fixtures)
+from workers import tasks
+
+
+def _deliver_args(driver, delivery_id):
+    _, args = driver.sent.pop(0)
+    tasks.process_delivery.run(*args)
+    [(_, deliver_args)] = driver.sent
+    driver.sent.clear()
+    return deliver_args
+
+
+def test_wrongtype_is_a_bug_dead_lettered_with_the_error_not_requeued_forever(driver):
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    args = _deliver_args(driver, delivery_id)
+    driver.rt.redis.set(driver.rt.versions("storepoint").key, "not a hash")  # a bug elsewhere wrote this
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):  # raised (Flower shows it), not Reject
+        tasks.deliver.run(*args)
+    [entry] = driver.rt.dead_letters.list()
+    assert entry["sink"] == "storepoint" and "WRONGTYPE" in entry["reason"]
+    assert driver.rt.ledger.get(delivery_id)["sinks"]["storepoint"]["state"] == "dead_lettered"
+
+
+def test_a_script_error_is_a_bug(driver):
+    from workers.tasks import redis_outage
+
+    with pytest.raises(redis.ResponseError) as caught:
+        driver.rt.redis.eval("return redis.call('NOSUCHCOMMAND')", 0)
+    assert not redis_outage(caught.value)
+
+
+@pytest.fixture
+def out_of_memory(redis_client):
+    """``set()`` makes the server refuse writes as out of memory (``noeviction``); undone after the test."""
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    yield lambda: redis_client.config_set("maxmemory", 1)
+    redis_client.config_set("maxmemory", 0)
+
+
+def test_out_of_memory_is_an_outage_and_nothing_is_dead_lettered(driver, out_of_memory):
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    _, args = driver.sent.pop(0)
+    out_of_memory()
+    with pytest.raises(Reject):
+        tasks.process_delivery.run(*args)
+    driver.rt.redis.config_set("maxmemory", 0)
+    assert driver.rt.dead_letters.list() == []
+    assert driver.rt.ledger.get(delivery_id)["status"] == "received"
+
+
+def test_a_read_only_replica_is_an_outage(redis_client):
+    from workers.devstack import free_port
+    from workers.tasks import redis_outage
+
+    redis_client.replicaof("127.0.0.1", free_port())  # nothing listens there: stays a read-only replica
+    try:
+        with pytest.raises(redis.ResponseError) as caught:
+            redis_client.set("l2u:probe", "1")
+    finally:
+        redis_client.replicaof("NO", "ONE")
+    assert redis_outage(caught.value)
