@@ -1,16 +1,26 @@
 # Two commands: `make run` (local stack) and `make test` (the whole suite).
-# Both create .venv with Python 3.11+ and install the project into it first.
+# Both create .venv with Python 3.11+ and install the project into it first: the pinned versions of
+# requirements.txt (what Heroku installs on every dyno), then the project editable with its test extra.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench clean
+.PHONY: run test bench lock clean
 
-$(VENV)/.installed: setup.cfg setup.py
+# requirements.txt's last line installs the app itself (non-editable, as on a dyno); here it is editable.
+$(VENV)/.installed: setup.cfg setup.py requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	grep -vx '\.' requirements.txt > $(VENV)/pins.txt
+	$(PY) -m pip install --quiet -r $(VENV)/pins.txt -e '.[test]'
 	touch $@
+
+# requirements.txt: every dependency of setup.cfg's install_requires pinned by pip-compile, then the app
+# itself (`.`). Run after changing install_requires; LOCK_ARGS=--upgrade moves every pin to the newest allowed.
+lock: $(VENV)/.installed
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --output-file=requirements.txt $(LOCK_ARGS) setup.cfg
+	printf '%s\n' '# the app itself, after its pinned dependencies (gives dynos the l2u-relay command)' . >> requirements.txt
 
 run: $(VENV)/.installed
 	$(VENV)/bin/l2u-relay run
