@@ -6,15 +6,23 @@
 - ``CircuitBreaker``: per sink; opens after N consecutive failures, lets one
   probe through after the cooldown, closes on success.
 - ``RateLimiter``: a token bucket per sink shared by every worker.
+- ``KeyLock``: the per-key write lock, renewed while its holder works, with a token that fences
+  what the holder records once its call returns.
 """
+import contextlib
 import json
+import logging
 import random
+import threading
 import time
 import uuid
+
+import redis
 
 from workers.stores import PREFIX
 
 JITTER = 0.1
+log = logging.getLogger(__name__)
 
 
 def retry_delay(schedule, attempt, retry_after=None, rng=random):
@@ -167,3 +175,70 @@ class RateLimiter:
     def take(self, now=None):
         """Take a token; return 0.0, or the seconds to wait when the bucket is empty."""
         return float(self._take(keys=[self.key], args=[self.rate, self.burst, time.time() if now is None else now]))
+
+
+_RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+
+class KeyLock:
+    """One writer per (sink, key) at a time: a Redis key holding the holder's random token.
+
+    ``held()`` renews it every third of ``seconds`` while its body runs, so a sink call slower than
+    the lock keeps it; a holder that dies stops renewing and the lock lapses within ``seconds``.
+    The token is the fence: a store that checks it in the same script as a write (the version
+    compare-and-set) knows whether the lock was still this holder's. Losing the lock never raises:
+    ``lost`` says so, and the holder decides what that means.
+    """
+
+    def __init__(self, client, name, seconds):
+        self.redis = client
+        self.name = name
+        self.millis = int(seconds * 1000)
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._renew = client.register_script(_RENEW_LOCK)
+        self._release = client.register_script(_RELEASE_LOCK)
+
+    def acquire(self):
+        """Take the lock if it is free; True when taken."""
+        return bool(self.redis.set(self.name, self.token, nx=True, px=self.millis))
+
+    def renew(self):
+        """Extend the lock by its length; False (and ``lost``) once it is not this holder's."""
+        if not self._renew(keys=[self.name], args=[self.token, self.millis]):
+            self.lost = True
+        return not self.lost
+
+    def release(self):
+        """Free the lock if it is still this holder's; True if it was."""
+        return bool(self._release(keys=[self.name], args=[self.token]))
+
+    @contextlib.contextmanager
+    def held(self):
+        """Renew the lock in a background thread while the body runs."""
+        stop = threading.Event()
+
+        def keep():
+            while not stop.wait(self.millis / 3000):
+                try:
+                    if not self.renew():
+                        return
+                except redis.RedisError as exc:  # Redis away for a moment; the lock may lapse, the fence tells
+                    log.warning("could not renew the lock %s: %s", self.name, exc)
+
+        renewer = threading.Thread(target=keep, name=f"renew-{self.name}", daemon=True)
+        renewer.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            renewer.join()

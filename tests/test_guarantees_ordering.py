@@ -1,0 +1,113 @@
+"""Ordering guarantees (issue 14, items 2 and 3): an older event never ends in a sink, even when a
+sink call outlives the per-key lock, and equal ``actionDate``s end in the same state whatever the timing.
+
+Real Redis, the loopback recording sink with its fault plan's latency for slow calls, tasks run in
+process (the Driver of tests/test_pipeline.py) so the interleaving is chosen by the test.
+"""
+import threading
+import time
+
+import pytest
+
+from tests.payloads import status_change
+from tests.test_pipeline import STOP_ID, accept, driver, l2u, sink_server, sink_state  # noqa: F401 (fixtures)
+from workers import pipeline, tasks
+from workers.celery_config import DELIVER
+from workers.stores import MappingStore
+
+KEY = f"l2u-stop-{STOP_ID}"
+LOCK_KEY = f"l2u:lock:storepoint:{KEY}"
+
+
+@pytest.fixture(autouse=True)
+def _sink_mappings(driver):
+    driver.rt.sinks["storepoint"].mappings = MappingStore(driver.rt.redis, "storepoint")
+
+
+def _deliver_args(driver, delivery_id):
+    """Run the delivery's process_delivery; return the deliver task it queued."""
+    [(_, args)] = [task for task in driver.sent if task[1][0] == delivery_id]
+    driver.sent.remove((_, args))
+    tasks.process_delivery.run(*args)
+    [(name, deliver_args)] = [task for task in driver.sent if task[1][0] == delivery_id]
+    driver.sent.remove((name, deliver_args))
+    assert name == DELIVER
+    return deliver_args
+
+
+def _in_thread(work):
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=work()), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_for_lock(redis_client, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not redis_client.exists(LOCK_KEY):
+        assert time.monotonic() < deadline, "the slow write never took the key's lock"
+        time.sleep(0.02)
+
+
+def test_a_sink_call_slower_than_the_lock_keeps_the_lock(driver, sink_server, monkeypatch):
+    """Item 2: the lock lasted a fixed time while a sink call could take longer; an older write then
+    took the lapsed lock, passed the version check and landed after the newer one."""
+    monkeypatch.setattr(pipeline, "LOCK_SECONDS", 2)
+    sink_server.app.config["FAULTS"].latency(5)  # every sink call takes 5 s, far beyond the lock
+    newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
+    older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    newer_args, older_args = _deliver_args(driver, newer), _deliver_args(driver, older)
+    thread, outcome = _in_thread(lambda: tasks.deliver.run(*newer_args))
+    _wait_for_lock(driver.rt.redis)
+    time.sleep(3)  # longer than the lock's 2 s: only a renewed lock is still held
+    tasks.deliver.run(*older_args)
+    thread.join(60)
+    driver.run()
+    assert outcome["result"] == "applied"
+    assert sink_state(sink_server).records[KEY]["status"] == "Complete"
+    assert driver.rt.ledger.get(older)["status"] == "stale"
+    assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == repr(1651039200.0)  # 06:00 UTC
+
+
+def test_a_write_whose_lock_lapsed_cannot_leave_the_sink_regressed(driver, sink_server):
+    """Item 2: the lock lapsed anyway (a frozen worker, Redis gone for longer than the lock). The
+    unconditional HSET stored whichever version finished last, the older write landed last in the
+    sink, and the lapsed lock's release raised a Redis error that re-queued a write already done."""
+    sink_server.app.config["FAULTS"].latency(4)
+    newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
+    older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    newer_args, older_args = _deliver_args(driver, newer), _deliver_args(driver, older)
+    thread, newer_outcome = _in_thread(lambda: tasks.deliver.run(*newer_args))
+    _wait_for_lock(driver.rt.redis)
+    driver.rt.redis.delete(LOCK_KEY)  # the lock lapses while the newer write is on its way
+    time.sleep(1)
+    older_outcome = tasks.deliver.run(*older_args)  # lands after the newer one
+    thread.join(60)
+    assert newer_outcome["result"] == "applied"  # not an outage: the write is not sent twice by redelivery
+    assert older_outcome == "stale"  # superseded while it was being written
+    sink_server.app.config["FAULTS"].latency(0)
+    driver.run()  # the newest write is asserted again
+    assert sink_state(sink_server).records[KEY]["status"] == "Complete"
+    assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == repr(1651039200.0)
+    assert driver.rt.ledger.get(newer)["status"] == "applied"
+    assert driver.rt.ledger.get(older)["status"] == "stale"
+
+
+def test_equal_instants_end_in_the_later_received_state_whatever_the_processing_order(driver, sink_server):
+    """Item 3: with the same actionDate the state processed last won, so the end state depended on timing."""
+    instant = "2022-04-27T05:00:00+00:00"
+    first = accept(driver.rt, status_change(STOP_ID, "Arrived", instant))
+    second = accept(driver.rt, status_change(STOP_ID, "Failed", instant))
+    driver.sent.reverse()  # the later-received event is processed first
+    driver.run()
+    assert sink_state(sink_server).records[KEY]["status"] == "Failed"
+    assert driver.rt.ledger.get(first)["status"] == "stale"
+    assert driver.rt.ledger.get(second)["status"] == "applied"
+
+
+def test_equal_instants_in_receipt_order_apply_both(driver, sink_server):
+    instant = "2022-04-27T05:00:00+00:00"
+    accept(driver.rt, status_change(STOP_ID, "Arrived", instant))
+    accept(driver.rt, status_change(STOP_ID, "Failed", instant))
+    driver.run()
+    assert [body["status"] for _, _, body in sink_state(sink_server).writes] == ["Arrived", "Failed"]
