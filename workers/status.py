@@ -1,6 +1,8 @@
-"""``l2u-relay status``: the relay at a glance — queues, retries, dead letters, breakers, Locate2u."""
+"""``l2u-relay status``: the relay at a glance — Redis health, queues, retries, dead letters, breakers,
+Locate2u."""
 import redis
 
+from workers import redis_health
 from workers.config import ConfigError
 from workers.errors import RelayError
 from workers.locate2u.subscriptions import SubscriptionSync
@@ -13,7 +15,8 @@ KOMBU_UNACKED = "unacked"  # kombu's Redis transport keeps delivered-but-unackno
 
 def collect(rt):
     """Everything ``status`` shows, as JSON-ready data (one network call: the subscriptions list)."""
-    return {"queues": {queue: rt.redis.llen(queue) for queue in QUEUES},
+    return {"redis": redis_health.check(rt.redis),
+            "queues": {queue: rt.redis.llen(queue) for queue in QUEUES},
             "in_flight": rt.redis.hlen(KOMBU_UNACKED),
             "scheduled_retries": rt.redis.zcard(RetryScheduler.KEY),
             "dead_letters": rt.dead_letters.counts(),
@@ -44,7 +47,8 @@ def _locate2u(rt):
 
 def render(data):
     """The compact table a person reads."""
-    lines = ["queues        " + "  ".join(f"{q}={n}" for q, n in data["queues"].items())
+    lines = redis_health.lines(data["redis"])
+    lines += ["queues        " + "  ".join(f"{q}={n}" for q, n in data["queues"].items())
              + f"  in-flight={data['in_flight']}  scheduled-retries={data['scheduled_retries']}"]
     lines.append(f"{'sink':<13} {'breaker':<8} {'mapped':>7} {'dead letters':>13}")
     for name, sink in data["sinks"].items():
