@@ -230,7 +230,7 @@ def test_reconcile_pages_by_100_with_fields_and_sort(sim, sink, mappings):
     assert report.scanned == 232
     assert len(report.rebuilt) == 230 and report.rebuilt["l2u-stop-1000"] == mappings.get("l2u-stop-1000")
     assert report.missing_remote == ["l2u-stop-2"]
-    assert report.unknown_remote == [str(duplicate["id"])]
+    assert report.untracked == [str(duplicate["id"])] and report.unknown_remote == []
     assert report.changed_remote == {"l2u-stop-164557": ["name"]}
     assert mappings.get("l2u-stop-164557") == kept
 

@@ -158,7 +158,8 @@ def test_reconcile_rebuilds_a_wiped_mapping_and_reports_drift(sim, sink, mapping
     assert report.rebuilt == {"l2u-stop-1": ids[1], "l2u-stop-2": ids[2], "l2u-stop-4": ids[4]}
     assert report.changed_remote == {"l2u-stop-2": ["name"]}
     assert report.missing_remote == ["l2u-stop-3"]
-    assert sorted(report.unknown_remote) == sorted([duplicate, foreign])
+    assert report.untracked == [duplicate]  # ours (our tag), lost track of
+    assert report.unknown_remote == [foreign]  # not ours
     assert report.scanned == 5
     before = len(state(sim).locations)
     assert sink.apply("upsert", sample_location(stop_id=1)) == ids[1]

@@ -1,10 +1,16 @@
-"""The Celery app (``celery -A workers.app worker|beat|flower``)."""
+"""The Celery app (``celery -A workers.app worker|beat|flower|inspect``).
+
+Run by hand in a checkout where ``l2u-relay run`` is running (no RELAY_WEBHOOK_SECRET
+set), it takes that stack's settings; a configuration problem ends it with one
+message naming the setting and exit 2, never a traceback.
+"""
 import os
+import sys
 
 from celery.signals import setup_logging
 
 from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, SYNC_SUBSCRIPTIONS, make_celery
-from workers.config import Settings
+from workers.config import ConfigError, Settings
 from workers.logs import configure_logging
 from workers.routes import load_routes
 
@@ -41,4 +47,18 @@ def create_worker_app(settings=None):
     return app
 
 
-app = create_worker_app()
+def _load():
+    if not os.environ.get("RELAY_WEBHOOK_SECRET"):  # a command typed by hand: use the local stack's settings
+        from workers.devstack import stack_environment
+
+        for name, value in stack_environment(os.environ).items():
+            os.environ.setdefault(name, value)
+    try:
+        return create_worker_app()
+    except ConfigError as exc:
+        print(f"error: {exc}\n  (celery -A workers.app reads the relay's settings from the environment, "
+              "or from a running `l2u-relay run` in this checkout)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+app = _load()

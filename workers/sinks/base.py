@@ -64,7 +64,21 @@ class Sink(abc.ABC):
         if action not in ACTIONS:
             raise PermanentError(f"unknown action {action!r} for sink {self.name}")
         merged = {**self.options, **(options or {})}
-        return getattr(self, action)(location, merged)
+        remote_id = getattr(self, action)(location, merged)
+        applied = MappingStore(self.mappings.redis, f"{self.name}:applied")
+        if action == "delete":
+            applied.delete(location.key)
+        else:  # what ``reconcile --repair`` re-applies when the system lost or changed it
+            applied.set(location.key, json.dumps({"action": action, "record": location.to_json()}))
+        return remote_id
+
+    def last_applied(self, key):
+        """``(action, Location record)`` of the last write applied for ``key``, or None."""
+        raw = MappingStore(self.mappings.redis, f"{self.name}:applied").get(key)
+        if raw is None:
+            return None
+        applied = json.loads(raw)
+        return applied["action"], applied["record"]
 
     # Helpers for subclasses: vendor-worded errors, and the mapping plus what was last written.
 
@@ -101,9 +115,11 @@ class Sink(abc.ABC):
         """A ReconcileReport from the remote listing's ``(key or None, remote id, flat fields)`` triples.
 
         A key found with no mapping, or whose mapped record is not among those found, is remapped
-        (``rebuilt``); further records with the same key are ``unknown_remote``, as are records
-        without our key; fields differing from what ``remember`` kept are ``changed_remote``.
-        Mapped keys not found are ``missing_remote`` only when the listing is ``complete``.
+        (``rebuilt``; when what we wrote was lost too, the fields found are kept as what we wrote, so
+        later drift shows); further records with the same key are ours but untracked (``untracked``);
+        records without our key are ``unknown_remote``; fields differing from what ``remember``
+        kept are ``changed_remote``. Mapped keys not found are ``missing_remote`` only when the
+        listing is ``complete``.
         """
         report = ReconcileReport(self.name)
         mapped, snapshots, found = self.mappings.all(), self._snapshots(), {}
@@ -116,10 +132,12 @@ class Sink(abc.ABC):
         for key, candidates in found.items():
             ids = [remote_id for remote_id, _ in candidates]
             remote_id, fields = candidates[ids.index(mapped[key]) if mapped.get(key) in ids else 0]
-            report.unknown_remote += [other for other in ids if other != remote_id]
+            report.untracked += [other for other in ids if other != remote_id]
             if mapped.get(key) != remote_id:
                 self.mappings.set(key, remote_id)
                 report.rebuilt[key] = remote_id
+                if not snapshots.get(key):
+                    snapshots.set(key, json.dumps(fields))
             written = json.loads(snapshots.get(key) or "{}")
             changed = sorted(name for name, value in written.items() if fields.get(name) != value)
             if changed:
@@ -139,16 +157,23 @@ class ReconcileReport:
     ``rebuilt``: mappings restored from the remote listing (key → remote id);
     ``missing_remote``: keys we map whose record is gone there;
     ``changed_remote``: keys whose remote record differs from what we wrote (key → fields);
-    ``unknown_remote``: remote ids carrying our marker that we did not know about, or
-    records without our marker (reported, never touched).
+    ``untracked``: further remote ids carrying the key of one we map: created by us, then
+    lost track of (reported, never touched);
+    ``unknown_remote``: records without our marker, not ours (reported, never touched).
     """
 
     sink: str
     rebuilt: dict = dataclasses.field(default_factory=dict)
     missing_remote: list = dataclasses.field(default_factory=list)
     changed_remote: dict = dataclasses.field(default_factory=dict)
+    untracked: list = dataclasses.field(default_factory=list)
     unknown_remote: list = dataclasses.field(default_factory=list)
     scanned: int = 0
+
+    @property
+    def drift(self):
+        """True when the system differs from what we wrote (foreign records are not drift)."""
+        return bool(self.rebuilt or self.missing_remote or self.changed_remote or self.untracked)
 
     def to_json(self):
         return dataclasses.asdict(self)

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 MARKER = "l2u:"
 BASE_TAG = "locate2u"
 PAGE_LIMIT = 500  # the documented maximum of GET /locations
+OWNED_FIELDS = ("name", "address", "description", "tags", "contact.phone", "contact.email", "coordinates.lat",
+                "coordinates.lng")
 DEFAULT_OPTIONS = {
     # A stop without coordinates: PermanentError (true), or leave them out (false):
     # a mapped location keeps its last coordinates, an unmapped one is not created.
@@ -41,6 +43,12 @@ def flatten(location):
         else:
             flat[name] = sorted(value) if isinstance(value, list) else value
     return flat
+
+
+def owned_fields(location):
+    """The flat fields of a listed location that our writes set (``body``), the others left out."""
+    return {name: value for name, value in flatten(location).items()
+            if name in OWNED_FIELDS or name.startswith("custom_fields.")}
 
 
 def key_of(location):
@@ -111,7 +119,7 @@ class StorepointSink(Sink):
 
     def reconcile(self, since=None):
         """Scan every location (Storepoint cannot filter by date, so ``since`` is ignored)."""
-        return self.compare_listing((key_of(item), item["id"], flatten(item)) for item in self._listing())
+        return self.compare_listing((key_of(item), item["id"], owned_fields(item)) for item in self._listing())
 
     def body(self, location, options):
         """The create/update body: every field we own, coordinates only when both are known."""
