@@ -50,7 +50,8 @@ def test_accept_records_and_queues_in_one_script(settings, redis_client):
     assert json.loads(base64.b64decode(message["body"]))[0] == ["d-1", "trip.created"]
     entry = Ledger(redis_client).get("d-1")
     assert entry["status"] == "received" and entry["body"] == BODY
-    assert redis_client.zscore(Ledger.RECEIVED, "d-1") is not None
+    assert redis_client.zscore(Ledger.OPEN, "d-1") is not None
+    assert entry["queued"] == f"{INGEST_QUEUE}:1"  # its queue ticket, kept by the same script
 
 
 def test_duplicate_is_neither_recorded_again_nor_queued(settings, redis_client):
@@ -84,7 +85,7 @@ def test_a_failing_push_leaves_the_delivery_for_the_sweeper(settings, redis_clie
     handoff = Handoff.from_settings(settings)
     with pytest.raises(Unavailable):
         handoff.accept("d-1", "trip.created", BODY)
-    assert redis_client.zscore(Ledger.RECEIVED, "d-1") is not None
+    assert redis_client.zscore(Ledger.OPEN, "d-1") is not None
 
 
 def test_another_broker_falls_back_to_send_task(settings, redis_client):

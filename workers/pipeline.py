@@ -13,13 +13,13 @@ import time
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.errors import PermanentError, RelayError, RetriableError
 from workers.locations import Location, location_from_stop
-from workers.resilience import KeyLock, retry_delay
+from workers.resilience import retry_delay
 from workers.routes import render
-from workers.stores import FINAL_SINK_STATES, WriteOrder
+from workers.stores import FINAL_SINK_STATES
 
 log = logging.getLogger(__name__)
 STOP_CACHE_SECONDS = 10
-LOCK_SECONDS = 60  # renewed while held: this bounds only how long a dead holder blocks the key
+LOCK_SECONDS = 180
 BUSY_RETRY_SECONDS = 1.0
 # Dead-letter stages: what a replay has to redo.
 ENRICH, ROUTE, DELIVER_STAGE = "enrich", "route", "deliver"
@@ -102,11 +102,14 @@ def route_delivery(rt, event, attempt=0, replay=False):
 
 
 def _retry_enrich(rt, event, attempt, exc, replay):
+    """Schedule ``process_delivery`` again; the ledger keeps the attempt and when it is due, so the
+    sweeper re-queues it if the retry message is lost."""
     delay = retry_delay(rt.settings.retry_schedule, attempt + 1, exc.retry_after)
     if delay is None:
         return dead_letter_enrich(rt, event, attempt, exc)
     rt.ledger.trace(event.delivery_id, "enrich retry", error=exc.message, delay=round(delay, 1))
-    rt.ledger.set_status(event.delivery_id, "retrying")
+    rt.ledger.set_status(event.delivery_id, "retrying", due=time.time() + delay, attempt=attempt + 1,
+                         replay=int(bool(replay)))
     rt.scheduler.schedule(PROCESS_DELIVERY, [event.delivery_id, event.event_type, attempt + 1, replay], delay)
     return "retrying"
 
@@ -194,13 +197,7 @@ def dead_letter_enrich(rt, event, attempt, exc):
 
 
 def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, replay=False):
-    """Apply one routed write; return the outcome (applied, stale, retrying, dead_lettered, waiting).
-
-    Under the key's lock (renewed while the sink call runs): the fenced check right before the
-    call, then the version compare-and-set after it. A write whose lock lapsed during the call (a
-    frozen worker, Redis away longer than the lock) may have landed after a newer one, so the
-    newest applied write is sent again (``_reassert``).
-    """
+    """Apply one routed write; return the outcome (applied, stale, retrying, dead_lettered, waiting)."""
     args = [delivery_id, sink_name, action, record, attempt, replay]
     sink, route = rt.sinks.get(sink_name), rt.routes[sink_name]
     if sink is None:
@@ -208,43 +205,32 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
                             PermanentError(f"sink {sink_name} is not configured any more"))
     location = Location.from_json(record)
     # A lock left by a killed worker lapses no later than its message is redelivered.
-    lock = KeyLock(rt.redis, f"l2u:lock:{sink_name}:{location.key}",
-                   min(LOCK_SECONDS, rt.settings.visibility_timeout))
+    lock = rt.redis.lock(f"l2u:lock:{sink_name}:{location.key}",
+                         timeout=min(LOCK_SECONDS, rt.settings.visibility_timeout), blocking=False)
     if not lock.acquire():
         return _wait(rt, args, BUSY_RETRY_SECONDS, "another write for this key is in progress")
-    versions = rt.versions(sink_name)
-    order = WriteOrder.of(location.version, _received_at(rt, delivery_id), delivery_id)
     try:
-        with lock.held():
-            verdict = versions.check(location.key, order, lock)
-            if verdict == "lost":
-                return _wait(rt, args, BUSY_RETRY_SECONDS, "the key's lock lapsed before the write")
-            if route.ordered and verdict == "stale":
-                return _stale(rt, delivery_id, sink_name, location.key, attempt, replay)
-            # Only a write that is really sent asks the breaker and the rate limit, so a stale one
-            # never uses up the breaker's single probe (or a token) without calling the sink.
-            breaker = rt.breaker(sink_name)
-            held_back = _hold_back(rt, breaker, sink_name)
-            if held_back:
-                return _wait(rt, args, *held_back)
-            try:
-                remote_id = sink.apply(action, location, route.options)
-            except RelayError as exc:
-                if lock.lost or not lock.renew():  # it may have landed after a newer write
-                    _reassert(rt, sink_name, location.key)
-                if isinstance(exc, PermanentError):
-                    breaker.success()
-                    return dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc)
-                breaker.failure()
-                return _retry(rt, args, exc)
+        versions = rt.versions(sink_name)
+        if route.ordered and versions.is_stale(location.key, location.version):
+            return _stale(rt, delivery_id, sink_name, location.key, attempt, replay)
+        # Only a write that is really sent asks the breaker and the rate limit, so a stale one
+        # never uses up the breaker's single probe (or a token) without calling the sink.
+        breaker = rt.breaker(sink_name)
+        held_back = _hold_back(rt, breaker, sink_name)
+        if held_back:
+            return _wait(rt, args, *held_back)
+        try:
+            remote_id = sink.apply(action, location, route.options)
+        except RetriableError as exc:
+            breaker.failure()
+            return _retry(rt, args, exc)
+        except PermanentError as exc:
             breaker.success()
-            recorded, held = versions.record(location.key, order, lock, action, record)
+            return dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc)
+        breaker.success()
+        versions.applied(location.key, location.version)
     finally:
         lock.release()
-    if route.ordered and (recorded == "older" or not held):
-        _reassert(rt, sink_name, location.key)
-    if route.ordered and recorded == "older":  # a newer write was applied while this one was sent
-        return _stale(rt, delivery_id, sink_name, location.key, attempt + 1, replay)
     received_at = rt.ledger.sink_outcome(delivery_id, sink_name, "applied", attempts=attempt + 1,
                                          remote_id=remote_id)
     rt.ledger.trace(delivery_id, "applied", sink=sink_name, action=action, key=location.key)
@@ -253,27 +239,6 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
     if replay:
         rt.dead_letters.remove(rt.dead_letters.entry_id(delivery_id, sink_name))
     return "applied"
-
-
-def _received_at(rt, delivery_id):
-    """The delivery's receipt time, the tie-break between equal ``actionDate``s (0 once it left the ledger)."""
-    received_at = rt.redis.hget(rt.ledger.key(delivery_id), "received_at")
-    if received_at is None:
-        entry = rt.ledger.get(delivery_id)
-        received_at = entry and entry.get("received_at")
-    return float(received_at or 0)
-
-
-def _reassert(rt, sink_name, key):
-    """Send the newest applied write for ``key`` again, under a fresh lock: a write whose lock lapsed
-    (or that a newer one overtook) may have landed last, and sink writes are idempotent."""
-    newest = rt.versions(sink_name).newest(key)
-    if newest is None:
-        return
-    rt.scheduler.schedule(DELIVER, [newest["delivery_id"], sink_name, newest["action"], newest["record"], 0, False],
-                          0)
-    rt.ledger.trace(newest["delivery_id"], "reasserted", sink=sink_name, key=key)
-    log.warning("a write for %s may have landed out of order; sending the newest again", key)
 
 
 def _hold_back(rt, breaker, sink_name):

@@ -5,12 +5,13 @@ body, received-at, status) in one hash per delivery; ``record()`` writes it,
 the dedup key and the sweeper's index (and, from the receiver, the Celery
 message) in one atomic round trip.
 """
-import collections
 import json
 import time
 from datetime import datetime
 
 import redis
+
+from workers.queue_positions import counter_key
 
 PREFIX = "l2u:"
 LEDGER_RETENTION = 14 * 86400
@@ -29,7 +30,36 @@ redis.call('HSET', KEYS[2], 'delivery_id', ARGV[1], 'event_type', ARGV[3], 'body
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
-if KEYS[5] then redis.call('LPUSH', KEYS[5], ARGV[7]) end
+if KEYS[5] then
+  redis.call('LPUSH', KEYS[5], ARGV[7])
+  redis.call('HSET', KEYS[2], 'queued', ARGV[8] .. ':' .. redis.call('INCR', KEYS[6]))
+end
+return 1
+"""
+
+# Take the processing lease: from "received" or "retrying", or from a holder whose lease lapsed
+# (not renewed for ARGV[3] seconds). KEYS: entry, OPEN. ARGV: id, token, lease seconds, now, attempt.
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'processing' then
+  local renewed = redis.call('ZSCORE', KEYS[2], ARGV[1])
+  if renewed and tonumber(renewed) + tonumber(ARGV[3]) > tonumber(ARGV[4]) then return 0 end
+elseif status ~= 'received' and status ~= 'retrying' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', 'processing', 'lease', ARGV[2], 'attempt', ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+"""
+
+# While the lease ARGV[2] is held: push it forward (ARGV[4] = 'renew'), or end it and put the
+# delivery back to "received" ('lapse'). KEYS: entry, OPEN. ARGV: id, token, now, what.
+_LEASE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'processing' or redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] then
+  return 0
+end
+if ARGV[4] == 'lapse' then redis.call('HSET', KEYS[1], 'status', 'received') end
+redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
 return 1
 """
 
@@ -43,15 +73,22 @@ def connect(url, **options):
 
 
 class Ledger:
-    """Every accepted delivery, its status and per-sink outcomes."""
+    """Every accepted delivery, its status and per-sink outcomes.
 
-    RECEIVED = PREFIX + "ledger:received"  # sweeper index: still "received"
-    OPEN = PREFIX + "ledger:open"  # stall sweeper index: routed, some sink not final; scored by next check
+    Every delivery not final (received, processing, retrying, routed) is in ``OPEN``, scored by
+    its last progress (received, lease renewed, sink outcome) or when its next step is due (a
+    retry); the one sweeper reads only that index.
+    """
+
+    OPEN = PREFIX + "ledger:open"
+    RECEIVED = PREFIX + "ledger:received"  # older versions' index of "received" ones; folded into OPEN
     ALL = PREFIX + "ledger:all"
 
     def __init__(self, client):
         self.redis = client
         self._record = client.register_script(_RECORD)
+        self._claim = client.register_script(_CLAIM)
+        self._lease = client.register_script(_LEASE)
 
     @staticmethod
     def key(delivery_id):
@@ -64,22 +101,23 @@ class Ledger:
     def record(self, delivery_id, event_type, body, dedup_window, received_at=None, enqueue=None):
         """Record a new delivery; return False if it is a duplicate within the window.
 
-        ``enqueue`` is an optional ``(list key, message)``: the message is LPUSHed by the same
-        atomic script, so the delivery is recorded and queued together or not at all.
+        ``enqueue`` is an optional ``(list key, message)``: the message is LPUSHed (and its queue
+        ticket kept, see ``workers.queue_positions``) by the same atomic script, so the delivery is
+        recorded and queued together or not at all.
         """
         received_at = time.time() if received_at is None else received_at
-        keys = [self.dedup_key(delivery_id), self.key(delivery_id), self.RECEIVED, self.ALL]
+        keys = [self.dedup_key(delivery_id), self.key(delivery_id), self.OPEN, self.ALL]
         args = [delivery_id, dedup_window, event_type, body, repr(received_at), LEDGER_RETENTION]
         if enqueue is not None:
-            keys.append(enqueue[0])
-            args.append(enqueue[1])
+            keys += [enqueue[0], counter_key(enqueue[0])]
+            args += [enqueue[1], enqueue[0]]
         return bool(self._record(keys=keys, args=args))
 
     def release(self, delivery_id):
         """Undo ``record()`` (the hand-off failed), so the sender's retry is accepted."""
         with self.redis.pipeline() as pipe:
             pipe.delete(self.dedup_key(delivery_id), self.key(delivery_id))
-            pipe.zrem(self.RECEIVED, delivery_id)
+            pipe.zrem(self.OPEN, delivery_id)
             pipe.zrem(self.ALL, delivery_id)
             pipe.execute()
 
@@ -93,12 +131,36 @@ class Ledger:
         entry["sinks"] = sinks
         return entry
 
-    def set_status(self, delivery_id, status, **fields):
-        """Set the overall status (and extra fields); leave the sweeper index once picked up."""
+    def set_status(self, delivery_id, status, due=None, **fields):
+        """Set the overall status (and extra fields).
+
+        A final status leaves the sweeper's index; any other stays in it, scored ``due`` (when
+        its next step is due, e.g. a retry) or now.
+        """
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(delivery_id), mapping={"status": status, **fields})
-            pipe.zrem(self.RECEIVED, delivery_id)
+            if status in FINAL_STATES:
+                pipe.zrem(self.OPEN, delivery_id)
+            else:
+                pipe.zadd(self.OPEN, {delivery_id: time.time() if due is None else due})
             pipe.execute()
+
+    def claim(self, delivery_id, token, lease_seconds, attempt=0):
+        """Take the processing lease (status "processing"); False if the delivery does not wait
+        for processing, or a live holder renewed its lease within ``lease_seconds``."""
+        return bool(self._claim(keys=[self.key(delivery_id), self.OPEN],
+                                args=[delivery_id, token, lease_seconds, repr(time.time()), attempt]))
+
+    def renew(self, delivery_id, token):
+        """Push the lease forward (its holder is alive and working); False once it is not held."""
+        return bool(self._lease(keys=[self.key(delivery_id), self.OPEN],
+                                args=[delivery_id, token, repr(time.time()), "renew"]))
+
+    def lapse(self, delivery_id, token):
+        """End a lease its holder stopped renewing: the delivery is "received" again, for the
+        sweeper to queue; False if it moved on meanwhile."""
+        return bool(self._lease(keys=[self.key(delivery_id), self.OPEN],
+                                args=[delivery_id, token, repr(time.time()), "lapse"]))
 
     def start_fan_out(self, delivery_id, sinks, **fields):
         """Mark the delivery routed, every sink pending, before any deliver task is queued."""
@@ -106,7 +168,6 @@ class Ledger:
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(delivery_id), mapping={"status": "routed", **fields,
                                                       **{f"sink:{sink}": pending for sink in sinks}})
-            pipe.zrem(self.RECEIVED, delivery_id)
             pipe.zadd(self.OPEN, {delivery_id: time.time()})
             pipe.execute()
 
@@ -146,22 +207,21 @@ class Ledger:
     def history(self, delivery_id):
         return [json.loads(line) for line in self.redis.lrange(f"{PREFIX}trace:{delivery_id}", 0, -1)]
 
-    def stuck(self, older_than, now=None, limit=500):
-        """Delivery ids still "received" after ``older_than`` seconds."""
-        cutoff = (time.time() if now is None else now) - older_than
-        return self.redis.zrangebyscore(self.RECEIVED, "-inf", cutoff, start=0, num=limit)
-
-    def touch_received(self, delivery_id, now=None):
-        """Restart the sweeper's clock for a delivery it has just re-queued."""
-        self.redis.zadd(self.RECEIVED, {delivery_id: time.time() if now is None else now}, xx=True)
+    def fold_legacy_index(self):
+        """Move the ids an older version kept in ``RECEIVED`` into ``OPEN`` (upgrade, once)."""
+        if self.redis.exists(self.RECEIVED):
+            with self.redis.pipeline() as pipe:
+                pipe.zunionstore(self.OPEN, [self.OPEN, self.RECEIVED], aggregate="MIN")
+                pipe.delete(self.RECEIVED)
+                pipe.execute()
 
     def stalled(self, older_than, now=None, limit=500):
-        """Routed delivery ids whose fan-out has had no progress for ``older_than`` seconds."""
+        """Ids of deliveries not final that have made no progress for ``older_than`` seconds."""
         cutoff = (time.time() if now is None else now) - older_than
         return self.redis.zrangebyscore(self.OPEN, "-inf", cutoff, start=0, num=limit)
 
     def check_open_at(self, delivery_id, when):
-        """When the stall sweeper should look at a routed delivery again."""
+        """Restart the sweeper's clock for a delivery: it counts as progressing at ``when``."""
         self.redis.zadd(self.OPEN, {delivery_id: when}, xx=True)
 
     def count_resume(self, delivery_id):
@@ -169,7 +229,7 @@ class Ledger:
         return self.redis.hincrby(self.key(delivery_id), "resumes", 1)
 
     def close_open(self, delivery_id):
-        """Drop a delivery from the stall sweeper's index (settled, or gone from the ledger)."""
+        """Drop a delivery from the sweeper's index (settled, or gone from the ledger)."""
         self.redis.zrem(self.OPEN, delivery_id)
 
     def prune(self, now=None):
@@ -226,97 +286,20 @@ class MappingStore:
         return self.redis.hgetall(self.key)
 
 
-class WriteOrder(collections.namedtuple("WriteOrder", "instant received_at delivery_id")):
-    """Which of two writes for one key is newer: the later ``actionDate`` instant; for equal instants
-    the later received (the ledger's ``received_at``), then the greater delivery id. Total, so any
-    processing order ends in the same state."""
-
-    @classmethod
-    def of(cls, version, received_at, delivery_id):
-        return cls(_instant(version), float(received_at), delivery_id)
-
-
-# The stored order of a key's newest write, and how another compares with it: both scripts
-# below start with this. KEYS: versions, writes, lock. ARGV: key, instant, received_at, delivery id, token.
-_ORDER = """
-local function stored(key)
-  local instant = redis.call('HGET', KEYS[1], key)
-  if not instant then return nil end
-  local last = redis.call('HGET', KEYS[2], key)
-  if not last then return {tonumber(instant), -1, ''} end  -- recorded before ties were broken
-  last = cjson.decode(last)
-  return {tonumber(instant), tonumber(last.received_at), last.delivery_id}
-end
-local function compare(a, b)
-  for i = 1, 3 do
-    if a[i] < b[i] then return -1 elseif a[i] > b[i] then return 1 end
-  end
-  return 0
-end
-local mine = {tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]}
-local current = stored(ARGV[1])
-local held = redis.call('GET', KEYS[3]) == ARGV[5]
-"""
-
-# Before the write: is the lock still ours, and is the write not older than the newest applied?
-_CHECK_WRITE = _ORDER + """
-if not held then return 'lost' end
-if current and compare(mine, current) < 0 then return 'stale' end
-return 'ok'
-"""
-
-# After the write: store it only if newer (ARGV[6]: the write as JSON); say whether the lock was still ours.
-_RECORD_WRITE = _ORDER + """
-local verdict = 'newer'
-if current then
-  local order = compare(mine, current)
-  if order == 0 then verdict = 'same' elseif order < 0 then verdict = 'older' end
-end
-if verdict == 'newer' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
-end
-return {verdict, held and 1 or 0}
-"""
-
-
 class VersionStore:
-    """Per (sink, key): the newest write applied, compared and stored atomically (never regressed).
-
-    ``key`` (a hash) keeps its ``actionDate`` as epoch seconds; ``writes_key`` keeps its receipt
-    time, delivery id, action and record, for the tie-break and to send it again when a write
-    whose lock lapsed may have landed after it.
-    """
+    """Per (sink, key): the ``actionDate`` of the last applied event, as epoch seconds."""
 
     def __init__(self, client, sink):
         self.redis = client
         self.key = f"{PREFIX}version:{sink}"
-        self.writes_key = self.key + ":writes"
-        self._check = client.register_script(_CHECK_WRITE)
-        self._record = client.register_script(_RECORD_WRITE)
 
-    def _call(self, script, key, order, lock, *extra):
-        return script(keys=[self.key, self.writes_key, lock.name],
-                      args=[key, repr(order.instant), repr(order.received_at), order.delivery_id, lock.token, *extra])
+    def is_stale(self, key, version):
+        """True if a newer version than ``version`` was already applied for ``key``."""
+        applied = self.redis.hget(self.key, key)
+        return applied is not None and _instant(version) < float(applied)
 
-    def check(self, key, order, lock):
-        """Right before a write, in one step: "lost" when ``lock`` is no longer held, "stale" when a
-        newer write is already applied, else "ok"."""
-        return self._call(self._check, key, order, lock)
-
-    def record(self, key, order, lock, action, record):
-        """After a write: store it if newer than the newest (compare-and-set). Returns ``(verdict,
-        held)``: verdict "newer", "same" (this delivery's write again) or "older" (a newer one was
-        applied meanwhile); held is False when ``lock`` lapsed during the write."""
-        write = json.dumps({"delivery_id": order.delivery_id, "received_at": order.received_at, "action": action,
-                            "record": record})
-        verdict, held = self._call(self._record, key, order, lock, write)
-        return verdict, bool(held)
-
-    def newest(self, key):
-        """The newest write applied for ``key`` (delivery_id, received_at, action, record), or None."""
-        raw = self.redis.hget(self.writes_key, key)
-        return json.loads(raw) if raw else None
+    def applied(self, key, version):
+        self.redis.hset(self.key, key, repr(_instant(version)))
 
 
 def _instant(version):

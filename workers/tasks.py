@@ -7,11 +7,13 @@ back for redelivery instead. ``redis_outage`` is the one place that tells them a
 import contextlib
 import json
 import logging
+import threading
 import time
+import uuid
 
 import redis
 from celery import shared_task
-from celery.signals import task_prerun
+from celery.signals import after_task_publish, task_prerun
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 from marshmallow import ValidationError
@@ -22,15 +24,19 @@ from workers.celery_config import (DELIVER, DELIVER_QUEUE, INGEST_QUEUE, PROCESS
 from workers.errors import PermanentError
 from workers.events import parse_event
 from workers.logs import bind_context
+from workers.queue_positions import QueueSnapshot, QueueTickets
 from workers.runtime import runtime
+from workers.stores import FINAL_STATES
 
 log = logging.getLogger(__name__)
-PROCESSABLE = ("received", "retrying")
+PROCESSABLE = ("received", "retrying", "processing")
 # Redis (ledger) or broker unavailable for a while: put the message back, never dead-letter it as a bug.
 OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, redis.OutOfMemoryError, OperationalError)
 # The same conditions as Redis words them from inside a script, where they have no class of their own.
 OUTAGE_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN")
 WORK_QUEUES = (INGEST_QUEUE, DELIVER_QUEUE)
+SWEEP_BATCH = 500
+SWEEP_BUDGET_SECONDS = 20.0  # one sweep stops after this long; the next one goes on
 
 
 @task_prerun.connect
@@ -44,9 +50,23 @@ def _bind_log_context(task=None, args=(), **_):
         bind_context()
 
 
+@after_task_publish.connect
+def _keep_queue_ticket(sender=None, body=None, routing_key=None, **_):
+    """Each process_delivery or deliver message pushed onto a work queue leaves its queue ticket in
+    its delivery's ledger entry, so the sweeper can tell a queued message from a lost one."""
+    if sender not in (PROCESS_DELIVERY, DELIVER) or routing_key not in WORK_QUEUES:
+        return
+    rt = runtime()
+    if rt.settings.broker != rt.settings.redis_url:
+        return
+    args = body[0]
+    field = "queued" if sender == PROCESS_DELIVERY else f"queued:{args[1]}"
+    QueueTickets(rt.redis).pushed(routing_key, rt.ledger.key(args[0]), field)
+
+
 @shared_task(name=PROCESS_DELIVERY)
 def process_delivery(delivery_id, event_type, attempt=0, replay=False):
-    """Validate a recorded delivery and fan it out to its routed sinks."""
+    """Validate a recorded delivery and fan it out to its routed sinks, under a processing lease."""
     rt = runtime()
     with _redis_outage():
         entry = rt.ledger.get(delivery_id)
@@ -55,6 +75,10 @@ def process_delivery(delivery_id, event_type, attempt=0, replay=False):
             return "missing"
         if entry["status"] not in PROCESSABLE and not pipeline.stalled_sinks(entry):
             return entry["status"]  # a redelivery of work already done
+        lease = uuid.uuid4().hex
+        if entry["status"] in PROCESSABLE and not rt.ledger.claim(delivery_id, lease, rt.settings.sweep_after,
+                                                                   attempt):
+            return "processing"  # a live worker holds it (its lease is renewed) or it moved on meanwhile
         try:
             event = parse_event(delivery_id, event_type, json.loads(entry["body"]))
         except ValidationError as exc:
@@ -64,8 +88,35 @@ def process_delivery(delivery_id, event_type, attempt=0, replay=False):
         if entry["status"] not in PROCESSABLE:  # routed before, but a sink's deliver was never queued or got lost
             return _guarded(lambda: pipeline.resume_fan_out(rt, event, entry),
                             lambda exc: pipeline.dead_letter_enrich(rt, event, attempt, exc))
-        return _guarded(lambda: pipeline.route_delivery(rt, event, attempt, replay),
-                        lambda exc: pipeline.dead_letter_enrich(rt, event, attempt, exc))
+        with _lease_renewed(rt, delivery_id, lease):
+            return _guarded(lambda: pipeline.route_delivery(rt, event, attempt, replay),
+                            lambda exc: pipeline.dead_letter_enrich(rt, event, attempt, exc))
+
+
+@contextlib.contextmanager
+def _lease_renewed(rt, delivery_id, lease):
+    """Renew the processing lease every third of its length while the body runs.
+
+    A worker that dies stops renewing, so the sweeper takes the delivery up once the lease has
+    lapsed (``RELAY_SWEEP_AFTER``); one that is merely slow (a long stop fetch) keeps it.
+    """
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(rt.settings.sweep_after / 3):
+            try:
+                if not rt.ledger.renew(delivery_id, lease):
+                    return
+            except redis.RedisError as exc:  # the lease may lapse; a second run is idempotent
+                log.warning("could not renew the processing lease: %s", exc)
+
+    renewer = threading.Thread(target=renew, name=f"lease-{delivery_id}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
 
 
 @shared_task(name=DELIVER)
@@ -120,66 +171,78 @@ def _guarded(work, dead_letter):
 
 @shared_task(name=SWEEP_RECEIVED)
 def sweep_received():
-    """Re-queue deliveries recorded but never picked up (a crash between record and queue),
-    and routed ones whose fan-out stalled (see ``pipeline.resume_fan_out``)."""
+    """The one sweeper: re-queue every delivery not final that made no progress for
+    ``RELAY_SWEEP_AFTER`` and whose message is not waiting in the broker (see ``_sweep``)."""
     rt = runtime()
     rt.ledger.prune()
-    return _sweep_received(rt) + _sweep_stalled(rt)
+    return _sweep(rt)
 
 
-def _sweep_received(rt):
-    """``process_delivery`` again for deliveries still "received" after ``sweep_after``, only while
-    the work queues are empty: during a backlog they are waiting their turn, and re-queueing
-    them would double the backlog every sweep."""
-    if not _queues_empty(rt):
-        return 0
-    stuck = rt.ledger.stuck(rt.settings.sweep_after)
-    for delivery_id in stuck:
-        entry = rt.ledger.get(delivery_id)
-        if entry is None or entry["status"] != "received":
-            rt.ledger.redis.zrem(rt.ledger.RECEIVED, delivery_id)
-            continue
-        process_delivery.apply_async(args=[delivery_id, entry["event_type"]], queue=INGEST_QUEUE)
-        rt.ledger.touch_received(delivery_id)
-    if stuck:
-        log.info("sweeper re-queued %d deliveries", len(stuck))
-    return len(stuck)
+def _sweep(rt, budget=SWEEP_BUDGET_SECONDS):
+    """One pass over the ledger's open index, oldest progress first; return how many were re-queued.
 
-
-def _sweep_stalled(rt):
-    """``process_delivery`` again for routed deliveries a sink made no progress on for ``sweep_after``.
-
-    Only while the work queues are empty: then every deliver message sent so far has been
-    taken, so one without progress is lost or held by a dead worker. During a backlog it may
-    simply be waiting its turn, and resuming it would only feed the backlog.
+    A delivery without progress for ``sweep_after`` is lost or held by a dead worker unless its
+    last message is still in the broker's list behind a backlog (its queue ticket says so without
+    scanning the list); then its clock restarts. Received, retrying and processing deliveries
+    whose lease lapsed get ``process_delivery`` again; routed ones whose sink stalled are resumed.
     """
-    base, requeued = rt.settings.sweep_after, 0
-    if not _queues_empty(rt):
-        return 0
-    for delivery_id in rt.ledger.stalled(base):
-        entry = rt.ledger.get(delivery_id)
-        if entry is None or not pipeline.open_sinks(entry):
-            rt.ledger.close_open(delivery_id)
-            continue
-        grace = pipeline.resume_backoff(entry, base)
-        if pipeline.stalled_sinks(entry, grace):
-            rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"]], 0)
-            rt.ledger.check_open_at(delivery_id, time.time())
-            requeued += 1
-        else:  # look again when it would count as stalled
-            rt.ledger.check_open_at(delivery_id, pipeline.next_progress(entry) + grace - base)
+    rt.ledger.fold_legacy_index()
+    grace, started = rt.settings.sweep_after, time.monotonic()
+    queues = (QueueTickets(rt.redis).snapshot(WORK_QUEUES) if rt.settings.broker == rt.settings.redis_url
+              else QueueSnapshot({}))
+    requeued = resumed = 0
+    while time.monotonic() - started < budget:
+        due = rt.ledger.stalled(grace, limit=SWEEP_BATCH)
+        for delivery_id in due:
+            entry = rt.ledger.get(delivery_id)
+            if entry is None or entry["status"] in FINAL_STATES:
+                rt.ledger.close_open(delivery_id)
+            elif entry["status"] == "routed":
+                resumed += _resume_if_stalled(rt, entry, queues, grace)
+            else:
+                requeued += _requeue_if_lost(rt, entry, queues)
+        if len(due) < SWEEP_BATCH:
+            break
     if requeued:
-        log.warning("sweeper resumed %d stalled fan-outs", requeued)
-    return requeued
+        log.warning("sweeper re-queued %d deliveries", requeued)
+    if resumed:
+        log.warning("sweeper resumed %d stalled fan-outs", resumed)
+    return requeued + resumed
 
 
-def _queues_empty(rt):
-    """True when no ingest or deliver message waits in the broker.
+def _requeue_if_lost(rt, entry, queues):
+    """``process_delivery`` again for a delivery before its fan-out whose message is not queued,
+    or whose processing lease its holder stopped renewing (dead)."""
+    delivery_id = entry["delivery_id"]
+    rt.ledger.check_open_at(delivery_id, time.time())
+    if entry["status"] == "processing":
+        if not rt.ledger.lapse(delivery_id, entry.get("lease")):
+            return 0  # it moved on meanwhile
+    elif queues.waiting(entry.get("queued"), INGEST_QUEUE):
+        return 0
+    process_delivery.apply_async(args=[delivery_id, entry["event_type"], int(entry.get("attempt", 0)),
+                                       entry.get("replay") == "1"], queue=INGEST_QUEUE)
+    return 1
 
-    Only knowable here when the broker is the ledger's Redis (the default); with another
-    broker this answers True, so no progress for the grace period alone counts as stalled.
-    """
-    return rt.settings.broker != rt.settings.redis_url or not any(rt.redis.llen(q) for q in WORK_QUEUES)
+
+def _resume_if_stalled(rt, entry, queues, base):
+    """``process_delivery`` again for a routed delivery a sink made no progress on, unless that
+    sink's deliver message is queued. Each resume of one fan-out doubles the patience for the next
+    (a deliver held by a slow live worker is not lost)."""
+    delivery_id = entry["delivery_id"]
+    if not pipeline.open_sinks(entry):
+        rt.ledger.close_open(delivery_id)
+        return 0
+    grace = pipeline.resume_backoff(entry, base)
+    stalled = pipeline.stalled_sinks(entry, grace)
+    if not stalled:  # look again when it would count as stalled
+        rt.ledger.check_open_at(delivery_id, pipeline.next_progress(entry) + grace - base)
+        return 0
+    rt.ledger.check_open_at(delivery_id, time.time())
+    if any(queues.waiting(entry.get(f"queued:{sink}"), DELIVER_QUEUE) for sink in stalled):
+        return 0
+    rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"]], 0)
+    return 1
 
 
 @shared_task(name=RELEASE_DUE_RETRIES)
