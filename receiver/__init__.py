@@ -1,7 +1,7 @@
 """The web process: receives Locate2u webhooks, records them and hands them on."""
 from flask import Flask
 
-from receiver import errors, health, metrics, oauth, openapi, webhooks
+from receiver import console, errors, health, metrics, oauth, openapi, webhooks
 from receiver.handoff import Handoff
 from workers.config import ConfigError, Settings
 from workers.logs import configure_logging
@@ -25,4 +25,5 @@ def create_app(settings=None):
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     oauth.init_app(app)
+    console.init_app(app, settings, handoff.producer.send_task)
     return app

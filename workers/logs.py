@@ -72,7 +72,8 @@ class RedactingFilter(logging.Filter):
 def settings_secrets(settings):
     """Every secret value in ``settings``, for the redacting filter."""
     names = ("webhook_secret", "webhook_secret_previous", "locate2u_client_secret", "storepoint_api_token",
-             "b2b_api_token", "b2b_password", "locate_api_token", "deliverycom_access_token", "flower_basic_auth")
+             "b2b_api_token", "b2b_password", "locate_api_token", "deliverycom_access_token", "flower_basic_auth",
+             "console_password", "console_secret_key")
     values = [getattr(settings, name) for name in names] + list(settings.forward_secret)
     if settings.flower_basic_auth:
         values.append(settings.flower_basic_auth.partition(":")[2])

@@ -1,10 +1,10 @@
 """Operator commands over the stores: dead letters, delivery traces, reconciliation."""
 import json
-import time
 from datetime import datetime, timezone
 
 import click
 
+from workers import operations
 from workers.sinks import SINK_NAMES
 
 
@@ -24,16 +24,10 @@ def _when(epoch):
 
 def _since(value):
     """``--since``: an ISO date/time, or a duration such as 30m, 2h, 7d."""
-    if value is None:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value[-1:] in units and value[:-1].isdigit():
-        return time.time() - int(value[:-1]) * units[value[-1]]
     try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter("use an ISO date/time (2026-11-01T08:00) or a duration (30m, 2h, 7d)") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+        return operations.parse_moment(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _echo_json(data):
@@ -78,9 +72,8 @@ def _select(rt, ids, all_, sink, since):
     if bool(ids) == bool(all_):
         raise click.UsageError("give dead-letter IDs or --all (with --sink/--since to narrow it)")
     if all_:
-        return rt.dead_letters.list(sink=sink, since=_since(since))
-    entries = [rt.dead_letters.get(entry_id) for entry_id in ids]
-    missing = [entry_id for entry_id, entry in zip(ids, entries) if entry is None]
+        return operations.dead_letters_matching(rt, sink=sink, since=_since(since))
+    entries, missing = operations.dead_letters_by_id(rt, ids)
     if missing:
         raise click.ClickException(f"no dead letter {', '.join(missing)}")
     return entries
@@ -93,13 +86,9 @@ def _select(rt, ids, all_, sink, since):
 @since_option
 def dlq_replay(ids, all_, sink, since):
     """Queue dead letters again; each leaves the store only once applied."""
-    from workers.pipeline import replay_dead_letter
-
     rt = _runtime()
-    entries = _select(rt, ids, all_, sink, since)
-    for entry in entries:
-        replay_dead_letter(rt, entry)
-    click.echo(f"queued {len(entries)} dead letter(s) for replay")
+    queued = operations.replay_dead_letters(rt, _select(rt, ids, all_, sink, since))
+    click.echo(f"queued {queued} dead letter(s) for replay")
 
 
 @dlq.command("purge")
@@ -111,8 +100,7 @@ def dlq_replay(ids, all_, sink, since):
 def dlq_purge(ids, all_, sink, since):
     """Delete dead letters for good."""
     rt = _runtime()
-    entries = _select(rt, ids, all_, sink, since)
-    removed = sum(rt.dead_letters.remove(entry["id"]) for entry in entries)
+    removed = operations.purge_dead_letters(rt, _select(rt, ids, all_, sink, since))
     click.echo(f"purged {removed} dead letter(s)")
 
 

@@ -1,0 +1,102 @@
+"""Console login: operators from settings, constant-time checks, attempts limited per client IP in Redis."""
+import hmac
+
+from flask import current_app, redirect, render_template, request, session, url_for
+from flask_wtf.csrf import CSRFError
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from receiver.console import csrf
+from receiver.console.blueprint import bp, record_action, runtime
+from workers.stores import PREFIX
+
+SHARED_PASSWORD_OPERATOR = "admin"  # the name that goes with RELAY_CONSOLE_PASSWORD
+LOGIN_ATTEMPTS = 10
+LOGIN_WINDOW_SECONDS = 300
+OPEN_ENDPOINTS = ("console.login", "console.static")
+_UNKNOWN_OPERATOR_HASH = generate_password_hash("no operator has this password")
+
+
+def operators(settings):
+    """``{name: werkzeug password hash}`` of ``RELAY_CONSOLE_OPERATORS``."""
+    return dict(entry.partition(":")[::2] for entry in settings.console_operators)
+
+
+def check_login(settings, name, password):
+    """True when ``name`` and ``password`` match the shared password or an operator's hash."""
+    if settings.console_password and hmac.compare_digest(name.encode(), SHARED_PASSWORD_OPERATOR.encode()):
+        return hmac.compare_digest(password.encode(), settings.console_password.encode())
+    known = operators(settings)
+    # An unknown name costs a hash check too, so the answer time does not tell names apart.
+    matches = check_password_hash(known.get(name, _UNKNOWN_OPERATOR_HASH), password)
+    return matches and name in known
+
+
+def _attempts_key():
+    return f"{PREFIX}console:login:{request.remote_addr}"
+
+
+def _count_attempt():
+    """Count a login attempt from this client IP; return the seconds to wait when over the limit, else 0."""
+    client, key = runtime().redis, _attempts_key()
+    with client.pipeline() as pipe:
+        pipe.incr(key)
+        pipe.ttl(key)
+        attempts, ttl = pipe.execute()
+    if ttl < 0:  # the window starts at the first attempt
+        client.expire(key, LOGIN_WINDOW_SECONDS)
+        ttl = LOGIN_WINDOW_SECONDS
+    return max(ttl, 1) if attempts > LOGIN_ATTEMPTS else 0
+
+
+@bp.before_request
+def _require_login():
+    csrf.protect()
+    if request.endpoint not in OPEN_ENDPOINTS and not session.get("operator"):
+        return redirect(url_for("console.login", next=request.full_path if request.method == "GET" else None))
+    return None
+
+
+@bp.errorhandler(CSRFError)
+def _bad_csrf(exc):
+    record_action("refused_csrf", 0, reason=exc.description)
+    return render_template("console/error.html", title="Form expired",
+                           message=f"The form could not be accepted ({exc.description}). "
+                                   "Go back, reload the page and try again."), 400
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    next_page = _safe_next(request.values.get("next"))
+    if request.method == "GET":
+        return render_template("console/login.html", next=next_page)
+    wait = _count_attempt()
+    if wait:
+        record_action("login_limited", 0, ip=request.remote_addr)
+        return render_template("console/login.html", next=next_page,
+                               error=f"Too many login attempts from this address; try again in {wait} s."), 429
+    name, password = request.form.get("name", ""), request.form.get("password", "")
+    settings = current_app.extensions["l2u.settings"]
+    if not check_login(settings, name, password):
+        record_action("login_failed", 0, ip=request.remote_addr)
+        return render_template("console/login.html", next=next_page, name=name,
+                               error="Unknown name or wrong password."), 401
+    runtime().redis.delete(_attempts_key())
+    session.clear()
+    session.permanent = True
+    session["operator"] = name
+    record_action("login", 1)
+    return redirect(next_page or url_for("console.overview"))
+
+
+@bp.post("/logout")
+def logout():
+    record_action("logout", 1)
+    session.clear()
+    return redirect(url_for("console.login"))
+
+
+def _safe_next(target):
+    """Only a path inside the console: never an open redirect."""
+    if target and target.startswith("/console/") and not target.startswith("/console//") and "\\" not in target:
+        return target.rstrip("?")
+    return None

@@ -1,0 +1,206 @@
+"""Console pages: overview, deliveries, one stop, dead letters (replay, purge), quarantine."""
+import json
+import secrets
+
+from flask import abort, flash, redirect, render_template, request, url_for
+
+from receiver.console.blueprint import bp, record_action, runtime
+from receiver.console.chart import activity_chart
+from workers import operations
+from workers.events import EVENT_TYPES
+from workers.sinks import SINK_NAMES
+from workers.stores import FINAL_STATES, PREFIX
+
+PAGE_SIZE = 25
+REPLAY_BATCH_SECONDS = 86400
+DEAD_LETTER_FILTERS = ("sink", "reason", "event_type", "since", "until")
+DELIVERY_STATUSES = ("received", "routed", "retrying", "open") + FINAL_STATES
+
+
+def _moment(name):
+    """A time filter from the query or form (ISO, or 30m / 2h / 7d back); 400 with the reason when bad."""
+    try:
+        return operations.parse_moment(request.values.get(name, "").strip())
+    except ValueError as exc:
+        abort(400, f"{name}: {exc}")
+
+
+@bp.errorhandler(400)
+@bp.errorhandler(404)
+def _refused(exc):
+    return render_template("console/error.html", title=exc.name, message=exc.description), exc.code
+
+
+@bp.get("/")
+def overview():
+    data = operations.overview(runtime())
+    return render_template("console/overview.html", data=data, chart=activity_chart(data["activity"]))
+
+
+@bp.get("/deliveries")
+def deliveries():
+    args = request.args
+    page = max(1, args.get("page", 1, type=int))
+    rows, more = operations.search_deliveries(
+        runtime(), delivery_id=args.get("delivery_id", "").strip(), stop=args.get("stop", "").strip(),
+        event_type=args.get("event_type"), status=args.get("status"), since=_moment("since"),
+        until=_moment("until"), offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+    query = {key: value for key, value in args.items() if key != "page" and value}
+    return render_template("console/deliveries.html", rows=rows, more=more, page=page, query=query,
+                           event_types=EVENT_TYPES, statuses=DELIVERY_STATUSES)
+
+
+@bp.get("/deliveries/<delivery_id>")
+def delivery(delivery_id):
+    rt = runtime()
+    entry = rt.ledger.get(delivery_id)
+    if entry is None:
+        abort(404)
+    return render_template("console/delivery.html", delivery_id=delivery_id, entry=entry,
+                           history=rt.ledger.history(delivery_id), body=_pretty(entry["body"]))
+
+
+@bp.get("/stops")
+def stop_lookup():
+    stop = request.args.get("stop", "").strip()
+    return redirect(url_for("console.stop", stop_id=stop)) if stop else redirect(url_for("console.deliveries"))
+
+
+@bp.get("/stops/<stop_id>")
+def stop(stop_id):
+    rt = runtime()
+    events = operations.stop_events(rt, stop_id)
+    return render_template("console/stop.html", stop_id=stop_id, events=events,
+                           sinks=operations.stop_sinks(rt, events))
+
+
+@bp.get("/dead-letters")
+def dead_letters():
+    entries = operations.dead_letters_matching(runtime(), **_dead_letter_filter())
+    return render_template("console/dead_letters.html", entries=list(reversed(entries)), query=_filter_query(),
+                           sinks=SINK_NAMES + ("enrich",), event_types=EVENT_TYPES)
+
+
+@bp.get("/dead-letters/<path:entry_id>")
+def dead_letter(entry_id):
+    entry = runtime().dead_letters.get(entry_id)
+    if entry is None:
+        abort(404)
+    return render_template("console/dead_letter.html", entry=entry, text=json.dumps(entry, indent=2, default=str))
+
+
+@bp.post("/dead-letters/confirm")
+def dead_letters_confirm():
+    """Show what an action would touch (count) and ask for confirmation."""
+    action, entries = _chosen_dead_letters()
+    return render_template("console/confirm.html", action=action, count=len(entries), what="dead letter",
+                           target=url_for("console.dead_letters_apply"), ids=[entry["id"] for entry in entries],
+                           scope=request.form["choice"].partition(":")[2], query=_filter_query(),
+                           back=url_for("console.dead_letters", **_filter_query()))
+
+
+@bp.post("/dead-letters/apply")
+def dead_letters_apply():
+    action, entries = _chosen_dead_letters()
+    rt = runtime()
+    if action == "purge":
+        purged = operations.purge_dead_letters(rt, entries)
+        record_action("purge_dead_letters", purged, scope=request.form["choice"])
+        flash(f"Purged {purged} dead letter(s).")
+        return redirect(url_for("console.dead_letters", **_filter_query()))
+    queued = operations.replay_dead_letters(rt, entries)
+    record_action("replay_dead_letters", queued, scope=request.form["choice"])
+    batch = secrets.token_urlsafe(12)
+    if entries:
+        with rt.redis.pipeline() as pipe:
+            pipe.rpush(_batch_key(batch), *[entry["id"] for entry in entries])
+            pipe.expire(_batch_key(batch), REPLAY_BATCH_SECONDS)
+            pipe.execute()
+    return redirect(url_for("console.replay_results", batch=batch))
+
+
+@bp.get("/replays/<batch>")
+def replay_results(batch):
+    rt = runtime()
+    ids = rt.redis.lrange(_batch_key(batch), 0, -1)
+    results = [(entry_id, *operations.replay_outcome(rt, entry_id)) for entry_id in ids]
+    totals = {}
+    for _, outcome, _ in results:
+        totals[outcome] = totals.get(outcome, 0) + 1
+    return render_template("console/replay.html", batch=batch, results=results, totals=totals)
+
+
+@bp.get("/quarantine")
+def quarantine():
+    rt = runtime()
+    return render_template("console/quarantine.html", items=operations.quarantine_items(rt),
+                           total=operations.quarantine_count(rt))
+
+
+@bp.get("/quarantine/<item_id>")
+def quarantine_item(item_id):
+    item = operations.quarantine_item(runtime(), item_id)
+    if item is None:
+        abort(404)
+    return render_template("console/quarantine_item.html", item_id=item_id, item=item, body=_pretty(item["body"]),
+                           errors=json.dumps(item.get("errors"), indent=2))
+
+
+@bp.post("/quarantine/confirm")
+def quarantine_confirm():
+    ids, scope = _chosen_quarantine()
+    count = operations.quarantine_count(runtime()) if scope == "all" else len(ids)
+    return render_template("console/confirm.html", action="purge", count=count, what="quarantined delivery",
+                           target=url_for("console.quarantine_apply"), ids=ids, scope=scope, query={},
+                           back=url_for("console.quarantine"))
+
+
+@bp.post("/quarantine/apply")
+def quarantine_apply():
+    ids, scope = _chosen_quarantine()
+    purged = operations.purge_quarantine(runtime(), None if scope == "all" else ids)
+    record_action("purge_quarantine", purged, scope=scope)
+    flash(f"Purged {purged} quarantined deliver{'y' if purged == 1 else 'ies'}.")
+    return redirect(url_for("console.quarantine"))
+
+
+def _dead_letter_filter():
+    return {"sink": request.values.get("sink") or None, "reason": request.values.get("reason", "").strip() or None,
+            "event_type": request.values.get("event_type") or None, "since": _moment("since"),
+            "until": _moment("until")}
+
+
+def _filter_query():
+    return {name: request.values[name] for name in DEAD_LETTER_FILTERS if request.values.get(name)}
+
+
+def _chosen_dead_letters():
+    """``(action, entries)`` of a dead-letter form: the ticked ids, or every entry matching the filter."""
+    action, _, scope = request.form.get("choice", "").partition(":")
+    if action not in ("replay", "purge") or scope not in ("selected", "all"):
+        abort(400, "choose replay or purge, for the selected dead letters or all matching the filter")
+    if scope == "all":
+        return action, operations.dead_letters_matching(runtime(), **_dead_letter_filter())
+    ids = request.form.getlist("id")
+    if not ids:
+        abort(400, "no dead letter selected: tick at least one, or choose all matching the filter")
+    entries, _ = operations.dead_letters_by_id(runtime(), ids)
+    return action, entries
+
+
+def _chosen_quarantine():
+    scope, ids = request.form.get("scope"), request.form.getlist("id")
+    if scope not in ("selected", "all") or (scope == "selected" and not ids):
+        abort(400, "no quarantined delivery selected: tick at least one, or choose all")
+    return ids, scope
+
+
+def _batch_key(batch):
+    return f"{PREFIX}console:replay:{batch}"
+
+
+def _pretty(body):
+    try:
+        return json.dumps(json.loads(body), indent=2, sort_keys=True)
+    except (TypeError, ValueError):
+        return body

@@ -1,0 +1,360 @@
+"""The operator console through Flask's test client, on a real Redis (and a Storepoint simulator for drift)."""
+import json
+import re
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+from werkzeug.security import generate_password_hash
+
+from receiver import create_app
+from receiver.console import session_key
+from tests.payloads import status_change
+from workers.config import ConfigError, Settings
+from workers.locations import Location
+from workers.ops.simulators import storepoint
+from workers.ops.simulators.base import SimulatorServer
+from workers.sinks.storepoint import StorepointSink
+from workers.stores import DeadLetterStore, Ledger, MappingStore, Quarantine
+
+PASSWORD = "console-test-password-123"
+SP_TOKEN = "sp-console-token-123"
+
+
+@pytest.fixture
+def console_settings(settings):
+    return settings.replace(console_password=PASSWORD)
+
+
+@pytest.fixture
+def app(console_settings):
+    return create_app(console_settings)
+
+
+def csrf_from(response):
+    return re.search(r'name="csrf_token" value="([^"]+)"', response.text).group(1)
+
+
+def log_in(client, name="admin", password=PASSWORD):
+    token = csrf_from(client.get("/console/login"))
+    return client.post("/console/login", data={"csrf_token": token, "name": name, "password": password})
+
+
+@pytest.fixture
+def client(app):
+    client = app.test_client()
+    assert log_in(client).status_code == 302
+    return client
+
+
+def post_form(client, path, page, **data):
+    """POST ``data`` with the CSRF token of the console page ``page``."""
+    return client.post(path, data={"csrf_token": csrf_from(client.get(page)), **data})
+
+
+def seed_delivery(redis_client, delivery_id, body, received_at, event_type="stop.status-changed", status=None):
+    ledger = Ledger(redis_client)
+    ledger.record(delivery_id, event_type, json.dumps(body), 86400, received_at=received_at)
+    if status:
+        ledger.set_status(delivery_id, status)
+    return ledger
+
+
+def seed_dead_letter(redis_client, delivery_id, sink="storepoint", reason="validation_error: Invalid (name: taken)",
+                     event_type="stop.status-changed"):
+    seed_delivery(redis_client, delivery_id, status_change(164557, "Arrived", "2022-04-27T05:00:00+00:00"),
+                  time.time() - 60, event_type=event_type)
+    Ledger(redis_client).start_fan_out(delivery_id, [sink])
+    record = {"key": "l2u-stop-164557", "version": "2022-04-27T05:00:00+00:00", "event": {"event_type": event_type}}
+    Ledger(redis_client).sink_outcome(delivery_id, sink, "dead_lettered", attempts=1, reason=reason)
+    return DeadLetterStore(redis_client).add(delivery_id, sink, reason, stage="deliver", action="upsert",
+                                             record=record, event_type=event_type, key=record["key"], attempts=1)
+
+
+def counter(name, action):
+    return REGISTRY.get_sample_value(name, {"action": action}) or 0
+
+
+# ------------------------------------------------------------------ access
+
+def test_console_is_off_without_a_password(settings):
+    client = create_app(settings).test_client()
+    assert client.get("/console/").status_code == 404
+    assert client.get("/console/login").status_code == 404
+    assert "Set-Cookie" not in client.get("/healthz").headers
+
+
+def test_pages_and_actions_refuse_a_client_not_logged_in(app, redis_client):
+    seed_dead_letter(redis_client, "d-1")
+    client = app.test_client()
+    for path in ("/console/", "/console/deliveries", "/console/deliveries/d-1", "/console/stops/164557",
+                 "/console/dead-letters", "/console/dead-letters/d-1:storepoint", "/console/quarantine"):
+        response = client.get(path)
+        assert response.status_code == 302 and response.headers["Location"].startswith("/console/login"), path
+    token = csrf_from(client.get("/console/login"))  # a valid token, but no login
+    response = client.post("/console/dead-letters/apply", data={"csrf_token": token, "choice": "purge:all"})
+    assert response.status_code == 302 and response.headers["Location"].startswith("/console/login")
+    assert DeadLetterStore(redis_client).get("d-1:storepoint") is not None
+
+
+def test_login_cookie_and_security_headers(app, console_settings):
+    client = app.test_client()
+    page = client.get("/console/login")
+    headers = page.headers
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert "script-src" not in headers["Content-Security-Policy"]  # default-src 'none': no script at all
+    assert headers["X-Frame-Options"] == "DENY" and headers["X-Content-Type-Options"] == "nosniff"
+    assert "<script" not in page.text
+    response = log_in(client)
+    assert response.status_code == 302 and response.headers["Location"] == "/console/"
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/console" in cookie and "Expires=" in cookie
+    assert "Secure" not in cookie  # plain http locally
+    assert client.get("/console/").status_code == 200
+
+    https = create_app(console_settings.replace(public_url="https://relay.example.com")).test_client()
+    assert "Secure" in log_in(https).headers["Set-Cookie"]
+
+
+def test_session_expires(console_settings):
+    app = create_app(console_settings.replace(console_session_minutes=5))
+    client = app.test_client()
+    log_in(client)
+    assert client.get("/console/").status_code == 200
+    cookie = client.get_cookie("l2u_console", path="/console")
+    # The same signed cookie, presented after its lifetime: itsdangerous checks the signing time.
+    later = time.time() + 6 * 60
+    import itsdangerous.timed
+
+    real_now = itsdangerous.timed.TimestampSigner.get_timestamp
+    try:
+        itsdangerous.timed.TimestampSigner.get_timestamp = lambda self: int(later)
+        fresh = app.test_client()
+        fresh.set_cookie("l2u_console", cookie.value, path="/console")
+        assert fresh.get("/console/").status_code == 302
+    finally:
+        itsdangerous.timed.TimestampSigner.get_timestamp = real_now
+
+
+def test_wrong_password_and_rate_limit_per_client_ip(app, caplog):
+    client = app.test_client()
+    assert log_in(client, password="wrong password!").status_code == 401
+    assert log_in(client, name="nobody").status_code == 401
+    for _ in range(8):
+        log_in(client, password="wrong")
+    limited = log_in(client)  # the 11th attempt in the window, even with the right password
+    assert limited.status_code == 429 and "Too many login attempts" in limited.text
+    other_ip = app.test_client()
+    token = csrf_from(other_ip.get("/console/login", environ_base={"REMOTE_ADDR": "10.0.0.9"}))
+    assert other_ip.post("/console/login", data={"csrf_token": token, "name": "admin", "password": PASSWORD},
+                         environ_base={"REMOTE_ADDR": "10.0.0.9"}).status_code == 302
+    assert "login_limited" in caplog.text and PASSWORD not in caplog.text
+
+
+def test_operators_with_password_hashes(settings):
+    operators = (f"alice:{generate_password_hash('alice-password-1')}",
+                 f"bob:{generate_password_hash('bob-password-22', method='pbkdf2:sha256')}")
+    app = create_app(settings.replace(console_operators=operators))
+    assert log_in(app.test_client(), "alice", "alice-password-1").status_code == 302
+    assert log_in(app.test_client(), "bob", "bob-password-22").status_code == 302
+    assert log_in(app.test_client(), "bob", "alice-password-1").status_code == 401
+    assert log_in(app.test_client(), "admin", "alice-password-1").status_code == 401  # no shared password set
+
+
+def test_bad_or_missing_csrf_token_is_refused(client, redis_client):
+    seed_dead_letter(redis_client, "d-1")
+    for data in ({"choice": "purge:all"}, {"choice": "purge:all", "csrf_token": "forged"}):
+        response = client.post("/console/dead-letters/apply", data=data)
+        assert response.status_code == 400 and "Form expired" in response.text
+    assert DeadLetterStore(redis_client).get("d-1:storepoint") is not None
+    assert client.post("/console/logout").status_code == 400  # logout is a form too
+
+
+def test_console_settings_are_validated():
+    base = {"RELAY_WEBHOOK_SECRET": "w" * 20}
+    with pytest.raises(ConfigError) as error:
+        Settings.from_env({**base, "RELAY_CONSOLE_PASSWORD": "short",
+                           "RELAY_CONSOLE_OPERATORS": "alice:plaintext-password",
+                           "RELAY_CONSOLE_SESSION_MINUTES": "2", "RELAY_CONSOLE_SECRET_KEY": "tiny"})
+    assert set(error.value.problems) == {"RELAY_CONSOLE_PASSWORD", "RELAY_CONSOLE_OPERATORS",
+                                         "RELAY_CONSOLE_SESSION_MINUTES", "RELAY_CONSOLE_SECRET_KEY"}
+    assert "generate_password_hash" in error.value.problems["RELAY_CONSOLE_OPERATORS"]
+    assert "plaintext-password" not in str(error.value)
+    good = Settings.from_env({**base, "RELAY_CONSOLE_OPERATORS": f"alice:{generate_password_hash('x' * 12)}"})
+    assert good.console_enabled and not Settings.from_env(base).console_enabled
+
+
+def test_session_key_is_derived_for_the_console_only(settings):
+    derived = session_key(settings)
+    assert derived != settings.webhook_secret and settings.webhook_secret not in derived
+    assert session_key(settings.replace(console_secret_key="k" * 40)) == "k" * 40
+
+
+# ------------------------------------------------------------------ pages
+
+def test_overview_shows_activity_queues_breakers_and_counts(client, redis_client):
+    now = time.time()
+    for i in range(3):
+        seed_delivery(redis_client, f"o-{i}", status_change(1, "Arrived", "2022-04-27T05:00:00+00:00"), now - 600)
+    seed_dead_letter(redis_client, "d-1")
+    Quarantine(redis_client).add("stop.assigned", "{}", "schema validation failed", {"stopId": ["required"]})
+    page = client.get("/console/")
+    assert page.status_code == 200
+    assert page.text.count("<rect") >= 12 and "received: 3 from" in page.text
+    assert re.search(r"<th>quarantined</th><td><a [^>]+>1</a>", page.text)
+    assert re.search(r"<th>dead letters</th><td><a [^>]+>1</a>", page.text)
+    assert "Redis memory" in page.text and "MiB" in page.text
+    assert "not configured (LOCATE2U_CLIENT_ID)" in page.text
+
+
+def test_deliveries_search_filters_and_pages_newest_first(client, redis_client):
+    now = time.time()
+    for i in range(30):
+        body = status_change(1000 + i % 3, "Arrived", f"2022-04-27T05:{i:02d}:00+00:00")
+        body["stopRef"] = f"REF-{1000 + i % 3}"
+        seed_delivery(redis_client, f"s-{i:02d}", body, now - 3000 + i * 60, status="applied" if i % 2 else None)
+    seed_delivery(redis_client, "trip-1", {"tripId": 7, "actionDate": "2022-04-27T05:00:00+00:00"}, now - 10,
+                  event_type="trip.created")
+
+    def ids(text):
+        return re.findall(r'/console/deliveries/([\w-]+)"', text)
+
+    first = client.get("/console/deliveries")
+    assert ids(first.text)[:3] == ["trip-1", "s-29", "s-28"] and len(ids(first.text)) == 25
+    assert "older »" in first.text
+    second = client.get("/console/deliveries?page=2")
+    assert ids(second.text) == [f"s-{i:02d}" for i in range(5, -1, -1)] and "older »" not in second.text
+    assert ids(client.get("/console/deliveries?stop=1001").text) == [f"s-{i:02d}" for i in range(28, 0, -3)]
+    assert ids(client.get("/console/deliveries?stop=REF-1002").text) == [f"s-{i:02d}" for i in range(29, 0, -3)]
+    assert ids(client.get("/console/deliveries?event_type=trip.created").text) == ["trip-1"]
+    assert ids(client.get("/console/deliveries?delivery_id=s-07").text) == ["s-07"]
+    assert all(int(i[2:]) % 2 for i in ids(client.get("/console/deliveries?status=applied").text))
+    assert ids(client.get("/console/deliveries?status=received&stop=1000").text) == [
+        f"s-{i:02d}" for i in range(24, -1, -6)]
+    recent = ids(client.get("/console/deliveries?since=1470s").text)
+    assert recent == ["trip-1", "s-29", "s-28", "s-27", "s-26"]
+    bad = client.get("/console/deliveries?until=yesterday")
+    assert bad.status_code == 400 and "until: use an ISO date/time" in bad.text
+
+
+def test_delivery_page_shows_the_whole_trace(client, redis_client):
+    seed_dead_letter(redis_client, "d-1")
+    ledger = Ledger(redis_client)
+    ledger.trace("d-1", "routed", sinks=["storepoint"])
+    ledger.trace("d-1", "retry", sink="storepoint", error="HTTP 503 from storepoint: busy", status=503, delay=5)
+    ledger.trace("d-1", "dead-lettered", sink="storepoint", reason="validation_error: Invalid (name: taken)")
+    page = client.get("/console/deliveries/d-1")
+    assert page.status_code == 200
+    for text in ("received", "routed", "retry", "HTTP 503 from storepoint: busy", "status=503", "dead-lettered",
+                 "dead_lettered", "&#34;stopId&#34;: 164557"):
+        assert text in page.text, text
+    assert client.get("/console/deliveries/missing").status_code == 404
+
+
+def test_dead_letters_filter_show_confirm_replay_and_results(client, redis_client, caplog):
+    seed_dead_letter(redis_client, "d-1")
+    seed_dead_letter(redis_client, "d-2", sink="b2b", reason="Parameter city is required")
+    seed_dead_letter(redis_client, "d-3", event_type="stop.assigned")
+    listing = client.get("/console/dead-letters?sink=storepoint")
+    assert "d-1:storepoint" in listing.text and "d-3:storepoint" in listing.text and "d-2:b2b" not in listing.text
+    assert "2 dead letter(s) match" in client.get("/console/dead-letters?reason=INVALID").text
+    assert "1 dead letter(s) match" in client.get("/console/dead-letters?event_type=stop.assigned").text
+    shown = client.get("/console/dead-letters/d-2:b2b")
+    assert shown.status_code == 200 and "Parameter city is required" in shown.text
+
+    confirm = post_form(client, "/console/dead-letters/confirm", "/console/dead-letters?sink=storepoint",
+                        choice="replay:all", sink="storepoint")
+    assert "Replay 2 dead letters?" in confirm.text
+    assert DeadLetterStore(redis_client).get("d-1:storepoint")["reason"]  # nothing done before confirming
+    before = counter("l2u_console_action_items_total", "replay_dead_letters")
+    done = post_form(client, "/console/dead-letters/apply", "/console/dead-letters", choice="replay:all",
+                     sink="storepoint")
+    assert done.status_code == 302 and done.headers["Location"].startswith("/console/replays/")
+    assert redis_client.llen("deliver") == 2  # two deliver tasks queued for the workers
+    assert counter("l2u_console_action_items_total", "replay_dead_letters") == before + 2
+    [record] = [record for record in caplog.records if getattr(record, "console_action", "") == "replay_dead_letters"]
+    assert (record.operator, record.count) == ("admin", 2)
+
+    results = done.headers["Location"]
+    assert "queued: 2" in client.get(results).text
+    ledger = Ledger(redis_client)
+    ledger.sink_outcome("d-1", "storepoint", "applied", attempts=1)  # what the worker does next
+    DeadLetterStore(redis_client).remove("d-1:storepoint")
+    ledger.sink_outcome("d-3", "storepoint", "dead_lettered", attempts=1, reason="still invalid")
+    DeadLetterStore(redis_client).add("d-3", "storepoint", "still invalid", stage="deliver")
+    page = client.get(results).text
+    assert "applied: 1" in page and "refused again: 1" in page and "still invalid" in page
+
+
+def test_replay_one_and_purge_selected_dead_letters(client, redis_client):
+    seed_dead_letter(redis_client, "d-1")
+    seed_dead_letter(redis_client, "d-2", sink="b2b")
+    seed_dead_letter(redis_client, "d-3", sink="b2b")
+    one = post_form(client, "/console/dead-letters/confirm", "/console/dead-letters/d-1:storepoint",
+                    choice="replay:selected", id="d-1:storepoint")
+    assert "Replay 1 dead letter?" in one.text
+    post_form(client, "/console/dead-letters/apply", "/console/dead-letters", choice="replay:selected",
+              id="d-1:storepoint")
+    assert Ledger(redis_client).get("d-1")["sinks"]["storepoint"]["state"] == "pending"
+    assert redis_client.llen("deliver") == 1
+
+    purge = post_form(client, "/console/dead-letters/apply", "/console/dead-letters", choice="purge:selected",
+                      id=["d-2:b2b", "d-3:b2b"])
+    assert purge.status_code == 302
+    assert "Purged 2 dead letter(s)." in client.get(purge.headers["Location"]).text
+    assert [entry["id"] for entry in DeadLetterStore(redis_client).list()] == ["d-1:storepoint"]
+    nothing = post_form(client, "/console/dead-letters/confirm", "/console/dead-letters", choice="purge:selected")
+    assert nothing.status_code == 400 and "tick at least one" in nothing.text
+    assert post_form(client, "/console/dead-letters/apply", "/console/dead-letters",
+                     choice="explode:all").status_code == 400
+
+
+def test_quarantine_list_view_and_purge(client, redis_client):
+    quarantine = Quarantine(redis_client)
+    quarantine.add("stop.assigned", '{"stopId": "x"}', "schema validation failed", {"stopId": ["Not a valid integer."]})
+    quarantine.add("trip.created", '{"tripId": 1}', "schema validation failed", {"actionDate": ["required"]})
+    quarantine.add("note.created", "{}", "schema validation failed", {"stopId": ["one of stopId"]})
+    listing = client.get("/console/quarantine")
+    item_ids = re.findall(r"/console/quarantine/([0-9a-f]{16})", listing.text)
+    assert len(item_ids) == 3 and "3 kept" in listing.text
+    item = client.get(f"/console/quarantine/{item_ids[-1]}")
+    assert "Not a valid integer." in item.text and "&#34;stopId&#34;: &#34;x&#34;" in item.text
+    confirm = post_form(client, "/console/quarantine/confirm", "/console/quarantine", scope="selected",
+                        id=item_ids[-1])
+    assert "Purge 1 quarantined delivery?" in confirm.text
+    post_form(client, "/console/quarantine/apply", "/console/quarantine", scope="selected", id=item_ids[-1])
+    assert redis_client.llen(Quarantine.KEY) == 2 and client.get(f"/console/quarantine/{item_ids[-1]}").status_code == 404
+    post_form(client, "/console/quarantine/apply", "/console/quarantine", scope="all")
+    assert redis_client.llen(Quarantine.KEY) == 0
+
+
+def test_stop_page_orders_events_and_shows_drift_read_live(console_settings, redis_client):
+    state = storepoint.StorepointState(token=SP_TOKEN)
+    with SimulatorServer(storepoint.create_app(state)) as server:
+        settings = console_settings.replace(storepoint_api_url=server.url, storepoint_api_token=SP_TOKEN)
+        client = create_app(settings).test_client()
+        log_in(client)
+        key = "l2u-stop-77"
+        later = status_change(77, "Complete", "2022-04-27T06:00:00+00:00")
+        earlier = status_change(77, "Arrived", "2022-04-27T05:00:00+00:00")
+        ledger = seed_delivery(redis_client, "late", later, time.time() - 100)  # received first, happened later
+        seed_delivery(redis_client, "early", earlier, time.time() - 50)
+        sink = StorepointSink.from_settings(settings, MappingStore(redis_client, "storepoint"))
+        location = Location(key=key, version="2022-04-27T06:00:00+00:00", status="Complete", name="Depot",
+                            address="1 Main St", latitude=-33.87, longitude=151.19)
+        remote_id = sink.apply("upsert", location, {"require_coordinates": True})
+        ledger.start_fan_out("late", ["storepoint"])
+        ledger.sink_outcome("late", "storepoint", "applied", attempts=1, remote_id=remote_id)
+        ledger.trace("late", "applied", sink="storepoint", action="upsert", key=key)
+        redis_client.hset("l2u:version:storepoint", key, repr(1651039200.0))
+
+        page = client.get("/console/stops/77").text
+        assert page.index("2022-04-27T05:00:00+00:00") < page.index("2022-04-27T06:00:00+00:00")
+        assert remote_id in page and "in step" in page and "drift" not in page.split("What each sink")[1]
+
+        state.locations[remote_id]["name"] = "Renamed by hand"
+        page = client.get("/console/stops/77").text
+        assert 'id="drift-storepoint"' in page and "drift: 1 field(s)" in page
+        assert re.search(r'<tr class="drift"><td>name</td><td>Depot</td>\s*<td>Renamed by hand</td>', page)
+        assert "version applied: 2022-04-27T06:00:00+00:00" in page
+        assert client.get("/console/stops?stop=77").headers["Location"] == "/console/stops/77"

@@ -1,0 +1,284 @@
+"""Operator services over the stores, shared by the CLI (``workers/ops_commands.py``) and the console.
+
+Dead letters (select, replay, purge, what became of a replay), quarantine items
+(list, show, purge) and delivery search. Each takes a ``Runtime``.
+"""
+import hashlib
+import itertools
+import json
+import time
+from datetime import datetime, timezone
+
+from workers import live_records, status
+from workers.resilience import RetryScheduler
+
+from workers.pipeline import replay_dead_letter
+from workers.stop_index import StopIndex, stop_keys
+from workers.stores import FINAL_STATES, Ledger, Quarantine
+
+ACTIVITY_SCAN_LIMIT = 5000  # newest deliveries read for the applied-per-sink series
+SEARCH_SCAN_LIMIT = 20000  # ledger entries one search reads at most
+QUARANTINE_SCAN_LIMIT = 10000
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_moment(value, now=None):
+    """An ISO date/time (UTC unless it names an offset) or a duration back from now (30m, 2h, 7d),
+    as epoch seconds; None for an empty value; ValueError otherwise."""
+    if not value:
+        return None
+    if value[-1:] in DURATION_UNITS and value[:-1].isdigit():
+        return (time.time() if now is None else now) - int(value[:-1]) * DURATION_UNITS[value[-1]]
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("use an ISO date/time (2026-11-01T08:00) or a duration (30m, 2h, 7d)") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+# ------------------------------------------------------------------ overview
+
+def overview(rt, now=None):
+    """``status.collect`` plus what the console's overview adds: quarantine, retries due, breaker
+    details, Redis memory against its limit and the last hour's activity."""
+    now = time.time() if now is None else now
+    data = status.collect(rt)
+    memory = rt.redis.info("memory")
+    data.update(quarantined=quarantine_count(rt), retries_due=rt.redis.zcount(RetryScheduler.KEY, "-inf", now),
+                redis_memory={"used": memory["used_memory"], "limit": memory.get("maxmemory", 0)},
+                breakers={name: rt.redis.hgetall(rt.breaker(name).key) for name in rt.sinks},
+                activity=activity(rt, now))
+    return data
+
+
+def activity(rt, now, window=3600, buckets=12):
+    """Deliveries received, and applied per sink, in ``buckets`` slices of the last ``window`` seconds.
+
+    ``{"starts": [epoch…], "received": [n…], "applied": {sink: [n…]}, "capped": bool}``; applied
+    counts the deliveries received in the window (the newest ``ACTIVITY_SCAN_LIMIT`` of them).
+    """
+    width = window / buckets
+    starts = [now - window + i * width for i in range(buckets)]
+    with rt.redis.pipeline(transaction=False) as pipe:
+        for start in starts:
+            pipe.zcount(Ledger.ALL, start, f"({start + width}")
+        received = pipe.execute()
+    ids = rt.redis.zrevrangebyscore(Ledger.ALL, now, now - window, start=0, num=ACTIVITY_SCAN_LIMIT)
+    applied = {name: [0] * buckets for name in rt.sinks}
+    with rt.redis.pipeline(transaction=False) as pipe:
+        for delivery_id in ids:
+            pipe.hgetall(Ledger.key(delivery_id))
+        entries = pipe.execute()
+    for entry in entries:
+        for field, value in entry.items():
+            outcome = json.loads(value) if field.startswith("sink:") else None
+            if outcome and outcome["state"] == "applied" and now - window <= outcome["at"] < now:
+                series = applied.setdefault(field[5:], [0] * buckets)
+                series[min(buckets - 1, int((outcome["at"] - now + window) // width))] += 1
+    return {"starts": starts, "received": received, "applied": applied, "capped": len(ids) == ACTIVITY_SCAN_LIMIT}
+
+
+# ------------------------------------------------------------------ dead letters
+
+def dead_letters_matching(rt, sink=None, since=None, until=None, reason=None, event_type=None):
+    """Dead letters, oldest first, narrowed by sink, time range, reason (substring) and event type."""
+    entries = rt.dead_letters.list(sink=sink, since=since)
+    return [entry for entry in entries
+            if (until is None or entry["at"] <= until)
+            and (not reason or reason.lower() in entry["reason"].lower())
+            and (not event_type or entry.get("event_type") == event_type)]
+
+
+def dead_letters_by_id(rt, ids):
+    """``(entries, missing ids)`` for the given dead-letter ids."""
+    entries = [rt.dead_letters.get(entry_id) for entry_id in ids]
+    return [entry for entry in entries if entry], [i for i, entry in zip(ids, entries) if entry is None]
+
+
+def replay_dead_letters(rt, entries):
+    """Queue each dead letter again (it leaves the store once applied); return how many."""
+    for entry in entries:
+        replay_dead_letter(rt, entry)
+    return len(entries)
+
+
+def purge_dead_letters(rt, entries):
+    """Delete dead letters for good; return how many were still there."""
+    return sum(rt.dead_letters.remove(entry["id"]) for entry in entries)
+
+
+def replay_outcome(rt, entry_id):
+    """What became of a replayed dead letter: ``(outcome, detail)``, outcome queued, applied or refused again."""
+    delivery_id, _, sink = entry_id.rpartition(":")
+    ledger_entry = rt.ledger.get(delivery_id)
+    if ledger_entry is None:
+        return "gone", "the delivery has left the ledger"
+    state = ledger_entry["status"] if sink == "enrich" else ledger_entry["sinks"].get(sink, {}).get("state")
+    if state in ("applied", "stale"):
+        return "applied", "superseded by a newer version" if state == "stale" else ""
+    if state == "dead_lettered":
+        again = rt.dead_letters.get(entry_id)
+        return "refused again", again["reason"] if again else ""
+    return "queued", state or ""
+
+
+# ------------------------------------------------------------------ quarantine
+
+def quarantine_id(raw):
+    """A stable id for one quarantined item (its list position shifts as items arrive)."""
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def quarantine_items(rt, limit=100):
+    """``[(id, item)]``, newest first."""
+    return [(quarantine_id(raw), json.loads(raw)) for raw in rt.redis.lrange(Quarantine.KEY, 0, limit - 1)]
+
+
+def quarantine_count(rt):
+    return rt.redis.llen(Quarantine.KEY)
+
+
+def _quarantine_raw(rt, item_ids):
+    wanted = set(item_ids)
+    return [raw for raw in rt.redis.lrange(Quarantine.KEY, 0, QUARANTINE_SCAN_LIMIT - 1)
+            if quarantine_id(raw) in wanted]
+
+
+def quarantine_item(rt, item_id):
+    """One quarantined item by id, or None."""
+    found = _quarantine_raw(rt, [item_id])
+    return json.loads(found[0]) if found else None
+
+
+def purge_quarantine(rt, item_ids=None):
+    """Delete the given items, or every item when ``item_ids`` is None; return how many."""
+    if item_ids is None:
+        with rt.redis.pipeline() as pipe:
+            pipe.llen(Quarantine.KEY)
+            pipe.delete(Quarantine.KEY)
+            return pipe.execute()[0]
+    return sum(rt.redis.lrem(Quarantine.KEY, 1, raw) for raw in _quarantine_raw(rt, item_ids))
+
+
+# ------------------------------------------------------------------ deliveries
+
+def search_deliveries(rt, delivery_id=None, stop=None, event_type=None, status=None, since=None, until=None,
+                      offset=0, limit=25):
+    """Ledger deliveries, newest first: ``(rows, more)``; ``stop`` matches a stopId or a stopRef.
+
+    ``status`` is a ledger status, or "open" for any not yet final.
+    """
+    if delivery_id:
+        candidates = iter([delivery_id])
+    elif stop:
+        index = StopIndex(rt.redis)
+        index.refresh()
+        candidates = iter(index.deliveries(str(stop)))
+    else:
+        candidates = _newest_first(rt, since, until)
+    rows, skipped = [], 0
+    for scanned, row in enumerate(_rows(rt, candidates)):
+        if scanned >= SEARCH_SCAN_LIMIT:
+            break
+        if not _matches(row, event_type, status, since, until):
+            continue
+        if skipped < offset:
+            skipped += 1
+            continue
+        if len(rows) == limit:
+            return rows, True
+        rows.append(row)
+    return rows, False
+
+
+def _newest_first(rt, since, until, page=500):
+    high = "+inf" if until is None else until
+    low = "-inf" if since is None else since
+    offset = 0
+    while True:
+        ids = rt.redis.zrevrangebyscore(Ledger.ALL, high, low, start=offset, num=page)
+        yield from ids
+        if len(ids) < page:
+            return
+        offset += page
+
+
+def _rows(rt, ids, batch=100):
+    while chunk := list(itertools.islice(ids, batch)):
+        yield from _fetch(rt, chunk)
+
+
+def _fetch(rt, ids):
+    fields = ("event_type", "status", "received_at", "body")
+    with rt.redis.pipeline(transaction=False) as pipe:
+        for delivery_id in ids:
+            pipe.hmget(Ledger.key(delivery_id), fields)
+        answers = pipe.execute()
+    for delivery_id, values in zip(ids, answers):
+        if values[0] is None:  # expired from the ledger
+            continue
+        row = dict(zip(fields, values), delivery_id=delivery_id)
+        row["received_at"] = float(row["received_at"])
+        keys = stop_keys(row.pop("body"))
+        row["stop_id"], row["stop_ref"] = keys.get("id"), keys.get("ref")
+        yield row
+
+
+def _matches(row, event_type, status, since, until):
+    if event_type and row["event_type"] != event_type:
+        return False
+    if status == "open" and row["status"] in FINAL_STATES:
+        return False
+    if status and status != "open" and row["status"] != status:
+        return False
+    return (since is None or row["received_at"] >= since) and (until is None or row["received_at"] <= until)
+
+
+# ------------------------------------------------------------------ one stop
+
+def stop_events(rt, stop_id):
+    """Every delivery in the ledger for one stop id, in ``actionDate`` order, with its per-sink outcomes."""
+    index = StopIndex(rt.redis)
+    index.refresh()
+    events = []
+    for delivery_id in index.deliveries(str(stop_id)):
+        entry = rt.ledger.get(delivery_id)
+        if entry is None:
+            continue
+        body = json.loads(entry["body"])
+        events.append({"delivery_id": delivery_id, "event_type": entry["event_type"], "status": entry["status"],
+                       "action_date": body.get("actionDate"), "new_status": body.get("newStatus"),
+                       "received_at": float(entry["received_at"]), "sinks": entry["sinks"],
+                       "history": rt.ledger.history(delivery_id)})
+    return sorted(events, key=lambda event: (_instant(event["action_date"]), event["received_at"]))
+
+
+def stop_sinks(rt, events):
+    """Per sink and key written for these events: the version applied and the live comparison."""
+    keys = {}
+    for event in events:
+        for line in event["history"]:
+            if line.get("sink") and line.get("key"):
+                keys.setdefault(line["sink"], set()).add(line["key"])
+    result = {}
+    for sink_name in sorted(keys):
+        sink = rt.sinks.get(sink_name)
+        for key in sorted(keys[sink_name]):
+            version = rt.redis.hget(rt.versions(sink_name).key, key)
+            comparison = (live_records.compare(sink, key) if sink is not None
+                          else {"error": f"sink {sink_name} is not configured any more", "drift": []})
+            result.setdefault(sink_name, []).append({"key": key, "version": _iso(version), **comparison})
+    return result
+
+
+def _instant(text):
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _iso(epoch):
+    return None if epoch is None else datetime.fromtimestamp(float(epoch), timezone.utc).isoformat()
