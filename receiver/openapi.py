@@ -21,7 +21,8 @@ bp = Blueprint("openapi", __name__)
 class ErrorSchema(Schema):
     """The body of every 4xx/5xx answer (``receiver.errors.error_response``)."""
 
-    error = fields.String(required=True, metadata={"description": "machine-readable code, e.g. invalid_token"})
+    error = fields.String(required=True, metadata={"description": "stable machine-readable code, e.g. invalid_token "
+                                                                  "(each answer below names its codes)"})
     message = fields.String(required=True, metadata={"description": "what is wrong, for a person"})
     field = fields.String(metadata={"description": "422: the key field the delivery lacks"})
     known = fields.List(fields.String(), metadata={"description": "404: the event types this relay knows"})
@@ -40,17 +41,18 @@ class HealthSchema(Schema):
 
 # status -> description, for the answers documented on each operation
 WEBHOOK_ERRORS = {
-    400: "the body is not UTF-8 JSON or not a JSON object",
-    401: "the URL token is not valid for this event type (current or previous secret)",
-    404: "unknown route",
-    413: "the body is larger than RELAY_MAX_BODY_BYTES",
-    422: "a key field is missing; the body is kept in the quarantine",
-    503: "Redis or the broker is down; retry after Retry-After seconds (nothing was stored)",
+    400: "empty_body: the body is empty; invalid_body: not UTF-8 JSON or not a JSON object",
+    401: "invalid_token: the URL token is not valid for this event type (current or previous secret)",
+    404: "unknown_event_type, or not_found: unknown route",
+    413: "request_entity_too_large: the body is larger than RELAY_MAX_BODY_BYTES",
+    422: "missing_field: a key field is missing; the body is kept in the quarantine",
+    503: "unavailable: Redis or the broker is down; retry after Retry-After seconds (nothing was stored)",
 }
 OAUTH_ERRORS = {
-    404: "Locate2u is not configured (LOCATE2U_CLIENT_ID unset)",
-    409: "the code flow is not enabled (LOCATE2U_GRANT) or RELAY_PUBLIC_URL is unset",
-    503: "Redis is unavailable",
+    404: "not_found: the code flow is off (LOCATE2U_GRANT is not authorization_code, or LOCATE2U_CLIENT_ID is "
+         "unset), so the route does not exist",
+    409: "code_flow_unavailable: RELAY_PUBLIC_URL is unset",
+    503: "unavailable: Redis is unavailable",
 }
 
 
@@ -93,19 +95,30 @@ def _add_operations(spec):
         "200": _json("Health", "Redis and the broker are reachable"),
         "503": _json("Health", "Redis or the broker is unreachable")}}})
     spec.path(path="/metrics", operations={"get": {"operationId": "metrics", "responses": {
-        "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}})
+        "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **_errors({401: "unauthorized: RELAY_METRICS_TOKEN or RELAY_METRICS_BASIC_AUTH is set and the request "
+                        "does not carry it"})}}})
     spec.path(path="/openapi.json", operations={"get": {"operationId": "openapi", "responses": {
         "200": _json({"type": "object"}, "this document")}}})
-    spec.path(path="/oauth/locate2u/start", operations={"get": {"operationId": "oauth_start", "responses": {
-        "302": {"description": "to the identity server's authorize URL, with a single-use state"},
-        **_errors(OAUTH_ERRORS)}}})
+    link = {"name": "link", "in": "query", "required": False, "schema": {"type": "string"},
+            "description": "the operator's signed, single-use link token printed by l2u-relay oauth url"}
+    spec.path(path="/oauth/locate2u/start", operations={"get": {
+        "operationId": "oauth_start", "parameters": [link], "responses": {
+            "302": {"description": "to the identity server's authorize URL, with a single-use state, a PKCE "
+                                   "challenge and the state cookie"},
+            **_errors({403: "invalid_link, expired_link or used_link: not started by the operator's link "
+                            "(nothing is stored)", **OAUTH_ERRORS})}}})
     query = [{"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
              for name in ("state", "code", "error", "error_description")]
     spec.path(path="/oauth/locate2u/callback", operations={"get": {
         "operationId": "oauth_callback", "parameters": query, "responses": {
             "200": _json({"type": "object"}, "authorised; tokens stored"),
-            **_errors({400: "unknown, expired or used state; denied; no code; code rejected",
-                       502: "the identity server could not be reached", **OAUTH_ERRORS})}}})
+            **_errors({400: "invalid_state (unknown, expired or used), foreign_browser (another browser "
+                            "started it), authorization_denied, missing_code or code_rejected",
+                       409: "account_changed: another Locate2u account approved; its tokens wait for "
+                            "l2u-relay oauth accept-account, or code_flow_unavailable: RELAY_PUBLIC_URL is unset",
+                       502: "identity_server_unavailable: the identity server could not be reached",
+                       **{status: text for status, text in OAUTH_ERRORS.items() if status != 409}})}}})
 
 
 @functools.cache

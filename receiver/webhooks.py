@@ -55,6 +55,8 @@ def receive(event_type, token):
     if not token_matches(token, event_type, (settings.webhook_secret, settings.webhook_secret_previous)):
         return error_response(401, "invalid_token", "the URL token is not valid for this event type")
     body = _read_body()
+    if not body.strip():
+        return error_response(400, "empty_body", "the request body is empty; a JSON object is required")
     text, payload, problem = _parse(body)
     if problem:
         return error_response(400, "invalid_body", problem)

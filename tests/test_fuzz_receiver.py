@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                               status_code_conformance)
+                                               status_code_conformance, unsupported_method)
 
 from receiver import create_app
 from receiver.openapi import build_document
@@ -135,6 +135,25 @@ def test_schemathesis(api_schema, redis_client, method, path, mode):
 
     run()
     assert ran, "schemathesis generated no case"
+
+
+@pytest.mark.parametrize("method, path", [(m, p) for m, p, _ in OPERATIONS], ids=[f"{m} {p}" for m, p, _ in OPERATIONS])
+def test_coverage_phase_with_valid_tokens_including_undeclared_methods(api_schema, redis_client, method, path):
+    """Schemathesis' coverage phase (boundary values, every undeclared method) with a valid token: the
+    documented checks, and ``unsupported_method``: an undeclared method answers 405 with ``Allow``."""
+    operation = api_schema[path][method]
+    event_type = event_type_of(path)
+    cases = api_schema.iter_coverage_cases(
+        operation, generation_modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+        generation_config=api_schema.config.generation_for(operation=operation, phase="coverage"))
+    methods = set()
+    for case in cases:
+        if event_type:
+            case.path_parameters["token"] = url_token(TEST_SECRET, event_type)
+        response = case.call_and_validate(checks=[*CHECKS, unsupported_method])
+        CASES[(f"{method} {path}", "coverage", "current" if event_type else "-", response.status_code)] += 1
+        methods.add(case.method)
+    assert {"DELETE", "PATCH", "PUT"} <= methods, "the coverage phase sent no undeclared method"
 
 
 def check_webhook_answer(redis_client, case, kind, mode, response, keys_before):

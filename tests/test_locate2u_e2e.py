@@ -13,10 +13,10 @@ from tests.processes import BIN, process_env
 from workers.ops.simulators.locate2u import Locate2uServer
 from workers.celery_config import CONTROL_QUEUE, SYNC_SUBSCRIPTIONS, make_celery
 from workers.devstack import REPO_ROOT, free_port
-from workers.locate2u.tokens import TokenStore
+from workers.locate2u.tokens import REAUTH_HINT, TokenStore
 from workers.webhook_auth import url_token
 
-REAUTH = "reauthorization required: run l2u-relay oauth url or open /oauth/locate2u/start"
+REAUTH = f"reauthorization required: {REAUTH_HINT}"
 
 
 @pytest.fixture
@@ -64,13 +64,16 @@ def test_code_flow_through_the_receiver_then_refresh_and_reauthorization(sim, co
     sim.state.token_lifetime = 1
     web = serve(code_settings)
     assert locate2u_check(web) == REAUTH
-    start = requests.get(web.url + "/oauth/locate2u/start", allow_redirects=False, timeout=5)
+    browser = requests.Session()  # keeps the state cookie, as the operator's browser does
+    link = cli(code_settings, "oauth", "url").stdout.strip()
+    assert link.startswith(web.url + "/oauth/locate2u/start?link=")
+    start = browser.get(link, allow_redirects=False, timeout=5)
     assert start.status_code == 302 and start.headers["Location"].startswith(sim.url + "/connect/authorize?")
     assert parse_qs(urlsplit(start.headers["Location"]).query)["scope"] == ["integrations-api offline_access"]
     approved = requests.get(start.headers["Location"], allow_redirects=False, timeout=5)  # the user consents
     callback = approved.headers["Location"]
     assert callback.startswith(code_settings.public_url + "/oauth/locate2u/callback?code=")
-    done = requests.get(callback, timeout=10)
+    done = browser.get(callback, timeout=10)
     assert done.status_code == 200 and done.json()["status"] == "authorized"
     assert locate2u_check(web) == "ok"
     assert json.loads(redis_client.lindex(CONTROL_QUEUE, 0))["headers"]["task"] == SYNC_SUBSCRIPTIONS
@@ -83,7 +86,7 @@ def test_code_flow_through_the_receiver_then_refresh_and_reauthorization(sim, co
     whoami = cli(code_settings, "whoami")
     assert whoami.returncode == 0 and json.loads(whoami.stdout)["teamName"] == "Simulated Team"
     assert grants(sim) == ["authorization_code", "refresh_token"]
-    tokens = TokenStore(redis_client, code_settings.webhook_secret).load()
+    tokens = TokenStore.from_settings(redis_client, code_settings).load()
     for secret in (tokens["access_token"], tokens["refresh_token"], sim.state.client_secret):
         assert secret not in web.output() + whoami.stdout + whoami.stderr
 
@@ -98,16 +101,17 @@ def test_code_flow_through_the_receiver_then_refresh_and_reauthorization(sim, co
 
 
 def test_oauth_cli_for_hosts_without_a_browser(sim, code_settings):
-    url = cli(code_settings, "oauth", "url")
-    assert url.returncode == 0 and "l2u-relay oauth exchange CODE" in url.stderr
+    url = cli(code_settings, "oauth", "url", "--direct")
+    assert url.returncode == 0 and "l2u-relay oauth exchange 'CALLBACK_URL'" in url.stderr
     approved = requests.get(url.stdout.strip(), allow_redirects=False, timeout=5)
-    code = parse_qs(urlsplit(approved.headers["Location"]).query)["code"][0]  # read off the address bar
-    exchanged = cli(code_settings, "oauth", "exchange", code)
+    callback = approved.headers["Location"]  # read off the address bar
+    code = parse_qs(urlsplit(callback).query)["code"][0]
+    exchanged = cli(code_settings, "oauth", "exchange", callback)
     assert exchanged.returncode == 0 and "authorised as sim.user@example.com (Simulated Team)" in exchanged.stdout
     status = cli(code_settings, "oauth", "status")
     assert status.returncode == 0 and "status: ok" in status.stdout and "has_refresh_token: True" in status.stdout
-    again = cli(code_settings, "oauth", "exchange", code)
-    assert again.returncode == 1 and "rejected" in again.stderr and code not in again.stderr
+    again = cli(code_settings, "oauth", "exchange", callback)
+    assert again.returncode == 1 and "already used" in again.stderr and code not in again.stderr
 
 
 def test_release_sync_then_a_delivery_reaches_the_receiver(sim, relay_settings, serve):

@@ -8,7 +8,9 @@ import requests
 
 from workers.ops.simulators.locate2u import Locate2uServer
 from workers.locate2u.client import Locate2uClient
-from workers.locate2u.tokens import LOCK_KEY, TOKENS_KEY, OAuthStates, ReauthorizationRequired, TokenStore
+from workers.locate2u.linking import link_account
+from workers.locate2u.tokens import (LOCK_KEY, REAUTH_HINT, TOKENS_KEY, OAuthStates, ReauthorizationRequired,
+                                     TokenStore, pkce_pair)
 
 PUBLIC_URL = "https://relay.example"
 
@@ -34,14 +36,15 @@ def grants(sim):
 
 
 def consent(client):
-    """Play the user: open the authorize URL, approve, read the code off the redirect."""
-    state = OAuthStates(client.tokens.store.redis).issue()
-    answer = requests.get(client.tokens.authorize_url(state), allow_redirects=False, timeout=5)
+    """Play the user: open the authorize URL, approve, read the code off the redirect; link it."""
+    verifier, challenge = pkce_pair()
+    state = OAuthStates(client.tokens.store.redis).issue(verifier)
+    answer = requests.get(client.tokens.authorize_url(state, challenge), allow_redirects=False, timeout=5)
     location = answer.headers["Location"]
     assert location.startswith(PUBLIC_URL + "/oauth/locate2u/callback?")
     query = parse_qs(urlsplit(location).query)
     assert query["state"] == [state]
-    return query["code"][0]
+    return link_account(client, query["code"][0], verifier)
 
 
 def in_threads(count, target):
@@ -64,15 +67,16 @@ def in_threads(count, target):
     return results
 
 
-def test_tokens_are_encrypted_and_survive_secret_rotation(redis_client):
-    old = TokenStore(redis_client, "old-secret-0123456789")
+def test_tokens_under_the_derived_key_survive_webhook_secret_rotation(settings, redis_client):
+    old = TokenStore.from_settings(redis_client, settings.replace(webhook_secret="old-secret-0123456789"))
     old.save({"access_token": "plain-access-token"})
     assert "plain-access-token" not in redis_client.get(TOKENS_KEY)
-    assert TokenStore(redis_client, "new-secret-0123456789").load() is None
-    rotated = TokenStore(redis_client, "new-secret-0123456789", previous_secret="old-secret-0123456789")
+    new = settings.replace(webhook_secret="new-secret-0123456789")
+    assert TokenStore.from_settings(redis_client, new).load() is None
+    rotated = TokenStore.from_settings(redis_client, new.replace(webhook_secret_previous="old-secret-0123456789"))
     assert rotated.load() == {"access_token": "plain-access-token"}
     # re-encrypted under the new secret: readable once the old one is retired
-    assert TokenStore(redis_client, "new-secret-0123456789").load() == {"access_token": "plain-access-token"}
+    assert TokenStore.from_settings(redis_client, new).load() == {"access_token": "plain-access-token"}
 
 
 def test_expired_token_is_renewed(sim, cc_settings, redis_client):
@@ -118,7 +122,7 @@ def test_many_workers_after_a_401_renew_once(sim, cc_settings, redis_client):
 def test_code_grant_refreshes_once_for_many_workers(sim, code_settings, redis_client):
     sim.state.token_lifetime = 1
     client = Locate2uClient.from_settings(code_settings, redis_client)
-    client.tokens.exchange_code(consent(client))
+    consent(client)
     assert client.tokens.status() == "ok" and client.whoami()["userId"] == 12345
     time.sleep(1.05)
     clients = [Locate2uClient.from_settings(code_settings, redis_client) for _ in range(6)]
@@ -130,20 +134,20 @@ def test_code_grant_refreshes_once_for_many_workers(sim, code_settings, redis_cl
 def test_rejected_refresh_token_requires_reauthorization(sim, code_settings, redis_client, caplog):
     sim.state.token_lifetime = 1
     client = Locate2uClient.from_settings(code_settings, redis_client)
-    client.tokens.exchange_code(consent(client))
+    consent(client)
     sim.state.revoke_refresh_tokens()
     time.sleep(1.05)
     with pytest.raises(ReauthorizationRequired):
         client.get_stop(1)
-    assert client.tokens.status() == "reauthorization required: run l2u-relay oauth url or open /oauth/locate2u/start"
+    assert client.tokens.status() == f"reauthorization required: {REAUTH_HINT}"
     assert "re-authorisation required: the Locate2u refresh token was rejected" in caplog.text
     assert client.tokens.describe()["reason"] == "the refresh token was rejected (invalid_grant)"
-    client.tokens.exchange_code(consent(client))  # a new consent clears it
+    consent(client)  # a new consent clears it
     assert client.tokens.status() == "ok" and client.whoami()["userId"] == 12345
 
 
 def test_oauth_state_is_single_use(redis_client):
     states = OAuthStates(redis_client)
-    state = states.issue()
-    assert states.consume(state) and not states.consume(state)
+    state = states.issue("verifier")
+    assert states.consume(state) == {"verifier": "verifier", "browser": None} and not states.consume(state)
     assert not states.consume("made-up") and not states.consume(None)

@@ -72,16 +72,17 @@ def test_rejected_requests_store_nothing(web, redis_client, event_type, token, s
     assert redis_client.keys("l2u:*") == [] and queued(redis_client) == []
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"{not json", "body is not valid JSON: Expecting property name enclosed in double quotes"),
-    (b"", "body is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
-    (b"[1, 2]", "body must be a JSON object, not list"),
-    (b"\xff\xfe", "body is not valid JSON"),
+@pytest.mark.parametrize("body, error, message", [
+    (b"{not json", "invalid_body", "body is not valid JSON: Expecting property name enclosed in double quotes"),
+    (b"", "empty_body", "the request body is empty; a JSON object is required"),
+    (b" \r\n", "empty_body", "the request body is empty; a JSON object is required"),
+    (b"[1, 2]", "invalid_body", "body must be a JSON object, not list"),
+    (b"\xff\xfe", "invalid_body", "body is not valid JSON"),
 ])
-def test_bad_bodies_get_400_saying_what_is_wrong(web, redis_client, body, message):
+def test_bad_bodies_get_400_saying_what_is_wrong(web, redis_client, body, error, message):
     response = post(web.url, "stop.status-changed", body)
     assert response.status_code == 400
-    assert response.json()["error"] == "invalid_body"
+    assert response.json()["error"] == error
     assert response.json()["message"].startswith(message)
     assert redis_client.keys("l2u:*") == []
 

@@ -160,9 +160,15 @@ def code_settings(sim, settings):
     return sim.configure(settings, locate2u_grant="authorization_code", public_url=PUBLIC_URL)
 
 
+def operator_start(client):
+    """``/start`` through the operator's signed link (what ``l2u-relay oauth url`` prints)."""
+    return client.get("/oauth/locate2u/start", query_string={"link": client.application.extensions[
+        "l2u.oauth_links"].make()})
+
+
 def start_and_consent(client):
     """``/start``, then the user approves at the identity server: the callback's query string."""
-    start = client.get("/oauth/locate2u/start")
+    start = operator_start(client)
     assert start.status_code == 302
     approved = requests.get(start.headers["Location"], allow_redirects=False, timeout=5)
     callback = urlsplit(approved.headers["Location"])
@@ -197,13 +203,16 @@ def test_unknown_states_are_refused(code_settings, query):
 
 def test_concurrent_callbacks_with_one_state_let_exactly_one_through(code_settings):
     app = create_app(code_settings)
-    state = parse_qs(urlsplit(app.test_client().get("/oauth/locate2u/start").headers["Location"]).query)["state"][0]
+    browser = app.test_client()
+    state = parse_qs(urlsplit(operator_start(browser).headers["Location"]).query)["state"][0]
+    cookie = browser.get_cookie("l2u_oauth_browser", path="/oauth/locate2u/")
     barrier, errors = threading.Barrier(8), []
 
     def callback():
+        same_browser = app.test_client()
+        same_browser.set_cookie(cookie.key, cookie.value, path=cookie.path)
         barrier.wait()
-        answer = app.test_client().get("/oauth/locate2u/callback",
-                                       query_string={"state": state, "error": "access_denied"})
+        answer = same_browser.get("/oauth/locate2u/callback", query_string={"state": state, "error": "access_denied"})
         errors.append(answer.get_json()["error"])
 
     threads = [threading.Thread(target=callback) for _ in range(8)]
@@ -216,7 +225,7 @@ def test_concurrent_callbacks_with_one_state_let_exactly_one_through(code_settin
 
 def test_oauth_states_are_kept_hashed_and_expire(code_settings, redis_client):
     client = create_app(code_settings).test_client()
-    state = parse_qs(urlsplit(client.get("/oauth/locate2u/start").headers["Location"]).query)["state"][0]
+    state = parse_qs(urlsplit(operator_start(client).headers["Location"]).query)["state"][0]
     [key] = redis_client.keys(STATE_PREFIX + "*")
     assert state not in key and state not in dump_redis(redis_client.connection_pool.connection_kwargs)
     assert 0 < redis_client.ttl(key) <= STATE_TTL
@@ -251,9 +260,9 @@ def test_stored_tokens_are_unreadable_in_raw_redis(sim, code_settings, redis_cli
     client = Locate2uClient.from_settings(code_settings, redis_client)
     flask_client = create_app(code_settings).test_client()
     assert flask_client.get(f"/oauth/locate2u/callback?{start_and_consent(flask_client)}").status_code == 200
-    first = TokenStore(redis_client, code_settings.webhook_secret).load()
+    first = TokenStore.from_settings(redis_client, code_settings).load()
     client.tokens.renew_rejected(first["access_token"])  # a refresh stores a second token set
-    tokens = TokenStore(redis_client, code_settings.webhook_secret).load()
+    tokens = TokenStore.from_settings(redis_client, code_settings).load()
     assert tokens["access_token"] != first["access_token"]
     assert tokens["access_token"] and tokens["refresh_token"]
     everything = dump_redis(redis_client.connection_pool.connection_kwargs)
@@ -265,10 +274,11 @@ def test_stored_tokens_are_unreadable_in_raw_redis(sim, code_settings, redis_cli
     assert "access_token" not in everything and "refresh_token" not in everything
 
 
-def test_tokens_stored_under_another_secret_cannot_be_read(redis_client):
-    TokenStore(redis_client, TEST_SECRET).save({"access_token": "a", "refresh_token": "r"})
-    assert TokenStore(redis_client, ROTATED_OUT).load() is None
-    assert TokenStore(redis_client, ROTATED_OUT, previous_secret=TEST_SECRET).load()["access_token"] == "a"
+def test_tokens_stored_under_another_secret_cannot_be_read(settings, redis_client):
+    TokenStore.from_settings(redis_client, settings).save({"access_token": "a", "refresh_token": "r"})
+    assert TokenStore.from_settings(redis_client, settings.replace(webhook_secret=ROTATED_OUT)).load() is None
+    rotating = settings.replace(webhook_secret=ROTATED_OUT, webhook_secret_previous=TEST_SECRET)
+    assert TokenStore.from_settings(redis_client, rotating).load()["access_token"] == "a"
 
 
 # --- Flower -------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
 marshmallow schema and raises ``ConfigError`` listing every problem at once.
 Everything else receives a ``Settings`` object, so tests pass values directly.
 """
+import base64
+import binascii
 import dataclasses
 import os
 from urllib.parse import urlsplit
@@ -14,7 +16,6 @@ from workers.events import EVENT_TYPES
 
 MIB = 1024 * 1024
 SVIX_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
-CONSOLE_HASH_METHODS = ("scrypt:", "pbkdf2:")  # werkzeug.security password hash methods
 
 
 class ConfigError(Exception):
@@ -72,13 +73,6 @@ class SettingsSchema(Schema):
     data_dir = _env("RELAY_DATA_DIR", fields.String(load_default=".l2u-relay"))
     log_level = _env("LOG_LEVEL", fields.String(load_default="INFO",
                                                 validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])))
-    console_password = _env("RELAY_CONSOLE_PASSWORD",
-                            fields.String(load_default=None, validate=validate.Length(min=12)))
-    console_operators = _env("RELAY_CONSOLE_OPERATORS", CommaList(load_default=()))
-    console_secret_key = _env("RELAY_CONSOLE_SECRET_KEY",
-                              fields.String(load_default=None, validate=validate.Length(min=32)))
-    console_session_minutes = _env("RELAY_CONSOLE_SESSION_MINUTES",
-                                   fields.Integer(load_default=60, validate=validate.Range(5, 1440)))
 
     locate2u_client_id = _env("LOCATE2U_CLIENT_ID", fields.String(load_default=None))
     locate2u_client_secret = _env("LOCATE2U_CLIENT_SECRET", fields.String(load_default=None))
@@ -103,17 +97,13 @@ class SettingsSchema(Schema):
     forward_urls = _env("FORWARD_URLS", CommaList(load_default=()))
     forward_secret = _env("FORWARD_SECRET", CommaList(load_default=()))
     flower_basic_auth = _env("FLOWER_BASIC_AUTH", fields.String(load_default=None))
+    token_keys = _env("RELAY_TOKEN_KEYS", CommaList(load_default=()))
+    metrics_token = _env("RELAY_METRICS_TOKEN", fields.String(load_default=None, validate=validate.Length(min=16)))
+    metrics_basic_auth = _env("RELAY_METRICS_BASIC_AUTH", fields.String(load_default=None))
 
     @validates_schema(skip_on_field_errors=False)
     def _cross_checks(self, data, **kwargs):
         problems = {}
-        for entry in data.get("console_operators", ()):
-            name, _, password_hash = entry.partition(":")
-            if not name.strip() or not (password_hash.startswith(CONSOLE_HASH_METHODS)
-                                        and password_hash.count("$") == 2):
-                problems["RELAY_CONSOLE_OPERATORS"] = [
-                    f"{name!r}: each entry is name:hash, the hash from werkzeug's generate_password_hash "
-                    "(scrypt:… or pbkdf2:…)"]
         for name in data.get("event_types", ()):
             if name not in EVENT_TYPES:
                 problems["RELAY_EVENT_TYPES"] = [f"unknown event type {name!r}; known: {', '.join(EVENT_TYPES)}"]
@@ -132,8 +122,21 @@ class SettingsSchema(Schema):
             problems["B2B_PASSWORD"] = ["B2B_USERNAME and B2B_PASSWORD go together"]
         if data.get("flower_basic_auth") and ":" not in data["flower_basic_auth"]:
             problems["FLOWER_BASIC_AUTH"] = ["must be user:password"]
+        if data.get("metrics_basic_auth") and ":" not in data["metrics_basic_auth"]:
+            problems["RELAY_METRICS_BASIC_AUTH"] = ["must be user:password"]
+        for position, key in enumerate(data.get("token_keys", ()), 1):
+            if not _is_fernet_key(key):
+                problems["RELAY_TOKEN_KEYS"] = [f"key {position} is not a Fernet key (32 bytes, URL-safe base64; "
+                                                "make one with l2u-relay oauth new-key)"]
         if problems:
             raise ValidationError(problems)
+
+
+def _is_fernet_key(key):
+    try:
+        return len(base64.urlsafe_b64decode(key.encode())) == 32 and len(key) == 44
+    except (ValueError, binascii.Error):
+        return False
 
 
 # A sink is enabled when its credential is set; then these must be set too.
@@ -168,10 +171,6 @@ class Settings:
     retry_schedule: tuple = SVIX_RETRY_SCHEDULE
     data_dir: str = ".l2u-relay"
     log_level: str = "INFO"
-    console_password: str | None = None
-    console_operators: tuple = ()
-    console_secret_key: str | None = None
-    console_session_minutes: int = 60
     locate2u_client_id: str | None = None
     locate2u_client_secret: str | None = None
     locate2u_grant: str = "client_credentials"
@@ -193,6 +192,9 @@ class Settings:
     forward_urls: tuple = ()
     forward_secret: tuple = ()
     flower_basic_auth: str | None = None
+    token_keys: tuple = ()
+    metrics_token: str | None = None
+    metrics_basic_auth: str | None = None
 
     @classmethod
     def from_env(cls, environ=None):
@@ -208,11 +210,6 @@ class Settings:
                                for name, messages in error.normalized_messages().items()}) from None
         data["retry_schedule"] = tuple(int(value) for value in data["retry_schedule"])
         return cls(**data)
-
-    @property
-    def console_enabled(self):
-        """The operator console is served only when a console password or operator is configured."""
-        return bool(self.console_password or self.console_operators)
 
     @property
     def broker(self):

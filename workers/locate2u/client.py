@@ -79,16 +79,24 @@ class Locate2uClient:
         retry = retry or RetryPolicy()
         identity = IdentityServer(settings.locate2u_id_url, session, retry, settings.locate2u_client_id,
                                   settings.locate2u_client_secret)
-        store = TokenStore(redis_client, settings.webhook_secret, settings.webhook_secret_previous)
+        store = TokenStore.from_settings(redis_client, settings)
         tokens = TokenManager(store, identity, grant=settings.locate2u_grant, scope=settings.locate2u_scope,
                               redirect_uri=redirect_uri(settings))
         return cls(settings.locate2u_api_url, session, tokens, retry)
 
     # endpoints ---------------------------------------------------------------
 
-    def whoami(self):
-        """``GET /v1/Discovery/User``: the authenticated user and team."""
-        return self.call("GET", "/v1/Discovery/User")
+    def whoami(self, access_token=None):
+        """``GET /v1/Discovery/User``: the authenticated user and team (of ``access_token`` when given)."""
+        if access_token is None:
+            return self.call("GET", "/v1/Discovery/User")
+        http, response = self._attempt(access_token, "GET", "/v1/Discovery/User", None)
+        if response.status_code == 401:
+            raise http.error_for(response, f"GET {http.url('/v1/Discovery/User')} refused the new access token")
+        try:
+            return response.json()
+        except ValueError:
+            raise http.error_for(response, f"GET {http.url('/v1/Discovery/User')} answered non-JSON") from None
 
     def get_stop(self, stop_id):
         """``GET /v1/Stops/{id}``; NotFound when there is no such stop."""

@@ -8,9 +8,11 @@ configured, or not yet authorised), so a first deploy's release phase passes.
 """
 import functools
 import json
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import click
 import redis
+from cryptography.fernet import Fernet
 from tqdm import tqdm
 
 from workers.config import ConfigError, Settings
@@ -18,7 +20,9 @@ from workers.errors import RelayError
 from workers.locate2u.client import Locate2uClient, redirect_uri
 from workers.locate2u.stops_import import DEFAULT_BATCH, MAX_BATCH, ImportFileError, import_stops, read_rows
 from workers.locate2u.subscriptions import SubscriptionSync, mask_url, our_prefix
-from workers.locate2u.tokens import OAuthStates, ReauthorizationRequired
+from workers.locate2u.linking import accept_pending, link_account
+from workers.locate2u.tokens import (LINK_TTL, START_PATH, OAuthStates, ReauthorizationRequired, StartLinks,
+                                     TokenStore, describe_account, pkce_pair)
 from workers.stores import connect
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_REAUTH = 1, 2, 3
@@ -66,7 +70,7 @@ def _context(require_client=True):
         return settings, None, None
     if not settings.redis_url:
         raise ConfigError({"REDIS_URL": "required: the Locate2u tokens and OAuth state live in Redis"})
-    redis_client = connect(settings.redis_url)
+    redis_client = connect(settings.redis_url, settings.redis_ca_file, settings.redis_max_connections)
     return settings, redis_client, Locate2uClient.from_settings(settings, redis_client)
 
 
@@ -78,25 +82,77 @@ def oauth():
 
 
 @oauth.command("url")
+@click.option("--direct", is_flag=True,
+              help="Print the identity server's authorisation URL instead, for when the relay's own pages cannot "
+                   "be reached yet; then finish with l2u-relay oauth exchange CALLBACK_URL.")
 @_reported
-def oauth_url():
-    """Print the URL where a Locate2u user approves the relay."""
+def oauth_url(direct):
+    """Print the operator's link that starts the Locate2u approval (signed, single use, valid 10 minutes)."""
     settings, redis_client, client = _context()
-    click.echo(client.tokens.authorize_url(OAuthStates(redis_client).issue()))
-    click.echo(f"Open it in any browser and approve. It then goes to {redirect_uri(settings)}; if that page "
-               "cannot load, copy the code= value from the address bar and run: l2u-relay oauth exchange CODE "
-               "(within 5 minutes).", err=True)
+    client.tokens.check_code_flow()
+    if direct:
+        verifier, challenge = pkce_pair()
+        click.echo(client.tokens.authorize_url(OAuthStates(redis_client).issue(verifier), challenge))
+        click.echo(f"Open it in any browser and approve. It then goes to {redirect_uri(settings)}; copy that whole "
+                   "address from the address bar and run: l2u-relay oauth exchange 'CALLBACK_URL' "
+                   "(within 5 minutes).", err=True)
+        return
+    link = StartLinks(redis_client, settings).make()
+    click.echo(f"{settings.public_url.rstrip('/')}{START_PATH}?{urlencode({'link': link})}")
+    click.echo(f"Open it within {LINK_TTL // 60} minutes in the browser that will approve (it works once).", err=True)
 
 
 @oauth.command("exchange")
-@click.argument("code")
+@click.argument("callback_url")
 @_reported
-def oauth_exchange(code):
-    """Redeem an authorization CODE and store the tokens (encrypted) in Redis."""
-    _, _, client = _context()
-    client.tokens.exchange_code(code)
-    user = client.whoami()
+def oauth_exchange(callback_url):
+    """Finish a --direct approval: CALLBACK_URL is the address Locate2u redirected to (with code and state)."""
+    _, redis_client, client = _context()
+    query = parse_qs(urlsplit(callback_url).query)
+    if not query.get("code") or not query.get("state"):
+        _fail("CALLBACK_URL must be the whole address Locate2u redirected to, with code= and state= "
+              "(quote it in the shell)", EXIT_CONFIG)
+    record = OAuthStates(redis_client).consume(query["state"][0])
+    if record is None:
+        _fail("the state is unknown, expired or already used: run l2u-relay oauth url --direct again", EXIT_FAILED)
+    user = link_account(client, query["code"][0], record["verifier"])
     click.echo(f"authorised as {user.get('email')} ({user.get('teamName')}); tokens stored encrypted in Redis")
+
+
+@oauth.command("accept-account")
+@_reported
+def oauth_accept_account():
+    """Link the other Locate2u account whose approval was refused in the last 10 minutes."""
+    _, _, client = _context()
+    accepted = accept_pending(client)
+    if accepted is None:
+        _fail("no approval from another account is waiting (it is held for 10 minutes)", EXIT_FAILED)
+    account, previous = accepted
+    click.echo(f"linked {describe_account(account)} instead of "
+               f"{describe_account(previous) if previous else 'no account'}; the next subscriptions sync moves "
+               "the webhooks (l2u-relay subscriptions sync does it now). Delete the old account's "
+               "subscriptions there by hand.")
+
+
+@oauth.command("new-key")
+def oauth_new_key():
+    """Print a new Fernet key for RELAY_TOKEN_KEYS (put it first; keep the old one until rotate-key ran)."""
+    click.echo(Fernet.generate_key().decode())
+
+
+@oauth.command("rotate-key")
+@_reported
+def oauth_rotate_key():
+    """Re-encrypt the stored Locate2u tokens under the first key of RELAY_TOKEN_KEYS."""
+    settings, redis_client, _ = _context()
+    store = TokenStore.from_settings(redis_client, settings)
+    if store.key_warning:
+        raise ConfigError({"RELAY_TOKEN_KEYS": "unset: nothing to rotate to (l2u-relay oauth new-key makes one)"})
+    done, failed = store.rotate()
+    click.echo(f"re-encrypted {len(done)} stored value(s) under the first key of RELAY_TOKEN_KEYS")
+    if failed:
+        _fail(f"{len(failed)} value(s) could not be decrypted with any key and were left as they are: "
+              f"{', '.join(failed)}", EXIT_FAILED)
 
 
 @oauth.command("status")

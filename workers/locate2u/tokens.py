@@ -2,24 +2,29 @@
 
 Both grants of the identity server's ``/connect/token`` are supported:
 ``client_credentials`` (unattended) and ``authorization_code`` (one user
-consent, with ``offline_access`` so a refresh token keeps it alive).
+consent, with ``offline_access`` so a refresh token keeps it alive, PKCE S256).
 
-The token set is one Fernet-encrypted JSON value in Redis; the key is derived
-from ``RELAY_WEBHOOK_SECRET`` with HKDF, and ``RELAY_WEBHOOK_SECRET_PREVIOUS``
-still decrypts (the value is then re-encrypted under the current secret).
+The token set, the linked account and a pending account change are Fernet
+values in Redis under ``RELAY_TOKEN_KEYS`` (a ``MultiFernet``: the first key
+encrypts, every key decrypts). Without it the key is derived from
+``RELAY_WEBHOOK_SECRET`` with HKDF, as before, and ``key_warning`` says so;
+keys derived from the webhook secrets always still decrypt, so a value is
+moved to the current first key when it is next read (or by ``rotate``).
 Renewal happens under a Redis lock, so many workers make one token request.
 """
 import base64
 import hashlib
+import hmac
 import json
 import logging
 import secrets
 import time
 from urllib.parse import urlencode
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from redis.exceptions import LockError
 
 from workers.config import ConfigError
@@ -30,18 +35,26 @@ from workers.stores import PREFIX
 
 log = logging.getLogger(__name__)
 
-REAUTH_HINT = "run l2u-relay oauth url or open /oauth/locate2u/start"
+REAUTH_HINT = "run l2u-relay oauth url and open the link it prints"
 CALLBACK_PATH = "/oauth/locate2u/callback"
+START_PATH = "/oauth/locate2u/start"
 OFFLINE_SCOPE = "offline_access"
 TOKENS_KEY = PREFIX + "locate2u:tokens"
+ACCOUNT_KEY = PREFIX + "locate2u:account"
+PENDING_KEY = PREFIX + "locate2u:pending-link"
 REAUTH_KEY = PREFIX + "locate2u:reauth"
 LOCK_KEY = PREFIX + "locate2u:token-lock"
 STATE_PREFIX = PREFIX + "locate2u:oauth-state:"
+LINK_PREFIX = PREFIX + "locate2u:oauth-link:"
 STATE_TTL = 600          # seconds a /start state stays redeemable
+LINK_TTL = 600           # seconds a signed /start link printed by the CLI stays valid
+PENDING_TTL = 600        # seconds the operator has to accept a different account
 LOCK_TIMEOUT = 120       # longer than a renewal can take with its bounded retries
 LOCK_WAIT = 40           # how long a worker waits for another's renewal
 MAX_REFRESH_AHEAD = 300  # renew this long before expiry (at most a tenth of the lifetime)
 TOKEN_TIMEOUT = (3.05, 15)
+KEY_WARNING = ("RELAY_TOKEN_KEYS is unset: stored Locate2u tokens are encrypted under a key derived from "
+               "RELAY_WEBHOOK_SECRET; set RELAY_TOKEN_KEYS (l2u-relay oauth new-key)")
 
 
 class ReauthorizationRequired(PermanentError):
@@ -56,40 +69,101 @@ class TokenRejected(PermanentError):
         self.oauth_error = oauth_error
 
 
-def _fernet(secret):
+def _derived_fernet(secret):
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"locate2u-relay", info=b"locate2u token store v1")
     return Fernet(base64.urlsafe_b64encode(hkdf.derive(secret.encode())))
 
 
-class TokenStore:
-    """The token set in Redis, encrypted under the current (or previous) webhook secret."""
+def token_fernets(settings):
+    """``RELAY_TOKEN_KEYS`` in order, then the keys derived from the webhook secrets (decryption only
+    while dedicated keys are set; the current webhook secret's key encrypts when they are not)."""
+    derived = [_derived_fernet(s) for s in (settings.webhook_secret, settings.webhook_secret_previous) if s]
+    return [Fernet(key.encode()) for key in settings.token_keys] + derived
 
-    def __init__(self, redis_client, secret, previous_secret=None):
+
+class TokenStore:
+    """Encrypted values in Redis: the token set, the linked account, a pending account change."""
+
+    def __init__(self, redis_client, fernets, dedicated=True):
         self.redis = redis_client
-        self._ciphers = [_fernet(s) for s in (secret, previous_secret) if s]
+        self._fernets = list(fernets)
+        self._all = MultiFernet(self._fernets)
+        self.dedicated = dedicated
+
+    @classmethod
+    def from_settings(cls, redis_client, settings):
+        return cls(redis_client, token_fernets(settings), dedicated=bool(settings.token_keys))
+
+    @property
+    def key_warning(self):
+        """None with ``RELAY_TOKEN_KEYS`` set, else what to do about the derived key."""
+        return None if self.dedicated else KEY_WARNING
+
+    def _encrypt(self, value):
+        return self._fernets[0].encrypt(json.dumps(value).encode()).decode()
+
+    def _read(self, key):
+        """The decrypted JSON value at ``key`` (moved to the first key if an older one encrypted it)."""
+        blob = self.redis.get(key)
+        if blob is None:
+            return None
+        try:
+            return json.loads(self._fernets[0].decrypt(blob))
+        except InvalidToken:
+            pass
+        try:
+            value = json.loads(self._all.decrypt(blob))
+        except InvalidToken:
+            log.warning("a stored Locate2u value (%s) cannot be decrypted with RELAY_TOKEN_KEYS or the webhook "
+                        "secrets; ignoring it", key)
+            return None
+        self.redis.set(key, self._all.rotate(blob), keepttl=True)
+        return value
 
     def load(self):
         """The stored token set as a dict, or None (absent or undecryptable)."""
-        blob = self.redis.get(TOKENS_KEY)
-        if blob is None:
-            return None
-        for index, cipher in enumerate(self._ciphers):
-            try:
-                tokens = json.loads(cipher.decrypt(blob))
-            except InvalidToken:
-                continue
-            if index:  # still under the previous secret: move it to the current one
-                self.save(tokens)
-            return tokens
-        log.warning("stored Locate2u tokens cannot be decrypted with RELAY_WEBHOOK_SECRET(_PREVIOUS); ignoring them")
-        return None
+        return self._read(TOKENS_KEY)
 
-    def save(self, tokens):
-        """Store ``tokens`` encrypted and clear any re-authorisation mark."""
+    def save(self, tokens, account=None):
+        """Store ``tokens`` (and the ``account`` they act as) encrypted; clear any re-authorisation mark."""
         with self.redis.pipeline() as pipe:
-            pipe.set(TOKENS_KEY, self._ciphers[0].encrypt(json.dumps(tokens).encode()).decode())
+            pipe.set(TOKENS_KEY, self._encrypt(tokens))
+            if account is not None:
+                pipe.set(ACCOUNT_KEY, self._encrypt(account))
             pipe.delete(REAUTH_KEY)
             pipe.execute()
+
+    def account(self):
+        """The Locate2u user/team linked last (kept through re-authorisation), or None."""
+        return self._read(ACCOUNT_KEY)
+
+    def save_pending(self, tokens, account):
+        """Hold a token set for a different account until the operator accepts it (or it expires)."""
+        self.redis.set(PENDING_KEY, self._encrypt({"tokens": tokens, "account": account}), ex=PENDING_TTL)
+
+    def take_pending(self):
+        """The pending ``{"tokens", "account"}`` (removed from Redis), or None."""
+        blob = self.redis.getdel(PENDING_KEY)
+        if blob is None:
+            return None
+        try:
+            return json.loads(self._all.decrypt(blob))
+        except InvalidToken:
+            return None
+
+    def rotate(self):
+        """Re-encrypt every stored value under the first key: ``(re-encrypted, undecryptable)`` key names."""
+        done, failed = [], []
+        for key in (TOKENS_KEY, ACCOUNT_KEY, PENDING_KEY):
+            blob = self.redis.get(key)
+            if blob is None:
+                continue
+            try:
+                self.redis.set(key, self._all.rotate(blob), keepttl=True)
+                done.append(key)
+            except InvalidToken:
+                failed.append(key)
+        return done, failed
 
     def mark_reauthorization_required(self, reason):
         """Forget the tokens and remember why a user must approve again."""
@@ -105,24 +179,71 @@ class TokenStore:
         return self.redis.lock(LOCK_KEY, timeout=LOCK_TIMEOUT, blocking_timeout=LOCK_WAIT)
 
 
+def _digest(value):
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def pkce_pair():
+    """A PKCE ``(code_verifier, code_challenge)`` pair, method S256 (RFC 7636)."""
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    return verifier, challenge
+
+
 class OAuthStates:
-    """Single-use ``state`` values for the code flow, kept (hashed) in Redis for ten minutes."""
+    """Single-use ``state`` values for the code flow, kept (hashed) in Redis for ten minutes.
+
+    Each holds the PKCE verifier and, for a browser flow, the hash of the
+    nonce in the starting browser's cookie.
+    """
 
     def __init__(self, redis_client):
         self.redis = redis_client
 
-    @staticmethod
-    def _key(state):
-        return STATE_PREFIX + hashlib.sha256(state.encode()).hexdigest()
-
-    def issue(self):
+    def issue(self, verifier, browser_nonce=None):
         state = secrets.token_urlsafe(32)
-        self.redis.set(self._key(state), "1", ex=STATE_TTL)
+        record = {"verifier": verifier, "browser": _digest(browser_nonce) if browser_nonce else None}
+        self.redis.set(STATE_PREFIX + _digest(state), json.dumps(record), ex=STATE_TTL)
         return state
 
     def consume(self, state):
-        """True exactly once for a state issued here and not yet expired."""
-        return bool(state) and self.redis.delete(self._key(state)) == 1
+        """The state's record exactly once for a state issued here and not yet expired, else None."""
+        raw = self.redis.getdel(STATE_PREFIX + _digest(state)) if state else None
+        return json.loads(raw) if raw else None
+
+    @staticmethod
+    def same_browser(record, browser_nonce):
+        """True when ``browser_nonce`` (the callback's cookie) is the one that started the flow."""
+        if not record.get("browser") or not browser_nonce:
+            return False
+        return hmac.compare_digest(record["browser"], _digest(browser_nonce))
+
+
+class StartLinks:
+    """The operator's signed, expiring, single-use links to ``/oauth/locate2u/start``."""
+
+    SALT = "l2u-relay oauth start link"
+
+    def __init__(self, redis_client, settings):
+        self.redis = redis_client
+        keys = [key for key in (settings.webhook_secret_previous, settings.webhook_secret) if key]  # newest last
+        self.serializer = URLSafeTimedSerializer(keys, salt=self.SALT)
+
+    def make(self):
+        return self.serializer.dumps({"nonce": secrets.token_urlsafe(16)})
+
+    def check(self, link):
+        """None when ``link`` is valid and unused (it is then spent), else the error code."""
+        try:
+            payload = self.serializer.loads(link or "", max_age=LINK_TTL)
+        except SignatureExpired:
+            return "expired_link"
+        except BadSignature:
+            return "invalid_link"
+        if not isinstance(payload, dict) or not self.redis.set(LINK_PREFIX + _digest(str(payload.get("nonce"))),
+                                                                "1", nx=True, ex=LINK_TTL + 60):
+            return "used_link"
+        return None
 
 
 class IdentityServer:
@@ -135,15 +256,15 @@ class IdentityServer:
         self.client_id = client_id
         self.client_secret = client_secret
 
-    def authorize_url(self, redirect_uri, scope, state):
+    def authorize_url(self, redirect_uri, scope, state, code_challenge):
         query = {"response_type": "code", "client_id": self.client_id, "redirect_uri": redirect_uri,
-                 "scope": scope, "state": state}
+                 "scope": scope, "state": state, "code_challenge": code_challenge, "code_challenge_method": "S256"}
         return f"{self.base_url}/connect/authorize?{urlencode(query)}"
 
     def token(self, form):
         """POST a token request; return the token response or raise TokenRejected / RetriableError."""
         form = {**form, "client_id": self.client_id, "client_secret": self.client_secret}
-        redact = (self.client_secret, form.get("code"), form.get("refresh_token"))
+        redact = (self.client_secret, form.get("code"), form.get("refresh_token"), form.get("code_verifier"))
         http = HttpClient(self.base_url, self.session, timeout=TOKEN_TIMEOUT, redact=redact)
         # Retrying is safe: a lost answer means the code or refresh token is spent either way.
         response = self.retry.run(lambda: http.request("POST", "/connect/token", data=form, accept=(400, 401)),
@@ -203,22 +324,26 @@ class TokenManager:
         """A new access token after the API rejected ``token`` (unless another worker renewed it)."""
         return self._renew(rejected=token)
 
-    def authorize_url(self, state):
-        """Where a user approves the relay (code flow, with offline_access for a refresh token)."""
+    def authorize_url(self, state, code_challenge):
+        """Where a user approves the relay (code flow, offline_access for a refresh token, PKCE S256)."""
         self._require_code_grant()
         scopes = self.scope.split()
         scope = " ".join(scopes if OFFLINE_SCOPE in scopes else [*scopes, OFFLINE_SCOPE])
-        return self.identity.authorize_url(self._redirect_uri(), scope, state)
+        return self.identity.authorize_url(self._redirect_uri(), scope, state, code_challenge)
 
-    def exchange_code(self, code):
-        """Redeem an authorization code and store the tokens it buys."""
+    def redeem_code(self, code, code_verifier):
+        """Redeem an authorization code with its PKCE verifier; return the token response (not stored)."""
         self._require_code_grant()
         body = self.identity.token({"grant_type": "authorization_code", "code": code,
-                                    "redirect_uri": self._redirect_uri()})
+                                    "redirect_uri": self._redirect_uri(), "code_verifier": code_verifier})
         if not body.get("refresh_token"):
             log.warning("Locate2u granted no refresh token (offline_access refused?); "
                         "re-authorisation will be needed when the access token expires")
-        return self._save(body)
+        return body
+
+    def store_grant(self, body, account):
+        """Store a redeemed token response as the tokens of ``account`` (the whoami answer)."""
+        return self._save(body, account=account)
 
     def status(self):
         """"ok" or "reauthorization required: ..." (reads Redis only, never the network)."""
@@ -233,10 +358,12 @@ class TokenManager:
     def describe(self):
         """Token facts safe to show an operator (never the tokens themselves)."""
         tokens = self._load() or {}
+        account = self.store.account() or {}
         return {"grant": self.grant, "status": self.status(), "reason": self.store.reauthorization_reason(),
                 "has_access_token": bool(tokens), "has_refresh_token": bool(tokens.get("refresh_token")),
                 "expires_in": round(tokens["expires_at"] - self.clock()) if tokens else None,
-                "scope": tokens.get("scope")}
+                "scope": tokens.get("scope"), "account": describe_account(account) if account else None,
+                "token_key": self.store.key_warning or "RELAY_TOKEN_KEYS"}
 
     # internals -------------------------------------------------------------
 
@@ -281,16 +408,21 @@ class TokenManager:
             raise self._reauthorization_required("the Locate2u refresh token was rejected") from None
         return self._save(body, previous_refresh=refresh_token)
 
-    def _save(self, body, previous_refresh=None):
+    def _save(self, body, previous_refresh=None, account=None):
         now = self.clock()
         lifetime = float(body.get("expires_in") or 3600)
         tokens = {"access_token": body["access_token"], "refresh_token": body.get("refresh_token") or previous_refresh,
                   "expires_at": now + lifetime, "refresh_at": now + lifetime - min(MAX_REFRESH_AHEAD, lifetime / 10),
                   "scope": body.get("scope"), "grant": self.grant, "client_id": self.identity.client_id}
-        self.store.save(tokens)
+        self.store.save(tokens, account=account)
         WorkerMetrics(self.store.redis).incr("l2u_worker_token_refreshes", grant=self.grant)
         log.info("obtained a Locate2u access token (%s grant, valid %ds)", self.grant, lifetime)
         return tokens
+
+    def check_code_flow(self):
+        """Raise ConfigError unless the code grant is configured with a RELAY_PUBLIC_URL."""
+        self._require_code_grant()
+        self._redirect_uri()
 
     def _require_code_grant(self):
         if self.grant != "authorization_code":
@@ -305,3 +437,12 @@ class TokenManager:
     def _reauthorization_required(reason):
         log.error("Locate2u re-authorisation required: %s; %s", reason, REAUTH_HINT)
         return ReauthorizationRequired(f"{reason}; {REAUTH_HINT}")
+
+
+def account_id(user):
+    """What makes two whoami answers the same Locate2u account: the team (the user when there is none)."""
+    return str(user.get("teamId") if user.get("teamId") is not None else user.get("userId"))
+
+
+def describe_account(user):
+    return f"{user.get('email')} ({user.get('teamName')}, team {user.get('teamId')})"

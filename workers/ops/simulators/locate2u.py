@@ -2,11 +2,14 @@
 
 One Flask app plays both hosts of the real platform:
 
-- ``id.locate2u.com``: ``GET /connect/authorize`` (the simulated user approves
-  at once) and ``POST /connect/token`` with the ``client_credentials``,
-  ``authorization_code`` and ``refresh_token`` grants (RFC 6749 errors);
-- ``integration.locate2u.com``: ``/v1/Discovery/User``, ``/v1/Stops`` and
-  ``/v1/Webhooks``, all behind ``Authorization: Bearer <token>``.
+- ``id.locate2u.com``: ``GET /connect/authorize`` (the simulated user,
+  ``Locate2uState.user``, approves at once; PKCE S256 challenges are kept and
+  their verifier is then required) and ``POST /connect/token`` with the
+  ``client_credentials``, ``authorization_code`` and ``refresh_token`` grants
+  (RFC 6749 errors);
+- ``integration.locate2u.com``: ``/v1/Discovery/User`` (the user whose
+  consent bought the token), ``/v1/Stops`` and ``/v1/Webhooks``, all behind
+  ``Authorization: Bearer <token>``.
 
 ``Locate2uState.deliver()`` plays the platform's side of a webhook: it POSTs a
 JSON body, with no event-type field and no auth header, to every URL
@@ -15,7 +18,9 @@ from ``base.install_faults``; ``GET /_sim/state`` shows the state as JSON.
 
 Run standalone with ``python -m workers.ops.simulators.locate2u --port 8081``.
 """
+import base64
 import copy
+import hashlib
 import hmac
 import itertools
 import json
@@ -98,6 +103,11 @@ def _split_scope(scope):
     return (scope or "").split()
 
 
+def s256(verifier):
+    """The PKCE S256 code challenge of ``verifier`` (RFC 7636 section 4.2)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
 # --- state ----------------------------------------------------------------
 
 class Locate2uState:
@@ -105,15 +115,16 @@ class Locate2uState:
 
     def __init__(self, client_id="test-client", client_secret="test-secret", token_lifetime=3600):
         self.client_id, self.client_secret, self.token_lifetime = client_id, client_secret, token_lifetime
+        self.user = dict(USER)  # who approves the next consent (and whom client credentials act as)
         self.event_types = EVENT_TYPES  # what GET /v1/Webhooks/event-types offers
         self.token_requests = []
         self.stops = {}
         self.webhooks = {}
         self.requests_log = []
         self._lock = threading.RLock()
-        self._codes = {}    # code -> {client_id, redirect_uri, scope, state, expires_at, used, issued}
-        self._access = {}   # access token -> {client_id, scope, expires_at}
-        self._refresh = {}  # refresh token -> {client_id, scope, code}
+        self._codes = {}    # code -> {client_id, redirect_uri, scope, state, challenge, user, expires_at, used, issued}
+        self._access = {}   # access token -> {client_id, scope, user, expires_at}
+        self._refresh = {}  # refresh token -> {client_id, scope, user, code}
         self._stop_ids = itertools.count(100001)
         self._webhook_ids = itertools.count(1)
 
@@ -124,17 +135,20 @@ class Locate2uState:
         return (hmac.compare_digest(str(client_id or ""), self.client_id)
                 and hmac.compare_digest(str(client_secret or ""), self.client_secret))
 
-    def issue_code(self, redirect_uri, scope, state):
-        """Issue a single-use authorization code, as /connect/authorize does; return the code."""
+    def issue_code(self, redirect_uri, scope, state, challenge=None):
+        """Issue a single-use authorization code, as /connect/authorize does; return the code.
+
+        ``challenge`` is a PKCE S256 code challenge: redeeming then needs its verifier.
+        """
         code = secrets.token_urlsafe(24)
         with self._lock:
             self._codes[code] = {"client_id": self.client_id, "redirect_uri": redirect_uri,
-                                 "scope": scope, "state": state, "used": False, "issued": [],
-                                 "expires_at": time.monotonic() + CODE_LIFETIME}
+                                 "scope": scope, "state": state, "challenge": challenge, "user": dict(self.user),
+                                 "used": False, "issued": [], "expires_at": time.monotonic() + CODE_LIFETIME}
         return code
 
-    def redeem_code(self, code, client_id, redirect_uri):
-        """Consume ``code`` and return its scope; a reused code revokes its tokens."""
+    def redeem_code(self, code, client_id, redirect_uri, verifier=None):
+        """Consume ``code`` and return ``(scope, user)``; a reused code revokes its tokens."""
         with self._lock:
             record = self._codes.get(code)
             if record is None or record["client_id"] != client_id:
@@ -147,10 +161,13 @@ class Locate2uState:
                 raise OAuthError("invalid_grant", description="authorization code expired")
             if redirect_uri != record["redirect_uri"]:
                 raise OAuthError("invalid_grant", description="redirect_uri does not match")
-            return record["scope"]
+            if record["challenge"] is not None and not hmac.compare_digest(s256(verifier or ""),
+                                                                             record["challenge"]):
+                raise OAuthError("invalid_grant", description="code_verifier missing or wrong (PKCE)")
+            return record["scope"], record["user"]
 
     def redeem_refresh(self, refresh_token, client_id, requested_scope=None):
-        """Consume a refresh token (rotation) and return the scope to grant."""
+        """Consume a refresh token (rotation) and return ``(scope, user)`` to grant."""
         with self._lock:
             record = self._refresh.get(refresh_token)
             if record is None or record["client_id"] != client_id:
@@ -158,20 +175,22 @@ class Locate2uState:
             if requested_scope and not set(_split_scope(requested_scope)) <= set(_split_scope(record["scope"])):
                 raise OAuthError("invalid_scope", description="scope exceeds the original grant")
             del self._refresh[refresh_token]
-            return requested_scope or record["scope"]
+            return requested_scope or record["scope"], record["user"]
 
-    def issue_tokens(self, client_id, scope, refresh=False, code=None):
-        """Mint an access token (and a refresh token) and return the token response."""
+    def issue_tokens(self, client_id, scope, refresh=False, code=None, user=None):
+        """Mint an access token (and a refresh token) acting as ``user``; return the token response."""
         access = secrets.token_urlsafe(32)
         with self._lock:
             lifetime = self.token_lifetime
-            self._access[access] = {"client_id": client_id, "scope": scope,
+            user = dict(user or self.user)
+            self._access[access] = {"client_id": client_id, "scope": scope, "user": user,
                                     "expires_at": time.monotonic() + lifetime}
             body = {"access_token": access, "expires_in": lifetime, "token_type": "Bearer", "scope": scope}
             issued = [access]
             if refresh:
                 body["refresh_token"] = secrets.token_urlsafe(32)
-                self._refresh[body["refresh_token"]] = {"client_id": client_id, "scope": scope, "code": code}
+                self._refresh[body["refresh_token"]] = {"client_id": client_id, "scope": scope, "user": user,
+                                                        "code": code}
                 issued.append(body["refresh_token"])
             if code in self._codes:
                 self._codes[code]["issued"].extend(issued)
@@ -326,6 +345,8 @@ def _authorize_error(args, state):
         return "unauthorized_client"
     if API_SCOPE not in scopes or not set(scopes) <= KNOWN_SCOPES:
         return "invalid_scope"
+    if args.get("code_challenge") is not None and args.get("code_challenge_method") != "S256":
+        return "invalid_request"  # only S256 is offered, as Locate2u's IdentityServer is configured
     return None
 
 
@@ -336,7 +357,8 @@ def authorize():
     error = _authorize_error(args, state)
     if error:
         return _oauth_error(error)
-    code = state.issue_code(args["redirect_uri"], " ".join(_split_scope(args["scope"])), args.get("state"))
+    code = state.issue_code(args["redirect_uri"], " ".join(_split_scope(args["scope"])), args.get("state"),
+                            args.get("code_challenge"))
     query = {"code": code}
     if args.get("state") is not None:
         query["state"] = args["state"]
@@ -363,15 +385,16 @@ def _grant_client_credentials(state, client_id, form):
 def _grant_authorization_code(state, client_id, form):
     if not form.get("code") or not form.get("redirect_uri"):
         raise OAuthError("invalid_request", description="code and redirect_uri are required")
-    scope = state.redeem_code(form["code"], client_id, form["redirect_uri"])
-    return state.issue_tokens(client_id, scope, refresh=OFFLINE_SCOPE in _split_scope(scope), code=form["code"])
+    scope, user = state.redeem_code(form["code"], client_id, form["redirect_uri"], form.get("code_verifier"))
+    return state.issue_tokens(client_id, scope, refresh=OFFLINE_SCOPE in _split_scope(scope), code=form["code"],
+                              user=user)
 
 
 def _grant_refresh_token(state, client_id, form):
     if not form.get("refresh_token"):
         raise OAuthError("invalid_request", description="refresh_token is required")
-    scope = state.redeem_refresh(form["refresh_token"], client_id, form.get("scope"))
-    return state.issue_tokens(client_id, scope, refresh=True)
+    scope, user = state.redeem_refresh(form["refresh_token"], client_id, form.get("scope"))
+    return state.issue_tokens(client_id, scope, refresh=True, user=user)
 
 
 GRANTS = {
@@ -504,7 +527,7 @@ def validate_webhook(data, partial=False):
 
 @api.get("/Discovery/User")
 def discovery_user():
-    return jsonify(USER)
+    return jsonify(g.token["user"])
 
 
 @api.get("/Stops/<int:stop_id>")
