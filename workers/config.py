@@ -16,6 +16,7 @@ from workers.events import EVENT_TYPES
 
 MIB = 1024 * 1024
 SVIX_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+CONSOLE_HASH_METHODS = ("scrypt:", "pbkdf2:")  # werkzeug.security password hash methods
 
 
 class ConfigError(Exception):
@@ -73,6 +74,13 @@ class SettingsSchema(Schema):
     data_dir = _env("RELAY_DATA_DIR", fields.String(load_default=".l2u-relay"))
     log_level = _env("LOG_LEVEL", fields.String(load_default="INFO",
                                                 validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])))
+    console_password = _env("RELAY_CONSOLE_PASSWORD",
+                            fields.String(load_default=None, validate=validate.Length(min=12)))
+    console_operators = _env("RELAY_CONSOLE_OPERATORS", CommaList(load_default=()))
+    console_secret_key = _env("RELAY_CONSOLE_SECRET_KEY",
+                              fields.String(load_default=None, validate=validate.Length(min=32)))
+    console_session_minutes = _env("RELAY_CONSOLE_SESSION_MINUTES",
+                                   fields.Integer(load_default=60, validate=validate.Range(5, 1440)))
 
     locate2u_client_id = _env("LOCATE2U_CLIENT_ID", fields.String(load_default=None))
     locate2u_client_secret = _env("LOCATE2U_CLIENT_SECRET", fields.String(load_default=None))
@@ -104,6 +112,13 @@ class SettingsSchema(Schema):
     @validates_schema(skip_on_field_errors=False)
     def _cross_checks(self, data, **kwargs):
         problems = {}
+        for entry in data.get("console_operators", ()):
+            name, _, password_hash = entry.partition(":")
+            if not name.strip() or not (password_hash.startswith(CONSOLE_HASH_METHODS)
+                                        and password_hash.count("$") == 2):
+                problems["RELAY_CONSOLE_OPERATORS"] = [
+                    f"{name!r}: each entry is name:hash, the hash from werkzeug's generate_password_hash "
+                    "(scrypt:… or pbkdf2:…)"]
         for name in data.get("event_types", ()):
             if name not in EVENT_TYPES:
                 problems["RELAY_EVENT_TYPES"] = [f"unknown event type {name!r}; known: {', '.join(EVENT_TYPES)}"]
@@ -171,6 +186,10 @@ class Settings:
     retry_schedule: tuple = SVIX_RETRY_SCHEDULE
     data_dir: str = ".l2u-relay"
     log_level: str = "INFO"
+    console_password: str | None = None
+    console_operators: tuple = ()
+    console_secret_key: str | None = None
+    console_session_minutes: int = 60
     locate2u_client_id: str | None = None
     locate2u_client_secret: str | None = None
     locate2u_grant: str = "client_credentials"
@@ -210,6 +229,11 @@ class Settings:
                                for name, messages in error.normalized_messages().items()}) from None
         data["retry_schedule"] = tuple(int(value) for value in data["retry_schedule"])
         return cls(**data)
+
+    @property
+    def console_enabled(self):
+        """The operator console is served only when a console password or operator is configured."""
+        return bool(self.console_password or self.console_operators)
 
     @property
     def broker(self):
