@@ -92,7 +92,7 @@ class Handoff:
 
     @classmethod
     def from_settings(cls, settings):
-        client = connect(settings.redis_url)
+        client = connect(settings.redis_url, settings.redis_ca_file, settings.redis_max_connections)
         producer = make_celery(settings, "l2u-receiver")
         messages = RedisTaskMessage(producer, PROCESS_DELIVERY, INGEST_QUEUE) if broker_is_ledger_redis(settings) else None
         return cls(Ledger(client), Quarantine(client), producer, settings.dedup_window, messages)

@@ -1,5 +1,8 @@
-"""Real processes for integration tests: gunicorn serving the receiver, Celery workers and beat."""
+"""Real processes for integration tests: gunicorn serving the receiver, Celery workers, beat and Flower."""
+import datetime
+import ipaddress
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -7,8 +10,12 @@ import time
 from pathlib import Path
 
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from workers.devstack import REPO_ROOT, free_port
+from workers.devstack import REPO_ROOT, free_port, procfile_commands
 
 BIN = Path(sys.executable).parent
 
@@ -63,6 +70,21 @@ class Process:
                 self.kill()
 
 
+    def wait_for_http(self, url, timeout=60):
+        """Wait until ``url`` answers 2xx."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited:\n{self.output()[-3000:]}")
+            try:
+                if requests.get(url, timeout=2).ok:
+                    return
+            except requests.RequestException:  # not listening yet, or slow on a loaded machine
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} not ready at {url}:\n{self.output()[-3000:]}")
+
+
 class Gunicorn(Process):
     """``gunicorn receiver.wsgi:app`` on a free loopback port."""
 
@@ -71,19 +93,7 @@ class Gunicorn(Process):
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__("gunicorn", [str(BIN / "gunicorn"), "receiver.wsgi:app", "-b", f"127.0.0.1:{self.port}",
                                       "-w", str(workers), "--graceful-timeout", "2"], env)
-        self._wait_ready()
-
-    def _wait_ready(self, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gunicorn exited:\n{self.output()[-3000:]}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=2).ok:
-                    return
-            except requests.RequestException:  # not listening yet, or slow on a loaded machine
-                time.sleep(0.1)
-        raise AssertionError(f"gunicorn not ready:\n{self.output()[-3000:]}")
+        self.wait_for_http(self.url + "/healthz")
 
 
 class CeleryWorker(Process):
@@ -96,3 +106,74 @@ class CeleryWorker(Process):
             command.append("-B")
         super().__init__(name, command, env)
         self.wait_for_output("ready.", timeout=60)
+
+
+class ProcfileProcess(Process):
+    """One Procfile process run exactly as a dyno runs it: the Procfile's command, a free ``PORT``.
+
+    ``web`` and ``flower`` are waited for on ``url``; ``worker`` until it is ready; ``beat``
+    until it has started.
+    """
+
+    READY_OUTPUT = {"worker": "ready.", "beat": "beat: Starting"}
+
+    def __init__(self, name, env):
+        self.port = free_port()
+        env = {**env, "PORT": str(self.port)}
+        if name == "flower":
+            env.update(FLOWER_PORT=str(self.port), FLOWER_ADDRESS="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(name, shlex.split(procfile_commands()[name]), env)
+        if name in self.READY_OUTPUT:
+            self.wait_for_output(self.READY_OUTPUT[name], timeout=90)
+        else:
+            self.wait_for_http(self.url + ("/healthz" if name == "web" else "/healthcheck"), timeout=90)
+
+
+def make_tls_certificates(folder, name="test"):
+    """A CA and a server certificate it signs for 127.0.0.1/localhost, as PEM files in ``folder``.
+
+    Returns ``(ca_file, cert_file, key_file)``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, issuer, public_key, signing_key, is_ca, extensions=()):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+    ca = certificate(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    server = certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name,
+                         server_key.public_key(), ca_key, False,
+                         [x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                       x509.DNSName("localhost")])])
+    paths = folder / f"{name}-ca.pem", folder / f"{name}-server.pem", folder / f"{name}-server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return tuple(str(path) for path in paths)
+
+
+class TlsRedis(Process):
+    """A redis-server (Debian's, TLS built in) that speaks only TLS on a free loopback port, like Heroku's."""
+
+    def __init__(self, binary, folder):
+        folder = Path(folder)
+        self.ca_file, cert_file, key_file = make_tls_certificates(folder)
+        self.port = free_port()
+        self.url = f"rediss://127.0.0.1:{self.port}/0"
+        super().__init__("redis-tls", [binary, "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
+                                       "--tls-cert-file", cert_file, "--tls-key-file", key_file,
+                                       "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no",
+                                       "--dir", str(folder), "--save", "", "--appendonly", "no"],
+                         {"PATH": os.environ.get("PATH", "")})
+        self.wait_for_output("Ready to accept connections", timeout=30)

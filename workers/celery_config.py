@@ -1,10 +1,16 @@
-"""Celery configuration built from Settings, shared by the worker and the receiver.
+"""Celery configuration built from Settings, shared by the worker, beat, Flower and the receiver.
 
 The receiver builds a producer-only app from this (it hands work on by task
 name and never imports task code); ``workers.app`` adds the tasks and beat.
+A ``rediss://`` broker gets the TLS options of ``workers.redis_tls`` (Flower
+reads them from here too); there is no result backend (results are ignored).
+Each process keeps at most ``RELAY_BROKER_POOL_LIMIT`` pooled broker
+connections (README, Scale: the connection budget).
 """
 from celery import Celery
 from kombu import Exchange, Queue
+
+from workers.redis_tls import tls_options
 
 INGEST_QUEUE = "ingest"
 DELIVER_QUEUE = "deliver"
@@ -26,9 +32,10 @@ TASK_ROUTES = {
 
 
 def celery_config(settings):
-    """The Celery settings dict: JSON only, late acks, prefetch 1, bounded visibility."""
-    return {
+    """The Celery settings dict: JSON only, late acks, prefetch 1, bounded visibility, TLS for rediss://."""
+    config = {
         "broker_url": settings.broker,
+        "broker_pool_limit": settings.broker_pool_limit,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 2,
         # Work held by a dead worker comes back after the visibility timeout; the sweep for it
@@ -54,6 +61,10 @@ def celery_config(settings):
         "worker_hijack_root_logger": False,
         "enable_utc": True,
     }
+    tls = tls_options(settings.broker, settings.redis_ca_file)
+    if tls:
+        config["broker_use_ssl"] = tls
+    return config
 
 
 def make_celery(settings, name="l2u-relay"):

@@ -8,11 +8,13 @@ import base64
 import binascii
 import dataclasses
 import os
+import ssl
 from urllib.parse import urlsplit
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from workers.events import EVENT_TYPES
+from workers.redis_tls import uses_tls
 
 MIB = 1024 * 1024
 SVIX_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
@@ -55,6 +57,10 @@ class SettingsSchema(Schema):
 
     redis_url = _env("REDIS_URL", fields.String(load_default=None))
     broker_url = _env("CELERY_BROKER_URL", fields.String(load_default=None))
+    redis_ca_file = _env("RELAY_REDIS_CA_FILE", fields.String(load_default=None))
+    redis_max_connections = _env("RELAY_REDIS_MAX_CONNECTIONS",
+                                 fields.Integer(load_default=2, validate=validate.Range(1, 1000)))
+    broker_pool_limit = _env("RELAY_BROKER_POOL_LIMIT", fields.Integer(load_default=10, validate=validate.Range(1, 1000)))
     port = _env("PORT", fields.Integer(load_default=8000, validate=validate.Range(1, 65535)))
     public_url = _env("RELAY_PUBLIC_URL", HttpUrl(load_default=None))
     webhook_secret = _env("RELAY_WEBHOOK_SECRET", fields.String(required=True, validate=validate.Length(min=16)))
@@ -135,6 +141,10 @@ class SettingsSchema(Schema):
                         problems[name] = [f"required when {self.fields[needed_by].data_key} is set"]
         if bool(data.get("b2b_username")) != bool(data.get("b2b_password")):
             problems["B2B_PASSWORD"] = ["B2B_USERNAME and B2B_PASSWORD go together"]
+        if data.get("redis_ca_file"):
+            problem = _ca_file_problem(data)
+            if problem:
+                problems["RELAY_REDIS_CA_FILE"] = [problem]
         if data.get("flower_basic_auth") and ":" not in data["flower_basic_auth"]:
             problems["FLOWER_BASIC_AUTH"] = ["must be user:password"]
         if data.get("metrics_basic_auth") and ":" not in data["metrics_basic_auth"]:
@@ -152,6 +162,19 @@ def _is_fernet_key(key):
         return len(base64.urlsafe_b64decode(key.encode())) == 32 and len(key) == 44
     except (ValueError, binascii.Error):
         return False
+
+
+def _ca_file_problem(data):
+    path = data["redis_ca_file"]
+    if not any(uses_tls(data.get(name)) for name in ("redis_url", "broker_url")):
+        return "only used with a rediss:// REDIS_URL or CELERY_BROKER_URL (TLS)"
+    if not os.path.isfile(path):
+        return f"{path}: no such file (give the PEM file of the CA that signed the Redis server's certificate)"
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        return f"{path}: not a readable PEM CA certificate ({exc})"
+    return None
 
 
 # A sink is enabled when its credential is set; then these must be set too.
@@ -173,6 +196,9 @@ class Settings:
     webhook_secret: str
     redis_url: str | None = None
     broker_url: str | None = None
+    redis_ca_file: str | None = None
+    redis_max_connections: int = 2
+    broker_pool_limit: int = 10
     port: int = 8000
     public_url: str | None = None
     webhook_secret_previous: str | None = None

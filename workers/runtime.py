@@ -14,7 +14,7 @@ class Runtime:
 
     def __init__(self, settings, send_task):
         self.settings = settings
-        self.redis = connect(settings.redis_url)
+        self.redis = connect(settings.redis_url, settings.redis_ca_file, settings.redis_max_connections)
         self.ledger = Ledger(self.redis)
         self.quarantine = Quarantine(self.redis)
         self.dead_letters = DeadLetterStore(self.redis)
