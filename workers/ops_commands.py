@@ -1,5 +1,6 @@
 """Operator commands over the stores: dead letters, delivery traces, reconciliation."""
 import json
+import time
 from datetime import datetime, timezone
 
 import click
@@ -33,6 +34,10 @@ def _since(value):
 def _echo_json(data):
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
+
+REPLAY_WAIT = 30.0  # seconds `dlq replay` waits for outcomes by default
+REPLAY_POLL = 0.5
+REPLAY_OUTCOMES = ("applied", "stale", "unrouted", "refused again", "not replayable", "queued")
 
 sink_option = click.option("--sink", type=click.Choice(SINK_NAMES + ("enrich",)), help="Only this sink.")
 since_option = click.option("--since", help="Only since this time (ISO, or 30m, 2h, 7d).")
@@ -84,11 +89,38 @@ def _select(rt, ids, all_, sink, since):
 @click.option("--all", "all_", is_flag=True, help="Replay every dead letter (narrow with --sink/--since).")
 @sink_option
 @since_option
-def dlq_replay(ids, all_, sink, since):
-    """Queue dead letters again; each leaves the store only once applied."""
+@click.option("--wait", type=click.FloatRange(min=0), default=REPLAY_WAIT, show_default=True,
+              help="Seconds to wait for the workers' outcome of each replay (0: only queue them).")
+def dlq_replay(ids, all_, sink, since, wait):
+    """Queue dead letters again and report what became of each: applied, stale, refused again (with the
+    reason), or still queued when --wait ran out. Each leaves the store only once applied (or stale).
+
+    Exit 1 when any was refused again or could not be replayed.
+    """
+    from workers.pipeline import replay_dead_letter, replay_outcome
+
     rt = _runtime()
-    queued = operations.replay_dead_letters(rt, _select(rt, ids, all_, sink, since))
-    click.echo(f"queued {queued} dead letter(s) for replay")
+    entries = _select(rt, ids, all_, sink, since)
+    started = time.time()
+    outcomes = {entry["id"]: replay_dead_letter(rt, entry) for entry in entries}
+    queued = [entry for entry in entries if outcomes[entry["id"]] == "queued"]
+    click.echo(f"queued {len(queued)} dead letter(s) for replay")
+    deadline = time.monotonic() + wait
+    while True:
+        details = {entry["id"]: replay_outcome(rt, entry, started) for entry in queued}
+        if all(outcome != "queued" for outcome, _ in details.values()) or time.monotonic() >= deadline:
+            break
+        time.sleep(REPLAY_POLL)
+    for entry in entries:
+        outcome, detail = details.get(entry["id"], (outcomes[entry["id"]], ""))
+        if outcome == "queued" and wait:
+            detail = f"no outcome within {wait:g}s ({detail or 'waiting'}); see `l2u-relay deliveries show`"
+        click.echo(f"{entry['id']}  {outcome}" + (f": {detail}" if detail else ""))
+    found = [details.get(entry["id"], (outcomes[entry["id"]], ""))[0].partition(":")[0] for entry in entries]
+    counts = {what: found.count(what) for what in REPLAY_OUTCOMES if what in found}
+    click.echo(f"replayed {len(entries)} dead letter(s): " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+    if counts.get("refused again") or counts.get("not replayable"):
+        raise SystemExit(1)
 
 
 @dlq.command("purge")

@@ -13,13 +13,13 @@ import time
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.errors import PermanentError, RelayError, RetriableError
 from workers.locations import Location, location_from_stop
-from workers.resilience import retry_delay
+from workers.resilience import KeyLock, retry_delay
 from workers.routes import render
-from workers.stores import FINAL_SINK_STATES
+from workers.stores import FINAL_SINK_STATES, WriteOrder
 
 log = logging.getLogger(__name__)
 STOP_CACHE_SECONDS = 10
-LOCK_SECONDS = 180
+LOCK_SECONDS = 60  # renewed while held: this bounds only how long a dead holder blocks the key
 BUSY_RETRY_SECONDS = 1.0
 # Dead-letter stages: what a replay has to redo.
 ENRICH, ROUTE, DELIVER_STAGE = "enrich", "route", "deliver"
@@ -67,9 +67,16 @@ def routes_for(rt, event):
             if route.sink in rt.sinks and (action := route.action_for(event))]
 
 
-def route_delivery(rt, event, attempt=0, replay=False):
-    """Enrich ``event`` and queue one deliver task per routed sink."""
-    routed = routes_for(rt, event)
+def route_delivery(rt, event, attempt=0, replay=False, sinks=None):
+    """Enrich ``event`` and queue one deliver task per routed sink (only ``sinks``, when given: a
+    route-stage replay redoes the sink that refused, not the ones that took it)."""
+    routed = [(route, action) for route, action in routes_for(rt, event) if sinks is None or route.sink in sinks]
+    if sinks and not routed:
+        for sink in sinks:
+            dead_letter(rt, event.delivery_id, sink, None, None, 1,
+                        PermanentError(f"{sink} no longer takes {event.event_type}"), stage=ROUTE,
+                        event_type=event.event_type)
+        return "dead_lettered"
     if not routed:
         rt.ledger.set_status(event.delivery_id, "unrouted", entity=event.entity)
         rt.ledger.trace(event.delivery_id, "unrouted", reason="no enabled sink takes this event")
@@ -79,7 +86,7 @@ def route_delivery(rt, event, attempt=0, replay=False):
         if event.stop_id is not None and any(route.needs_stop for route, _ in routed):
             stop = fetch_stop(rt, event.stop_id)
     except RetriableError as exc:
-        return _retry_enrich(rt, event, attempt, exc, replay)
+        return _retry_enrich(rt, event, attempt, exc, replay, sinks)
     except PermanentError as exc:
         return dead_letter_enrich(rt, event, attempt, exc)
     context = template_context(event, stop)
@@ -90,7 +97,7 @@ def route_delivery(rt, event, attempt=0, replay=False):
         except PermanentError as exc:
             refused.append((route.sink, action, exc))
     rt.ledger.start_fan_out(event.delivery_id, [sink for sink, _, _ in jobs + refused], entity=event.entity)
-    if replay:  # everything is redone: earlier dead letters of this delivery are superseded
+    if replay:  # what is redone supersedes the earlier dead letters of this delivery
         for name in [ENRICH] + [sink for sink, _, _ in jobs + refused]:
             rt.dead_letters.remove(rt.dead_letters.entry_id(event.delivery_id, name))
     for sink, action, exc in refused:
@@ -101,7 +108,7 @@ def route_delivery(rt, event, attempt=0, replay=False):
     return "routed"
 
 
-def _retry_enrich(rt, event, attempt, exc, replay):
+def _retry_enrich(rt, event, attempt, exc, replay, sinks=None):
     """Schedule ``process_delivery`` again; the ledger keeps the attempt and when it is due, so the
     sweeper re-queues it if the retry message is lost."""
     delay = retry_delay(rt.settings.retry_schedule, attempt + 1, exc.retry_after)
@@ -110,7 +117,7 @@ def _retry_enrich(rt, event, attempt, exc, replay):
     rt.ledger.trace(event.delivery_id, "enrich retry", error=exc.message, delay=round(delay, 1))
     rt.ledger.set_status(event.delivery_id, "retrying", due=time.time() + delay, attempt=attempt + 1,
                          replay=int(bool(replay)))
-    rt.scheduler.schedule(PROCESS_DELIVERY, [event.delivery_id, event.event_type, attempt + 1, replay], delay)
+    rt.scheduler.schedule(PROCESS_DELIVERY, [event.delivery_id, event.event_type, attempt + 1, replay, sinks], delay)
     return "retrying"
 
 
@@ -188,8 +195,9 @@ def resume_fan_out(rt, event, entry, grace=0.0):
 
 
 def dead_letter_enrich(rt, event, attempt, exc):
-    rt.dead_letters.add(event.delivery_id, ENRICH, exc.message, event_type=event.event_type, stage=ENRICH,
-                        attempts=attempt + 1, error=exc.to_json())
+    kept = {**_kept_for_replay(rt, event.delivery_id), "event_type": event.event_type}
+    rt.dead_letters.add(event.delivery_id, ENRICH, exc.message, **kept, stage=ENRICH, attempts=attempt + 1,
+                        error=exc.to_json())
     rt.ledger.set_status(event.delivery_id, "dead_lettered", reason=exc.message)
     rt.ledger.trace(event.delivery_id, "dead-lettered", stage=ENRICH, reason=exc.message)
     log.error("dead-lettered before fan-out: %s", exc.message)
@@ -197,7 +205,13 @@ def dead_letter_enrich(rt, event, attempt, exc):
 
 
 def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, replay=False):
-    """Apply one routed write; return the outcome (applied, stale, retrying, dead_lettered, waiting)."""
+    """Apply one routed write; return the outcome (applied, stale, retrying, dead_lettered, waiting).
+
+    Under the key's lock (renewed while the sink call runs): the fenced check right before the
+    call, then the version compare-and-set after it. A write whose lock lapsed during the call (a
+    frozen worker, Redis away longer than the lock) may have landed after a newer one, so the
+    newest applied write is sent again (``_reassert``).
+    """
     args = [delivery_id, sink_name, action, record, attempt, replay]
     sink, route = rt.sinks.get(sink_name), rt.routes[sink_name]
     if sink is None:
@@ -205,32 +219,43 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
                             PermanentError(f"sink {sink_name} is not configured any more"))
     location = Location.from_json(record)
     # A lock left by a killed worker lapses no later than its message is redelivered.
-    lock = rt.redis.lock(f"l2u:lock:{sink_name}:{location.key}",
-                         timeout=min(LOCK_SECONDS, rt.settings.visibility_timeout), blocking=False)
+    lock = KeyLock(rt.redis, f"l2u:lock:{sink_name}:{location.key}",
+                   min(LOCK_SECONDS, rt.settings.visibility_timeout))
     if not lock.acquire():
         return _wait(rt, args, BUSY_RETRY_SECONDS, "another write for this key is in progress")
+    versions = rt.versions(sink_name)
+    order = WriteOrder.of(location.version, _received_at(rt, delivery_id), delivery_id)
     try:
-        versions = rt.versions(sink_name)
-        if route.ordered and versions.is_stale(location.key, location.version):
-            return _stale(rt, delivery_id, sink_name, location.key, attempt, replay)
-        # Only a write that is really sent asks the breaker and the rate limit, so a stale one
-        # never uses up the breaker's single probe (or a token) without calling the sink.
-        breaker = rt.breaker(sink_name)
-        held_back = _hold_back(rt, breaker, sink_name)
-        if held_back:
-            return _wait(rt, args, *held_back)
-        try:
-            remote_id = sink.apply(action, location, route.options)
-        except RetriableError as exc:
-            breaker.failure()
-            return _retry(rt, args, exc)
-        except PermanentError as exc:
+        with lock.held():
+            verdict = versions.check(location.key, order, lock)
+            if verdict == "lost":
+                return _wait(rt, args, BUSY_RETRY_SECONDS, "the key's lock lapsed before the write")
+            if route.ordered and verdict == "stale":
+                return _stale(rt, delivery_id, sink_name, location.key, attempt, replay)
+            # Only a write that is really sent asks the breaker and the rate limit, so a stale one
+            # never uses up the breaker's single probe (or a token) without calling the sink.
+            breaker = rt.breaker(sink_name)
+            held_back = _hold_back(rt, breaker, sink_name)
+            if held_back:
+                return _wait(rt, args, *held_back)
+            try:
+                remote_id = sink.apply(action, location, route.options)
+            except RelayError as exc:
+                if lock.lost or not lock.renew():  # it may have landed after a newer write
+                    _reassert(rt, sink_name, location.key)
+                if isinstance(exc, PermanentError):
+                    breaker.success()
+                    return dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc)
+                breaker.failure()
+                return _retry(rt, args, exc)
             breaker.success()
-            return dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc)
-        breaker.success()
-        versions.applied(location.key, location.version)
+            recorded, held = versions.record(location.key, order, lock, action, record)
     finally:
         lock.release()
+    if route.ordered and (recorded == "older" or not held):
+        _reassert(rt, sink_name, location.key)
+    if route.ordered and recorded == "older":  # a newer write was applied while this one was sent
+        return _stale(rt, delivery_id, sink_name, location.key, attempt + 1, replay)
     received_at = rt.ledger.sink_outcome(delivery_id, sink_name, "applied", attempts=attempt + 1,
                                          remote_id=remote_id)
     rt.ledger.trace(delivery_id, "applied", sink=sink_name, action=action, key=location.key)
@@ -239,6 +264,27 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
     if replay:
         rt.dead_letters.remove(rt.dead_letters.entry_id(delivery_id, sink_name))
     return "applied"
+
+
+def _received_at(rt, delivery_id):
+    """The delivery's receipt time, the tie-break between equal ``actionDate``s (0 once it left the ledger)."""
+    received_at = rt.redis.hget(rt.ledger.key(delivery_id), "received_at")
+    if received_at is None:
+        entry = rt.ledger.get(delivery_id)
+        received_at = entry and entry.get("received_at")
+    return float(received_at or 0)
+
+
+def _reassert(rt, sink_name, key):
+    """Send the newest applied write for ``key`` again, under a fresh lock: a write whose lock lapsed
+    (or that a newer one overtook) may have landed last, and sink writes are idempotent."""
+    newest = rt.versions(sink_name).newest(key)
+    if newest is None:
+        return
+    rt.scheduler.schedule(DELIVER, [newest["delivery_id"], sink_name, newest["action"], newest["record"], 0, False],
+                          0)
+    rt.ledger.trace(newest["delivery_id"], "reasserted", sink=sink_name, key=key)
+    log.warning("a write for %s may have landed out of order; sending the newest again", key)
 
 
 def _hold_back(rt, breaker, sink_name):
@@ -286,12 +332,20 @@ def _retry(rt, args, exc):
     return "retrying"
 
 
+def _kept_for_replay(rt, delivery_id):
+    """What a replay needs once the ledger entry has expired: the body, its type and receipt time."""
+    body, event_type, received_at = rt.redis.hmget(rt.ledger.key(delivery_id), "body", "event_type", "received_at")
+    kept = {"body": body, "event_type": event_type, "received_at": float(received_at) if received_at else None}
+    return {name: value for name, value in kept.items() if value is not None}
+
+
 def dead_letter(rt, delivery_id, sink_name, action, record, attempts, exc, exhausted=False, stage=DELIVER_STAGE,
                  event_type=None):
     reason = f"retries exhausted: {exc.message}" if exhausted else exc.message
-    event_type = event_type or (record or {}).get("event", {}).get("event_type")
-    rt.dead_letters.add(delivery_id, sink_name, reason, stage=stage, action=action, record=record,
-                        event_type=event_type, key=(record or {}).get("key"), attempts=attempts,
+    kept = _kept_for_replay(rt, delivery_id)
+    kept["event_type"] = event_type or (record or {}).get("event", {}).get("event_type") or kept.get("event_type")
+    rt.dead_letters.add(delivery_id, sink_name, reason, **kept, stage=stage, action=action, record=record,
+                        key=(record or {}).get("key"), attempts=attempts,
                         error=exc.to_json() if isinstance(exc, RelayError) else None)
     rt.ledger.sink_outcome(delivery_id, sink_name, "dead_lettered", attempts=attempts, reason=reason)
     rt.ledger.trace(delivery_id, "dead-lettered", sink=sink_name, reason=reason)
@@ -301,12 +355,49 @@ def dead_letter(rt, delivery_id, sink_name, action, record, attempts, exc, exhau
 
 
 def replay_dead_letter(rt, entry):
-    """Queue a dead letter again; it leaves the store only once applied."""
-    if entry["stage"] != DELIVER_STAGE:
-        rt.ledger.set_status(entry["delivery_id"], "received")
-        rt.scheduler.schedule(PROCESS_DELIVERY, [entry["delivery_id"], entry["event_type"], 0, True], 0)
+    """Queue a dead letter again; it leaves the store once applied (or superseded by a newer write).
+
+    A delivery gone from the ledger is first recorded again, whole, from the body and receipt time
+    the dead letter kept. Enrich stage: processed again; route stage: routed again to its sink
+    only; deliver stage: its kept record is sent again to its sink. Returns "queued", or why it
+    cannot be replayed.
+    """
+    delivery_id, stage, sink = entry["delivery_id"], entry["stage"], entry["sink"]
+    if not rt.redis.exists(rt.ledger.key(delivery_id)):
+        if not entry.get("body"):
+            return "not replayable: its delivery has left the ledger and this dead letter keeps no body"
+        if not rt.ledger.record(delivery_id, entry["event_type"], entry["body"], 1, received_at=entry["received_at"]):
+            return "not replayable: the ledger refused it again (its id is still within the dedup window)"
+        rt.ledger.trace(delivery_id, "restored", reason="replayed from its dead letter")
+    if stage == DELIVER_STAGE:
+        rt.ledger.start_fan_out(delivery_id, [sink])
+        rt.ledger.sink_outcome(delivery_id, sink, "pending", attempts=0, reason="replayed")
+        rt.scheduler.schedule(DELIVER, [delivery_id, sink, entry["action"], entry["record"], 0, True], 0)
     else:
-        rt.ledger.sink_outcome(entry["delivery_id"], entry["sink"], "pending", attempts=0, reason="replayed")
-        rt.scheduler.schedule(DELIVER, [entry["delivery_id"], entry["sink"], entry["action"], entry["record"],
-                                        0, True], 0)
-    rt.ledger.trace(entry["delivery_id"], "replayed", sink=entry["sink"])
+        rt.ledger.set_status(delivery_id, "received")
+        rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"], 0, True,
+                                                 None if stage == ENRICH else [sink]], 0)
+    rt.ledger.trace(delivery_id, "replayed", sink=sink)
+    return "queued"
+
+
+def replay_outcome(rt, entry, since):
+    """What became of ``entry`` (a dead letter as it was) replayed at ``since``: ``(outcome, detail)``,
+    outcome "applied", "stale", "unrouted", "refused again" or, with no final outcome yet, "queued"."""
+    again = rt.dead_letters.get(entry["id"])
+    if again and again["at"] >= since:
+        return "refused again", again["reason"]
+    delivery = rt.ledger.get(entry["delivery_id"])
+    if delivery is None:
+        return "queued", "its delivery is not in the ledger"
+    if entry["stage"] == ENRICH:
+        refusals = [f"{name}: {outcome.get('reason', '')}" for name, outcome in sorted(delivery["sinks"].items())
+                    if outcome["state"] == "dead_lettered" and outcome["at"] >= since]
+        if refusals:
+            return "refused again", "; ".join(refusals)
+        status = delivery["status"]
+        return (status, "") if status in ("applied", "stale", "unrouted") else ("queued", status)
+    outcome = delivery["sinks"].get(entry["sink"], {})
+    if outcome.get("state") in ("applied", "stale") and outcome["at"] >= since:
+        return outcome["state"], ""
+    return "queued", outcome.get("state", "")

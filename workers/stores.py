@@ -5,13 +5,12 @@ body, received-at, status) in one hash per delivery; ``record()`` writes it,
 the dedup key and the sweeper's index (and, from the receiver, the Celery
 message) in one atomic round trip.
 """
+import collections
 import json
 import time
 from datetime import datetime
 
 import redis
-
-from workers.redis_tls import tls_options
 
 from workers.queue_positions import counter_key
 
@@ -24,7 +23,6 @@ FINAL_STATES = ("applied", "stale", "dead_lettered", "quarantined", "unrouted")
 # Final per-sink outcomes.
 FINAL_SINK_STATES = ("applied", "stale", "dead_lettered")
 TRACE_LIMIT = 200
-POOL_WAIT = 5  # seconds a thread waits for a free connection of a bounded pool
 
 _RECORD = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) == false then return 0 end
@@ -67,22 +65,12 @@ return 1
 """
 
 
-def connect(url, ca_file=None, max_connections=None, **options):
-    """A Redis client for ``url`` with short timeouts, so an outage fails fast.
-
-    ``rediss://`` gets the TLS options of ``workers.redis_tls`` (``ca_file``: verify against that CA).
-    ``max_connections`` bounds the pool: a thread wanting one more waits for a free connection (up to
-    ``POOL_WAIT`` seconds, then ``redis.ConnectionError``) instead of opening it.
-    """
+def connect(url, **options):
+    """A Redis client for ``url`` with short timeouts, so an outage fails fast."""
     options.setdefault("socket_timeout", 5)
     options.setdefault("socket_connect_timeout", 2)
     options.setdefault("retry_on_timeout", False)
-    options.update(tls_options(url, ca_file))
-    if max_connections is None:
-        return redis.Redis.from_url(url, decode_responses=True, **options)
-    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=POOL_WAIT,
-                                                 decode_responses=True, **options)
-    return redis.Redis(connection_pool=pool)
+    return redis.Redis.from_url(url, decode_responses=True, **options)
 
 
 class Ledger:
@@ -299,20 +287,97 @@ class MappingStore:
         return self.redis.hgetall(self.key)
 
 
+class WriteOrder(collections.namedtuple("WriteOrder", "instant received_at delivery_id")):
+    """Which of two writes for one key is newer: the later ``actionDate`` instant; for equal instants
+    the later received (the ledger's ``received_at``), then the greater delivery id. Total, so any
+    processing order ends in the same state."""
+
+    @classmethod
+    def of(cls, version, received_at, delivery_id):
+        return cls(_instant(version), float(received_at), delivery_id)
+
+
+# The stored order of a key's newest write, and how another compares with it: both scripts
+# below start with this. KEYS: versions, writes, lock. ARGV: key, instant, received_at, delivery id, token.
+_ORDER = """
+local function stored(key)
+  local instant = redis.call('HGET', KEYS[1], key)
+  if not instant then return nil end
+  local last = redis.call('HGET', KEYS[2], key)
+  if not last then return {tonumber(instant), -1, ''} end  -- recorded before ties were broken
+  last = cjson.decode(last)
+  return {tonumber(instant), tonumber(last.received_at), last.delivery_id}
+end
+local function compare(a, b)
+  for i = 1, 3 do
+    if a[i] < b[i] then return -1 elseif a[i] > b[i] then return 1 end
+  end
+  return 0
+end
+local mine = {tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]}
+local current = stored(ARGV[1])
+local held = redis.call('GET', KEYS[3]) == ARGV[5]
+"""
+
+# Before the write: is the lock still ours, and is the write not older than the newest applied?
+_CHECK_WRITE = _ORDER + """
+if not held then return 'lost' end
+if current and compare(mine, current) < 0 then return 'stale' end
+return 'ok'
+"""
+
+# After the write: store it only if newer (ARGV[6]: the write as JSON); say whether the lock was still ours.
+_RECORD_WRITE = _ORDER + """
+local verdict = 'newer'
+if current then
+  local order = compare(mine, current)
+  if order == 0 then verdict = 'same' elseif order < 0 then verdict = 'older' end
+end
+if verdict == 'newer' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
+end
+return {verdict, held and 1 or 0}
+"""
+
+
 class VersionStore:
-    """Per (sink, key): the ``actionDate`` of the last applied event, as epoch seconds."""
+    """Per (sink, key): the newest write applied, compared and stored atomically (never regressed).
+
+    ``key`` (a hash) keeps its ``actionDate`` as epoch seconds; ``writes_key`` keeps its receipt
+    time, delivery id, action and record, for the tie-break and to send it again when a write
+    whose lock lapsed may have landed after it.
+    """
 
     def __init__(self, client, sink):
         self.redis = client
         self.key = f"{PREFIX}version:{sink}"
+        self.writes_key = self.key + ":writes"
+        self._check = client.register_script(_CHECK_WRITE)
+        self._record = client.register_script(_RECORD_WRITE)
 
-    def is_stale(self, key, version):
-        """True if a newer version than ``version`` was already applied for ``key``."""
-        applied = self.redis.hget(self.key, key)
-        return applied is not None and _instant(version) < float(applied)
+    def _call(self, script, key, order, lock, *extra):
+        return script(keys=[self.key, self.writes_key, lock.name],
+                      args=[key, repr(order.instant), repr(order.received_at), order.delivery_id, lock.token, *extra])
 
-    def applied(self, key, version):
-        self.redis.hset(self.key, key, repr(_instant(version)))
+    def check(self, key, order, lock):
+        """Right before a write, in one step: "lost" when ``lock`` is no longer held, "stale" when a
+        newer write is already applied, else "ok"."""
+        return self._call(self._check, key, order, lock)
+
+    def record(self, key, order, lock, action, record):
+        """After a write: store it if newer than the newest (compare-and-set). Returns ``(verdict,
+        held)``: verdict "newer", "same" (this delivery's write again) or "older" (a newer one was
+        applied meanwhile); held is False when ``lock`` lapsed during the write."""
+        write = json.dumps({"delivery_id": order.delivery_id, "received_at": order.received_at, "action": action,
+                            "record": record})
+        verdict, held = self._call(self._record, key, order, lock, write)
+        return verdict, bool(held)
+
+    def newest(self, key):
+        """The newest write applied for ``key`` (delivery_id, received_at, action, record), or None."""
+        raw = self.redis.hget(self.writes_key, key)
+        return json.loads(raw) if raw else None
 
 
 def _instant(version):

@@ -65,7 +65,7 @@ def _keep_queue_ticket(sender=None, body=None, routing_key=None, **_):
 
 
 @shared_task(name=PROCESS_DELIVERY)
-def process_delivery(delivery_id, event_type, attempt=0, replay=False):
+def process_delivery(delivery_id, event_type, attempt=0, replay=False, sinks=None):
     """Validate a recorded delivery and fan it out to its routed sinks, under a processing lease."""
     rt = runtime()
     with _redis_outage():
@@ -89,7 +89,7 @@ def process_delivery(delivery_id, event_type, attempt=0, replay=False):
             return _guarded(lambda: pipeline.resume_fan_out(rt, event, entry),
                             lambda exc: pipeline.dead_letter_enrich(rt, event, attempt, exc))
         with _lease_renewed(rt, delivery_id, lease):
-            return _guarded(lambda: pipeline.route_delivery(rt, event, attempt, replay),
+            return _guarded(lambda: pipeline.route_delivery(rt, event, attempt, replay, sinks),
                             lambda exc: pipeline.dead_letter_enrich(rt, event, attempt, exc))
 
 
