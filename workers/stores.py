@@ -12,6 +12,8 @@ from datetime import datetime
 
 import redis
 
+from workers.redis_tls import tls_options
+
 from workers.queue_positions import counter_key
 
 PREFIX = "l2u:"
@@ -23,6 +25,7 @@ FINAL_STATES = ("applied", "stale", "dead_lettered", "quarantined", "unrouted")
 # Final per-sink outcomes.
 FINAL_SINK_STATES = ("applied", "stale", "dead_lettered")
 TRACE_LIMIT = 200
+POOL_WAIT = 5  # seconds a thread waits for a free connection of a bounded pool
 
 _RECORD = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) == false then return 0 end
@@ -65,12 +68,22 @@ return 1
 """
 
 
-def connect(url, **options):
-    """A Redis client for ``url`` with short timeouts, so an outage fails fast."""
+def connect(url, ca_file=None, max_connections=None, **options):
+    """A Redis client for ``url`` with short timeouts, so an outage fails fast.
+
+    ``rediss://`` gets the TLS options of ``workers.redis_tls`` (``ca_file``: verify against that CA).
+    ``max_connections`` bounds the pool: a thread wanting one more waits for a free connection (up to
+    ``POOL_WAIT`` seconds, then ``redis.ConnectionError``) instead of opening it.
+    """
     options.setdefault("socket_timeout", 5)
     options.setdefault("socket_connect_timeout", 2)
     options.setdefault("retry_on_timeout", False)
-    return redis.Redis.from_url(url, decode_responses=True, **options)
+    options.update(tls_options(url, ca_file))
+    if max_connections is None:
+        return redis.Redis.from_url(url, decode_responses=True, **options)
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=POOL_WAIT,
+                                                 decode_responses=True, **options)
+    return redis.Redis(connection_pool=pool)
 
 
 class Ledger:
