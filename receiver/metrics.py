@@ -1,4 +1,11 @@
-"""``GET /metrics``: receiver series (per gunicorn worker, merged) plus the workers' series from Redis."""
+"""``GET /metrics``: receiver series (per gunicorn worker, merged) plus the workers' series from Redis.
+
+Optionally protected: with ``RELAY_METRICS_TOKEN`` a scrape must send
+``Authorization: Bearer <token>`` (Prometheus ``authorization``), with
+``RELAY_METRICS_BASIC_AUTH`` (``user:password``) HTTP basic auth (Prometheus
+``basic_auth``); either is accepted when both are set, compared in constant time.
+"""
+import hmac
 import os
 import time
 
@@ -6,6 +13,7 @@ from flask import Blueprint, Response, current_app, g, request
 from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess
 
+from receiver.errors import error_response
 from workers.metrics import RedisMetricsCollector
 from workers.sinks import configured_sink_names
 
@@ -43,10 +51,30 @@ def _observe(response):
 
 @bp.get("/metrics")
 def metrics():
+    if not _authorized(current_app.extensions["l2u.settings"]):
+        return error_response(401, "unauthorized", "this /metrics needs the credentials of RELAY_METRICS_TOKEN "
+                                                   "(Authorization: Bearer) or RELAY_METRICS_BASIC_AUTH (basic auth)",
+                              headers={"WWW-Authenticate": 'Bearer realm="metrics", Basic realm="metrics"'})
     text = generate_latest(_receiver_registry())
     worker_registry = CollectorRegistry()
     worker_registry.register(current_app.extensions["l2u.metrics_collector"])
-    return Response(text + generate_latest(worker_registry), mimetype=CONTENT_TYPE_LATEST)
+    # content_type, not mimetype: Flask would append a second "charset=utf-8" to the exposition format's own
+    return Response(text + generate_latest(worker_registry), content_type=CONTENT_TYPE_LATEST)
+
+
+def _authorized(settings):
+    """True when /metrics is open, or the request carries one of the configured credentials."""
+    if not (settings.metrics_token or settings.metrics_basic_auth):
+        return True
+    auth = request.authorization
+    if auth is None:
+        return False
+    if auth.type == "bearer" and settings.metrics_token:
+        return hmac.compare_digest((auth.token or "").encode(), settings.metrics_token.encode())
+    if auth.type == "basic" and settings.metrics_basic_auth:
+        given = f"{auth.username or ''}:{auth.password or ''}".encode()
+        return hmac.compare_digest(given, settings.metrics_basic_auth.encode())
+    return False
 
 
 def _receiver_registry():

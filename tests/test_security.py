@@ -26,6 +26,7 @@ from workers import webhook_auth
 from workers.devstack import REPO_ROOT, free_port
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.tokens import STATE_PREFIX, STATE_TTL, TokenStore
+from workers.stores import DeadLetterStore
 from workers.webhook_auth import token_matches, url_token
 
 PREVIOUS = "previous-secret-0123456789"
@@ -371,6 +372,129 @@ def test_size_limit_through_gunicorn_including_chunked_bodies(settings, start_pr
     assert redis_client.keys("l2u:*") == []
     assert requests.post(url, data=chunked(padded(4096)), timeout=10).json()["status"] == "accepted"
     assert url_token(TEST_SECRET, "stop.assigned") not in web.output()  # the token is never logged
+
+
+# --- /metrics -----------------------------------------------------------------------------------------
+
+def strict_media_type(value):
+    """``(type, {param: value})`` parsed as strictly as Go's ``mime.ParseMediaType`` (which Prometheus 3
+    uses to choose the scrape format): a repeated parameter, an empty name or a bare value is an error."""
+    kind, *parts = value.split(";")
+    params = {}
+    for part in parts:
+        name, sep, val = part.strip().partition("=")
+        name = name.strip().lower()
+        if not sep or not name or not val.strip():
+            raise ValueError(f"malformed parameter {part!r} in {value!r}")
+        if name in params:
+            raise ValueError(f"duplicate parameter {name!r} in {value!r}")
+        params[name] = val.strip().strip('"')
+    return kind.strip().lower(), params
+
+
+def test_the_strict_parser_refuses_a_repeated_parameter():
+    with pytest.raises(ValueError, match="duplicate parameter 'charset'"):
+        strict_media_type("text/plain; version=1.0.0; charset=utf-8; charset=utf-8")
+
+
+def test_metrics_content_type_has_exactly_one_charset(client):
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert strict_media_type(response.headers["Content-Type"]) == (
+        "text/plain", {"version": "1.0.0", "charset": "utf-8"})
+
+
+METRICS_TOKEN = "metrics-bearer-token-0123456789"
+METRICS_BASIC = "prometheus:metrics-basic-pass-0123"
+
+
+@pytest.mark.parametrize("protection, accepted, refused", [
+    ({}, [{}], []),
+    ({"metrics_token": METRICS_TOKEN},
+     [{"Authorization": f"Bearer {METRICS_TOKEN}"}],
+     [{}, {"Authorization": f"Bearer {METRICS_TOKEN}x"}, {"Authorization": "Bearer "},
+      {"Authorization": "Basic " + base64.b64encode(METRICS_TOKEN.encode()).decode()}]),
+    ({"metrics_basic_auth": METRICS_BASIC},
+     [{"Authorization": "Basic " + base64.b64encode(METRICS_BASIC.encode()).decode()}],
+     [{}, {"Authorization": "Basic " + base64.b64encode(b"prometheus:wrong").decode()},
+      {"Authorization": f"Bearer {METRICS_BASIC}"}]),
+    ({"metrics_token": METRICS_TOKEN, "metrics_basic_auth": METRICS_BASIC},
+     [{"Authorization": f"Bearer {METRICS_TOKEN}"},
+      {"Authorization": "Basic " + base64.b64encode(METRICS_BASIC.encode()).decode()}],
+     [{}]),
+], ids=["off", "bearer", "basic", "both"])
+def test_metrics_protection_on_and_off(settings, protection, accepted, refused):
+    client = create_app(settings.replace(**protection)).test_client()
+    for headers in accepted:
+        response = client.get("/metrics", headers=headers)
+        assert response.status_code == 200 and b"l2u_dead_letters" in response.data
+    for headers in refused:
+        response = client.get("/metrics", headers=headers)
+        assert response.status_code == 401, headers
+        assert response.get_json()["error"] == "unauthorized" and b"l2u_" not in response.data
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def redis_output_bytes(redis_client):
+    return int(redis_client.info("stats")["total_net_output_bytes"])
+
+
+def scrape_cost(client, redis_client):
+    """Bytes Redis sent while one /metrics scrape ran (the INFO calls around it cancel out)."""
+    before = redis_output_bytes(redis_client)
+    assert client.get("/metrics").status_code == 200
+    return redis_output_bytes(redis_client) - before
+
+
+def test_a_scrape_reads_the_same_from_redis_for_10_or_2000_dead_letters(client, redis_client):
+    dead_letters = DeadLetterStore(redis_client)
+
+    def fill(count):
+        for number in range(count):
+            dead_letters.add(f"{number:064x}", "storepoint", "HTTP 422 from the sink: " + "x" * 200)
+
+    fill(10)
+    scrape_cost(client, redis_client)  # warm: script loading and first connections
+    small = scrape_cost(client, redis_client)
+    fill(2000)
+    large = scrape_cost(client, redis_client)
+    assert b'l2u_dead_letters{sink="storepoint"} 2000.0' in client.get("/metrics").data
+    assert abs(large - small) < 200, (small, large)  # loading every entry would be ~500 kB more
+
+
+def test_dead_letter_counts_follow_add_replace_remove_and_older_entries(redis_client):
+    store = DeadLetterStore(redis_client)
+    for number in range(3):
+        store.add(f"{number:064x}", "b2b", "reason")
+    store.add(f"{0:064x}", "b2b", "again")  # the same entry replaced: still three
+    store.add(f"{0:064x}", "enrich", "reason")
+    assert store.counts() == {"b2b": 3, "enrich": 1}
+    assert store.remove(store.entry_id(f"{1:064x}", "b2b")) and not store.remove("no-such:b2b")
+    assert store.counts() == {"b2b": 2, "enrich": 1}
+    redis_client.delete(DeadLetterStore.COUNTS)  # entries written before the counts were kept
+    assert store.counts() == {"b2b": 2, "enrich": 1}
+
+
+# --- error answers --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("GET", "/webhooks/locate2u/stop.assigned/" + "x" * 43, {"POST"}),
+    ("PUT", "/metrics", {"GET", "HEAD"}),
+    ("DELETE", "/healthz", {"GET", "HEAD"}),
+    ("POST", "/openapi.json", {"GET", "HEAD"}),
+])
+def test_every_405_names_the_allowed_methods(client, method, path, allowed):
+    response = client.open(path, method=method)
+    assert response.status_code == 405 and response.get_json()["error"] == "method_not_allowed"
+    assert allowed <= {m.strip() for m in response.headers["Allow"].split(",")}
+
+
+@pytest.mark.parametrize("body", [b"", b"  \n"])
+def test_an_empty_body_is_named_as_such(client, redis_client, body):
+    response = post(client, url_token(TEST_SECRET, "stop.assigned"), body)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "empty_body", "message": "the request body is empty; a JSON object is required"}
+    assert nothing_stored(redis_client)
 
 
 # --- dependency audit ---------------------------------------------------------------------------------

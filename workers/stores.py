@@ -397,6 +397,39 @@ def _instant(version):
     return datetime.fromisoformat(version).timestamp()
 
 
+# Dead letters: an entry, its place in the index and its sink's count change together. The id is
+# "<delivery id>:<sink>" and a delivery id has no ":", so the sink is what follows the first ":".
+_DLQ_ADD = """
+if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
+redis.call('SET', KEYS[3], ARGV[4])
+"""
+_DLQ_DROP = """
+-- DEL first: once a script has written, a full Redis (noeviction) lets it finish, so trimming frees memory
+local removed = 0
+for _, id in ipairs(ARGV) do
+  removed = removed + redis.call('DEL', KEYS[1] .. ':' .. id)
+  if redis.call('ZREM', KEYS[1], id) == 1 then
+    redis.call('HINCRBY', KEYS[2], string.sub(id, string.find(id, ':', 1, true) + 1), -1)
+  end
+end
+return removed
+"""
+_DLQ_RECOUNT = """
+local counts = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local sink = string.sub(id, string.find(id, ':', 1, true) + 1)
+  counts[sink] = (counts[sink] or 0) + 1
+end
+local flat = {}
+for sink, count in pairs(counts) do
+  redis.call('HSET', KEYS[2], sink, count)
+  table.insert(flat, sink)
+  table.insert(flat, count)
+end
+return flat
+"""
+
+
 class DeadLetterStore:
     """What could not be applied, with everything needed to explain and replay it.
 
@@ -405,9 +438,13 @@ class DeadLetterStore:
     """
 
     INDEX = PREFIX + "dlq"
+    COUNTS = PREFIX + "dlq:counts"  # sink -> entries, kept as entries come and go (metrics read only this)
 
     def __init__(self, client):
         self.redis = client
+        self._add = client.register_script(_DLQ_ADD)
+        self._drop = client.register_script(_DLQ_DROP)
+        self._recount = client.register_script(_DLQ_RECOUNT)
 
     @staticmethod
     def entry_id(delivery_id, sink):
@@ -417,10 +454,8 @@ class DeadLetterStore:
         entry_id = self.entry_id(delivery_id, sink)
         entry = {"id": entry_id, "delivery_id": delivery_id, "sink": sink, "reason": reason,
                  "at": time.time(), **details}
-        with self.redis.pipeline() as pipe:
-            pipe.set(f"{self.INDEX}:{entry_id}", json.dumps(entry))
-            pipe.zadd(self.INDEX, {entry_id: entry["at"]})
-            pipe.execute()
+        self._add(keys=[self.INDEX, self.COUNTS, f"{self.INDEX}:{entry_id}"],
+                  args=[entry_id, entry["at"], sink, json.dumps(entry)])
         return entry
 
     def get(self, entry_id):
@@ -436,14 +471,11 @@ class DeadLetterStore:
 
     def remove(self, entry_id):
         """Drop an entry (applied after replay, or purged); return True if it existed."""
-        with self.redis.pipeline() as pipe:
-            pipe.delete(f"{self.INDEX}:{entry_id}")
-            pipe.zrem(self.INDEX, entry_id)
-            return bool(pipe.execute()[0])
+        return bool(self._drop(keys=[self.INDEX, self.COUNTS], args=[entry_id]))
 
     def counts(self):
-        """Dead letters per sink."""
-        counts = {}
-        for entry in self.list():
-            counts[entry["sink"]] = counts.get(entry["sink"], 0) + 1
-        return counts
+        """Dead letters per sink, from the counts kept as entries come and go (O(sinks), not O(entries))."""
+        counts = self.redis.hgetall(self.COUNTS)
+        if not counts and self.redis.zcard(self.INDEX):  # entries from before the counts were kept
+            counts = dict(zip(*[iter(self._recount(keys=[self.INDEX, self.COUNTS]))] * 2))
+        return {sink: int(count) for sink, count in counts.items() if int(count) > 0}
