@@ -4,7 +4,9 @@ import ast
 import base64
 import hmac
 import inspect
+import io
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -25,6 +27,7 @@ from workers.ops.simulators.locate2u import Locate2uServer
 from workers import webhook_auth
 from workers.devstack import REPO_ROOT, free_port
 from workers.locate2u.client import Locate2uClient
+from workers.logs import json_handler, settings_secrets
 from workers.locate2u.tokens import STATE_PREFIX, STATE_TTL, TokenStore
 from workers.stores import DeadLetterStore
 from workers.webhook_auth import token_matches, url_token
@@ -495,6 +498,72 @@ def test_an_empty_body_is_named_as_such(client, redis_client, body):
     assert response.status_code == 400
     assert response.get_json() == {"error": "empty_body", "message": "the request body is empty; a JSON object is required"}
     assert nothing_stored(redis_client)
+
+
+# --- no secret in any log field -------------------------------------------------------------------------
+
+ALL_SECRETS = {"webhook_secret": "webhook-secret-0123456789abcdef", "webhook_secret_previous": "previous-0123456789abcdef",
+               "locate2u_client_secret": "l2u-client-secret-0123456789", "storepoint_api_token": "sp-token-0123456789",
+               "b2b_api_token": "b2b-token-0123456789", "b2b_password": "b2b-password-0123456789",
+               "locate_api_token": "locate-token-0123456789", "deliverycom_access_token": "dc-token-0123456789",
+               "flower_basic_auth": "admin:flower-pass-0123456789", "metrics_token": "metrics-token-0123456789",
+               "metrics_basic_auth": "prom:metrics-pass-0123456789",
+               "token_keys": ("kgV1uKdJq3Ogv2q6qkJbVn1S2qkW3dGz9uYdXo1rQhE=", "ajwUAxnvK4f1hQb7s1cCeUxOZ3FwcIYaD8Ss8ZLq2L0="),
+               "forward_secret": ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",)}
+# tokens that are no setting: recognised by where they stand (an Authorization value, a credential-like key)
+DYNAMIC = {"access": "eyJhbGciOiJSUzI1NiJ9.access-token-value", "refresh": "refresh-token-value-0123456789",
+           "verifier": "pkce-verifier-value-0123456789", "opaque": "opaque-api-key-0123456789"}
+
+
+def every_secret(settings):
+    """Each configured secret, the basic-auth passwords alone and as an ``Authorization: Basic`` value."""
+    values = [value for value in ALL_SECRETS.values() if isinstance(value, str)]
+    values += [value for group in ALL_SECRETS.values() if isinstance(group, tuple) for value in group]
+    for pair in (settings.flower_basic_auth, settings.metrics_basic_auth):
+        values += [pair.partition(":")[2], base64.b64encode(pair.encode()).decode()]
+    return values
+
+
+def test_no_secret_appears_in_any_field_of_any_log_line(settings):
+    settings = settings.replace(**ALL_SECRETS)
+    secrets = every_secret(settings)
+    assert len(secrets) >= 17
+    handler = json_handler(settings_secrets(settings))
+    stream = io.StringIO()
+    handler.setStream(stream)
+    logger = logging.getLogger("test.security.redaction")
+    logger.handlers, logger.propagate, logger.level = [handler], False, logging.DEBUG
+    basic = base64.b64encode(settings.metrics_basic_auth.encode()).decode()
+    for secret in secrets:
+        logger.info("message carries %s" % secret)
+        logger.info("args carry %s and %r", secret, {"value": secret})
+        try:
+            try:
+                raise ValueError(f"inner {secret}")
+            except ValueError as inner:
+                raise RuntimeError(f"outer {secret}") from inner
+        except RuntimeError:
+            logger.exception("failed", extra={"error": RuntimeError(secret)})
+        logger.warning("extra fields", extra={"url": f"https://x.example/?q={secret}", "body": secret,
+                                              "raw": secret.encode(), "status": 400})
+        logger.warning("nested extra", extra={"response": {"body": {"detail": [secret, {"deeper": (secret,)}]}},
+                                              "request": {"headers": {"X-Echo": secret}}})
+        logger.info("stack", stack_info=True, extra={"note": f"see {secret}"})
+    logger.warning("headers", extra={"headers": {"Authorization": f"Bearer {DYNAMIC['access']}",
+                                                 "authorization": f"Basic {basic}", "X-Api-Key": DYNAMIC["opaque"]}})
+    logger.warning("token response", extra={"body": {"access_token": DYNAMIC["access"],
+                                                     "refresh_token": DYNAMIC["refresh"],
+                                                     "code_verifier": DYNAMIC["verifier"]}})
+    logger.warning("Authorization: Token %s, form code_verifier=%s", DYNAMIC["opaque"], DYNAMIC["verifier"])
+    logger.warning("refresh", extra={"refresh_token": DYNAMIC["refresh"], "api_key": DYNAMIC["opaque"]})
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 6 * len(secrets) + 4
+    assert any("exc_info" in line for line in lines) and any("stack_info" in line for line in lines)
+    text = stream.getvalue()
+    leaked = [value for value in secrets + list(DYNAMIC.values()) if value in text]
+    assert leaked == []
+    assert {"body", "status", "raw", "url", "response"} <= set().union(*lines)  # the fields stay, scrubbed
+    assert lines[1]["message"].startswith("args carry [redacted]")
 
 
 # --- dependency audit ---------------------------------------------------------------------------------

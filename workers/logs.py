@@ -2,9 +2,13 @@
 
 ``log_context(delivery_id=…, sink=…, event_type=…)`` binds fields to every line
 logged inside it (a contextvar, so threads and tasks do not mix them up).
-``RedactingFilter`` replaces every configured secret, bearer/basic credential
-and webhook URL token before a line is written.
+``RedactingFilter`` replaces every configured secret, bearer/basic credential,
+``Authorization`` value, OAuth token and webhook URL token before a line is
+written: in the message, its arguments, the exception and stack text and every
+``extra`` field, nested values included (a value under a credential-like key
+such as ``access_token`` or ``Authorization`` is replaced whole).
 """
+import base64
 import contextlib
 import contextvars
 import logging
@@ -19,9 +23,16 @@ _PATTERNS = (
     (re.compile(r"(?i)\b(bearer|basic)\s+[\w.~+/=-]+"), r"\1 [redacted]"),
     (re.compile(r"(?i)([?&](?:code|state|access_token|refresh_token|client_secret|password)=)[^&\s\"']+"),
      r"\1[redacted]"),
-    (re.compile(r"(?i)((?:access|refresh)_token|client_secret|password)(['\"]?\s*[=:]\s*['\"]?)[^\s'\",&]+"),
-     r"\1\2[redacted]"),
+    (re.compile(r"(?i)((?:access|refresh)_token|client_secret|password|code_verifier)(['\"]?\s*[=:]\s*['\"]?)"
+                r"[^\s'\",&]+"), r"\1\2[redacted]"),
+    (re.compile(r"(?i)\b(authorization)(['\"]?\s*[=:]\s*['\"]?)[^'\"\r\n,}]+"), r"\1\2[redacted]"),
 )
+# a value under one of these keys (any case, - or _) is replaced whole, wherever it is nested
+_SECRET_KEYS = re.compile(r"(?i)^(authorization|proxy[-_]authorization|cookie|set[-_]cookie|password|secret|"
+                          r"client[-_]secret|(access|refresh|id|api|bearer)[-_]?token|token|code[-_]verifier|"
+                          r"api[-_]?key|x[-_]api[-_]key)$")
+# attributes every LogRecord has: the fields logging itself fills in, not ``extra``
+_RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
 @contextlib.contextmanager
@@ -47,7 +58,7 @@ class ContextFilter(logging.Filter):
 
 
 class RedactingFilter(logging.Filter):
-    """Scrub secrets from the message and its arguments before formatting."""
+    """Scrub secrets from every field of a record before any formatter sees it."""
 
     def __init__(self, secrets=()):
         super().__init__()
@@ -60,12 +71,34 @@ class RedactingFilter(logging.Filter):
             text = pattern.sub(replacement, text)
         return text
 
+    def scrub_value(self, value):
+        """``value`` with every secret replaced: strings scrubbed, containers walked, other objects as text."""
+        if isinstance(value, str):
+            return self.scrub(value)
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        if isinstance(value, dict):
+            return {key: "[redacted]" if _SECRET_KEYS.match(str(key)) and value[key] else self.scrub_value(value[key])
+                    for key in value}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return [self.scrub_value(item) for item in value]
+        if isinstance(value, (bytes, bytearray)):
+            return self.scrub(bytes(value).decode("utf-8", "replace"))
+        return self.scrub(str(value))
+
     def filter(self, record):
         record.msg = self.scrub(record.getMessage())
         record.args = None
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.scrub(record.stack_info)
+        for name in [name for name in vars(record) if name not in _RECORD_FIELDS]:
+            value = getattr(record, name)
+            setattr(record, name, "[redacted]" if _SECRET_KEYS.match(name) and value else self.scrub_value(value))
         return True
 
 
@@ -74,9 +107,11 @@ def settings_secrets(settings):
     names = ("webhook_secret", "webhook_secret_previous", "locate2u_client_secret", "storepoint_api_token",
              "b2b_api_token", "b2b_password", "locate_api_token", "deliverycom_access_token", "flower_basic_auth",
              "console_password", "console_secret_key")
-    values = [getattr(settings, name) for name in names] + list(settings.forward_secret)
-    if settings.flower_basic_auth:
-        values.append(settings.flower_basic_auth.partition(":")[2])
+    values = [getattr(settings, name) for name in names + ("metrics_token", "metrics_basic_auth")]
+    values += list(settings.forward_secret) + list(settings.token_keys)
+    for pair in (settings.flower_basic_auth, settings.metrics_basic_auth):
+        if pair:  # the password alone, and the pair as an Authorization: Basic header carries it
+            values += [pair.partition(":")[2], base64.b64encode(pair.encode()).decode()]
     return values
 
 
