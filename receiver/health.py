@@ -3,7 +3,7 @@ reported)."""
 import redis
 from flask import Blueprint, current_app, jsonify
 
-from receiver.oauth import auth_status
+from receiver.oauth import auth_status, key_warning
 from workers import redis_health
 
 bp = Blueprint("health", __name__)
@@ -20,6 +20,8 @@ def readyz():
     checks = {"redis": _check(handoff.ledger.redis.ping), "broker": _check(_broker_ping(handoff.producer))}
     ready = all(value == "ok" for value in checks.values())
     checks["locate2u"] = _locate2u_status()  # reported, never a reason to be unready
+    if key_warning():
+        checks["token_key"] = f"warning: {key_warning()}"
     checks["redis_health"] = redis_health.check(handoff.ledger.redis)  # memory, eviction policy, persistence
     response = jsonify({"status": "ready" if ready else "not_ready", "checks": checks})
     response.status_code = 200 if ready else 503

@@ -63,6 +63,8 @@ def render(data):
     token = l2u["token"]
     expiry = f", expires in {token['expires_in']}s" if token["expires_in"] is not None else ""
     lines.append(f"locate2u      token {token['status']} ({token['grant']}{expiry})")
+    if token["token_key"] != "RELAY_TOKEN_KEYS":
+        lines.append(f"warning       {token['token_key']}")
     subs = l2u["subscriptions"]
     if "error" in subs:
         lines.append(f"subscriptions unavailable: {subs['error']}")
