@@ -1,0 +1,135 @@
+"""The console in a real browser (Debian's chromium and chromium-driver, through Selenium), against real
+gunicorn and Celery processes and the Locate2u, Storepoint and B2B simulators. Each test saves screenshots
+to docs/img/console-*.png (the README shows two)."""
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from tests.payloads import status_change
+from tests.test_end_to_end import B2B_TOKEN, KEY, SP_TOKEN, STOP_ID, settled, sims, stack_settings  # noqa: F401
+from tests.test_receiver import post
+from tests.test_worker_ingest import wait_for
+from tests.tools import require_binary
+from workers.stores import DeadLetterStore
+
+PASSWORD = "browser-console-password"
+IMAGES = Path(__file__).resolve().parents[1] / "docs" / "img"
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--no-first-run", "--window-size=1280,1000")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium = require_binary("chromium", "chromium")
+    chromedriver = require_binary("chromedriver", "chromium-driver")
+    options = Options()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={tmp_path / 'chromium-profile'}",):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def console(stack_settings, start_process):
+    settings = stack_settings.replace(console_password=PASSWORD)
+    web = start_process("gunicorn", settings)
+    start_process("worker", settings, beat=True)
+    return web
+
+
+def log_in(driver, base):
+    driver.get(f"{base}/console/")
+    assert "/console/login" in driver.current_url  # not logged in: sent to the form
+    driver.find_element(By.ID, "name").send_keys("admin")
+    driver.find_element(By.ID, "password").send_keys(PASSWORD)
+    driver.find_element(By.ID, "login").click()
+    assert driver.find_element(By.TAG_NAME, "h1").text == "Overview"
+
+
+def screenshot(driver, name):
+    """The whole page (up to 2,400 px high) as docs/img/console-NAME.png."""
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 1280, "height": max(600, min(height, 2400)), "deviceScaleFactor": 1, "mobile": False})
+    driver.save_screenshot(str(IMAGES / f"console-{name}.png"))
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def refresh_until(driver, link_id, text, timeout=90):
+    def shown():
+        if text in driver.page_source:
+            return True
+        driver.find_element(By.ID, link_id).click()
+        return False
+    wait_for(shown, timeout=timeout, interval=1)
+
+
+def test_find_a_dead_letter_by_stop_id_and_replay_it_after_fixing_the_simulator(console, sims, browser,
+                                                                               redis_client):
+    faults = sims["storepoint"].app.config["FAULTS"]
+    faults.fail_rate(1.0, status=400)  # Storepoint refuses every write
+    delivery_id = post(console.url, "stop.status-changed",
+                       status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00")).json()["delivery_id"]
+    assert wait_for(lambda: settled(redis_client, delivery_id), timeout=90)["status"] == "dead_lettered"
+
+    log_in(browser, console.url)
+    browser.find_element(By.LINK_TEXT, "Deliveries").click()
+    browser.find_element(By.ID, "stop").send_keys(str(STOP_ID))
+    browser.find_element(By.ID, "search").click()
+    row = browser.find_element(By.XPATH, f"//a[text()='{delivery_id}']/ancestor::tr")
+    assert "dead_lettered" in row.text and str(STOP_ID) in row.text
+    screenshot(browser, "deliveries")
+    row.find_element(By.LINK_TEXT, delivery_id).click()
+    assert "injected fault" in browser.page_source  # the trace says why
+    browser.find_element(By.LINK_TEXT, "dead letter").click()
+    assert f"{delivery_id}:storepoint" in browser.find_element(By.TAG_NAME, "h1").text
+
+    faults.clear()  # Storepoint fixed
+    browser.find_element(By.ID, "replay-one").click()
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Replay 1 dead letter?"
+    browser.find_element(By.ID, "confirm").click()
+    assert "/console/replays/" in browser.current_url
+    refresh_until(browser, "refresh", "applied: 1")
+    assert f"{delivery_id}:storepoint" in browser.page_source
+    screenshot(browser, "replay")
+    assert settled(redis_client, delivery_id)["status"] == "applied"
+    assert DeadLetterStore(redis_client).list() == []
+    assert len(sims["storepoint"].app.config["STATE"].find(lambda loc: f"l2u:{KEY}" in loc["tags"])) == 1
+
+
+def test_stop_page_shows_drift_after_the_record_changes_in_the_simulator(console, sims, browser, redis_client):
+    first = post(console.url, "stop.status-changed", status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    later = post(console.url, "stop.status-changed", status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
+    for response in (later, first):
+        assert wait_for(lambda: settled(redis_client, response.json()["delivery_id"]), timeout=90)
+
+    log_in(browser, console.url)
+    screenshot(browser, "overview")
+    browser.find_element(By.NAME, "stop").send_keys(str(STOP_ID))
+    browser.find_element(By.XPATH, "//button[text()='Stop']").click()
+    assert browser.find_element(By.TAG_NAME, "h1").text == f"Stop {STOP_ID}"
+    page = browser.page_source
+    assert page.index("2022-04-27T05:00:00+00:00") < page.index("2022-04-27T06:00:00+00:00")
+    assert page.count("in step") == 2 and "drift-" not in page
+
+    state = sims["storepoint"].app.config["STATE"]
+    [location] = state.find(lambda loc: f"l2u:{KEY}" in loc["tags"])
+    with state.lock:  # someone edits the location in Storepoint's own admin
+        state.locations[location["id"]]["name"] = "Renamed in Storepoint by hand"
+    browser.refresh()
+    [badge] = wait_for(lambda: browser.find_elements(By.ID, "drift-storepoint"))
+    assert badge.text == "drift: 1 field(s)"
+    drifted = browser.find_element(By.CSS_SELECTOR, "tr.drift")
+    assert drifted.text == "name Locate2u Renamed in Storepoint by hand"
+    assert drifted.find_element(By.TAG_NAME, "td").value_of_css_property("font-weight") == "600"  # highlighted
+    assert browser.page_source.count("in step") == 1  # B2B still holds what we wrote
+    screenshot(browser, "stop-drift")
