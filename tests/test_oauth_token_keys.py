@@ -1,5 +1,7 @@
 """Stored Locate2u tokens have a key of their own (RELAY_TOKEN_KEYS, a MultiFernet list): rotation keeps them
 readable, the webhook secret can rotate on its own, and a missing key is a visible warning (real Redis)."""
+import secrets
+
 import pytest
 from click.testing import CliRunner
 from cryptography.fernet import Fernet
@@ -77,12 +79,24 @@ def test_new_key_prints_a_fernet_key_the_settings_accept(settings):
                              ).token_keys == (key, OLD_KEY)
 
 
-@pytest.mark.parametrize("value", ["not-a-key", OLD_KEY[:-2], "A" * 44 + ",x"])
+@pytest.mark.parametrize("value", ["not-a-key", OLD_KEY[:-13], OLD_KEY + ",short"])
 def test_a_bad_token_key_names_the_setting(value):
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"RELAY_WEBHOOK_SECRET": "x" * 16, "RELAY_TOKEN_KEYS": value})
-    assert "RELAY_TOKEN_KEYS" in caught.value.problems and "not a Fernet key" in str(caught.value)
-    assert value not in str(caught.value)
+    assert "RELAY_TOKEN_KEYS" in caught.value.problems
+    assert "is neither a Fernet key nor a secret of at least 32 characters" in str(caught.value)
+    assert value.split(",")[-1] not in str(caught.value)
+
+
+def test_a_generated_secret_works_as_a_token_key(settings, redis_client):
+    """app.json's generator makes 64 hex characters, not a Fernet key: it is turned into one."""
+    generated = secrets.token_hex(32)
+    assert Settings.from_env({"RELAY_WEBHOOK_SECRET": "x" * 16, "RELAY_TOKEN_KEYS": generated}).token_keys == (
+        generated,)
+    store(redis_client, settings, token_keys=(generated,)).save(TOKENS)
+    assert store(redis_client, settings, token_keys=(NEW_KEY, generated)).load() == TOKENS
+    assert store(redis_client, settings, token_keys=(NEW_KEY,)).load() == TOKENS
+    assert store(redis_client, settings, token_keys=(secrets.token_hex(32),)).load() is None
 
 
 def test_a_missing_key_is_a_warning_in_readyz_and_status(sim, settings, redis_client):

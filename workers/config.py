@@ -150,14 +150,15 @@ class SettingsSchema(Schema):
         if data.get("metrics_basic_auth") and ":" not in data["metrics_basic_auth"]:
             problems["RELAY_METRICS_BASIC_AUTH"] = ["must be user:password"]
         for position, key in enumerate(data.get("token_keys", ()), 1):
-            if not _is_fernet_key(key):
-                problems["RELAY_TOKEN_KEYS"] = [f"key {position} is not a Fernet key (32 bytes, URL-safe base64; "
-                                                "make one with l2u-relay oauth new-key)"]
+            if not (is_fernet_key(key) or len(key) >= 32):
+                problems["RELAY_TOKEN_KEYS"] = [f"key {position} is neither a Fernet key nor a secret of at least "
+                                                "32 characters (l2u-relay oauth new-key makes a key)"]
         if problems:
             raise ValidationError(problems)
 
 
-def _is_fernet_key(key):
+def is_fernet_key(key):
+    """True for a Fernet key: 32 bytes in URL-safe base64 (44 characters)."""
     try:
         return len(base64.urlsafe_b64decode(key.encode())) == 32 and len(key) == 44
     except (ValueError, binascii.Error):

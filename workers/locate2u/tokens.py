@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from redis.exceptions import LockError
 
-from workers.config import ConfigError
+from workers.config import ConfigError, is_fernet_key
 from workers.errors import PermanentError, RetriableError
 from workers.http import HttpClient
 from workers.metrics import WorkerMetrics
@@ -69,16 +69,21 @@ class TokenRejected(PermanentError):
         self.oauth_error = oauth_error
 
 
-def _derived_fernet(secret):
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"locate2u-relay", info=b"locate2u token store v1")
+def _derived_fernet(secret, info=b"locate2u token store v1"):
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"locate2u-relay", info=info)
     return Fernet(base64.urlsafe_b64encode(hkdf.derive(secret.encode())))
+
+
+def _token_key_fernet(key):
+    """A Fernet key as it is; another secret (app.json generates 64 hex characters) through HKDF."""
+    return Fernet(key.encode()) if is_fernet_key(key) else _derived_fernet(key, info=b"RELAY_TOKEN_KEYS v1")
 
 
 def token_fernets(settings):
     """``RELAY_TOKEN_KEYS`` in order, then the keys derived from the webhook secrets (decryption only
     while dedicated keys are set; the current webhook secret's key encrypts when they are not)."""
     derived = [_derived_fernet(s) for s in (settings.webhook_secret, settings.webhook_secret_previous) if s]
-    return [Fernet(key.encode()) for key in settings.token_keys] + derived
+    return [_token_key_fernet(key) for key in settings.token_keys] + derived
 
 
 class TokenStore:
