@@ -78,7 +78,7 @@ def _context(require_client=True):
 
 @click.group()
 def oauth():
-    """Authorise the relay with Locate2u (LOCATE2U_GRANT=authorization_code)."""
+    """Link the Locate2u account (LOCATE2U_GRANT=authorization_code) and manage the key of the stored tokens."""
 
 
 @oauth.command("url")
