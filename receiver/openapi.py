@@ -36,7 +36,9 @@ class AcceptedSchema(Schema):
 
 class HealthSchema(Schema):
     status = fields.String(required=True)
-    checks = fields.Dict(keys=fields.String(), values=fields.String())
+    checks = fields.Dict(keys=fields.String(), values=fields.Raw(), metadata={
+        "description": "per check \"ok\" or \"error: ...\" (redis, broker), the Locate2u auth state, "
+                       "token_key (a warning while RELAY_TOKEN_KEYS is unset) and redis_health (an object)"})
 
 
 # status -> description, for the answers documented on each operation
