@@ -10,6 +10,7 @@ connections (README, Scale: the connection budget).
 from celery import Celery
 from kombu import Exchange, Queue
 
+from workers.broker_redis import TRANSPORT
 from workers.redis_tls import tls_options
 
 INGEST_QUEUE = "ingest"
@@ -35,6 +36,8 @@ def celery_config(settings):
     """The Celery settings dict: JSON only, late acks, prefetch 1, bounded visibility, TLS for rediss://."""
     config = {
         "broker_url": settings.broker,
+        # kombu's Redis transport, fixed to survive a Redis restart (workers/broker_redis.py)
+        **({"broker_transport": TRANSPORT} if settings.broker.startswith(("redis://", "rediss://")) else {}),
         "broker_pool_limit": settings.broker_pool_limit,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 2,

@@ -1,0 +1,74 @@
+"""Redis restart (issue 14, item 8): Redis SIGKILLed while a worker holds unacknowledged work, then
+started again from its append-only file. The worker must reconnect and go on (or exit promptly,
+saying why); it used to die inside kombu (``AttributeError: 'NoneType' object has no attribute
+'hostname'`` in ``restore_unacked``).
+
+Real processes: a redis-server with ``appendonly yes``, a Celery worker with beat, the loopback
+Locate2u, Storepoint and B2B simulators.
+"""
+import time
+
+import pytest
+
+from tests.payloads import status_change
+from tests.test_end_to_end import sims, stack_settings  # noqa: F401 (fixtures)
+from tests.test_receiver import post
+from tests.test_worker_ingest import wait_for
+from workers.devstack import EmbeddedRedis
+from workers.stores import Ledger, connect
+
+STOP_ID = 164557
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis of this test's own (the suite's is shared), persisted in an append-only file."""
+    with EmbeddedRedis(tmp_path / "redis", appendonly=True) as server:
+        yield server
+
+
+def _deliver(web, status, action_date):
+    """Post one delivery to the receiver; its id."""
+    answer = post(web.url, "stop.status-changed", status_change(STOP_ID, status, action_date))
+    assert answer.status_code == 200, answer.text
+    return answer.json()["delivery_id"]
+
+
+def _deliver_when_up(web, status, action_date):
+    """The receiver answers 503 until it has reconnected to Redis."""
+    answer = post(web.url, "stop.status-changed", status_change(STOP_ID, status, action_date))
+    return answer.status_code == 200 and answer.json()["delivery_id"]
+
+
+def _status(ledger, delivery_id):
+    try:
+        entry = ledger.get(delivery_id)
+    except Exception:  # Redis still starting  # noqa: BLE001
+        return None
+    return entry and entry["status"] in ("applied", "stale", "dead_lettered") and entry["status"]
+
+
+def test_worker_goes_on_after_redis_is_killed_and_restarted_from_its_aof(stack_settings, own_redis, sims,
+                                                                           start_process):
+    settings = stack_settings.replace(redis_url=own_redis.url, visibility_timeout=10, sweep_after=5)
+    ledger = Ledger(connect(settings.redis_url))
+    sims["storepoint"].app.config["FAULTS"].latency(3)  # a write is in flight (unacknowledged) at the kill
+    web = start_process("gunicorn", settings)
+    worker = start_process("worker", settings, beat=True, name="survivor")
+    first = _deliver(web, "Arrived", "2022-04-27T05:00:00+00:00")
+    requests_log = sims["storepoint"].app.config["STATE"].requests_log
+    wait_for(lambda: any(path == "/locations" for _, path, _ in requests_log), timeout=60, interval=0.05)
+    own_redis.process.kill()  # SIGKILL: no shutdown, no final AOF flush
+    own_redis.process.wait(10)
+    time.sleep(2)
+    own_redis.start()
+    sims["storepoint"].app.config["FAULTS"].latency(0)
+    second = wait_for(lambda: _deliver_when_up(web, "Complete", "2022-04-27T06:00:00+00:00"), timeout=60)
+    try:
+        assert wait_for(lambda: _status(ledger, second), timeout=120, interval=0.5) == "applied"
+        assert wait_for(lambda: _status(ledger, first), timeout=120, interval=0.5) in ("applied", "stale")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; worker output:\n{worker.output()[-6000:]}") from None
+    assert worker.proc.poll() is None, worker.output()[-3000:]  # the same worker went on
+    output = worker.output()
+    assert "Unrecoverable error" not in output and "'hostname'" not in output, output[-3000:]
