@@ -24,7 +24,6 @@ from workers.errors import PermanentError, RetriableError
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.linking import AccountChanged, link_account
 from workers.locate2u.tokens import STATE_TTL, OAuthStates, StartLinks, pkce_pair
-from workers.stores import connect
 
 log = logging.getLogger(__name__)
 bp = Blueprint("oauth", __name__, url_prefix="/oauth/locate2u")
@@ -42,7 +41,7 @@ LINK_MESSAGES = {
 def init_app(app):
     """Build the Locate2u client once (None when not configured); the routes only for the code grant."""
     settings = app.extensions["l2u.settings"]
-    redis_client = connect(settings.redis_url, settings.redis_ca_file, settings.redis_max_connections)
+    redis_client = app.extensions["l2u.handoff"].ledger.redis  # one Redis pool per web process
     app.extensions["l2u.locate2u"] = Locate2uClient.from_settings(settings, redis_client)
     app.extensions["l2u.oauth_states"] = OAuthStates(redis_client)
     app.extensions["l2u.oauth_links"] = StartLinks(redis_client, settings)
@@ -75,10 +74,11 @@ def _redis_down(exc):
 
 @bp.get("/start")
 def start():
+    tokens = current_app.extensions["l2u.locate2u"].tokens
+    tokens.check_code_flow()  # a missing RELAY_PUBLIC_URL is 409 before anything is spent or stored
     problem = current_app.extensions["l2u.oauth_links"].check(request.args.get("link"))
     if problem:
         return error_response(403, problem, LINK_MESSAGES[problem])
-    tokens = current_app.extensions["l2u.locate2u"].tokens
     verifier, challenge = pkce_pair()
     nonce = secrets.token_urlsafe(32)
     state = current_app.extensions["l2u.oauth_states"].issue(verifier, browser_nonce=nonce)

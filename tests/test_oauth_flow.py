@@ -222,3 +222,12 @@ def test_the_cli_direct_flow_checks_the_account_too(code_settings, redis_client,
     assert replay.exit_code == 1 and "the state is unknown, expired or already used" in replay.stderr
     bare = cli(code_settings, "oauth", "exchange", "just-a-code")
     assert bare.exit_code == 2 and "with code= and state=" in bare.stderr
+
+
+def test_without_a_public_url_start_says_so_and_spends_nothing(code_settings, redis_client):
+    link = StartLinks(redis_client, code_settings).make()
+    client = create_app(code_settings.replace(public_url=None)).test_client()
+    answer = client.get("/oauth/locate2u/start", query_string={"link": link})
+    assert answer.status_code == 409 and answer.get_json()["error"] == "code_flow_unavailable"
+    assert "RELAY_PUBLIC_URL" in answer.get_json()["message"]
+    assert redis_client.dbsize() == 0

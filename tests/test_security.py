@@ -512,7 +512,9 @@ ALL_SECRETS = {"webhook_secret": "webhook-secret-0123456789abcdef", "webhook_sec
                "forward_secret": ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",)}
 # tokens that are no setting: recognised by where they stand (an Authorization value, a credential-like key)
 DYNAMIC = {"access": "eyJhbGciOiJSUzI1NiJ9.access-token-value", "refresh": "refresh-token-value-0123456789",
-           "verifier": "pkce-verifier-value-0123456789", "opaque": "opaque-api-key-0123456789"}
+           "verifier": "pkce-verifier-value-0123456789", "opaque": "opaque-api-key-0123456789",
+           "link": "eyJub25jZSI6Im4ifQ.Zz0AAA.signed-start-link", "code": "authorization-code-0123456789",
+           "state": "oauth-state-value-0123456789"}
 
 
 def every_secret(settings):
@@ -556,8 +558,11 @@ def test_no_secret_appears_in_any_field_of_any_log_line(settings):
                                                      "code_verifier": DYNAMIC["verifier"]}})
     logger.warning("Authorization: Token %s, form code_verifier=%s", DYNAMIC["opaque"], DYNAMIC["verifier"])
     logger.warning("refresh", extra={"refresh_token": DYNAMIC["refresh"], "api_key": DYNAMIC["opaque"]})
+    logger.info('"GET /oauth/locate2u/start?link=%s HTTP/1.1" 302', DYNAMIC["link"])  # an access-log line
+    logger.info("GET /oauth/locate2u/callback", extra={"url": f"/oauth/locate2u/callback?code={DYNAMIC['code']}"
+                                                              f"&state={DYNAMIC['state']}"})
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert len(lines) == 6 * len(secrets) + 4
+    assert len(lines) == 6 * len(secrets) + 6
     assert any("exc_info" in line for line in lines) and any("stack_info" in line for line in lines)
     text = stream.getvalue()
     leaked = [value for value in secrets + list(DYNAMIC.values()) if value in text]

@@ -21,7 +21,8 @@ _context = contextvars.ContextVar("l2u_log_context", default={})
 _PATTERNS = (
     (re.compile(r"(/webhooks/locate2u/[\w.-]+/)[\w-]+"), r"\1[redacted]"),
     (re.compile(r"(?i)\b(bearer|basic)\s+[\w.~+/=-]+"), r"\1 [redacted]"),
-    (re.compile(r"(?i)([?&](?:code|state|access_token|refresh_token|client_secret|password)=)[^&\s\"']+"),
+    (re.compile(r"(?i)([?&](?:code|state|link|access_token|refresh_token|client_secret|password|code_verifier)=)"
+                r"[^&\s\"']+"),
      r"\1[redacted]"),
     (re.compile(r"(?i)((?:access|refresh)_token|client_secret|password|code_verifier)(['\"]?\s*[=:]\s*['\"]?)"
                 r"[^\s'\",&]+"), r"\1\2[redacted]"),
