@@ -1,8 +1,11 @@
 """The web process: receives Locate2u webhooks, records them and hands them on."""
+import logging
+
 from flask import Flask
 
 from receiver import console, errors, health, metrics, oauth, openapi, webhooks
 from receiver.handoff import Handoff
+from workers import redis_health
 from workers.config import ConfigError, Settings
 from workers.logs import configure_logging
 from workers.routes import load_routes
@@ -19,6 +22,7 @@ def create_app(settings=None):
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["l2u.settings"] = settings
     handoff = app.extensions["l2u.handoff"] = Handoff.from_settings(settings)
+    redis_health.log_report(handoff.ledger.redis, logging.getLogger("receiver"))
     errors.init_app(app)
     metrics.init_app(app, handoff.ledger.redis, settings)
     app.register_blueprint(webhooks.bp)

@@ -95,7 +95,8 @@ class Handoff:
         client = connect(settings.redis_url, settings.redis_ca_file, settings.redis_max_connections)
         producer = make_celery(settings, "l2u-receiver")
         messages = RedisTaskMessage(producer, PROCESS_DELIVERY, INGEST_QUEUE) if broker_is_ledger_redis(settings) else None
-        return cls(Ledger(client), Quarantine(client), producer, settings.dedup_window, messages)
+        return cls(Ledger(client, history=settings.history_days * 86400),
+                   Quarantine(client, limit=settings.quarantine_limit), producer, settings.dedup_window, messages)
 
     def accept(self, delivery_id, event_type, body):
         """Record and queue a delivery; return "accepted" or "duplicate"."""

@@ -71,6 +71,15 @@ class SettingsSchema(Schema):
     event_types = _env("RELAY_EVENT_TYPES", CommaList(load_default=tuple(EVENT_TYPES)))
     routes_file = _env("RELAY_ROUTES_FILE", fields.String(load_default=None))
     dedup_window = _env("RELAY_DEDUP_WINDOW", fields.Integer(load_default=86400, validate=validate.Range(60)))
+    # Redis memory bounds (workers/housekeeping.py); 14 days is as long as a ledger entry lives.
+    history_days = _env("RELAY_HISTORY_DAYS", fields.Integer(load_default=14, validate=validate.Range(1, 14)))
+    history_trim_percent = _env("RELAY_HISTORY_TRIM_PERCENT",
+                                fields.Integer(load_default=70, validate=validate.Range(10, 95)))
+    dead_letter_days = _env("RELAY_DEAD_LETTER_DAYS", fields.Integer(load_default=14, validate=validate.Range(1, 14)))
+    dead_letter_limit = _env("RELAY_DEAD_LETTER_LIMIT",
+                             fields.Integer(load_default=10000, validate=validate.Range(1, 1000000)))
+    quarantine_limit = _env("RELAY_QUARANTINE_LIMIT",
+                            fields.Integer(load_default=1000, validate=validate.Range(1, 100000)))
     sweep_after = _env("RELAY_SWEEP_AFTER", fields.Integer(load_default=120, validate=validate.Range(1)))
     subscription_sync_interval = _env("RELAY_SUBSCRIPTION_SYNC_INTERVAL",
                                       fields.Integer(load_default=900, validate=validate.Range(60)))
@@ -207,6 +216,11 @@ class Settings:
     event_types: tuple = tuple(EVENT_TYPES)
     routes_file: str | None = None
     dedup_window: int = 86400
+    history_days: int = 14
+    history_trim_percent: int = 70
+    dead_letter_days: int = 14
+    dead_letter_limit: int = 10000
+    quarantine_limit: int = 1000
     sweep_after: int = 120
     visibility_timeout: int = 240
     subscription_sync_interval: int = 900

@@ -15,8 +15,8 @@ class Runtime:
     def __init__(self, settings, send_task):
         self.settings = settings
         self.redis = connect(settings.redis_url, settings.redis_ca_file, settings.redis_max_connections)
-        self.ledger = Ledger(self.redis)
-        self.quarantine = Quarantine(self.redis)
+        self.ledger = Ledger(self.redis, history=settings.history_days * 86400)
+        self.quarantine = Quarantine(self.redis, limit=settings.quarantine_limit)
         self.dead_letters = DeadLetterStore(self.redis)
         self.scheduler = RetryScheduler(self.redis, send_task)
         self.routes = load_routes(settings.routes_file)

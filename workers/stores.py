@@ -3,22 +3,32 @@
 Keys all start with ``l2u:``. The ledger keeps the raw delivery (event type,
 body, received-at, status) in one hash per delivery; ``record()`` writes it,
 the dedup key and the sweeper's index (and, from the receiver, the Celery
-message) in one atomic round trip.
+message) in one atomic round trip. Once a delivery is settled (applied, stale,
+unrouted or quarantined), ``compact()`` moves its outcome and trace, without the
+body, into one field of a hash per quarter hour of settling (``l2u:settled:<t>``),
+which expires with the history retention and is trimmed oldest first when Redis
+runs short of memory. A dead-lettered delivery keeps its full entry until the
+ledger's retention, so a replay continues from it.
 """
+import base64
 import collections
 import json
 import time
+import zlib
 from datetime import datetime
 
 import redis
 
-from workers.redis_tls import tls_options
-
 from workers.queue_positions import counter_key
+from workers.redis_tls import tls_options
 
 PREFIX = "l2u:"
 LEDGER_RETENTION = 14 * 86400
-QUARANTINE_LIMIT = 10000
+QUARANTINE_LIMIT = 1000
+SETTLED_BUCKET_SECONDS = 900
+# A settled delivery is compacted this long after it settled, so the trace lines written just
+# after its final outcome are part of it.
+SETTLE_GRACE = 15
 
 # Final delivery states; anything else is still in progress.
 FINAL_STATES = ("applied", "stale", "dead_lettered", "quarantined", "unrouted")
@@ -28,7 +38,7 @@ TRACE_LIMIT = 200
 POOL_WAIT = 5  # seconds a thread waits for a free connection of a bounded pool
 
 _RECORD = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) == false then return 0 end
+if redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[2]) == false then return 0 end
 redis.call('HSET', KEYS[2], 'delivery_id', ARGV[1], 'event_type', ARGV[3], 'body', ARGV[4],
            'received_at', ARGV[5], 'status', 'received')
 redis.call('EXPIRE', KEYS[2], ARGV[6])
@@ -67,6 +77,28 @@ redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
 return 1
 """
 
+# Record a sink's outcome only while the delivery's entry exists: a late write (a redelivered
+# task after the delivery was compacted or expired) must not leave a fragment behind.
+_SINK_OUTCOME = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# Move one settled delivery into its quarter-hour bucket, unless it changed since it was read.
+# KEYS: entry, trace, bucket, ALL, FINAL, OPEN, RECEIVED; ARGV: id, packed, fields, lines, expire-at, status.
+_COMPACT = """
+if redis.call('HLEN', KEYS[1]) ~= tonumber(ARGV[3]) or redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[4])
+   or redis.call('HGET', KEYS[1], 'status') ~= ARGV[6] then
+  return 0
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('EXPIREAT', KEYS[3], ARGV[5])
+redis.call('DEL', KEYS[1], KEYS[2])
+for i = 4, 7 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 1
+"""
+
 
 def connect(url, ca_file=None, max_connections=None, **options):
     """A Redis client for ``url`` with short timeouts, so an outage fails fast.
@@ -96,13 +128,22 @@ class Ledger:
 
     OPEN = PREFIX + "ledger:open"
     RECEIVED = PREFIX + "ledger:received"  # older versions' index of "received" ones; folded into OPEN
-    ALL = PREFIX + "ledger:all"
+    ALL = PREFIX + "ledger:all"  # every delivery with a full entry (not yet compacted), scored by receipt
+    FINAL = PREFIX + "ledger:final"  # settled, waiting to be compacted; scored by when it settled
+    SETTLED = PREFIX + "settled:"  # + bucket start: compacted deliveries settled in that quarter hour
+    COMPACTED = ("applied", "stale", "unrouted", "quarantined")  # final states that drop the body
+    # Entry fields a compacted delivery keeps (besides status, event type, received-at, outcomes,
+    # trace); the rest was working state of its processing (leases, queue tickets).
+    KEPT_FIELDS = ("entity", "reason", "resumes")
 
-    def __init__(self, client):
+    def __init__(self, client, history=LEDGER_RETENTION):
         self.redis = client
+        self.history_seconds = history  # how long a compacted delivery is kept
         self._record = client.register_script(_RECORD)
         self._claim = client.register_script(_CLAIM)
         self._lease = client.register_script(_LEASE)
+        self._sink_outcome = client.register_script(_SINK_OUTCOME)
+        self._compact = client.register_script(_COMPACT)
 
     @staticmethod
     def key(delivery_id):
@@ -136,14 +177,29 @@ class Ledger:
             pipe.execute()
 
     def get(self, delivery_id):
-        """The ledger entry as a dict (sink outcomes under ``sinks``), or None."""
+        """The ledger entry as a dict (sink outcomes under ``sinks``), or None.
+
+        A compacted entry has no ``body`` and carries ``compacted: True``.
+        """
         entry = self.redis.hgetall(self.key(delivery_id))
         if not entry:
-            return None
-        sinks = {name[5:]: json.loads(value) for name, value in entry.items() if name.startswith("sink:")}
-        entry = {name: value for name, value in entry.items() if not name.startswith("sink:")}
-        entry["sinks"] = sinks
-        return entry
+            packed = self._settled_record(delivery_id)
+            return _unpack(delivery_id, packed)[0] if packed else None
+        return _entry(entry)
+
+    def get_many(self, delivery_ids):
+        """``{delivery id: entry}`` (as ``get`` gives them) for those of ``delivery_ids`` in the ledger,
+        in a few round trips."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for delivery_id in delivery_ids:
+                pipe.hgetall(self.key(delivery_id))
+            found = {delivery_id: _entry(entry) for delivery_id, entry in zip(delivery_ids, pipe.execute()) if entry}
+        missing = [delivery_id for delivery_id in delivery_ids if delivery_id not in found]
+        for key in self.settled_buckets() if missing else ():
+            for delivery_id, packed in zip(missing, self.redis.hmget(key, missing)):
+                if packed:
+                    found[delivery_id] = _unpack(delivery_id, packed)[0]
+        return found
 
     def set_status(self, delivery_id, status, due=None, **fields):
         """Set the overall status (and extra fields).
@@ -157,6 +213,8 @@ class Ledger:
                 pipe.zrem(self.OPEN, delivery_id)
             else:
                 pipe.zadd(self.OPEN, {delivery_id: time.time() if due is None else due})
+            if status in self.COMPACTED:
+                pipe.zadd(self.FINAL, {delivery_id: time.time()})
             pipe.execute()
 
     def claim(self, delivery_id, token, lease_seconds, attempt=0):
@@ -191,10 +249,10 @@ class Ledger:
         Returns the delivery's received-at time (epoch seconds), for latency metrics.
         """
         outcome = json.dumps({"state": state, "at": time.time(), **details})
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.key(delivery_id), f"sink:{sink}", outcome)
-            pipe.hgetall(self.key(delivery_id))
-            entry = pipe.execute()[1]
+        reply = self._sink_outcome(keys=[self.key(delivery_id)], args=[f"sink:{sink}", outcome])
+        if not reply:  # compacted or expired: already settled for good
+            return 0.0
+        entry = dict(zip(reply[::2], reply[1::2]))
         outcomes = [json.loads(v) for k, v in entry.items() if k.startswith("sink:")]
         states = [outcome["state"] for outcome in outcomes]
         if states and all(s in FINAL_SINK_STATES for s in states):
@@ -203,6 +261,8 @@ class Ledger:
             with self.redis.pipeline() as pipe:
                 pipe.hset(self.key(delivery_id), "status", final)
                 pipe.zrem(self.OPEN, delivery_id)
+                if final in self.COMPACTED:
+                    pipe.zadd(self.FINAL, {delivery_id: time.time()})
                 pipe.execute()
         else:  # the stall sweeper looks again once the least advanced open sink is due
             due = min(o["at"] + o.get("next_in", 0) for o in outcomes if o["state"] not in FINAL_SINK_STATES)
@@ -219,7 +279,12 @@ class Ledger:
             pipe.execute()
 
     def history(self, delivery_id):
-        return [json.loads(line) for line in self.redis.lrange(f"{PREFIX}trace:{delivery_id}", 0, -1)]
+        """The delivery's trace, oldest first (a compacted one's, then any line written after it)."""
+        lines = [json.loads(line) for line in self.redis.lrange(f"{PREFIX}trace:{delivery_id}", 0, -1)]
+        if self.redis.exists(self.key(delivery_id)):
+            return lines
+        packed = self._settled_record(delivery_id)
+        return (_unpack(delivery_id, packed)[1] if packed else []) + lines
 
     def fold_legacy_index(self):
         """Move the ids an older version kept in ``RECEIVED`` into ``OPEN`` (upgrade, once)."""
@@ -254,9 +319,147 @@ class Ledger:
         cutoff = (time.time() if now is None else now) - LEDGER_RETENTION
         return self.redis.zremrangebyscore(self.ALL, "-inf", cutoff)
 
+    def compact(self, now=None, grace=SETTLE_GRACE, limit=2000):
+        """Move deliveries settled ``grace`` seconds ago into the settled buckets; return how many.
+
+        What is kept: status, event type, received-at, the other entry fields, every sink's
+        outcome and the trace, with times relative to receipt. The body and the per-delivery
+        keys and index members go. An entry that changed since it was read waits for the next call.
+        """
+        now = time.time() if now is None else now
+        ids = self.redis.zrangebyscore(self.FINAL, "-inf", now - grace, start=0, num=limit)
+        if not ids:
+            return 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for delivery_id in ids:
+                pipe.hgetall(self.key(delivery_id))
+                pipe.lrange(f"{PREFIX}trace:{delivery_id}", 0, -1)
+            replies = pipe.execute()
+        bucket = int(now // SETTLED_BUCKET_SECONDS) * SETTLED_BUCKET_SECONDS
+        expire_at = bucket + SETTLED_BUCKET_SECONDS + self.history_seconds
+        moved = 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for delivery_id, entry, lines in zip(ids, replies[::2], replies[1::2]):
+                if entry.get("status") not in self.COMPACTED:  # expired, or reopened since
+                    pipe.zrem(self.FINAL, delivery_id)
+                    continue
+                keys = [self.key(delivery_id), f"{PREFIX}trace:{delivery_id}", f"{self.SETTLED}{bucket}",
+                        self.ALL, self.FINAL, self.OPEN, self.RECEIVED]
+                self._compact(keys=keys, args=[delivery_id, _pack(entry, lines), len(entry), len(lines), expire_at,
+                                                  entry["status"]],
+                              client=pipe)
+                moved += 1
+            results = pipe.execute()
+        return moved - results.count(0)
+
+    def settled_buckets(self, now=None):
+        """The settled buckets that exist, oldest first."""
+        now = time.time() if now is None else now
+        newest = int(now // SETTLED_BUCKET_SECONDS) * SETTLED_BUCKET_SECONDS
+        oldest = newest - self.history_seconds - SETTLED_BUCKET_SECONDS
+        keys = [f"{self.SETTLED}{start}" for start in range(oldest, newest + 1, SETTLED_BUCKET_SECONDS)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.exists(key)
+            return [key for key, exists in zip(keys, pipe.execute()) if exists]
+
+    def trim_history(self, enough):
+        """Delete the oldest settled buckets until ``enough()`` is true; return how many deliveries went.
+
+        Only compacted (settled) deliveries are ever trimmed; pending work is not touched.
+        """
+        dropped = 0
+        for key in self.settled_buckets():
+            if enough():
+                break
+            with self.redis.pipeline(transaction=False) as pipe:  # a full Redis refuses MULTI; not DEL
+                pipe.hlen(key)
+                pipe.delete(key)
+                dropped += pipe.execute()[0]
+        return dropped
+
+    def _settled_record(self, delivery_id):
+        buckets = self.settled_buckets()
+        if not buckets:
+            return None
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in buckets:
+                pipe.hget(key, delivery_id)
+            return next((packed for packed in reversed(pipe.execute()) if packed), None)
+
+    def count(self):
+        """How many deliveries the ledger holds, full entries and compacted ones."""
+        buckets = self.settled_buckets()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.ALL)
+            for key in buckets:
+                pipe.hlen(key)
+            return sum(pipe.execute())
+
     def ids(self, since=0):
-        """Every delivery id in the ledger, oldest first."""
-        return self.redis.zrangebyscore(self.ALL, since, "+inf")
+        """Every delivery id in the ledger: compacted ones (by settling time), then full entries oldest first."""
+        settled = [delivery_id for key in self.settled_buckets()
+                   for delivery_id, packed in self.redis.hgetall(key).items()
+                   if float(_unpack(delivery_id, packed)[0]["received_at"]) >= since]
+        return settled + self.redis.zrangebyscore(self.ALL, since, "+inf")
+
+
+# Words a settled entry is made of, for raw deflate to refer back to: a 420-byte entry packs
+# into under 100 characters. Never change it: packed entries in Redis are read with it (a new
+# dictionary needs a new format letter in ``_pack``).
+_PACK_DICTIONARY = (
+    b'"enrich retry","retry","resumed","replayed","stale","dead_lettered","quarantined","unrouted",'
+    b'"reason":"retries exhausted: ","error":"status":,"delay":"next_in":"resumes":"waiting","pending",'
+    b'"locate","deliverycom","forward","trip.created","trip.updated","stop.created","stop.updated",'
+    b'"stop.assigned","stop.status-changed",{"entity":"trip"},{"entity":"stop"},'
+    b'{"storepoint":{"state":"applied","at":0.0,"attempts":1,"remote_id":"1"},'
+    b'"b2b":{"state":"applied","at":0.0,"attempts":1,"remote_id":"BP-1-1"}},'
+    b'[[0.0,"routed",{"sinks":["storepoint","b2b"]}],[0.0,"applied",{"sink":"storepoint","action":"upsert",'
+    b'"key":"stop-1"}],[0.0,"applied",{"sink":"b2b","action":"upsert","key":"stop-1"}]]]')
+
+
+def _deflater():
+    return zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict=_PACK_DICTIONARY)
+
+
+def _entry(fields):
+    """A ledger hash as ``Ledger.get`` gives it: sink outcomes decoded under ``sinks``."""
+    entry = {name: value for name, value in fields.items() if not name.startswith("sink:")}
+    entry["sinks"] = {name[5:]: json.loads(value) for name, value in fields.items() if name.startswith("sink:")}
+    return entry
+
+
+def _pack(entry, lines):
+    """A settled entry (``Ledger.KEPT_FIELDS`` of its fields) and its trace as a short string: JSON with
+    times relative to receipt, raw-deflated against ``_PACK_DICTIONARY``, in base85 after the format
+    letter "z"."""
+    received = float(entry["received_at"])
+    fields = {name: entry[name] for name in Ledger.KEPT_FIELDS if name in entry}
+    sinks = {}
+    for name, raw in entry.items():
+        if name.startswith("sink:"):
+            outcome = json.loads(raw)
+            sinks[name[5:]] = {**outcome, "at": round(outcome["at"] - received, 3)}
+    trace = []
+    for raw in lines:
+        line = json.loads(raw)
+        trace.append([round(line.pop("at") - received, 3), line.pop("what")] + ([line] if line else []))
+    text = json.dumps([entry["status"], entry["event_type"], round(received, 3), fields, sinks, trace],
+                      separators=(",", ":"))
+    deflater = _deflater()
+    return "z" + base64.b85encode(deflater.compress(text.encode()) + deflater.flush()).decode()
+
+
+def _unpack(delivery_id, packed):
+    """``(entry, trace)`` as ``Ledger.get`` and ``Ledger.history`` give them, from ``_pack``'s text."""
+    inflater = zlib.decompressobj(-15, zdict=_PACK_DICTIONARY)
+    text = inflater.decompress(base64.b85decode(packed[1:])) + inflater.flush()
+    status, event_type, received, fields, sinks, trace = json.loads(text)
+    entry = {"delivery_id": delivery_id, "event_type": event_type, "received_at": repr(received), "status": status,
+             **fields, "compacted": True,
+             "sinks": {name: {**outcome, "at": received + outcome["at"]} for name, outcome in sinks.items()}}
+    history = [{"at": received + line[0], "what": line[1], **(line[2] if len(line) > 2 else {})} for line in trace]
+    return entry, history
 
 
 class Quarantine:
@@ -264,15 +467,16 @@ class Quarantine:
 
     KEY = PREFIX + "quarantine"
 
-    def __init__(self, client):
+    def __init__(self, client, limit=QUARANTINE_LIMIT):
         self.redis = client
+        self.limit = limit  # the newest this many are kept
 
     def add(self, event_type, body, reason, errors=None, delivery_id=None):
         item = {"event_type": event_type, "body": body, "reason": reason, "errors": errors,
                 "delivery_id": delivery_id, "received_at": time.time()}
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.lpush(self.KEY, json.dumps(item))
-            pipe.ltrim(self.KEY, 0, QUARANTINE_LIMIT - 1)
+            pipe.ltrim(self.KEY, 0, self.limit - 1)
             pipe.execute()
 
     def items(self, limit=100):
@@ -472,6 +676,17 @@ class DeadLetterStore:
     def remove(self, entry_id):
         """Drop an entry (applied after replay, or purged); return True if it existed."""
         return bool(self._drop(keys=[self.INDEX, self.COUNTS], args=[entry_id]))
+
+    def trim(self, limit, max_age, now=None):
+        """Drop entries older than ``max_age`` seconds, then the oldest beyond ``limit``; return how many."""
+        cutoff = (time.time() if now is None else now) - max_age
+        old = self.redis.zrangebyscore(self.INDEX, "-inf", cutoff)
+        excess = max(0, self.redis.zcard(self.INDEX) - len(old) - limit)
+        old += self.redis.zrange(self.INDEX, len(old), len(old) + excess - 1) if excess else []
+        for start in range(0, len(old), 500):
+            batch = old[start:start + 500]
+            self._drop(keys=[self.INDEX, self.COUNTS], args=batch)
+        return len(old)
 
     def counts(self):
         """Dead letters per sink, from the counts kept as entries come and go (O(sinks), not O(entries))."""

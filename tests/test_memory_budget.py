@@ -1,0 +1,192 @@
+"""Redis memory budget against the real Redis of the suite: settled deliveries are compacted to a few
+hundred bytes, every store is bounded, and history is trimmed oldest first before pending work is touched."""
+import hashlib
+import json
+import time
+
+import pytest
+
+from workers import housekeeping
+from workers.config import Settings
+from workers.stores import (DeadLetterStore, Ledger, Quarantine, SETTLED_BUCKET_SECONDS, SETTLE_GRACE)
+from tests.conftest import TEST_SECRET
+
+BODY = json.dumps({"stopId": 100001, "stopRef": "L2022E0000001", "tripDate": "2022-04-27", "shipmentId": None,
+                   "actionDate": "2022-04-27T00:00:01.0000001+00:00", "oldStatus": "Enroute", "newStatus": "Arrived",
+                   "notes": None, "location": None,
+                   "assignedTo": {"name": "Filbert Nicholas", "id": "a823361e-9d40-4438-bb28-b2b58cdb957e"},
+                   "changedByUser": {"name": "Filbert Nicholas", "id": "a823361e-9d40-4438-bb28-b2b58cdb957e"},
+                   "source": None, "sourceReference": None})
+SINKS = ("storepoint", "b2b")
+DAY = 86400
+
+
+def delivery_id(n, tag="d"):
+    return hashlib.sha256(f"{tag}{n}".encode()).hexdigest()
+
+
+def settle(ledger, delivery_id, received_at=None):
+    """What the pipeline writes for a delivery applied to two sinks."""
+    ledger.record(delivery_id, "stop.status-changed", BODY, 86400, received_at=received_at)
+    ledger.start_fan_out(delivery_id, list(SINKS), entity="stop")
+    ledger.trace(delivery_id, "routed", sinks=list(SINKS))
+    for number, sink in enumerate(SINKS):
+        ledger.sink_outcome(delivery_id, sink, "applied", attempts=1, remote_id=f"R-{number}")
+        ledger.trace(delivery_id, "applied", sink=sink, action="upsert", key="stop-100001")
+
+
+def pending(ledger, delivery_id):
+    ledger.record(delivery_id, "stop.status-changed", BODY, 86400)
+    ledger.start_fan_out(delivery_id, list(SINKS), entity="stop")
+
+
+def used(client):
+    return client.info("memory")["used_memory"]
+
+
+def compact_all(ledger, now):
+    while ledger.compact(now=now):
+        pass
+
+
+@pytest.fixture
+def maxmemory(redis_client):
+    """Set the suite Redis's maxmemory for one test, then lift the limit again."""
+    yield lambda size: redis_client.config_set("maxmemory", size)
+    redis_client.config_set("maxmemory", 0)
+
+
+def test_a_settled_delivery_keeps_outcome_and_trace_without_its_body(redis_client):
+    ledger = Ledger(redis_client)
+    settle(ledger, "d-1")
+    before, history = ledger.get("d-1"), ledger.history("d-1")
+    assert ledger.compact() == 0  # not before the grace, so the last trace lines are in
+    assert ledger.compact(now=time.time() + SETTLE_GRACE) == 1
+
+    entry = ledger.get("d-1")
+    assert "body" not in entry and entry["compacted"] is True
+    assert {key: entry[key] for key in ("status", "event_type", "entity")} == {
+        "status": "applied", "event_type": "stop.status-changed", "entity": "stop"}
+    assert float(entry["received_at"]) == pytest.approx(float(before["received_at"]), abs=0.001)
+    for sink in SINKS:
+        assert entry["sinks"][sink]["state"] == "applied" and entry["sinks"][sink]["remote_id"]
+        assert entry["sinks"][sink]["at"] == pytest.approx(before["sinks"][sink]["at"], abs=0.002)
+    assert [(line["what"], line.get("sink")) for line in ledger.history("d-1")] == [
+        (line["what"], line.get("sink")) for line in history]
+    # the per-delivery keys and index members are gone; the delivery is still counted and listed
+    assert not redis_client.exists(Ledger.key("d-1"), "l2u:trace:d-1")
+    assert redis_client.zscore(Ledger.ALL, "d-1") is None and redis_client.zscore(Ledger.FINAL, "d-1") is None
+    assert ledger.count() == 1 and ledger.ids() == ["d-1"]
+
+
+def test_dead_lettered_and_unsettled_deliveries_keep_their_body(redis_client):
+    ledger = Ledger(redis_client)
+    pending(ledger, "open")
+    ledger.record("dead", "stop.status-changed", BODY, 86400)
+    ledger.start_fan_out("dead", ["storepoint"])
+    ledger.sink_outcome("dead", "storepoint", "dead_lettered", attempts=1, reason="400")
+    compact_all(ledger, time.time() + SETTLE_GRACE)
+    assert ledger.get("open")["body"] == BODY and ledger.get("dead")["body"] == BODY  # a replay needs it
+
+
+def test_a_late_outcome_after_compaction_leaves_no_fragment(redis_client):
+    ledger = Ledger(redis_client)
+    settle(ledger, "d-1")
+    compact_all(ledger, time.time() + SETTLE_GRACE)
+    assert ledger.sink_outcome("d-1", "storepoint", "stale", attempts=1) == 0.0  # a redelivered deliver task
+    assert not redis_client.exists(Ledger.key("d-1"))
+    assert ledger.get("d-1")["sinks"]["storepoint"]["state"] == "applied"
+
+
+def test_a_settled_delivery_costs_at_most_400_bytes_at_default_retention(redis_client):
+    ledger, count = Ledger(redis_client), 2000
+    ids = [delivery_id(n) for n in range(count)]
+    start = used(redis_client)
+    for one in ids:
+        settle(ledger, one)
+    full = (used(redis_client) - start) / count
+    compact_all(ledger, time.time() + SETTLE_GRACE)
+    with_dedup = (used(redis_client) - start) / count
+    redis_client.delete(*[Ledger.dedup_key(one) for one in ids])  # the dedup window (a day) is over
+    record = (used(redis_client) - start) / count
+    # kept 14 days; the dedup key only the first of them
+    at_default_retention = record + (with_dedup - record) / 14
+    print(f"bytes per delivery: full {full:.0f}, compacted {with_dedup:.0f}, after the dedup window {record:.0f}")
+    assert at_default_retention <= 400 < full
+    assert (25 * 1024 * 1024 - start) / at_default_retention >= 50000
+
+
+def test_settled_history_expires_with_the_history_setting(redis_client):
+    ledger = Ledger(redis_client, history=2 * DAY)
+    settle(ledger, "d-1")
+    now = time.time() + SETTLE_GRACE
+    compact_all(ledger, now)
+    bucket, = ledger.settled_buckets(now)
+    start = int(now // SETTLED_BUCKET_SECONDS) * SETTLED_BUCKET_SECONDS
+    expected = start + SETTLED_BUCKET_SECONDS + 2 * DAY - time.time()
+    assert redis_client.ttl(bucket) == pytest.approx(expected, abs=5)
+
+
+def test_memory_pressure_trims_settled_history_oldest_first_and_never_pending_work(redis_client, maxmemory):
+    ledger = Ledger(redis_client)
+    now = time.time()
+    hours = [now - 3 * 3600, now - 2 * 3600, now - 3600]  # three buckets of settled history
+    for hour, settled_at in enumerate(hours):
+        for n in range(300):
+            settle(ledger, delivery_id(n, f"h{hour}"))
+            redis_client.zadd(Ledger.FINAL, {delivery_id(n, f"h{hour}"): settled_at})  # settled back then
+        compact_all(ledger, settled_at + SETTLE_GRACE)
+    open_ids = [delivery_id(n, "open") for n in range(300)]
+    for one in open_ids:
+        pending(ledger, one)
+    oldest, middle, newest = ledger.settled_buckets()
+    # a limit just under what is used now, so only part of the history has to go
+    maxmemory(int(used(redis_client) * 100 / 70) - 40000)
+    settings = Settings(webhook_secret=TEST_SECRET, history_trim_percent=70)
+
+    trimmed = housekeeping.trim_for_memory(redis_client, ledger, settings.history_trim_percent)
+
+    assert trimmed == 300  # the oldest bucket alone was enough
+    assert not redis_client.exists(oldest) and redis_client.exists(middle) and redis_client.exists(newest)
+    assert all(ledger.get(one)["body"] == BODY for one in open_ids)  # pending work untouched
+
+    maxmemory(1)  # nothing but pending work would fit: all history goes, still no pending entry
+    housekeeping.trim_for_memory(redis_client, ledger, 70)
+    assert ledger.settled_buckets() == []
+    assert all(ledger.get(one)["status"] == "routed" for one in open_ids)
+
+
+def test_dead_letters_are_bounded_by_age_and_count(redis_client):
+    store = DeadLetterStore(redis_client)
+    now = time.time()
+    for n in range(10):
+        store.add(f"d-{n}", "storepoint", "400")
+        redis_client.zadd(DeadLetterStore.INDEX, {f"d-{n}:storepoint": now - (10 - n) * DAY})  # d-0 is oldest
+    assert store.trim(limit=100, max_age=7 * DAY + 60, now=now) == 3  # 10, 9 and 8 days old
+    assert store.trim(limit=5, max_age=30 * DAY, now=now) == 2  # then the oldest beyond five
+    assert [entry["delivery_id"] for entry in store.list()] == [f"d-{n}" for n in range(5, 10)]
+    assert not redis_client.exists("l2u:dlq:d-0:storepoint", "l2u:dlq:d-4:storepoint")
+
+
+def test_the_quarantine_keeps_the_newest_up_to_its_limit(redis_client):
+    quarantine = Quarantine(redis_client, limit=3)
+    for n in range(5):
+        quarantine.add("stop.created", json.dumps({"n": n}), "invalid")
+    assert [json.loads(item["body"])["n"] for item in quarantine.items()] == [4, 3, 2]
+
+
+def test_housekeeping_applies_the_settings(redis_client):
+    settings = Settings(webhook_secret=TEST_SECRET, dead_letter_limit=1, dead_letter_days=14)
+
+    class Rt:  # what housekeeping.run reads from the workers' Runtime
+        redis = redis_client
+        ledger = Ledger(redis_client, history=settings.history_days * DAY)
+        dead_letters = DeadLetterStore(redis_client)
+
+    Rt.settings = settings
+    settle(Rt.ledger, "d-1")
+    Rt.dead_letters.add("d-2", "storepoint", "400")
+    Rt.dead_letters.add("d-3", "storepoint", "400")
+    done = housekeeping.run(Rt, now=time.time() + SETTLE_GRACE)
+    assert done["compacted"] == 1 and done["dead_letters"] == 1 and done["trimmed"] == 0
+    assert [entry["delivery_id"] for entry in Rt.dead_letters.list()] == ["d-3"]
