@@ -16,6 +16,7 @@ import redis
 from workers import ops_commands
 from workers.config import ConfigError, Settings
 from workers.locate2u import commands as locate2u_commands
+from workers.locate2u import stops_command
 from workers.webhook_auth import webhook_url
 
 EXIT_CONFIG = 2
@@ -28,7 +29,8 @@ class RelayGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {exc}\n  set them in the environment (README, Configuration), or run the command in "
+                       "this checkout while `l2u-relay run` is running there", err=True)
         except redis.ConnectionError as exc:
             click.echo(f"error: Redis cannot be reached at {_redis_location()}: {exc}\n"
                        "  start it (l2u-relay run starts one in this checkout) or fix REDIS_URL", err=True)
@@ -125,11 +127,13 @@ def _settings(environ=None):
 
 main.add_command(ops_commands.dlq)
 main.add_command(ops_commands.deliveries)
+main.add_command(ops_commands.quarantine)
 main.add_command(ops_commands.reconcile)
 main.add_command(ops_commands.status)
 main.add_command(locate2u_commands.oauth)
 main.add_command(locate2u_commands.whoami)
 main.add_command(locate2u_commands.stops)
+locate2u_commands.stops.add_command(stops_command.stops_import)
 main.add_command(locate2u_commands.subscriptions)
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import json
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from workers.celery_config import CONTROL_QUEUE, DELIVER_QUEUE, INGEST_QUEUE
-from workers.stores import PREFIX, DeadLetterStore
+from workers.stores import PREFIX, DeadLetterStore, Quarantine
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 COUNTERS = PREFIX + "metrics:counters"
@@ -69,6 +69,9 @@ class RedisMetricsCollector:
         retries = GaugeMetricFamily("l2u_scheduled_retries", "Deliveries waiting for their retry time")
         retries.add_metric([], self.redis.zcard(PREFIX + "retries"))
         yield retries
+        quarantined = GaugeMetricFamily("l2u_quarantined", "Deliveries kept in the quarantine (failed validation)")
+        quarantined.add_metric([], self.redis.llen(Quarantine.KEY))
+        yield quarantined
         dead = GaugeMetricFamily("l2u_dead_letters", "Dead letters waiting per sink", labels=["sink"])
         counts = DeadLetterStore(self.redis).counts()
         for sink in sorted(set(self.sinks) | set(counts)):

@@ -6,17 +6,27 @@ from datetime import datetime, timezone
 import click
 
 from workers import operations
+from workers.config import ConfigError
+from workers.reconcile import RECONCILABLE
 from workers.sinks import SINK_NAMES
 
 
 def _runtime():
+    """The stores and sinks; a configuration problem (REDIS_URL unset or malformed too) raises ConfigError."""
     from workers.cli import _settings
 
     settings = _settings()  # a configuration problem is reported before anything else loads
+    if not settings.redis_url:
+        raise ConfigError({"REDIS_URL": "not set: the relay's state is in Redis; set REDIS_URL "
+                                        "(redis://host:6379/0), or start `l2u-relay run` in this checkout, "
+                                        "whose settings every command here picks up"})
     from workers.app import app
     from workers.runtime import Runtime
 
-    return Runtime(settings, app.send_task)
+    try:
+        return Runtime(settings, app.send_task)
+    except ValueError as exc:  # redis-py's words for a URL it cannot use
+        raise ConfigError({"REDIS_URL": str(exc)}) from None
 
 
 def _when(epoch):
@@ -165,24 +175,82 @@ def deliveries_show(delivery_id, as_json):
     click.echo(f"body: {entry['body']}")
 
 
-@click.command()
-@click.argument("sink", type=click.Choice(SINK_NAMES))
-@click.option("--since", help="Only records changed since this date (where the system can filter).")
+@click.group()
+def quarantine():
+    """Inspect and purge quarantined deliveries (authenticated, but not valid events)."""
+
+
+@quarantine.command("list")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="Show at most this many.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def reconcile(sink, since, as_json):
-    """Compare a sink's records with our mappings; rebuild lost mappings; report drift."""
+def quarantine_list(limit, as_json):
+    """List quarantined deliveries, newest first, with the ID that show and purge take."""
+    rt = _runtime()
+    items = operations.quarantine_items(rt, limit)
+    if as_json:
+        return _echo_json([{"id": item_id, **item} for item_id, item in items])
+    for item_id, item in items:
+        click.echo(f"{item_id}  {_when(item['received_at'])}  {item.get('event_type') or '-':<24} "
+                   f"{item['reason'][:100]}")
+    click.echo(f"{len(items)} of {operations.quarantine_count(rt)} quarantined delivery(ies)")
+
+
+@quarantine.command("show")
+@click.argument("item_id")
+def quarantine_show(item_id):
+    """Show one quarantined delivery in full: body, reason and the fields that failed."""
+    item = operations.quarantine_item(_runtime(), item_id)
+    if item is None:
+        raise click.ClickException(f"no quarantined delivery {item_id} (l2u-relay quarantine list shows the IDs)")
+    _echo_json(item)
+
+
+@quarantine.command("purge")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Purge every quarantined delivery.")
+@click.confirmation_option(prompt="Quarantined deliveries purged are gone for good. Continue?")
+def quarantine_purge(ids, all_):
+    """Delete quarantined deliveries for good (IDs, or --all)."""
+    if bool(ids) == bool(all_):
+        raise click.UsageError("give quarantine IDs or --all")
+    removed = operations.purge_quarantine(_runtime(), None if all_ else ids)
+    click.echo(f"purged {removed} quarantined delivery(ies)")
+
+
+@click.command()
+@click.argument("sink", type=click.Choice(RECONCILABLE))
+@click.option("--since", help="Only records changed since this time, where the system can filter (ISO, or 30m, "
+                              "2h, 7d); then nothing is reported missing.")
+@click.option("--repair", is_flag=True, help="Re-apply our last record where the system lost or changed it "
+                                             "(queued for the workers, like any delivery).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def reconcile(sink, since, repair, as_json):
+    """Compare a sink's records with what we wrote; rebuild lost mappings; report (and repair) drift.
+
+    Exit 0: no drift; 1: drift found (repaired with --repair once the workers have run); 2: a
+    configuration problem. Records that are not ours are listed but are not drift.
+    """
+    from workers import reconcile as reconciliation
+
     rt = _runtime()
     if sink not in rt.sinks:
-        raise click.ClickException(f"sink {sink} is not configured (set its credentials)")
-    report = rt.sinks[sink].reconcile(since=since)
+        raise click.UsageError(f"sink {sink} is not configured (set its credentials)")
+    report = reconciliation.reconcile(rt, sink, _since(since))
+    repaired = reconciliation.repair(rt, sink, report) if repair else {}
     if as_json:
-        return _echo_json(report.to_json())
-    click.echo(f"{sink}: scanned {report.scanned} remote record(s)")
-    for title, items in (("mappings rebuilt", report.rebuilt), ("ours missing there", report.missing_remote),
-                         ("changed there", report.changed_remote), ("unknown to us", report.unknown_remote)):
-        click.echo(f"  {title}: {len(items)}")
-        for item in list(items)[:50]:
-            click.echo(f"    {item}" + (f": {items[item]}" if isinstance(items, dict) else ""))
+        _echo_json({**report.to_json(), "drift": report.drift, "repaired": repaired})
+    else:
+        click.echo(f"{sink}: scanned {report.scanned} remote record(s)")
+        for title, items in (("mappings rebuilt", report.rebuilt), ("ours missing there", report.missing_remote),
+                             ("changed there", report.changed_remote),
+                             ("ours, untracked (duplicates)", report.untracked),
+                             ("not ours", report.unknown_remote), ("repaired", repaired)):
+            click.echo(f"  {title}: {len(items)}")
+            for item in list(items)[:50]:
+                click.echo(f"    {item}" + (f": {items[item]}" if isinstance(items, dict) else ""))
+        click.echo("drift found" + ("; repairs queued" if repaired else " (--repair re-applies our records)")
+                   if report.drift else "no drift")
+    click.get_current_context().exit(1 if report.drift else 0)
 
 
 @click.command()

@@ -8,7 +8,7 @@ from workers.errors import RelayError
 from workers.locate2u.subscriptions import SubscriptionSync
 from workers.metrics import QUEUES
 from workers.resilience import RetryScheduler
-from workers.stores import PREFIX
+from workers.stores import PREFIX, Quarantine
 
 KOMBU_UNACKED = "unacked"  # kombu's Redis transport keeps delivered-but-unacknowledged messages here
 
@@ -20,6 +20,7 @@ def collect(rt):
             "in_flight": rt.redis.hlen(KOMBU_UNACKED),
             "scheduled_retries": rt.redis.zcard(RetryScheduler.KEY),
             "dead_letters": rt.dead_letters.counts(),
+            "quarantined": rt.redis.llen(Quarantine.KEY),
             "sinks": {name: _sink(rt, name) for name in rt.sinks},
             "locate2u": _locate2u(rt)}
 
@@ -50,6 +51,7 @@ def render(data):
     lines = redis_health.lines(data["redis"])
     lines += ["queues        " + "  ".join(f"{q}={n}" for q, n in data["queues"].items())
              + f"  in-flight={data['in_flight']}  scheduled-retries={data['scheduled_retries']}"]
+    lines.append(f"quarantined   {data['quarantined']} (l2u-relay quarantine list)")
     lines.append(f"{'sink':<13} {'breaker':<8} {'mapped':>7} {'dead letters':>13}")
     for name, sink in data["sinks"].items():
         lines.append(f"{name:<13} {sink['breaker']:<8} {sink['mapped']:>7} {sink['dead_letters']:>13}")

@@ -2,6 +2,11 @@
 
 CSV: one stop per row; nested fields are dotted columns (``contact.name``,
 ``location.latitude``, ``customFields.colour``); empty cells are left out.
+Headers are matched ignoring case, spaces, ``_``, ``-`` and ``.`` (``Contact Name``,
+``contact_name`` and ``contact.name`` are one column), and common synonyms are
+taken (``COLUMNS``: ``phone``, ``lat``, ``date``…). Header problems (an unknown
+column, two columns for one field, ``name`` or ``address`` missing) are reported
+together, with the accepted columns, before any row is read or sent.
 JSON: an array of stop objects. Rows are validated with marshmallow before
 anything is sent, each problem reported with its line and field; valid rows
 go to ``POST /v1/Stops/import`` in batches. A batch that fails is reported
@@ -26,6 +31,66 @@ _TIME = validate.Regexp(r"^([01]\d|2[0-3]):[0-5]\d$", error="Must be a time as H
 
 class ImportFileError(ValueError):
     """The file cannot be read as stops at all (not a row problem)."""
+
+
+# Every CSV column: the field, then the synonyms a header may use instead. Required: name, address.
+COLUMNS = {
+    "name": ("stop name", "title"),
+    "address": ("street address", "full address"),
+    "contact.name": ("contact", "contact person"),
+    "contact.phone": ("phone", "phone number", "mobile", "telephone"),
+    "contact.email": ("email", "email address"),
+    "location.latitude": ("latitude", "lat"),
+    "location.longitude": ("longitude", "lng", "lon", "long"),
+    "tripDate": ("trip date", "date", "delivery date"),
+    "appointmentTime": ("appointment", "appointment time"),
+    "timeWindowStart": ("window start", "time from"),
+    "timeWindowEnd": ("window end", "time to"),
+    "durationMinutes": ("duration", "duration minutes", "service minutes"),
+    "notes": ("note", "comments", "instructions"),
+    "type": (),
+    "source": (),
+    "sourceReference": ("reference", "ref"),
+    "customerId": ("customer", "customer id"),
+}
+REQUIRED_COLUMNS = ("name", "address")
+OPEN_COLUMNS = ("customFields", "load")  # customFields.<any name>, load.<any name>
+
+
+def _squash(header):
+    """A header as compared: lower case, without spaces, ``_``, ``-`` and ``.``."""
+    return "".join(ch for ch in header.lower() if ch not in " _-.\t")
+
+
+_BY_SQUASHED = {_squash(alias): column for column, aliases in COLUMNS.items() for alias in (column, *aliases)}
+
+
+def columns_help():
+    """The accepted columns, one per line, with their synonyms (for ``--help`` and header errors)."""
+    lines = [f"{column}{' (required)' if column in REQUIRED_COLUMNS else ''}"
+             + (f": also {', '.join(aliases)}" if aliases else "") for column, aliases in COLUMNS.items()]
+    return lines + [f"{prefix}.NAME: any {prefix} entry" for prefix in OPEN_COLUMNS]
+
+
+def map_header(headers):
+    """``{header: field column}`` for a CSV header row; ImportFileError listing every problem at once."""
+    mapping, problems, taken = {}, [], {}
+    for header in headers:
+        head, dot, member = header.strip().partition(".")
+        open_prefix = next((p for p in OPEN_COLUMNS if _squash(head) == _squash(p)), None)
+        column = f"{open_prefix}.{member.strip()}" if open_prefix and dot and member.strip() \
+            else _BY_SQUASHED.get(_squash(header))
+        if column is None:
+            problems.append(f"unknown column {header!r}")
+        elif column in taken:
+            problems.append(f"columns {taken[column]!r} and {header!r} are both {column}")
+        else:
+            mapping[header], taken[column] = column, header
+    problems += [f"no {column} column" for column in REQUIRED_COLUMNS if column not in taken]
+    if problems:
+        raise ImportFileError("header: " + "; ".join(problems) + ".\nAccepted columns (case, spaces, _ and . "
+                              "ignored):\n  " + "\n  ".join(columns_help()))
+    return mapping
 
 
 class _IdField(fields.String):
@@ -113,9 +178,10 @@ def _csv_rows(text):
     try:
         if not reader.fieldnames:
             raise ImportFileError("the CSV file has no header row")
+        columns = {**map_header(reader.fieldnames), EXTRA_VALUES: EXTRA_VALUES}
         start = reader.line_num + 1
         for row in reader:
-            rows.append((start, _nest({k: v for k, v in row.items() if v not in ("", None)})))
+            rows.append((start, _nest({columns[k]: v for k, v in row.items() if v not in ("", None)})))
             start = reader.line_num + 1
     except csv.Error as exc:
         raise ImportFileError(f"CSV error at line {reader.line_num}: {exc}") from None
