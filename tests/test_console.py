@@ -4,13 +4,17 @@ import re
 import time
 
 import pytest
+import requests
 from prometheus_client import REGISTRY
 from werkzeug.security import generate_password_hash
 
 from receiver import create_app
 from receiver.console import session_key
 from tests.payloads import status_change
+from tests.processes import BIN, Process
+from tests.test_demo import demo_env
 from workers.config import ConfigError, Settings
+from workers.devstack import free_port
 from workers.locations import Location
 from workers.ops.simulators import storepoint
 from workers.ops.simulators.base import SimulatorServer
@@ -358,3 +362,28 @@ def test_stop_page_orders_events_and_shows_drift_read_live(console_settings, red
         assert re.search(r'<tr class="drift"><td>name</td><td>Depot</td>\s*<td>Renamed by hand</td>', page)
         assert "version applied: 2022-04-27T06:00:00+00:00" in page
         assert client.get("/console/stops?stop=77").headers["Location"] == "/console/stops/77"
+
+
+# ------------------------------------------------------------------ l2u-relay run
+
+def test_run_turns_the_console_on_with_a_generated_password(tmp_path):
+    port, data_dir = free_port(), tmp_path / "data"
+    stack = Process("l2u-relay-run", [str(BIN / "l2u-relay"), "run", "--port", str(port), "--data-dir",
+                                      str(data_dir)], demo_env())
+    try:
+        stack.wait_for_output("generated for this run", timeout=120)
+        line = next(line for line in stack.output().splitlines() if line.startswith("console: "))
+        url, password = re.fullmatch(r"console: (\S+)  name admin, password (\S+) \(generated for this run\)",
+                                     line).groups()
+        assert url == f"http://127.0.0.1:{port}/console/"
+        stack.wait_for_output("the stack keeps running", timeout=240)
+        browser = requests.Session()
+        token = csrf_from(browser.get(url + "login", timeout=10))
+        answer = browser.post(url + "login", data={"csrf_token": token, "name": "admin", "password": password},
+                              timeout=10)
+        assert answer.status_code == 200 and "<h1>Overview</h1>" in answer.text
+        assert password not in (data_dir / "stack.json").read_text()
+        assert password not in (data_dir / "demo.log").read_text()
+    finally:
+        stack.stop()
+    assert password not in stack.output().replace(line, "")  # printed once, at start-up, nowhere else

@@ -88,7 +88,9 @@ def run(port, host, data_dir, demo_then_exit, verbose):
     env = devstack.local_environment(data_dir, port)
     env.setdefault("GUNICORN_CMD_ARGS", f"--bind {host}:{port}")
     demo_mode = not env.get("LOCATE2U_CLIENT_ID")
+    console_line = devstack.local_console(env)
     with devstack.LocalStack(data_dir, env, demo=demo_mode, verbose=verbose, echo=click.echo) as stack:
+        click.echo(console_line)
         if not demo_mode:
             _print_urls(stack.settings)
         code = stack.run(demo_then_exit)

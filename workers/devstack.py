@@ -30,7 +30,8 @@ WEBHOOK_SECRET_FILE = "webhook-secret"
 # Settings never written to the stack file (a password in REDIS_URL keeps that out too).
 SECRET_SETTINGS = ("RELAY_WEBHOOK_SECRET", "RELAY_WEBHOOK_SECRET_PREVIOUS", "LOCATE2U_CLIENT_SECRET",
                    "STOREPOINT_API_TOKEN", "B2B_API_TOKEN", "B2B_PASSWORD", "LOCATE_API_TOKEN",
-                   "DELIVERYCOM_ACCESS_TOKEN", "FORWARD_SECRET", "FLOWER_BASIC_AUTH")
+                   "DELIVERYCOM_ACCESS_TOKEN", "FORWARD_SECRET", "FLOWER_BASIC_AUTH",
+                   "RELAY_CONSOLE_PASSWORD", "RELAY_CONSOLE_SECRET_KEY")
 
 
 def free_port():
@@ -120,6 +121,18 @@ def local_environment(data_dir, port):
     env["RELAY_DATA_DIR"] = str(data_dir)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def local_console(env):
+    """Turn the operator console on for a local run; return the start-up line saying how to log in.
+
+    Unless a console password or operator is configured, a password is generated for this run only.
+    """
+    url = f"{env['RELAY_PUBLIC_URL']}/console/"
+    if env.get("RELAY_CONSOLE_PASSWORD") or env.get("RELAY_CONSOLE_OPERATORS"):
+        return f"console: {url}  (log in as configured by RELAY_CONSOLE_PASSWORD / RELAY_CONSOLE_OPERATORS)"
+    env["RELAY_CONSOLE_PASSWORD"] = secrets.token_urlsafe(12)
+    return f"console: {url}  name admin, password {env['RELAY_CONSOLE_PASSWORD']} (generated for this run)"
 
 
 def run_processes(env, names=LOCAL_PROCESSES, on_start=None, printer=None):
