@@ -16,6 +16,7 @@ from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.http import HttpClient
 from workers.pipeline import replay_dead_letter
+from workers.queue_positions import QueueTickets
 from workers.routes import DEFAULT_ROUTES, Route
 from workers.runtime import Runtime
 from workers.sinks.base import Sink
@@ -393,10 +394,14 @@ def test_sweeper_does_not_resume_while_the_queues_have_a_backlog(driver):
     _, args = driver.sent.pop(0)
     tasks.process_delivery.run(*args)
     driver.sent.clear()
-    driver.rt.redis.lpush("deliver", "a message ahead of this delivery's")  # the broker's backlog
+    tickets = QueueTickets(driver.rt.redis)  # what publishing onto the Redis broker records
+    for owner, message in (("l2u:delivery:other", "a message ahead of this delivery's"),
+                           (driver.rt.ledger.key(delivery_id), "this delivery's deliver")):
+        driver.rt.redis.lpush("deliver", message)
+        tickets.pushed("deliver", owner, "queued:storepoint")
     time.sleep(driver.rt.settings.sweep_after + 0.1)
     assert tasks.sweep_received.run() == 0
-    driver.rt.redis.delete("deliver")  # the backlog drained and the sink still made no progress: lost
+    driver.rt.redis.delete("deliver")  # the broker lost the list: this delivery's write is gone
     time.sleep(driver.rt.settings.sweep_after + 0.1)  # the clock restarted when it was seen queued
     assert tasks.sweep_received.run() == 1
     driver.run()

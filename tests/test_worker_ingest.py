@@ -74,8 +74,8 @@ def test_ledger_index_forgets_deliveries_past_retention(redis_client):
 def test_sweeper_leaves_received_deliveries_alone_during_a_backlog(settings, redis_client):
     """A backlog older than RELAY_SWEEP_AFTER is waiting its turn, not lost: no re-queue storm."""
     ledger = Ledger(redis_client)
-    ledger.record("waiting", "trip.created", "{}", 3600, received_at=time.time() - 100)
-    redis_client.lpush("ingest", "a message still queued")
+    ledger.record("waiting", "trip.created", "{}", 3600, received_at=time.time() - 100,
+                  enqueue=("ingest", "a message still queued"))
     assert tasks._sweep(Runtime(settings, send_task=None)) == 0
     assert ledger.get("waiting")["status"] == "received"
     assert redis_client.llen("ingest") == 1

@@ -13,6 +13,7 @@ import time
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.errors import PermanentError, RelayError, RetriableError
 from workers.locations import Location, location_from_stop
+from workers.queue_positions import work_queues
 from workers.resilience import KeyLock, retry_delay
 from workers.routes import render
 from workers.stores import FINAL_SINK_STATES, WriteOrder
@@ -156,10 +157,12 @@ def resume_fan_out(rt, event, entry, grace=0.0):
 
     A fan-out stalls when the worker dies between marking the sinks pending and
     queueing the last deliver task (the redelivered ``process_delivery`` finds it
-    "routed"), or when the broker loses a message. Deliver is idempotent, so
-    queueing one that was merely slow costs a redundant write, never a wrong one.
+    "routed"), or when the broker loses a message. A sink whose deliver message is
+    still queued is left to it. Deliver is idempotent, so queueing one that was
+    merely slow costs a redundant write, never a wrong one.
     """
-    stalled = stalled_sinks(entry, grace)
+    queued = work_queues(rt)
+    stalled = [sink for sink in stalled_sinks(entry, grace) if not queued.waiting(entry.get(f"queued:{sink}"))]
     if not stalled:
         return entry["status"]
     routed = {route.sink: (route, action) for route, action in routes_for(rt, event) if route.sink in stalled}

@@ -33,6 +33,14 @@ def counter_key(list_key):
     return COUNTER_PREFIX + list_key
 
 
+def work_queues(rt, list_keys=("ingest", "deliver")):
+    """A ``QueueSnapshot`` of the work queues, or an empty one (nothing counts as queued) when the
+    broker is not the ledger's Redis."""
+    if rt.settings.broker != rt.settings.redis_url:
+        return QueueSnapshot({})
+    return QueueTickets(rt.redis).snapshot(list_keys)
+
+
 class QueueTickets:
     """Records tickets as messages are pushed, and judges them against a snapshot of the queues."""
 
@@ -60,14 +68,14 @@ class QueueSnapshot:
     def __init__(self, queues):
         self.queues = queues
 
-    def waiting(self, ticket_text, list_key):
-        """True if the message with ``ticket_text`` may still be in ``list_key`` waiting its turn.
+    def waiting(self, ticket_text):
+        """True if the message with ``ticket_text`` may still be in its list, waiting its turn.
 
-        A message with no ticket (pushed by an older version, or by a test) counts as waiting
-        while its list is not empty.
+        No ticket: no message for it was ever pushed (a worker died between marking a sink
+        pending and queueing its write), so none is waiting.
         """
         key, _, number = (ticket_text or "").rpartition(":")
-        if key in self.queues:
-            pushed, length = self.queues[key]
-            return int(number) > pushed - length
-        return self.queues.get(list_key, (0, 0))[1] > 0
+        if key not in self.queues:
+            return False
+        pushed, length = self.queues[key]
+        return int(number) > pushed - length

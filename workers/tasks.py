@@ -5,28 +5,30 @@ fails, so nothing accepted is lost even then; a Redis outage puts the message
 back for redelivery instead. ``redis_outage`` is the one place that tells them apart.
 """
 import contextlib
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import redis
-from celery import shared_task
+from celery import current_app, shared_task
 from celery.signals import after_task_publish, task_prerun
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 from marshmallow import ValidationError
 
-from workers import housekeeping, pipeline
+from workers import pipeline
 from workers.celery_config import (DELIVER, DELIVER_QUEUE, INGEST_QUEUE, PROCESS_DELIVERY, RELEASE_DUE_RETRIES,
                                    SWEEP_RECEIVED)
 from workers.errors import PermanentError
 from workers.events import parse_event
 from workers.logs import bind_context
-from workers.queue_positions import QueueSnapshot, QueueTickets
+from workers.queue_positions import QueueTickets, work_queues
 from workers.runtime import runtime
-from workers.stores import FINAL_STATES
+from workers.stores import FINAL_STATES, Ledger, connect
 
 log = logging.getLogger(__name__)
 PROCESSABLE = ("received", "retrying", "processing")
@@ -36,7 +38,8 @@ OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, redis
 OUTAGE_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN")
 WORK_QUEUES = (INGEST_QUEUE, DELIVER_QUEUE)
 SWEEP_BATCH = 500
-SWEEP_BUDGET_SECONDS = 20.0  # one sweep stops after this long; the next one goes on
+SWEEP_BUDGET_SECONDS = 10.0  # one sweep stops after this long; the next one goes on
+SWEEP_LOCK = "l2u:sweep:running"
 
 
 @task_prerun.connect
@@ -52,16 +55,23 @@ def _bind_log_context(task=None, args=(), **_):
 
 @after_task_publish.connect
 def _keep_queue_ticket(sender=None, body=None, routing_key=None, **_):
-    """Each process_delivery or deliver message pushed onto a work queue leaves its queue ticket in
-    its delivery's ledger entry, so the sweeper can tell a queued message from a lost one."""
+    """Each process_delivery or deliver message pushed onto a Redis broker's work queue bumps that
+    queue's counter and leaves its ticket in its delivery's ledger entry (when the ledger is in the
+    same Redis), so the sweeper can tell a queued message from a lost one."""
     if sender not in (PROCESS_DELIVERY, DELIVER) or routing_key not in WORK_QUEUES:
         return
-    rt = runtime()
-    if rt.settings.broker != rt.settings.redis_url:
+    client = _redis_broker(current_app.conf.broker_url)
+    if client is None:
         return
     args = body[0]
     field = "queued" if sender == PROCESS_DELIVERY else f"queued:{args[1]}"
-    QueueTickets(rt.redis).pushed(routing_key, rt.ledger.key(args[0]), field)
+    QueueTickets(client).pushed(routing_key, Ledger.key(args[0]), field)
+
+
+@functools.cache
+def _redis_broker(url):
+    """A client of the broker when it is a Redis, else None."""
+    return connect(url) if urlsplit(url or "").scheme in ("redis", "rediss") else None
 
 
 @shared_task(name=PROCESS_DELIVERY)
@@ -174,7 +184,7 @@ def sweep_received():
     """The one sweeper: re-queue every delivery not final that made no progress for
     ``RELAY_SWEEP_AFTER`` and whose message is not waiting in the broker (see ``_sweep``)."""
     rt = runtime()
-    housekeeping.run(rt)
+    rt.ledger.prune()
     return _sweep(rt)
 
 
@@ -186,10 +196,18 @@ def _sweep(rt, budget=SWEEP_BUDGET_SECONDS):
     scanning the list); then its clock restarts. Received, retrying and processing deliveries
     whose lease lapsed get ``process_delivery`` again; routed ones whose sink stalled are resumed.
     """
+    if not rt.redis.set(SWEEP_LOCK, "1", nx=True, ex=int(budget) + 5):
+        return 0  # another sweep is still going (a backlog of sweep tasks, or a long one)
+    try:
+        return _sweep_open(rt, budget)
+    finally:
+        rt.redis.delete(SWEEP_LOCK)
+
+
+def _sweep_open(rt, budget):
     rt.ledger.fold_legacy_index()
     grace, started = rt.settings.sweep_after, time.monotonic()
-    queues = (QueueTickets(rt.redis).snapshot(WORK_QUEUES) if rt.settings.broker == rt.settings.redis_url
-              else QueueSnapshot({}))
+    queues = work_queues(rt, WORK_QUEUES)
     requeued = resumed = 0
     while time.monotonic() - started < budget:
         due = rt.ledger.stalled(grace, limit=SWEEP_BATCH)
@@ -218,7 +236,7 @@ def _requeue_if_lost(rt, entry, queues):
     if entry["status"] == "processing":
         if not rt.ledger.lapse(delivery_id, entry.get("lease")):
             return 0  # it moved on meanwhile
-    elif queues.waiting(entry.get("queued"), INGEST_QUEUE):
+    elif queues.waiting(entry.get("queued")):
         return 0
     process_delivery.apply_async(args=[delivery_id, entry["event_type"], int(entry.get("attempt", 0)),
                                        entry.get("replay") == "1"], queue=INGEST_QUEUE)
@@ -239,8 +257,8 @@ def _resume_if_stalled(rt, entry, queues, base):
         rt.ledger.check_open_at(delivery_id, pipeline.next_progress(entry) + grace - base)
         return 0
     rt.ledger.check_open_at(delivery_id, time.time())
-    if any(queues.waiting(entry.get(f"queued:{sink}"), DELIVER_QUEUE) for sink in stalled):
-        return 0
+    if queues.waiting(entry.get("queued")) or any(queues.waiting(entry.get(f"queued:{sink}")) for sink in stalled):
+        return 0  # a resume, or that sink's write, is still queued
     rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"]], 0)
     return 1
 
