@@ -175,6 +175,22 @@ def test_the_quarantine_keeps_the_newest_up_to_its_limit(redis_client):
     assert [json.loads(item["body"])["n"] for item in quarantine.items()] == [4, 3, 2]
 
 
+def test_locations_not_written_for_the_location_days_are_forgotten(redis_client):
+    now = time.time()
+    for key, days_ago in (("old", 31), ("recent", 2)):
+        write = json.dumps({"delivery_id": "d", "received_at": now - days_ago * DAY, "action": "upsert"})
+        redis_client.hset("l2u:version:storepoint:writes", key, write)
+        for name in housekeeping.LOCATION_HASHES[:-1]:
+            redis_client.hset(name.format(sink="storepoint"), key, "x")
+    redis_client.hset("l2u:version:b2b:writes", "old", json.dumps({"received_at": now - 31 * DAY}))
+
+    assert housekeeping.prune_locations(redis_client, ["storepoint"], 30 * DAY, now) == 1
+
+    for name in housekeeping.LOCATION_HASHES:
+        assert redis_client.hkeys(name.format(sink="storepoint")) == ["recent"]
+    assert redis_client.hkeys("l2u:version:b2b:writes") == ["old"]  # only the sinks asked for
+
+
 def test_housekeeping_applies_the_settings(redis_client):
     settings = Settings(webhook_secret=TEST_SECRET, dead_letter_limit=1, dead_letter_days=14)
 
@@ -182,6 +198,7 @@ def test_housekeeping_applies_the_settings(redis_client):
         redis = redis_client
         ledger = Ledger(redis_client, history=settings.history_days * DAY)
         dead_letters = DeadLetterStore(redis_client)
+        sinks = {}
 
     Rt.settings = settings
     settle(Rt.ledger, "d-1")

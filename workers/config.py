@@ -80,6 +80,7 @@ class SettingsSchema(Schema):
                              fields.Integer(load_default=10000, validate=validate.Range(1, 1000000)))
     quarantine_limit = _env("RELAY_QUARANTINE_LIMIT",
                             fields.Integer(load_default=1000, validate=validate.Range(1, 100000)))
+    location_days = _env("RELAY_LOCATION_DAYS", fields.Integer(load_default=30, validate=validate.Range(1, 3650)))
     sweep_after = _env("RELAY_SWEEP_AFTER", fields.Integer(load_default=120, validate=validate.Range(1)))
     subscription_sync_interval = _env("RELAY_SUBSCRIPTION_SYNC_INTERVAL",
                                       fields.Integer(load_default=900, validate=validate.Range(60)))
@@ -221,6 +222,7 @@ class Settings:
     dead_letter_days: int = 14
     dead_letter_limit: int = 10000
     quarantine_limit: int = 1000
+    location_days: int = 30
     sweep_after: int = 120
     visibility_timeout: int = 240
     subscription_sync_interval: int = 900

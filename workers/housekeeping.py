@@ -6,16 +6,28 @@
   trimmed oldest first until it is below again; pending work (full ledger entries, queues,
   retries, dead letters) is never trimmed, so history cannot crowd it out;
 - dead letters are kept ``RELAY_DEAD_LETTER_DAYS`` and at most ``RELAY_DEAD_LETTER_LIMIT``;
-  the quarantine keeps the newest ``RELAY_QUARANTINE_LIMIT`` (``Quarantine.add`` trims it).
+  the quarantine keeps the newest ``RELAY_QUARANTINE_LIMIT`` (``Quarantine.add`` trims it);
+- what is kept per location and sink (the version and last write applied, the mapping to the
+  remote id, the fields written, a create intent) goes once nothing was written for that
+  location for ``RELAY_LOCATION_DAYS``; a later event for it creates the record again
+  (``l2u-relay reconcile`` can rebuild the mapping first).
 """
+import json
 import logging
+import time
 
 import redis
 
 from workers import redis_health
+from workers.stores import PREFIX
 
 log = logging.getLogger(__name__)
 DAY = 86400
+LOCATION_SCAN = 1000  # last writes looked at per sink and sweep
+# Per-location hashes of a sink (keyed by location key); the last-write hash says when it was written.
+LAST_WRITES = PREFIX + "version:{sink}:writes"
+LOCATION_HASHES = (PREFIX + "version:{sink}", PREFIX + "map:{sink}", PREFIX + "map:{sink}:applied",
+                   PREFIX + "map:{sink}:written", PREFIX + "map:{sink}:intent", LAST_WRITES)
 
 
 def run(rt, now=None):
@@ -26,7 +38,8 @@ def run(rt, now=None):
     settings = rt.settings
     done = {"trimmed": trim_for_memory(rt.redis, rt.ledger, settings.history_trim_percent),
             "dead_letters": rt.dead_letters.trim(settings.dead_letter_limit, settings.dead_letter_days * DAY, now),
-            "expired_ids": rt.ledger.prune(now)}
+            "expired_ids": rt.ledger.prune(now),
+            "locations": prune_locations(rt.redis, rt.sinks, settings.location_days * DAY, now)}
     try:
         done["compacted"] = rt.ledger.compact(now)
     except redis.OutOfMemoryError:
@@ -36,10 +49,30 @@ def run(rt, now=None):
     if done["trimmed"]:
         log.warning("Redis memory above %d%% of maxmemory: trimmed the %d oldest settled deliveries",
                     settings.history_trim_percent, done["trimmed"])
+    if done["locations"]:
+        log.info("forgot the state of %d locations not written for RELAY_LOCATION_DAYS", done["locations"])
     if done["dead_letters"]:
         log.warning("dropped %d dead letters past RELAY_DEAD_LETTER_DAYS or RELAY_DEAD_LETTER_LIMIT",
                     done["dead_letters"])
     return done
+
+
+def prune_locations(client, sinks, max_age, now=None, count=LOCATION_SCAN):
+    """Forget the per-location state of ``sinks`` for locations last written ``max_age`` seconds ago or
+    more; return how many. Walks each sink's last writes a slice per call (the cursor stays in Redis)."""
+    cutoff = (time.time() if now is None else now) - max_age
+    forgotten = 0
+    for sink in sinks:
+        cursor_key = f"{PREFIX}housekeeping:locations:{sink}"
+        cursor, writes = client.hscan(LAST_WRITES.format(sink=sink), int(client.get(cursor_key) or 0), count=count)
+        old = [key for key, raw in writes.items() if json.loads(raw).get("received_at", cutoff) < cutoff]
+        with client.pipeline(transaction=False) as pipe:
+            for name in LOCATION_HASHES if old else ():
+                pipe.hdel(name.format(sink=sink), *old)
+            pipe.set(cursor_key, cursor)
+            pipe.execute()
+        forgotten += len(old)
+    return forgotten
 
 
 def trim_for_memory(client, ledger, percent):
