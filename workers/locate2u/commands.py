@@ -13,12 +13,10 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import click
 import redis
 from cryptography.fernet import Fernet
-from tqdm import tqdm
 
 from workers.config import ConfigError, Settings
 from workers.errors import RelayError
 from workers.locate2u.client import Locate2uClient, redirect_uri
-from workers.locate2u.stops_import import DEFAULT_BATCH, MAX_BATCH, ImportFileError, import_stops, read_rows
 from workers.locate2u.subscriptions import SubscriptionSync, mask_url, our_prefix
 from workers.locate2u.linking import accept_pending, link_account
 from workers.locate2u.tokens import (LINK_TTL, START_PATH, OAuthStates, ReauthorizationRequired, StartLinks,
@@ -26,7 +24,6 @@ from workers.locate2u.tokens import (LINK_TTL, START_PATH, OAuthStates, Reauthor
 from workers.stores import connect
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_REAUTH = 1, 2, 3
-PROGRESS_MIN_ROWS = 500
 NOT_CONFIGURED = "Locate2u is not configured: set LOCATE2U_CLIENT_ID and LOCATE2U_CLIENT_SECRET"
 
 
@@ -180,30 +177,9 @@ def whoami():
     click.echo(json.dumps(client.whoami(), indent=2))
 
 
-@click.group()
+@click.group()  # ``stops import`` is in workers/locate2u/stops_command.py
 def stops():
     """Locate2u stops."""
-
-
-@stops.command("import")
-@click.argument("path", type=click.Path(dir_okay=False))
-@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=DEFAULT_BATCH, show_default=True,
-              help="Stops per import request.")
-@_reported
-def stops_import(path, batch_size):
-    """Create the stops in PATH (CSV or JSON); report every bad row; exit 1 if any failed."""
-    _, _, client = _context()
-    try:
-        rows = read_rows(path)
-    except ImportFileError as exc:
-        _fail(str(exc), EXIT_CONFIG)
-    with tqdm(total=len(rows), unit="row", disable=True if len(rows) < PROGRESS_MIN_ROWS else None) as bar:
-        report = import_stops(client, rows, batch_size, progress=bar.update)
-    for error in report.errors:
-        click.echo(str(error))
-    click.echo(report.summary())
-    if report.errors:
-        click.get_current_context().exit(EXIT_FAILED)
 
 
 # --- subscriptions ------------------------------------------------------------------
