@@ -19,7 +19,7 @@ from workers.locations import Location
 from workers.ops.simulators import storepoint
 from workers.ops.simulators.base import SimulatorServer
 from workers.sinks.storepoint import StorepointSink
-from workers.stores import DeadLetterStore, Ledger, MappingStore, Quarantine
+from workers.stores import DeadLetterStore, Ledger, MappingStore, Quarantine, connect
 
 PASSWORD = "console-test-password-123"
 SP_TOKEN = "sp-console-token-123"
@@ -120,6 +120,19 @@ def test_login_cookie_and_security_headers(app, console_settings):
     assert "Secure" in log_in(https).headers["Set-Cookie"]
 
 
+def test_login_returns_to_the_page_asked_for_but_never_off_the_console(app):
+    client = app.test_client()
+    assert client.get("/console/dead-letters?sink=b2b").headers["Location"] == (
+        "/console/login?next=/console/dead-letters?sink%3Db2b")
+    for target, landing in (("/console/dead-letters?sink=b2b", "/console/dead-letters?sink=b2b"),
+                            ("//evil.example/console/", "/console/"), ("https://evil.example/", "/console/"),
+                            ("/console//evil.example", "/console/")):
+        token = csrf_from(client.get("/console/login"))
+        answer = client.post("/console/login", data={"csrf_token": token, "name": "admin", "password": PASSWORD,
+                                                     "next": target})
+        assert answer.headers["Location"] == landing, target
+
+
 def test_session_expires(console_settings):
     app = create_app(console_settings.replace(console_session_minutes=5))
     client = app.test_client()
@@ -196,8 +209,11 @@ def test_session_key_is_derived_for_the_console_only(settings):
 
 # ------------------------------------------------------------------ pages
 
-def test_overview_shows_activity_queues_breakers_and_counts(client, redis_client):
+def test_overview_shows_activity_queues_breakers_and_counts(console_settings, redis_client):
+    client = create_app(console_settings.replace(storepoint_api_token=SP_TOKEN)).test_client()
+    log_in(client)
     now = time.time()
+    redis_client.hset("l2u:breaker:storepoint", mapping={"state": "open", "open_until": now + 20, "failures": 5})
     for i in range(3):
         seed_delivery(redis_client, f"o-{i}", status_change(1, "Arrived", "2022-04-27T05:00:00+00:00"), now - 600)
     seed_dead_letter(redis_client, "d-1")
@@ -209,6 +225,14 @@ def test_overview_shows_activity_queues_breakers_and_counts(client, redis_client
     assert re.search(r"<th>dead letters</th><td><a [^>]+>1</a>", page.text)
     assert "Redis memory" in page.text and "MiB" in page.text
     assert "not configured (LOCATE2U_CLIENT_ID)" in page.text
+    assert re.search(r'<td class="bad">open since [^<]+ UTC, probe after [^<]+ UTC \(5 failure\(s\) counted\)</td>',
+                     page.text)
+
+
+def test_a_page_without_redis_says_so(app, client):
+    app.extensions["l2u.console_runtime"].redis = connect(f"redis://127.0.0.1:{free_port()}/0")
+    page = client.get("/console/")
+    assert page.status_code == 503 and "Redis cannot be reached (ConnectionError)" in page.text
 
 
 def test_deliveries_search_filters_and_pages_newest_first(client, redis_client):
@@ -327,7 +351,10 @@ def test_quarantine_list_view_and_purge(client, redis_client):
                         id=item_ids[-1])
     assert "Purge 1 quarantined delivery?" in confirm.text
     post_form(client, "/console/quarantine/apply", "/console/quarantine", scope="selected", id=item_ids[-1])
-    assert redis_client.llen(Quarantine.KEY) == 2 and client.get(f"/console/quarantine/{item_ids[-1]}").status_code == 404
+    assert redis_client.llen(Quarantine.KEY) == 2
+    assert client.get(f"/console/quarantine/{item_ids[-1]}").status_code == 404
+    assert "Purge 2 quarantined deliveries?" in post_form(client, "/console/quarantine/confirm",
+                                                           "/console/quarantine", scope="all").text
     post_form(client, "/console/quarantine/apply", "/console/quarantine", scope="all")
     assert redis_client.llen(Quarantine.KEY) == 0
 

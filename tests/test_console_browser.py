@@ -10,7 +10,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from tests.payloads import status_change
-from tests.test_end_to_end import B2B_TOKEN, KEY, SP_TOKEN, STOP_ID, settled, sims, stack_settings  # noqa: F401
+from tests.test_end_to_end import KEY, STOP_ID, settled, sims, stack_settings  # noqa: F401
 from tests.test_receiver import post
 from tests.test_worker_ingest import wait_for
 from tests.tools import require_binary

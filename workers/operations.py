@@ -48,9 +48,20 @@ def overview(rt, now=None):
     memory = rt.redis.info("memory")
     data.update(quarantined=quarantine_count(rt), retries_due=rt.redis.zcount(RetryScheduler.KEY, "-inf", now),
                 redis_memory={"used": memory["used_memory"], "limit": memory.get("maxmemory", 0)},
-                breakers={name: rt.redis.hgetall(rt.breaker(name).key) for name in rt.sinks},
+                breakers={name: breaker_details(rt, name) for name in rt.sinks},
                 activity=activity(rt, now))
     return data
+
+
+def breaker_details(rt, sink):
+    """A sink's breaker: state, failures counted, and while open since and until when (epoch seconds)."""
+    breaker = rt.breaker(sink)
+    raw = rt.redis.hgetall(breaker.key)
+    details = {"state": raw.get("state", "closed"), "failures": int(raw.get("failures", 0))}
+    if details["state"] == "open" and raw.get("open_until"):
+        until = float(raw["open_until"])
+        details.update(open_until=until, opened_at=until - breaker.cooldown)
+    return details
 
 
 def activity(rt, now, window=3600, buckets=12):

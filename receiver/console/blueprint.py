@@ -2,7 +2,8 @@
 import logging
 from datetime import datetime, timezone
 
-from flask import Blueprint, current_app, session
+import redis
+from flask import Blueprint, current_app, render_template, session
 from prometheus_client import Counter
 
 log = logging.getLogger("receiver.console")
@@ -19,6 +20,13 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+@bp.errorhandler(redis.RedisError)
+def _redis_down(exc):
+    log.warning("console page without Redis: %s", type(exc).__name__)
+    return render_template("console/error.html", title="Redis unavailable",
+                           message=f"Redis cannot be reached ({type(exc).__name__}); try again shortly."), 503
 
 
 @bp.after_request

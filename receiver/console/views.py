@@ -93,7 +93,7 @@ def dead_letter(entry_id):
 def dead_letters_confirm():
     """Show what an action would touch (count) and ask for confirmation."""
     action, entries = _chosen_dead_letters()
-    return render_template("console/confirm.html", action=action, count=len(entries), what="dead letter",
+    return render_template("console/confirm.html", action=action, count=len(entries), what=("dead letter", "dead letters"),
                            target=url_for("console.dead_letters_apply"), ids=[entry["id"] for entry in entries],
                            scope=request.form["choice"].partition(":")[2], query=_filter_query(),
                            back=url_for("console.dead_letters", **_filter_query()))
@@ -150,7 +150,7 @@ def quarantine_item(item_id):
 def quarantine_confirm():
     ids, scope = _chosen_quarantine()
     count = operations.quarantine_count(runtime()) if scope == "all" else len(ids)
-    return render_template("console/confirm.html", action="purge", count=count, what="quarantined delivery",
+    return render_template("console/confirm.html", action="purge", count=count, what=("quarantined delivery", "quarantined deliveries"),
                            target=url_for("console.quarantine_apply"), ids=ids, scope=scope, query={},
                            back=url_for("console.quarantine"))
 
