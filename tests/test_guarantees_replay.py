@@ -1,6 +1,7 @@
 """Replay (issue 14, item 4): from what the dead letter keeps, redoing only what was refused, and the
 CLI saying what became of it. Real Redis, loopback Locate2u and recording sinks, tasks in process."""
 import json
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -120,3 +121,24 @@ def test_cli_replay_says_what_became_of_each_dead_letter(driver, sink_server, l2
     assert f"{applied_id}:storepoint  applied" in result.output
     assert f"{refused_id}:enrich  refused again:" in result.output and "404" in result.output
     assert "replayed 2 dead letter(s): 1 applied, 1 refused again" in result.output
+
+
+def test_route_stage_replay_whose_message_is_lost_still_redoes_only_the_refused_sink(driver, two_sinks):
+    """The sweeper re-queues a replayed delivery whose process_delivery message was lost from what
+    the ledger says; the restriction to the refused sink has to be there too."""
+    from tests.test_sweeper_recovery import Broker
+    from workers.celery_config import INGEST_QUEUE, make_celery
+
+    make_celery(driver.rt.settings)  # the current app: the sweeper queues onto the test's Redis
+    accept(driver.rt, dict(PUBLISHED["shipment.status-changed"]), "shipment.status-changed")
+    driver.run()
+    [entry] = driver.rt.dead_letters.list()
+    assert replay_dead_letter(driver.rt, entry) == "queued"
+    driver.sent.clear()  # the replay's message is lost
+    time.sleep(driver.rt.settings.sweep_after + 0.3)
+    assert tasks.sweep_received.run() == 1
+    name, args = Broker(driver.rt).take(INGEST_QUEUE)
+    {PROCESS_DELIVERY: tasks.process_delivery}[name].run(*args)
+    driver.run()
+    assert len(sink_state(two_sinks).writes) == 1
+    assert replay_outcome(driver.rt, entry, since=entry["at"] + 0.001)[0] == "refused again"

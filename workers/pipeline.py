@@ -377,11 +377,19 @@ def replay_dead_letter(rt, entry):
         rt.ledger.sink_outcome(delivery_id, sink, "pending", attempts=0, reason="replayed")
         rt.scheduler.schedule(DELIVER, [delivery_id, sink, entry["action"], entry["record"], 0, True], 0)
     else:
-        rt.ledger.set_status(delivery_id, "received")
-        rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"], 0, True,
-                                                 None if stage == ENRICH else [sink]], 0)
+        only = [] if stage == ENRICH else [sink]  # kept in the entry too: the sweeper re-queues from it alone
+        rt.ledger.set_status(delivery_id, "received", replay="1", replay_sinks=json.dumps(only))
+        rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"], 0, True, only or None], 0)
     rt.ledger.trace(delivery_id, "replayed", sink=sink)
     return "queued"
+
+
+def replay_scope(entry, replay, sinks):
+    """``(replay, sinks)`` for processing a delivery: as its message says, else as ``replay_dead_letter``
+    left them in the ledger entry (a message re-queued by the sweeper carries neither)."""
+    if entry.get("replay_sinks") is None:
+        return replay, sinks
+    return True, sinks or json.loads(entry["replay_sinks"]) or None
 
 
 def replay_outcome(rt, entry, since):

@@ -98,6 +98,7 @@ def process_delivery(delivery_id, event_type, attempt=0, replay=False, sinks=Non
         if entry["status"] not in PROCESSABLE:  # routed before, but a sink's deliver was never queued or got lost
             return _guarded(lambda: pipeline.resume_fan_out(rt, event, entry),
                             lambda exc: pipeline.dead_letter_enrich(rt, event, attempt, exc))
+        replay, sinks = pipeline.replay_scope(entry, replay, sinks)
         with _lease_renewed(rt, delivery_id, lease):
             return _guarded(lambda: pipeline.route_delivery(rt, event, attempt, replay, sinks),
                             lambda exc: pipeline.dead_letter_enrich(rt, event, attempt, exc))
