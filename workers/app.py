@@ -9,6 +9,7 @@ import sys
 
 from celery.signals import setup_logging
 
+from workers import warm_shutdown
 from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, SYNC_SUBSCRIPTIONS, make_celery
 from workers.config import ConfigError, Settings
 from workers.logs import configure_logging
@@ -43,6 +44,7 @@ def create_worker_app(settings=None):
         worker_concurrency=4,
     )
     setup_logging.connect(lambda **kwargs: configure_logging(settings), weak=False)
+    warm_shutdown.install()  # stops within a dyno's 30 s also when only the main process gets SIGTERM
     os.makedirs(settings.data_dir, exist_ok=True)
     return app
 
