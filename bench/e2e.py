@@ -60,15 +60,14 @@ def wait_settled(client, before, count, timeout, progress_every=15):
 
 
 def ledger_outcomes(client, delivery_ids):
-    """Per delivery: received_at and each sink's final ``(state, at)``."""
-    rows = []
+    """Per delivery: received_at and each sink's final outcome (``state``, ``at``), compacted or not."""
+    rows, ledger = [], Ledger(client)
     for start in range(0, len(delivery_ids), 500):
-        with client.pipeline(transaction=False) as pipe:
-            for delivery_id in delivery_ids[start:start + 500]:
-                pipe.hmget(Ledger.key(delivery_id), "received_at", *(f"sink:{sink}" for sink in SINKS))
-            for received_at, *outcomes in pipe.execute():
-                rows.append((float(received_at) if received_at else None,
-                             {sink: json.loads(raw) if raw else None for sink, raw in zip(SINKS, outcomes)}))
+        entries = ledger.get_many(delivery_ids[start:start + 500])
+        for delivery_id in delivery_ids[start:start + 500]:
+            entry = entries.get(delivery_id)
+            rows.append((float(entry["received_at"]), {sink: entry["sinks"].get(sink) for sink in SINKS})
+                        if entry else (None, dict.fromkeys(SINKS)))
     return rows
 
 
@@ -77,11 +76,11 @@ def relay_run(receiver_url, path, redis_url, events, concurrency, rate=None, tim
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     before = settled_counts(client)
     bodies = [json.dumps(event).encode() for event in events]
-    recorded = client.zcard(Ledger.ALL)
+    recorded = Ledger(client).count()
     posted = post_all(receiver_url, path, bodies, concurrency=concurrency, rate=rate)
     if posted["errors"]:
         raise RuntimeError(f"{len(posted['errors'])} deliveries refused, e.g. {posted['errors'][:3]}")
-    if client.zcard(Ledger.ALL) - recorded != len(bodies):
+    if Ledger(client).count() - recorded != len(bodies):
         raise RuntimeError("some deliveries were duplicates of earlier ones: the events must be distinct")
     complete = wait_settled(client, before, len(bodies), timeout)
     rows = ledger_outcomes(client, [delivery_id_for(EVENT_TYPE, body) for body in bodies])

@@ -8,7 +8,9 @@
    B2B simulators, Locate2u simulated for enrichment; then the same events applied
    by a plain threaded requests.Session loop at the same concurrency; then a paced
    run at half the relay's measured rate for receipt-to-applied latency.
-3. memory: peak RSS of a web worker and of the Celery worker processes.
+3. memory: peak RSS of a web worker and of the Celery worker processes, and Redis bytes per
+   pending, settled and dead-lettered delivery (``bench/memory.py``) with what each Heroku
+   Key-Value Store plan holds.
 
 Prints a Markdown table with the ratios and writes every number to a JSON file.
 Timings depend on the machine and on whatever else runs on it; only ratios from
@@ -26,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import e2e, load, sims
+from bench import e2e, load, memory, sims
 from bench.stack import Stack, peak_rss_mib
 from tests.processes import process_env
 from workers.config import Settings
@@ -37,9 +39,9 @@ EVENT_PATH = f"/webhooks/locate2u/{e2e.EVENT_TYPE}/" + url_token(SECRET, e2e.EVE
 PROFILES = {
     # 5,000 stops: each gets four changes, too far apart for the 10 s stop cache (relay and plain loop alike).
     "full": {"rounds": 5, "seconds": 6, "connections": 32, "deliveries": 20000, "stops": 5000,
-             "latency_seconds": 30, "settle_timeout": 3600},
+             "latency_seconds": 30, "settle_timeout": 3600, "memory_deliveries": 10000, "memory_dead_letters": 1000},
     "ci": {"rounds": 1, "seconds": 1, "connections": 8, "deliveries": 60, "stops": 20, "latency_seconds": 2,
-           "settle_timeout": 120},
+           "settle_timeout": 120, "memory_deliveries": 100, "memory_dead_letters": 20},
 }
 INGEST_APPS = (
     ("bare", "bare Flask: read JSON, answer 200"),
@@ -47,10 +49,6 @@ INGEST_APPS = (
     ("receiver", "receiver: auth, checks, dedup, ledger + queue in one script"),
     ("send_task", "receiver with a send_task hand-off (another broker)"),
 )
-ROUTES = """\
-storepoint: {rate_limit: {rate: 100000, burst: 100000}}
-b2b: {rate_limit: {rate: 100000, burst: 100000}}
-"""
 
 
 def settings_for(redis_url, workdir, **extra):
@@ -115,17 +113,8 @@ def end_to_end(workdir, profile, pool, concurrency):
     with Stack(workdir / "relay") as stack:
         redis_url = stack.start_redis()
         urls = stack.simulators(e2e.SINKS + ("locate2u",), *stop_args)
-        routes = workdir / "routes.yaml"
-        routes.write_text(ROUTES)
-        settings = settings_for(
-            redis_url, workdir, routes_file=str(routes),
-            locate2u_client_id=sims.L2U_CLIENT, locate2u_client_secret=sims.L2U_SECRET,
-            locate2u_api_url=urls["locate2u"], locate2u_id_url=urls["locate2u"],
-            storepoint_api_url=urls["storepoint"], storepoint_api_token=sims.SP_TOKEN,
-            b2b_api_url=urls["b2b"], b2b_api_token=sims.B2B_TOKEN, b2b_business_partner_id=sims.B2B_PARTNER,
-            b2b_country_id=sims.B2B_COUNTRY,
-            # A 20,000-delivery burst waits in the queue for minutes: the sweeper must not re-queue it.
-            sweep_after=3600)
+        # A 20,000-delivery burst waits in the queue for minutes: the sweeper must not re-queue it.
+        settings = sims.relay_settings(settings_for(redis_url, workdir, sweep_after=3600), urls, workdir)
         env = process_env(settings)
         web = stack.gunicorn("receiver", "receiver.wsgi:app", env, wait=False)
         worker_args = ["worker", "-n", "bench@%h", "--without-gossip", "--without-mingle"]
@@ -210,6 +199,14 @@ def table(result):
                  "", "", ""))
     rows.append(("memory", f"Celery worker process ({end['pool']} pool), peak RSS",
                  f"{mem['celery_worker_peak_rss_mib']:.0f} MiB", "", "", f"{mem['celery_processes']} processes"))
+    if "redis_memory" in result:
+        mem = result["redis_memory"]
+        for label, key in (("pending delivery", "pending"), ("settled delivery, full entry", "settled_full"),
+                           ("settled delivery, compacted, at default retention", "settled_at_default_retention"),
+                           ("dead-lettered delivery", "dead_lettered")):
+            rows.append(("memory", f"Redis bytes per {label}", f"{mem[key]:,} B", "", "", ""))
+        rows.append(("memory", "settled deliveries a 25 MB plan holds",
+                     f"{mem['plans']['mini']['settled_deliveries']:,}", "", "", "target ≥ 50,000"))
     lines = ["| phase | what | throughput | p50 | p99 | ratio |", "| --- | --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append("")
@@ -223,9 +220,16 @@ def targets(result):
     ratios, end = result["ingest"]["ratios"], result["e2e"]
     worst = max(end["paced"]["sinks"][sink]["p99_ms"] for sink in e2e.SINKS)
     e2e_ratio = end["relay"]["rate"] / end["plain"]["rate"]
-    return [("ingest ≥ 0.9× pipeline", ratios["receiver/pipeline"] >= 0.9, f"{ratios['receiver/pipeline']:.2f}×"),
-            ("end to end ≥ 0.7× plain loop", e2e_ratio >= 0.7, f"{e2e_ratio:.2f}×"),
-            ("p99 at half rate < 1 s", worst < 1000, f"{worst:.0f} ms")]
+    found = [("ingest ≥ 0.9× pipeline", ratios["receiver/pipeline"] >= 0.9, f"{ratios['receiver/pipeline']:.2f}×"),
+             ("end to end ≥ 0.7× plain loop", e2e_ratio >= 0.7, f"{e2e_ratio:.2f}×"),
+             ("p99 at half rate < 1 s", worst < 1000, f"{worst:.0f} ms")]
+    if "redis_memory" in result:
+        mem = result["redis_memory"]
+        found += [("settled delivery ≤ 400 B", mem["settled_at_default_retention"] <= 400,
+                   f"{mem['settled_at_default_retention']} B"),
+                  ("25 MB plan holds ≥ 50,000 settled", mem["plans"]["mini"]["settled_deliveries"] >= 50000,
+                   f"{mem['plans']['mini']['settled_deliveries']:,}")]
+    return found
 
 
 def _s(ms):
@@ -249,7 +253,7 @@ def main(argv=None):
     parser.add_argument("--pool", help="Celery pool for the workers (default: the app's)")
     parser.add_argument("--concurrency", type=int, help="Celery concurrency (default: the app's)")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk is there")
-    parser.add_argument("--skip", choices=("ingest", "e2e"), action="append", default=[])
+    parser.add_argument("--skip", choices=("ingest", "e2e", "memory"), action="append", default=[])
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs after a run that worked")
     parser.add_argument("--json", default=".l2u-relay/bench/last.json", help="where to write every number")
     args = parser.parse_args(argv)
@@ -268,6 +272,9 @@ def main(argv=None):
         result["ingest"] = ingest(workdir, profile, use_wrk)
     if "e2e" not in args.skip:
         result["e2e"] = end_to_end(workdir, profile, args.pool, args.concurrency)
+    if "memory" not in args.skip:
+        result["redis_memory"] = memory.run(workdir, profile, SECRET, EVENT_PATH)
+        print("\n".join("  " + line for line in memory.lines(result["redis_memory"])), flush=True)
     incomplete = [name for name in ("relay", "paced")
                   if not result.get("e2e", {}).get(name, {"complete": True})["complete"]]
     if not args.keep_logs and not incomplete:  # kept when the run failed, for its logs

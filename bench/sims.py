@@ -11,6 +11,7 @@ import collections
 import json
 import logging
 import threading
+from pathlib import Path
 
 from werkzeug.serving import WSGIRequestHandler, make_server
 
@@ -20,6 +21,22 @@ SP_TOKEN = "bench-storepoint-token"
 B2B_TOKEN = "bench-b2b-token"
 B2B_PARTNER, B2B_COUNTRY = "BP-1", "AU"
 L2U_CLIENT, L2U_SECRET = "bench-client", "bench-client-secret"
+ROUTES = """\
+storepoint: {rate_limit: {rate: 100000, burst: 100000}}
+b2b: {rate_limit: {rate: 100000, burst: 100000}}
+"""
+
+
+def relay_settings(settings, urls, workdir):
+    """``settings`` pointed at the simulators ``urls`` (Locate2u, Storepoint, B2B), no rate limits."""
+    routes = Path(workdir) / "routes.yaml"
+    routes.write_text(ROUTES)
+    return settings.replace(
+        routes_file=str(routes), locate2u_client_id=L2U_CLIENT, locate2u_client_secret=L2U_SECRET,
+        locate2u_api_url=urls["locate2u"], locate2u_id_url=urls["locate2u"],
+        storepoint_api_url=urls["storepoint"], storepoint_api_token=SP_TOKEN,
+        b2b_api_url=urls["b2b"], b2b_api_token=B2B_TOKEN, b2b_business_partner_id=B2B_PARTNER,
+        b2b_country_id=B2B_COUNTRY)
 
 
 class KeepAlive(WSGIRequestHandler):

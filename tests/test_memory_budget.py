@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from workers import housekeeping
+from workers import housekeeping, operations
 from workers.config import Settings
 from workers.stores import (DeadLetterStore, Ledger, Quarantine, SETTLED_BUCKET_SECONDS, SETTLE_GRACE)
 from tests.conftest import TEST_SECRET
@@ -25,9 +25,9 @@ def delivery_id(n, tag="d"):
     return hashlib.sha256(f"{tag}{n}".encode()).hexdigest()
 
 
-def settle(ledger, delivery_id, received_at=None):
+def settle(ledger, delivery_id, received_at=None, body=BODY):
     """What the pipeline writes for a delivery applied to two sinks."""
-    ledger.record(delivery_id, "stop.status-changed", BODY, 86400, received_at=received_at)
+    ledger.record(delivery_id, "stop.status-changed", body, 86400, received_at=received_at)
     ledger.start_fan_out(delivery_id, list(SINKS), entity="stop")
     ledger.trace(delivery_id, "routed", sinks=list(SINKS))
     for number, sink in enumerate(SINKS):
@@ -64,7 +64,9 @@ def test_a_settled_delivery_keeps_outcome_and_trace_without_its_body(redis_clien
     assert ledger.compact(now=time.time() + SETTLE_GRACE) == 1
 
     entry = ledger.get("d-1")
-    assert "body" not in entry and entry["compacted"] is True
+    assert entry["compacted"] is True
+    assert json.loads(entry["body"]) == {name: value for name, value in json.loads(BODY).items()
+                                         if name in ("stopId", "stopRef", "actionDate", "newStatus")}
     assert {key: entry[key] for key in ("status", "event_type", "entity")} == {
         "status": "applied", "event_type": "stop.status-changed", "entity": "stop"}
     assert float(entry["received_at"]) == pytest.approx(float(before["received_at"]), abs=0.001)
@@ -102,8 +104,8 @@ def test_a_settled_delivery_costs_at_most_400_bytes_at_default_retention(redis_c
     ledger, count = Ledger(redis_client), 2000
     ids = [delivery_id(n) for n in range(count)]
     start = used(redis_client)
-    for one in ids:
-        settle(ledger, one)
+    for n, one in enumerate(ids):
+        settle(ledger, one, body=BODY.replace("E0000001", f"E{n:07d}"))
     full = (used(redis_client) - start) / count
     compact_all(ledger, time.time() + SETTLE_GRACE)
     with_dedup = (used(redis_client) - start) / count
@@ -191,19 +193,37 @@ def test_locations_not_written_for_the_location_days_are_forgotten(redis_client)
     assert redis_client.hkeys("l2u:version:b2b:writes") == ["old"]  # only the sinks asked for
 
 
-def test_housekeeping_applies_the_settings(redis_client):
-    settings = Settings(webhook_secret=TEST_SECRET, dead_letter_limit=1, dead_letter_days=14)
-
-    class Rt:  # what housekeeping.run reads from the workers' Runtime
-        redis = redis_client
-        ledger = Ledger(redis_client, history=settings.history_days * DAY)
-        dead_letters = DeadLetterStore(redis_client)
+def runtime(client, settings):
+    """What housekeeping and the console's searches read from the workers' Runtime."""
+    class Rt:
+        redis = client
+        ledger = Ledger(client, history=settings.history_days * DAY)
+        dead_letters = DeadLetterStore(client)
         sinks = {}
 
     Rt.settings = settings
+    return Rt
+
+
+def test_housekeeping_applies_the_settings(redis_client):
+    settings = Settings(webhook_secret=TEST_SECRET, dead_letter_limit=1, dead_letter_days=14)
+    Rt = runtime(redis_client, settings)
     settle(Rt.ledger, "d-1")
     Rt.dead_letters.add("d-2", "storepoint", "400")
     Rt.dead_letters.add("d-3", "storepoint", "400")
     done = housekeeping.run(Rt, now=time.time() + SETTLE_GRACE)
     assert done["compacted"] == 1 and done["dead_letters"] == 1 and done["trimmed"] == 0
     assert [entry["delivery_id"] for entry in Rt.dead_letters.list()] == ["d-3"]
+
+
+def test_with_the_console_on_compacted_deliveries_are_still_found_by_stop_and_listed(redis_client):
+    rt = runtime(redis_client, Settings(webhook_secret=TEST_SECRET, console_password="console-password-1"))
+    settle(rt.ledger, "d-1")
+    pending(rt.ledger, "d-2")
+    assert housekeeping.run(rt, now=time.time() + SETTLE_GRACE)["compacted"] == 1
+
+    by_stop, _ = operations.search_deliveries(rt, stop="L2022E0000001")
+    assert [(row["delivery_id"], row["stop_id"], row["status"]) for row in by_stop] == [
+        ("d-2", "100001", "routed"), ("d-1", "100001", "applied")]
+    listed, _ = operations.search_deliveries(rt)
+    assert [row["delivery_id"] for row in listed] == ["d-2", "d-1"]

@@ -19,6 +19,7 @@ import time
 import redis
 
 from workers import redis_health
+from workers.stop_index import StopIndex
 from workers.stores import PREFIX
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ def run(rt, now=None):
             "dead_letters": rt.dead_letters.trim(settings.dead_letter_limit, settings.dead_letter_days * DAY, now),
             "expired_ids": rt.ledger.prune(now),
             "locations": prune_locations(rt.redis, rt.sinks, settings.location_days * DAY, now)}
+    if settings.console_password or settings.console_operators:  # index bodies by stop before they go
+        StopIndex(rt.redis).refresh()
     try:
         done["compacted"] = rt.ledger.compact(now)
     except redis.OutOfMemoryError:

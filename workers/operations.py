@@ -205,6 +205,7 @@ def search_deliveries(rt, delivery_id=None, stop=None, event_type=None, status=N
 
 
 def _newest_first(rt, since, until, page=500):
+    """Full ledger entries newest first, then the compacted (settled) ones, newest first."""
     high = "+inf" if until is None else until
     low = "-inf" if since is None else since
     offset = 0
@@ -212,8 +213,9 @@ def _newest_first(rt, since, until, page=500):
         ids = rt.redis.zrevrangebyscore(Ledger.ALL, high, low, start=offset, num=page)
         yield from ids
         if len(ids) < page:
-            return
+            break
         offset += page
+    yield from rt.ledger.compacted_ids(since, until)
 
 
 def _rows(rt, ids, batch=100):
@@ -222,19 +224,14 @@ def _rows(rt, ids, batch=100):
 
 
 def _fetch(rt, ids):
-    fields = ("event_type", "status", "received_at", "body")
-    with rt.redis.pipeline(transaction=False) as pipe:
-        for delivery_id in ids:
-            pipe.hmget(Ledger.key(delivery_id), fields)
-        answers = pipe.execute()
-    for delivery_id, values in zip(ids, answers):
-        if values[0] is None:  # expired from the ledger
+    entries = rt.ledger.get_many(ids)  # full entries and compacted ones (those keep the stop's keys)
+    for delivery_id in ids:
+        entry = entries.get(delivery_id)
+        if entry is None:  # expired from the ledger
             continue
-        row = dict(zip(fields, values), delivery_id=delivery_id)
-        row["received_at"] = float(row["received_at"])
-        keys = stop_keys(row.pop("body"))
-        row["stop_id"], row["stop_ref"] = keys.get("id"), keys.get("ref")
-        yield row
+        keys = stop_keys(entry.get("body"))
+        yield {"event_type": entry["event_type"], "status": entry["status"], "delivery_id": delivery_id,
+               "received_at": float(entry["received_at"]), "stop_id": keys.get("id"), "stop_ref": keys.get("ref")}
 
 
 def _matches(row, event_type, status, since, until):

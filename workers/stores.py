@@ -135,6 +135,8 @@ class Ledger:
     # Entry fields a compacted delivery keeps (besides status, event type, received-at, outcomes,
     # trace); the rest was working state of its processing (leases, queue tickets).
     KEPT_FIELDS = ("entity", "reason", "resumes")
+    # Body fields a compacted delivery keeps, so it can still be found and ordered by stop.
+    KEPT_BODY_FIELDS = ("stopId", "stopRef", "shipmentId", "tripId", "actionDate", "newStatus")
 
     def __init__(self, client, history=LEDGER_RETENTION):
         self.redis = client
@@ -179,7 +181,8 @@ class Ledger:
     def get(self, delivery_id):
         """The ledger entry as a dict (sink outcomes under ``sinks``), or None.
 
-        A compacted entry has no ``body`` and carries ``compacted: True``.
+        A compacted entry carries ``compacted: True``, and as ``body`` only the JSON of the body's
+        ``KEPT_BODY_FIELDS``.
         """
         entry = self.redis.hgetall(self.key(delivery_id))
         if not entry:
@@ -387,6 +390,15 @@ class Ledger:
                 pipe.hget(key, delivery_id)
             return next((packed for packed in reversed(pipe.execute()) if packed), None)
 
+    def compacted_ids(self, since=None, until=None):
+        """Ids of compacted deliveries received between ``since`` and ``until``, newest first (a bucket at a time)."""
+        for key in reversed(self.settled_buckets()):
+            received = {delivery_id: float(_unpack(delivery_id, packed)[0]["received_at"])
+                        for delivery_id, packed in self.redis.hgetall(key).items()}
+            yield from sorted((delivery_id for delivery_id, at in received.items()
+                               if (since is None or at >= since) and (until is None or at <= until)),
+                              key=received.get, reverse=True)
+
     def count(self):
         """How many deliveries the ledger holds, full entries and compacted ones."""
         buckets = self.settled_buckets()
@@ -408,14 +420,16 @@ class Ledger:
 # into under 100 characters. Never change it: packed entries in Redis are read with it (a new
 # dictionary needs a new format letter in ``_pack``).
 _PACK_DICTIONARY = (
-    b'"enrich retry","retry","resumed","replayed","stale","dead_lettered","quarantined","unrouted",'
+    b'"enrich retry","retry","resumed","replayed","restored","dead_lettered","quarantined","unrouted",'
     b'"reason":"retries exhausted: ","error":"status":,"delay":"next_in":"resumes":"waiting","pending",'
-    b'"locate","deliverycom","forward","trip.created","trip.updated","stop.created","stop.updated",'
-    b'"stop.assigned","stop.status-changed",{"entity":"trip"},{"entity":"stop"},'
-    b'{"storepoint":{"state":"applied","at":0.0,"attempts":1,"remote_id":"1"},'
-    b'"b2b":{"state":"applied","at":0.0,"attempts":1,"remote_id":"BP-1-1"}},'
+    b'"locate","deliverycom","forward","note.created","trip.created","trip.assigned","trip.status-changed",'
+    b'"shipment.assigned","shipment.status-changed","stop.assigned","stop.status-changed",'
+    b'{"entity":"trip"},{"entity":"shipment"},{"entity":"stop"},"shipmentId":"tripId":"Completed","Enroute",'
+    b'{"storepoint":{"state":"stale","at":0.0,"attempts":1,"remote_id":"1"},'
+    b'"b2b":{"state":"applied","at":0.0,"attempts":1,"remote_id":"1"}},'
     b'[[0.0,"routed",{"sinks":["storepoint","b2b"]}],[0.0,"applied",{"sink":"storepoint","action":"upsert",'
-    b'"key":"stop-1"}],[0.0,"applied",{"sink":"b2b","action":"upsert","key":"stop-1"}]]]')
+    b'"key":"l2u-stop-1"}],[0.0,"applied",{"sink":"b2b","action":"upsert","key":"l2u-stop-1"}]],'
+    b'{"stopId":1,"stopRef":"","actionDate":"2022-04-27T00:00:00.0000000+00:00","newStatus":"Arrived"}]')
 
 
 def _deflater():
@@ -430,11 +444,14 @@ def _entry(fields):
 
 
 def _pack(entry, lines):
-    """A settled entry (``Ledger.KEPT_FIELDS`` of its fields) and its trace as a short string: JSON with
-    times relative to receipt, raw-deflated against ``_PACK_DICTIONARY``, in base85 after the format
-    letter "z"."""
+    """A settled entry (``Ledger.KEPT_FIELDS`` of its fields, ``KEPT_BODY_FIELDS`` of its body) and its
+    trace as a short string: JSON with times relative to receipt, raw-deflated against
+    ``_PACK_DICTIONARY``, in base85 after the format letter "z"."""
     received = float(entry["received_at"])
     fields = {name: entry[name] for name in Ledger.KEPT_FIELDS if name in entry}
+    body = json.loads(entry.get("body") or "{}")
+    kept = {name: body[name] for name in Ledger.KEPT_BODY_FIELDS
+            if isinstance(body, dict) and body.get(name) is not None}
     sinks = {}
     for name, raw in entry.items():
         if name.startswith("sink:"):
@@ -444,7 +461,7 @@ def _pack(entry, lines):
     for raw in lines:
         line = json.loads(raw)
         trace.append([round(line.pop("at") - received, 3), line.pop("what")] + ([line] if line else []))
-    text = json.dumps([entry["status"], entry["event_type"], round(received, 3), fields, sinks, trace],
+    text = json.dumps([entry["status"], entry["event_type"], round(received, 3), fields, sinks, trace, kept],
                       separators=(",", ":"))
     deflater = _deflater()
     return "z" + base64.b85encode(deflater.compress(text.encode()) + deflater.flush()).decode()
@@ -454,9 +471,9 @@ def _unpack(delivery_id, packed):
     """``(entry, trace)`` as ``Ledger.get`` and ``Ledger.history`` give them, from ``_pack``'s text."""
     inflater = zlib.decompressobj(-15, zdict=_PACK_DICTIONARY)
     text = inflater.decompress(base64.b85decode(packed[1:])) + inflater.flush()
-    status, event_type, received, fields, sinks, trace = json.loads(text)
+    status, event_type, received, fields, sinks, trace, kept = json.loads(text)
     entry = {"delivery_id": delivery_id, "event_type": event_type, "received_at": repr(received), "status": status,
-             **fields, "compacted": True,
+             **fields, "compacted": True, "body": json.dumps(kept),
              "sinks": {name: {**outcome, "at": received + outcome["at"]} for name, outcome in sinks.items()}}
     history = [{"at": received + line[0], "what": line[1], **(line[2] if len(line) > 2 else {})} for line in trace]
     return entry, history
