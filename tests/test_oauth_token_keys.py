@@ -111,3 +111,14 @@ def test_a_missing_key_is_a_warning_in_readyz_and_status(sim, settings, redis_cl
     assert "token_key" not in create_app(keyed).test_client().get("/readyz").get_json()["checks"]
     assert "warning       RELAY_TOKEN_KEYS" not in cli(keyed, "status").stdout
     assert "token_key: RELAY_TOKEN_KEYS" in cli(keyed, "oauth", "status").stdout
+
+
+def test_re_encrypting_never_undoes_a_newer_token_set(settings, redis_client):
+    """A worker that read tokens under the old key must not write them back over a renewal stored meanwhile."""
+    store(redis_client, settings, token_keys=(OLD_KEY,)).save(TOKENS)
+    reader = store(redis_client, settings, token_keys=(NEW_KEY, OLD_KEY))
+    stale = redis_client.get(TOKENS_KEY)
+    renewed = {**TOKENS, "access_token": "renewed-access-token"}
+    reader.save(renewed)  # another worker renews
+    reader._reencrypt(TOKENS_KEY, stale)  # the first worker's re-encryption of what it read before
+    assert reader.load() == renewed

@@ -53,6 +53,11 @@ LOCK_TIMEOUT = 120       # longer than a renewal can take with its bounded retri
 LOCK_WAIT = 40           # how long a worker waits for another's renewal
 MAX_REFRESH_AHEAD = 300  # renew this long before expiry (at most a tenth of the lifetime)
 TOKEN_TIMEOUT = (3.05, 15)
+# Re-encrypt a value only if nobody replaced it meanwhile (a renewal must never be undone by a rotation).
+_REPLACE_IF_UNCHANGED = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL') end
+return false
+"""
 KEY_WARNING = ("RELAY_TOKEN_KEYS is unset: stored Locate2u tokens are encrypted under a key derived from "
                "RELAY_WEBHOOK_SECRET; set RELAY_TOKEN_KEYS (l2u-relay oauth new-key)")
 
@@ -94,6 +99,7 @@ class TokenStore:
         self._fernets = list(fernets)
         self._all = MultiFernet(self._fernets)
         self.dedicated = dedicated
+        self._replace_if_unchanged = redis_client.register_script(_REPLACE_IF_UNCHANGED)
 
     @classmethod
     def from_settings(cls, redis_client, settings):
@@ -122,8 +128,12 @@ class TokenStore:
             log.warning("a stored Locate2u value (%s) cannot be decrypted with RELAY_TOKEN_KEYS or the webhook "
                         "secrets; ignoring it", key)
             return None
-        self.redis.set(key, self._all.rotate(blob), keepttl=True)
+        self._reencrypt(key, blob)
         return value
+
+    def _reencrypt(self, key, blob):
+        """Store ``blob`` under the first key unless the value changed since it was read."""
+        self._replace_if_unchanged(keys=[key], args=[blob, self._all.rotate(blob)])
 
     def load(self):
         """The stored token set as a dict, or None (absent or undecryptable)."""
@@ -164,7 +174,7 @@ class TokenStore:
             if blob is None:
                 continue
             try:
-                self.redis.set(key, self._all.rotate(blob), keepttl=True)
+                self._reencrypt(key, blob)
                 done.append(key)
             except InvalidToken:
                 failed.append(key)
