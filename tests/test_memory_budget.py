@@ -227,3 +227,22 @@ def test_with_the_console_on_compacted_deliveries_are_still_found_by_stop_and_li
         ("d-2", "100001", "routed"), ("d-1", "100001", "applied")]
     listed, _ = operations.search_deliveries(rt)
     assert [row["delivery_id"] for row in listed] == ["d-2", "d-1"]
+
+
+def test_a_redis_full_of_pending_work_loses_history_not_work_and_housekeeping_carries_on(redis_client, maxmemory):
+    rt = runtime(redis_client, Settings(webhook_secret=TEST_SECRET, console_password="console-password-1",
+                                        dead_letter_limit=1))
+    rt.sinks = {"storepoint": None}
+    settle(rt.ledger, "old")
+    housekeeping.run(rt, now=time.time() + SETTLE_GRACE)  # compacted: settled history
+    settle(rt.ledger, "new")  # settled, not yet compacted
+    pending(rt.ledger, "open")
+    rt.dead_letters.add("d-1", "storepoint", "400")
+    rt.dead_letters.add("d-2", "storepoint", "400")
+    maxmemory(1)  # full: every write refused, scripts too
+
+    done = housekeeping.run(rt, now=time.time() + SETTLE_GRACE)
+
+    assert done["trimmed"] == 1 and done["compacted"] is None
+    assert rt.ledger.get("old") is None
+    assert rt.ledger.get("open")["body"] == BODY and rt.ledger.get("new")["body"] == BODY

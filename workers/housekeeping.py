@@ -32,23 +32,23 @@ LOCATION_HASHES = (PREFIX + "version:{sink}", PREFIX + "map:{sink}", PREFIX + "m
 
 
 def run(rt, now=None):
-    """Apply every bound once; return what each step removed.
+    """Apply every bound once; return what each step removed (None: skipped, Redis is full).
 
-    Trimming comes first: deleting works even when Redis is full, compacting (a script) does not.
+    Trimming comes first: deleting works even when Redis is full; the steps that write (scripts,
+    the scan cursor, the stop index) are then skipped until there is room again.
     """
     settings = rt.settings
     done = {"trimmed": trim_for_memory(rt.redis, rt.ledger, settings.history_trim_percent),
-            "dead_letters": rt.dead_letters.trim(settings.dead_letter_limit, settings.dead_letter_days * DAY, now),
             "expired_ids": rt.ledger.prune(now),
-            "locations": prune_locations(rt.redis, rt.sinks, settings.location_days * DAY, now)}
+            "dead_letters": _unless_full(rt.dead_letters.trim, settings.dead_letter_limit,
+                                         settings.dead_letter_days * DAY, now),
+            "locations": _unless_full(prune_locations, rt.redis, rt.sinks, settings.location_days * DAY, now)}
     if settings.console_password or settings.console_operators:  # index bodies by stop before they go
-        StopIndex(rt.redis).refresh()
-    try:
-        done["compacted"] = rt.ledger.compact(now)
-    except redis.OutOfMemoryError:
-        done["compacted"] = 0
-        log.error("Redis is full of pending work (no settled history left to trim): new deliveries get 503 "
-                  "until the workers catch up or the plan grows")
+        _unless_full(StopIndex(rt.redis).refresh)
+    done["compacted"] = _unless_full(rt.ledger.compact, now)
+    if done["compacted"] is None:
+        log.error("Redis is full even after trimming settled history: new deliveries get 503 until the "
+                  "workers catch up or the plan grows")
     if done["trimmed"]:
         log.warning("Redis memory above %d%% of maxmemory: trimmed the %d oldest settled deliveries",
                     settings.history_trim_percent, done["trimmed"])
@@ -58,6 +58,16 @@ def run(rt, now=None):
         log.warning("dropped %d dead letters past RELAY_DEAD_LETTER_DAYS or RELAY_DEAD_LETTER_LIMIT",
                     done["dead_letters"])
     return done
+
+
+def _unless_full(step, *args):
+    """``step(*args)``, or None when Redis refused it for being full."""
+    try:
+        return step(*args)
+    except redis.ResponseError as exc:
+        if not redis_health.is_full(exc):
+            raise
+        return None
 
 
 def prune_locations(client, sinks, max_age, now=None, count=LOCATION_SCAN):

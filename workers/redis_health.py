@@ -53,6 +53,12 @@ def _rdb_saves(client, info):
         return int(info.get("rdb_last_save_time", 0)) > 0 and info.get("rdb_last_bgsave_status") == "ok"
 
 
+def is_full(exc):
+    """True when ``exc`` is Redis refusing a write because it is full (``OOM``), also as relayed by a script."""
+    return isinstance(exc, redis.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and "-OOM command not allowed" in str(exc))
+
+
 def log_report(client, logger):
     """Log the report at start-up: the figures at INFO, each warning at WARNING."""
     report = check(client)
