@@ -21,6 +21,8 @@ from honcho.environ import parse_procfile
 from honcho.manager import Manager
 from honcho.printer import Printer
 
+from workers.dyno import PROCESSES, config_environment
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_PROCESSES = ("web", "worker", "beat")
 DEFAULT_DATA_DIR = ".l2u-relay"
@@ -96,9 +98,10 @@ class EmbeddedRedis:
 
 
 def procfile_commands(path=None):
-    """The Procfile's processes as ``{name: command}``."""
-    path = Path(path) if path else (Path("Procfile") if Path("Procfile").exists() else REPO_ROOT / "Procfile")
-    return dict(parse_procfile(path.read_text()).processes)
+    """The processes as ``{name: command}``: the packaged table, or the Procfile at ``path``."""
+    if path is None:
+        return dict(PROCESSES)
+    return dict(parse_procfile(Path(path).read_text()).processes)
 
 
 def local_secret(data_dir):
@@ -142,9 +145,10 @@ def run_processes(env, names=LOCAL_PROCESSES, on_start=None, printer=None):
     Their output goes to ``printer`` (a honcho Printer; default stdout).
     """
     commands = procfile_commands()
+    env = {**env, **config_environment(env)}  # the packaged settings, with or without a checkout
     manager = Manager(printer)
     for name in names:
-        manager.add_process(name, commands[name], env=env, cwd=str(REPO_ROOT))
+        manager.add_process(name, commands[name], env=env)  # in this working directory, like the data dir
 
     def stop(code):
         manager.returncode = code

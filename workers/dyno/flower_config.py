@@ -1,0 +1,38 @@
+"""Flower settings for ``celery -A workers.app flower``: loaded by the root ``flowerconfig.py`` on a
+dyno, and by ``l2u-relay run`` through ``FLOWER_CONF`` (Flower executes this file).
+
+Flower refuses to start without authentication unless it only listens on
+loopback: set ``FLOWER_BASIC_AUTH=user:password`` (or Flower's own
+``FLOWER_AUTH`` OAuth settings). It listens on ``$PORT`` when set (a
+Heroku-style web dyno), else 5555.
+"""
+import os
+import sys
+
+from flower.inspector import Inspector
+
+from workers.config import Settings as _Settings
+from workers.logs import configure_logging as _configure_logging
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+port = int(os.environ.get("FLOWER_PORT") or os.environ.get("PORT") or 5555)
+address = os.environ.get("FLOWER_ADDRESS") or ("0.0.0.0" if os.environ.get("PORT") else "127.0.0.1")
+if os.environ.get("FLOWER_BASIC_AUTH"):
+    basic_auth = [os.environ["FLOWER_BASIC_AUTH"]]
+elif not os.environ.get("FLOWER_AUTH") and address not in LOOPBACK:
+    sys.exit(f"flower: refusing to listen on {address} without authentication; "
+             "set FLOWER_BASIC_AUTH=user:password (or FLOWER_AUTH), or FLOWER_ADDRESS=127.0.0.1")
+
+# Connection budget (README, Scale): workers send events by configuration, so Flower need not broadcast
+# enable_events every few seconds; and it inspects workers one command at a time, so its broker pool
+# (RELAY_BROKER_POOL_LIMIT) is never exhausted by commands that each hold two pooled connections.
+enable_events = False
+Inspector.max_concurrency = 1
+
+# Every line JSON: tornado's console handler off ("logging" is Flower's tornado option), ours on the root.
+logging = "none"
+_configure_logging(_Settings.from_env())
+# The task list shows each task's arguments; the control tasks are sent only when they have work
+# (workers/beat_schedules.py), so they do not bury the deliveries.
+tasks_columns = "name,uuid,state,args,kwargs,received,started,runtime,worker"

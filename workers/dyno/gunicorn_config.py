@@ -1,0 +1,44 @@
+"""gunicorn settings for ``gunicorn receiver.wsgi:app``: loaded by the root ``gunicorn.conf.py`` on a
+dyno, and by ``l2u-relay run`` through ``--config python:workers.dyno.gunicorn_config``.
+
+Binds ``0.0.0.0:$PORT`` (gunicorn's own default when PORT is set), runs
+``WEB_CONCURRENCY`` sync workers (default 2), logs JSON lines to stdout, and
+turns on Prometheus multiprocess mode so ``/metrics`` merges every worker.
+"""
+import os
+import shutil
+import tempfile
+
+_OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # made here, so removed on exit
+if _OWN_METRICS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="l2u-metrics-")
+
+from prometheus_client import multiprocess  # noqa: E402  (needs the directory set first)
+
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+timeout = 30
+graceful_timeout = 10
+keepalive = 5
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "pythonjsonlogger.json.JsonFormatter",
+                            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    # Access lines carry request paths: webhook URL tokens and OAuth codes are redacted.
+    "filters": {"redact": {"()": "workers.logs.RedactingFilter"}},
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout",
+                            "filters": ["redact"]}},
+    "root": {"level": "INFO", "handlers": ["stdout"]},
+    "loggers": {"gunicorn.error": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
+                "gunicorn.access": {"handlers": ["stdout"], "level": "INFO", "propagate": False}},
+}
+
+
+def child_exit(server, worker):
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics folder this start made (``l2u-metrics-*`` in the temp dir would pile up)."""
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
