@@ -254,13 +254,15 @@ def test_deliveries_search_filters_and_pages_newest_first(client, redis_client):
     assert ids(second.text) == [f"s-{i:02d}" for i in range(5, -1, -1)] and "older »" not in second.text
     assert ids(client.get("/console/deliveries?stop=1001").text) == [f"s-{i:02d}" for i in range(28, 0, -3)]
     assert ids(client.get("/console/deliveries?stop=REF-1002").text) == [f"s-{i:02d}" for i in range(29, 0, -3)]
+    seed_delivery(redis_client, "s-new", status_change(1001, "Complete", "2022-04-27T07:00:00+00:00"), now - 5)
+    assert ids(client.get("/console/deliveries?stop=1001").text)[:2] == ["s-new", "s-28"]  # indexed since
     assert ids(client.get("/console/deliveries?event_type=trip.created").text) == ["trip-1"]
     assert ids(client.get("/console/deliveries?delivery_id=s-07").text) == ["s-07"]
     assert all(int(i[2:]) % 2 for i in ids(client.get("/console/deliveries?status=applied").text))
     assert ids(client.get("/console/deliveries?status=received&stop=1000").text) == [
         f"s-{i:02d}" for i in range(24, -1, -6)]
     recent = ids(client.get("/console/deliveries?since=1470s").text)
-    assert recent == ["trip-1", "s-29", "s-28", "s-27", "s-26"]
+    assert recent == ["s-new", "trip-1", "s-29", "s-28", "s-27", "s-26"]
     bad = client.get("/console/deliveries?until=yesterday")
     assert bad.status_code == 400 and "until: use an ISO date/time" in bad.text
 
