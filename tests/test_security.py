@@ -438,6 +438,15 @@ def test_metrics_protection_on_and_off(settings, protection, accepted, refused):
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+def test_metrics_through_gunicorn_protected_and_strictly_typed(settings, start_process):
+    web = start_process("gunicorn", settings.replace(metrics_token=METRICS_TOKEN))
+    assert requests.get(web.url + "/metrics", timeout=10).status_code == 401
+    scrape = requests.get(web.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10)
+    assert scrape.status_code == 200 and "l2u_receiver_requests_total" in scrape.text
+    assert strict_media_type(scrape.headers["Content-Type"])[1] == {"version": "1.0.0", "charset": "utf-8"}
+    assert METRICS_TOKEN not in web.output()
+
+
 def redis_output_bytes(redis_client):
     return int(redis_client.info("stats")["total_net_output_bytes"])
 
