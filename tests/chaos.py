@@ -1,15 +1,27 @@
-"""Chaos run: the whole relay under worker kills, a Redis restart and failing sinks.
+"""Chaos run: the whole relay under the faults it was not designed around.
 
     python -m tests.chaos --profile ci|large [--seed N] [--keep-logs DIR] [--json]
 
 Real gunicorn, several Celery worker processes plus a separate beat, a real
-redis-server with append-only persistence, and loopback simulators of
-Locate2u, Storepoint and B2B. Deliveries for many stops go to the receiver in
-shuffled order with 10 % exact duplicates, while the run SIGKILLs whole
-worker process groups at random moments, restarts Redis once, and has both
-sinks fail 20 % of requests with 503 and answer bursts of 429 with
-``Retry-After``. The sender retries every 503 (after ``Retry-After``) and
-every connection error, as Locate2u does.
+redis-server with append-only persistence (``appendfsync everysec``), and
+loopback simulators of Locate2u, Storepoint and B2B. Deliveries for many stops
+go to the receiver in shuffled order with 10 % exact duplicates, some stops
+with two events at the same ``actionDate`` instant, while on one timeline the
+run:
+
+- SIGKILLs whole worker process groups, half of them while that worker is in a
+  sink call (during fan-out);
+- SIGKILLs Redis and starts it again from its append-only file;
+- deletes the Celery work queue lists (the broker loses every message in them);
+- has Locate2u's stop reads fail during enrich: 503s, bursts of 429 with
+  ``Retry-After``, and reads slower than the client's timeout;
+- has both sinks fail 20 % of requests with 503, answer bursts of 429 with
+  ``Retry-After``, apply some writes and then answer 503 or drop the connection,
+  and take longer than the key lock over some calls.
+
+The sender retries every 503 (after ``Retry-After``) and every connection
+error, as Locate2u does. The seed (printed) fixes the events and the timeline;
+``--seed N`` replays them.
 
 At the end it checks the guarantees of DESIGN.md and returns the figures and
 the list of problems (empty when every guarantee held):
@@ -17,19 +29,24 @@ the list of problems (empty when every guarantee held):
 - no delivery lost: every accepted delivery's ledger entry is applied, stale
   or dead-lettered, and a dead letter needs a reason the chaos explains;
 - exactly-once effect and ordering: each sink's final state is the one the
-  newest event (by ``actionDate`` instant) of each stop asks for, with no
-  duplicate record downstream;
-- deliveries answered 503 while Redis restarted are accepted on retry;
+  newest event asks for (later ``actionDate`` instant; for equal instants the
+  later received, then the greater delivery id), with no duplicate record
+  downstream;
+- deliveries answered 503 while Redis was down are accepted on retry;
 - no secret (webhook secret, URL tokens, API tokens, passwords, issued access
   tokens and JWTs, ``Authorization`` values) in any process's output.
 """
 import argparse
+import base64
 import collections
 import dataclasses
 import heapq
+import itertools
 import json
 import logging
+import os
 import random
+import re
 import secrets
 import shutil
 import sys
@@ -39,6 +56,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import psutil
 import redis
 import requests
 
@@ -47,8 +65,10 @@ from tests.payloads import PUBLISHED
 from tests.processes import BIN, CeleryWorker, Gunicorn, Process, process_env
 from workers.ops.simulators import b2b, locate2u, storepoint
 from workers.ops.simulators.base import SimulatorServer
+from workers.celery_config import DELIVER_QUEUE, INGEST_QUEUE
 from workers.config import Settings
 from workers.devstack import EmbeddedRedis
+from workers.locate2u.client import API_TIMEOUT
 from workers.metrics import COUNTERS
 from workers.resilience import RetryScheduler
 from workers.stores import FINAL_SINK_STATES, FINAL_STATES, DeadLetterStore, Ledger, connect
@@ -62,8 +82,12 @@ SUBURBS = (("Pyrmont", "NSW", "2009"), ("Sydney", "NSW", "2000"), ("Parramatta",
 STREETS = ("Miller St", "George St", "Smith Rd", "Collins St", "Brunswick St", "Queen St")
 FIRST_STOP_ID = 500000
 RETRY_SCHEDULE = (0, 1, 1, 2, 3, 5, 8, 13, 21)
-VISIBILITY_TIMEOUT = 15
-SWEEP_AFTER = 30
+VISIBILITY_TIMEOUT = 15  # also the key lock: min(pipeline.LOCK_SECONDS, visibility timeout)
+SWEEP_AFTER = 15  # also the processing lease: shorter than a Locate2u read that times out
+SLOW_SINK_SECONDS = VISIBILITY_TIMEOUT + 5  # a sink call slower than the key lock
+LOCATE2U_TIMEOUT_SECONDS = API_TIMEOUT[1] + 2  # a stop read the client gives up on
+STOPS_PATH = "/v1/Stops"
+SINK_WRITE_PATHS = {"storepoint": "/locations", "b2b": "/Location/"}
 # A dead letter is acceptable only for a reason the chaos explains; this run's data and schedule leave none.
 EXPLAINED_DEAD_LETTERS = ()
 ROUTES_YAML = """\
@@ -93,12 +117,21 @@ class Profile:
     burst_retry_after: int = 2
     redis_down_seconds: float = 4.0
     sender_threads: int = 6
+    tie_rate: float = 0.15          # stops with two events at the same actionDate instant
+    l2u_fail_rate: float = 0.05     # Locate2u stop reads answered 503
+    l2u_bursts: int = 2             # bursts of 429 on Locate2u stop reads
+    l2u_timeouts: int = 2           # stop reads slower than the client's read timeout
+    queue_drops: int = 6            # times the work queue lists are deleted
+    applied_then_failed: int = 6    # writes per sink applied then answered 503 or dropped
+    slow_sink_calls: int = 2        # sink calls per sink slower than the key lock
 
 
 PROFILES = {
-    "ci": Profile("ci", stops=60, events_per_stop=8, send_seconds=40, workers=3, kills=4, settle_timeout=150),
-    "large": Profile("large", stops=400, events_per_stop=8, send_seconds=200, workers=4, kills=14,
-                     settle_timeout=420),
+    "ci": Profile("ci", stops=60, events_per_stop=8, send_seconds=40, workers=3, kills=4, settle_timeout=150,
+                  queue_drops=1),
+    "large": Profile("large", stops=650, events_per_stop=8, send_seconds=300, workers=4, kills=14,
+                     settle_timeout=600, l2u_bursts=6, l2u_timeouts=6, applied_then_failed=30,
+                     slow_sink_calls=6),
 }
 
 
@@ -117,33 +150,40 @@ class Event:
         return delivery_id_for(self.event_type, self.body)
 
 
-def action_date(instant, rng):
+def action_date(instant, rng, fraction=True):
     """``instant`` written in a random UTC offset, sometimes with Locate2u's 7 fractional digits."""
     local = instant.astimezone(timezone(rng.choice(OFFSETS)))
     text = local.strftime("%Y-%m-%dT%H:%M:%S")
-    if rng.random() < 0.5:
+    if fraction and rng.random() < 0.5:
         text += f".{rng.randrange(10 ** 6):06d}{rng.randrange(10)}"
     return text + local.strftime("%z")[:3] + ":" + local.strftime("%z")[3:]
 
 
 def make_events(profile, rng):
-    """Every stop's events, seconds or minutes apart (never equal instants), in the stop's own order."""
+    """Every stop's events, seconds or minutes apart, in the stop's own order; for ``tie_rate`` of
+    the stops the last two share one instant (no fraction) and ask for different statuses."""
     events = []
     base = datetime(2022, 4, 27, 4, 0, tzinfo=timezone.utc)
     for index in range(profile.stops):
         stop_id = FIRST_STOP_ID + index
         moments = sorted(rng.sample(range(1, 6 * 3600), profile.events_per_stop))
-        for second in moments:
+        tie = rng.random() < profile.tie_rate
+        if tie:
+            moments[-1] = moments[-2]
+        for n, second in enumerate(moments):
             instant = base + timedelta(seconds=second)
-            events.append(make_event(stop_id, instant, rng))
+            event = make_event(stop_id, instant, rng, exact=tie and n >= len(moments) - 2)
+            while tie and n == len(moments) - 1 and event.status == events[-1].status:
+                event = make_event(stop_id, instant, rng, exact=True)  # a tie that decides something
+            events.append(event)
     return events
 
 
-def make_event(stop_id, instant, rng):
+def make_event(stop_id, instant, rng, exact=False):
     """One delivery for ``stop_id`` at ``instant`` (whole seconds: the fraction ``action_date`` may
-    add is under a second, so it never reorders events that are seconds apart)."""
+    add is under a second, so it never reorders events that are seconds apart; ``exact`` adds none)."""
     instant = instant.replace(microsecond=0)
-    date = action_date(instant, rng)
+    date = action_date(instant, rng, fraction=not exact)
     if rng.random() < 0.1:
         body = dict(PUBLISHED["stop.assigned"], stopId=stop_id, actionDate=date)
         return Event(stop_id, "stop.assigned", STOP_RECORD_STATUS, instant, json.dumps(body).encode())
@@ -165,32 +205,22 @@ def add_stops(state, profile, rng):
                                 "email": f"stop{index}@example.com"})
 
 
-def expected_final(events):
-    """``{stop_id: newest status}``: the newest event by actionDate instant decides."""
+def expected_final(events, received_at=None):
+    """``{stop_id: newest status}``: the later actionDate instant decides; for equal instants the
+    later received (``received_at``: ``{delivery id: ledger receipt time}``), then the greater id."""
+    received_at = received_at or {}
+
+    def order(event):
+        return event.instant, received_at.get(event.delivery_id, 0.0), event.delivery_id
+
     newest = {}
     for event in events:
-        if event.stop_id not in newest or event.instant > newest[event.stop_id].instant:
+        if event.stop_id not in newest or order(event) > order(newest[event.stop_id]):
             newest[event.stop_id] = event
     return {stop_id: event.status for stop_id, event in newest.items()}
 
 
 # ------------------------------------------------------------ faults and sims
-
-def count_faults(faults):
-    """Make ``faults`` (a FaultPlan) count what it injects, by status, in ``faults.by_status``."""
-    faults.by_status = collections.Counter()
-    choose = faults._next
-
-    def _next(path):
-        fault = choose(path)
-        if fault is not None:
-            with faults._lock:
-                faults.by_status[fault[0]] += 1
-        return fault
-
-    faults._next = _next
-    return faults
-
 
 def start_simulators(profile, rng, tokens):
     l2u_state = locate2u.Locate2uState(client_id="chaos-client", client_secret=tokens["locate2u_client_secret"])
@@ -201,7 +231,8 @@ def start_simulators(profile, rng, tokens):
     apps = {"locate2u": locate2u.create_app(l2u_state), "storepoint": storepoint.create_app(sp_state),
             "b2b": b2b.create_app(b2b_state)}
     for name in ("storepoint", "b2b"):
-        count_faults(apps[name].config["FAULTS"]).fail_rate(profile.fail_rate, 503)
+        apps[name].config["FAULTS"].fail_rate(profile.fail_rate, 503)
+    apps["locate2u"].config["FAULTS"].fail_rate(profile.l2u_fail_rate, 503, path_prefix=STOPS_PATH)
     return {name: SimulatorServer(app).start() for name, app in apps.items()}
 
 
@@ -261,12 +292,39 @@ class Stack:
         self.workers.append(worker)
         return worker
 
-    def kill_worker(self):
-        """SIGKILL a random live worker's whole process group and start a replacement."""
-        victim = self.rng.choice([worker for worker in self.workers if worker.proc.poll() is None])
+    def kill_redis(self):
+        """SIGKILL redis-server: no shutdown, no final flush."""
+        self.redis_server.process.kill()
+        self.redis_server.process.wait(10)
+
+    def kill_worker(self, in_sink_call=False):
+        """SIGKILL a live worker's whole process group (with ``in_sink_call``, one that is in a sink
+        call if any is within 5 s) and start a replacement; return True if it was in a sink call."""
+        victim = self.worker_in_sink_call() if in_sink_call else None
+        caught = victim is not None
+        victim = victim or self.rng.choice([worker for worker in self.workers if worker.proc.poll() is None])
         victim.kill()
         self.workers.remove(victim)
         self.start_worker()
+        return caught
+
+    def worker_in_sink_call(self, timeout=5.0):
+        """The worker whose process (a pool child) has a request open at Storepoint or B2B, or None."""
+        deadline = time.monotonic() + timeout
+        groups = {worker.proc.pid: worker for worker in self.workers if worker.proc.poll() is None}
+        while time.monotonic() < deadline:
+            ports = {port for name in SINK_WRITE_PATHS for port in self.sims[name].app.config["FAULTS"].in_progress}
+            if ports:
+                for conn in psutil.net_connections(kind="tcp"):
+                    if conn.pid and conn.laddr and conn.laddr.port in ports:
+                        try:
+                            worker = groups.get(os.getpgid(conn.pid))
+                        except ProcessLookupError:
+                            continue
+                        if worker is not None:
+                            return worker
+            time.sleep(0.05)
+        return None
 
     def client(self):
         """One Redis client for the orchestrator (it reconnects by itself after the restart)."""
@@ -376,15 +434,17 @@ def plan_posts(events, profile, rng):
 # ---------------------------------------------------------------- the chaos
 
 class Chaos(threading.Thread):
-    """Worker kills at random moments, one Redis restart mid-way, and 429 bursts, on one timeline."""
+    """Every fault of the run on one timeline drawn from the seed (see the module docstring)."""
 
     def __init__(self, stack, profile, rng):
         super().__init__(daemon=True)
         self.stack, self.profile, self.rng = stack, profile, rng
         self.kills = 0
+        self.kills_in_sink_call = 0
         self.redis_restarts = 0
         self.redis_window = None     # (down at, up at), epoch seconds
-        self.ledger_before_restart = self.ledger_after_restart = None
+        self.dropped = []            # (epoch seconds, [delivery ids whose message was in a deleted list])
+        self.dropped_messages = 0
         self.bursts = collections.Counter()
         self.errors = []
         self.crashes = []   # last output of each worker that exited without being killed
@@ -394,17 +454,31 @@ class Chaos(threading.Thread):
         self.stopping = threading.Event()
 
     def timeline(self):
-        span = self.profile.send_seconds
-        restart = span * self.rng.uniform(0.4, 0.6)
-        kills = []
-        while len(kills) < self.profile.kills:
-            moment = span * self.rng.uniform(0.05, 0.95)
-            if abs(moment - restart) > self.profile.redis_down_seconds + 2:
-                kills.append(moment)
+        """``[(seconds from start, what, detail)]``, sorted; nothing else happens within a few seconds
+        of the Redis kill, so every fault is applied and counted."""
+        profile, rng = self.profile, self.rng
+        span = profile.send_seconds
+        restart = span * rng.uniform(0.4, 0.6)
+
+        def moments(count, what, details=(None,)):
+            chosen = []
+            while len(chosen) < count:
+                moment = span * rng.uniform(0.05, 0.95)
+                if abs(moment - restart) > profile.redis_down_seconds + 3:
+                    chosen.append((moment, what, details[len(chosen) % len(details)]))
+            return chosen
+
         sinks = ("storepoint", "b2b")
-        bursts = [(span * 0.1 + i * self.profile.burst_every, "burst", sinks[i % 2])
-                  for i in range(int(span * 0.9 // self.profile.burst_every))]
-        return sorted([(moment, "kill", None) for moment in kills] + [(restart, "redis", None)] + bursts)
+        bursts = [(span * 0.1 + i * profile.burst_every, "burst", sinks[i % 2])
+                  for i in range(int(span * 0.9 // profile.burst_every))]
+        bursts = [event for event in bursts if abs(event[0] - restart) > profile.redis_down_seconds + 3]
+        events = (moments(profile.kills, "kill", ("in sink call", "anywhere")) + [(restart, "redis", None)] + bursts
+                  + moments(profile.queue_drops, "drop queues")
+                  + moments(profile.l2u_bursts, "locate2u burst") + moments(profile.l2u_timeouts, "locate2u timeout")
+                  + moments(profile.applied_then_failed * 2, "applied then failed",
+                            [(sink, how) for sink in sinks for how in (503, "drop")])
+                  + moments(profile.slow_sink_calls * 2, "slow sink call", sinks))
+        return sorted(events, key=lambda event: event[0])
 
     def run(self):
         start = time.monotonic()
@@ -417,7 +491,10 @@ class Chaos(threading.Thread):
             while timeline and start + timeline[0][0] <= time.monotonic():
                 moment, what, sink = timeline.pop(0)
                 try:
-                    {"kill": self._kill, "redis": self._restart_redis, "burst": self._burst}[what](sink)
+                    {"kill": self._kill, "redis": self._restart_redis, "burst": self._burst,
+                     "drop queues": self._drop_queues, "locate2u burst": self._locate2u_burst,
+                     "locate2u timeout": self._locate2u_timeout, "applied then failed": self._applied_then_failed,
+                     "slow sink call": self._slow_sink_call}[what](sink)
                     self.history.append((round(time.monotonic() - start, 1), what, sink))
                 except Exception as exc:  # noqa: BLE001 - the run reports it as a problem instead of dying
                     self.errors.append(f"{what} at {moment:.0f}s failed: {type(exc).__name__}: {exc}")
@@ -438,26 +515,58 @@ class Chaos(threading.Thread):
                 self.crashes.append(crash_reason(worker.output()))
                 self.stack.start_worker()
 
-    def _kill(self, _):
-        self.stack.kill_worker()
+    def _kill(self, where):
+        self.kills_in_sink_call += self.stack.kill_worker(in_sink_call=where == "in sink call")
         self.kills += 1
 
     def _restart_redis(self, _):
-        client = self.stack.client()
-        self.ledger_before_restart = client.zcard(Ledger.ALL)
         down_at = time.time()
-        self.stack.redis_server.stop()
+        self.stack.kill_redis()
         time.sleep(self.profile.redis_down_seconds)
         self.stack.redis_server.start()
         self.redis_window = (down_at, time.time())
-        self.ledger_after_restart = self.stack.client().zcard(Ledger.ALL)
         self.redis_restarts += 1
+
+    def _drop_queues(self, _):
+        """Delete both work queue lists at once: every message in them is lost."""
+        with self.stack.client().pipeline() as pipe:
+            for queue in (INGEST_QUEUE, DELIVER_QUEUE):
+                pipe.lrange(queue, 0, -1)
+            pipe.delete(INGEST_QUEUE, DELIVER_QUEUE)
+            *lists, _deleted = pipe.execute()
+        messages = [raw for queue in lists for raw in queue]
+        self.dropped_messages += len(messages)
+        self.dropped.append((time.time(), sorted({delivery_of(raw) for raw in messages} - {None})))
+
+    def _locate2u_burst(self, _):
+        self.stack.sims["locate2u"].app.config["FAULTS"].inject(
+            429, self.profile.burst_size, self.profile.burst_retry_after,
+            {"message": "Too Many Requests"}, path_prefix=STOPS_PATH)
+
+    def _locate2u_timeout(self, _):
+        self.stack.sims["locate2u"].app.config["FAULTS"].slow(LOCATE2U_TIMEOUT_SECONDS, path_prefix=STOPS_PATH)
+
+    def _applied_then_failed(self, detail):
+        sink, how = detail
+        self.stack.sims[sink].app.config["FAULTS"].fail_after_apply(how, path_prefix=SINK_WRITE_PATHS[sink])
+
+    def _slow_sink_call(self, sink):
+        self.stack.sims[sink].app.config["FAULTS"].slow(SLOW_SINK_SECONDS, path_prefix=SINK_WRITE_PATHS[sink])
 
     def _burst(self, sink):
         faults = self.stack.sims[sink].app.config["FAULTS"]
         body = b2b.ERROR_BODIES[429] if sink == "b2b" else {"error": "rate_limited", "message": "Too Many Requests"}
         faults.inject(429, self.profile.burst_size, self.profile.burst_retry_after, body)
         self.bursts[sink] += 1
+
+
+def delivery_of(raw):
+    """The delivery id a raw Celery message (as kombu keeps it in Redis) is about, or None."""
+    try:
+        message = json.loads(raw)
+        return json.loads(base64.b64decode(message["body"]))[0][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 # ------------------------------------------------------------ settle, check
@@ -551,9 +660,9 @@ def check_ledger(client, events):
             figures["lost"] += 1
             problems.append(f"lost: {event.delivery_id[:12]} stuck {entry['status']} {open_sinks}; "
                             f"history {ledger.history(event.delivery_id)[-4:]}")
-    extra = client.zcard(Ledger.ALL) - len(events)
+    extra = set(ledger.ids()) - {event.delivery_id for event in events}
     if extra:
-        problems.append(f"the ledger holds {extra} entries more than the deliveries sent")
+        problems.append(f"the ledger holds {len(extra)} entries for deliveries never sent")
     for entry in DeadLetterStore(client).list():
         figures["dead_letters"] += 1
         if not any(reason in entry["reason"] for reason in EXPLAINED_DEAD_LETTERS):
@@ -561,7 +670,33 @@ def check_ledger(client, events):
     return problems, figures
 
 
-def check_sinks(sims, events):
+def receipt_times(client, events):
+    """``{delivery id: the ledger's received_at}`` (the tie-break for equal instants)."""
+    ledger = Ledger(client)
+    times = {}
+    for event in events:
+        entry = ledger.get(event.delivery_id)
+        if entry is not None and entry.get("received_at"):
+            times[event.delivery_id] = float(entry["received_at"])
+    return times
+
+
+def recovery_after_drops(client, dropped):
+    """Seconds from each deleted list to the next trace line (the sweeper's "swept", or progress)
+    of each delivery whose message it held: ``(count, longest)``, or ``(count, None)`` if one never
+    moved again."""
+    ledger, longest, count = Ledger(client), 0.0, 0
+    for at, delivery_ids in dropped:
+        for delivery_id in delivery_ids:
+            later = [line["at"] for line in ledger.history(delivery_id) if line["at"] > at]
+            count += 1
+            if not later:
+                return count, None
+            longest = max(longest, min(later) - at)
+    return count, round(longest, 1)
+
+
+def check_sinks(sims, events, received_at):
     """Each stop's final state in Storepoint and B2B against the newest event; duplicates downstream."""
     problems, figures = [], collections.Counter()
     sp_state, b2b_state = sims["storepoint"].app.config["STATE"], sims["b2b"].app.config["STATE"]
@@ -576,7 +711,7 @@ def check_sinks(sims, events):
         sp_by_key[key].append(loc)
     for loc in b2b_locations:
         b2b_by_key[loc["idRemote"]].append(loc)
-    for stop_id, status in sorted(expected_final(events).items()):
+    for stop_id, status in sorted(expected_final(events, received_at).items()):
         key = f"l2u-stop-{stop_id}"
         figures["stops"] += 1
         figures["stops_cancelled"] += status == "Cancelled"
@@ -627,6 +762,15 @@ def check_logs(outputs, secret_values):
                 figures["secrets_leaked"] += hits
                 problems.append(f"secret {name} appears {hits} times in the {log_name} log")
     return problems, figures
+
+
+def sweeper_counts(outputs):
+    """What the sweeper did, from its log lines: deliveries re-queued and fan-outs resumed."""
+    counts = collections.Counter()
+    for text in outputs.values():
+        counts["sweeper_requeued"] += sum(int(n) for n in re.findall(r"sweeper re-queued (\d+) deliveries", text))
+        counts["sweeper_resumed"] += sum(int(n) for n in re.findall(r"sweeper resumed (\d+) stalled", text))
+    return counts
 
 
 def worker_counters(client):
@@ -692,6 +836,7 @@ def run(profile, seed=None, workdir=None, keep_logs=None):
     problems, figures = check_logs(outputs, known_secrets(stack))
     report.problems += problems
     report.figures.update(figures)
+    report.figures.update(sweeper_counts(outputs))
     report.figures["seconds_total"] = round(time.monotonic() - started)
     report.seed, report.profile = seed, profile.name
     if keep_logs:
@@ -714,19 +859,23 @@ def verify(stack, chaos, posts, events):
     client = stack.client()
     problems = list(chaos.errors)
     figures = collections.Counter()
+    received_at = receipt_times(client, events)
     for check in (lambda: check_answers(posts, chaos.redis_window), lambda: check_ledger(client, events),
-                  lambda: check_sinks(stack.sims, events)):
+                  lambda: check_sinks(stack.sims, events, received_at)):
         found, counts = check()
         problems += found
         figures.update(counts)
-    if chaos.redis_restarts and chaos.ledger_after_restart < chaos.ledger_before_restart:
-        problems.append(f"Redis restart lost ledger entries: {chaos.ledger_before_restart} before, "
-                        f"{chaos.ledger_after_restart} after")
+    recovered, recovery_seconds = recovery_after_drops(client, chaos.dropped)
+    if recovery_seconds is None:
+        problems.append("a delivery whose message was in a deleted queue never progressed again")
     if stack.beat.proc.poll() is not None:
         problems.append("beat died during the run")
     figures.update(worker_counters(client))
-    sp_faults = stack.sims["storepoint"].app.config["FAULTS"].by_status
-    b2b_faults = stack.sims["b2b"].app.config["FAULTS"].by_status
+    sink_faults = (stack.sims["storepoint"].app.config["FAULTS"].counts
+                   + stack.sims["b2b"].app.config["FAULTS"].counts)
+    l2u_faults = stack.sims["locate2u"].app.config["FAULTS"].counts
+    ties = sum(1 for stop, group in itertools.groupby(sorted(events, key=lambda e: (e.stop_id, e.instant)),
+                                                       key=lambda e: (e.stop_id, e.instant)) if len(list(group)) > 1)
     figures = {
         "deliveries_sent": len(posts), "unique_deliveries": len(events),
         "exact_duplicates_sent": sum(post.copy for post in posts), "http_posts": figures["posts"],
@@ -735,11 +884,19 @@ def verify(stack, chaos, posts, events):
         "deliveries_503_in_redis_restart": figures["deliveries_503_in_restart"],
         "deliveries_503_in_redis_restart_accepted_on_retry": figures["deliveries_503_in_restart_then_accepted"],
         "sender_connection_errors": figures["connection_errors"],
-        "worker_kills_survived": chaos.kills, "redis_restarts_survived": chaos.redis_restarts,
+        "worker_kills_survived": chaos.kills, "worker_kills_in_sink_call": chaos.kills_in_sink_call,
+        "redis_sigkills_survived": chaos.redis_restarts,
         "worker_crashes_restarted": len(chaos.crashes), "fan_outs_resumed": figures["fan_outs_resumed"],
         "max_tasks_queued": chaos.max_queued,
-        "sink_503_injected": sp_faults[503] + b2b_faults[503], "sink_429_injected": sp_faults[429] + b2b_faults[429],
-        "sink_faults_injected": sum(sp_faults.values()) + sum(b2b_faults.values()),
+        "queue_deletions": len(chaos.dropped), "messages_deleted": chaos.dropped_messages,
+        "deliveries_hit_by_deletions": recovered, "longest_recovery_after_deletion_s": recovery_seconds,
+        "stops_with_equal_instants": ties,
+        "locate2u_503_injected": l2u_faults["503"], "locate2u_429_injected": l2u_faults["429"],
+        "locate2u_timeouts_injected": l2u_faults["slow"],
+        "sink_503_injected": sink_faults["503"], "sink_429_injected": sink_faults["429"],
+        "sink_applied_then_503": sink_faults["applied then 503"],
+        "sink_applied_then_dropped": sink_faults["applied then drop"],
+        "sink_calls_slower_than_lock": sink_faults["slow"],
         "retries": figures["retries"], "sink_writes_applied": figures["sink_applied"],
         "sink_writes_stale": figures["sink_stale"],
         "ledger_applied": figures["ledger_applied"], "ledger_stale": figures["ledger_stale"],

@@ -241,6 +241,7 @@ def _requeue_if_lost(rt, entry, queues):
         return 0
     process_delivery.apply_async(args=[delivery_id, entry["event_type"], int(entry.get("attempt", 0)),
                                        entry.get("replay") == "1"], queue=INGEST_QUEUE)
+    rt.ledger.trace(delivery_id, "swept", status=entry["status"])
     return 1
 
 
@@ -261,6 +262,7 @@ def _resume_if_stalled(rt, entry, queues, base):
     if queues.waiting(entry.get("queued")) or any(queues.waiting(entry.get(f"queued:{sink}")) for sink in stalled):
         return 0  # a resume, or that sink's write, is still queued
     rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"]], 0)
+    rt.ledger.trace(delivery_id, "swept", status="routed", sinks=stalled)
     return 1
 
 

@@ -4,17 +4,22 @@ Every simulator is a Flask app built by a ``create_app()`` function around a
 state object. This module gives them:
 
 - ``FaultPlan``: fault injection (a number of forced answers such as 503 or
-  429 with ``Retry-After``, a failure rate, added latency), applied before the
-  simulator's own routes and also settable over HTTP at ``/_sim/faults``;
+  429 with ``Retry-After``, a failure rate, added latency, single slow
+  requests, and requests that are applied and then answered 503 or have their
+  connection dropped), applied around the simulator's own routes and also
+  settable over HTTP at ``/_sim/faults``; it counts what it injected by kind
+  and knows which client ports have a request in progress;
 - ``SimulatorServer``: serve an app on a free loopback port in a thread;
 - ``run_main()``: run one simulator as a standalone process.
 """
 import argparse
+import collections
 import random
+import socket
 import threading
 import time
 
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 from werkzeug.serving import make_server
 
 
@@ -24,11 +29,16 @@ class FaultPlan:
     def __init__(self, seed=None):
         self._lock = threading.Lock()
         self._queued = []
+        self._slow = []         # (seconds, path prefix)
+        self._after_apply = []  # (503 or "drop", path prefix, methods)
         self._rate = 0.0
         self._rate_status = 503
+        self._rate_prefix = ""
         self._latency = 0.0
         self._random = random.Random(seed)
         self.injected = 0
+        self.counts = collections.Counter()  # what was injected, by kind: "503", "429", "slow", "applied then 503"...
+        self.in_progress = {}  # client port -> path, of requests being answered now
 
     def inject(self, status, times=1, retry_after=None, body=None, path_prefix=""):
         """Answer the next ``times`` matching requests with ``status``."""
@@ -36,10 +46,22 @@ class FaultPlan:
             for _ in range(times):
                 self._queued.append((status, retry_after, body, path_prefix))
 
-    def fail_rate(self, rate, status=503):
-        """Answer a random ``rate`` fraction of requests with ``status``."""
+    def fail_rate(self, rate, status=503, path_prefix=""):
+        """Answer a random ``rate`` fraction of requests (under ``path_prefix``) with ``status``."""
         with self._lock:
-            self._rate, self._rate_status = rate, status
+            self._rate, self._rate_status, self._rate_prefix = rate, status, path_prefix
+
+    def slow(self, seconds, times=1, path_prefix=""):
+        """Hold the next ``times`` matching requests ``seconds`` before answering them normally
+        (longer than a client's read timeout, it is a timeout; longer than a lock, a lapsed lock)."""
+        with self._lock:
+            self._slow += [(seconds, path_prefix)] * times
+
+    def fail_after_apply(self, how, times=1, path_prefix="", methods=("POST", "PUT", "PATCH", "DELETE")):
+        """Let the next ``times`` matching writes take effect, then answer 503 (``how=503``) or drop
+        the connection without an answer (``how="drop"``): the client cannot tell it was applied."""
+        with self._lock:
+            self._after_apply += [(how, path_prefix, tuple(methods))] * times
 
     def latency(self, seconds):
         """Delay every request by ``seconds``."""
@@ -49,6 +71,8 @@ class FaultPlan:
     def clear(self):
         with self._lock:
             self._queued.clear()
+            self._slow.clear()
+            self._after_apply.clear()
             self._rate, self._latency = 0.0, 0.0
 
     def _next(self, path):
@@ -57,20 +81,38 @@ class FaultPlan:
                 if path.startswith(fault[3]):
                     del self._queued[i]
                     return fault[:3]
-            if self._rate and self._random.random() < self._rate:
+            if self._rate and path.startswith(self._rate_prefix) and self._random.random() < self._rate:
                 return self._rate_status, None, None
         return None
 
-    def apply(self, path):
-        """Return a Flask response for a fault to inject, or None."""
+    def _take(self, faults, matches):
+        """Remove and return the first of ``faults`` that ``matches``, counted; or None."""
+        with self._lock:
+            for i, fault in enumerate(faults):
+                if matches(fault):
+                    del faults[i]
+                    self.injected += 1
+                    return fault
+        return None
+
+    def apply(self, path, method="GET"):
+        """Return a Flask response for a fault to inject, or None (after any delay it injects)."""
         if self._latency:
             time.sleep(self._latency)
+        slow = self._take(self._slow, lambda fault: path.startswith(fault[1]))
+        if slow:
+            self.counts["slow"] += 1
+            time.sleep(slow[0])
         fault = self._next(path)
         if fault is None:
+            after = self._take(self._after_apply, lambda fault: path.startswith(fault[1]) and method in fault[2])
+            if after:
+                g.fail_after_apply = after[0]
             return None
         status, retry_after, body = fault
         with self._lock:
             self.injected += 1
+            self.counts[str(status)] += 1
         response = jsonify(body if body is not None else {"error": "injected fault", "status": status})
         response.status_code = status
         if retry_after is not None:
@@ -85,7 +127,26 @@ def install_faults(app, faults):
     def _inject():
         if request.path.startswith("/_sim/"):
             return None
-        return faults.apply(request.path)
+        port = request.environ.get("REMOTE_PORT")
+        faults.in_progress[port] = request.path
+        return faults.apply(request.path, request.method)
+
+    @app.after_request
+    def _fail_after_apply(response):
+        how = g.pop("fail_after_apply", None)
+        if how is None or response.status_code >= 400:
+            return response
+        faults.counts[f"applied then {how}"] += 1
+        if how == "drop":  # the write took effect; the client gets no answer at all
+            request.environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
+            return response
+        failed = jsonify({"error": "injected fault", "status": how})
+        failed.status_code = how
+        return failed
+
+    @app.teardown_request
+    def _done(_exc):
+        faults.in_progress.pop(request.environ.get("REMOTE_PORT"), None)
 
     @app.post("/_sim/faults")
     def _set_faults():
@@ -94,7 +155,11 @@ def install_faults(app, faults):
             faults.inject(spec["status"], spec.get("times", 1), spec.get("retry_after"),
                           spec.get("body"), spec.get("path_prefix", ""))
         if "rate" in spec:
-            faults.fail_rate(spec["rate"], spec.get("rate_status", 503))
+            faults.fail_rate(spec["rate"], spec.get("rate_status", 503), spec.get("rate_path_prefix", ""))
+        if "slow" in spec:
+            faults.slow(spec["slow"], spec.get("times", 1), spec.get("path_prefix", ""))
+        if "fail_after_apply" in spec:
+            faults.fail_after_apply(spec["fail_after_apply"], spec.get("times", 1), spec.get("path_prefix", ""))
         if "latency" in spec:
             faults.latency(spec["latency"])
         return jsonify({"ok": True})
