@@ -12,7 +12,7 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from receiver import create_app
 from workers.cli import main
 from workers.locate2u.client import Locate2uClient
-from workers.locate2u.tokens import LINK_TTL, StartLinks
+from workers.locate2u.tokens import ACCOUNT_KEY, LINK_TTL, StartLinks
 from workers.ops.simulators.locate2u import USER, Locate2uServer, s256
 
 PUBLIC_URL = "https://relay.example"
@@ -231,3 +231,14 @@ def test_without_a_public_url_start_says_so_and_spends_nothing(code_settings, re
     assert answer.status_code == 409 and answer.get_json()["error"] == "code_flow_unavailable"
     assert "RELAY_PUBLIC_URL" in answer.get_json()["message"]
     assert redis_client.dbsize() == 0
+
+
+def test_tokens_linked_before_accounts_were_recorded_are_protected_too(app, code_settings, redis_client, sim):
+    browser = app.test_client()
+    assert browser.get(consent(browser, operator_link(code_settings, redis_client))).status_code == 200
+    redis_client.delete(ACCOUNT_KEY)  # as stored by a relay before this check existed
+    sim.state.user = dict(OTHER_USER)
+    browser = app.test_client()
+    refused = browser.get(consent(browser, operator_link(code_settings, redis_client)))
+    assert refused.status_code == 409 and refused.get_json()["error"] == "account_changed"
+    assert stored_user(code_settings, redis_client) == USER

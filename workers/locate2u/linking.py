@@ -7,7 +7,7 @@ from the CLI (``l2u-relay oauth accept-account``).
 """
 import logging
 
-from workers.errors import PermanentError
+from workers.errors import PermanentError, RelayError
 from workers.locate2u.tokens import PENDING_TTL, account_id, describe_account
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def link_account(client, code, code_verifier):
     """
     body = client.tokens.redeem_code(code, code_verifier)
     user = client.whoami(access_token=body["access_token"])
-    linked = client.tokens.store.account()
+    linked = _linked_account(client)
     if linked and account_id(linked) != account_id(user):
         client.tokens.store.save_pending(body, user)
         log.warning("a consent from another Locate2u account (%s) was refused; linked: %s",
@@ -34,6 +34,18 @@ def link_account(client, code, code_verifier):
                              f"operator runs l2u-relay oauth accept-account within {PENDING_TTL // 60} minutes")
     client.tokens.store_grant(body, user)
     return user
+
+
+def _linked_account(client):
+    """The account recorded at the last link; for tokens stored before accounts were recorded, their whoami."""
+    linked = client.tokens.store.account()
+    if linked is None and client.tokens.store.load():
+        try:
+            linked = client.whoami()
+        except RelayError as exc:  # the old tokens no longer work: no account left to protect
+            log.info("the stored Locate2u tokens do not answer whoami (%s); linking without a comparison",
+                     exc.message)
+    return linked
 
 
 def accept_pending(client):
