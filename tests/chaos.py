@@ -944,7 +944,9 @@ def main(argv=None):
     parser.add_argument("--keep-logs", metavar="DIR", help="write every process's output to DIR")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    report = run(PROFILES[args.profile], args.seed, keep_logs=args.keep_logs)
+    seed = random.randrange(2 ** 31) if args.seed is None else args.seed
+    print(f"chaos profile {args.profile}, seed {seed} (--seed {seed} replays it)", file=sys.stderr, flush=True)
+    report = run(PROFILES[args.profile], seed, keep_logs=args.keep_logs)
     if args.json:
         print(json.dumps({"profile": report.profile, "seed": report.seed, "figures": report.figures,
                           "problems": report.problems, "notes": report.notes}, indent=2))
