@@ -1,8 +1,10 @@
 """Redis error classes (issue 14, item 5): an outage puts the message back, a bug ends dead-lettered.
 
 Every error here comes from a real Redis: a key of the wrong type, a failing script, a server out of
-memory under ``noeviction``, a read-only replica.
+memory under ``noeviction``, a read-only replica, a server busy running a script.
 """
+import time
+
 import pytest
 import redis
 from celery.exceptions import Reject
@@ -69,3 +71,36 @@ def test_a_read_only_replica_is_an_outage(redis_client):
     finally:
         redis_client.replicaof("NO", "ONE")
     assert redis_outage(caught.value)
+
+
+def test_a_server_busy_running_a_long_script_is_an_outage(redis_server, redis_client):
+    import threading
+
+    from workers.stores import connect
+    from workers.tasks import redis_outage
+
+    redis_client.config_set("lua-time-limit", 100)  # BUSY after 100 ms of one script
+    runner = connect(redis_server.url, socket_timeout=30)
+    looping = threading.Thread(target=lambda: pytest.raises(redis.ResponseError, runner.eval,
+                                                            "while true do end", 0), daemon=True)
+    looping.start()
+    try:
+        caught = None
+        for _ in range(100):
+            try:
+                redis_client.ping()
+            except redis.ResponseError as exc:
+                caught = exc
+                break
+            time.sleep(0.05)
+    finally:
+        for _ in range(200):
+            try:
+                redis_client.script_kill()
+                break
+            except redis.ResponseError:  # NOTBUSY: the script has not started yet
+                time.sleep(0.05)
+        looping.join(10)
+        redis_client.config_set("lua-time-limit", 5000)
+    assert caught is not None and str(caught).startswith("BUSY")
+    assert redis_outage(caught)

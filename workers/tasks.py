@@ -35,7 +35,7 @@ PROCESSABLE = ("received", "retrying", "processing")
 # Redis (ledger) or broker unavailable for a while: put the message back, never dead-letter it as a bug.
 OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, redis.OutOfMemoryError, OperationalError)
 # The same conditions as Redis words them from inside a script, where they have no class of their own.
-OUTAGE_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN")
+OUTAGE_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY")
 WORK_QUEUES = (INGEST_QUEUE, DELIVER_QUEUE)
 SWEEP_BATCH = 500
 SWEEP_BUDGET_SECONDS = 10.0  # one sweep stops after this long; the next one goes on
