@@ -4,15 +4,19 @@ Run by hand in a checkout where ``l2u-relay run`` is running (no RELAY_WEBHOOK_S
 set), it takes that stack's settings; a configuration problem ends it with one
 message naming the setting and exit 2, never a traceback.
 """
+import logging
 import os
 import sys
 
-from celery.signals import setup_logging
+import celery.apps.worker
+from celery.apps.beat import Beat
+from celery.signals import celeryd_after_setup, celeryd_init, setup_logging
 
 from workers import warm_shutdown
+from workers.beat_schedules import RetriesDue
 from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, SYNC_SUBSCRIPTIONS, make_celery
 from workers.config import ConfigError, Settings
-from workers.logs import configure_logging
+from workers.logs import configure_logging, say_as_json
 from workers.routes import load_routes
 
 MAX_SWEEP_INTERVAL = 30.0
@@ -29,7 +33,10 @@ def create_worker_app(settings=None):
         beat_schedule={
             "sweep-received": {"task": SWEEP_RECEIVED,
                                "schedule": min(MAX_SWEEP_INTERVAL, max(1.0, settings.sweep_after / 2))},
-            "release-due-retries": {"task": RELEASE_DUE_RETRIES, "schedule": RELEASE_INTERVAL},
+            # sent only when a retry is due (beat checks Redis every RELEASE_INTERVAL), so nothing is logged idle
+            "release-due-retries": {"task": RELEASE_DUE_RETRIES,
+                                    "schedule": RetriesDue(settings.redis_url, RELEASE_INTERVAL)
+                                    if settings.redis_url else RELEASE_INTERVAL},
             **({"sync-subscriptions": {"task": SYNC_SUBSCRIPTIONS, "schedule": settings.subscription_sync_interval}}
                if settings.locate2u_client_id else {}),
         },
@@ -44,9 +51,31 @@ def create_worker_app(settings=None):
         worker_concurrency=4,
     )
     setup_logging.connect(lambda **kwargs: configure_logging(settings), weak=False)
+    celeryd_init.connect(lambda instance=None, **kwargs: _quiet_worker(instance, settings), weak=False)
+    app.Beat = app.subclass_with_self(QuietBeat)
     warm_shutdown.install()  # stops within a dyno's 30 s also when only the main process gets SIGTERM
     os.makedirs(settings.data_dir, exist_ok=True)
     return app
+
+
+class QuietBeat(Beat):
+    """``celery beat`` without its banner, which is not a JSON line (beat logs its start itself)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "quiet": True})
+
+
+def _quiet_worker(worker, settings):
+    """JSON logging from the worker's first line (its root-user warning comes before Celery's logging
+    set-up); no banner, which is not a JSON line: ``_log_worker_start`` logs the same facts instead."""
+    configure_logging(settings)
+    worker.quiet = True
+    celery.apps.worker.safe_say = say_as_json  # its shutdown notices, as JSON lines
+
+
+@celeryd_after_setup.connect
+def _log_worker_start(sender=None, instance=None, **_):
+    logging.getLogger("celery.apps.worker").info("%s starting:\n%s", sender, instance.startup_info(artlines=False))
 
 
 def _load():

@@ -11,9 +11,12 @@ such as ``access_token`` or ``Authorization`` is replaced whole).
 import base64
 import contextlib
 import contextvars
+import json
 import logging
+import os
 import re
 import sys
+import time
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -127,11 +130,25 @@ def json_handler(secrets=()):
 
 
 def configure_logging(settings):
-    """Route every logger (Celery's, gunicorn's, ours) to one redacted JSON stream on stdout."""
+    """Route every logger (Celery's, gunicorn's, Flower's, ours) and Python's warnings to one redacted
+    JSON stream on stdout."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.addHandler(json_handler(settings_secrets(settings)))
     root.setLevel(settings.log_level)
+    logging.captureWarnings(True)  # Celery's and the libraries' warnings become JSON lines too
     for noisy in ("urllib3", "kombu", "amqp", "celery.worker.strategy"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def say_as_json(message, stream=sys.__stderr__):
+    """A replacement for Celery's ``safe_say`` (its shutdown notices, written from signal handlers):
+    the notice as one JSON line, written with one unbuffered ``os.write`` as Celery's is (no logging
+    lock is taken in a signal handler)."""
+    line = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "level": "INFO", "name": "celery.apps.worker",
+            "message": message}
+    try:
+        os.write(stream.fileno(), (json.dumps(line) + "\n").encode())
+    except (OSError, ValueError):
+        pass  # best effort, as Celery's own
