@@ -8,76 +8,21 @@ and queued together or not at all, in one round trip. With another broker
 a failed publish releases the entry, and a crash between the two is healed by
 the sweeper.
 """
-import base64
-import json
 import logging
-import os
-from urllib.parse import urlsplit
 
 import redis
-from kombu.entity import maybe_delivery_mode
 from kombu.exceptions import KombuError, OperationalError
-from kombu.serialization import dumps
-from kombu.utils.uuid import uuid
 
 from workers.celery_config import INGEST_QUEUE, PROCESS_DELIVERY, make_celery
+from workers.redis_messages import RedisTaskMessage, broker_is_ledger_redis
 from workers.stores import Ledger, Quarantine, connect
 
 log = logging.getLogger(__name__)
 BROKER_ERRORS = (KombuError, OperationalError, ConnectionError, OSError, redis.RedisError)
-REDIS_SCHEMES = ("redis", "rediss")
 
 
 class Unavailable(Exception):
     """Redis or the broker cannot take the delivery now; the sender should retry."""
-
-
-class RedisTaskMessage:
-    """One task's messages exactly as kombu's Redis transport stores them, for a Lua script to push.
-
-    The template comes from Celery's own ``as_task_v2`` (protocol 2) and kombu's
-    serializer, in the envelope kombu's virtual channel writes for the anonymous
-    exchange Celery uses with a direct queue (body in base64, a delivery tag,
-    priority 0, kept in the list named after the queue). ``build`` fills in only
-    what differs per message: the ids, the arguments and their repr (the same as
-    Celery's ``saferepr`` for a short list of short strings). Made once per
-    process, since ``origin`` names it; building with Celery per request cost a
-    tenth of the request (see README, Performance).
-    """
-
-    def __init__(self, app, task_name, queue):
-        self.app = app
-        self.task_name = task_name
-        self.queue = queue
-        self.key = (app.conf.broker_transport_options or {}).get("global_keyprefix", "") + queue
-        self._pid = None
-
-    def _make_template(self):
-        headers, properties, body, _ = self.app.amqp.as_task_v2(
-            "", self.task_name, args=[], kwargs={}, reply_to=self.app.thread_oid, ignore_result=None)
-        content_type, content_encoding, _ = dumps(body, serializer=self.app.conf.task_serializer)
-        properties.update(delivery_mode=maybe_delivery_mode(self.app.conf.task_default_delivery_mode),
-                          delivery_info={"exchange": "", "routing_key": self.queue},
-                          priority=0, body_encoding="base64")
-        self._envelope = {"content-encoding": content_encoding, "content-type": content_type}
-        self._headers, self._properties, self._embed = headers, properties, body[2]
-        self._pid = os.getpid()
-
-    def build(self, args):
-        """The JSON text to LPUSH onto ``self.key`` for the task with ``args`` (short strings)."""
-        if self._pid != os.getpid():
-            self._make_template()
-        task_id = uuid()
-        body = json.dumps([args, {}, self._embed]).encode()
-        return json.dumps({
-            "body": base64.b64encode(body).decode(), **self._envelope,
-            "headers": {**self._headers, "id": task_id, "root_id": task_id, "argsrepr": repr(args)},
-            "properties": {**self._properties, "correlation_id": task_id, "delivery_tag": uuid()}})
-
-
-def broker_is_ledger_redis(settings):
-    """True when Celery's broker is the very Redis the ledger is in."""
-    return settings.broker == settings.redis_url and urlsplit(settings.broker).scheme in REDIS_SCHEMES
 
 
 class Handoff:
@@ -123,6 +68,14 @@ class Handoff:
             self.ledger.release(delivery_id)
         except redis.RedisError:
             log.warning("could not release delivery %s; the sweeper will queue it", delivery_id)
+
+    def ping_broker(self):
+        """Raise unless the broker answers: the ledger's Redis when it is the broker, else a broker connection."""
+        if self.messages:
+            self.ledger.redis.ping()
+            return
+        with self.producer.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
 
     def quarantine_delivery(self, event_type, body, reason, errors=None):
         try:

@@ -17,7 +17,7 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     handoff = current_app.extensions["l2u.handoff"]
-    checks = {"redis": _check(handoff.ledger.redis.ping), "broker": _check(_broker_ping(handoff.producer))}
+    checks = {"redis": _check(handoff.ledger.redis.ping), "broker": _check(handoff.ping_broker)}
     ready = all(value == "ok" for value in checks.values())
     checks["locate2u"] = _locate2u_status()  # reported, never a reason to be unready
     if key_warning():
@@ -33,13 +33,6 @@ def _locate2u_status():
         return auth_status()
     except redis.RedisError as exc:
         return f"error: {type(exc).__name__}"
-
-
-def _broker_ping(producer):
-    def ping():
-        with producer.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=2)
-    return ping
 
 
 def _check(probe):

@@ -59,8 +59,8 @@ class SettingsSchema(Schema):
     broker_url = _env("CELERY_BROKER_URL", fields.String(load_default=None))
     redis_ca_file = _env("RELAY_REDIS_CA_FILE", fields.String(load_default=None))
     redis_max_connections = _env("RELAY_REDIS_MAX_CONNECTIONS",
-                                 fields.Integer(load_default=2, validate=validate.Range(1, 1000)))
-    broker_pool_limit = _env("RELAY_BROKER_POOL_LIMIT", fields.Integer(load_default=10, validate=validate.Range(1, 1000)))
+                                 fields.Integer(load_default=1, validate=validate.Range(1, 1000)))
+    broker_pool_limit = _env("RELAY_BROKER_POOL_LIMIT", fields.Integer(load_default=10, validate=validate.Range(2, 1000)))
     port = _env("PORT", fields.Integer(load_default=8000, validate=validate.Range(1, 65535)))
     public_url = _env("RELAY_PUBLIC_URL", HttpUrl(load_default=None))
     webhook_secret = _env("RELAY_WEBHOOK_SECRET", fields.String(required=True, validate=validate.Length(min=16)))
@@ -208,7 +208,7 @@ class Settings:
     redis_url: str | None = None
     broker_url: str | None = None
     redis_ca_file: str | None = None
-    redis_max_connections: int = 2
+    redis_max_connections: int = 1
     broker_pool_limit: int = 10
     port: int = 8000
     public_url: str | None = None

@@ -3,6 +3,7 @@ import functools
 
 from workers.config import Settings
 from workers.metrics import WorkerMetrics
+from workers.redis_messages import RedisTaskSender, broker_is_ledger_redis
 from workers.resilience import CircuitBreaker, RateLimiter, RetryScheduler
 from workers.routes import load_routes
 from workers.sinks import enabled_sinks
@@ -47,7 +48,13 @@ class Runtime:
 
 @functools.cache
 def runtime():
-    """The process-wide Runtime, read from the environment on first use."""
+    """The process-wide Runtime, read from the environment on first use.
+
+    With the ledger's Redis as broker, tasks are sent by an LPUSH on the runtime's own Redis client
+    (``RedisTaskSender``), so a worker child holds no broker connection.
+    """
     from workers.app import app
 
-    return Runtime(Settings.from_env(), app.send_task)
+    settings = Settings.from_env()
+    send_task = RedisTaskSender(app, lambda: runtime().redis) if broker_is_ledger_redis(settings) else app.send_task
+    return Runtime(settings, send_task)

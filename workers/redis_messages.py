@@ -1,0 +1,93 @@
+"""Celery task messages written straight into the broker's Redis lists, without a kombu connection.
+
+When the broker is the ledger's own Redis (the default), the receiver queues
+``process_delivery`` inside its ledger script, and worker processes send their
+follow-up tasks (fan-out, retries) with one LPUSH on the Redis client they
+already hold: a prefork child then needs one Redis connection instead of three
+(its ledger client plus kombu's two per broker channel; README, Scale).
+"""
+import base64
+import json
+import os
+from urllib.parse import urlsplit
+
+from celery.signals import after_task_publish
+from kombu.entity import maybe_delivery_mode
+from kombu.serialization import dumps
+from kombu.utils.uuid import uuid
+
+from workers.celery_config import TASK_ROUTES
+
+REDIS_SCHEMES = ("redis", "rediss")
+ARGSREPR_LIMIT = 1024  # Celery cuts argsrepr about as short (amqp.argsrepr_maxsize)
+
+
+class RedisTaskMessage:
+    """One task's messages exactly as kombu's Redis transport stores them, to push onto its list.
+
+    The template comes from Celery's own ``as_task_v2`` (protocol 2) and kombu's
+    serializer, in the envelope kombu's virtual channel writes for the anonymous
+    exchange Celery uses with a direct queue (body in base64, a delivery tag,
+    priority 0, kept in the list named after the queue). ``build`` fills in only
+    what differs per message: the ids, the arguments and their repr (the same as
+    Celery's ``saferepr`` for a short list of short strings, cut at Celery's length). Made once per
+    process, since ``origin`` names it; building with Celery per request cost a
+    tenth of the request (see README, Performance).
+    """
+
+    def __init__(self, app, task_name, queue):
+        self.app = app
+        self.task_name = task_name
+        self.queue = queue
+        self.key = (app.conf.broker_transport_options or {}).get("global_keyprefix", "") + queue
+        self._pid = None
+
+    def _make_template(self):
+        headers, properties, body, _ = self.app.amqp.as_task_v2(
+            "", self.task_name, args=[], kwargs={}, reply_to=self.app.thread_oid, ignore_result=None)
+        content_type, content_encoding, _ = dumps(body, serializer=self.app.conf.task_serializer)
+        properties.update(delivery_mode=maybe_delivery_mode(self.app.conf.task_default_delivery_mode),
+                          delivery_info={"exchange": "", "routing_key": self.queue},
+                          priority=0, body_encoding="base64")
+        self._envelope = {"content-encoding": content_encoding, "content-type": content_type}
+        self._headers, self._properties, self._embed = headers, properties, body[2]
+        self._pid = os.getpid()
+
+    def build(self, args):
+        """The JSON text to LPUSH onto ``self.key`` for the task with ``args`` (JSON values)."""
+        if self._pid != os.getpid():
+            self._make_template()
+        task_id = uuid()
+        body = json.dumps([args, {}, self._embed]).encode()
+        return json.dumps({
+            "body": base64.b64encode(body).decode(), **self._envelope,
+            "headers": {**self._headers, "id": task_id, "root_id": task_id,
+                        "argsrepr": repr(args)[:ARGSREPR_LIMIT]},
+            "properties": {**self._properties, "correlation_id": task_id, "delivery_tag": uuid()}})
+
+
+def broker_is_ledger_redis(settings):
+    """True when Celery's broker is the very Redis the ledger is in."""
+    return settings.broker == settings.redis_url and urlsplit(settings.broker).scheme in REDIS_SCHEMES
+
+
+class RedisTaskSender:
+    """``send_task(name, args=...)`` for worker processes: LPUSH of the message onto its queue's list.
+
+    ``client`` is a callable returning the process's Redis client (the ledger's). Celery's
+    ``after_task_publish`` signal is sent as for a published task, so its receivers still run.
+    """
+
+    def __init__(self, app, client):
+        self.app = app
+        self.client = client
+        self._messages = {}
+
+    def __call__(self, name, args=(), **options):
+        queue = options.get("queue") or TASK_ROUTES[name]["queue"]
+        message = self._messages.get((name, queue))
+        if message is None:
+            message = self._messages[(name, queue)] = RedisTaskMessage(self.app, name, queue)
+        args = list(args)
+        self.client().lpush(message.key, message.build(args))
+        after_task_publish.send(sender=name, body=(args, {}, {}), exchange="", routing_key=queue)
