@@ -325,9 +325,10 @@ class Ledger:
     def compact(self, now=None, grace=SETTLE_GRACE, limit=2000):
         """Move deliveries settled ``grace`` seconds ago into the settled buckets; return how many.
 
-        What is kept: status, event type, received-at, the other entry fields, every sink's
-        outcome and the trace, with times relative to receipt. The body and the per-delivery
-        keys and index members go. An entry that changed since it was read waits for the next call.
+        What is kept (``_pack``): status, event type, received-at, ``KEPT_FIELDS``, every sink's
+        outcome, the trace and the body's ``KEPT_BODY_FIELDS``. The rest of the body, the
+        per-delivery keys and the index members go. An entry that changed since it was read
+        waits for the next call.
         """
         now = time.time() if now is None else now
         ids = self.redis.zrangebyscore(self.FINAL, "-inf", now - grace, start=0, num=limit)
@@ -340,10 +341,10 @@ class Ledger:
             replies = pipe.execute()
         bucket = int(now // SETTLED_BUCKET_SECONDS) * SETTLED_BUCKET_SECONDS
         expire_at = bucket + SETTLED_BUCKET_SECONDS + self.history_seconds
-        moved = 0
+        settled = [entry.get("status") in self.COMPACTED for entry in replies[::2]]
         with self.redis.pipeline(transaction=False) as pipe:
-            for delivery_id, entry, lines in zip(ids, replies[::2], replies[1::2]):
-                if entry.get("status") not in self.COMPACTED:  # expired, or reopened since
+            for delivery_id, entry, lines, compacting in zip(ids, replies[::2], replies[1::2], settled):
+                if not compacting:  # expired, or reopened since
                     pipe.zrem(self.FINAL, delivery_id)
                     continue
                 keys = [self.key(delivery_id), f"{PREFIX}trace:{delivery_id}", f"{self.SETTLED}{bucket}",
@@ -351,9 +352,7 @@ class Ledger:
                 self._compact(keys=keys, args=[delivery_id, _pack(entry, lines), len(entry), len(lines), expire_at,
                                                   entry["status"]],
                               client=pipe)
-                moved += 1
-            results = pipe.execute()
-        return moved - results.count(0)
+            return sum(result for result, compacting in zip(pipe.execute(), settled) if compacting)
 
     def settled_buckets(self, now=None):
         """The settled buckets that exist, oldest first."""
