@@ -80,7 +80,8 @@ def test_app_json_and_readme_document_every_setting():
 
 def test_procfile_is_the_documented_interface():
     procfile = (REPO / "Procfile").read_text().splitlines()
-    assert procfile == ["web: gunicorn receiver.wsgi:app", "worker: celery -A workers.app worker",
+    assert procfile == ["web: gunicorn receiver.wsgi:app",
+                        "worker: celery -A workers.app worker --without-gossip --without-mingle",
                         "beat: celery -A workers.app beat", "flower: celery -A workers.app flower",
                         "release: l2u-relay subscriptions sync"]
 
