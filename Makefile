@@ -20,7 +20,8 @@ $(VENV)/.installed: setup.cfg setup.py requirements.txt
 lock: $(VENV)/.installed
 	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --allow-unsafe --strip-extras \
 	  --no-emit-index-url --no-emit-find-links --output-file=requirements.txt $(LOCK_ARGS) setup.cfg
-	printf '%s\n' '# the app itself, after its pinned dependencies (gives dynos the l2u-relay command)' . >> requirements.txt
+	printf '%s\n' '# the app itself, after its pinned dependencies (gives dynos the l2u-relay command)' . \
+	  >> requirements.txt
 
 run: $(VENV)/.installed
 	$(VENV)/bin/l2u-relay run

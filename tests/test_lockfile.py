@@ -64,7 +64,7 @@ def dependency_closure(requirements):
         try:
             dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
-            pytest.fail(f"{name} (needed by setup.cfg) is not installed: run make, or pip install -r requirements.txt")
+            pytest.fail(f"{name} (needed by setup.cfg) is not installed: run `make` (it installs requirements.txt)")
         for line in dist.requires or ():
             dependency = Requirement(line)
             if dependency.marker is None or any(
