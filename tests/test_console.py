@@ -215,12 +215,17 @@ def test_overview_shows_activity_queues_breakers_and_counts(console_settings, re
     now = time.time()
     redis_client.hset("l2u:breaker:storepoint", mapping={"state": "open", "open_until": now + 20, "failures": 5})
     for i in range(3):
-        seed_delivery(redis_client, f"o-{i}", status_change(1, "Arrived", "2022-04-27T05:00:00+00:00"), now - 600)
+        ledger = seed_delivery(redis_client, f"o-{i}", status_change(1, "Arrived", "2022-04-27T05:00:00+00:00"),
+                               now - 600)
+    for i in range(2):
+        ledger.start_fan_out(f"o-{i}", ["storepoint"])
+        ledger.sink_outcome(f"o-{i}", "storepoint", "applied", attempts=1)
+    assert ledger.compact(now=time.time() + 60) == 2  # settled ones leave the full entries; still counted
     seed_dead_letter(redis_client, "d-1")
     Quarantine(redis_client).add("stop.assigned", "{}", "schema validation failed", {"stopId": ["required"]})
     page = client.get("/console/")
     assert page.status_code == 200
-    assert page.text.count("<rect") >= 12 and "received: 3 from" in page.text
+    assert page.text.count("<rect") >= 12 and "received: 3 from" in page.text and "storepoint: 2 from" in page.text
     assert re.search(r"<th>quarantined</th><td><a [^>]+>1</a>", page.text)
     assert re.search(r"<th>dead letters</th><td><a [^>]+>1</a>", page.text)
     assert "Redis memory" in page.text and "MiB" in page.text

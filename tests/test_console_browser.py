@@ -39,7 +39,8 @@ def browser(tmp_path):
 
 @pytest.fixture
 def console(stack_settings, start_process):
-    settings = stack_settings.replace(console_password=PASSWORD)
+    # The public URL only shapes the subscriptions the overview compares (Locate2u never calls it here).
+    settings = stack_settings.replace(console_password=PASSWORD, public_url="http://127.0.0.1:9")
     web = start_process("gunicorn", settings)
     start_process("worker", settings, beat=True)
     return web

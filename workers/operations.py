@@ -14,7 +14,7 @@ from workers.resilience import RetryScheduler
 
 from workers.pipeline import replay_dead_letter
 from workers.stop_index import StopIndex, stop_keys
-from workers.stores import FINAL_STATES, Ledger, Quarantine
+from workers.stores import FINAL_STATES, SETTLED_BUCKET_SECONDS, Ledger, Quarantine
 
 ACTIVITY_SCAN_LIMIT = 5000  # newest deliveries read for the applied-per-sink series
 SEARCH_SCAN_LIMIT = 20000  # ledger entries one search reads at most
@@ -67,28 +67,32 @@ def breaker_details(rt, sink):
 def activity(rt, now, window=3600, buckets=12):
     """Deliveries received, and applied per sink, in ``buckets`` slices of the last ``window`` seconds.
 
-    ``{"starts": [epoch…], "received": [n…], "applied": {sink: [n…]}, "capped": bool}``; applied
-    counts the deliveries received in the window (the newest ``ACTIVITY_SCAN_LIMIT`` of them).
+    ``{"starts": [epoch…], "received": [n…], "applied": {sink: [n…]}, "capped": bool}``; both count
+    the deliveries received in the window, full ledger entries and compacted (settled) ones alike,
+    the newest ``ACTIVITY_SCAN_LIMIT`` of each.
     """
     width = window / buckets
-    starts = [now - window + i * width for i in range(buckets)]
-    with rt.redis.pipeline(transaction=False) as pipe:
-        for start in starts:
-            pipe.zcount(Ledger.ALL, start, f"({start + width}")
-        received = pipe.execute()
-    ids = rt.redis.zrevrangebyscore(Ledger.ALL, now, now - window, start=0, num=ACTIVITY_SCAN_LIMIT)
-    applied = {name: [0] * buckets for name in rt.sinks}
-    with rt.redis.pipeline(transaction=False) as pipe:
-        for delivery_id in ids:
-            pipe.hgetall(Ledger.key(delivery_id))
-        entries = pipe.execute()
-    for entry in entries:
-        for field, value in entry.items():
-            outcome = json.loads(value) if field.startswith("sink:") else None
-            if outcome and outcome["state"] == "applied" and now - window <= outcome["at"] < now:
-                series = applied.setdefault(field[5:], [0] * buckets)
-                series[min(buckets - 1, int((outcome["at"] - now + window) // width))] += 1
-    return {"starts": starts, "received": received, "applied": applied, "capped": len(ids) == ACTIVITY_SCAN_LIMIT}
+    begin = now - window
+    starts = [begin + i * width for i in range(buckets)]
+    ids = rt.redis.zrevrangebyscore(Ledger.ALL, now, begin, start=0, num=ACTIVITY_SCAN_LIMIT)
+    settled = []  # a delivery received in the window settled in it too (or later)
+    for key in rt.ledger.settled_buckets(now):
+        if float(key.rpartition(":")[2]) + SETTLED_BUCKET_SECONDS >= begin:
+            settled += rt.redis.hkeys(key)
+    capped = len(ids) == ACTIVITY_SCAN_LIMIT or len(settled) > ACTIVITY_SCAN_LIMIT
+    received, applied = [0] * buckets, {name: [0] * buckets for name in rt.sinks}
+
+    def slot(moment):
+        return min(buckets - 1, int((moment - begin) // width))
+
+    for entry in rt.ledger.get_many(ids + settled[-ACTIVITY_SCAN_LIMIT:]).values():
+        if not begin <= float(entry["received_at"]) < now:
+            continue
+        received[slot(float(entry["received_at"]))] += 1
+        for sink, outcome in entry["sinks"].items():
+            if outcome["state"] == "applied" and begin <= outcome["at"] < now:
+                applied.setdefault(sink, [0] * buckets)[slot(outcome["at"])] += 1
+    return {"starts": starts, "received": received, "applied": applied, "capped": capped}
 
 
 # ------------------------------------------------------------------ dead letters
