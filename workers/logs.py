@@ -20,6 +20,8 @@ import time
 
 from pythonjsonlogger.json import JsonFormatter
 
+from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED
+
 _context = contextvars.ContextVar("l2u_log_context", default={})
 _PATTERNS = (
     (re.compile(r"(/webhooks/locate2u/[\w.-]+/)[\w-]+"), r"\1[redacted]"),
@@ -124,9 +126,27 @@ def json_handler(secrets=()):
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
                                        rename_fields={"levelname": "level", "asctime": "time"}))
+    handler.addFilter(IdleControlTaskFilter())
     handler.addFilter(ContextFilter())
     handler.addFilter(RedactingFilter(secrets))
     return handler
+
+
+class IdleControlTaskFilter(logging.Filter):
+    """Drops, above DEBUG, the lines of control tasks (sweeper, retry release) that did nothing:
+    beat's "Sending due task" and the worker's "succeeded" with 0 (or nothing) done."""
+
+    CONTROL_TASKS = (SWEEP_RECEIVED, RELEASE_DUE_RETRIES)
+
+    def filter(self, record):
+        if logging.getLogger().level <= logging.DEBUG:
+            return True
+        if record.name == "celery.app.trace":
+            data = getattr(record, "data", None) or {}
+            return not (data.get("name") in self.CONTROL_TASKS and str(data.get("return_value")) in ("0", "None"))
+        if record.name == "celery.beat" and str(record.msg).startswith("Scheduler: Sending due task"):
+            return not any(task in record.getMessage() for task in self.CONTROL_TASKS)
+        return True
 
 
 def configure_logging(settings):
