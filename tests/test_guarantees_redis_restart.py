@@ -9,6 +9,7 @@ Locate2u, Storepoint and B2B simulators.
 import time
 
 import pytest
+import redis
 
 from tests.payloads import status_change
 from tests.test_end_to_end import sims, stack_settings  # noqa: F401 (fixtures)
@@ -43,7 +44,7 @@ def _deliver_when_up(web, status, action_date):
 def _status(ledger, delivery_id):
     try:
         entry = ledger.get(delivery_id)
-    except Exception:  # Redis still starting  # noqa: BLE001
+    except redis.RedisError:  # still starting
         return None
     return entry and entry["status"] in ("applied", "stale", "dead_lettered") and entry["status"]
 
