@@ -1,11 +1,13 @@
 """Redis bytes per delivery, from ``INFO memory`` deltas around real deliveries.
 
-A warm-up batch first creates what exists once (metrics, mappings and versions of the few
-stops, the Locate2u token, kombu's bindings). Then the receiver records N deliveries with no
-worker running (pending: ledger entry, dedup key, index members, the queued Celery message); a
-worker applies them to the Storepoint and B2B simulators (settled, full entry), the sweeper's
-compaction runs (settled, compacted), and the dedup keys go as they do after
-``RELAY_DEDUP_WINDOW`` (the record kept for the history). Last, M deliveries whose stop Locate2u
+A warm-up batch, one delivery per stop, first creates what exists once (metrics, mappings and
+versions of the stops, the Locate2u token, kombu's bindings); the measured deliveries then only
+update those stops, enough of them that writes to one stop (serialised by its lock) seldom
+wait. Then the receiver records N deliveries with no worker running (pending: ledger entry,
+dedup key, index members, the queued Celery message); a worker applies them to the Storepoint
+and B2B simulators (settled, full entry), the sweeper's compaction runs (settled, compacted),
+and the dedup keys go as they do after ``RELAY_DEDUP_WINDOW`` (the record kept for the
+history). Last, M deliveries whose stop Locate2u
 does not know are dead-lettered (entry kept whole for a replay, plus the dead letter).
 
 Deltas are of ``used_memory`` without the client and AOF buffers (``mem_clients_normal``,
@@ -29,7 +31,6 @@ from workers.pipeline import STOP_CACHE_SECONDS
 from workers.stores import SETTLE_GRACE, DeadLetterStore, Ledger
 
 MIB = 1024 * 1024
-STOPS = 20
 # Heroku Key-Value Store plans (deploy-facts.md): name, maxmemory.
 PLANS = (("mini", 25 * MIB), ("premium-0", 50 * MIB), ("premium-1", 100 * MIB), ("premium-2", 250 * MIB),
          ("premium-3", 500 * MIB), ("premium-5", 1024 * MIB))
@@ -37,14 +38,14 @@ PLANS = (("mini", 25 * MIB), ("premium-0", 50 * MIB), ("premium-1", 100 * MIB), 
 
 def run(workdir, profile, secret, path):
     """Measure; return every figure (bytes per delivery, plan capacities)."""
-    count, dead_count = profile["memory_deliveries"], profile["memory_dead_letters"]
-    warm_up = [json.dumps(event).encode() for event in e2e.make_events(STOPS, 0, STOPS, "W")]
-    bodies = [json.dumps(event).encode() for event in e2e.make_events(count, 0, STOPS, "M")]
-    unknown = [json.dumps({**status_change(n, "X", stops=STOPS), "stopId": STOP_BASE + STOPS + n}).encode()
+    count, dead_count, stops = profile["memory_deliveries"], profile["memory_dead_letters"], profile["memory_stops"]
+    warm_up = [json.dumps(event).encode() for event in e2e.make_events(stops, 0, stops, "W")]
+    bodies = [json.dumps(event).encode() for event in e2e.make_events(count, 0, stops, "M")]
+    unknown = [json.dumps({**status_change(n, "X", stops=stops), "stopId": STOP_BASE + stops + n}).encode()
                for n in range(dead_count)]
     with Stack(workdir / "memory") as stack:
         redis_url = stack.start_redis()
-        urls = stack.simulators(e2e.SINKS + ("locate2u",), "--stops", str(STOPS), "--first-stop", str(STOP_BASE))
+        urls = stack.simulators(e2e.SINKS + ("locate2u",), "--stops", str(stops), "--first-stop", str(STOP_BASE))
         settings = sims.relay_settings(Settings(webhook_secret=secret, redis_url=redis_url,
                                                 data_dir=str(workdir / "data"), sweep_after=3600), urls, workdir)
         env = process_env(settings)
@@ -79,7 +80,7 @@ def run(workdir, profile, secret, path):
         _quiet(client)
         dead = (dataset(client) - start) / dead_count
         fixed = used(client) - (dataset(client) - base)  # the relay with every process connected, no delivery
-        location = per_location(client)
+        location = per_location(client, stops)
     history_days, dedup_days = settings.history_days, settings.dedup_window / 86400
     settled = record + (compacted - record) * dedup_days / history_days
     return {"deliveries": count, "dead_letters": dead_count, "redis": f"Redis {server[0]} ({server[1]})",
@@ -108,10 +109,10 @@ def dataset(client):
     return info["used_memory"] - info["mem_clients_normal"] - info.get("mem_aof_buffer", 0)
 
 
-def per_location(client):
+def per_location(client, stops):
     """Bytes (MEMORY USAGE) of the per-location stores (``l2u:map:*``, ``l2u:version:*``) per stop."""
     return sum(client.memory_usage(key) or 0 for pattern in ("l2u:map:*", "l2u:version:*")
-               for key in client.scan_iter(pattern)) / STOPS
+               for key in client.scan_iter(pattern)) / stops
 
 
 def _worker(stack, env, name):

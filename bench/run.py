@@ -39,9 +39,11 @@ EVENT_PATH = f"/webhooks/locate2u/{e2e.EVENT_TYPE}/" + url_token(SECRET, e2e.EVE
 PROFILES = {
     # 5,000 stops: each gets four changes, too far apart for the 10 s stop cache (relay and plain loop alike).
     "full": {"rounds": 5, "seconds": 6, "connections": 32, "deliveries": 20000, "stops": 5000,
-             "latency_seconds": 30, "settle_timeout": 3600, "memory_deliveries": 10000, "memory_dead_letters": 1000},
+             "latency_seconds": 30, "settle_timeout": 3600, "memory_deliveries": 10000, "memory_dead_letters": 1000,
+             "memory_stops": 100},
     "ci": {"rounds": 1, "seconds": 1, "connections": 8, "deliveries": 60, "stops": 20, "latency_seconds": 2,
-           "settle_timeout": 120, "memory_deliveries": 100, "memory_dead_letters": 20},
+           "settle_timeout": 120, "memory_deliveries": 100, "memory_dead_letters": 20,
+           "memory_stops": 10},
 }
 INGEST_APPS = (
     ("bare", "bare Flask: read JSON, answer 200"),
@@ -250,6 +252,10 @@ def main(argv=None):
     parser.add_argument("--deliveries", type=int, help="end-to-end deliveries (default: the profile's)")
     parser.add_argument("--seconds", type=int, help="seconds per ingest load run (default: the profile's)")
     parser.add_argument("--rounds", type=int, help="ingest rounds (default: the profile's)")
+    parser.add_argument("--memory-deliveries", type=int, help="deliveries of the Redis memory phase (default: the "
+                                                              "profile's)")
+    parser.add_argument("--memory-dead-letters", type=int, help="dead-lettered deliveries of the Redis memory phase "
+                                                                "(default: the profile's)")
     parser.add_argument("--pool", help="Celery pool for the workers (default: the app's)")
     parser.add_argument("--concurrency", type=int, help="Celery concurrency (default: the app's)")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk is there")
@@ -258,7 +264,7 @@ def main(argv=None):
     parser.add_argument("--json", default=".l2u-relay/bench/last.json", help="where to write every number")
     args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
-    for name in ("deliveries", "seconds", "rounds"):
+    for name in ("deliveries", "seconds", "rounds", "memory_deliveries", "memory_dead_letters"):
         if getattr(args, name):
             profile[name] = getattr(args, name)
     use_wrk = load.have_wrk() and not args.python_load
