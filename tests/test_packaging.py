@@ -32,8 +32,8 @@ def heroku_build(build_dir, venv):
         (build_dir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, build_dir / name)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "-r", "requirements.txt"],
-                             cwd=build_dir, capture_output=True, text=True, timeout=900)
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-compile", "-r",
+                              "requirements.txt"], cwd=build_dir, capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
 
