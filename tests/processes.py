@@ -177,3 +177,36 @@ class TlsRedis(Process):
                                        "--dir", str(folder), "--save", "", "--appendonly", "no"],
                          {"PATH": os.environ.get("PATH", "")})
         self.wait_for_output("Ready to accept connections", timeout=30)
+
+
+class RabbitMQ(Process):
+    """A RabbitMQ node of its own (Debian's rabbitmq-server) on free loopback ports, with its own data and
+    log folders, HOME (Erlang cookie) and epmd port, so it touches no system-wide node."""
+
+    SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")  # the package's wrapper switches user and folder
+
+    def __init__(self, binary, folder):
+        folder = Path(folder)
+        self.port, self.epmd_port = free_port(), free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(folder), "ERL_EPMD_PORT": str(self.epmd_port),
+               "RABBITMQ_NODENAME": f"l2u-test-{self.port}@localhost", "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+               "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(free_port()),
+               "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"), "RABBITMQ_LOG_BASE": str(folder / "log"),
+               "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq"),
+               "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
+               "RABBITMQ_PID_FILE": str(folder / "rabbitmq.pid")}
+        super().__init__("rabbitmq", [str(self.SERVER if self.SERVER.exists() else binary)], env)
+        try:
+            self.wait_for_output("Starting broker... completed", timeout=300)  # minutes on a busy machine
+        except AssertionError:
+            self.stop()
+            raise
+
+    def stop(self):
+        """Stop the node, then its epmd (which refuses until the node has gone)."""
+        super().stop()
+        deadline = time.monotonic() + 30
+        while subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"], capture_output=True, text=True,
+                             timeout=30).stdout.startswith("Killing not allowed") and time.monotonic() < deadline:
+            time.sleep(0.5)
