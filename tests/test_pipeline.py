@@ -20,6 +20,7 @@ from workers.queue_positions import QueueTickets
 from workers.routes import DEFAULT_ROUTES, Route
 from workers.runtime import Runtime
 from workers.sinks.base import Sink
+from workers.stores import MappingStore
 
 STOP_ID = 164557
 
@@ -86,7 +87,7 @@ def driver(settings, l2u, sink_server, monkeypatch):
     rt.routes = {"storepoint": Route("storepoint", on_status={"Cancelled": "delete"},
                                      breaker={"threshold": 3, "cooldown": 60.0}),
                  "forward": DEFAULT_ROUTES["forward"]}
-    rt.sinks = {"storepoint": RecordingSink(HttpClient(sink_server.url), mappings=None)}
+    rt.sinks = {"storepoint": RecordingSink(HttpClient(sink_server.url), mappings=MappingStore(rt.redis, "storepoint"))}
     drv.rt = rt
     monkeypatch.setattr(tasks, "runtime", lambda: rt)
     return drv
