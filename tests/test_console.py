@@ -220,7 +220,7 @@ def test_overview_shows_activity_queues_breakers_and_counts(console_settings, re
     for i in range(2):
         ledger.start_fan_out(f"o-{i}", ["storepoint"])
         ledger.sink_outcome(f"o-{i}", "storepoint", "applied", attempts=1)
-    assert ledger.compact(now=time.time() + 60) == 2  # settled ones leave the full entries; still counted
+    assert ledger.compact(grace=0) == 2  # settled ones leave the full entries; still counted
     seed_dead_letter(redis_client, "d-1")
     Quarantine(redis_client).add("stop.assigned", "{}", "schema validation failed", {"stopId": ["required"]})
     page = client.get("/console/")
@@ -270,6 +270,21 @@ def test_deliveries_search_filters_and_pages_newest_first(client, redis_client):
     assert recent == ["s-new", "trip-1", "s-29", "s-28", "s-27", "s-26"]
     bad = client.get("/console/deliveries?until=yesterday")
     assert bad.status_code == 400 and "until: use an ISO date/time" in bad.text
+
+
+def test_deliveries_full_and_compacted_are_listed_newest_first_together(client, redis_client):
+    now = time.time()
+    old = seed_dead_letter(redis_client, "old-dead-letter")["delivery_id"]  # keeps its full entry
+    redis_client.zadd(Ledger.ALL, {old: now - 7200})
+    redis_client.hset(Ledger.key(old), "received_at", repr(now - 7200))
+    for i, age in enumerate((300, 100)):
+        ledger = seed_delivery(redis_client, f"settled-{i}", status_change(5, "Arrived", "2022-04-27T05:00:00+00:00"),
+                               now - age)
+        ledger.start_fan_out(f"settled-{i}", ["storepoint"])
+        ledger.sink_outcome(f"settled-{i}", "storepoint", "applied", attempts=1)
+    assert ledger.compact(grace=0) == 2
+    page = client.get("/console/deliveries").text
+    assert re.findall(r'/console/deliveries/([\w-]+)"', page) == ["settled-1", "settled-0", "old-dead-letter"]
 
 
 def test_delivery_page_shows_the_whole_trace(client, redis_client):

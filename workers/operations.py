@@ -4,6 +4,7 @@ Dead letters (select, replay, purge, what became of a replay), quarantine items
 (list, show, purge) and delivery search. Each takes a ``Runtime``.
 """
 import hashlib
+import heapq
 import itertools
 import json
 import time
@@ -186,19 +187,20 @@ def search_deliveries(rt, delivery_id=None, stop=None, event_type=None, status=N
     ``status`` is a ledger status, or "open" for any not yet final.
     """
     if delivery_id:
-        candidates = iter([delivery_id])
+        candidates = _rows(rt, iter([delivery_id]))
     elif stop:
         index = StopIndex(rt.redis)
         index.refresh()
-        candidates = iter(index.deliveries(str(stop)))
+        candidates = _rows(rt, iter(index.deliveries(str(stop))))
     else:
         candidates = _newest_first(rt, since, until)
-    rows, skipped = [], 0
-    for scanned, row in enumerate(_rows(rt, candidates)):
+    rows, skipped, seen = [], 0, set()
+    for scanned, row in enumerate(candidates):
         if scanned >= SEARCH_SCAN_LIMIT:
             break
-        if not _matches(row, event_type, status, since, until):
-            continue
+        if row["delivery_id"] in seen or not _matches(row, event_type, status, since, until):
+            continue  # (seen: compacted between the two reads, so found twice)
+        seen.add(row["delivery_id"])
         if skipped < offset:
             skipped += 1
             continue
@@ -208,8 +210,17 @@ def search_deliveries(rt, delivery_id=None, stop=None, event_type=None, status=N
     return rows, False
 
 
-def _newest_first(rt, since, until, page=500):
-    """Full ledger entries newest first, then the compacted (settled) ones, newest first."""
+def _newest_first(rt, since, until):
+    """Rows of the full ledger entries and of the compacted (settled) ones, merged newest first.
+
+    (A dead letter keeps its full entry, so without the merge an old one would come before
+    every newer delivery that settled.)
+    """
+    return heapq.merge(_rows(rt, _full_ids(rt, since, until)), _rows(rt, rt.ledger.compacted_ids(since, until)),
+                       key=lambda row: -row["received_at"])
+
+
+def _full_ids(rt, since, until, page=500):
     high = "+inf" if until is None else until
     low = "-inf" if since is None else since
     offset = 0
@@ -217,9 +228,8 @@ def _newest_first(rt, since, until, page=500):
         ids = rt.redis.zrevrangebyscore(Ledger.ALL, high, low, start=offset, num=page)
         yield from ids
         if len(ids) < page:
-            break
+            return
         offset += page
-    yield from rt.ledger.compacted_ids(since, until)
 
 
 def _rows(rt, ids, batch=100):
