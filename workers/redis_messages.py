@@ -75,7 +75,8 @@ class RedisTaskSender:
     """``send_task(name, args=...)`` for worker processes: LPUSH of the message onto its queue's list.
 
     ``client`` is a callable returning the process's Redis client (the ledger's). Celery's
-    ``after_task_publish`` signal is sent as for a published task, so its receivers still run.
+    ``after_task_publish`` signal is sent as for a published task, so its receivers still run; it
+    also carries ``redis_client``, the client the message went through.
     """
 
     def __init__(self, app, client):
@@ -88,6 +89,6 @@ class RedisTaskSender:
         message = self._messages.get((name, queue))
         if message is None:
             message = self._messages[(name, queue)] = RedisTaskMessage(self.app, name, queue)
-        args = list(args)
-        self.client().lpush(message.key, message.build(args))
-        after_task_publish.send(sender=name, body=(args, {}, {}), exchange="", routing_key=queue)
+        args, client = list(args), self.client()
+        client.lpush(message.key, message.build(args))
+        after_task_publish.send(sender=name, body=(args, {}, {}), exchange="", routing_key=queue, redis_client=client)

@@ -54,13 +54,14 @@ def _bind_log_context(task=None, args=(), **_):
 
 
 @after_task_publish.connect
-def _keep_queue_ticket(sender=None, body=None, routing_key=None, **_):
+def _keep_queue_ticket(sender=None, body=None, routing_key=None, redis_client=None, **_):
     """Each process_delivery or deliver message pushed onto a Redis broker's work queue bumps that
     queue's counter and leaves its ticket in its delivery's ledger entry (when the ledger is in the
-    same Redis), so the sweeper can tell a queued message from a lost one."""
+    same Redis), so the sweeper can tell a queued message from a lost one. A worker process's
+    ``RedisTaskSender`` passes the client it pushed with, so no second connection is opened."""
     if sender not in (PROCESS_DELIVERY, DELIVER) or routing_key not in WORK_QUEUES:
         return
-    client = _redis_broker(current_app.conf.broker_url)
+    client = redis_client or _redis_broker(current_app.conf.broker_url)
     if client is None:
         return
     args = body[0]
