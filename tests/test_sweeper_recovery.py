@@ -234,3 +234,21 @@ def test_a_deleted_queue_is_recovered_whatever_its_length(broker):
     past_sweep_after(rt)
     assert tasks.sweep_received.run() == 50
     assert sorted(args[0] for _, args in broker.queued(INGEST_QUEUE)) == sorted(ids)
+
+
+def test_overlapping_sweeps_queue_a_lost_message_once(broker):
+    """Large chaos run: sweep tasks piled up behind a backlog ran side by side (the first one's
+    lock had expired) and each queued the same lost deliveries again, six times over."""
+    rt = broker.rt
+    lost = accept(rt)
+    broker.take(INGEST_QUEUE)
+    past_sweep_after(rt)
+    deadline = time.monotonic() + 10
+    results = []
+    sweeps = [threading.Thread(target=lambda: results.append(tasks._sweep_open(rt, deadline))) for _ in range(4)]
+    for sweep in sweeps:
+        sweep.start()
+    for sweep in sweeps:
+        sweep.join(30)
+    assert sorted(results) == [0, 0, 0, 1]
+    assert [args[0] for _, args in broker.queued(INGEST_QUEUE)] == [lost]

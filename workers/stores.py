@@ -66,6 +66,15 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 return 1
 """
 
+# The sweeper takes a due entry: restart its clock only if it is still due, so sweeps that
+# overlap never both act on it. KEYS: OPEN. ARGV: id, cutoff, now.
+_TAKE_DUE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+"""
+
 # While the lease ARGV[2] is held: push it forward (ARGV[4] = 'renew'), or end it and put the
 # delivery back to "received" ('lapse'). KEYS: entry, OPEN. ARGV: id, token, now, what.
 _LEASE = """
@@ -144,6 +153,7 @@ class Ledger:
         self._record = client.register_script(_RECORD)
         self._claim = client.register_script(_CLAIM)
         self._lease = client.register_script(_LEASE)
+        self._take_due = client.register_script(_TAKE_DUE)
         self._sink_outcome = client.register_script(_SINK_OUTCOME)
         self._compact = client.register_script(_COMPACT)
 
@@ -301,6 +311,12 @@ class Ledger:
         """Ids of deliveries not final that have made no progress for ``older_than`` seconds."""
         cutoff = (time.time() if now is None else now) - older_than
         return self.redis.zrangebyscore(self.OPEN, "-inf", cutoff, start=0, num=limit)
+
+    def take_due(self, delivery_id, older_than):
+        """For the sweeper: True (and the delivery's clock restarted) if it has still made no
+        progress for ``older_than`` seconds; False if it moved on or another sweep took it."""
+        now = time.time()
+        return bool(self._take_due(keys=[self.OPEN], args=[delivery_id, repr(now - older_than), repr(now)]))
 
     def check_open_at(self, delivery_id, when):
         """Restart the sweeper's clock for a delivery: it counts as progressing at ``when``."""

@@ -198,31 +198,36 @@ def _sweep(rt, budget=SWEEP_BUDGET_SECONDS):
     scanning the list); then its clock restarts. Received, retrying and processing deliveries
     whose lease lapsed get ``process_delivery`` again; routed ones whose sink stalled are resumed.
     """
-    if not rt.redis.set(SWEEP_LOCK, "1", nx=True, ex=int(budget) + 5):
+    lock = rt.redis.lock(SWEEP_LOCK, timeout=budget * 3, blocking=False)
+    if not lock.acquire():
         return 0  # another sweep is still going (a backlog of sweep tasks, or a long one)
     try:
-        return _sweep_open(rt, budget)
+        return _sweep_open(rt, time.monotonic() + budget)
     finally:
-        rt.redis.delete(SWEEP_LOCK)
+        with contextlib.suppress(redis.exceptions.LockError):
+            lock.release()
 
 
-def _sweep_open(rt, budget):
+def _sweep_open(rt, deadline):
     rt.ledger.fold_legacy_index()
-    grace, started = rt.settings.sweep_after, time.monotonic()
-    queues = work_queues(rt, WORK_QUEUES)
+    grace = rt.settings.sweep_after
     requeued = resumed = 0
-    while time.monotonic() - started < budget:
+    due = True
+    while due and time.monotonic() < deadline:
+        queues = work_queues(rt, WORK_QUEUES)
         due = rt.ledger.stalled(grace, limit=SWEEP_BATCH)
         for delivery_id in due:
+            if time.monotonic() >= deadline:
+                break
             entry = rt.ledger.get(delivery_id)
             if entry is None or entry["status"] in FINAL_STATES:
                 rt.ledger.close_open(delivery_id)
+            elif not rt.ledger.take_due(delivery_id, grace):
+                continue  # it progressed meanwhile
             elif entry["status"] == "routed":
                 resumed += _resume_if_stalled(rt, entry, queues, grace)
             else:
                 requeued += _requeue_if_lost(rt, entry, queues)
-        if len(due) < SWEEP_BATCH:
-            break
     if requeued:
         log.warning("sweeper re-queued %d deliveries", requeued)
     if resumed:
@@ -234,14 +239,13 @@ def _requeue_if_lost(rt, entry, queues):
     """``process_delivery`` again for a delivery before its fan-out whose message is not queued,
     or whose processing lease its holder stopped renewing (dead)."""
     delivery_id = entry["delivery_id"]
-    rt.ledger.check_open_at(delivery_id, time.time())
     if entry["status"] == "processing":
         if not rt.ledger.lapse(delivery_id, entry.get("lease")):
             return 0  # it moved on meanwhile
     elif queues.waiting(entry.get("queued")):
         return 0
-    process_delivery.apply_async(args=[delivery_id, entry["event_type"], int(entry.get("attempt", 0)),
-                                       entry.get("replay") == "1"], queue=INGEST_QUEUE)
+    rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"], int(entry.get("attempt", 0)),
+                                             entry.get("replay") == "1"], 0)
     rt.ledger.trace(delivery_id, "swept", status=entry["status"])
     return 1
 
@@ -259,7 +263,6 @@ def _resume_if_stalled(rt, entry, queues, base):
     if not stalled:  # look again when it would count as stalled
         rt.ledger.check_open_at(delivery_id, pipeline.next_progress(entry) + grace - base)
         return 0
-    rt.ledger.check_open_at(delivery_id, time.time())
     if queues.waiting(entry.get("queued")) or any(queues.waiting(entry.get(f"queued:{sink}")) for sink in stalled):
         return 0  # a resume, or that sink's write, is still queued
     rt.scheduler.schedule(PROCESS_DELIVERY, [delivery_id, entry["event_type"]], 0)
