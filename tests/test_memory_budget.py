@@ -109,6 +109,8 @@ def test_a_settled_delivery_costs_at_most_400_bytes_at_default_retention(redis_c
     full = (used(redis_client) - start) / count
     compact_all(ledger, time.time() + SETTLE_GRACE)
     with_dedup = (used(redis_client) - start) / count
+    assert set(ledger.ids()) == set(ids) and ledger.get(ids[7])["delivery_id"] == ids[7]  # ids survive packing
+    assert set(ledger.get_many(ids[:5])) == set(ids[:5]) and ledger.history(ids[7])[0]["what"] == "routed"
     redis_client.delete(*[Ledger.dedup_key(one) for one in ids])  # the dedup window (a day) is over
     record = (used(redis_client) - start) / count
     # kept 14 days; the dedup key only the first of them
