@@ -78,6 +78,8 @@ def test_relay_runs_end_to_end_on_tls_redis_and_survives_a_worker_kill(tls_setti
     web = processes[-1]
     processes.append(ProcfileProcess("beat", env))
     processes.append(CeleryWorker(env, name="first"))
+    flower = ProcfileProcess("flower", env)
+    processes.insert(0, flower)
     ledger = Ledger(connect(settings.redis_url))
     sp_state = sims["storepoint"].app.config["STATE"]
 
@@ -94,11 +96,12 @@ def test_relay_runs_end_to_end_on_tls_redis_and_survives_a_worker_kill(tls_setti
     processes.append(CeleryWorker(env, name="second"))
     applied(STOPS[1])
 
-    flower = ProcfileProcess("flower", env)
-    processes.append(flower)
-    workers = wait_for(lambda: requests.get(flower.url + "/api/workers?refresh=1", auth=FLOWER_AUTH, timeout=30).json(),
-                       timeout=60, interval=1)
-    assert any(name.startswith("second-") for name in workers), workers
+    def flower_saw_tasks():  # Flower follows the workers' events over the TLS broker
+        tasks = requests.get(flower.url + "/api/tasks", auth=FLOWER_AUTH, timeout=30).json()
+        return {task["name"] for task in tasks.values() if task.get("state") == "SUCCESS"} >= {
+            "l2u.process_delivery", "l2u.deliver"}
+
+    wait_for(flower_saw_tasks, timeout=60, interval=1)
 
     status = status_command(settings)
     assert status.returncode == 0, status.stderr

@@ -62,6 +62,9 @@ def celery_config(settings):
                         for name in (INGEST_QUEUE, DELIVER_QUEUE, CONTROL_QUEUE)],
         "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
         "worker_hijack_root_logger": False,
+        # Off by default (connection budget, README Scale): remote control (celery inspect/control,
+        # Flower's worker pages) costs each worker 3 Redis connections; events, which Flower needs, stay on.
+        "worker_enable_remote_control": settings.worker_remote_control,
         "enable_utc": True,
     }
     tls = tls_options(settings.broker, settings.redis_ca_file)

@@ -61,6 +61,7 @@ class SettingsSchema(Schema):
     redis_max_connections = _env("RELAY_REDIS_MAX_CONNECTIONS",
                                  fields.Integer(load_default=1, validate=validate.Range(1, 1000)))
     broker_pool_limit = _env("RELAY_BROKER_POOL_LIMIT", fields.Integer(load_default=10, validate=validate.Range(2, 1000)))
+    worker_remote_control = _env("RELAY_WORKER_REMOTE_CONTROL", fields.Boolean(load_default=False))
     port = _env("PORT", fields.Integer(load_default=8000, validate=validate.Range(1, 65535)))
     public_url = _env("RELAY_PUBLIC_URL", HttpUrl(load_default=None))
     webhook_secret = _env("RELAY_WEBHOOK_SECRET", fields.String(required=True, validate=validate.Length(min=16)))
@@ -210,6 +211,7 @@ class Settings:
     redis_ca_file: str | None = None
     redis_max_connections: int = 1
     broker_pool_limit: int = 10
+    worker_remote_control: bool = False
     port: int = 8000
     public_url: str | None = None
     webhook_secret_previous: str | None = None

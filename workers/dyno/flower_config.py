@@ -9,6 +9,7 @@ Heroku-style web dyno), else 5555.
 import os
 import sys
 
+from celery import current_app
 from flower.inspector import Inspector
 
 from workers.config import Settings as _Settings
@@ -25,10 +26,12 @@ elif not os.environ.get("FLOWER_AUTH") and address not in LOOPBACK:
              "set FLOWER_BASIC_AUTH=user:password (or FLOWER_AUTH), or FLOWER_ADDRESS=127.0.0.1")
 
 # Connection budget (README, Scale): workers send events by configuration, so Flower need not broadcast
-# enable_events every few seconds; and it inspects workers one command at a time, so its broker pool
-# (RELAY_BROKER_POOL_LIMIT) is never exhausted by commands that each hold two pooled connections.
+# enable_events every few seconds; it inspects workers one command at a time, on a broker connection
+# opened for that command and closed after it (no pool: Celery's broker_pool_limit None), so between
+# inspections it holds only its events receiver.
 enable_events = False
 Inspector.max_concurrency = 1
+current_app.conf.broker_pool_limit = None
 
 # Every line JSON: tornado's console handler off ("logging" is Flower's tornado option), ours on the root.
 logging = "none"
