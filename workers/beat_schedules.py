@@ -1,9 +1,10 @@
 """Beat schedules that send a control task only when it has something to do.
 
-``RetriesDue`` is due when a scheduled retry (or a lapsed claim) is due: beat
-reads the earliest due time from Redis at each check (one ZRANGE, no task, no
-log line), so ``release_due_retries`` is not sent — nor logged by the worker —
-while nothing waits.
+``RetriesDue`` is due when a scheduled retry, a lapsed claim or a failing
+sink's recovery probe is due: beat reads the earliest due time from Redis at
+each check (one ZRANGE per set, no task, no log line), so
+``release_due_retries`` is not sent — nor logged by the worker — while nothing
+waits.
 """
 import time
 
@@ -23,11 +24,11 @@ class RetriesDue(schedule):
         self._client = None
 
     def next_due(self):
-        """Epoch seconds of the earliest scheduled or claimed retry, or None when there is none."""
+        """Epoch seconds of the earliest scheduled or claimed retry or recovery probe, or None when there is none."""
         if self._client is None:
             self._client = connect(self.redis_url)
         pipe = self._client.pipeline(transaction=False)
-        for key in (RetryScheduler.KEY, RetryScheduler.CLAIMED):
+        for key in (RetryScheduler.KEY, RetryScheduler.CLAIMED, RetryScheduler.PROBES):
             pipe.zrange(key, 0, 0, withscores=True)
         found = [score for earliest in pipe.execute() for _, score in earliest]
         return min(found, default=None)

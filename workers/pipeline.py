@@ -238,7 +238,7 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
             # Only a write that is really sent asks the breaker and the rate limit, so a stale one
             # never uses up the breaker's single probe (or a token) without calling the sink.
             breaker = rt.breaker(sink_name)
-            held_back = _hold_back(rt, breaker, sink_name)
+            held_back, early = _hold_back(rt, breaker, args)
             if held_back:
                 return _wait(rt, args, *held_back)
             try:
@@ -250,11 +250,11 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
                     breaker.success()
                     return dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc)
                 breaker.failure()
-                return _retry(rt, args, exc)
-            breaker.success()
+                return _retry(rt, args, exc, early)
             recorded, held = versions.record(location.key, order, lock, action, record)
     finally:
         lock.release()
+    _recovered(rt, breaker, sink_name)  # after the lock: a released write for this key need not wait for it
     if route.ordered and (recorded == "older" or not held):
         _reassert(rt, sink_name, location.key)
     if route.ordered and recorded == "older":  # a newer write was applied while this one was sent
@@ -290,17 +290,35 @@ def _reassert(rt, sink_name, key):
     log.warning("a write for %s may have landed out of order; sending the newest again", key)
 
 
-def _hold_back(rt, breaker, sink_name):
-    """``(seconds, why)`` when the breaker or the rate limit holds a write back, else None."""
+def _hold_back(rt, breaker, args):
+    """``(held_back, early)``: ``held_back`` is ``(seconds, why, for_health)`` when the breaker or the
+    rate limit holds the write back, else None. With the breaker open, a retry released before its
+    time (a recovery probe) takes the breaker's probe slot, cooldown or not; ``early`` is then when
+    the schedule had it due (see ``RetryScheduler``)."""
+    delivery_id, sink_name, attempt = args[0], args[1], args[4]
     verdict, wait = breaker.admit()
+    early = None
     if verdict == "open":
-        return wait, "paused: circuit breaker open"
+        early = rt.scheduler.take_early(sink_name, delivery_id, attempt)
+        if early is None:
+            return (wait, "paused: circuit breaker open", True), None
+        if not breaker.claim_probe():  # another probe is in flight: back to its place
+            return (max(0.0, early - time.time()), "paused: circuit breaker open", True), None
+        verdict = "probe"
     wait = rt.limiter(sink_name).take()
     if wait:
         if verdict == "probe":  # another write may probe now instead of after the next cooldown
             breaker.abandon_probe()
-        return wait, "rate limited"
-    return None
+        return (wait, "rate limited", False), None
+    return None, early
+
+
+def _recovered(rt, breaker, sink_name):
+    """The sink took a write: close its breaker and send the retries held for its health, at most a
+    burst of its rate limit (each of their successes releases the next ones)."""
+    released = rt.scheduler.recovered(sink_name, breaker, limit=int(rt.limiter(sink_name).burst))
+    if released:
+        log.info("%s answers again: released %d held retries", sink_name, released)
 
 
 def _stale(rt, delivery_id, sink_name, key, attempt, replay):
@@ -313,19 +331,35 @@ def _stale(rt, delivery_id, sink_name, key, attempt, replay):
     return "stale"
 
 
-def _wait(rt, args, delay, why):
-    """Put the same attempt back for later without spending it."""
-    rt.scheduler.schedule(DELIVER, args, delay)
+def _wait(rt, args, delay, why, for_health=False):
+    """Put the same attempt back for later without spending it (``for_health``: held for the sink's
+    health, so it goes out early once the sink answers again)."""
+    if for_health:
+        rt.scheduler.hold(args, delay)
+    else:
+        rt.scheduler.schedule(DELIVER, args, delay)
     rt.ledger.sink_outcome(args[0], args[1], "waiting", attempts=args[4], reason=why, next_in=round(delay, 1))
     return "waiting"
 
 
-def _retry(rt, args, exc):
+def _retry(rt, args, exc, early=None):
+    """Schedule the next attempt. A failure of the sink itself (5xx, timeout, no Retry-After) is held
+    for the sink's health; a retry released early that failed so goes back to its place, its attempt
+    not spent. A refusal of this delivery (429, Retry-After) keeps its schedule."""
     delivery_id, sink_name, action, record, attempt, replay = args
+    for_health = exc.retry_after is None and (exc.status is None or exc.status >= 500)
+    if for_health:
+        early = early or rt.scheduler.take_early(sink_name, delivery_id, attempt)
+        if early and early > time.time():
+            return _wait(rt, args, early - time.time(), f"released early, failed again: {exc.message}", True)
     delay = retry_delay(rt.settings.retry_schedule, attempt + 1, exc.retry_after)
     if delay is None:
         return dead_letter(rt, delivery_id, sink_name, action, record, attempt + 1, exc, exhausted=True)
-    rt.scheduler.schedule(DELIVER, [delivery_id, sink_name, action, record, attempt + 1, replay], delay)
+    again = [delivery_id, sink_name, action, record, attempt + 1, replay]
+    if for_health:
+        rt.scheduler.hold(again, delay)
+    else:
+        rt.scheduler.schedule(DELIVER, again, delay)
     rt.ledger.sink_outcome(delivery_id, sink_name, "retrying", attempts=attempt + 1, reason=exc.message,
                            next_in=round(delay, 1))
     rt.ledger.trace(delivery_id, "retry", sink=sink_name, error=exc.message, status=exc.status,

@@ -2,7 +2,8 @@
 
 - ``retry_delay``: the retry schedule with jitter, never sooner than ``Retry-After``.
 - ``RetryScheduler``: due retries wait in a sorted set that beat releases, so
-  long delays never sit in the broker past its visibility timeout.
+  long delays never sit in the broker past its visibility timeout; retries held
+  only by a sink's health go out early once it answers again.
 - ``CircuitBreaker``: per sink; opens after N consecutive failures, lets one
   probe through after the cooldown, closes on success.
 - ``RateLimiter``: a token bucket per sink shared by every worker.
@@ -19,6 +20,7 @@ import uuid
 
 import redis
 
+from workers.celery_config import DELIVER
 from workers.stores import PREFIX
 
 JITTER = 0.1
@@ -34,62 +36,169 @@ def retry_delay(schedule, attempt, retry_after=None, rng=random):
     return max(delay, retry_after or 0.0)
 
 
-# Due members move to the claimed set in one step, so releasers running at once (a backlog of
-# release tasks, several workers) never send the same retry twice. A claim whose releaser died
-# before sending goes back to the due set once its lease is over: still at least once.
-_CLAIM = """
+# A deliver retry that its sink's recovery may release early is also "held": in the sink's index
+# (score: when it is due by the schedule). Taking a member out of the due set is the one gate, so
+# releasers running at once (beat's release, a probe, a success releasing the sink's held work)
+# never send the same retry twice. A member released before its due time leaves an "early" mark
+# (sink|delivery|attempt, score: its due time), so a failure sends it back to its place without
+# spending an attempt. Claimed members go to the claimed set; a claim whose releaser died before
+# sending goes back to the due set once its lease is over: still at least once.
+_CLAIM_ONE = """
+local function claim(member, now, out)
+  local item = cjson.decode(member)
+  if item.task == ARGV[4] then
+    local held = ARGV[5] .. item.args[2]
+    local due = redis.call('ZSCORE', held, member)
+    if due then
+      redis.call('ZREM', held, member)
+      if tonumber(due) > now then
+        redis.call('ZADD', KEYS[3], due, item.args[2] .. '|' .. item.args[1] .. '|' .. item.args[5])
+      end
+    end
+  end
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), member)
+    table.insert(out, member)
+  end
+end
+"""
+
+# KEYS: due, claimed, early, probes. ARGV: now, limit, lease, deliver task, held prefix, probe every.
+# A sink with held retries has its oldest one released as a probe every ``probe every`` seconds.
+_CLAIM = _CLAIM_ONE + """
 local now = tonumber(ARGV[1])
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
   redis.call('ZREM', KEYS[2], member)
   redis.call('ZADD', KEYS[1], now, member)
 end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-for _, member in ipairs(due) do
-  redis.call('ZREM', KEYS[1], member)
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), member)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local out = {}
+for _, sink in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)) do
+  local oldest = redis.call('ZRANGE', ARGV[5] .. sink, 0, 0)
+  if #oldest == 0 then
+    redis.call('ZREM', KEYS[4], sink)
+  else
+    claim(oldest[1], now, out)
+    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), sink)
+  end
 end
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
+  claim(member, now, out)
+end
+return out
+"""
+
+# KEYS: due, claimed, early, probes, breaker, breaker probe. ARGV: now, limit, lease, deliver task,
+# held prefix, sink. The sink answered: close its breaker and claim its held retries, oldest first.
+_RECOVERED = _CLAIM_ONE + """
+local now = tonumber(ARGV[1])
+redis.call('HSET', KEYS[5], 'state', 'closed', 'failures', 0)
+redis.call('DEL', KEYS[6])
+local held = ARGV[5] .. ARGV[6]
+local out = {}
+for _, member in ipairs(redis.call('ZRANGE', held, 0, tonumber(ARGV[2]) - 1)) do
+  claim(member, now, out)
+end
+if redis.call('EXISTS', held) == 0 then redis.call('ZREM', KEYS[4], ARGV[6]) end
+return out
+"""
+
+# KEYS: due, held, probes. ARGV: member, due, sink, first probe at.
+_HOLD = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[3])
+"""
+
+_TAKE_EARLY = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if due then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return due
 """
 
 
 class RetryScheduler:
-    """Tasks due later, held in a Redis sorted set until ``release_due`` sends them."""
+    """Tasks due later, held in a Redis sorted set until ``release_due`` sends them.
+
+    Deliver retries held for a sink's health (``hold``) go out before their time once the sink
+    answers again (``recovered``); while it has any, the oldest is released as a probe every
+    ``PROBE_SECONDS``, so a sink that recovers while nothing else is sent to it is noticed.
+    """
 
     KEY = PREFIX + "retries"
     CLAIMED = PREFIX + "retries:claimed"
+    HELD = PREFIX + "retries:held:"  # + sink
+    EARLY = PREFIX + "retries:early"
+    PROBES = PREFIX + "retries:probes"
     CLAIM_SECONDS = 30
+    PROBE_SECONDS = 3.0
 
     def __init__(self, client, send_task):
         self.redis = client
         self.send_task = send_task
         self._claim = client.register_script(_CLAIM)
+        self._recovered = client.register_script(_RECOVERED)
+        self._hold = client.register_script(_HOLD)
+        self._take_early = client.register_script(_TAKE_EARLY)
 
     def schedule(self, task_name, args, delay):
         """Send now when ``delay`` is 0, otherwise hold until it is due."""
         if delay <= 0:
             self.send_task(task_name, args=args)
             return
-        member = json.dumps({"task": task_name, "args": args, "id": uuid.uuid4().hex})
-        self.redis.zadd(self.KEY, {member: time.time() + delay})
+        self.redis.zadd(self.KEY, {self._member(task_name, args): time.time() + delay})
+
+    def hold(self, args, delay, now=None):
+        """Hold a deliver retry (``args`` of the deliver task) that waits only for its sink's health:
+        due in ``delay`` seconds, or sooner once the sink answers again (a probe or ``recovered``)."""
+        now = time.time() if now is None else now
+        sink = args[1]
+        self._hold(keys=[self.KEY, self.HELD + sink, self.PROBES],
+                   args=[self._member(DELIVER, args), now + delay, sink, now + self.PROBE_SECONDS])
 
     def release_due(self, now=None, limit=500):
-        """Send every task that is due; return how many.
+        """Send every task that is due, and each failing sink's probe when its time has come; return how many.
 
-        Each due task is claimed (atomically, so concurrent releasers share the work instead of
+        Each task is claimed (atomically, so concurrent releasers share the work instead of
         each sending it) and its claim dropped only once sent: at least once, never twice at once.
         """
         now = time.time() if now is None else now
-        due = self._claim(keys=[self.KEY, self.CLAIMED], args=[now, limit, self.CLAIM_SECONDS])
-        for member in due:
-            item = json.loads(member)
-            self.send_task(item["task"], args=item["args"])
-            self.redis.zrem(self.CLAIMED, member)
-        return len(due)
+        return self._send(self._claim(keys=[self.KEY, self.CLAIMED, self.EARLY, self.PROBES],
+                                      args=[now, limit, self.CLAIM_SECONDS, DELIVER, self.HELD,
+                                            self.PROBE_SECONDS]))
+
+    def recovered(self, sink, breaker, limit=100, now=None):
+        """``sink`` answered: close its ``breaker`` and send its held retries now, oldest first, at most
+        ``limit`` (each success releases the next ones); return how many were sent."""
+        now = time.time() if now is None else now
+        return self._send(self._recovered(
+            keys=[self.KEY, self.CLAIMED, self.EARLY, self.PROBES, breaker.key, breaker.probe_key],
+            args=[now, limit, self.CLAIM_SECONDS, DELIVER, self.HELD, sink]))
+
+    def take_early(self, sink, delivery_id, attempt):
+        """When a deliver released early was due by the schedule (epoch seconds), or None; the mark goes."""
+        due = self._take_early(keys=[self.EARLY], args=[f"{sink}|{delivery_id}|{attempt}"])
+        return None if due is None else float(due)
+
+    def held(self, sink):
+        """The deliver args held for ``sink``'s health with their schedule time, oldest first."""
+        return [(json.loads(m)["args"], due) for m, due in self.redis.zrange(self.HELD + sink, 0, -1, withscores=True)]
 
     def pending(self):
         """Scheduled retries as (task, args, due) tuples, soonest first."""
         return [(json.loads(m)["task"], json.loads(m)["args"], due)
                 for m, due in self.redis.zrange(self.KEY, 0, -1, withscores=True)]
+
+    def _send(self, claimed):
+        for member in claimed:
+            item = json.loads(member)
+            self.send_task(item["task"], args=item["args"])
+            self.redis.zrem(self.CLAIMED, member)
+        return len(claimed)
+
+    @staticmethod
+    def _member(task_name, args):
+        return json.dumps({"task": task_name, "args": args, "id": uuid.uuid4().hex})
 
 
 _ADMIT = """
@@ -135,6 +244,11 @@ class CircuitBreaker:
         """Record a failure; return True if the breaker is (now) open."""
         return bool(self._failure(keys=[self.key, self.probe_key],
                                   args=[self.threshold, time.time() if now is None else now, self.cooldown]))
+
+    def claim_probe(self):
+        """Take the probe slot now, cooldown or not (a held retry released as the recovery probe);
+        True when no other probe is in flight."""
+        return bool(self.redis.set(self.probe_key, "1", nx=True, ex=max(1, int(self.cooldown))))
 
     def abandon_probe(self):
         """Give back the probe this caller was admitted with but did not use."""
