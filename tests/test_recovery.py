@@ -1,0 +1,93 @@
+"""A Storepoint outage through real processes: gunicorn, a Celery worker with beat, and the
+Locate2u, Storepoint and B2B simulators on loopback.
+
+Storepoint answers 503 for about 20 s while deliveries arrive: the first two fail twice (their
+next step on the schedule is 300 s away), the later ones open the breaker. Once Storepoint
+answers again nothing else is posted, so only the relay's own probe can notice the recovery.
+Every held Storepoint write must then be applied long before the schedule's next step; the
+measured time is printed (``pytest -s``), never asserted tightly.
+"""
+import time
+
+import pytest
+
+from tests.payloads import status_change
+from tests.test_receiver import post
+from tests.test_worker_ingest import wait_for
+from workers.config import SVIX_RETRY_SCHEDULE
+from workers.ops.simulators import b2b, locate2u, storepoint
+from workers.ops.simulators.base import SimulatorServer
+from workers.stores import Ledger
+
+SP_TOKEN, B2B_TOKEN = "sp-recovery-token-123", "b2b-recovery-token-123"
+STOP_IDS = range(5001, 5007)
+OUTAGE_SECONDS = 20
+DEADLINE = 60  # well below the schedule's 300 s step, far above the target of 10 s
+
+
+@pytest.fixture
+def sims():
+    l2u_state = locate2u.Locate2uState()
+    for stop_id in STOP_IDS:
+        l2u_state.add_stop(stopId=stop_id, name=f"Stop {stop_id}")
+    servers = {"locate2u": SimulatorServer(locate2u.create_app(l2u_state)).start(),
+               "storepoint": SimulatorServer(storepoint.create_app(storepoint.StorepointState(token=SP_TOKEN))).start(),
+               "b2b": SimulatorServer(b2b.create_app(b2b.B2BState(token=B2B_TOKEN))).start()}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture
+def stack(settings, sims, start_process):
+    l2u_state = sims["locate2u"].app.config["STATE"]
+    stack_settings = settings.replace(
+        locate2u_client_id=l2u_state.client_id, locate2u_client_secret=l2u_state.client_secret,
+        locate2u_api_url=sims["locate2u"].url, locate2u_id_url=sims["locate2u"].url,
+        storepoint_api_url=sims["storepoint"].url, storepoint_api_token=SP_TOKEN,
+        b2b_api_url=sims["b2b"].url, b2b_api_token=B2B_TOKEN, b2b_business_partner_id="BP-1", b2b_country_id="AU",
+        retry_schedule=SVIX_RETRY_SCHEDULE, visibility_timeout=10)
+    web = start_process("gunicorn", stack_settings)
+    start_process("worker", stack_settings, beat=True)
+    return web
+
+
+def storepoint_outcomes(redis_client, delivery_ids):
+    ledger = Ledger(redis_client)
+    return {delivery_id: (ledger.get(delivery_id) or {}).get("sinks", {}).get("storepoint", {})
+            for delivery_id in delivery_ids}
+
+
+def test_held_storepoint_writes_are_applied_soon_after_an_outage_with_nothing_else_sent(stack, sims, redis_client):
+    faults = sims["storepoint"].app.config["FAULTS"]
+    faults.fail_rate(1.0, 503)
+    outage_start = time.monotonic()
+    delivery_ids = []
+
+    def deliver(stop_ids):
+        for stop_id in stop_ids:
+            body = status_change(stop_id, "Arrived", "2022-04-27T05:00:00+00:00")
+            delivery_ids.append(post(stack.url, "stop.status-changed", body).json()["delivery_id"])
+            time.sleep(1)
+
+    # The first two fail twice before the breaker opens: the schedule's next step for them is 300 s.
+    deliver(STOP_IDS[:2])
+    wait_for(lambda: all(outcome.get("attempts") == 2
+                         for outcome in storepoint_outcomes(redis_client, delivery_ids).values()), timeout=60)
+    deliver(STOP_IDS[2:])  # these open the breaker and wait behind it
+    # Every delivery reached Storepoint, was refused and is held for it.
+    wait_for(lambda: all(outcome.get("state") in ("retrying", "waiting")
+                         for outcome in storepoint_outcomes(redis_client, delivery_ids).values()), timeout=60)
+    time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - outage_start)))
+    refused = faults.counts["503"]
+    faults.clear()
+    recovered_at = time.time()
+
+    outcomes = wait_for(lambda: (found := storepoint_outcomes(redis_client, delivery_ids)) and all(
+        outcome.get("state") == "applied" for outcome in found.values()) and found, timeout=DEADLINE)
+    seconds = max(outcome["at"] for outcome in outcomes.values()) - recovered_at
+    print(f"\nstorepoint answered 503 for {OUTAGE_SECONDS} s ({refused} refusals); all {len(delivery_ids)} held "
+          f"deliveries applied {seconds:.1f} s after it answered again")
+    assert all(outcome["attempts"] <= 3 for outcome in outcomes.values()), outcomes  # probes spent none
+    assert len(sims["storepoint"].app.config["STATE"].find(lambda location: True)) == len(delivery_ids)
+    assert len(sims["b2b"].app.config["STATE"].locations) == len(delivery_ids)
