@@ -10,7 +10,7 @@ with two events at the same ``actionDate`` instant, while on one timeline the
 run:
 
 - SIGKILLs whole worker process groups, half of them while that worker is in a
-  sink call (during fan-out);
+  sink call (during fan-out; that sink write is held a few seconds to catch it);
 - SIGKILLs Redis and starts it again from its append-only file;
 - deletes the Celery work queue lists (the broker loses every message in them);
 - has Locate2u's stop reads fail during enrich: 503s, bursts of 429 with
@@ -86,6 +86,7 @@ VISIBILITY_TIMEOUT = 15  # also the key lock: min(pipeline.LOCK_SECONDS, visibil
 SWEEP_AFTER = 15  # also the processing lease: shorter than a Locate2u read that times out
 SLOW_SINK_SECONDS = VISIBILITY_TIMEOUT + 5  # a sink call slower than the key lock
 LOCATE2U_TIMEOUT_SECONDS = API_TIMEOUT[1] + 2  # a stop read the client gives up on
+KILL_HOLD_SECONDS = 8  # a sink write held so that a kill "in a sink call" finds its worker
 STOPS_PATH = "/v1/Stops"
 SINK_WRITE_PATHS = {"storepoint": "/locations", "b2b": "/Location/"}
 # A dead letter is acceptable only for a reason the chaos explains; this run's data and schedule leave none.
@@ -299,8 +300,14 @@ class Stack:
 
     def kill_worker(self, in_sink_call=False):
         """SIGKILL a live worker's whole process group (with ``in_sink_call``, one that is in a sink
-        call if any is within 5 s) and start a replacement; return True if it was in a sink call."""
-        victim = self.worker_in_sink_call() if in_sink_call else None
+        call: the next write to a sink is held 8 s so there is one to find) and start a replacement;
+        return True if it was in a sink call."""
+        victim = None
+        if in_sink_call:
+            sink = self.rng.choice(sorted(SINK_WRITE_PATHS))
+            self.sims[sink].app.config["FAULTS"].slow(KILL_HOLD_SECONDS, path_prefix=SINK_WRITE_PATHS[sink],
+                                                      kind="held for a kill")
+            victim = self.worker_in_sink_call(timeout=KILL_HOLD_SECONDS + 10)
         caught = victim is not None
         victim = victim or self.rng.choice([worker for worker in self.workers if worker.proc.poll() is None])
         victim.kill()

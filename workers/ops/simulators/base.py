@@ -29,7 +29,7 @@ class FaultPlan:
     def __init__(self, seed=None):
         self._lock = threading.Lock()
         self._queued = []
-        self._slow = []         # (seconds, path prefix)
+        self._slow = []         # (seconds, path prefix, kind counted)
         self._after_apply = []  # (503 or "drop", path prefix, methods)
         self._rate = 0.0
         self._rate_status = 503
@@ -51,11 +51,12 @@ class FaultPlan:
         with self._lock:
             self._rate, self._rate_status, self._rate_prefix = rate, status, path_prefix
 
-    def slow(self, seconds, times=1, path_prefix=""):
+    def slow(self, seconds, times=1, path_prefix="", kind="slow"):
         """Hold the next ``times`` matching requests ``seconds`` before answering them normally
-        (longer than a client's read timeout, it is a timeout; longer than a lock, a lapsed lock)."""
+        (longer than a client's read timeout, it is a timeout; longer than a lock, a lapsed lock);
+        counted under ``kind``."""
         with self._lock:
-            self._slow += [(seconds, path_prefix)] * times
+            self._slow += [(seconds, path_prefix, kind)] * times
 
     def fail_after_apply(self, how, times=1, path_prefix="", methods=("POST", "PUT", "PATCH", "DELETE")):
         """Let the next ``times`` matching writes take effect, then answer 503 (``how=503``) or drop
@@ -101,7 +102,7 @@ class FaultPlan:
             time.sleep(self._latency)
         slow = self._take(self._slow, lambda fault: path.startswith(fault[1]))
         if slow:
-            self.counts["slow"] += 1
+            self.counts[slow[2]] += 1
             time.sleep(slow[0])
         fault = self._next(path)
         if fault is None:
