@@ -20,7 +20,7 @@ from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 from marshmallow import ValidationError
 
-from workers import pipeline
+from workers import housekeeping, pipeline
 from workers.celery_config import (DELIVER, DELIVER_QUEUE, INGEST_QUEUE, PROCESS_DELIVERY, RELEASE_DUE_RETRIES,
                                    SWEEP_RECEIVED)
 from workers.errors import PermanentError
@@ -186,7 +186,7 @@ def sweep_received():
     """The one sweeper: re-queue every delivery not final that made no progress for
     ``RELAY_SWEEP_AFTER`` and whose message is not waiting in the broker (see ``_sweep``)."""
     rt = runtime()
-    rt.ledger.prune()
+    housekeeping.run(rt)
     return _sweep(rt)
 
 
