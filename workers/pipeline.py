@@ -351,6 +351,8 @@ def _retry(rt, args, exc, early=None):
     if for_health:
         early = early or rt.scheduler.take_early(sink_name, delivery_id, attempt)
         if early and early > time.time():
+            rt.ledger.trace(delivery_id, "released early, failed again", sink=sink_name, error=exc.message,
+                            status=exc.status)
             return _wait(rt, args, early - time.time(), f"released early, failed again: {exc.message}", True)
     delay = retry_delay(rt.settings.retry_schedule, attempt + 1, exc.retry_after)
     if delay is None:
