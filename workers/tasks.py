@@ -272,5 +272,6 @@ def _resume_if_stalled(rt, entry, queues, base):
 
 @shared_task(name=RELEASE_DUE_RETRIES)
 def release_due_retries():
-    """Send the retries whose time has come (beat, every second)."""
+    """Send the retries whose time has come, and the recovery probe of each sink with retries held
+    for its health (beat sends it only when one is due, see ``RetriesDue``)."""
     return runtime().scheduler.release_due()
