@@ -35,7 +35,7 @@ def create_worker_app(settings=None):
                                "schedule": min(MAX_SWEEP_INTERVAL, max(1.0, settings.sweep_after / 2))},
             # sent only when a retry is due (beat checks Redis every RELEASE_INTERVAL), so nothing is logged idle
             "release-due-retries": {"task": RELEASE_DUE_RETRIES,
-                                    "schedule": RetriesDue(settings.redis_url, RELEASE_INTERVAL)
+                                    "schedule": RetriesDue(settings.redis_url, RELEASE_INTERVAL, settings.redis_ca_file)
                                     if settings.redis_url else RELEASE_INTERVAL},
             **({"sync-subscriptions": {"task": SYNC_SUBSCRIPTIONS, "schedule": settings.subscription_sync_interval}}
                if settings.locate2u_client_id else {}),

@@ -18,15 +18,16 @@ from workers.stores import connect
 class RetriesDue(schedule):
     """Due when the earliest retry in ``RetryScheduler``'s sets is due; checked every ``check_every`` s."""
 
-    def __init__(self, redis_url, check_every=1.0, app=None):
+    def __init__(self, redis_url, check_every=1.0, ca_file=None, app=None):
         super().__init__(run_every=check_every, app=app)
         self.redis_url = redis_url
+        self.ca_file = ca_file
         self._client = None
 
     def next_due(self):
         """Epoch seconds of the earliest scheduled or claimed retry or recovery probe, or None when there is none."""
         if self._client is None:
-            self._client = connect(self.redis_url)
+            self._client = connect(self.redis_url, self.ca_file, max_connections=1)
         pipe = self._client.pipeline(transaction=False)
         for key in (RetryScheduler.KEY, RetryScheduler.CLAIMED, RetryScheduler.PROBES):
             pipe.zrange(key, 0, 0, withscores=True)
@@ -45,7 +46,7 @@ class RetriesDue(schedule):
         return (True, check) if wait <= 0 else (False, min(wait, check))
 
     def __reduce__(self):  # beat keeps its schedule in a shelve: no Redis client in it
-        return self.__class__, (self.redis_url, self.run_every.total_seconds())
+        return self.__class__, (self.redis_url, self.run_every.total_seconds(), self.ca_file)
 
     def __repr__(self):
         return f"<retries due, checked every {self.run_every.total_seconds():g}s>"

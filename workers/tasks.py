@@ -71,8 +71,10 @@ def _keep_queue_ticket(sender=None, body=None, routing_key=None, redis_client=No
 
 @functools.cache
 def _redis_broker(url):
-    """A client of the broker when it is a Redis, else None."""
-    return connect(url) if urlsplit(url or "").scheme in ("redis", "rediss") else None
+    """A client of the broker when it is a Redis (verified against the configured CA), else None."""
+    if urlsplit(url or "").scheme not in ("redis", "rediss"):
+        return None
+    return connect(url, runtime().settings.redis_ca_file, max_connections=1)
 
 
 @shared_task(name=PROCESS_DELIVERY)
