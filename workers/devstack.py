@@ -123,6 +123,8 @@ def local_environment(data_dir, port):
     env.setdefault("RELAY_PUBLIC_URL", f"http://127.0.0.1:{port}")
     env["RELAY_DATA_DIR"] = str(data_dir)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # No plan's connection cap locally, so `celery inspect` and Flower's worker pages work here.
+    env.setdefault("RELAY_WORKER_REMOTE_CONTROL", "true")
     return env
 
 
