@@ -61,7 +61,8 @@ def _keep_queue_ticket(sender=None, body=None, routing_key=None, redis_client=No
     ``RedisTaskSender`` passes the client it pushed with, so no second connection is opened."""
     if sender not in (PROCESS_DELIVERY, DELIVER) or routing_key not in WORK_QUEUES:
         return
-    client = redis_client or _redis_broker(current_app.conf.broker_url)
+    client = redis_client or _redis_broker(current_app.conf.broker_url,
+                                           (current_app.conf.broker_use_ssl or {}).get("ssl_ca_certs"))
     if client is None:
         return
     args = body[0]
@@ -70,11 +71,9 @@ def _keep_queue_ticket(sender=None, body=None, routing_key=None, redis_client=No
 
 
 @functools.cache
-def _redis_broker(url):
-    """A client of the broker when it is a Redis (verified against the configured CA), else None."""
-    if urlsplit(url or "").scheme not in ("redis", "rediss"):
-        return None
-    return connect(url, runtime().settings.redis_ca_file, max_connections=1)
+def _redis_broker(url, ca_file):
+    """A client of the broker when it is a Redis (verified against ``ca_file`` when set), else None."""
+    return connect(url, ca_file, max_connections=1) if urlsplit(url or "").scheme in ("redis", "rediss") else None
 
 
 @shared_task(name=PROCESS_DELIVERY)
