@@ -10,7 +10,9 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.payloads import status_change
 from tests.test_end_to_end import KEY, STOP_ID, settled, sims, stack_settings  # noqa: F401
@@ -55,7 +57,14 @@ def log_in(driver, base):
     driver.find_element(By.ID, "name").send_keys("admin")
     driver.find_element(By.ID, "password").send_keys(PASSWORD)
     driver.find_element(By.ID, "login").click()
-    assert driver.find_element(By.TAG_NAME, "h1").text == "Overview"
+    wait_for_heading(driver, lambda heading: heading == "Overview")
+
+
+def wait_for_heading(driver, expected, timeout=30):
+    """Wait for the page after a click: a click returns before the next page has loaded."""
+    WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: expected(d.find_element(By.TAG_NAME, "h1").text),
+                                         message=f"heading never matched; page: {driver.current_url}")
 
 
 def screenshot(driver, name):
@@ -95,13 +104,14 @@ def test_find_a_dead_letter_by_stop_id_and_replay_it_after_fixing_the_simulator(
     row.find_element(By.LINK_TEXT, delivery_id).click()
     assert "injected fault" in browser.page_source  # the trace says why
     browser.find_element(By.LINK_TEXT, "dead letter").click()
-    assert f"{delivery_id}:storepoint" in browser.find_element(By.TAG_NAME, "h1").text
+    wait_for_heading(browser, lambda heading: f"{delivery_id}:storepoint" in heading)
 
     faults.clear()  # Storepoint fixed
     browser.find_element(By.ID, "replay-one").click()
-    assert browser.find_element(By.TAG_NAME, "h1").text == "Replay 1 dead letter?"
+    wait_for_heading(browser, lambda heading: heading == "Replay 1 dead letter?")
     browser.find_element(By.ID, "confirm").click()
-    assert "/console/replays/" in browser.current_url
+    # The POST answers once the replay is queued; the click returns before the next page loads.
+    WebDriverWait(browser, 30).until(lambda driver: "/console/replays/" in driver.current_url)
     refresh_until(browser, "refresh", "applied: 1")
     assert f"{delivery_id}:storepoint" in browser.page_source
     screenshot(browser, "replay")
@@ -120,7 +130,7 @@ def test_stop_page_shows_drift_after_the_record_changes_in_the_simulator(console
     screenshot(browser, "overview")
     browser.find_element(By.NAME, "stop").send_keys(str(STOP_ID))
     browser.find_element(By.XPATH, "//button[text()='Stop']").click()
-    assert browser.find_element(By.TAG_NAME, "h1").text == f"Stop {STOP_ID}"
+    wait_for_heading(browser, lambda heading: heading == f"Stop {STOP_ID}")
     page = browser.page_source
     assert page.index("2022-04-27T05:00:00+00:00") < page.index("2022-04-27T06:00:00+00:00")
     assert page.count("in step") == 2 and "drift-" not in page
