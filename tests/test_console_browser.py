@@ -64,7 +64,7 @@ def wait_for_heading(driver, expected, timeout=30):
     """Wait for the page after a click: a click returns before the next page has loaded."""
     WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda d: expected(d.find_element(By.TAG_NAME, "h1").text),
-                                         message=f"heading never matched; page: {driver.current_url}")
+        message=f"heading never matched; page: {driver.current_url}")
 
 
 def screenshot(driver, name):
