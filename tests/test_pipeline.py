@@ -14,6 +14,7 @@ from workers.ops.simulators import locate2u, recorder
 from workers.ops.simulators.base import SimulatorServer
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
+from workers.errors import NotYet
 from workers.http import HttpClient
 from workers.pipeline import replay_dead_letter
 from workers.queue_positions import QueueTickets
@@ -354,6 +355,32 @@ def test_a_stale_write_does_not_use_up_the_breaker_probe(driver, sink_server):
     driver.run(release_retries=False)
     assert driver.rt.ledger.get(older)["status"] == "stale"
     assert driver.rt.ledger.get(other)["status"] == "applied"  # it got the probe, which closed the breaker
+    assert breaker.state() == "closed"
+
+
+def test_a_sink_that_must_wait_keeps_its_attempt_and_the_breakers_probe(driver, sink_server, monkeypatch):
+    """A sink's own wait (an earlier create may still land) is not a failure of the sink: the same
+    attempt comes back after ``retry_after``, and a half-open breaker's probe goes to another write."""
+    waits = [NotYet("an earlier create may still land", retry_after=30)]
+
+    def upsert(location, options):
+        if waits:
+            raise waits.pop()
+        return RecordingSink.upsert(driver.rt.sinks["storepoint"], location, options)
+
+    monkeypatch.setattr(driver.rt.sinks["storepoint"], "upsert", upsert)
+    breaker = driver.rt.breaker("storepoint")
+    driver.rt.redis.hset(breaker.key, mapping={"state": "open", "open_until": time.time() - 1})  # cooldown over
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run(release_retries=False)
+    sink = driver.rt.ledger.get(delivery_id)["sinks"]["storepoint"]
+    assert (sink["state"], sink["attempts"], sink["next_in"]) == ("waiting", 0, 30)
+    [(task, args, due)] = driver.rt.scheduler.pending()
+    assert task == DELIVER and args[4] == 0 and due - time.time() > 25
+    assert breaker.state() == "open" and breaker.admit()[0] == "probe"  # the probe slot was given back
+    breaker.abandon_probe()
+    driver.run()
+    assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
     assert breaker.state() == "closed"
 
 

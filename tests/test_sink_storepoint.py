@@ -1,4 +1,5 @@
 """The Storepoint sink against the loopback Storepoint simulator."""
+import time
 
 import pytest
 
@@ -6,7 +7,7 @@ from workers.ops.simulators.base import SimulatorServer
 from workers.ops.simulators.storepoint import StorepointState, create_app
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.errors import PermanentError
+from workers.errors import NotYet, PermanentError, RetriableError
 from workers.sinks.storepoint import StorepointSink
 from workers.stores import MappingStore
 
@@ -187,3 +188,43 @@ def test_create_interrupted_before_mapping_is_not_duplicated(sim, redis_client, 
     assert only["name"] == "After redelivery"
     assert mappings.get(location.key) == only["id"]
     assert MappingStore(redis_client, "storepoint:intent").get(location.key) is None
+
+
+def test_create_still_in_flight_at_storepoint_is_waited_out_not_duplicated(sim, mappings, monkeypatch):
+    """Storepoint holds a create past the client's read timeout and applies it afterwards (a server
+    keeps working on a request whose client gave up or was killed). The retry must not create a
+    second location while the first may still land: it waits, then finds the first by its tag."""
+    monkeypatch.setattr(StorepointSink, "CREATE_SETTLE_SECONDS", 4.0)
+    sink = make_sink(sim, mappings)
+    sink.client.timeout = (1, 0.5)
+    location = sample_location()
+    state(sim).requests_log.clear()
+    sim.app.config["FAULTS"].slow(2.0, path_prefix="/locations")
+    with pytest.raises(RetriableError):
+        sink.apply("upsert", location)  # read timeout; Storepoint applies it 1.5 s later
+
+    with pytest.raises(NotYet) as waiting:
+        sink.apply("upsert", location)  # the retry comes at once: the create may still land
+    assert 3.0 < waiting.value.retry_after <= 4.0
+    assert requests(sim, "POST") == [("POST", "/locations")]  # no second create was sent
+
+    time.sleep(waiting.value.retry_after)
+    assert sink.apply("upsert", sample_location(name="After the wait")) == ours(sim, location.key)[0]["id"]
+    [only] = ours(sim, location.key)
+    assert only["name"] == "After the wait"
+    assert mappings.get(location.key) == only["id"]
+
+
+def test_create_applied_then_answered_503_is_found_by_the_retry_at_once(sim, mappings):
+    """Storepoint created the location and then answered 503: nothing is in flight any more, so the
+    retry looks for it by its tag straight away and updates it instead of creating a second one."""
+    sink = make_sink(sim, mappings)
+    location = sample_location()
+    sim.app.config["FAULTS"].fail_after_apply(503, path_prefix="/locations")
+    with pytest.raises(RetriableError):
+        sink.apply("upsert", location)
+    assert len(ours(sim, location.key)) == 1 and mappings.get(location.key) is None
+
+    assert sink.apply("upsert", sample_location(name="Retried")) == ours(sim, location.key)[0]["id"]
+    [only] = ours(sim, location.key)
+    assert only["name"] == "Retried"

@@ -3,7 +3,8 @@
 ``RetriableError``: trying again later may succeed (429, 5xx, timeouts, lost
 connections); the pipeline retries it on its schedule. ``PermanentError``:
 trying again will not help (other 4xx, data a sink cannot accept); it goes to
-the dead-letter store at once. Both keep the request and the answer that
+the dead-letter store at once. ``NotYet``: the write waits without spending an
+attempt (the sink's own reason, not the remote's health). Both keep the request and the answer that
 caused them, so a dead letter explains itself. Configuration problems are
 ``workers.config.ConfigError``, outside this hierarchy, so nothing swallows them.
 """
@@ -42,3 +43,8 @@ class PermanentError(RelayError):
 
 class NotFound(PermanentError):
     """The remote system has no such record (HTTP 404 or the vendor's equivalent)."""
+
+
+class NotYet(RelayError):
+    """Not a failure of the remote system: this write must wait ``retry_after`` seconds (an earlier
+    attempt may still take effect there). The same attempt runs again then; the breaker is not told."""

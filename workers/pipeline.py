@@ -11,7 +11,7 @@ import logging
 import time
 
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
-from workers.errors import PermanentError, RelayError, RetriableError
+from workers.errors import NotYet, PermanentError, RelayError, RetriableError
 from workers.locations import Location, location_from_stop
 from workers.queue_positions import work_queues
 from workers.resilience import KeyLock, retry_delay
@@ -243,6 +243,10 @@ def deliver_to_sink(rt, delivery_id, sink_name, action, record, attempt=0, repla
                 return _wait(rt, args, *held_back)
             try:
                 remote_id = sink.apply(action, location, route.options)
+            except NotYet as exc:  # the sink's own wait, nothing sent: not the sink's health
+                if breaker.state() != "closed":  # past an open breaker only with its probe
+                    breaker.abandon_probe()
+                return _wait(rt, args, exc.retry_after, exc.message)
             except RelayError as exc:
                 if lock.lost or not lock.renew():  # it may have landed after a newer write
                     _reassert(rt, sink_name, location.key)

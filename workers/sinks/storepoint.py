@@ -5,16 +5,18 @@ Storepoint has no lookup by external id and no active flag. We keep key →
 ``reconcile`` can find our locations again in ``GET /locations`` after the
 mapping is lost. An upsert with no mapping creates without searching first
 (a search is a scan of every page), except when an earlier create for the
-same key was interrupted before its mapping was saved: then it scans for the
-key tag first, so a redelivery never creates a second location. After losing
+same key was interrupted before its mapping was saved: then it waits until
+that create can no longer land and scans for the key tag first, so a
+redelivery never creates a second location. After losing
 Redis, run ``l2u-relay reconcile storepoint`` before resuming, which remaps
 instead of duplicating (see docs/sinks/storepoint.md).
 """
 import logging
+import time
 
 from workers.config import ConfigError
-from workers.errors import PermanentError
-from workers.http import HttpClient
+from workers.errors import NotYet, PermanentError, RelayError
+from workers.http import DEFAULT_TIMEOUT, HttpClient
 from workers.sinks.base import Sink, sink_fields
 from workers.stores import MappingStore
 
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "l2u:"
 BASE_TAG = "locate2u"
+ANSWERED = "0"  # the intent of a create Storepoint answered with a 5xx: nothing of it is in flight
 PAGE_LIMIT = 500  # the documented maximum of GET /locations
 OWNED_FIELDS = ("name", "address", "description", "tags", "contact.phone", "contact.email", "coordinates.lat",
                 "coordinates.lng")
@@ -60,6 +63,10 @@ class StorepointSink(Sink):
     """Locations: create ``POST /locations``, update ``POST /locations/{id}``, delete ``…/delete``."""
 
     name = "storepoint"
+    # How long after sending a create whose answer we never got it may still take effect there
+    # (a server finishes a request whose client timed out or died): Storepoint's side is not
+    # documented, so twice our read timeout.
+    CREATE_SETTLE_SECONDS = 2 * DEFAULT_TIMEOUT[1]
 
     def __init__(self, client, mappings, options=None):
         super().__init__(client, mappings, options)
@@ -92,10 +99,18 @@ class StorepointSink(Sink):
         return self._create(location.key, body)
 
     def _create(self, key, body):
-        """Create, guarded by an intent mark: if an earlier attempt died between Storepoint's answer
-        and our mapping (a killed worker, a timeout), find that location by its key tag and update it."""
+        """Create, guarded by an intent mark (when the create was sent): if an earlier attempt ended
+        between sending it and saving our mapping, find its location by the key tag and update it, or
+        create when there is none. An attempt that got no answer (a killed worker, a timeout, a dropped
+        connection) may still land, so the search waits ``CREATE_SETTLE_SECONDS`` after it was sent;
+        one answered 5xx (Storepoint may have applied it and failed after) is searched for at once."""
         intents = MappingStore(self.mappings.redis, f"{self.name}:intent")
-        if intents.get(key):
+        sent_at = intents.get(key)
+        if sent_at:
+            settles_in = float(sent_at) + self.CREATE_SETTLE_SECONDS - time.time()
+            if settles_in > 0:
+                raise NotYet(f"storepoint: an earlier create for {key} may still land; looking for it "
+                             f"in {settles_in:.0f}s", retry_after=settles_in)
             found = next((item["id"] for item in self._listing() if key_of(item) == key), None)
             if found:
                 log.info("storepoint: %s was created by an interrupted attempt (%s); updating it", key, found)
@@ -103,8 +118,15 @@ class StorepointSink(Sink):
                 self.remember(key, found, flatten(body))
                 intents.delete(key)
                 return found
-        intents.set(key, "1")
-        remote_id = self.call("POST", "locations", json=body).json()["location"]["id"]
+        intents.set(key, repr(time.time()))
+        try:
+            remote_id = self.call("POST", "locations", json=body).json()["location"]["id"]
+        except RelayError as exc:
+            if exc.status is not None and exc.status < 500:  # refused: nothing was created
+                intents.delete(key)
+            elif exc.status is not None:  # answered: it is over there, applied or not; look at once
+                intents.set(key, ANSWERED)
+            raise
         self.remember(key, remote_id, flatten(body))
         intents.delete(key)
         return remote_id
