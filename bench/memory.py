@@ -27,7 +27,7 @@ from bench.stack import Stack
 from receiver.webhooks import delivery_id_for
 from tests.processes import process_env
 from workers.config import Settings
-from workers.pipeline import STOP_CACHE_SECONDS
+from workers.pipeline.fan_out import STOP_CACHE_SECONDS
 from workers.stores import SETTLE_GRACE, DeadLetterStore, Ledger
 
 MIB = 1024 * 1024

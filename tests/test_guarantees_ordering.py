@@ -11,7 +11,8 @@ import pytest
 
 from tests.payloads import status_change
 from tests.test_pipeline import STOP_ID, accept, driver, l2u, sink_server, sink_state  # noqa: F401 (fixtures)
-from workers import pipeline, tasks
+from workers import tasks
+from workers.pipeline import deliver
 from workers.celery_config import DELIVER
 from workers.stores import MappingStore
 
@@ -53,7 +54,7 @@ def _wait_for_key(redis_client, key, timeout=30):
 def test_a_sink_call_slower_than_the_lock_keeps_the_lock(driver, sink_server, monkeypatch):
     """Item 2: the lock lasted a fixed time while a sink call could take longer; an older write then
     took the lapsed lock, passed the version check and landed after the newer one."""
-    monkeypatch.setattr(pipeline, "LOCK_SECONDS", 2)
+    monkeypatch.setattr(deliver, "LOCK_SECONDS", 2)
     sink_server.app.config["FAULTS"].latency(5)  # every sink call takes 5 s, far beyond the lock
     newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
     older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))

@@ -14,7 +14,7 @@ from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.http import HttpClient
 from workers.ops.simulators import recorder
 from workers.ops.simulators.base import SimulatorServer
-from workers.pipeline import replay_dead_letter, replay_outcome
+from workers.pipeline.replay import replay_dead_letter, replay_outcome
 from workers.routes import Route
 from workers.stores import MappingStore
 

@@ -16,7 +16,7 @@ from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.errors import NotYet
 from workers.http import HttpClient
-from workers.pipeline import replay_dead_letter
+from workers.pipeline.replay import replay_dead_letter
 from workers.queue_positions import QueueTickets
 from workers.routes import DEFAULT_ROUTES, Route
 from workers.runtime import Runtime

@@ -16,6 +16,7 @@ import pytest
 from receiver.handoff import RedisTaskMessage
 from tests.payloads import status_change
 from workers import tasks
+from workers.pipeline import fan_out, sweeper
 from workers.celery_config import DELIVER, DELIVER_QUEUE, INGEST_QUEUE, PROCESS_DELIVERY, make_celery
 from workers.ops.simulators import locate2u, storepoint
 from workers.ops.simulators.base import SimulatorServer
@@ -133,13 +134,13 @@ def test_every_state_before_the_end_is_in_the_sweepers_index(broker, l2u):
         seen[rt.ledger.get(delivery_id)["status"]] = rt.redis.zscore(Ledger.OPEN, delivery_id)
 
     note()
-    real_fetch = tasks.pipeline.fetch_stop
+    real_fetch = fan_out.fetch_stop
 
     def fetch_and_note(rt_, stop_id):
         note()
         return real_fetch(rt_, stop_id)
 
-    tasks.pipeline.fetch_stop = fetch_and_note
+    fan_out.fetch_stop = fetch_and_note
     try:
         tasks.process_delivery.run(*broker.take(INGEST_QUEUE)[1])
         note()
@@ -147,7 +148,7 @@ def test_every_state_before_the_end_is_in_the_sweepers_index(broker, l2u):
         tasks.process_delivery.run(*broker.take(INGEST_QUEUE)[1])
         note()
     finally:
-        tasks.pipeline.fetch_stop = real_fetch
+        fan_out.fetch_stop = real_fetch
     assert set(seen) == {"received", "processing", "retrying", "routed"}
     assert all(score is not None for score in seen.values()), seen
 
@@ -245,7 +246,7 @@ def test_overlapping_sweeps_queue_a_lost_message_once(broker):
     past_sweep_after(rt)
     deadline = time.monotonic() + 10
     results = []
-    sweeps = [threading.Thread(target=lambda: results.append(tasks._sweep_open(rt, deadline))) for _ in range(4)]
+    sweeps = [threading.Thread(target=lambda: results.append(sweeper.sweep_open(rt, deadline))) for _ in range(4)]
     for sweep in sweeps:
         sweep.start()
     for sweep in sweeps:

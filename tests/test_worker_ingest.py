@@ -6,7 +6,7 @@ import pytest
 
 from tests.payloads import PUBLISHED
 from tests.test_receiver import post
-from workers import tasks
+from workers.pipeline import sweeper
 from workers.runtime import Runtime
 from workers.stores import LEDGER_RETENTION, Ledger, Quarantine
 
@@ -76,6 +76,6 @@ def test_sweeper_leaves_received_deliveries_alone_during_a_backlog(settings, red
     ledger = Ledger(redis_client)
     ledger.record("waiting", "trip.created", "{}", 3600, received_at=time.time() - 100,
                   enqueue=("ingest", "a message still queued"))
-    assert tasks._sweep(Runtime(settings, send_task=None)) == 0
+    assert sweeper.sweep(Runtime(settings, send_task=None)) == 0
     assert ledger.get("waiting")["status"] == "received"
     assert redis_client.llen("ingest") == 1

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from workers import live_records, status
 from workers.resilience import RetryScheduler
 
-from workers.pipeline import replay_dead_letter
+from workers.pipeline.replay import replay_dead_letter
 from workers.stop_index import StopIndex, stop_keys
 from workers.stores import FINAL_STATES, SETTLED_BUCKET_SECONDS, Ledger, Quarantine
 

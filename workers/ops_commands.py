@@ -107,7 +107,7 @@ def dlq_replay(ids, all_, sink, since, wait):
 
     Exit 1 when any was refused again or could not be replayed.
     """
-    from workers.pipeline import replay_dead_letter, replay_outcome
+    from workers.pipeline.replay import replay_dead_letter, replay_outcome
 
     rt = _runtime()
     entries = _select(rt, ids, all_, sink, since)

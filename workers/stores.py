@@ -12,6 +12,8 @@ ledger's retention, so a replay continues from it.
 """
 import base64
 import collections
+import dataclasses
+import enum
 import json
 import time
 import zlib
@@ -30,10 +32,91 @@ SETTLED_BUCKET_SECONDS = 900
 # after its final outcome are part of it.
 SETTLE_GRACE = 15
 
+
+
+class Status(str, enum.Enum):
+    """A delivery's overall status in the ledger (a ``str``: it compares equal to its value)."""
+
+    RECEIVED = "received"        # recorded and queued, not processed yet
+    PROCESSING = "processing"    # a worker holds its processing lease
+    RETRYING = "retrying"        # its stop fetch failed; process_delivery is scheduled again
+    ROUTED = "routed"            # fanned out: each sink's outcome is under ``sinks``
+    APPLIED = "applied"
+    STALE = "stale"
+    DEAD_LETTERED = "dead_lettered"
+    QUARANTINED = "quarantined"
+    UNROUTED = "unrouted"
+
+
 # Final delivery states; anything else is still in progress.
-FINAL_STATES = ("applied", "stale", "dead_lettered", "quarantined", "unrouted")
+FINAL_STATES = tuple(status.value for status in (Status.APPLIED, Status.STALE, Status.DEAD_LETTERED,
+                                                  Status.QUARANTINED, Status.UNROUTED))
+# Statuses process_delivery takes up: before the fan-out.
+PROCESSABLE = (Status.RECEIVED.value, Status.RETRYING.value, Status.PROCESSING.value)
 # Final per-sink outcomes.
 FINAL_SINK_STATES = ("applied", "stale", "dead_lettered")
+
+
+def progress_due(outcome):
+    """When a sink with this outcome is due to make progress: its last outcome, or a retry's due time."""
+    return outcome["at"] + outcome.get("next_in", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerEntry:
+    """One delivery's ledger entry as the pipeline and the sweeper read it (``Ledger.entry``)."""
+
+    delivery_id: str
+    status: Status
+    event_type: str
+    body: str | None
+    sinks: dict  # sink name -> its outcome: {"state", "at", "attempts", ...}
+    attempt: int = 0
+    lease: str | None = None
+    replay: bool = False
+    replay_sinks: tuple | None = None  # set by a replay: only these sinks are routed again
+    resumes: int = 0
+    tickets: dict = dataclasses.field(default_factory=dict)  # "" (process_delivery) or sink -> queue ticket
+
+    @classmethod
+    def of(cls, fields):
+        """The entry of a ``Ledger.get`` dict."""
+        replay_sinks = fields.get("replay_sinks")
+        return cls(delivery_id=fields["delivery_id"], status=Status(fields["status"]),
+                   event_type=fields["event_type"], body=fields.get("body"), sinks=fields["sinks"],
+                   attempt=int(fields.get("attempt", 0)), lease=fields.get("lease"),
+                   replay=fields.get("replay") == "1",
+                   replay_sinks=None if replay_sinks is None else tuple(json.loads(replay_sinks)),
+                   resumes=int(fields.get("resumes", 0)),
+                   tickets={name.partition(":")[2]: ticket for name, ticket in fields.items()
+                            if name == "queued" or name.startswith("queued:")})
+
+    @property
+    def final(self):
+        return self.status in FINAL_STATES
+
+    @property
+    def processable(self):
+        """Not fanned out yet: process_delivery takes it up."""
+        return self.status in PROCESSABLE
+
+    def open_sinks(self):
+        """Sinks without a final outcome."""
+        return [name for name, outcome in self.sinks.items() if outcome["state"] not in FINAL_SINK_STATES]
+
+    def stalled_sinks(self, grace=0.0, now=None):
+        """Open sinks that made no progress for ``grace`` seconds (a scheduled retry counts from its due time)."""
+        now = time.time() if now is None else now
+        return sorted(name for name in self.open_sinks() if progress_due(self.sinks[name]) + grace <= now)
+
+    def next_progress(self):
+        """When the earliest open sink is due to make progress (epoch seconds)."""
+        return min((progress_due(self.sinks[name]) for name in self.open_sinks()), default=time.time())
+
+    def resume_backoff(self, grace):
+        """The sweeper's patience: ``grace`` doubled for each earlier resume of this fan-out, so one
+        that only looks stalled (its deliver waits behind a backlog) never feeds the backlog."""
+        return grace * 2 ** self.resumes
 TRACE_LIMIT = 200
 POOL_WAIT = 5  # seconds a thread waits for a free connection of a bounded pool
 
@@ -201,6 +284,11 @@ class Ledger:
             return _unpack(delivery_id, packed)[0] if packed else None
         return _entry(entry)
 
+    def entry(self, delivery_id):
+        """The entry as a ``LedgerEntry`` (a compacted one without its body), or None."""
+        fields = self.get(delivery_id)
+        return LedgerEntry.of({**fields, "delivery_id": delivery_id}) if fields else None
+
     def get_many(self, delivery_ids):
         """``{delivery id: entry}`` (as ``get`` gives them) for those of ``delivery_ids`` in the ledger,
         in a few round trips."""
@@ -279,7 +367,7 @@ class Ledger:
                     pipe.zadd(self.FINAL, {delivery_id: time.time()})
                 pipe.execute()
         else:  # the stall sweeper looks again once the least advanced open sink is due
-            due = min(o["at"] + o.get("next_in", 0) for o in outcomes if o["state"] not in FINAL_SINK_STATES)
+            due = min(progress_due(o) for o in outcomes if o["state"] not in FINAL_SINK_STATES)
             self.redis.zadd(self.OPEN, {delivery_id: due})
         return float(entry.get("received_at", 0))
 

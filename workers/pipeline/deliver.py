@@ -1,0 +1,155 @@
+"""One ``DeliverJob`` to one sink: breaker, rate limit, key lock and version check, the sink's
+action, then applied / stale / waiting / retrying / dead-lettered (see ``outcomes``)."""
+import logging
+import time
+
+from workers.errors import NotYet, PermanentError, RelayError
+from workers.locations import Location
+from workers.pipeline.failures import bugs_dead_lettered
+from workers.pipeline.jobs import DeliverJob
+from workers.pipeline.outcomes import dead_letter, record
+from workers.resilience import KeyLock, retry_delay
+from workers.stores import WriteOrder
+
+log = logging.getLogger(__name__)
+LOCK_SECONDS = 60  # renewed while held: this bounds only how long a dead holder blocks the key
+BUSY_RETRY_SECONDS = 1.0
+
+
+def deliver_to_sink(rt, job):
+    """Apply one routed write; return the outcome (applied, stale, retrying, dead_lettered, waiting).
+
+    Under the key's lock (renewed while the sink call runs): the fenced check right before the
+    call, then the version compare-and-set after it. A write whose lock lapsed during the call (a
+    frozen worker, Redis away longer than the lock) may have landed after a newer one, so the
+    newest applied write is sent again (``_reassert``).
+    """
+    sink, route = rt.sinks.get(job.sink), rt.routes[job.sink]
+    if sink is None:
+        return dead_letter(rt, job, job.attempt + 1, PermanentError(f"sink {job.sink} is not configured any more"))
+    location = Location.from_json(job.record)
+    # A lock left by a killed worker lapses no later than its message is redelivered.
+    lock = KeyLock(rt.redis, f"l2u:lock:{job.sink}:{location.key}", min(LOCK_SECONDS, rt.settings.visibility_timeout))
+    if not lock.acquire():
+        return _wait(rt, job, BUSY_RETRY_SECONDS, "another write for this key is in progress")
+    versions = rt.versions(job.sink)
+    order = WriteOrder.of(location.version, _received_at(rt, job.delivery_id), job.delivery_id)
+    try:
+        with lock.held():
+            verdict = versions.check(location.key, order, lock)
+            if verdict == "lost":
+                return _wait(rt, job, BUSY_RETRY_SECONDS, "the key's lock lapsed before the write")
+            if route.ordered and verdict == "stale":
+                return record(rt, job, "stale", job.attempt, key=location.key)
+            # Only a write that is really sent asks the breaker and the rate limit, so a stale one
+            # never uses up the breaker's single probe (or a token) without calling the sink.
+            breaker = rt.breaker(job.sink)
+            held_back, early = _hold_back(rt, breaker, job)
+            if held_back:
+                return _wait(rt, job, *held_back)
+            try:
+                remote_id = sink.apply(job.action, location, route.options)
+            except NotYet as exc:  # the sink's own wait, nothing sent: not the sink's health
+                if breaker.state() != "closed":  # past an open breaker only with its probe
+                    breaker.abandon_probe()
+                return _wait(rt, job, exc.retry_after, exc.message)
+            except RelayError as exc:
+                if lock.lost or not lock.renew():  # it may have landed after a newer write
+                    _reassert(rt, job.sink, location.key)
+                if isinstance(exc, PermanentError):
+                    breaker.success()
+                    return dead_letter(rt, job, job.attempt + 1, exc)
+                breaker.failure()
+                return _retry(rt, job, exc, early)
+            recorded, held = versions.record(location.key, order, lock, job.action, job.record)
+    finally:
+        lock.release()
+    _recovered(rt, breaker, job.sink)  # after the lock: a released write for this key need not wait for it
+    if route.ordered and (recorded == "older" or not held):
+        _reassert(rt, job.sink, location.key)
+    if route.ordered and recorded == "older":  # a newer write was applied while this one was sent
+        return record(rt, job, "stale", job.attempt + 1, key=location.key)
+    return record(rt, job, "applied", job.attempt + 1, kept={"remote_id": remote_id}, action=job.action,
+                  key=location.key)
+
+
+def _received_at(rt, delivery_id):
+    """The delivery's receipt time, the tie-break between equal ``actionDate``s (0 once it left the ledger)."""
+    received_at = rt.redis.hget(rt.ledger.key(delivery_id), "received_at")
+    if received_at is None:
+        entry = rt.ledger.get(delivery_id)
+        received_at = entry and entry.get("received_at")
+    return float(received_at or 0)
+
+
+def _reassert(rt, sink_name, key):
+    """Send the newest applied write for ``key`` again, under a fresh lock: a write whose lock lapsed
+    (or that a newer one overtook) may have landed last, and sink writes are idempotent."""
+    newest = rt.versions(sink_name).newest(key)
+    if newest is None:
+        return
+    DeliverJob(newest["delivery_id"], sink_name, newest["action"], newest["record"]).send(rt)
+    rt.ledger.trace(newest["delivery_id"], "reasserted", sink=sink_name, key=key)
+    log.warning("a write for %s may have landed out of order; sending the newest again", key)
+
+
+def _hold_back(rt, breaker, job):
+    """``(held_back, early)``: ``held_back`` is ``(seconds, why, for_health)`` when the breaker or the
+    rate limit holds the write back, else None. With the breaker open, a retry released before its
+    time (a recovery probe) takes the breaker's probe slot, cooldown or not; ``early`` is then when
+    the schedule had it due (see ``RetryScheduler``)."""
+    verdict, wait = breaker.admit()
+    early = None
+    if verdict == "open":
+        early = rt.scheduler.take_early(job.sink, job.delivery_id, job.attempt)
+        if early is None:
+            return (wait, "paused: circuit breaker open", True), None
+        if not breaker.claim_probe():  # another probe is in flight: back to its place
+            return (max(0.0, early - time.time()), "paused: circuit breaker open", True), None
+        verdict = "probe"
+    wait = rt.limiter(job.sink).take()
+    if wait:
+        if verdict == "probe":  # another write may probe now instead of after the next cooldown
+            breaker.abandon_probe()
+        return (wait, "rate limited", False), None
+    return None, early
+
+
+def _recovered(rt, breaker, sink_name):
+    """The sink took a write: close its breaker and send the retries held for its health, at most a
+    burst of its rate limit (each of their successes releases the next ones)."""
+    released = rt.scheduler.recovered(sink_name, breaker, limit=int(rt.limiter(sink_name).burst))
+    if released:
+        log.info("%s answers again: released %d held retries", sink_name, released)
+
+
+def _wait(rt, job, delay, why, for_health=False):
+    """Put the same attempt back for later without spending it (``for_health``: held for the sink's
+    health, so it goes out early once the sink answers again)."""
+    job.send(rt, delay, for_health)
+    return record(rt, job, "waiting", job.attempt, kept={"reason": why, "next_in": round(delay, 1)})
+
+
+def _retry(rt, job, exc, early=None):
+    """Schedule the next attempt. A failure of the sink itself (5xx, timeout, no Retry-After) is held
+    for the sink's health; a retry released early that failed so goes back to its place, its attempt
+    not spent. A refusal of this delivery (429, Retry-After) keeps its schedule."""
+    for_health = exc.retry_after is None and (exc.status is None or exc.status >= 500)
+    if for_health:
+        early = early or rt.scheduler.take_early(job.sink, job.delivery_id, job.attempt)
+        if early and early > time.time():
+            rt.ledger.trace(job.delivery_id, "released early, failed again", sink=job.sink, error=exc.message,
+                            status=exc.status)
+            return _wait(rt, job, early - time.time(), f"released early, failed again: {exc.message}", True)
+    delay = retry_delay(rt.settings.retry_schedule, job.attempt + 1, exc.retry_after)
+    if delay is None:
+        return dead_letter(rt, job, job.attempt + 1, exc, exhausted=True)
+    job.next_attempt().send(rt, delay, for_health)
+    return record(rt, job, "retrying", job.attempt + 1, kept={"reason": exc.message, "next_in": round(delay, 1)},
+                  error=exc.message, status=exc.status, delay=round(delay, 1))
+
+
+def deliver(rt, job):
+    """The ``deliver`` task's work: ``deliver_to_sink``, with a bug dead-lettered for the job."""
+    with bugs_dead_lettered(lambda exc: dead_letter(rt, job, job.attempt + 1, exc)):
+        return deliver_to_sink(rt, job)

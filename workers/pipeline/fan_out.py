@@ -1,0 +1,169 @@
+"""Fan-out: plan once which sinks take an event and what each writes, then queue one job per sink.
+
+``plan`` reads the stop from Locate2u (cached briefly) when a routed sink needs it and builds
+each sink's record; ``route_delivery`` (first time) and ``resume_fan_out`` (a fan-out that
+stalled) both queue from a plan.
+"""
+import dataclasses
+import json
+import logging
+import time
+
+from workers.celery_config import PROCESS_DELIVERY
+from workers.errors import PermanentError, RetriableError
+from workers.locations import Location, location_from_stop
+from workers.pipeline.jobs import DeliverJob
+from workers.pipeline.outcomes import ROUTE, dead_letter, dead_letter_enrich
+from workers.queue_positions import work_queues
+from workers.resilience import retry_delay
+from workers.routes import render
+
+log = logging.getLogger(__name__)
+STOP_CACHE_SECONDS = 10
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one event writes: a job per sink that takes it, and the sinks that refused it (with why)."""
+
+    jobs: list = dataclasses.field(default_factory=list)
+    refused: list = dataclasses.field(default_factory=list)  # (DeliverJob without a record, PermanentError)
+
+    @property
+    def sinks(self):
+        return [job.sink for job in self.jobs] + [job.sink for job, _ in self.refused]
+
+
+def plan(rt, event, sinks=None, attempts=None):
+    """The Plan for ``event``, limited to ``sinks`` when given (each listed sink the routes no longer
+    send it to is refused). ``attempts``: each sink's attempts so far (a resumed fan-out). A failed
+    stop fetch raises: RetriableError to try again, PermanentError when it cannot be read."""
+    routed = [(route, action) for route in rt.routes.values()
+              if route.sink in rt.sinks and (sinks is None or route.sink in sinks)
+              and (action := route.action_for(event))]
+    attempts = attempts or {}
+    result = Plan()
+    for sink in sorted(set(sinks or ()) - {route.sink for route, _ in routed}):
+        result.refused.append((DeliverJob(event.delivery_id, sink, None, None, attempts.get(sink, 0)),
+                               PermanentError(f"{sink} no longer takes {event.event_type}")))
+    stop = None
+    if event.stop_id is not None and any(route.needs_stop for route, _ in routed):
+        stop = fetch_stop(rt, event.stop_id)
+    context = template_context(event, stop)
+    for route, action in routed:
+        job = DeliverJob(event.delivery_id, route.sink, action, None, attempts.get(route.sink, 0))
+        try:
+            result.jobs.append(job._replace(record=build_record(route, event, stop, context)))
+        except PermanentError as exc:
+            result.refused.append((job, exc))
+    return result
+
+
+def template_context(event, stop):
+    """Names a key or field template may use: the stop record, the payload, the keys."""
+    entity_id = event.keys.get(f"{event.entity}Id", event.delivery_id)
+    return {**(stop or {}), **event.payload, **event.keys, "event_type": event.event_type,
+            "entity": event.entity, "entity_id": entity_id, "status": event.status or ""}
+
+
+def build_record(route, event, stop, context):
+    """The Location (as JSON) one route writes for ``event``."""
+    key = render(route.key, context)
+    fields = {name: render(template, context) for name, template in route.fields.items()}
+    if route.needs_stop and stop is None:
+        raise PermanentError(f"{event.event_type} carries no stopId, so {route.sink} has no location to write")
+    if stop is None:
+        return Location(key=key, version=event.action_date.isoformat(), status=event.status, fields=fields,
+                        event=event.to_json()).to_json()
+    location = location_from_stop(stop, event.to_json(), key, fields)
+    overrides = {name: value for name, value in fields.items() if hasattr(location, name) and name != "fields"}
+    record = location.to_json()
+    record.update(overrides)
+    return record
+
+
+def fetch_stop(rt, stop_id):
+    """The stop record, cached briefly so a burst of events for one stop costs one call."""
+    cache_key = f"l2u:stop:{stop_id}"
+    cached = rt.redis.get(cache_key)
+    if cached:
+        return json.loads(cached)
+    if rt.locate2u is None:
+        raise PermanentError("Locate2u is not configured (LOCATE2U_CLIENT_ID), so stops cannot be fetched")
+    stop = rt.locate2u.get_stop(stop_id)
+    rt.redis.set(cache_key, json.dumps(stop), ex=STOP_CACHE_SECONDS)
+    return stop
+
+
+def route_delivery(rt, event, attempt=0, replay=False, sinks=None):
+    """Plan ``event`` and queue one deliver job per routed sink (only ``sinks``, when given: a
+    route-stage replay redoes the sink that refused, not the ones that took it)."""
+    try:
+        planned = plan(rt, event, sinks)
+    except RetriableError as exc:
+        return _retry_enrich(rt, event, attempt, exc, replay, sinks)
+    except PermanentError as exc:
+        return dead_letter_enrich(rt, event, attempt, exc)
+    if not planned.sinks:
+        rt.ledger.set_status(event.delivery_id, "unrouted", entity=event.entity)
+        rt.ledger.trace(event.delivery_id, "unrouted", reason="no enabled sink takes this event")
+        return "unrouted"
+    rt.ledger.start_fan_out(event.delivery_id, planned.sinks, entity=event.entity)
+    if replay:  # what is redone supersedes the earlier dead letters of this delivery
+        for name in ["enrich"] + planned.sinks:
+            rt.dead_letters.remove(rt.dead_letters.entry_id(event.delivery_id, name))
+    _queue(rt, event, planned)
+    rt.ledger.trace(event.delivery_id, "routed", sinks=[job.sink for job in planned.jobs])
+    return "routed" if planned.jobs else "dead_lettered"
+
+
+def resume_fan_out(rt, event, entry, grace=0.0):
+    """Queue ``deliver`` again for the stalled sinks of a routed delivery (a ``LedgerEntry``).
+
+    A fan-out stalls when the worker dies between marking the sinks pending and
+    queueing the last deliver job (the redelivered ``process_delivery`` finds it
+    "routed"), or when the broker loses a message. A sink whose deliver message is
+    still queued is left to it. Deliver is idempotent, so queueing one that was
+    merely slow costs a redundant write, never a wrong one.
+    """
+    queued = work_queues(rt)
+    stalled = [sink for sink in entry.stalled_sinks(grace) if not queued.waiting(entry.tickets.get(sink))]
+    if not stalled:
+        return entry.status.value
+    attempts = {sink: entry.sinks[sink]["attempts"] for sink in stalled}
+    try:
+        planned = plan(rt, event, stalled, attempts)
+    except RetriableError as exc:  # the sweeper comes back to it
+        rt.ledger.trace(event.delivery_id, "resume postponed", error=exc.message)
+        return "routed"
+    except PermanentError as exc:  # every stalled sink is refused for it
+        planned = Plan(refused=[(DeliverJob(event.delivery_id, sink, None, None, attempts[sink]), exc)
+                                for sink in stalled])
+    for job in planned.jobs:
+        rt.ledger.sink_outcome(job.delivery_id, job.sink, "pending", attempts=job.attempt, reason="resumed")
+    _queue(rt, event, planned)
+    rt.ledger.count_resume(event.delivery_id)
+    rt.ledger.trace(event.delivery_id, "resumed", sinks=stalled)
+    log.warning("resumed a stalled fan-out to %s", ", ".join(stalled))
+    return "resumed"
+
+
+def _queue(rt, event, planned):
+    """Dead-letter the refused sinks (route stage), queue the others' jobs."""
+    for job, exc in planned.refused:
+        dead_letter(rt, job, job.attempt + 1, exc, stage=ROUTE, event_type=event.event_type)
+    for job in planned.jobs:
+        job.send(rt)
+
+
+def _retry_enrich(rt, event, attempt, exc, replay, sinks=None):
+    """Schedule ``process_delivery`` again; the ledger keeps the attempt and when it is due, so the
+    sweeper re-queues it if the retry message is lost."""
+    delay = retry_delay(rt.settings.retry_schedule, attempt + 1, exc.retry_after)
+    if delay is None:
+        return dead_letter_enrich(rt, event, attempt, exc)
+    rt.ledger.trace(event.delivery_id, "enrich retry", error=exc.message, delay=round(delay, 1))
+    rt.ledger.set_status(event.delivery_id, "retrying", due=time.time() + delay, attempt=attempt + 1,
+                         replay=int(bool(replay)))
+    rt.scheduler.schedule(PROCESS_DELIVERY, [event.delivery_id, event.event_type, attempt + 1, replay, sinks], delay)
+    return "retrying"

@@ -1,0 +1,65 @@
+"""Every outcome of a delivery, recorded by one call: ledger, trace, metrics, log, dead letters."""
+import logging
+import time
+
+from workers.errors import RelayError
+
+log = logging.getLogger(__name__)
+# Dead-letter stages: what a replay has to redo.
+ENRICH, ROUTE, DELIVER_STAGE = "enrich", "route", "deliver"
+# state -> (trace line, log level, log message from the outcome's details)
+_SHOWN = {
+    "applied": ("applied", logging.INFO, lambda d: f"applied {d['action']} {d['key']}"),
+    "stale": ("stale", logging.INFO, lambda d: f"stale: a newer version of {d['key']} is already applied"),
+    "retrying": ("retry", logging.WARNING, lambda d: f"retry {d['attempts']} in {d['delay']:.1f}s: {d['error']}"),
+    "dead_lettered": ("dead-lettered", logging.ERROR, lambda d: f"dead-lettered: {d['reason']}"),
+}
+
+
+def record(rt, job, state, attempts, *, kept=None, **shown):
+    """Record ``job``'s outcome ``state`` at its sink: in the ledger (with ``kept`` fields; the delivery
+    settles when it was its last open sink), then, except for a wait, as a trace line with ``shown``,
+    in the metrics (applied with its receipt-to-applied latency) and in the log."""
+    received_at = rt.ledger.sink_outcome(job.delivery_id, job.sink, state, attempts=attempts, **(kept or {}))
+    if state not in _SHOWN:
+        return state
+    what, level, message = _SHOWN[state]
+    rt.ledger.trace(job.delivery_id, what, sink=job.sink, **shown)
+    if state == "retrying":
+        rt.metrics.incr("l2u_worker_retries", sink=job.sink)
+    else:
+        latency = time.time() - received_at if state == "applied" and received_at else None
+        rt.metrics.delivery(job.sink, state, latency)
+    log.log(level, message({**shown, "attempts": attempts}))
+    if job.replay and state in ("applied", "stale"):  # final: the dead letter was fixed or superseded
+        rt.dead_letters.remove(rt.dead_letters.entry_id(job.delivery_id, job.sink))
+    return state
+
+
+def dead_letter(rt, job, attempts, exc, exhausted=False, stage=DELIVER_STAGE, event_type=None):
+    """Keep ``job`` in the dead-letter store with ``exc`` as its reason (and what a replay needs)."""
+    reason = f"retries exhausted: {exc.message}" if exhausted else exc.message
+    kept = kept_for_replay(rt, job.delivery_id)
+    kept["event_type"] = event_type or job.event_type or kept.get("event_type")
+    rt.dead_letters.add(job.delivery_id, job.sink, reason, **kept, stage=stage, action=job.action, record=job.record,
+                        key=(job.record or {}).get("key"), attempts=attempts,
+                        error=exc.to_json() if isinstance(exc, RelayError) else None)
+    return record(rt, job, "dead_lettered", attempts, kept={"reason": reason}, reason=reason)
+
+
+def dead_letter_enrich(rt, event, attempt, exc):
+    """Dead-letter a delivery before its fan-out (its stop could not be read, or a bug)."""
+    kept = {**kept_for_replay(rt, event.delivery_id), "event_type": event.event_type}
+    rt.dead_letters.add(event.delivery_id, ENRICH, exc.message, **kept, stage=ENRICH, attempts=attempt + 1,
+                        error=exc.to_json())
+    rt.ledger.set_status(event.delivery_id, "dead_lettered", reason=exc.message)
+    rt.ledger.trace(event.delivery_id, "dead-lettered", stage=ENRICH, reason=exc.message)
+    log.error("dead-lettered before fan-out: %s", exc.message)
+    return "dead_lettered"
+
+
+def kept_for_replay(rt, delivery_id):
+    """What a replay needs once the ledger entry has expired: the body, its type and receipt time."""
+    body, event_type, received_at = rt.redis.hmget(rt.ledger.key(delivery_id), "body", "event_type", "received_at")
+    kept = {"body": body, "event_type": event_type, "received_at": float(received_at) if received_at else None}
+    return {name: value for name, value in kept.items() if value is not None}

@@ -1,0 +1,69 @@
+"""``process_delivery``: take a recorded delivery up, validate it, fan it out (or resume its fan-out)."""
+import contextlib
+import json
+import logging
+import threading
+import uuid
+
+import redis
+from marshmallow import ValidationError
+
+from workers.events import parse_event
+from workers.pipeline.failures import bugs_dead_lettered
+from workers.pipeline.fan_out import resume_fan_out, route_delivery
+from workers.pipeline.outcomes import dead_letter_enrich
+
+log = logging.getLogger(__name__)
+
+
+def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
+    """Validate a recorded delivery and fan it out to its routed sinks, under a processing lease;
+    a routed delivery whose fan-out stalled is resumed. Returns what became of it."""
+    entry = rt.ledger.entry(delivery_id)
+    if entry is None:
+        log.warning("delivery %s is not in the ledger (expired or released); nothing to do", delivery_id)
+        return "missing"
+    if not entry.processable and not entry.stalled_sinks():
+        return entry.status.value  # a redelivery of work already done
+    lease = uuid.uuid4().hex
+    if entry.processable and not rt.ledger.claim(delivery_id, lease, rt.settings.sweep_after, attempt):
+        return "processing"  # a live worker holds it (its lease is renewed) or it moved on meanwhile
+    try:
+        event = parse_event(delivery_id, event_type, json.loads(entry.body))
+    except ValidationError as exc:
+        rt.quarantine.add(event_type, entry.body, "schema validation failed", exc.messages, delivery_id)
+        rt.ledger.set_status(delivery_id, "quarantined", reason=json.dumps(exc.messages))
+        return "quarantined"
+    with bugs_dead_lettered(lambda exc: dead_letter_enrich(rt, event, attempt, exc)):
+        if not entry.processable:  # routed before, but a sink's deliver was never queued or got lost
+            return resume_fan_out(rt, event, entry)
+        if entry.replay_sinks is not None:  # a replay the sweeper queued again: its message says neither
+            replay, sinks = True, sinks or list(entry.replay_sinks) or None
+        with _lease_renewed(rt, delivery_id, lease):
+            return route_delivery(rt, event, attempt, replay, sinks)
+
+
+@contextlib.contextmanager
+def _lease_renewed(rt, delivery_id, lease):
+    """Renew the processing lease every third of its length while the body runs.
+
+    A worker that dies stops renewing, so the sweeper takes the delivery up once the lease has
+    lapsed (``RELAY_SWEEP_AFTER``); one that is merely slow (a long stop fetch) keeps it.
+    """
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(rt.settings.sweep_after / 3):
+            try:
+                if not rt.ledger.renew(delivery_id, lease):
+                    return
+            except redis.RedisError as exc:  # the lease may lapse; a second run is idempotent
+                log.warning("could not renew the processing lease: %s", exc)
+
+    renewer = threading.Thread(target=renew, name=f"lease-{delivery_id}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
