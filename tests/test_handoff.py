@@ -7,8 +7,10 @@ import pytest
 from receiver.handoff import Handoff, RedisTaskMessage, Unavailable, broker_is_ledger_redis
 from tests.payloads import PUBLISHED
 from tests.test_worker_ingest import wait_for
+from workers import keys
 from workers.celery_config import INGEST_QUEUE, PROCESS_DELIVERY, make_celery
 from workers.devstack import EmbeddedRedis
+from workers.queue_positions import QueueTickets
 from workers.stores import Ledger, connect
 
 BODY = json.dumps(PUBLISHED["trip.created"])
@@ -108,10 +110,15 @@ def test_broker_is_ledger_redis(settings, redis_url, broker_url, expected):
     assert broker_is_ledger_redis(settings.replace(redis_url=redis_url, broker_url=broker_url)) is expected
 
 
-def test_global_keyprefix_names_the_list(settings):
+def test_the_broker_key_prefix_names_every_list_the_relay_reads_or_writes(settings, monkeypatch):
+    """kombu gets ``keys.BROKER_KEY_PREFIX`` as its global_keyprefix; the receiver's push, the queue
+    tickets the sweeper reads and the queue depths of status and /metrics use the same lists."""
+    monkeypatch.setattr(keys, "BROKER_KEY_PREFIX", "relay:")
     app = make_celery(settings, "l2u-receiver")
-    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "global_keyprefix": "relay:"}
+    assert app.conf.broker_transport_options["global_keyprefix"] == "relay:"
     assert RedisTaskMessage(app, PROCESS_DELIVERY, INGEST_QUEUE).key == "relay:ingest"
+    assert sorted(QueueTickets(connect(settings.redis_url)).snapshot(
+        [keys.queue_list(queue) for queue in keys.WORK_QUEUES]).queues) == ["relay:deliver", "relay:ingest"]
 
 
 def test_a_real_worker_runs_what_the_script_pushed(settings, start_process, redis_client):

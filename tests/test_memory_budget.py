@@ -184,14 +184,14 @@ def test_locations_not_written_for_the_location_days_are_forgotten(redis_client)
     for key, days_ago in (("old", 31), ("recent", 2)):
         write = json.dumps({"delivery_id": "d", "received_at": now - days_ago * DAY, "action": "upsert"})
         redis_client.hset("l2u:version:storepoint:writes", key, write)
-        for name in housekeeping.LOCATION_HASHES[:-1]:
-            redis_client.hset(name.format(sink="storepoint"), key, "x")
+        for name in housekeeping.location_hashes("storepoint")[:-1]:
+            redis_client.hset(name, key, "x")
     redis_client.hset("l2u:version:b2b:writes", "old", json.dumps({"received_at": now - 31 * DAY}))
 
     assert housekeeping.prune_locations(redis_client, ["storepoint"], 30 * DAY, now) == 1
 
-    for name in housekeeping.LOCATION_HASHES:
-        assert redis_client.hkeys(name.format(sink="storepoint")) == ["recent"]
+    for name in housekeeping.location_hashes("storepoint"):
+        assert redis_client.hkeys(name) == ["recent"]
     assert redis_client.hkeys("l2u:version:b2b:writes") == ["old"]  # only the sinks asked for
 
 

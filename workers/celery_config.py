@@ -11,11 +11,9 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from workers.broker_redis import TRANSPORT
+from workers import keys
+from workers.keys import CONTROL_QUEUE, DELIVER_QUEUE, INGEST_QUEUE
 from workers.redis_tls import tls_options
-
-INGEST_QUEUE = "ingest"
-DELIVER_QUEUE = "deliver"
-CONTROL_QUEUE = "control"
 
 PROCESS_DELIVERY = "l2u.process_delivery"
 DELIVER = "l2u.deliver"
@@ -48,7 +46,8 @@ def celery_config(settings):
                                      "unacked_restore_throttle": 1,
                                      # a worker killed while restoring holds kombu's restore lock this long
                                      "unacked_mutex_expire": 60,
-                                     "socket_timeout": 5, "socket_connect_timeout": 2},
+                                     "socket_timeout": 5, "socket_connect_timeout": 2,
+                                     "global_keyprefix": keys.BROKER_KEY_PREFIX},
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",

@@ -20,15 +20,18 @@ import redis
 
 from workers import redis_health
 from workers.stop_index import StopIndex
-from workers.stores import PREFIX
+from workers import keys
 
 log = logging.getLogger(__name__)
 DAY = 86400
 LOCATION_SCAN = 1000  # last writes looked at per sink and sweep
 # Per-location hashes of a sink (keyed by location key); the last-write hash says when it was written.
-LAST_WRITES = PREFIX + "version:{sink}:writes"
-LOCATION_HASHES = (PREFIX + "version:{sink}", PREFIX + "map:{sink}", PREFIX + "map:{sink}:applied",
-                   PREFIX + "map:{sink}:written", PREFIX + "map:{sink}:intent", LAST_WRITES)
+
+
+def location_hashes(sink):
+    """The sink's per-location hashes (keyed by location key); the last one says when each was written."""
+    return (keys.versions(sink), keys.mappings(sink), keys.mappings(sink, "applied"), keys.mappings(sink, "written"),
+            keys.mappings(sink, "intent"), keys.versions(sink, "writes"))
 
 
 def run(rt, now=None):
@@ -76,12 +79,12 @@ def prune_locations(client, sinks, max_age, now=None, count=LOCATION_SCAN):
     cutoff = (time.time() if now is None else now) - max_age
     forgotten = 0
     for sink in sinks:
-        cursor_key = f"{PREFIX}housekeeping:locations:{sink}"
-        cursor, writes = client.hscan(LAST_WRITES.format(sink=sink), int(client.get(cursor_key) or 0), count=count)
+        cursor_key = keys.housekeeping_cursor(sink)
+        cursor, writes = client.hscan(keys.versions(sink, "writes"), int(client.get(cursor_key) or 0), count=count)
         old = [key for key, raw in writes.items() if json.loads(raw).get("received_at", cutoff) < cutoff]
         with client.pipeline(transaction=False) as pipe:
-            for name in LOCATION_HASHES if old else ():
-                pipe.hdel(name.format(sink=sink), *old)
+            for name in location_hashes(sink) if old else ():
+                pipe.hdel(name, *old)
             pipe.set(cursor_key, cursor)
             pipe.execute()
         forgotten += len(old)

@@ -9,13 +9,13 @@ import json
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from workers.celery_config import CONTROL_QUEUE, DELIVER_QUEUE, INGEST_QUEUE
-from workers.stores import PREFIX, DeadLetterStore, Quarantine
+from workers import keys
+from workers.stores import DeadLetterStore, Quarantine
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
-COUNTERS = PREFIX + "metrics:counters"
-LATENCY = PREFIX + "metrics:latency:"
-QUEUES = (INGEST_QUEUE, DELIVER_QUEUE, CONTROL_QUEUE)
+COUNTERS = keys.METRICS_COUNTERS
+LATENCY = keys.METRICS_LATENCY
+QUEUES = (keys.INGEST_QUEUE, keys.DELIVER_QUEUE, keys.CONTROL_QUEUE)
 
 # counter name -> (help, label names)
 COUNTER_HELP = {
@@ -64,10 +64,10 @@ class RedisMetricsCollector:
         yield from self._latency()
         depth = GaugeMetricFamily("l2u_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
         for queue in QUEUES:
-            depth.add_metric([queue], self.redis.llen(queue))
+            depth.add_metric([queue], self.redis.llen(keys.queue_list(queue)))
         yield depth
         retries = GaugeMetricFamily("l2u_scheduled_retries", "Deliveries waiting for their retry time")
-        retries.add_metric([], self.redis.zcard(PREFIX + "retries"))
+        retries.add_metric([], self.redis.zcard(keys.RETRIES))
         yield retries
         quarantined = GaugeMetricFamily("l2u_quarantined", "Deliveries kept in the quarantine (failed validation)")
         quarantined.add_metric([], self.redis.llen(Quarantine.KEY))
@@ -79,7 +79,7 @@ class RedisMetricsCollector:
         yield dead
         breaker = GaugeMetricFamily("l2u_breaker_open", "1 while a sink's circuit breaker is open", labels=["sink"])
         for sink in self.sinks:
-            breaker.add_metric([sink], 1 if self.redis.hget(f"{PREFIX}breaker:{sink}", "state") == "open" else 0)
+            breaker.add_metric([sink], 1 if self.redis.hget(keys.breaker(sink), "state") == "open" else 0)
         yield breaker
 
     def _counters(self):

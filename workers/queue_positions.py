@@ -15,7 +15,7 @@ makes a message look queued a little longer, never gone too early. A deleted
 list (a broker that lost its queue) makes every message in it look gone, which
 is true.
 """
-COUNTER_PREFIX = "l2u:queued:"
+from workers import keys
 
 # KEYS: counter, ledger hash. ARGV: ticket field, list key. The ticket is kept only on an
 # existing entry (never a half entry without its TTL).
@@ -28,17 +28,12 @@ return ticket
 """
 
 
-def counter_key(list_key):
-    """The counter of messages ever pushed onto ``list_key``."""
-    return COUNTER_PREFIX + list_key
-
-
-def work_queues(rt, list_keys=("ingest", "deliver")):
+def work_queues(rt, queues=keys.WORK_QUEUES):
     """A ``QueueSnapshot`` of the work queues, or an empty one (nothing counts as queued) when the
     broker is not the ledger's Redis."""
     if rt.settings.broker != rt.settings.redis_url:
         return QueueSnapshot({})
-    return QueueTickets(rt.redis).snapshot(list_keys)
+    return QueueTickets(rt.redis).snapshot([keys.queue_list(queue) for queue in queues])
 
 
 class QueueTickets:
@@ -50,13 +45,13 @@ class QueueTickets:
 
     def pushed(self, list_key, ledger_key, field):
         """Count one message pushed onto ``list_key``; keep its ticket in ``field`` of ``ledger_key``."""
-        return self._ticket(keys=[counter_key(list_key), ledger_key], args=[field, list_key])
+        return self._ticket(keys=[keys.queued_counter(list_key), ledger_key], args=[field, list_key])
 
     def snapshot(self, list_keys):
         """``QueueSnapshot`` of ``list_keys``: pushed count and length of each, read atomically."""
         with self.redis.pipeline() as pipe:
             for key in list_keys:
-                pipe.get(counter_key(key))
+                pipe.get(keys.queued_counter(key))
                 pipe.llen(key)
             values = pipe.execute()
         return QueueSnapshot({key: (int(values[2 * i] or 0), values[2 * i + 1]) for i, key in enumerate(list_keys)})

@@ -16,6 +16,7 @@ from kombu.entity import maybe_delivery_mode
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
+from workers import keys
 from workers.celery_config import TASK_ROUTES
 
 REDIS_SCHEMES = ("redis", "rediss")
@@ -39,7 +40,7 @@ class RedisTaskMessage:
         self.app = app
         self.task_name = task_name
         self.queue = queue
-        self.key = (app.conf.broker_transport_options or {}).get("global_keyprefix", "") + queue
+        self.key = keys.queue_list(queue)
         self._pid = None
 
     def _make_template(self):

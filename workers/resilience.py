@@ -21,7 +21,7 @@ import uuid
 import redis
 
 from workers.celery_config import DELIVER
-from workers.stores import PREFIX
+from workers import keys
 
 JITTER = 0.1
 log = logging.getLogger(__name__)
@@ -125,11 +125,11 @@ class RetryScheduler:
     ``PROBE_SECONDS``, so a sink that recovers while nothing else is sent to it is noticed.
     """
 
-    KEY = PREFIX + "retries"
-    CLAIMED = PREFIX + "retries:claimed"
-    HELD = PREFIX + "retries:held:"  # + sink
-    EARLY = PREFIX + "retries:early"
-    PROBES = PREFIX + "retries:probes"
+    KEY = keys.RETRIES
+    CLAIMED = keys.RETRIES_CLAIMED
+    HELD = keys.RETRIES_HELD  # + sink
+    EARLY = keys.RETRIES_EARLY
+    PROBES = keys.RETRIES_PROBES
     CLAIM_SECONDS = 30
     PROBE_SECONDS = 3.0
 
@@ -227,7 +227,7 @@ class CircuitBreaker:
 
     def __init__(self, client, sink, threshold=5, cooldown=30.0):
         self.redis = client
-        self.key = f"{PREFIX}breaker:{sink}"
+        self.key = keys.breaker(sink)
         self.probe_key = self.key + ":probe"
         self.threshold = threshold
         self.cooldown = cooldown
@@ -281,7 +281,7 @@ class RateLimiter:
     """A token bucket per sink in Redis: ``rate`` writes a second, bursts up to ``burst``."""
 
     def __init__(self, client, sink, rate=50.0, burst=100):
-        self.key = f"{PREFIX}bucket:{sink}"
+        self.key = keys.rate_bucket(sink)
         self.rate = rate
         self.burst = burst
         self._take = client.register_script(_TAKE)

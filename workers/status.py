@@ -8,16 +8,16 @@ from workers.errors import RelayError
 from workers.locate2u.subscriptions import SubscriptionSync
 from workers.metrics import QUEUES
 from workers.resilience import RetryScheduler
-from workers.stores import PREFIX, Quarantine
+from workers import keys
+from workers.stores import Quarantine
 
-KOMBU_UNACKED = "unacked"  # kombu's Redis transport keeps delivered-but-unacknowledged messages here
 
 
 def collect(rt):
     """Everything ``status`` shows, as JSON-ready data (one network call: the subscriptions list)."""
     return {"redis": redis_health.check(rt.redis),
-            "queues": {queue: rt.redis.llen(queue) for queue in QUEUES},
-            "in_flight": rt.redis.hlen(KOMBU_UNACKED),
+            "queues": {queue: rt.redis.llen(keys.queue_list(queue)) for queue in QUEUES},
+            "in_flight": rt.redis.hlen(keys.KOMBU_UNACKED),
             "scheduled_retries": rt.redis.zcard(RetryScheduler.KEY),
             "dead_letters": rt.dead_letters.counts(),
             "quarantined": rt.redis.llen(Quarantine.KEY),
@@ -27,7 +27,7 @@ def collect(rt):
 
 def _sink(rt, name):
     return {"breaker": rt.breaker(name).state(),
-            "mapped": rt.redis.hlen(f"{PREFIX}map:{name}"),
+            "mapped": rt.redis.hlen(keys.mappings(name)),
             "dead_letters": rt.dead_letters.counts().get(name, 0)}
 
 

@@ -8,9 +8,10 @@ on the accept path writes it, so receiving a webhook costs nothing more.
 """
 import json
 
-from workers.stores import LEDGER_RETENTION, PREFIX, Ledger
+from workers import keys
+from workers.stores import LEDGER_RETENTION, Ledger
 
-WATERMARK = PREFIX + "stopidx:watermark"
+WATERMARK = keys.STOP_INDEX_WATERMARK
 OVERLAP_SECONDS = 30  # receipts on other web processes may land slightly out of time order
 BATCH = 500
 
@@ -23,7 +24,7 @@ class StopIndex:
 
     @staticmethod
     def key(kind, value):
-        return f"{PREFIX}stopidx:{kind}:{value}"
+        return f"{keys.STOP_INDEX}{kind}:{value}"
 
     def refresh(self, limit=20000):
         """Index up to ``limit`` deliveries recorded since the last refresh; return how many were read."""

@@ -21,10 +21,9 @@ from datetime import datetime
 
 import redis
 
-from workers.queue_positions import counter_key
+from workers import keys
 from workers.redis_tls import tls_options
 
-PREFIX = "l2u:"
 LEDGER_RETENTION = 14 * 86400
 QUARANTINE_LIMIT = 1000
 SETTLED_BUCKET_SECONDS = 900
@@ -219,11 +218,11 @@ class Ledger:
     retry); the one sweeper reads only that index.
     """
 
-    OPEN = PREFIX + "ledger:open"
-    RECEIVED = PREFIX + "ledger:received"  # older versions' index of "received" ones; folded into OPEN
-    ALL = PREFIX + "ledger:all"  # every delivery with a full entry (not yet compacted), scored by receipt
-    FINAL = PREFIX + "ledger:final"  # settled, waiting to be compacted; scored by when it settled
-    SETTLED = PREFIX + "settled:"  # + bucket start: compacted deliveries settled in that quarter hour
+    OPEN = keys.LEDGER_OPEN
+    RECEIVED = keys.LEDGER_RECEIVED  # older versions' index of "received" ones; folded into OPEN
+    ALL = keys.LEDGER_ALL  # every delivery with a full entry (not yet compacted), scored by receipt
+    FINAL = keys.LEDGER_FINAL  # settled, waiting to be compacted; scored by when it settled
+    SETTLED = keys.SETTLED  # + bucket start: compacted deliveries settled in that quarter hour
     COMPACTED = ("applied", "stale", "unrouted", "quarantined")  # final states that drop the body
     # Entry fields a compacted delivery keeps (besides status, event type, received-at, outcomes,
     # trace); the rest was working state of its processing (leases, queue tickets).
@@ -243,11 +242,11 @@ class Ledger:
 
     @staticmethod
     def key(delivery_id):
-        return f"{PREFIX}delivery:{delivery_id}"
+        return keys.delivery(delivery_id)
 
     @staticmethod
     def dedup_key(delivery_id):
-        return f"{PREFIX}dedup:{delivery_id}"
+        return keys.dedup(delivery_id)
 
     def record(self, delivery_id, event_type, body, dedup_window, received_at=None, enqueue=None):
         """Record a new delivery; return False if it is a duplicate within the window.
@@ -257,12 +256,12 @@ class Ledger:
         recorded and queued together or not at all.
         """
         received_at = time.time() if received_at is None else received_at
-        keys = [self.dedup_key(delivery_id), self.key(delivery_id), self.OPEN, self.ALL]
+        script_keys = [self.dedup_key(delivery_id), self.key(delivery_id), self.OPEN, self.ALL]
         args = [delivery_id, dedup_window, event_type, body, repr(received_at), LEDGER_RETENTION]
         if enqueue is not None:
-            keys += [enqueue[0], counter_key(enqueue[0])]
+            script_keys += [enqueue[0], keys.queued_counter(enqueue[0])]
             args += [enqueue[1], enqueue[0]]
-        return bool(self._record(keys=keys, args=args))
+        return bool(self._record(keys=script_keys, args=args))
 
     def release(self, delivery_id):
         """Undo ``record()`` (the hand-off failed), so the sender's retry is accepted."""
@@ -373,7 +372,7 @@ class Ledger:
 
     def trace(self, delivery_id, what, **details):
         """Append a line to the delivery's history (``l2u-relay deliveries show``)."""
-        key = f"{PREFIX}trace:{delivery_id}"
+        key = keys.trace(delivery_id)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.rpush(key, json.dumps({"at": time.time(), "what": what, **details}))
             pipe.ltrim(key, -TRACE_LIMIT, -1)
@@ -382,7 +381,7 @@ class Ledger:
 
     def history(self, delivery_id):
         """The delivery's trace, oldest first (a compacted one's, then any line written after it)."""
-        lines = [json.loads(line) for line in self.redis.lrange(f"{PREFIX}trace:{delivery_id}", 0, -1)]
+        lines = [json.loads(line) for line in self.redis.lrange(keys.trace(delivery_id), 0, -1)]
         if self.redis.exists(self.key(delivery_id)):
             return lines
         packed = self._settled_record(delivery_id)
@@ -442,7 +441,7 @@ class Ledger:
         with self.redis.pipeline(transaction=False) as pipe:
             for delivery_id in ids:
                 pipe.hgetall(self.key(delivery_id))
-                pipe.lrange(f"{PREFIX}trace:{delivery_id}", 0, -1)
+                pipe.lrange(keys.trace(delivery_id), 0, -1)
             replies = pipe.execute()
         bucket = int(now // SETTLED_BUCKET_SECONDS) * SETTLED_BUCKET_SECONDS
         expire_at = bucket + SETTLED_BUCKET_SECONDS + self.history_seconds
@@ -452,9 +451,9 @@ class Ledger:
                 if not compacting:  # expired, or reopened since
                     pipe.zrem(self.FINAL, delivery_id)
                     continue
-                keys = [self.key(delivery_id), f"{PREFIX}trace:{delivery_id}", f"{self.SETTLED}{bucket}",
-                        self.ALL, self.FINAL, self.OPEN, self.RECEIVED]
-                self._compact(keys=keys, args=[delivery_id, _pack(entry, lines), len(entry), len(lines), expire_at,
+                script_keys = [self.key(delivery_id), keys.trace(delivery_id), f"{self.SETTLED}{bucket}",
+                               self.ALL, self.FINAL, self.OPEN, self.RECEIVED]
+                self._compact(keys=script_keys, args=[delivery_id, _pack(entry, lines), len(entry), len(lines), expire_at,
                                                   entry["status"], _field(delivery_id)],
                               client=pipe)
             return sum(result for result, compacting in zip(pipe.execute(), settled) if compacting)
@@ -464,11 +463,11 @@ class Ledger:
         now = time.time() if now is None else now
         newest = int(now // SETTLED_BUCKET_SECONDS) * SETTLED_BUCKET_SECONDS
         oldest = newest - self.history_seconds - SETTLED_BUCKET_SECONDS
-        keys = [f"{self.SETTLED}{start}" for start in range(oldest, newest + 1, SETTLED_BUCKET_SECONDS)]
+        buckets = [f"{self.SETTLED}{start}" for start in range(oldest, newest + 1, SETTLED_BUCKET_SECONDS)]
         with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
+            for key in buckets:
                 pipe.exists(key)
-            return [key for key, exists in zip(keys, pipe.execute()) if exists]
+            return [key for key, exists in zip(buckets, pipe.execute()) if exists]
 
     def trim_history(self, enough):
         """Delete the oldest settled buckets until ``enough()`` is true; return how many deliveries went.
@@ -600,7 +599,7 @@ def _unpack(delivery_id, packed):
 class Quarantine:
     """Deliveries that passed authentication but not validation, kept for inspection."""
 
-    KEY = PREFIX + "quarantine"
+    KEY = keys.QUARANTINE
 
     def __init__(self, client, limit=QUARANTINE_LIMIT):
         self.redis = client
@@ -624,7 +623,7 @@ class MappingStore:
 
     def __init__(self, client, sink):
         self.redis = client
-        self.key = f"{PREFIX}map:{sink}"
+        self.key = keys.mappings(sink)
 
     def get(self, key):
         return self.redis.hget(self.key, key)
@@ -703,7 +702,7 @@ class VersionStore:
 
     def __init__(self, client, sink):
         self.redis = client
-        self.key = f"{PREFIX}version:{sink}"
+        self.key = keys.versions(sink)
         self.writes_key = self.key + ":writes"
         self._check = client.register_script(_CHECK_WRITE)
         self._record = client.register_script(_RECORD_WRITE)
@@ -776,8 +775,8 @@ class DeadLetterStore:
     not be turned into a location — so replaying twice cannot double it.
     """
 
-    INDEX = PREFIX + "dlq"
-    COUNTS = PREFIX + "dlq:counts"  # sink -> entries, kept as entries come and go (metrics read only this)
+    INDEX = keys.DEAD_LETTERS
+    COUNTS = keys.DEAD_LETTER_COUNTS  # sink -> entries, kept as entries come and go (metrics read only this)
 
     def __init__(self, client):
         self.redis = client

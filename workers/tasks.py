@@ -13,8 +13,8 @@ from celery import current_app, shared_task
 from celery.signals import after_task_publish, task_prerun
 from celery.exceptions import Reject
 
-from workers.celery_config import (DELIVER, DELIVER_QUEUE, INGEST_QUEUE, PROCESS_DELIVERY, RELEASE_DUE_RETRIES,
-                                   SWEEP_RECEIVED)
+from workers import keys
+from workers.celery_config import DELIVER, PROCESS_DELIVERY, RELEASE_DUE_RETRIES, SWEEP_RECEIVED
 from workers.logs import bind_context
 from workers.pipeline import deliver as deliver_job, process, sweeper
 from workers.pipeline.failures import redis_outage
@@ -24,7 +24,6 @@ from workers.runtime import runtime
 from workers.stores import Ledger, connect
 
 log = logging.getLogger(__name__)
-WORK_QUEUES = (INGEST_QUEUE, DELIVER_QUEUE)
 
 
 @task_prerun.connect
@@ -44,7 +43,7 @@ def _keep_queue_ticket(sender=None, body=None, routing_key=None, redis_client=No
     queue's counter and leaves its ticket in its delivery's ledger entry (when the ledger is in the
     same Redis), so the sweeper can tell a queued message from a lost one. A worker process's
     ``RedisTaskSender`` passes the client it pushed with, so no second connection is opened."""
-    if sender not in (PROCESS_DELIVERY, DELIVER) or routing_key not in WORK_QUEUES:
+    if sender not in (PROCESS_DELIVERY, DELIVER) or routing_key not in keys.WORK_QUEUES:
         return
     client = redis_client or _redis_broker(current_app.conf.broker_url,
                                            (current_app.conf.broker_use_ssl or {}).get("ssl_ca_certs"))
@@ -52,7 +51,7 @@ def _keep_queue_ticket(sender=None, body=None, routing_key=None, redis_client=No
         return
     args = body[0]
     field = "queued" if sender == PROCESS_DELIVERY else f"queued:{args[1]}"
-    QueueTickets(client).pushed(routing_key, Ledger.key(args[0]), field)
+    QueueTickets(client).pushed(keys.queue_list(routing_key), Ledger.key(args[0]), field)
 
 
 @functools.cache

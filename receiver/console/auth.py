@@ -7,7 +7,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from receiver.console import csrf
 from receiver.console.blueprint import bp, record_action, runtime
-from workers.stores import PREFIX
+from workers import keys
 
 SHARED_PASSWORD_OPERATOR = "admin"  # the name that goes with RELAY_CONSOLE_PASSWORD
 LOGIN_ATTEMPTS = 10
@@ -32,7 +32,7 @@ def check_login(settings, name, password):
 
 
 def _attempts_key():
-    return f"{PREFIX}console:login:{request.remote_addr}"
+    return keys.console_login(request.remote_addr)
 
 
 def _count_attempt():

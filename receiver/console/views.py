@@ -9,7 +9,8 @@ from receiver.console.chart import activity_chart
 from workers import operations
 from workers.events import EVENT_TYPES
 from workers.sinks import SINK_NAMES
-from workers.stores import FINAL_STATES, PREFIX
+from workers import keys
+from workers.stores import FINAL_STATES
 
 PAGE_SIZE = 25
 REPLAY_BATCH_SECONDS = 86400
@@ -196,7 +197,7 @@ def _chosen_quarantine():
 
 
 def _batch_key(batch):
-    return f"{PREFIX}console:replay:{batch}"
+    return keys.console_replay(batch)
 
 
 def _pretty(body):

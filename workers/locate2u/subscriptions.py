@@ -13,11 +13,11 @@ import re
 
 from workers.config import ConfigError
 from workers.errors import NotFound, PermanentError, RetriableError
-from workers.stores import PREFIX
+from workers import keys
 from workers.webhook_auth import webhook_url
 
 log = logging.getLogger(__name__)
-SYNC_LOCK = PREFIX + "locate2u:sync-lock"
+SYNC_LOCK = keys.LOCATE2U_SYNC_LOCK
 SYNC_LOCK_TIMEOUT = 120
 _TOKEN_IN_URL = re.compile(r"(/webhooks/locate2u/[^/?#]+/)([^/?#]{4})[^/?#]*")
 

@@ -31,7 +31,7 @@ from workers.config import ConfigError, is_fernet_key
 from workers.errors import PermanentError, RetriableError
 from workers.http import HttpClient
 from workers.metrics import WorkerMetrics
-from workers.stores import PREFIX
+from workers import keys
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,13 @@ REAUTH_HINT = "run l2u-relay oauth url and open the link it prints"
 CALLBACK_PATH = "/oauth/locate2u/callback"
 START_PATH = "/oauth/locate2u/start"
 OFFLINE_SCOPE = "offline_access"
-TOKENS_KEY = PREFIX + "locate2u:tokens"
-ACCOUNT_KEY = PREFIX + "locate2u:account"
-PENDING_KEY = PREFIX + "locate2u:pending-link"
-REAUTH_KEY = PREFIX + "locate2u:reauth"
-LOCK_KEY = PREFIX + "locate2u:token-lock"
-STATE_PREFIX = PREFIX + "locate2u:oauth-state:"
-LINK_PREFIX = PREFIX + "locate2u:oauth-link:"
+TOKENS_KEY = keys.LOCATE2U_TOKENS
+ACCOUNT_KEY = keys.LOCATE2U_ACCOUNT
+PENDING_KEY = keys.LOCATE2U_PENDING_LINK
+REAUTH_KEY = keys.LOCATE2U_REAUTH
+LOCK_KEY = keys.LOCATE2U_TOKEN_LOCK
+STATE_PREFIX = keys.LOCATE2U_OAUTH_STATE
+LINK_PREFIX = keys.LOCATE2U_OAUTH_LINK
 STATE_TTL = 600          # seconds a /start state stays redeemable
 LINK_TTL = 600           # seconds a signed /start link printed by the CLI stays valid
 PENDING_TTL = 600        # seconds the operator has to accept a different account

@@ -3,6 +3,7 @@ action, then applied / stale / waiting / retrying / dead-lettered (see ``outcome
 import logging
 import time
 
+from workers import keys
 from workers.errors import NotYet, PermanentError, RelayError
 from workers.locations import Location
 from workers.pipeline.failures import bugs_dead_lettered
@@ -29,7 +30,7 @@ def deliver_to_sink(rt, job):
         return dead_letter(rt, job, job.attempt + 1, PermanentError(f"sink {job.sink} is not configured any more"))
     location = Location.from_json(job.record)
     # A lock left by a killed worker lapses no later than its message is redelivered.
-    lock = KeyLock(rt.redis, f"l2u:lock:{job.sink}:{location.key}", min(LOCK_SECONDS, rt.settings.visibility_timeout))
+    lock = KeyLock(rt.redis, keys.key_lock(job.sink, location.key), min(LOCK_SECONDS, rt.settings.visibility_timeout))
     if not lock.acquire():
         return _wait(rt, job, BUSY_RETRY_SECONDS, "another write for this key is in progress")
     versions = rt.versions(job.sink)

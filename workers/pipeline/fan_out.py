@@ -9,6 +9,7 @@ import json
 import logging
 import time
 
+from workers import keys
 from workers.celery_config import PROCESS_DELIVERY
 from workers.errors import PermanentError, RetriableError
 from workers.locations import Location, location_from_stop
@@ -84,7 +85,7 @@ def build_record(route, event, stop, context):
 
 def fetch_stop(rt, stop_id):
     """The stop record, cached briefly so a burst of events for one stop costs one call."""
-    cache_key = f"l2u:stop:{stop_id}"
+    cache_key = keys.stop_cache(stop_id)
     cached = rt.redis.get(cache_key)
     if cached:
         return json.loads(cached)

@@ -13,22 +13,20 @@ import time
 
 import redis
 
-from workers import housekeeping
-from workers.celery_config import DELIVER_QUEUE, INGEST_QUEUE, PROCESS_DELIVERY
+from workers import housekeeping, keys
+from workers.celery_config import PROCESS_DELIVERY
 from workers.queue_positions import work_queues
 from workers.stores import Status
 
 log = logging.getLogger(__name__)
-WORK_QUEUES = (INGEST_QUEUE, DELIVER_QUEUE)
 SWEEP_BATCH = 500
 SWEEP_BUDGET_SECONDS = 10.0  # one sweep stops after this long; the next one goes on
-SWEEP_LOCK = "l2u:sweep:running"
 
 
 def sweep(rt, budget=SWEEP_BUDGET_SECONDS):
     """Housekeeping, then one pass over the open index; return how many deliveries were queued again."""
     housekeeping.run(rt)
-    lock = rt.redis.lock(SWEEP_LOCK, timeout=budget * 3, blocking=False)
+    lock = rt.redis.lock(keys.SWEEP_LOCK, timeout=budget * 3, blocking=False)
     if not lock.acquire():
         return 0  # another sweep is still going (a backlog of sweep tasks, or a long one)
     try:
@@ -45,7 +43,7 @@ def sweep_open(rt, deadline):
     requeued = resumed = 0
     due = True
     while due and time.monotonic() < deadline:
-        queues = work_queues(rt, WORK_QUEUES)
+        queues = work_queues(rt)
         due = rt.ledger.stalled(grace, limit=SWEEP_BATCH)
         for delivery_id in due:
             if time.monotonic() >= deadline:

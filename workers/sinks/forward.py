@@ -16,7 +16,8 @@ from workers.config import ConfigError
 from workers.errors import PermanentError, RelayError, RetriableError
 from workers.http import HttpClient
 from workers.sinks.base import Sink
-from workers.stores import LEDGER_RETENTION, PREFIX
+from workers import keys
+from workers.stores import LEDGER_RETENTION
 
 
 def signer(secret):
@@ -72,7 +73,7 @@ class ForwardSink(Sink):
         """POST the message to every URL it has not reached yet; raise one error for those that failed."""
         data = json.dumps(self.message(action, location), sort_keys=True, separators=(",", ":"), default=str)
         webhook_id = self.webhook_id(location, data)
-        reached = f"{PREFIX}{self.name}:sent:{webhook_id}"
+        reached = keys.forward_sent(self.name, webhook_id)
         done = self.mappings.redis.smembers(reached)
         errors = []
         for url in self.urls:
