@@ -14,7 +14,7 @@ import click
 import redis
 
 from workers import ops_commands
-from workers.config import ConfigError, Settings
+from workers.config import ConfigError
 from workers.locate2u import commands as locate2u_commands
 from workers.locate2u import stops_command
 from workers.webhook_auth import webhook_url
@@ -120,11 +120,6 @@ def _print_urls(settings):
     for event_type in settings.event_types:
         click.echo(f"  {event_type:<24} {webhook_url(base, settings.webhook_secret, event_type)}")
     click.echo("press Ctrl-C to stop everything")
-
-
-def _settings(environ=None):
-    """Settings from the environment; a ConfigError ends the command with exit 2 (RelayGroup)."""
-    return Settings.from_env(environ)
 
 
 main.add_command(ops_commands.dlq)

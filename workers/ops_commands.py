@@ -6,16 +6,14 @@ from datetime import datetime, timezone
 import click
 
 from workers import operations
-from workers.config import ConfigError
+from workers.config import ConfigError, Settings
 from workers.reconcile import RECONCILABLE
 from workers.sinks import SINK_NAMES
 
 
 def _runtime():
     """The stores and sinks; a configuration problem (REDIS_URL unset or malformed too) raises ConfigError."""
-    from workers.cli import _settings
-
-    settings = _settings()  # a configuration problem is reported before anything else loads
+    settings = Settings.from_env()  # a configuration problem is reported before anything else loads
     if not settings.redis_url:
         raise ConfigError({"REDIS_URL": "not set: the relay's state is in Redis; set REDIS_URL "
                                         "(redis://host:6379/0), or start `l2u-relay run` in this checkout, "

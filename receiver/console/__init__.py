@@ -12,13 +12,10 @@ import hashlib
 import hmac
 from datetime import timedelta
 
-from flask_wtf.csrf import CSRFProtect
-
-from receiver.console.blueprint import bp
+from receiver.console.blueprint import bp, csrf
 from workers.runtime import Runtime
 
 SESSION_KEY_CONTEXT = b"l2u-relay console session key v1"
-csrf = CSRFProtect()
 
 
 def session_key(settings):

@@ -5,8 +5,7 @@ from flask import current_app, redirect, render_template, request, session, url_
 from flask_wtf.csrf import CSRFError
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from receiver.console import csrf
-from receiver.console.blueprint import bp, record_action, runtime
+from receiver.console.blueprint import bp, csrf, record_action, runtime
 from workers import keys
 
 SHARED_PASSWORD_OPERATOR = "admin"  # the name that goes with RELAY_CONSOLE_PASSWORD

@@ -1,14 +1,16 @@
-"""The console blueprint, its security headers and its action log."""
+"""The console blueprint, its CSRF protection, its security headers and its action log."""
 import logging
 from datetime import datetime, timezone
 
 import redis
 from flask import Blueprint, current_app, render_template, session
+from flask_wtf.csrf import CSRFProtect
 from prometheus_client import Counter
 
 log = logging.getLogger("receiver.console")
 bp = Blueprint("console", __name__, url_prefix="/console", template_folder="templates",
                static_folder="static")
+csrf = CSRFProtect()  # bound to the app by init_app; auth checks every console request with it
 
 ACTIONS = Counter("l2u_console_actions", "Operator console actions by kind", ["action"])
 ACTION_ITEMS = Counter("l2u_console_action_items", "Items affected by operator console actions", ["action"])
