@@ -9,14 +9,14 @@ removed again afterwards. docs/sinks/README.md walks through it.
 import io
 import json
 import logging
-import time
 
 import pytest
 from marshmallow import fields
 
 from tests.payloads import status_change
+from tests.test_pipeline import Driver
 from workers import tasks
-from workers.celery_config import DELIVER, PROCESS_DELIVERY
+from workers.celery_config import PROCESS_DELIVERY
 from workers.config import ConfigError, Settings
 from workers.events import parse_event
 from workers.http import HttpClient
@@ -69,20 +69,6 @@ def throwaway():
     unregister(ThrowawaySink.name)
 
 
-@pytest.fixture
-def recorder_sim():
-    with SimulatorServer(recorder.create_app()) as server:
-        yield server
-
-
-@pytest.fixture
-def l2u():
-    state = locate2u.Locate2uState()
-    state.add_stop(stopId=STOP_ID)
-    with SimulatorServer(locate2u.create_app(state)) as server:
-        yield server
-
-
 def environment(**variables):
     return {"RELAY_WEBHOOK_SECRET": "s" * 20, **variables}
 
@@ -129,42 +115,31 @@ def test_its_secret_never_reaches_the_log():
     assert "sent [redacted]" in written and TOKEN not in written
 
 
-class Driver:
-    """Runs the tasks the pipeline sends in-process (as tests/test_pipeline.py does)."""
+def test_a_stop_event_is_delivered_through_the_pipeline(settings, monkeypatch):
+    l2u_state = locate2u.Locate2uState()
+    l2u_state.add_stop(stopId=STOP_ID)
+    with SimulatorServer(locate2u.create_app(l2u_state)) as l2u, SimulatorServer(recorder.create_app()) as sim:
+        settings = settings.replace(locate2u_client_id=l2u_state.client_id, locate2u_api_url=l2u.url,
+                                    locate2u_client_secret=l2u_state.client_secret, locate2u_id_url=l2u.url,
+                                    throwaway_api_url=sim.url, throwaway_api_token=TOKEN)
+        driver = Driver()  # runs the tasks the pipeline sends in-process
+        driver.rt = rt = Runtime(settings, driver.send_task)
+        monkeypatch.setattr(tasks, "runtime", lambda: rt)
+        assert set(rt.sinks) == {"throwaway"} and isinstance(rt.sinks["throwaway"], SINKS["throwaway"])
+        deliver_two_events(rt, driver)
+        writes = sim.app.config["STATE"].writes
+    key = f"l2u-stop-{STOP_ID}"
+    assert [(method, written_key) for method, written_key, _ in writes] == [("PUT", key), ("DELETE", key)]
+    assert writes[0][2]["status"] == "Arrived"
+    assert rt.ledger.get("d-arrived")["sinks"]["throwaway"]["remote_id"] == f"rec-{key}"
 
-    def __init__(self):
-        self.sent = []
 
-    def send_task(self, name, args):
-        self.sent.append((name, args))
-
-    def run(self, rt):
-        """Run the sent tasks (and due retries, fast-forwarded) until none is left."""
-        while self.sent or rt.scheduler.release_due(now=time.time() + 10 ** 6):
-            name, args = self.sent.pop(0)
-            {PROCESS_DELIVERY: tasks.process_delivery, DELIVER: tasks.deliver}[name].run(*args)
-
-
-def test_a_stop_event_is_delivered_through_the_pipeline(settings, l2u, recorder_sim, monkeypatch):
-    l2u_state = l2u.app.config["STATE"]
-    settings = settings.replace(locate2u_client_id=l2u_state.client_id, locate2u_client_secret=l2u_state.client_secret,
-                                locate2u_api_url=l2u.url, locate2u_id_url=l2u.url,
-                                throwaway_api_url=recorder_sim.url, throwaway_api_token=TOKEN)
-    driver = Driver()
-    rt = Runtime(settings, driver.send_task)
-    monkeypatch.setattr(tasks, "runtime", lambda: rt)
-    assert set(rt.sinks) == {"throwaway"} and isinstance(rt.sinks["throwaway"], SINKS["throwaway"])
-
+def deliver_two_events(rt, driver):
+    """An Arrived then a Cancelled event for the stop, each recorded, processed and applied."""
     for delivery_id, status, action_date in (("d-arrived", "Arrived", "2022-04-27T05:00:00+00:00"),
                                              ("d-cancelled", "Cancelled", "2022-04-27T05:10:00+00:00")):
         body = status_change(STOP_ID, status, action_date)
         assert rt.ledger.record(delivery_id, "stop.status-changed", json.dumps(body), 3600)
         rt.scheduler.send_task(PROCESS_DELIVERY, args=[delivery_id, "stop.status-changed"])
-        driver.run(rt)
+        driver.run()
         assert rt.ledger.get(delivery_id)["sinks"]["throwaway"]["state"] == "applied"
-
-    writes = recorder_sim.app.config["STATE"].writes
-    key = f"l2u-stop-{STOP_ID}"
-    assert [(method, written_key) for method, written_key, _ in writes] == [("PUT", key), ("DELETE", key)]
-    assert writes[0][2]["status"] == "Arrived"
-    assert rt.ledger.get("d-arrived")["sinks"]["throwaway"]["remote_id"] == f"rec-{key}"
