@@ -4,7 +4,8 @@
 of them secret; what enables it and what that requires; its default route)
 and PUTs/DELETEs ``/records/<key>`` on the loopback recorder
 (``workers/ops/simulators/recorder.py``). It is registered for each test and
-removed again afterwards. docs/sinks/README.md walks through it.
+removed again afterwards; it passes the contract every sink honours
+(tests/sink_contract.py). docs/sinks/README.md walks through it.
 """
 import io
 import json
@@ -14,6 +15,7 @@ import pytest
 from marshmallow import fields
 
 from tests.payloads import status_change
+from tests.sink_contract import SinkContract, sample_location
 from tests.test_pipeline import Driver
 from workers import tasks
 from workers.celery_config import PROCESS_DELIVERY
@@ -67,6 +69,33 @@ def throwaway():
     register(ThrowawaySink)
     yield ThrowawaySink
     unregister(ThrowawaySink.name)
+
+
+@pytest.fixture
+def sim():
+    with SimulatorServer(recorder.create_app()) as server:
+        yield server
+
+
+class TestThrowawayContract(SinkContract):
+    """The behaviour every sink honours, against the recorder."""
+
+    def make_sink(self, sim, mappings):
+        settings = Settings(webhook_secret="s" * 20, throwaway_api_url=sim.url, throwaway_api_token=TOKEN)
+        return ThrowawaySink.from_settings(settings, mappings)
+
+    def remote(self, sim, key):
+        record = sim.app.config["STATE"].records.get(key)
+        return [record] if record else []
+
+    def remote_name(self, record):
+        return record["name"]
+
+    def is_active(self, record):
+        return True  # the recorder has no active flag: a deleted record is gone
+
+    def invalid_location(self):
+        return sample_location(name="")  # the recorder answers 400 without a name
 
 
 def environment(**variables):
