@@ -1,5 +1,11 @@
-from workers.config import Settings
-from workers.sinks import SINK_NAMES, configured_sink_names, enabled_sinks, sink_class
+import json
+
+import pytest
+
+from workers.config import ConfigError, Settings
+from workers.sinks import SINK_NAMES, SINKS, configured_sink_names, enabled_sinks, register, sink_class
+from workers.sinks.app_json import APP_JSON, sink_env_entries
+from workers.sinks.base import Sink
 
 BASE = dict(webhook_secret="x" * 16, redis_url="redis://unused/0")
 CREDENTIALS = {
@@ -31,3 +37,35 @@ def test_b2b_by_username_and_password_too():
 
 def test_every_registered_sink_has_credentials_listed():
     assert sorted(CREDENTIALS) == sorted(SINK_NAMES)
+
+
+def test_app_json_has_every_sink_setting_as_declared():
+    """app.json is committed (Heroku reads it); ``python -m workers.sinks.app_json`` rewrites these entries."""
+    env = json.loads(APP_JSON.read_text(encoding="utf-8"))["env"]
+    entries = sink_env_entries()
+    assert {name: env.get(name) for name in entries} == entries, "run: python -m workers.sinks.app_json"
+
+
+def test_the_declared_rules_give_the_configuration_errors():
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RELAY_WEBHOOK_SECRET": "x" * 16, "B2B_API_TOKEN": "t", "B2B_USERNAME": "u",
+                           "LOCATE_API_TOKEN": "t", "FORWARD_URLS": "http://a/x,ftp://b,mailto:c"})
+    assert caught.value.problems == {
+        "B2B_API_URL": "required when B2B_USERNAME is set", "B2B_BUSINESS_PARTNER_ID": "required when B2B_USERNAME is set",
+        "B2B_COUNTRY_ID": "required when B2B_USERNAME is set", "B2B_PASSWORD": "B2B_USERNAME and B2B_PASSWORD go together",
+        "LOCATE_API_URL": "required when LOCATE_API_TOKEN is set", "FORWARD_SECRET": "required when FORWARD_URLS is set",
+        "FORWARD_URLS": "'mailto:c' is not an http(s) URL"}
+
+
+def test_only_forward_goes_without_the_stop():
+    assert [name for name, sink in SINKS.items() if not sink.needs_stop] == ["forward"]
+
+
+def test_a_sink_names_only_settings_it_declares():
+    class Careless(Sink):
+        name = "careless"
+        enabled_by = ("CARELESS_TOKEN",)
+
+    with pytest.raises(ValueError, match="CARELESS_TOKEN"):
+        register(Careless)
+    assert "careless" not in SINKS

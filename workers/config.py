@@ -3,57 +3,58 @@
 ``Settings.from_env()`` reads every variable once, validates it with a
 marshmallow schema and raises ``ConfigError`` listing every problem at once.
 Everything else receives a ``Settings`` object, so tests pass values directly.
+
+The schema is the one declaration of every setting: the relay's own are below,
+each sink's come from its class (``settings``, ``enabled_by``, ``requires``,
+``together``; see ``workers.sinks``), and ``Settings`` has one attribute per
+field of the schema.
 """
 import base64
 import binascii
 import dataclasses
+import functools
 import os
 import ssl
-from urllib.parse import urlsplit
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validate, validates_schema
 
+from workers.errors import ConfigError
 from workers.events import EVENT_TYPES
 from workers.redis_tls import uses_tls
+from workers.settings_fields import CommaList, HttpUrl
+from workers.sinks import SINKS
 
 MIB = 1024 * 1024
 SVIX_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
 CONSOLE_HASH_METHODS = ("scrypt:", "pbkdf2:")  # werkzeug.security password hash methods
 
 
-class ConfigError(Exception):
-    """Invalid configuration; ``problems`` maps variable name to message."""
-
-    def __init__(self, problems):
-        self.problems = problems
-        lines = [f"  - {name}: {message}" for name, message in sorted(problems.items())]
-        super().__init__("invalid configuration:\n" + "\n".join(lines))
-
-
-class CommaList(fields.Field):
-    """A comma-separated environment value as a tuple of stripped strings."""
+class Seconds(CommaList):
+    """A comma list of whole seconds, as a tuple of ints."""
 
     def _deserialize(self, value, attr, data, **kwargs):
-        return tuple(part.strip() for part in str(value).split(",") if part.strip())
+        values = super()._deserialize(value, attr, data, **kwargs)
+        wrong = [value for value in values if not value.isdigit()]
+        if wrong:
+            raise ValidationError(f"{wrong[-1]!r} is not a whole number of seconds")
+        return tuple(int(value) for value in values)
 
 
-class HttpUrl(fields.Url):
-    """An http(s) URL; loopback hosts allowed so tests can use simulators."""
-
-    def __init__(self, **kwargs):
-        super().__init__(schemes={"http", "https"}, require_tld=False, **kwargs)
-
-
-def _env(name, field):
+def _env(name, field, secret=False):
+    """``field`` read from the variable ``name``; a ``secret`` one is redacted from the logs."""
     field.data_key = name
+    field.metadata["secret"] = secret
     return field
 
 
-class SettingsSchema(Schema):
-    """Environment variables (``data_key``) and their rules."""
+class RelaySettingsSchema(Schema):
+    """The relay's own environment variables (``data_key``) and their rules, with every sink's rules."""
 
     class Meta:
         unknown = EXCLUDE
+        register = False  # a schema per set of sinks (settings_schema), none looked up by name
+
+    sinks = ()  # the sink classes whose settings settings_schema() added
 
     redis_url = _env("REDIS_URL", fields.String(load_default=None))
     broker_url = _env("CELERY_BROKER_URL", fields.String(load_default=None))
@@ -64,9 +65,10 @@ class SettingsSchema(Schema):
     worker_remote_control = _env("RELAY_WORKER_REMOTE_CONTROL", fields.Boolean(load_default=False))
     port = _env("PORT", fields.Integer(load_default=8000, validate=validate.Range(1, 65535)))
     public_url = _env("RELAY_PUBLIC_URL", HttpUrl(load_default=None))
-    webhook_secret = _env("RELAY_WEBHOOK_SECRET", fields.String(required=True, validate=validate.Length(min=16)))
+    webhook_secret = _env("RELAY_WEBHOOK_SECRET", fields.String(required=True, validate=validate.Length(min=16)),
+                          secret=True)
     webhook_secret_previous = _env("RELAY_WEBHOOK_SECRET_PREVIOUS",
-                                   fields.String(load_default=None, validate=validate.Length(min=16)))
+                                   fields.String(load_default=None, validate=validate.Length(min=16)), secret=True)
     max_body_bytes = _env("RELAY_MAX_BODY_BYTES",
                           fields.Integer(load_default=MIB, validate=validate.Range(1024, 64 * MIB)))
     event_types = _env("RELAY_EVENT_TYPES", CommaList(load_default=tuple(EVENT_TYPES)))
@@ -87,44 +89,32 @@ class SettingsSchema(Schema):
                                       fields.Integer(load_default=900, validate=validate.Range(60)))
     visibility_timeout = _env("RELAY_VISIBILITY_TIMEOUT",
                               fields.Integer(load_default=240, validate=validate.Range(10, 3600)))
-    retry_schedule = _env("RELAY_RETRY_SCHEDULE", CommaList(load_default=tuple(map(str, SVIX_RETRY_SCHEDULE))))
+    retry_schedule = _env("RELAY_RETRY_SCHEDULE", Seconds(load_default=SVIX_RETRY_SCHEDULE))
     data_dir = _env("RELAY_DATA_DIR", fields.String(load_default=".l2u-relay"))
     log_level = _env("LOG_LEVEL", fields.String(load_default="INFO",
                                                 validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])))
     console_password = _env("RELAY_CONSOLE_PASSWORD",
-                            fields.String(load_default=None, validate=validate.Length(min=12)))
+                            fields.String(load_default=None, validate=validate.Length(min=12)), secret=True)
     console_operators = _env("RELAY_CONSOLE_OPERATORS", CommaList(load_default=()))
     console_secret_key = _env("RELAY_CONSOLE_SECRET_KEY",
-                              fields.String(load_default=None, validate=validate.Length(min=32)))
+                              fields.String(load_default=None, validate=validate.Length(min=32)), secret=True)
     console_session_minutes = _env("RELAY_CONSOLE_SESSION_MINUTES",
                                    fields.Integer(load_default=60, validate=validate.Range(5, 1440)))
 
     locate2u_client_id = _env("LOCATE2U_CLIENT_ID", fields.String(load_default=None))
-    locate2u_client_secret = _env("LOCATE2U_CLIENT_SECRET", fields.String(load_default=None))
+    locate2u_client_secret = _env("LOCATE2U_CLIENT_SECRET", fields.String(load_default=None), secret=True)
     locate2u_grant = _env("LOCATE2U_GRANT", fields.String(
         load_default="client_credentials", validate=validate.OneOf(["client_credentials", "authorization_code"])))
     locate2u_scope = _env("LOCATE2U_SCOPE", fields.String(load_default="integrations-api"))
     locate2u_api_url = _env("LOCATE2U_API_URL", HttpUrl(load_default="https://integration.locate2u.com"))
     locate2u_id_url = _env("LOCATE2U_ID_URL", HttpUrl(load_default="https://id.locate2u.com"))
 
-    storepoint_api_url = _env("STOREPOINT_API_URL", HttpUrl(load_default="https://api.storepoint.co/admin/v1"))
-    storepoint_api_token = _env("STOREPOINT_API_TOKEN", fields.String(load_default=None))
-    b2b_api_url = _env("B2B_API_URL", HttpUrl(load_default=None))
-    b2b_api_token = _env("B2B_API_TOKEN", fields.String(load_default=None))
-    b2b_username = _env("B2B_USERNAME", fields.String(load_default=None))
-    b2b_password = _env("B2B_PASSWORD", fields.String(load_default=None))
-    b2b_business_partner_id = _env("B2B_BUSINESS_PARTNER_ID", fields.String(load_default=None))
-    b2b_country_id = _env("B2B_COUNTRY_ID", fields.String(load_default=None))
-    locate_api_url = _env("LOCATE_API_URL", HttpUrl(load_default=None))
-    locate_api_token = _env("LOCATE_API_TOKEN", fields.String(load_default=None))
-    deliverycom_api_url = _env("DELIVERYCOM_API_URL", HttpUrl(load_default="https://api.delivery.com"))
-    deliverycom_access_token = _env("DELIVERYCOM_ACCESS_TOKEN", fields.String(load_default=None))
-    forward_urls = _env("FORWARD_URLS", CommaList(load_default=()))
-    forward_secret = _env("FORWARD_SECRET", CommaList(load_default=()))
-    flower_basic_auth = _env("FLOWER_BASIC_AUTH", fields.String(load_default=None))
-    token_keys = _env("RELAY_TOKEN_KEYS", CommaList(load_default=()))
-    metrics_token = _env("RELAY_METRICS_TOKEN", fields.String(load_default=None, validate=validate.Length(min=16)))
-    metrics_basic_auth = _env("RELAY_METRICS_BASIC_AUTH", fields.String(load_default=None))
+    # The sinks' settings are added by settings_schema().
+    flower_basic_auth = _env("FLOWER_BASIC_AUTH", fields.String(load_default=None), secret=True)
+    token_keys = _env("RELAY_TOKEN_KEYS", CommaList(load_default=()), secret=True)
+    metrics_token = _env("RELAY_METRICS_TOKEN", fields.String(load_default=None, validate=validate.Length(min=16)),
+                         secret=True)
+    metrics_basic_auth = _env("RELAY_METRICS_BASIC_AUTH", fields.String(load_default=None), secret=True)
 
     @validates_schema(skip_on_field_errors=False)
     def _cross_checks(self, data, **kwargs):
@@ -139,19 +129,10 @@ class SettingsSchema(Schema):
         for name in data.get("event_types", ()):
             if name not in EVENT_TYPES:
                 problems["RELAY_EVENT_TYPES"] = [f"unknown event type {name!r}; known: {', '.join(EVENT_TYPES)}"]
-        for value in data.get("retry_schedule", ()):
-            if not value.isdigit():
-                problems["RELAY_RETRY_SCHEDULE"] = [f"{value!r} is not a whole number of seconds"]
-        for url in data.get("forward_urls", ()):
-            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-                problems["FORWARD_URLS"] = [f"{url!r} is not an http(s) URL"]
-        for needed_by, requirement in _SINK_REQUIREMENTS.items():
-            if data.get(needed_by):
-                for name, key in requirement:
-                    if not data.get(key):
-                        problems[name] = [f"required when {self.fields[needed_by].data_key} is set"]
-        if bool(data.get("b2b_username")) != bool(data.get("b2b_password")):
-            problems["B2B_PASSWORD"] = ["B2B_USERNAME and B2B_PASSWORD go together"]
+        for sink in self.sinks:
+            problems.update(_sink_problems(sink, data))
+        if data.get("locate2u_client_id") and not data.get("locate2u_client_secret"):
+            problems["LOCATE2U_CLIENT_SECRET"] = ["required when LOCATE2U_CLIENT_ID is set"]
         if data.get("redis_ca_file"):
             problem = _ca_file_problem(data)
             if problem:
@@ -189,82 +170,91 @@ def _ca_file_problem(data):
     return None
 
 
-# A sink is enabled when its credential is set; then these must be set too.
-_SINK_REQUIREMENTS = {
-    "b2b_api_token": (("B2B_API_URL", "b2b_api_url"), ("B2B_BUSINESS_PARTNER_ID", "b2b_business_partner_id"),
-                      ("B2B_COUNTRY_ID", "b2b_country_id")),
-    "b2b_username": (("B2B_API_URL", "b2b_api_url"), ("B2B_BUSINESS_PARTNER_ID", "b2b_business_partner_id"),
-                     ("B2B_COUNTRY_ID", "b2b_country_id")),
-    "locate_api_token": (("LOCATE_API_URL", "locate_api_url"),),
-    "forward_urls": (("FORWARD_SECRET", "forward_secret"),),
-    "locate2u_client_id": (("LOCATE2U_CLIENT_SECRET", "locate2u_client_secret"),),
-}
+
+def _sink_problems(sink, data):
+    """``{variable: [message]}`` for the declared rules of ``sink`` that ``data`` breaks."""
+    problems = {}
+    for setting in sink.settings:
+        problem = setting.check(data[setting.name]) if setting.check and data.get(setting.name) else None
+        if problem:
+            problems[setting.env] = [problem]
+    for enabling in sink.enabled_by:
+        if data.get(enabling.lower()):
+            for required in sink.requires:
+                if not data.get(required.lower()):
+                    problems[required] = [f"required when {enabling} is set"]
+    for first, second in sink.together:
+        if bool(data.get(first.lower())) != bool(data.get(second.lower())):
+            problems[second] = [f"{first} and {second} go together"]
+    return problems
 
 
-@dataclasses.dataclass(frozen=True)
+@functools.cache
+def _schema_for(sinks):
+    declared = {setting.name: _env(setting.env, setting.field, setting.secret)
+                for sink in sinks for setting in sink.settings}
+    return type("SettingsSchema", (RelaySettingsSchema,), {**declared, "sinks": sinks})
+
+
+def settings_schema():
+    """The schema class of every setting: the relay's own and those of the sinks registered now."""
+    return _schema_for(tuple(SINKS.values()))
+
+
+SettingsSchema = settings_schema()  # with the built-in sinks
+
+
+@functools.cache
+def _defaults(schema):
+    """``{attribute: default}`` of ``schema``'s settings; ``missing`` for a required one."""
+    return {name: field.load_default for name, field in schema().fields.items()}
+
+
+def secret_settings():
+    """Attributes of ``Settings`` whose values are secrets (to redact from the logs)."""
+    return [name for name, field in settings_schema()().fields.items() if field.metadata.get("secret")]
+
+
 class Settings:
-    """Validated configuration. Build with ``from_env()`` or directly in tests."""
+    """Validated configuration, read-only. Build with ``from_env()`` or with keywords in tests.
 
-    webhook_secret: str
-    redis_url: str | None = None
-    broker_url: str | None = None
-    redis_ca_file: str | None = None
-    redis_max_connections: int = 1
-    broker_pool_limit: int = 10
-    worker_remote_control: bool = False
-    port: int = 8000
-    public_url: str | None = None
-    webhook_secret_previous: str | None = None
-    max_body_bytes: int = MIB
-    event_types: tuple = tuple(EVENT_TYPES)
-    routes_file: str | None = None
-    dedup_window: int = 86400
-    history_days: int = 14
-    history_trim_percent: int = 70
-    dead_letter_days: int = 14
-    dead_letter_limit: int = 10000
-    quarantine_limit: int = 1000
-    location_days: int = 30
-    sweep_after: int = 120
-    visibility_timeout: int = 240
-    subscription_sync_interval: int = 900
-    retry_schedule: tuple = SVIX_RETRY_SCHEDULE
-    data_dir: str = ".l2u-relay"
-    log_level: str = "INFO"
-    console_password: str | None = None
-    console_operators: tuple = ()
-    console_secret_key: str | None = None
-    console_session_minutes: int = 60
-    locate2u_client_id: str | None = None
-    locate2u_client_secret: str | None = None
-    locate2u_grant: str = "client_credentials"
-    locate2u_scope: str = "integrations-api"
-    locate2u_api_url: str = "https://integration.locate2u.com"
-    locate2u_id_url: str = "https://id.locate2u.com"
-    storepoint_api_url: str = "https://api.storepoint.co/admin/v1"
-    storepoint_api_token: str | None = None
-    b2b_api_url: str | None = None
-    b2b_api_token: str | None = None
-    b2b_username: str | None = None
-    b2b_password: str | None = None
-    b2b_business_partner_id: str | None = None
-    b2b_country_id: str | None = None
-    locate_api_url: str | None = None
-    locate_api_token: str | None = None
-    deliverycom_api_url: str = "https://api.delivery.com"
-    deliverycom_access_token: str | None = None
-    forward_urls: tuple = ()
-    forward_secret: tuple = ()
-    flower_basic_auth: str | None = None
-    token_keys: tuple = ()
-    metrics_token: str | None = None
-    metrics_basic_auth: str | None = None
+    One attribute per field of ``settings_schema()`` (its name; the default when not given). Not a
+    dataclass, whose fields are fixed when it is made: this schema grows when a sink registers.
+    """
+
+    def __init__(self, **values):
+        defaults = _defaults(settings_schema())
+        unknown = sorted(set(values) - set(defaults))
+        absent = sorted(name for name, default in defaults.items() if default is missing and name not in values)
+        if unknown or absent:
+            raise TypeError(f"Settings(): unknown settings {unknown}, required settings missing {absent}")
+        vars(self).update({**defaults, **values})
+
+    def __getattr__(self, name):  # a setting of a sink registered after this object was made: its default
+        default = _defaults(settings_schema()).get(name, missing)
+        if default is missing:
+            raise AttributeError(f"'Settings' object has no attribute {name!r}")
+        return default
+
+    def __setattr__(self, name, value):
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    __delattr__ = __setattr__
+
+    def __eq__(self, other):
+        return vars(self) == vars(other) if isinstance(other, Settings) else NotImplemented
+
+    def __hash__(self):
+        return hash(tuple(sorted(vars(self).items())))
+
+    def __repr__(self):
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in vars(self).items())})"
 
     @classmethod
     def from_env(cls, environ=None):
         """Read and validate the environment; raise ConfigError listing every problem."""
         environ = os.environ if environ is None else environ
-        schema = SettingsSchema()
+        schema = settings_schema()()
         names = {field.data_key for field in schema.fields.values()}
         raw = {name: value for name, value in environ.items() if name in names and value != ""}
         try:
@@ -272,7 +262,6 @@ class Settings:
         except ValidationError as error:
             raise ConfigError({name: "; ".join(_flatten(messages))
                                for name, messages in error.normalized_messages().items()}) from None
-        data["retry_schedule"] = tuple(int(value) for value in data["retry_schedule"])
         return cls(**data)
 
     @property
@@ -288,7 +277,7 @@ class Settings:
     def to_env(self):
         """The environment variables that reproduce these settings (for child processes)."""
         env = {}
-        for name, field in SettingsSchema().fields.items():
+        for name, field in settings_schema()().fields.items():
             value = getattr(self, name)
             if value is None or value == ():
                 continue
@@ -296,7 +285,8 @@ class Settings:
         return env
 
     def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``."""
+        return type(self)(**{**vars(self), **changes})
 
 
 def _flatten(messages):

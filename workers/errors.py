@@ -5,8 +5,8 @@ connections); the pipeline retries it on its schedule. ``PermanentError``:
 trying again will not help (other 4xx, data a sink cannot accept); it goes to
 the dead-letter store at once. ``NotYet``: the write waits without spending an
 attempt (the sink's own reason, not the remote's health). Both keep the request and the answer that
-caused them, so a dead letter explains itself. Configuration problems are
-``workers.config.ConfigError``, outside this hierarchy, so nothing swallows them.
+caused them, so a dead letter explains itself. Configuration problems are ``ConfigError``
+(also importable from ``workers.config``), outside this hierarchy, so nothing swallows them.
 """
 BODY_LIMIT = 2000
 
@@ -48,3 +48,12 @@ class NotFound(PermanentError):
 class NotYet(RelayError):
     """Not a failure of the remote system: this write must wait ``retry_after`` seconds (an earlier
     attempt may still take effect there). The same attempt runs again then; the breaker is not told."""
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``problems`` maps variable name to message."""
+
+    def __init__(self, problems):
+        self.problems = problems
+        lines = [f"  - {name}: {message}" for name, message in sorted(problems.items())]
+        super().__init__("invalid configuration:\n" + "\n".join(lines))

@@ -21,6 +21,7 @@ import time
 from pythonjsonlogger.json import JsonFormatter
 
 from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED
+from workers.config import secret_settings
 
 _context = contextvars.ContextVar("l2u_log_context", default={})
 _PATTERNS = (
@@ -109,12 +110,12 @@ class RedactingFilter(logging.Filter):
 
 
 def settings_secrets(settings):
-    """Every secret value in ``settings``, for the redacting filter."""
-    names = ("webhook_secret", "webhook_secret_previous", "locate2u_client_secret", "storepoint_api_token",
-             "b2b_api_token", "b2b_password", "locate_api_token", "deliverycom_access_token", "flower_basic_auth",
-             "console_password", "console_secret_key")
-    values = [getattr(settings, name) for name in names + ("metrics_token", "metrics_basic_auth")]
-    values += list(settings.forward_secret) + list(settings.token_keys)
+    """Every secret value in ``settings`` (the settings declared secret, a comma list's each), for the
+    redacting filter."""
+    values = []
+    for name in secret_settings():
+        value = getattr(settings, name)
+        values += list(value) if isinstance(value, tuple) else [value]
     for pair in (settings.flower_basic_auth, settings.metrics_basic_auth):
         if pair:  # the password alone, and the pair as an Authorization: Basic header carries it
             values += [pair.partition(":")[2], base64.b64encode(pair.encode()).decode()]

@@ -16,8 +16,10 @@ back to the default route of that sink::
       rate_limit: {rate: 50, burst: 100}
       breaker: {threshold: 5, cooldown: 30}
 
-A mistake stops start-up with the file, line and field at fault.
+A mistake stops start-up with the file, line and field at fault. A sink's
+default route, and whether it needs the stop, are declared by its class.
 """
+import collections.abc
 import dataclasses
 import string
 
@@ -26,12 +28,11 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 
 from workers.config import ConfigError
 from workers.events import EVENT_TYPES
-from workers.sinks import SINK_NAMES
+from workers.sinks import SINKS
 from workers.sinks.base import ACTIONS
 
 ROUTE_ACTIONS = ACTIONS + ("skip",)
 STOP_EVENTS = ("stop.assigned", "stop.status-changed", "shipment.assigned")
-LOCATION_SINKS = ("storepoint", "b2b", "locate", "deliverycom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,8 @@ class Route:
 
     @property
     def needs_stop(self):
-        """Location sinks need the stop record fetched from Locate2u."""
-        return self.sink in LOCATION_SINKS
+        """Location sinks need the stop record fetched from Locate2u (the sink class's ``needs_stop``)."""
+        return self.sink in SINKS and SINKS[self.sink].needs_stop
 
     def action_for(self, event):
         """The action for ``event``, or None when this route does not take it."""
@@ -66,13 +67,20 @@ class Route:
         return None if action == "skip" else action
 
 
-DEFAULT_ROUTES = {
-    "storepoint": Route("storepoint", on_status={"Cancelled": "delete"}),
-    "b2b": Route("b2b", on_status={"Cancelled": "deactivate"}),
-    "locate": Route("locate", on_status={"Cancelled": "delete"}),
-    "deliverycom": Route("deliverycom", on_status={"Cancelled": "skip"}),
-    "forward": Route("forward", events=tuple(EVENT_TYPES), key="l2u-{entity}-{entity_id}", ordered=False),
-}
+class _DefaultRoutes(collections.abc.Mapping):
+    """``{name: Route}`` of every registered sink, from its class's ``default_route``."""
+
+    def __getitem__(self, name):
+        return Route(name, **SINKS[name].default_route)
+
+    def __iter__(self):
+        return iter(SINKS)
+
+    def __len__(self):
+        return len(SINKS)
+
+
+DEFAULT_ROUTES = _DefaultRoutes()
 
 
 def _template(value):
@@ -122,7 +130,9 @@ class RouteSchema(Schema):
             raise ValidationError("the key template may not be empty")
 
 
-RoutesFileSchema = Schema.from_dict({name: fields.Nested(RouteSchema, allow_none=True) for name in SINK_NAMES})
+def routes_file_schema():
+    """The schema of a routes file: a route per registered sink name."""
+    return Schema.from_dict({name: fields.Nested(RouteSchema, allow_none=True) for name in SINKS})
 
 
 class _Blank(dict):
@@ -174,11 +184,11 @@ def load_routes(path=None):
     data, root = _load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError({"RELAY_ROUTES_FILE": f"{path}: line 1: the file must map sink names to routes"})
-    unknown = sorted(set(data) - set(SINK_NAMES))
-    problems = [f"line {_line_of(root, [name])}: {name}: unknown sink; known: {', '.join(SINK_NAMES)}"
+    unknown = sorted(set(data) - set(SINKS))
+    problems = [f"line {_line_of(root, [name])}: {name}: unknown sink; known: {', '.join(SINKS)}"
                 for name in unknown]
     try:
-        loaded = RoutesFileSchema().load({name: value for name, value in data.items() if name in SINK_NAMES})
+        loaded = routes_file_schema()().load({name: value for name, value in data.items() if name in SINKS})
     except ValidationError as exc:
         problems += list(_problems(exc.normalized_messages(), root))
         loaded = {}

@@ -12,11 +12,12 @@ from datetime import datetime, timezone
 from urllib.parse import quote
 
 import requests
+from marshmallow import fields
 
 from workers.addresses import locality_parts
-from workers.config import ConfigError
-from workers.errors import RelayError
+from workers.errors import ConfigError, RelayError
 from workers.http import HttpClient
+from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,21 @@ class B2BSink(Sink):
 
     name = "b2b"
     supports_deactivate = True
+    settings = (
+        SinkSetting("B2B_API_URL", HttpUrl(load_default=None), "B2B location API (B2Market) base URL."),
+        SinkSetting("B2B_API_TOKEN", fields.String(load_default=None),
+                    "B2B static bearer token (or use B2B_USERNAME/B2B_PASSWORD); enables the B2B sink.", secret=True),
+        SinkSetting("B2B_USERNAME", fields.String(load_default=None),
+                    "B2B login user (JWT login instead of a static token)."),
+        SinkSetting("B2B_PASSWORD", fields.String(load_default=None), "B2B login password.", secret=True),
+        SinkSetting("B2B_BUSINESS_PARTNER_ID", fields.String(load_default=None),
+                    "B2B business partner that owns the locations."),
+        SinkSetting("B2B_COUNTRY_ID", fields.String(load_default=None), "B2B country id of the locations."),
+    )
+    enabled_by = ("B2B_API_TOKEN", "B2B_USERNAME")
+    requires = ("B2B_API_URL", "B2B_BUSINESS_PARTNER_ID", "B2B_COUNTRY_ID")
+    together = (("B2B_USERNAME", "B2B_PASSWORD"),)
+    default_route = {"on_status": {"Cancelled": "deactivate"}}
 
     def __init__(self, client, mappings, options=None, login=None):
         super().__init__(client, mappings, {**DEFAULT_OPTIONS, **(options or {})})

@@ -1,8 +1,11 @@
 """The sink interface: one small class per downstream system.
 
-A concrete sink sets ``name``, builds itself from Settings in
-``from_settings`` and implements ``upsert`` and ``delete`` (and
-``deactivate`` where the system has an active flag). The base owns the HTTP
+A concrete sink sets ``name``, describes itself (its ``settings``, which of
+them enable it and what they then require, its ``default_route`` and whether
+it ``needs_stop``), builds itself from Settings in ``from_settings`` and
+implements ``upsert`` and ``delete`` (and ``deactivate`` where the system has
+an active flag). Configuration, routing, log redaction and app.json are made
+from those declarations (see docs/sinks/README.md). The base owns the HTTP
 client (session, timeouts, User-Agent, error classification), the key →
 remote-id mapping and dispatch by action; the pipeline owns retries,
 ordering, breakers and dead letters. Subclasses call the system with
@@ -32,6 +35,18 @@ class Sink(abc.ABC):
 
     name = None
     supports_deactivate = False
+    #: ``SinkSetting``s: the environment variables the sink reads.
+    settings = ()
+    #: Variables of which any one enables the sink (its credentials) ...
+    enabled_by = ()
+    #: ... and those then required too.
+    requires = ()
+    #: Pairs of variables set together or not at all.
+    together = ()
+    #: ``Route`` keyword arguments of its default route, e.g. ``{"on_status": {"Cancelled": "delete"}}``.
+    default_route = {}
+    #: Writes a stop's location, so the stop record is fetched from Locate2u (an event sink: False).
+    needs_stop = True
 
     def __init__(self, client, mappings, options=None):
         self.client = client

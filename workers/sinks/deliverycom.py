@@ -11,9 +11,12 @@ import json
 import logging
 import re
 
+from marshmallow import fields
+
 from workers.addresses import split_us_address
 from workers.errors import PermanentError
 from workers.http import HttpClient
+from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,14 @@ class DeliverycomSink(Sink):
     """Customer locations: create, update (PUT) and delete (DELETE) by ``location_id``."""
 
     name = "deliverycom"
+    settings = (
+        SinkSetting("DELIVERYCOM_API_URL", HttpUrl(load_default="https://api.delivery.com"),
+                    "Delivery.com API base URL."),
+        SinkSetting("DELIVERYCOM_ACCESS_TOKEN", fields.String(load_default=None),
+                    "Delivery.com OAuth access token (enables the Delivery.com sink).", secret=True),
+    )
+    enabled_by = ("DELIVERYCOM_ACCESS_TOKEN",)
+    default_route = {"on_status": {"Cancelled": "skip"}}
 
     @classmethod
     def from_settings(cls, settings, mappings):

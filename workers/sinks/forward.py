@@ -9,12 +9,14 @@ retry only goes to the ones that failed.
 import hashlib
 import json
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
-from workers.config import ConfigError
-from workers.errors import PermanentError, RelayError, RetriableError
+from workers.errors import ConfigError, PermanentError, RelayError, RetriableError
+from workers.events import EVENT_TYPES
 from workers.http import HttpClient
+from workers.settings_fields import CommaList, SinkSetting
 from workers.sinks.base import Sink
 from workers import keys
 from workers.stores import LEDGER_RETENTION
@@ -27,6 +29,12 @@ def signer(secret):
     except (ValueError, EmptyWebhookSecretError):
         raise ConfigError({"FORWARD_SECRET": "each secret must be a Standard Webhooks secret: "
                                              "whsec_ followed by base64"}) from None
+
+
+def not_http_urls(urls):
+    """The problem with ``urls`` (FORWARD_URLS) when one is not an http(s) URL (naming the last such), else None."""
+    bad = [url for url in urls if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc]
+    return f"{bad[-1]!r} is not an http(s) URL" if bad else None
 
 
 def combined(errors, total):
@@ -46,6 +54,16 @@ class ForwardSink(Sink):
 
     name = "forward"
     supports_deactivate = True
+    settings = (
+        SinkSetting("FORWARD_URLS", CommaList(load_default=()),
+                    "Comma list of URLs that receive every event, signed (Standard Webhooks).", check=not_http_urls),
+        SinkSetting("FORWARD_SECRET", CommaList(load_default=()),
+                    "whsec_... signing secret(s) for the forward; a comma list during rotation.", secret=True),
+    )
+    enabled_by = ("FORWARD_URLS",)
+    requires = ("FORWARD_SECRET",)
+    default_route = {"events": tuple(EVENT_TYPES), "key": "l2u-{entity}-{entity_id}", "ordered": False}
+    needs_stop = False  # it forwards events; it writes a stop's location when another sink fetched it
 
     def __init__(self, client, mappings, urls, secrets, options=None):
         super().__init__(client, mappings, options)

@@ -14,9 +14,11 @@ import math
 import time
 from datetime import datetime, timezone
 
-from workers.config import ConfigError
-from workers.errors import PermanentError, RetriableError
+from marshmallow import fields
+
+from workers.errors import ConfigError, PermanentError, RetriableError
 from workers.http import DEFAULT_TIMEOUT, HttpClient
+from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import LOCATION_ATTRIBUTES, Sink, sink_fields
 
 JSON = "application/json"
@@ -78,6 +80,15 @@ class LocateSink(Sink):
     """Records of one LOCATE resource, keyed by our location key in ``key_field``."""
 
     name = "locate"
+    settings = (
+        SinkSetting("LOCATE_API_URL", HttpUrl(load_default=None),
+                    "LOCATE inventory company host, https://<company>.locateinv.com."),
+        SinkSetting("LOCATE_API_TOKEN", fields.String(load_default=None),
+                    "LOCATE API key (enables the LOCATE sink).", secret=True),
+    )
+    enabled_by = ("LOCATE_API_TOKEN",)
+    requires = ("LOCATE_API_URL",)
+    default_route = {"on_status": {"Cancelled": "delete"}}
 
     @classmethod
     def from_settings(cls, settings, mappings):

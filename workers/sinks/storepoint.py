@@ -14,9 +14,11 @@ instead of duplicating (see docs/sinks/storepoint.md).
 import logging
 import time
 
-from workers.config import ConfigError
-from workers.errors import NotYet, PermanentError, RelayError
+from marshmallow import fields
+
+from workers.errors import ConfigError, NotYet, PermanentError, RelayError
 from workers.http import DEFAULT_TIMEOUT, HttpClient
+from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
 from workers.stores import MappingStore
 
@@ -63,6 +65,14 @@ class StorepointSink(Sink):
     """Locations: create ``POST /locations``, update ``POST /locations/{id}``, delete ``…/delete``."""
 
     name = "storepoint"
+    settings = (
+        SinkSetting("STOREPOINT_API_URL", HttpUrl(load_default="https://api.storepoint.co/admin/v1"),
+                    "Storepoint Location Management API base URL."),
+        SinkSetting("STOREPOINT_API_TOKEN", fields.String(load_default=None),
+                    "Storepoint private API token (enables the Storepoint sink).", secret=True),
+    )
+    enabled_by = ("STOREPOINT_API_TOKEN",)
+    default_route = {"on_status": {"Cancelled": "delete"}}
     # How long after sending a create whose answer we never got it may still take effect there
     # (a server finishes a request whose client timed out or died): Storepoint's side is not
     # documented, so twice our read timeout.
