@@ -10,7 +10,7 @@ import json
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from workers import keys
-from workers.stores import DeadLetterStore, Quarantine
+from workers.stores import DeadLetterStore, Quarantine, on_pipeline
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 COUNTERS = keys.METRICS_COUNTERS
@@ -31,21 +31,22 @@ class WorkerMetrics:
     def __init__(self, client):
         self.redis = client
 
-    def incr(self, name, **labels):
-        self.redis.hincrby(COUNTERS, _field(name, labels), 1)
+    def incr(self, name, pipe=None, **labels):
+        """Count one ``name`` event (with ``pipe``: queued on that pipeline)."""
+        (pipe or self.redis).hincrby(COUNTERS, _field(name, labels), 1)
 
-    def delivery(self, sink, outcome, latency=None):
-        """Count one outcome; ``latency`` is receipt-to-applied seconds when it was applied."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(COUNTERS, _field("l2u_worker_deliveries", {"sink": sink, "outcome": outcome}), 1)
+    def delivery(self, sink, outcome, latency=None, pipe=None):
+        """Count one outcome; ``latency`` is receipt-to-applied seconds when it was applied (with
+        ``pipe``: queued on that pipeline)."""
+        with on_pipeline(self.redis, pipe) as queue:
+            queue.hincrby(COUNTERS, _field("l2u_worker_deliveries", {"sink": sink, "outcome": outcome}), 1)
             if latency is not None:
                 key = LATENCY + sink
                 for bound in LATENCY_BUCKETS:
                     if latency <= bound:
-                        pipe.hincrby(key, repr(bound), 1)
-                pipe.hincrby(key, "count", 1)
-                pipe.hincrbyfloat(key, "sum", latency)
-            pipe.execute()
+                        queue.hincrby(key, repr(bound), 1)
+                queue.hincrby(key, "count", 1)
+                queue.hincrbyfloat(key, "sum", latency)
 
 
 def _field(name, labels):

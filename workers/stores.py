@@ -12,6 +12,7 @@ ledger's retention, so a replay continues from it.
 """
 import base64
 import collections
+import contextlib
 import dataclasses
 import enum
 import json
@@ -169,11 +170,42 @@ return 1
 """
 
 # Record a sink's outcome only while the delivery's entry exists: a late write (a redelivered
-# task after the delivery was compacted or expired) must not leave a fragment behind.
+# task after the delivery was compacted or expired) must not leave a fragment behind. Once every
+# sink is final, settle the delivery (dead_lettered if any sink is, stale if all are, else applied);
+# else the sweeper looks again when the least advanced open sink is due. Returns received_at.
+# KEYS: entry, OPEN, FINAL. ARGV: sink field, outcome JSON, now, delivery id.
 _SINK_OUTCOME = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return redis.call('HGETALL', KEYS[1])
+local fields = redis.call('HGETALL', KEYS[1])
+local received, due, final, dead, all_stale = '0', nil, true, false, true
+for i = 1, #fields, 2 do
+  local name = fields[i]
+  if name == 'received_at' then
+    received = fields[i + 1]
+  elseif string.sub(name, 1, 5) == 'sink:' then
+    local outcome = cjson.decode(fields[i + 1])
+    local state = outcome['state']
+    if state == 'applied' or state == 'stale' or state == 'dead_lettered' then
+      dead = dead or state == 'dead_lettered'
+      all_stale = all_stale and state == 'stale'
+    else
+      final = false
+      local next_in = outcome['next_in']
+      local at = outcome['at'] + (type(next_in) == 'number' and next_in or 0)
+      if due == nil or at < due then due = at end
+    end
+  end
+end
+if final then
+  local status = dead and 'dead_lettered' or (all_stale and 'stale' or 'applied')
+  redis.call('HSET', KEYS[1], 'status', status)
+  redis.call('ZREM', KEYS[2], ARGV[4])
+  if not dead then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4]) end
+else
+  redis.call('ZADD', KEYS[2], string.format('%.3f', due), ARGV[4])
+end
+return received
 """
 
 # Move one settled delivery into its quarter-hour bucket, unless it changed since it was read.
@@ -344,40 +376,25 @@ class Ledger:
             pipe.zadd(self.OPEN, {delivery_id: time.time()})
             pipe.execute()
 
-    def sink_outcome(self, delivery_id, sink, state, **details):
-        """Record one sink's outcome; once every sink is final, settle the overall status.
+    def sink_outcome(self, delivery_id, sink, state, pipe=None, **details):
+        """Record one sink's outcome; once every sink is final, the delivery settles (one script).
 
-        Returns the delivery's received-at time (epoch seconds), for latency metrics.
+        Returns the delivery's received-at time (epoch seconds; 0.0 once it left the ledger), for
+        latency metrics; with ``pipe``, the call is queued on that pipeline, whose reply it is.
         """
         outcome = json.dumps({"state": state, "at": time.time(), **details})
-        reply = self._sink_outcome(keys=[self.key(delivery_id)], args=[f"sink:{sink}", outcome])
-        if not reply:  # compacted or expired: already settled for good
-            return 0.0
-        entry = dict(zip(reply[::2], reply[1::2]))
-        outcomes = [json.loads(v) for k, v in entry.items() if k.startswith("sink:")]
-        states = [outcome["state"] for outcome in outcomes]
-        if states and all(s in FINAL_SINK_STATES for s in states):
-            final = ("dead_lettered" if "dead_lettered" in states
-                     else "stale" if all(s == "stale" for s in states) else "applied")
-            with self.redis.pipeline() as pipe:
-                pipe.hset(self.key(delivery_id), "status", final)
-                pipe.zrem(self.OPEN, delivery_id)
-                if final in self.COMPACTED:
-                    pipe.zadd(self.FINAL, {delivery_id: time.time()})
-                pipe.execute()
-        else:  # the stall sweeper looks again once the least advanced open sink is due
-            due = min(progress_due(o) for o in outcomes if o["state"] not in FINAL_SINK_STATES)
-            self.redis.zadd(self.OPEN, {delivery_id: due})
-        return float(entry.get("received_at", 0))
+        reply = self._sink_outcome(keys=[self.key(delivery_id), self.OPEN, self.FINAL],
+                                   args=[f"sink:{sink}", outcome, repr(time.time()), delivery_id], client=pipe)
+        return None if pipe is not None else float(reply or 0)
 
-    def trace(self, delivery_id, what, **details):
-        """Append a line to the delivery's history (``l2u-relay deliveries show``)."""
+    def trace(self, delivery_id, what, pipe=None, **details):
+        """Append a line to the delivery's history (``l2u-relay deliveries show``); with ``pipe``,
+        queued on that pipeline."""
         key = keys.trace(delivery_id)
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, json.dumps({"at": time.time(), "what": what, **details}))
-            pipe.ltrim(key, -TRACE_LIMIT, -1)
-            pipe.expire(key, LEDGER_RETENTION)
-            pipe.execute()
+        with on_pipeline(self.redis, pipe) as queue:
+            queue.rpush(key, json.dumps({"at": time.time(), "what": what, **details}))
+            queue.ltrim(key, -TRACE_LIMIT, -1)
+            queue.expire(key, LEDGER_RETENTION)
 
     def history(self, delivery_id):
         """The delivery's trace, oldest first (a compacted one's, then any line written after it)."""
@@ -551,6 +568,17 @@ def _field(delivery_id):
 def _delivery_id(field):
     """The delivery id of a settled bucket's field (``_field`` undone)."""
     return base64.urlsafe_b64decode(field[1:] + "=").hex() if field.startswith("~") else field
+
+
+@contextlib.contextmanager
+def on_pipeline(client, pipe=None):
+    """Queue commands on ``pipe`` (the caller executes it), or on a pipeline of ``client`` executed here."""
+    if pipe is not None:
+        yield pipe
+        return
+    with client.pipeline(transaction=False) as own:
+        yield own
+        own.execute()
 
 
 def _entry(fields):

@@ -34,7 +34,8 @@ def deliver_to_sink(rt, job):
     if not lock.acquire():
         return _wait(rt, job, BUSY_RETRY_SECONDS, "another write for this key is in progress")
     versions = rt.versions(job.sink)
-    order = WriteOrder.of(location.version, _received_at(rt, job.delivery_id), job.delivery_id)
+    received_at = _received_at(rt, job.delivery_id)
+    order = WriteOrder.of(location.version, received_at, job.delivery_id)
     try:
         with lock.held():
             verdict = versions.check(location.key, order, lock)
@@ -70,8 +71,8 @@ def deliver_to_sink(rt, job):
         _reassert(rt, job.sink, location.key)
     if route.ordered and recorded == "older":  # a newer write was applied while this one was sent
         return record(rt, job, "stale", job.attempt + 1, key=location.key)
-    return record(rt, job, "applied", job.attempt + 1, kept={"remote_id": remote_id}, action=job.action,
-                  key=location.key)
+    return record(rt, job, "applied", job.attempt + 1, kept={"remote_id": remote_id}, received_at=received_at,
+                  action=job.action, key=location.key)
 
 
 def _received_at(rt, delivery_id):

@@ -16,21 +16,25 @@ _SHOWN = {
 }
 
 
-def record(rt, job, state, attempts, *, kept=None, **shown):
-    """Record ``job``'s outcome ``state`` at its sink: in the ledger (with ``kept`` fields; the delivery
-    settles when it was its last open sink), then, except for a wait, as a trace line with ``shown``,
-    in the metrics (applied with its receipt-to-applied latency) and in the log."""
-    received_at = rt.ledger.sink_outcome(job.delivery_id, job.sink, state, attempts=attempts, **(kept or {}))
-    if state not in _SHOWN:
+def record(rt, job, state, attempts, *, kept=None, received_at=None, **shown):
+    """Record ``job``'s outcome ``state`` at its sink, in one Redis round trip: in the ledger (with
+    ``kept`` fields; the delivery settles when it was its last open sink) and, except for a wait, as
+    a trace line with ``shown`` and in the metrics (applied with its receipt-to-applied latency,
+    from ``received_at``); then in the log."""
+    shown_as = _SHOWN.get(state)
+    with rt.redis.pipeline(transaction=False) as pipe:
+        rt.ledger.sink_outcome(job.delivery_id, job.sink, state, pipe, attempts=attempts, **(kept or {}))
+        if shown_as:
+            rt.ledger.trace(job.delivery_id, shown_as[0], pipe, sink=job.sink, **shown)
+        if state == "retrying":
+            rt.metrics.incr("l2u_worker_retries", pipe, sink=job.sink)
+        elif shown_as:
+            latency = time.time() - received_at if state == "applied" and received_at else None
+            rt.metrics.delivery(job.sink, state, latency, pipe)
+        pipe.execute()
+    if not shown_as:
         return state
-    what, level, message = _SHOWN[state]
-    rt.ledger.trace(job.delivery_id, what, sink=job.sink, **shown)
-    if state == "retrying":
-        rt.metrics.incr("l2u_worker_retries", sink=job.sink)
-    else:
-        latency = time.time() - received_at if state == "applied" and received_at else None
-        rt.metrics.delivery(job.sink, state, latency)
-    log.log(level, message({**shown, "attempts": attempts}))
+    log.log(shown_as[1], shown_as[2]({**shown, "attempts": attempts}))
     if job.replay and state in ("applied", "stale"):  # final: the dead letter was fixed or superseded
         rt.dead_letters.remove(rt.dead_letters.entry_id(job.delivery_id, job.sink))
     return state
