@@ -128,12 +128,14 @@ def end_to_end(workdir, profile, pool, concurrency):
         worker.ready()
         pool, threads = worker_banner(worker.output())
         connections = profile["connections"]
-        cpu_before, own_before = stack.cpu(), time.process_time()
+        cpu_before, own_before, commands_before = stack.cpu(), time.process_time(), stack.redis_commands()
         relay = e2e.relay_run(web.url, EVENT_PATH, redis_url, events, connections,
                                timeout=profile["settle_timeout"])
         relay["cpu_ms_per_event"] = cpu_per_event(cpu_before, stack.cpu(), len(events),
                                                   load_generator=time.process_time() - own_before)
-        print(f"  relay ({pool} pool, concurrency {threads}): {relay['rate']:.0f} events/s", flush=True)
+        relay["redis_commands_per_event"] = commands_per_event(commands_before, stack.redis_commands(), len(events))
+        print(f"  relay ({pool} pool, concurrency {threads}): {relay['rate']:.0f} events/s; per event: "
+              f"{cost_line(relay)}", flush=True)
         half = max(1.0, relay["rate"] / 2)
         paced_events = e2e.make_events(max(10, int(half * profile["latency_seconds"])), len(events),
                                        profile["stops"], "L")
@@ -153,7 +155,8 @@ def end_to_end(workdir, profile, pool, concurrency):
         plain = e2e.plain_loop(urls, events, threads)
         plain["cpu_ms_per_event"] = cpu_per_event(cpu_before, stack.cpu(), len(events),
                                                   plain_loop=time.process_time() - own_before)
-        print(f"  plain loop, {threads} threads: {plain['rate']:.0f} events/s", flush=True)
+        print(f"  plain loop, {threads} threads: {plain['rate']:.0f} events/s; per event: {cost_line(plain)}",
+              flush=True)
     return {"plain": plain, "relay": relay, "paced": paced, "memory": memory, "threads": threads, "pool": pool}
 
 
@@ -163,6 +166,21 @@ def cpu_per_event(before, after, events, **own):
     used["sinks"] = sum(used.pop(name) for name in e2e.SINKS + ("locate2u",))
     used.update(own)
     return {name: round(seconds * 1000 / events, 3) for name, seconds in used.items()}
+
+
+def cost_line(run):
+    """CPU ms per event by process, and Redis commands per event when measured, on one line."""
+    cpu = ", ".join(f"{name} {ms:.1f} ms" for name, ms in sorted(run["cpu_ms_per_event"].items(), key=lambda i: -i[1]))
+    commands = run.get("redis_commands_per_event")
+    return f"CPU {cpu}" + (f"; {commands['total']} Redis commands" if commands else "")
+
+
+def commands_per_event(before, after, events):
+    """Redis commands per event, in all and by command (the most used first), from two readings;
+    the settle loop's own polling is counted too (a few per second)."""
+    used = {name: (after[name] - before.get(name, 0)) / events for name in after}
+    by_command = {name: round(count, 2) for name, count in sorted(used.items(), key=lambda item: -item[1]) if count}
+    return {"total": round(sum(used.values()), 1), "by_command": by_command}
 
 
 def worker_banner(text):
@@ -213,6 +231,7 @@ def table(result):
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append("")
     lines.append(f"load generator: {tool}; machine: {result['machine']}")
+    lines.append(f"per event, relay: {cost_line(relay)}; plain loop: {cost_line(plain)}")
     lines.append("targets: " + "; ".join(f"{name} {'met' if ok else 'NOT met'} ({value})"
                                          for name, ok, value in targets(result)))
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import requests
 
 from tests.processes import Process as TestProcess
 from workers.devstack import REPO_ROOT, EmbeddedRedis, free_port
+from workers.stores import connect
 
 BIN = Path(sys.executable).parent
 
@@ -101,6 +102,13 @@ class Stack:
         if self.redis:
             used["redis"] = cpu_seconds([self.redis.process.pid])
         return used
+
+    def redis_commands(self):
+        """Redis commands run so far, by command (``INFO commandstats``; a script's own calls included)."""
+        if not self.redis:
+            return {}
+        stats = connect(self.redis.url).info("commandstats")
+        return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
     def start_redis(self):
         """A real redis-server with an append-only file, as production runs it; always empty at start."""

@@ -29,7 +29,8 @@ LOCATION_SCAN = 1000  # last writes looked at per sink and sweep
 
 
 def location_hashes(sink):
-    """The sink's per-location hashes (keyed by location key); the last one says when each was written."""
+    """The sink's per-location hashes (keyed by location key); the last one says when each was written.
+    ("applied" is what versions before 2026-11-28 kept of the last write; it goes with the rest.)"""
     return (keys.versions(sink), keys.mappings(sink), keys.mappings(sink, "applied"), keys.mappings(sink, "written"),
             keys.mappings(sink, "intent"), keys.versions(sink, "writes"))
 

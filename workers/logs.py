@@ -57,6 +57,16 @@ def bind_context(**fields):
     _context.set({k: v for k, v in fields.items() if v is not None})
 
 
+@contextlib.contextmanager
+def bound_context(**fields):
+    """Add ``fields`` to this thread's log lines while the body runs."""
+    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
 class ContextFilter(logging.Filter):
     def filter(self, record):
         for name, value in _context.get().items():

@@ -9,7 +9,7 @@ letters all hold, and a location still there is updated, never duplicated.
 """
 from datetime import datetime, timezone
 
-from workers.celery_config import DELIVER
+from workers.pipeline.jobs import DeliverJob
 from workers.sinks import SINK_NAMES, sink_class
 from workers.sinks.base import Sink
 
@@ -35,6 +35,6 @@ def repair(rt, sink_name, report):
         delivery_id = record["event"]["delivery_id"]
         rt.ledger.sink_outcome(delivery_id, sink_name, "pending", attempts=0, reason="reconcile repair")
         rt.ledger.trace(delivery_id, "repair queued", sink=sink_name, key=key)
-        rt.scheduler.schedule(DELIVER, [delivery_id, sink_name, action, record, 0, False], 0)
+        DeliverJob(delivery_id, sink_name, action, record).send(rt)
         done[key] = f"queued {action} of delivery {delivery_id}"
     return done

@@ -383,9 +383,12 @@ class Ledger:
         latency metrics; with ``pipe``, the call is queued on that pipeline, whose reply it is.
         """
         outcome = json.dumps({"state": state, "at": time.time(), **details})
-        reply = self._sink_outcome(keys=[self.key(delivery_id), self.OPEN, self.FINAL],
-                                   args=[f"sink:{sink}", outcome, repr(time.time()), delivery_id], client=pipe)
-        return None if pipe is not None else float(reply or 0)
+        script_keys = [self.key(delivery_id), self.OPEN, self.FINAL]
+        args = [f"sink:{sink}", outcome, repr(time.time()), delivery_id]
+        if pipe is not None:  # EVAL: a script object on a pipeline costs a SCRIPT EXISTS round trip first
+            pipe.eval(_SINK_OUTCOME, len(script_keys), *script_keys, *args)
+            return None
+        return float(self._sink_outcome(keys=script_keys, args=args) or 0)
 
     def trace(self, delivery_id, what, pipe=None, **details):
         """Append a line to the delivery's history (``l2u-relay deliveries show``); with ``pipe``,

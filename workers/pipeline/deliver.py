@@ -6,7 +6,8 @@ import time
 from workers import keys
 from workers.errors import NotYet, PermanentError, RelayError
 from workers.locations import Location
-from workers.pipeline.failures import bugs_dead_lettered
+from workers.logs import bound_context
+from workers.pipeline.failures import bugs_dead_lettered, redis_outage
 from workers.pipeline.jobs import DeliverJob
 from workers.pipeline.outcomes import dead_letter, record
 from workers.resilience import KeyLock, retry_delay
@@ -153,5 +154,16 @@ def _retry(rt, job, exc, early=None):
 
 def deliver(rt, job):
     """The ``deliver`` task's work: ``deliver_to_sink``, with a bug dead-lettered for the job."""
-    with bugs_dead_lettered(lambda exc: dead_letter(rt, job, job.attempt + 1, exc)):
+    with bound_context(sink=job.sink), bugs_dead_lettered(lambda exc: dead_letter(rt, job, job.attempt + 1, exc)):
         return deliver_to_sink(rt, job)
+
+
+def deliver_now(rt, job):
+    """Deliver ``job`` in this process, as part of its fan-out: as the ``deliver`` task would, except
+    that a bug, once dead-lettered for this job, lets the fan-out go on with the other sinks."""
+    try:
+        return deliver(rt, job)
+    except Exception as exc:  # noqa: BLE001 - dead-lettered and logged with its traceback by ``deliver``
+        if redis_outage(exc):
+            raise
+        return "dead_lettered"

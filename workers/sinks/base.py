@@ -18,7 +18,7 @@ import json
 
 from workers.errors import PermanentError
 from workers.locations import Location
-from workers.stores import MappingStore
+from workers.stores import MappingStore, VersionStore
 
 ACTIONS = ("upsert", "deactivate", "delete")
 ANY_ERROR = range(400, 600)
@@ -79,21 +79,15 @@ class Sink(abc.ABC):
         if action not in ACTIONS:
             raise PermanentError(f"unknown action {action!r} for sink {self.name}")
         merged = {**self.options, **(options or {})}
-        remote_id = getattr(self, action)(location, merged)
-        applied = MappingStore(self.mappings.redis, f"{self.name}:applied")
-        if action == "delete":
-            applied.delete(location.key)
-        else:  # what ``reconcile --repair`` re-applies when the system lost or changed it
-            applied.set(location.key, json.dumps({"action": action, "record": location.to_json()}))
-        return remote_id
+        return getattr(self, action)(location, merged)
 
     def last_applied(self, key):
-        """``(action, Location record)`` of the last write applied for ``key``, or None."""
-        raw = MappingStore(self.mappings.redis, f"{self.name}:applied").get(key)
-        if raw is None:
+        """``(action, Location record)`` of the newest write applied for ``key`` (what ``reconcile
+        --repair`` applies again when the system lost or changed it), or None; None after a delete."""
+        newest = VersionStore(self.mappings.redis, self.name).newest(key)
+        if newest is None or newest["action"] == "delete":
             return None
-        applied = json.loads(raw)
-        return applied["action"], applied["record"]
+        return newest["action"], newest["record"]
 
     # Helpers for subclasses: vendor-worded errors, and the mapping plus what was last written.
 
