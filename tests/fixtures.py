@@ -2,10 +2,12 @@
 
 - Redis and settings: ``redis_server`` (the suite's Redis), ``redis_client`` (flushed), ``settings``.
 - Processes: ``start_process`` (gunicorn or a Celery worker), ``start_stack`` (gunicorn plus a worker with
-  beat) and ``stack`` (that stack on ``stack_settings``).
+  beat) and ``stack`` (that stack on ``stack_settings``); ``kill_worker_mid_write``; outside servers of a
+  module's own: ``rabbitmq``, ``tls_redis``.
 - Simulators on loopback ports, stopped after the test: ``simulator(kind, **options)`` starts any of
   ``SIMULATORS``; ``sim`` is the Locate2u simulator (modules about another system override ``sim``);
-  ``sims`` is Locate2u (knowing ``STOP_ID``), Storepoint and B2B, and ``stack_settings`` points
+  ``code_settings`` is the authorization-code grant against it; ``sims`` is Locate2u (knowing
+  ``STOP_ID``), Storepoint and B2B, and ``stack_settings`` points
   ``settings`` at them; ``simulators(...)`` starts other such sets. ``sims_settings`` points any
   settings at a set; ``sim_state``/``sim_faults`` read a simulator's state and fault plan.
 - In-process simulator apps: ``app``/``client``, the Flask app and test client of the simulator whose
