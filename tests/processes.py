@@ -1,4 +1,5 @@
-"""Real processes for integration tests: gunicorn serving the receiver, Celery workers, beat and Flower."""
+"""Real processes for integration tests: gunicorn serving the receiver, Celery workers, beat and Flower, and
+`l2u-relay run`'s demo."""
 import datetime
 import ipaddress
 import os
@@ -210,3 +211,28 @@ class RabbitMQ(Process):
         while subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"], capture_output=True, text=True,
                              timeout=30).stdout.startswith("Killing not allowed") and time.monotonic() < deadline:
             time.sleep(0.5)
+
+
+def demo_env():
+    """The environment for ``l2u-relay run``: this one without any of the relay's settings."""
+    return {key: value for key, value in os.environ.items()
+            if not key.startswith(("LOCATE2U_", "REDIS_URL", "RELAY_", "STOREPOINT_", "B2B_", "LOCATE_",
+                                   "DELIVERYCOM_", "FORWARD_", "FLOWER_", "PORT", "GUNICORN_"))}
+
+
+def assert_demo_summary(result, data_dir):
+    """``l2u-relay run --demo-then-exit`` succeeded and its summary says every check passed."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "DEMO MODE" in output
+    assert "demo: waiting for the workers:" in output  # progress while it waits
+    summary = result.stdout.split("=== demo summary ===")[1]  # the summary comes last and stands alone
+    assert "demo: Locate2u delivered 17 events: 16 accepted, 1 recognised as duplicates" in summary
+    assert "demo: all 16 deliveries settled" in summary
+    for name in ("storepoint", "b2b active", "locate", "deliverycom", "dead letters"):
+        assert any(line.lstrip().startswith(name) and line.endswith("✓") for line in summary.splitlines()), name
+    assert "demo: all downstream state as expected" in summary
+    assert "stale" in summary  # the out-of-order pair
+    assert f"process logs: {data_dir / 'demo.log'}" in summary
+    assert '"level"' not in result.stdout  # the processes' JSON lines went to the log file...
+    assert "l2u.process_delivery" in (data_dir / "demo.log").read_text()  # ...which has them

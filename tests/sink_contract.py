@@ -11,6 +11,7 @@ A sink's test module subclasses ``SinkContract`` and provides:
 """
 import pytest
 
+from tests.fixtures import sim_faults
 from workers.errors import PermanentError, RetriableError
 from workers.locations import Location
 from workers.stores import MappingStore
@@ -43,7 +44,7 @@ class SinkContract:
         return self.make_sink(sim, mappings)
 
     def faults(self, sim):
-        return sim.app.config["FAULTS"]
+        return sim_faults(sim)
 
     def test_create(self, sim, sink):
         location = sample_location()

@@ -43,21 +43,23 @@ def assert_guarantees(report, profile):
     assert figures["retries"] > 0 and figures["stops_newest_cancelled"] > 0, report.summary()
 
 
-@pytest.mark.timeout(480)
-def test_ci_profile_keeps_every_guarantee(tmp_path):
-    profile = chaos.PROFILES["ci"]
+def run_and_check(name, tmp_path):
+    """Run chaos profile ``name`` in ``tmp_path``, print its summary and check every guarantee."""
+    profile = chaos.PROFILES[name]
     report = chaos.run(profile, workdir=tmp_path / "chaos")
     print(report.summary())
     assert_guarantees(report, profile)
+
+
+@pytest.mark.timeout(480)
+def test_ci_profile_keeps_every_guarantee(tmp_path):
+    run_and_check("ci", tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_large_profile_keeps_every_guarantee(tmp_path):
-    profile = chaos.PROFILES["large"]
-    report = chaos.run(profile, workdir=tmp_path / "chaos")
-    print(report.summary())
-    assert_guarantees(report, profile)
+    run_and_check("large", tmp_path)
 
 
 # The checks themselves, so a green run means what it says.

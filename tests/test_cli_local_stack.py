@@ -5,8 +5,7 @@ import os
 import subprocess
 import time
 
-from tests.processes import BIN
-from tests.test_demo import demo_env
+from tests.processes import BIN, demo_env
 from workers.devstack import free_port
 
 

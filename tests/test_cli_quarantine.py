@@ -5,9 +5,8 @@ import subprocess
 
 import requests
 
+from tests.helpers import metric, post
 from tests.processes import BIN, process_env
-from tests.test_operations import metric
-from tests.test_receiver import post
 
 
 def cli(settings, *args):

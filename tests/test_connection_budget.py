@@ -13,15 +13,12 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import TEST_SECRET
+from tests.fixtures import sim_faults, sims_settings
+from tests.helpers import TEST_SECRET, post, wait_for
 from tests.payloads import status_change
 from tests.processes import ProcfileProcess, process_env
-from tests.test_receiver import post
-from tests.test_worker_ingest import wait_for
 from workers.config import Settings
 from workers.devstack import EmbeddedRedis
-from workers.ops.simulators import locate2u, storepoint
-from workers.ops.simulators.base import SimulatorServer
 from workers.stores import Ledger
 
 MINI_PLAN_CONNECTIONS = 20
@@ -65,27 +62,17 @@ def own_redis(tmp_path):
 
 
 @pytest.fixture
-def sims():
-    l2u_state = locate2u.Locate2uState()
-    for stop_id in range(FIRST_STOP, FIRST_STOP + DELIVERIES):
-        l2u_state.add_stop(stopId=stop_id)
-    servers = {"locate2u": SimulatorServer(locate2u.create_app(l2u_state)).start(),
-               "storepoint": SimulatorServer(storepoint.create_app(storepoint.StorepointState(token=SP_TOKEN))).start()}
-    servers["storepoint"].app.config["FAULTS"].latency(0.2)  # writes overlap, so every worker child is busy
-    yield servers
-    for server in servers.values():
-        server.stop()
+def sims(simulators):
+    servers = simulators(range(FIRST_STOP, FIRST_STOP + DELIVERIES), storepoint={"token": SP_TOKEN})
+    sim_faults(servers["storepoint"]).latency(0.2)  # writes overlap, so every worker child is busy
+    return servers
 
 
 @pytest.fixture
 def formation(own_redis, sims, tmp_path):
     """web, worker, beat and flower from the Procfile with every pool setting at its default."""
-    l2u_state = sims["locate2u"].app.config["STATE"]
-    settings = Settings(webhook_secret=TEST_SECRET, redis_url=own_redis.url, data_dir=str(tmp_path / "data"),
-                        locate2u_client_id=l2u_state.client_id, locate2u_client_secret=l2u_state.client_secret,
-                        locate2u_api_url=sims["locate2u"].url, locate2u_id_url=sims["locate2u"].url,
-                        storepoint_api_url=sims["storepoint"].url, storepoint_api_token=SP_TOKEN,
-                        flower_basic_auth=":".join(FLOWER_AUTH))
+    settings = sims_settings(Settings(webhook_secret=TEST_SECRET, redis_url=own_redis.url,
+                                      data_dir=str(tmp_path / "data"), flower_basic_auth=":".join(FLOWER_AUTH)), sims)
     env = process_env(settings)
     for name in ("WEB_CONCURRENCY", "CELERY_BROKER_URL", "PORT"):
         env.pop(name, None)

@@ -11,8 +11,7 @@ from werkzeug.security import generate_password_hash
 from receiver import create_app
 from receiver.console import session_key
 from tests.payloads import status_change
-from tests.processes import BIN, Process
-from tests.test_demo import demo_env
+from tests.processes import BIN, Process, demo_env
 from workers.config import ConfigError, Settings
 from workers.devstack import free_port
 from workers.locations import Location

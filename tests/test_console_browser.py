@@ -14,10 +14,9 @@ from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.fixtures import KEY, STOP_ID
+from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
-from tests.test_end_to_end import KEY, STOP_ID, settled, sims, stack_settings  # noqa: F401
-from tests.test_receiver import post
-from tests.test_worker_ingest import wait_for
 from tests.tools import require_binary
 from workers.stores import DeadLetterStore
 
@@ -43,12 +42,9 @@ def browser(tmp_path):
 
 
 @pytest.fixture
-def console(stack_settings, start_process):
+def console(stack_settings, start_stack):
     # The public URL only shapes the subscriptions the overview compares (Locate2u never calls it here).
-    settings = stack_settings.replace(console_password=PASSWORD, public_url="http://127.0.0.1:9")
-    web = start_process("gunicorn", settings)
-    start_process("worker", settings, beat=True)
-    return web
+    return start_stack(stack_settings.replace(console_password=PASSWORD, public_url="http://127.0.0.1:9"))
 
 
 def log_in(driver, base):

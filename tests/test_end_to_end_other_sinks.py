@@ -1,14 +1,9 @@
 """Deliveries through the real receiver and worker to LOCATE, Delivery.com and the signed forward."""
 import pytest
 
+from tests.fixtures import FORWARD_SECRET, sims_settings
+from tests.helpers import post, settled, wait_for
 from tests.payloads import PUBLISHED, status_change
-from workers.ops.simulators import deliverycom, locate, locate2u
-from workers.ops.simulators.base import SimulatorServer
-from tests.test_end_to_end import settled
-from tests.test_receiver import post
-from workers.ops.simulators.forward_receiver import create_receiver
-from tests.test_sink_forward import SECRET
-from tests.test_worker_ingest import wait_for
 from workers.stores import DeadLetterStore
 
 US_STOP, AU_STOP = 501, 502
@@ -16,35 +11,18 @@ LOCATE_KEY, DC_TOKEN = "locate-e2e-key-123", "dc-e2e-token-123"
 
 
 @pytest.fixture
-def sims():
-    l2u_state = locate2u.Locate2uState()
-    l2u_state.add_stop(stopId=US_STOP, name="Park Ave office", address="235 Park Ave S, New York, NY 10003, USA",
+def sims(simulators):
+    park_avenue = dict(stopId=US_STOP, name="Park Ave office", address="235 Park Ave S, New York, NY 10003, USA",
                        location={"latitude": 40.73771, "longitude": -73.987949},
                        contact={"name": "Ann", "phone": "212-555-0123", "email": "ann@example.com"})
-    l2u_state.add_stop(stopId=AU_STOP)  # the spec's example: an Australian address
-    servers = {"locate2u": SimulatorServer(locate2u.create_app(l2u_state)),
-               "locate": SimulatorServer(locate.create_app(locate.LocateState(api_key=LOCATE_KEY))),
-               "deliverycom": SimulatorServer(deliverycom.create_app(deliverycom.DeliverycomState(DC_TOKEN))),
-               "forward": SimulatorServer(create_receiver({"a": SECRET}))}
-    for server in servers.values():
-        server.start()
-    yield servers
-    for server in servers.values():
-        server.stop()
+    return simulators([park_avenue, AU_STOP],  # AU_STOP: the spec's example, an Australian address
+                      locate={"api_key": LOCATE_KEY}, deliverycom={"access_token": DC_TOKEN},
+                      forward={"secrets": {"a": FORWARD_SECRET}})
 
 
 @pytest.fixture
-def web(settings, sims, start_process):
-    l2u_state = sims["locate2u"].app.config["STATE"]
-    stack = settings.replace(
-        locate2u_client_id=l2u_state.client_id, locate2u_client_secret=l2u_state.client_secret,
-        locate2u_api_url=sims["locate2u"].url, locate2u_id_url=sims["locate2u"].url,
-        locate_api_url=sims["locate"].url, locate_api_token=LOCATE_KEY,
-        deliverycom_api_url=sims["deliverycom"].url, deliverycom_access_token=DC_TOKEN,
-        forward_urls=(sims["forward"].url + "/hooks/a",), forward_secret=(SECRET,), retry_schedule=(0, 1, 2))
-    server = start_process("gunicorn", stack)
-    start_process("worker", stack, beat=True)
-    return server
+def web(settings, sims, start_stack):
+    return start_stack(sims_settings(settings, sims, retry_schedule=(0, 1, 2)))
 
 
 def locate_records(sims, stop_id):

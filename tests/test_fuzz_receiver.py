@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
 
 from receiver import create_app
 from receiver.openapi import build_document
-from tests.conftest import TEST_SECRET
+from tests.helpers import TEST_SECRET
 from tests.payloads import PUBLISHED
 from workers.ops.simulators.locate2u import Locate2uServer
 from workers.events import EVENT_TYPES

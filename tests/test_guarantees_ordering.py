@@ -2,28 +2,24 @@
 sink call outlives the per-key lock, and equal ``actionDate``s end in the same state whatever the timing.
 
 Real Redis, the loopback recording sink with its fault plan's latency for slow calls, tasks run in
-process (the Driver of tests/test_pipeline.py) so the interleaving is chosen by the test.
+process (the Driver of tests/fixtures.py) so the interleaving is chosen by the test.
 """
 import threading
 import time
 
 import pytest
 
+from tests.fixtures import KEY, STOP_ID, accept, sim_state
 from tests.payloads import status_change
-from tests.test_pipeline import STOP_ID, accept, driver, l2u, sink_server, sink_state  # noqa: F401 (fixtures)
 from workers import tasks
 from workers.pipeline import deliver
 from workers.celery_config import DELIVER
-from workers.stores import MappingStore
 
-KEY = f"l2u-stop-{STOP_ID}"
 LOCK_KEY = f"l2u:lock:storepoint:{KEY}"
 BUCKET_KEY = "l2u:bucket:storepoint"
 
 
-@pytest.fixture(autouse=True)
-def _sink_mappings(driver):
-    driver.rt.sinks["storepoint"].mappings = MappingStore(driver.rt.redis, "storepoint")
+pytestmark = pytest.mark.usefixtures("driver_mappings")
 
 
 def _deliver_args(driver, delivery_id):
@@ -66,7 +62,7 @@ def test_a_sink_call_slower_than_the_lock_keeps_the_lock(driver, sink_server, mo
     thread.join(60)
     driver.run()
     assert outcome["result"] == "applied"
-    assert sink_state(sink_server).records[KEY]["status"] == "Complete"
+    assert sim_state(sink_server).records[KEY]["status"] == "Complete"
     assert driver.rt.ledger.get(older)["status"] == "stale"
     assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == repr(1651039200.0)  # 06:00 UTC
 
@@ -89,7 +85,7 @@ def test_a_write_whose_lock_lapsed_cannot_leave_the_sink_regressed(driver, sink_
     assert older_outcome == "stale"  # superseded while it was being written
     sink_server.app.config["FAULTS"].latency(0)
     driver.run()  # the newest write is asserted again
-    assert sink_state(sink_server).records[KEY]["status"] == "Complete"
+    assert sim_state(sink_server).records[KEY]["status"] == "Complete"
     assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == repr(1651039200.0)
     assert driver.rt.ledger.get(newer)["status"] == "applied"
     assert driver.rt.ledger.get(older)["status"] == "stale"
@@ -102,7 +98,7 @@ def test_equal_instants_end_in_the_later_received_state_whatever_the_processing_
     second = accept(driver.rt, status_change(STOP_ID, "Failed", instant))
     driver.sent.reverse()  # the later-received event is processed first
     driver.run()
-    assert sink_state(sink_server).records[KEY]["status"] == "Failed"
+    assert sim_state(sink_server).records[KEY]["status"] == "Failed"
     assert driver.rt.ledger.get(first)["status"] == "stale"
     assert driver.rt.ledger.get(second)["status"] == "applied"
 
@@ -112,4 +108,4 @@ def test_equal_instants_in_receipt_order_apply_both(driver, sink_server):
     accept(driver.rt, status_change(STOP_ID, "Arrived", instant))
     accept(driver.rt, status_change(STOP_ID, "Failed", instant))
     driver.run()
-    assert [body["status"] for _, _, body in sink_state(sink_server).writes] == ["Arrived", "Failed"]
+    assert [body["status"] for _, _, body in sim_state(sink_server).writes] == ["Arrived", "Failed"]

@@ -9,8 +9,8 @@ import pytest
 import redis
 from celery.exceptions import Reject
 
+from tests.fixtures import STOP_ID, accept
 from tests.payloads import status_change
-from tests.test_pipeline import STOP_ID, accept, driver, l2u, sink_server  # noqa: F401 (fixtures)
 from workers import tasks
 
 

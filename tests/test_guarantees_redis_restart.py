@@ -11,14 +11,11 @@ import time
 import pytest
 import redis
 
+from tests.fixtures import STOP_ID
+from tests.helpers import post, wait_for
 from tests.payloads import status_change
-from tests.test_end_to_end import sims, stack_settings  # noqa: F401 (fixtures)
-from tests.test_receiver import post
-from tests.test_worker_ingest import wait_for
 from workers.devstack import EmbeddedRedis
 from workers.stores import Ledger, connect
-
-STOP_ID = 164557
 
 
 @pytest.fixture

@@ -6,9 +6,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from tests.fixtures import STOP_ID, Driver, RecordingSink, accept, sim_state
 from tests.payloads import PUBLISHED, status_change
-from tests.test_pipeline import (STOP_ID, Driver, RecordingSink, accept, driver, l2u,  # noqa: F401 (fixtures)
-                                 sink_server, sink_state)
 from workers import ops_commands, tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.http import HttpClient
@@ -21,9 +20,7 @@ from workers.stores import MappingStore
 UNKNOWN_STOP = 424242
 
 
-@pytest.fixture(autouse=True)
-def _sink_mappings(driver):
-    driver.rt.sinks["storepoint"].mappings = MappingStore(driver.rt.redis, "storepoint")
+pytestmark = pytest.mark.usefixtures("driver_mappings")
 
 
 def _expire(rt, delivery_id):
@@ -41,7 +38,7 @@ def test_enrich_dead_letter_whose_entry_expired_is_replayed_from_the_body_it_kep
     l2u.app.config["STATE"].add_stop(stopId=UNKNOWN_STOP)  # fixed upstream
     assert replay_dead_letter(driver.rt, entry) == "queued"
     driver.run()
-    assert sink_state(sink_server).records[f"l2u-stop-{UNKNOWN_STOP}"]["status"] == "Arrived"
+    assert sim_state(sink_server).records[f"l2u-stop-{UNKNOWN_STOP}"]["status"] == "Arrived"
     restored = driver.rt.ledger.get(delivery_id)
     assert restored["status"] == "applied" and json.loads(restored["body"])["stopId"] == UNKNOWN_STOP
     assert float(restored["received_at"]) == received_at  # the tie-break keeps the original receipt
@@ -61,7 +58,7 @@ def test_deliver_dead_letter_whose_entry_expired_leaves_no_half_entry(driver, si
     restored = driver.rt.ledger.get(delivery_id)
     assert restored["status"] == "applied" and "body" in restored
     assert driver.rt.redis.ttl(driver.rt.ledger.key(delivery_id)) > 0
-    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
+    assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
 
 
 class KeyNamedSink(RecordingSink):
@@ -91,10 +88,10 @@ def test_route_stage_replay_redoes_only_the_refused_sink(driver, two_sinks):
     driver.run()
     [entry] = driver.rt.dead_letters.list()
     assert entry["stage"] == "route" and entry["sink"] == "storepoint"
-    assert len(sink_state(two_sinks).writes) == 1
+    assert len(sim_state(two_sinks).writes) == 1
     assert replay_dead_letter(driver.rt, entry) == "queued"
     driver.run()
-    assert len(sink_state(two_sinks).writes) == 1  # the sink that took it is not written again
+    assert len(sim_state(two_sinks).writes) == 1  # the sink that took it is not written again
     outcome, reason = replay_outcome(driver.rt, entry, since=entry["at"] + 0.001)
     assert outcome == "refused again" and "no stopId" in reason
     assert driver.rt.ledger.get(delivery_id)["sinks"]["forward"]["state"] == "applied"
@@ -136,5 +133,5 @@ def test_route_stage_replay_whose_message_is_lost_still_redoes_only_the_refused_
     [(name, args)] = driver.sent  # the sweeper queues through the runtime's sender
     assert name == PROCESS_DELIVERY and args[0] == entry["delivery_id"]
     driver.run()
-    assert len(sink_state(two_sinks).writes) == 1
+    assert len(sim_state(two_sinks).writes) == 1
     assert replay_outcome(driver.rt, entry, since=entry["at"] + 0.001)[0] == "refused again"

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from receiver.handoff import Handoff, RedisTaskMessage, Unavailable, broker_is_ledger_redis
+from tests.helpers import wait_for
 from tests.payloads import PUBLISHED
-from tests.test_worker_ingest import wait_for
 from workers import keys
 from workers.celery_config import INGEST_QUEUE, PROCESS_DELIVERY, make_celery
 from workers.devstack import EmbeddedRedis

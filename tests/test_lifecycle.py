@@ -16,12 +16,10 @@ import time
 import pytest
 import requests
 
-from tests.conftest import TEST_SECRET
+from tests.fixtures import STOP_ID, storepoint_locations
+from tests.helpers import TEST_SECRET, post, settled, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, process_env
-from tests.test_end_to_end import STOP_ID, settled, sims, stack_settings, storepoint_locations  # noqa: F401
-from tests.test_worker_ingest import wait_for
-from tests.test_receiver import post
 from workers.devstack import free_port
 from workers.stores import Ledger
 from workers.webhook_auth import url_token
@@ -95,7 +93,7 @@ def test_sigterm_lets_the_web_process_answer_and_record_the_request_it_is_readin
 
 @pytest.mark.parametrize("every_process", [True, False], ids=["every-process", "main-process-only"])
 def test_sigterm_mid_delivery_stops_the_worker_in_time_and_a_new_worker_applies_it_once(
-        every_process, stack_settings, start_process, sims, redis_client):  # noqa: F811 (fixtures)
+        every_process, stack_settings, start_process, sims, redis_client):
     web = start_process("gunicorn", stack_settings)
     faults = sims["storepoint"].app.config["FAULTS"]
     faults.latency(HEROKU_KILL_AFTER + 15)  # the sink call outlasts the dyno's grace period

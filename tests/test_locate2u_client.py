@@ -4,15 +4,9 @@ import time
 
 import pytest
 
-from workers.ops.simulators.locate2u import EXAMPLE_STOP, Locate2uServer
+from workers.ops.simulators.locate2u import EXAMPLE_STOP
 from workers.errors import NotFound, PermanentError, RetriableError
 from workers.locate2u.client import Locate2uClient, ReauthorizationRequired, RetryPolicy
-
-
-@pytest.fixture
-def sim():
-    with Locate2uServer() as server:
-        yield server
 
 
 @pytest.fixture

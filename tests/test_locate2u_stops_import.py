@@ -1,7 +1,6 @@
 """Stop import: reading CSV/JSON with line numbers, row validation, batches against the simulator."""
 import pytest
 
-from workers.ops.simulators.locate2u import Locate2uServer
 from workers.locate2u.client import Locate2uClient, RetryPolicy
 from workers.locate2u.stops_import import ImportFileError, RowError, import_stops, read_rows, validate_rows
 
@@ -64,12 +63,6 @@ def test_json_rows_keep_their_lines(tmp_path):
 def test_unreadable_files_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(ImportFileError, match=message):
         read_rows(write(tmp_path, "bad.json" if text else "empty.csv", text))
-
-
-@pytest.fixture
-def sim():
-    with Locate2uServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Subscription reconciliation: the plan, and syncs against the simulator."""
 import pytest
 
-from workers.ops.simulators.locate2u import Locate2uServer
 from workers.errors import PermanentError
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.subscriptions import Change, SubscriptionSync, mask_url, plan
@@ -49,12 +48,6 @@ def test_url_tokens_are_masked_for_display():
 
 
 # --- syncs against the simulator ---------------------------------------------------------
-
-@pytest.fixture
-def sim():
-    with Locate2uServer() as server:
-        yield server
-
 
 @pytest.fixture
 def configured(sim, settings):

@@ -6,29 +6,16 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from workers.ops.simulators.locate2u import Locate2uServer
+from tests.fixtures import PUBLIC_URL
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.linking import link_account
 from workers.locate2u.tokens import (LOCK_KEY, REAUTH_HINT, TOKENS_KEY, OAuthStates, ReauthorizationRequired,
                                      TokenStore, pkce_pair)
 
-PUBLIC_URL = "https://relay.example"
-
-
-@pytest.fixture
-def sim():
-    with Locate2uServer() as server:
-        yield server
-
 
 @pytest.fixture
 def cc_settings(sim, settings):
     return sim.configure(settings)
-
-
-@pytest.fixture
-def code_settings(sim, settings):
-    return sim.configure(settings, locate2u_grant="authorization_code", public_url=PUBLIC_URL)
 
 
 def grants(sim):

@@ -6,11 +6,10 @@ import time
 
 import requests
 
+from tests.fixtures import STOP_ID
+from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, process_env
-from tests.test_end_to_end import STOP_ID, settled, sims, stack_settings  # noqa: F401
-from tests.test_receiver import post
-from tests.test_worker_ingest import wait_for
 from workers.devstack import free_port
 
 

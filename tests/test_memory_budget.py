@@ -9,7 +9,7 @@ import pytest
 from workers import housekeeping, operations
 from workers.config import Settings
 from workers.stores import (DeadLetterStore, Ledger, Quarantine, SETTLED_BUCKET_SECONDS, SETTLE_GRACE)
-from tests.conftest import TEST_SECRET
+from tests.helpers import TEST_SECRET
 
 BODY = json.dumps({"stopId": 100001, "stopRef": "L2022E0000001", "tripDate": "2022-04-27", "shipmentId": None,
                    "actionDate": "2022-04-27T00:00:01.0000001+00:00", "oldStatus": "Enroute", "newStatus": "Arrived",

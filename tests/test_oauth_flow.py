@@ -10,24 +10,13 @@ from click.testing import CliRunner
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from receiver import create_app
+from tests.fixtures import PUBLIC_URL
 from workers.cli import main
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.tokens import ACCOUNT_KEY, LINK_TTL, StartLinks
-from workers.ops.simulators.locate2u import USER, Locate2uServer, s256
+from workers.ops.simulators.locate2u import USER, s256
 
-PUBLIC_URL = "https://relay.example"
 OTHER_USER = {"userId": 999, "email": "intruder@example.com", "teamId": 4242, "teamName": "Someone Else"}
-
-
-@pytest.fixture
-def sim():
-    with Locate2uServer() as server:
-        yield server
-
-
-@pytest.fixture
-def code_settings(sim, settings):
-    return sim.configure(settings, locate2u_grant="authorization_code", public_url=PUBLIC_URL)
 
 
 @pytest.fixture

@@ -10,17 +10,10 @@ from receiver import create_app
 from workers.cli import main
 from workers.config import ConfigError, Settings
 from workers.locate2u.tokens import ACCOUNT_KEY, KEY_WARNING, TOKENS_KEY, TokenStore
-from workers.ops.simulators.locate2u import Locate2uServer
 
 OLD_KEY, NEW_KEY = Fernet.generate_key().decode(), Fernet.generate_key().decode()
 TOKENS = {"access_token": "stored-access-token", "refresh_token": "stored-refresh-token"}
 ACCOUNT = {"userId": 1, "teamId": 2, "email": "ops@example.com", "teamName": "Ops"}
-
-
-@pytest.fixture
-def sim():
-    with Locate2uServer() as server:
-        yield server
 
 
 def store(redis_client, settings, **changes):

@@ -1,31 +1,19 @@
 """What operators see: /metrics series, JSON logs with the delivery's context, no secrets, docs in sync."""
 import json
-import re
 import subprocess
 from pathlib import Path
 
 import requests
 
+from tests.fixtures import B2B_TOKEN, SP_TOKEN, STOP_ID
+from tests.helpers import metric, post, settled, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, process_env
-from tests.test_end_to_end import SP_TOKEN, B2B_TOKEN, STOP_ID, settled, sims, stack_settings  # noqa: F401
-from tests.test_receiver import post
-from tests.test_worker_ingest import wait_for
 from workers.config import SettingsSchema
 from workers.logs import settings_secrets
 from workers.stores import DeadLetterStore
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def metric(text, name, **labels):
-    """The value of one sample in Prometheus text, or None."""
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            sample_labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-            if all(sample_labels.get(k) == v for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def test_metrics_logs_and_secrets_after_a_delivery(stack_settings, start_process, redis_client):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_demo import assert_demo_summary, demo_env
+from tests.processes import assert_demo_summary, demo_env
 from workers.devstack import REPO_ROOT, free_port, procfile_commands
 from workers.dyno import PROCESSES
 

@@ -9,108 +9,20 @@ import time
 
 import pytest
 
+from tests.fixtures import STOP_ID, RecordingSink, accept, sim_state
 from tests.payloads import status_change
-from workers.ops.simulators import locate2u, recorder
-from workers.ops.simulators.base import SimulatorServer
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.errors import NotYet
-from workers.http import HttpClient
 from workers.pipeline.replay import replay_dead_letter
 from workers.queue_positions import QueueTickets
-from workers.routes import DEFAULT_ROUTES, Route
-from workers.runtime import Runtime
-from workers.sinks.base import Sink
-from workers.stores import MappingStore
-
-STOP_ID = 164557
-
-
-class RecordingSink(Sink):
-    """A minimal concrete sink: PUT/DELETE /records/<key> on the recorder."""
-
-    name = "recording"
-
-    @classmethod
-    def from_settings(cls, settings, mappings):
-        raise NotImplementedError
-
-    def upsert(self, location, options):
-        body = {"name": location.name, "status": location.status, "version": location.version}
-        return self.client.request("PUT", f"/records/{location.key}", json=body).json()["id"]
-
-    def delete(self, location, options):
-        self.client.request("DELETE", f"/records/{location.key}")
-
-
-@pytest.fixture
-def l2u():
-    state = locate2u.Locate2uState()
-    state.add_stop(stopId=STOP_ID)
-    with SimulatorServer(locate2u.create_app(state)) as server:
-        yield server
-
-
-@pytest.fixture
-def sink_server():
-    with SimulatorServer(recorder.create_app()) as server:
-        yield server
-
-
-class Driver:
-    """Captures the tasks the pipeline sends and runs them in-process."""
-
-    def __init__(self):
-        self.sent = []
-
-    def send_task(self, name, args):
-        self.sent.append((name, args))
-
-    def run(self, release_retries=True, limit=200):
-        """Run sent tasks (and due retries, fast-forwarded) until nothing is left."""
-        for _ in range(limit):
-            if not self.sent and release_retries:
-                self.rt.scheduler.release_due(now=time.time() + 10 ** 6)
-            if not self.sent:
-                return
-            name, args = self.sent.pop(0)
-            {PROCESS_DELIVERY: tasks.process_delivery, DELIVER: tasks.deliver}[name].run(*args)
-        raise AssertionError("tasks kept coming")
-
-
-@pytest.fixture
-def driver(settings, l2u, sink_server, monkeypatch):
-    settings = settings.replace(locate2u_client_id=l2u.app.config["STATE"].client_id,
-                                locate2u_client_secret=l2u.app.config["STATE"].client_secret,
-                                locate2u_api_url=l2u.url, locate2u_id_url=l2u.url, retry_schedule=(0, 1, 2, 3))
-    drv = Driver()
-    rt = Runtime(settings, drv.send_task)
-    rt.routes = {"storepoint": Route("storepoint", on_status={"Cancelled": "delete"},
-                                     breaker={"threshold": 3, "cooldown": 60.0}),
-                 "forward": DEFAULT_ROUTES["forward"]}
-    rt.sinks = {"storepoint": RecordingSink(HttpClient(sink_server.url), mappings=MappingStore(rt.redis, "storepoint"))}
-    drv.rt = rt
-    monkeypatch.setattr(tasks, "runtime", lambda: rt)
-    return drv
-
-
-def accept(rt, body, event_type="stop.status-changed"):
-    """What the receiver does: record, then queue process_delivery."""
-    raw = json.dumps(body)
-    delivery_id = f"d-{abs(hash(raw))}"
-    assert rt.ledger.record(delivery_id, event_type, raw, 3600)
-    rt.scheduler.send_task(PROCESS_DELIVERY, args=[delivery_id, event_type])
-    return delivery_id
-
-
-def sink_state(server):
-    return server.app.config["STATE"]
+from workers.routes import Route
 
 
 def test_delivery_is_enriched_and_applied(driver, sink_server, l2u):
     delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T14:16:40.9450989+10:00"))
     driver.run()
-    record = sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]
+    record = sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]
     assert record == {"name": "Locate2u", "status": "Arrived", "version": "2022-04-27T14:16:40.945098+10:00"}
     entry = driver.rt.ledger.get(delivery_id)
     assert entry["status"] == "applied"
@@ -132,8 +44,8 @@ def test_newest_first_ends_in_the_newest_state(driver, sink_server):
     older = status_change(STOP_ID, "Arrived", "2022-04-27T15:30:00+10:00")  # 05:30 UTC
     newest_id, older_id = accept(driver.rt, newest), accept(driver.rt, older)
     driver.run()
-    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Complete"
-    assert len(sink_state(sink_server).writes) == 1
+    assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Complete"
+    assert len(sim_state(sink_server).writes) == 1
     assert driver.rt.ledger.get(older_id)["sinks"]["storepoint"]["state"] == "stale"
     assert driver.rt.ledger.get(older_id)["status"] == "stale"
     assert driver.rt.ledger.get(newest_id)["status"] == "applied"
@@ -198,17 +110,17 @@ def test_breaker_opens_pauses_without_spending_attempts_and_closes(driver, sink_
     verdict, wait = breaker.admit()
     assert verdict == "open" and 50 < wait <= 60
     # While open, a due retry goes back to wait without another request or attempt.
-    writes_before = len(sink_state(sink_server).writes)
+    writes_before = len(sim_state(sink_server).writes)
     driver.rt.scheduler.release_due(now=time.time() + 5)
     driver.run(release_retries=False)
-    assert len(sink_state(sink_server).writes) == writes_before
+    assert len(sim_state(sink_server).writes) == writes_before
     attempts = [args[4] for _, args, _ in driver.rt.scheduler.pending()]
     assert attempts == [1, 1, 1]
     # After the cooldown one probe goes through, succeeds and closes the breaker.
     driver.rt.redis.hset(breaker.key, "open_until", time.time() - 1)
     driver.run()
     assert breaker.state() == "closed"
-    assert set(sink_state(sink_server).records) == {"l2u-stop-1", "l2u-stop-2", "l2u-stop-3"}
+    assert set(sim_state(sink_server).records) == {"l2u-stop-1", "l2u-stop-2", "l2u-stop-3"}
 
 
 def test_replay_applies_a_fixed_dead_letter(driver, sink_server, l2u):
@@ -222,7 +134,7 @@ def test_replay_applies_a_fixed_dead_letter(driver, sink_server, l2u):
     assert driver.rt.dead_letters.get(entry["id"]) is not None  # kept until applied
     driver.run()
     assert driver.rt.dead_letters.list() == []
-    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["name"] == "Fixed name"
+    assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["name"] == "Fixed name"
     assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
 
 
@@ -230,8 +142,8 @@ def test_cancellation_routes_to_delete(driver, sink_server):
     accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
     accept(driver.rt, status_change(STOP_ID, "Cancelled", "2022-04-27T05:10:00+00:00"))
     driver.run()
-    assert sink_state(sink_server).records == {}
-    assert [w[0] for w in sink_state(sink_server).writes] == ["PUT", "DELETE"]
+    assert sim_state(sink_server).records == {}
+    assert [w[0] for w in sim_state(sink_server).writes] == ["PUT", "DELETE"]
 
 
 def test_events_no_sink_takes_are_unrouted(driver):
@@ -265,7 +177,7 @@ def test_replayed_dead_letter_superseded_by_a_newer_event_ends_stale(driver, sin
     driver.run()
     assert driver.rt.dead_letters.list() == []
     assert driver.rt.ledger.get(entry["delivery_id"])["status"] == "stale"
-    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Complete"
+    assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Complete"
 
 
 # Found by the chaos run (tests/chaos.py): each of these once left a delivery unfinished for good.
@@ -287,7 +199,7 @@ def test_fan_out_interrupted_before_its_deliver_was_queued_is_resumed_on_redeliv
     assert tasks.process_delivery.run(*args) == "resumed"  # Celery redelivers it after the visibility timeout
     driver.run()
     assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
-    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
+    assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
     assert "resumed" in [line["what"] for line in driver.rt.ledger.history(delivery_id)]
 
 
@@ -306,7 +218,7 @@ def test_sweeper_resumes_a_fan_out_whose_deliver_message_was_lost(driver, sink_s
     assert tasks.sweep_received.run() == 0  # re-queued once per sweep_after, not every sweep
     driver.run()
     assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
-    assert sink_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
+    assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
     assert driver.rt.redis.zcard(driver.rt.ledger.OPEN) == 0
 
 

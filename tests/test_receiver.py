@@ -4,20 +4,13 @@ import json
 import pytest
 import requests
 
-from tests.conftest import TEST_SECRET
+from tests.helpers import TEST_SECRET, post
 from tests.payloads import PUBLISHED
 from workers.devstack import EmbeddedRedis
 from workers.stores import Ledger, Quarantine, connect
 from workers.webhook_auth import url_token
 
 STOP = PUBLISHED["stop.status-changed"]
-
-
-def post(base, event_type, body, secret=TEST_SECRET, token=None, **kwargs):
-    token = token if token is not None else url_token(secret, event_type)
-    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return requests.post(f"{base}/webhooks/locate2u/{event_type}/{token}", data=data,
-                         headers={"Content-Type": "application/json"}, timeout=10, **kwargs)
 
 
 @pytest.fixture

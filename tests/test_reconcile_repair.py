@@ -5,11 +5,9 @@ import subprocess
 
 import pytest
 
+from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, process_env
-from tests.test_end_to_end import settled, sims, stack, stack_settings  # noqa: F401
-from tests.test_receiver import post
-from tests.test_worker_ingest import wait_for
 
 STOPS = (7101, 7102, 7103)
 DELETED, CHANGED, UNMAPPED = (f"l2u-stop-{stop}" for stop in STOPS)

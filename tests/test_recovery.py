@@ -11,12 +11,10 @@ import time
 
 import pytest
 
+from tests.fixtures import sims_settings
+from tests.helpers import post, wait_for
 from tests.payloads import status_change
-from tests.test_receiver import post
-from tests.test_worker_ingest import wait_for
 from workers.config import SVIX_RETRY_SCHEDULE
-from workers.ops.simulators import b2b, locate2u, storepoint
-from workers.ops.simulators.base import SimulatorServer
 from workers.stores import Ledger
 
 SP_TOKEN, B2B_TOKEN = "sp-recovery-token-123", "b2b-recovery-token-123"
@@ -26,30 +24,15 @@ DEADLINE = 60  # well below the schedule's 300 s step, far above the target of 1
 
 
 @pytest.fixture
-def sims():
-    l2u_state = locate2u.Locate2uState()
-    for stop_id in STOP_IDS:
-        l2u_state.add_stop(stopId=stop_id, name=f"Stop {stop_id}")
-    servers = {"locate2u": SimulatorServer(locate2u.create_app(l2u_state)).start(),
-               "storepoint": SimulatorServer(storepoint.create_app(storepoint.StorepointState(token=SP_TOKEN))).start(),
-               "b2b": SimulatorServer(b2b.create_app(b2b.B2BState(token=B2B_TOKEN))).start()}
-    yield servers
-    for server in servers.values():
-        server.stop()
+def sims(simulators):
+    return simulators([{"stopId": stop_id, "name": f"Stop {stop_id}"} for stop_id in STOP_IDS],
+                      storepoint={"token": SP_TOKEN}, b2b={"token": B2B_TOKEN})
 
 
 @pytest.fixture
-def stack(settings, sims, start_process):
-    l2u_state = sims["locate2u"].app.config["STATE"]
-    stack_settings = settings.replace(
-        locate2u_client_id=l2u_state.client_id, locate2u_client_secret=l2u_state.client_secret,
-        locate2u_api_url=sims["locate2u"].url, locate2u_id_url=sims["locate2u"].url,
-        storepoint_api_url=sims["storepoint"].url, storepoint_api_token=SP_TOKEN,
-        b2b_api_url=sims["b2b"].url, b2b_api_token=B2B_TOKEN, b2b_business_partner_id="BP-1", b2b_country_id="AU",
-        retry_schedule=SVIX_RETRY_SCHEDULE, visibility_timeout=10)
-    web = start_process("gunicorn", stack_settings)
-    start_process("worker", stack_settings, beat=True)
-    return web
+def stack(settings, sims, start_stack):
+    return start_stack(sims_settings(settings, sims, b2b_business_partner_id="BP-1", b2b_country_id="AU",
+                                     retry_schedule=SVIX_RETRY_SCHEDULE, visibility_timeout=10))
 
 
 def storepoint_outcomes(redis_client, delivery_ids):

@@ -1,4 +1,4 @@
-"""Recovery-aware retries against a real Redis, tasks stepped in-process (``Driver`` of test_pipeline).
+"""Recovery-aware retries against a real Redis, tasks stepped in-process (``Driver`` of tests/fixtures.py).
 
 A retry held only by its sink's health goes out as soon as the sink answers again (a success, or
 the short-cadence probe with the oldest held retry), its attempt not spent for the wait; a
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from tests.fixtures import accept, sim_state
 from tests.payloads import status_change
-from tests.test_pipeline import accept, driver, l2u, sink_server, sink_state  # noqa: F401 (fixtures)
 from workers.beat_schedules import RetriesDue
 from workers.celery_config import DELIVER
 from workers.resilience import CircuitBreaker, RetryScheduler
@@ -70,7 +70,7 @@ def test_outage_held_retries_go_out_on_recovery_oldest_first_without_spending_at
     driver.run(release_retries=False)
     assert rt.scheduler.held("storepoint") == [] and rt.scheduler.pending() == []
     assert rt.breaker("storepoint").state() == "closed"
-    applied_order = [key for _, key, _ in sink_state(sink_server).writes]
+    applied_order = [key for _, key, _ in sim_state(sink_server).writes]
     stop_of = {delivery_id: stop for delivery_id, stop in zip(failed + paused, [1, 2, 3, 4, 5])}
     assert applied_order == [f"l2u-stop-{stop_of[args[0]]}" for args, _ in again]  # oldest (earliest due) first
     for delivery_id in failed:

@@ -6,9 +6,9 @@ import pytest
 import redis
 from celery.exceptions import Reject
 
-from tests.conftest import TEST_SECRET
+from tests.fixtures import flushed_redis
+from tests.helpers import TEST_SECRET, post
 from tests.payloads import PUBLISHED
-from tests.test_receiver import post
 from receiver import create_app
 from workers import redis_health, status, tasks
 from workers.config import Settings
@@ -28,13 +28,11 @@ def own_redis(tmp_path_factory):
 
 @pytest.fixture
 def client(own_redis):
-    client = connect(own_redis.url)
-    client.flushall()
-    yield client
-    client.config_set("maxmemory", 0)
-    client.config_set("maxmemory-policy", "noeviction")
-    client.config_set("save", "")
-    client.close()
+    with flushed_redis(own_redis.url) as client:
+        yield client
+        client.config_set("maxmemory", 0)
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("save", "")
 
 
 @pytest.fixture

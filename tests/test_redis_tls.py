@@ -8,27 +8,16 @@ import subprocess
 import pytest
 import requests
 
-from tests.conftest import TEST_SECRET
+from tests.fixtures import sims_settings
+from tests.helpers import TEST_SECRET, post, wait_for
 from tests.payloads import status_change
-from tests.processes import BIN, CeleryWorker, Gunicorn, ProcfileProcess, TlsRedis, make_tls_certificates, process_env
-from tests.test_receiver import post
-from tests.test_worker_ingest import wait_for
-from tests.tools import require_binary
+from tests.processes import BIN, CeleryWorker, Gunicorn, ProcfileProcess, make_tls_certificates, process_env
 from workers.config import ConfigError, Settings
-from workers.ops.simulators import locate2u, storepoint
-from workers.ops.simulators.base import SimulatorServer
 from workers.stores import Ledger, connect
 
 STOPS = (164601, 164602)
 SP_TOKEN = "sp-tls-token-123"
 FLOWER_AUTH = ("ops", "flower-test-password")
-
-
-@pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory):
-    server = TlsRedis(require_binary("redis-server", "redis-server"), tmp_path_factory.mktemp("redis-tls"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -39,23 +28,12 @@ def tls_settings(tls_redis, tmp_path):
 
 
 @pytest.fixture
-def sims():
-    l2u_state = locate2u.Locate2uState()
-    for stop_id in STOPS:
-        l2u_state.add_stop(stopId=stop_id)
-    servers = {"locate2u": SimulatorServer(locate2u.create_app(l2u_state)).start(),
-               "storepoint": SimulatorServer(storepoint.create_app(storepoint.StorepointState(token=SP_TOKEN))).start()}
-    yield servers
-    for server in servers.values():
-        server.stop()
+def sims(simulators):
+    return simulators(STOPS, storepoint={"token": SP_TOKEN})
 
 
 def with_sinks(settings, sims):
-    l2u_state = sims["locate2u"].app.config["STATE"]
-    return settings.replace(locate2u_client_id=l2u_state.client_id, locate2u_client_secret=l2u_state.client_secret,
-                            locate2u_api_url=sims["locate2u"].url, locate2u_id_url=sims["locate2u"].url,
-                            storepoint_api_url=sims["storepoint"].url, storepoint_api_token=SP_TOKEN,
-                            retry_schedule=(0, 1, 1, 2, 3))
+    return sims_settings(settings, sims, retry_schedule=(0, 1, 1, 2, 3))
 
 
 def status_command(settings):

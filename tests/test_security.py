@@ -20,10 +20,9 @@ import redis
 import requests
 
 from receiver import create_app
-from tests.conftest import TEST_SECRET
+from tests.helpers import TEST_SECRET
 from tests.payloads import PUBLISHED
 from tests.processes import Process, process_env
-from workers.ops.simulators.locate2u import Locate2uServer
 from workers import webhook_auth
 from workers.devstack import REPO_ROOT, free_port
 from workers.locate2u.client import Locate2uClient
@@ -34,7 +33,6 @@ from workers.webhook_auth import token_matches, url_token
 
 PREVIOUS = "previous-secret-0123456789"
 ROTATED_OUT = "rotated-out-secret-0123456789"
-PUBLIC_URL = "https://relay.example"
 STOP = PUBLISHED["stop.assigned"]
 BODY = json.dumps(STOP).encode()
 
@@ -152,17 +150,6 @@ def test_the_receiver_compares_through_token_matches(client, compare_calls, redi
 
 
 # --- OAuth state --------------------------------------------------------------------------------------
-
-@pytest.fixture
-def sim():
-    with Locate2uServer() as server:
-        yield server
-
-
-@pytest.fixture
-def code_settings(sim, settings):
-    return sim.configure(settings, locate2u_grant="authorization_code", public_url=PUBLIC_URL)
-
 
 def operator_start(client):
     """``/start`` through the operator's signed link (what ``l2u-relay oauth url`` prints)."""

@@ -32,16 +32,6 @@ def state():
     return B2BState()
 
 
-@pytest.fixture
-def app(state):
-    return create_app(state)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
 def create(client, *items):
     response = client.post("/Location/create", json=list(items), headers=AUTH)
     assert response.status_code == 201, response.json

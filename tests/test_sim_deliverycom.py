@@ -26,11 +26,6 @@ def state():
     return DeliverycomState()
 
 
-@pytest.fixture
-def client(state):
-    return create_app(state).test_client()
-
-
 def create(client, **fields):
     return client.post("/customer/location", json=valid(**fields), headers=HEADERS)
 

@@ -24,11 +24,6 @@ def state():
     return LocateState(resources=("customeraddress", "carrier"))
 
 
-@pytest.fixture
-def client(state):
-    return create_app(state).test_client()
-
-
 def post(client, path, body, **headers):
     return client.post(path, json=body, headers={**HEADERS, **headers})
 

@@ -18,11 +18,6 @@ def state():
     return Locate2uState()
 
 
-@pytest.fixture
-def client(state):
-    return create_app(state).test_client()
-
-
 def client_token(client, **extra):
     form = {"grant_type": "client_credentials", "client_id": "test-client",
             "client_secret": "test-secret", "scope": "integrations-api", **extra}

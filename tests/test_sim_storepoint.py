@@ -23,16 +23,6 @@ def state():
     return StorepointState()
 
 
-@pytest.fixture
-def app(state):
-    return create_app(state)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
 def create(client, **overrides):
     response = client.post("/locations", json=valid_body(**overrides), headers=AUTH)
     assert response.status_code == 200, response.json

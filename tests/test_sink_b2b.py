@@ -3,22 +3,20 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from workers.ops.simulators.b2b import B2BState, create_app, documented_fault
-from workers.ops.simulators.base import SimulatorServer
+from workers.ops.simulators.b2b import documented_fault
+from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.errors import NotFound, PermanentError, RetriableError
 from workers.sinks.b2b import B2BSink
-from workers.stores import MappingStore
 
 TOKEN, USER, PASSWORD = "b2b-static-token", "b2b-user", "b2b-pass"
 SYDNEY = "55 Miller St, Pyrmont NSW 2009, Australia"
 
 
 @pytest.fixture
-def sim():
-    with SimulatorServer(create_app(B2BState(token=TOKEN, username=USER, password=PASSWORD))) as server:
-        yield server
+def sim(simulator):
+    return simulator("b2b", token=TOKEN, username=USER, password=PASSWORD)
 
 
 def settings_for(sim, **credentials):
@@ -26,17 +24,13 @@ def settings_for(sim, **credentials):
                     b2b_country_id="US", **(credentials or {"b2b_api_token": TOKEN}))
 
 
-def state(sim):
-    return sim.app.config["STATE"]
-
-
 def record(sim, key):
-    return state(sim).by_remote(key)
+    return sim_state(sim).by_remote(key)
 
 
 def requests(sim, method=None):
     """(method, path) of every request the simulator saw, oldest first."""
-    return [(m, path) for m, path, _ in state(sim).requests_log if method in (None, m)]
+    return [(m, path) for m, path, _ in sim_state(sim).requests_log if method in (None, m)]
 
 
 class TestB2BContract(SinkContract):
@@ -44,7 +38,7 @@ class TestB2BContract(SinkContract):
         return B2BSink.from_settings(settings_for(sim), mappings)
 
     def remote(self, sim, key):
-        return [location for location in state(sim).locations.values() if location["idRemote"] == key]
+        return [location for location in sim_state(sim).locations.values() if location["idRemote"] == key]
 
     def remote_name(self, record):
         return record["name"]
@@ -59,11 +53,6 @@ class TestB2BContract(SinkContract):
 class TestB2BContractWithLogin(TestB2BContract):
     def make_sink(self, sim, mappings):
         return B2BSink.from_settings(settings_for(sim, b2b_username=USER, b2b_password=PASSWORD), mappings)
-
-
-@pytest.fixture
-def mappings(redis_client):
-    return MappingStore(redis_client, "b2b")
 
 
 @pytest.fixture
@@ -103,10 +92,10 @@ def test_unknown_route_field_is_a_configuration_error(sim, sink):
 def test_login_once_then_again_when_the_jwt_is_refused(sim, jwt_sink):
     jwt_sink.apply("upsert", sample_location())
     jwt_sink.apply("upsert", sample_location(name="Renamed"))
-    assert state(sim).login_count == 1
-    state(sim).expire_jwts()
+    assert sim_state(sim).login_count == 1
+    sim_state(sim).expire_jwts()
     jwt_sink.apply("upsert", sample_location(name="Renamed again"))
-    assert state(sim).login_count == 2 and record(sim, "l2u-stop-164557")["name"] == "Renamed again"
+    assert sim_state(sim).login_count == 2 and record(sim, "l2u-stop-164557")["name"] == "Renamed again"
     assert [path for _, path in requests(sim)].count("/login") == 2
 
 
@@ -115,7 +104,7 @@ def test_relogin_only_once_per_call(sim, jwt_sink):
     documented_fault(sim.app.config["FAULTS"], 401, times=2, path_prefix="/Location")
     with pytest.raises(PermanentError) as caught:
         jwt_sink.apply("upsert", sample_location())
-    assert caught.value.status == 401 and state(sim).login_count == 2
+    assert caught.value.status == 401 and sim_state(sim).login_count == 2
 
 
 def test_bad_password_fails_without_showing_it(sim, mappings):
@@ -127,15 +116,15 @@ def test_bad_password_fails_without_showing_it(sim, mappings):
 
 
 def test_duplicate_on_create_updates_instead(sim, sink, mappings):
-    existing = state(sim).add("l2u-stop-164557", name="Old name", countryId="US")
+    existing = sim_state(sim).add("l2u-stop-164557", name="Old name", countryId="US")
     assert sink.apply("upsert", sample_location()) == existing["id"]
     assert record(sim, "l2u-stop-164557")["name"] == "Locate2u"
-    assert len(state(sim).locations) == 1 and mappings.get("l2u-stop-164557") == existing["id"]
+    assert len(sim_state(sim).locations) == 1 and mappings.get("l2u-stop-164557") == existing["id"]
 
 
 def test_mapped_but_deleted_there_is_created_again(sim, sink, mappings):
     first = sink.apply("upsert", sample_location())
-    state(sim).locations.clear()
+    sim_state(sim).locations.clear()
     second = sink.apply("upsert", sample_location())
     assert second != first and mappings.get("l2u-stop-164557") == second
 
@@ -152,7 +141,7 @@ def test_deactivating_what_is_not_there_creates_it_inactive(sim, sink, mappings)
     created = record(sim, "l2u-stop-164557")
     assert created["active"] is False and remote_id == created["id"] == mappings.get("l2u-stop-164557")
     assert sink.apply("deactivate", sample_location(status="Cancelled")) == remote_id
-    assert len(state(sim).locations) == 1
+    assert len(sim_state(sim).locations) == 1
 
 
 def test_upsert_many_creates_in_one_call(sim, sink, mappings):
@@ -164,7 +153,7 @@ def test_upsert_many_creates_in_one_call(sim, sink, mappings):
 
 def test_upsert_many_falls_back_per_location(sim, sink):
     sink.apply("upsert", sample_location(stop_id=1))
-    state(sim).add("l2u-stop-2", countryId="US")  # exists, unmapped: 409 for the batch
+    sim_state(sim).add("l2u-stop-2", countryId="US")  # exists, unmapped: 409 for the batch
     locations = [sample_location(stop_id=n, name=f"Stop {n}") for n in (1, 2, 3)]
     locations.append(sample_location(stop_id=4, address="no city here"))
     results = sink.upsert_many(locations)
@@ -190,7 +179,7 @@ def test_delete_refused_for_the_business_partner_deactivates(sim, sink, mappings
 
 
 def test_delete_when_allowed_deletes_and_forgets(sim, sink, mappings):
-    state(sim).allow_delete = True
+    sim_state(sim).allow_delete = True
     sink.apply("upsert", sample_location())
     assert sink.apply("delete", sample_location()) is None
     assert record(sim, "l2u-stop-164557") is None and mappings.get("l2u-stop-164557") is None
@@ -214,9 +203,9 @@ def test_server_errors_are_retriable(sim, sink):
 
 def test_reconcile_rebuilds_and_reports_drift(sim, sink, mappings, redis_client):
     ids = {n: sink.apply("upsert", sample_location(stop_id=n)) for n in (1, 2, 3)}
-    theirs = state(sim).add("ERP-77")["id"]
-    state(sim).locations[ids[2]]["city"] = "Brooklyn"
-    del state(sim).locations[ids[3]]
+    theirs = sim_state(sim).add("ERP-77")["id"]
+    sim_state(sim).locations[ids[2]]["city"] = "Brooklyn"
+    del sim_state(sim).locations[ids[3]]
     redis_client.delete(mappings.key)
     mappings.set("l2u-stop-3", ids[3])
 
@@ -231,10 +220,10 @@ def test_reconcile_rebuilds_and_reports_drift(sim, sink, mappings, redis_client)
 
 def test_reconcile_since_pages_through_recent_changes_only(sim, sink, mappings):
     start = datetime(2025, 1, 1, tzinfo=timezone.utc)
-    state(sim).clock = lambda: start
+    sim_state(sim).clock = lambda: start
     for n in range(1, 4):
         sink.apply("upsert", sample_location(stop_id=n))
-    state(sim).clock = lambda: start + timedelta(days=2)
+    sim_state(sim).clock = lambda: start + timedelta(days=2)
     for n in range(4, 205):
         sink.apply("upsert", sample_location(stop_id=n))
     mappings.delete("l2u-stop-1")

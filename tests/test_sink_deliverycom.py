@@ -1,27 +1,18 @@
 """The Delivery.com sink against the loopback Delivery.com simulator."""
 import pytest
 
-from workers.ops.simulators.base import SimulatorServer
-from workers.ops.simulators.deliverycom import DeliverycomState, create_app
+from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import Settings
 from workers.errors import PermanentError, RetriableError
 from workers.sinks.deliverycom import DeliverycomSink, normalize_phone, rule_violations
-from workers.stores import MappingStore
 
 TOKEN = "dc-test-token"
 
 
 @pytest.fixture
-def sim():
-    server = SimulatorServer(create_app(DeliverycomState(access_token=TOKEN))).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def mappings(redis_client):
-    return MappingStore(redis_client, "deliverycom")
+def sim(simulator):
+    return simulator("deliverycom", access_token=TOKEN)
 
 
 @pytest.fixture
@@ -34,12 +25,8 @@ def make_deliverycom(sim, mappings, token=TOKEN):
     return DeliverycomSink.from_settings(settings, mappings)
 
 
-def state(sim):
-    return sim.app.config["STATE"]
-
-
 def sent(sim, method=None):
-    return [entry for entry in state(sim).requests_log if method is None or entry[0] == method]
+    return [entry for entry in sim_state(sim).requests_log if method is None or entry[0] == method]
 
 
 class TestDeliverycomContract(SinkContract):
@@ -47,7 +34,7 @@ class TestDeliverycomContract(SinkContract):
         return make_deliverycom(sim, mappings)
 
     def remote(self, sim, key):
-        return list(state(sim).locations.values())  # each test's account holds only that test's addresses
+        return list(sim_state(sim).locations.values())  # each test's account holds only that test's addresses
 
     def remote_name(self, record):
         return record["company"]
@@ -62,7 +49,7 @@ class TestDeliverycomContract(SinkContract):
 def test_address_is_split_into_the_seed_fields(sim, sink):
     location_id = sink.apply("upsert", sample_location(address="235 Park Ave S Floor 5, New York, NY 10003-1234",
                                                        contact_phone="+1 (212) 555-0123"))
-    record = state(sim).locations[location_id]
+    record = sim_state(sim).locations[location_id]
     assert {name: record[name] for name in ("street", "unit_number", "city", "state", "zip_code", "phone")} == {
         "street": "235 PARK AVE S", "unit_number": "Floor 5", "city": "NEW YORK", "state": "NY",
         "zip_code": "10003", "phone": "2125550123"}
@@ -91,7 +78,7 @@ def test_every_violation_is_named_at_once():
 
 def test_default_phone_option_fills_a_missing_phone(sim, sink):
     location_id = sink.apply("upsert", sample_location(contact_phone=None), {"default_phone": "(212) 555-0100"})
-    assert state(sim).locations[location_id]["phone"] == "2125550100"
+    assert sim_state(sim).locations[location_id]["phone"] == "2125550100"
 
 
 @pytest.mark.parametrize("text, digits", [("212-555-0123", "2125550123"), ("+1 212 555 0123", "2125550123"),
@@ -113,21 +100,21 @@ def test_addresses_that_are_not_us_street_addresses_are_permanent(sim, sink, add
 
 
 def test_existing_address_on_the_account_is_updated_not_duplicated(sim, sink):
-    existing = state(sim).add({"street": "235 PARK AVE S", "city": "NEW YORK", "state": "NY", "zip_code": "10003",
+    existing = sim_state(sim).add({"street": "235 PARK AVE S", "city": "NEW YORK", "state": "NY", "zip_code": "10003",
                                "phone": "5555555555", "latitude": 40.73771, "longitude": -73.987949})
     location = sample_location()
     assert sink.apply("upsert", location) == existing["location_id"]
-    assert len(state(sim).locations) == 1 and state(sim).locations[existing["location_id"]]["company"] == "Locate2u"
+    assert len(sim_state(sim).locations) == 1 and sim_state(sim).locations[existing["location_id"]]["company"] == "Locate2u"
     [lookup] = sent(sim, "GET")
     assert lookup[2] == {"latitude": "40.73771", "longitude": "-73.987949"}
     assert sent(sim, "POST") == []
 
 
 def test_nearby_different_address_is_not_taken(sim, sink):
-    state(sim).add({"street": "233 PARK AVE S", "city": "NEW YORK", "state": "NY", "zip_code": "10003",
+    sim_state(sim).add({"street": "233 PARK AVE S", "city": "NEW YORK", "state": "NY", "zip_code": "10003",
                     "phone": "5555555555", "latitude": 40.73771, "longitude": -73.987949})
     sink.apply("upsert", sample_location())
-    assert len(state(sim).locations) == 2
+    assert len(sim_state(sim).locations) == 2
 
 
 def test_match_existing_off_skips_the_lookup(sim, sink):
@@ -154,25 +141,25 @@ def test_server_field_errors_carry_their_messages(sim, sink):
 
 def test_bad_loc_id_on_update_is_permanent_and_drops_the_stale_mapping(sim, sink, mappings):
     location_id = sink.apply("upsert", sample_location())
-    state(sim).delete(location_id)
+    sim_state(sim).delete(location_id)
     with pytest.raises(PermanentError) as caught:
         sink.apply("upsert", sample_location(name="Locate2u HQ"))
     assert "bad_loc_id" in str(caught.value) and f"location id {location_id}" in str(caught.value)
     assert mappings.get("l2u-stop-164557") is None
     recreated = sink.apply("upsert", sample_location(name="Locate2u HQ"))
-    assert recreated != location_id and state(sim).locations[recreated]["company"] == "Locate2u HQ"
+    assert recreated != location_id and sim_state(sim).locations[recreated]["company"] == "Locate2u HQ"
 
 
 def test_delete_only_what_we_mapped(sim, sink):
-    other = state(sim).add({"street": "235 PARK AVE S", "city": "NEW YORK", "state": "NY", "zip_code": "10003",
+    other = sim_state(sim).add({"street": "235 PARK AVE S", "city": "NEW YORK", "state": "NY", "zip_code": "10003",
                             "phone": "5555555555"})
     assert sink.apply("delete", sample_location()) is None
-    assert list(state(sim).locations) == [other["location_id"]] and sent(sim) == []
+    assert list(sim_state(sim).locations) == [other["location_id"]] and sent(sim) == []
 
 
 def test_delete_of_an_address_removed_there_succeeds(sim, sink, mappings):
     location_id = sink.apply("upsert", sample_location())
-    state(sim).delete(location_id)
+    sim_state(sim).delete(location_id)
     sink.apply("delete", sample_location())
     assert mappings.get("l2u-stop-164557") is None
 
@@ -187,9 +174,9 @@ def test_unauthorised_is_permanent_and_hides_the_token(sim, mappings):
 def test_reconcile_reports_missing_unknown_and_changed(sim, sink, mappings):
     kept = sink.apply("upsert", sample_location())
     gone = sink.apply("upsert", sample_location(stop_id=2, address="199 Water St, New York, NY 10038"))
-    state(sim).delete(gone)
-    state(sim).update(kept, {"company": "Renamed"})
-    stranger = state(sim).add({"street": "1 Main St", "city": "Boston", "state": "MA", "zip_code": "02108",
+    sim_state(sim).delete(gone)
+    sim_state(sim).update(kept, {"company": "Renamed"})
+    stranger = sim_state(sim).add({"street": "1 Main St", "city": "Boston", "state": "MA", "zip_code": "02108",
                                "phone": "6175550100"})
     report = sink.reconcile()
     assert report.missing_remote == ["l2u-stop-2"]

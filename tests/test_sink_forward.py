@@ -6,37 +6,23 @@ import time
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from workers.ops.simulators.base import SimulatorServer
-from workers.ops.simulators.forward_receiver import create_receiver
+from tests.fixtures import FORWARD_SECRET
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.errors import PermanentError, RetriableError
 from workers.sinks.forward import ForwardSink
-from workers.stores import MappingStore
 
-SECRET = "whsec_" + base64.b64encode(b"forward-test-secret-0123456789ab").decode()
 NEW_SECRET = "whsec_" + base64.b64encode(b"forward-rotated-secret-987654321").decode()
 
 
-def serve(secrets=None):
-    return SimulatorServer(create_receiver(secrets or {"a": SECRET, "b": SECRET})).start()
-
-
 @pytest.fixture
-def sim():
-    server = serve()
-    yield server
-    server.stop()
+def sim(simulator):
+    return simulator("forward", secrets={"a": FORWARD_SECRET, "b": FORWARD_SECRET})
 
 
-def make_forward(urls, mappings, secrets=(SECRET,)):
+def make_forward(urls, mappings, secrets=(FORWARD_SECRET,)):
     settings = Settings(webhook_secret="x" * 16, forward_urls=tuple(urls), forward_secret=tuple(secrets))
     return ForwardSink.from_settings(settings, mappings)
-
-
-@pytest.fixture
-def mappings(redis_client):
-    return MappingStore(redis_client, "forward")
 
 
 def encoded(sink, action, location):
@@ -89,7 +75,7 @@ def test_signature_verifies_with_reference_library(sim, mappings):
     assert abs(int(headers["Webhook-Timestamp"]) - time.time()) < 60
     assert headers["Webhook-Signature"].startswith("v1,") and " " not in headers["Webhook-Signature"]
     data = encoded(sink, "upsert", sample_location())
-    assert Webhook(SECRET).verify(data, headers) == sink.message("upsert", sample_location())
+    assert Webhook(FORWARD_SECRET).verify(data, headers) == sink.message("upsert", sample_location())
     with pytest.raises(WebhookVerificationError):
         Webhook(NEW_SECRET).verify(data, headers)
 
@@ -105,17 +91,14 @@ def test_webhook_id_is_stable_across_retries(sim, mappings):
     assert sink.apply("upsert", sample_location(name="Other")) != first
 
 
-def test_rotation_signs_with_every_secret(mappings):
-    server = serve({"old": SECRET, "new": NEW_SECRET})
-    try:
-        sink = make_forward([f"{server.url}/hooks/old", f"{server.url}/hooks/new"], mappings,
-                            secrets=(SECRET, NEW_SECRET))
-        sink.apply("upsert", sample_location())
-        state = server.app.config["STATE"]
-        assert set(state.messages["old"]) == set(state.messages["new"]) == {"l2u-stop-164557"}
-        assert len(received(server, "old")[0]["Webhook-Signature"].split(" ")) == 2
-    finally:
-        server.stop()
+def test_rotation_signs_with_every_secret(simulator, mappings):
+    server = simulator("forward", secrets={"old": FORWARD_SECRET, "new": NEW_SECRET})
+    sink = make_forward([f"{server.url}/hooks/old", f"{server.url}/hooks/new"], mappings,
+                        secrets=(FORWARD_SECRET, NEW_SECRET))
+    sink.apply("upsert", sample_location())
+    state = server.app.config["STATE"]
+    assert set(state.messages["old"]) == set(state.messages["new"]) == {"l2u-stop-164557"}
+    assert len(received(server, "old")[0]["Webhook-Signature"].split(" ")) == 2
 
 
 def test_wrong_secret_is_permanent_401(sim, mappings):
@@ -166,10 +149,10 @@ def test_redirect_is_not_success(sim, mappings):
 
 def test_secret_never_in_errors(sim, mappings):
     sink = make_forward([f"{sim.url}/hooks/a"], mappings)
-    sim.app.config["FAULTS"].inject(400, body={"echo": SECRET})
+    sim.app.config["FAULTS"].inject(400, body={"echo": FORWARD_SECRET})
     with pytest.raises(PermanentError) as caught:
         sink.apply("upsert", sample_location())
-    assert SECRET not in str(caught.value.to_json())
+    assert FORWARD_SECRET not in str(caught.value.to_json())
 
 
 @pytest.mark.parametrize("secret", ["whsec_", "not base64!"])

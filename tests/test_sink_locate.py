@@ -3,29 +3,19 @@ import time
 
 import pytest
 
-from workers.ops.simulators.base import SimulatorServer
-from workers.ops.simulators.locate import LocateState, create_app
+from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.errors import PermanentError, RetriableError
 from workers.sinks.locate import LocateSink, same_value
-from workers.stores import MappingStore
 
 KEY = "locate-test-key"
 RESOURCE = "customeraddress"
 
 
 @pytest.fixture
-def sim():
-    server = SimulatorServer(create_app(LocateState(api_key=KEY, resources=(RESOURCE, "carrier"),
-                                                    background_delay=0.15))).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def mappings(redis_client):
-    return MappingStore(redis_client, "locate")
+def sim(simulator):
+    return simulator("locate", api_key=KEY, resources=(RESOURCE, "carrier"), background_delay=0.15)
 
 
 @pytest.fixture
@@ -40,16 +30,12 @@ def make_locate(sim, mappings, token=KEY, **options):
     return sink
 
 
-def state(sim):
-    return sim.app.config["STATE"]
-
-
 def records(sim, key, resource=RESOURCE, with_trashed=False):
-    return [row for row in state(sim).rows(resource, with_trashed) if row.get("remote_key") == key]
+    return [row for row in sim_state(sim).rows(resource, with_trashed) if row.get("remote_key") == key]
 
 
 def requests(sim, method=None, path=None):
-    return [entry for entry in state(sim).requests_log
+    return [entry for entry in sim_state(sim).requests_log
             if (method is None or entry[0] == method) and (path is None or entry[1] == path)]
 
 
@@ -72,7 +58,7 @@ class TestLocateContract(SinkContract):
 
 def test_fields_written_with_the_default_mapping(sim, sink):
     record_id = sink.apply("upsert", sample_location())
-    record = state(sim).get(RESOURCE, int(record_id))
+    record = sim_state(sim).get(RESOURCE, int(record_id))
     assert {name: record[name] for name in ("name", "address1", "latitude", "longitude", "phone", "email",
                                             "notes", "remote_key")} == {
         "name": "Locate2u", "address1": "235 Park Ave S, New York, NY 10003, USA", "latitude": 40.73771,
@@ -99,14 +85,14 @@ def test_route_options_choose_resource_mapping_and_static_fields(sim, sink):
     options = {"resource": "carrier", "key_field": "external_ref", "field_map": {"name": "title"},
                "static_fields": {"active": 1}}
     record_id = sink.apply("upsert", sample_location(), options)
-    record = state(sim).get("carrier", int(record_id))
+    record = sim_state(sim).get("carrier", int(record_id))
     assert record.items() >= {"title": "Locate2u", "external_ref": "l2u-stop-164557", "active": 1}.items()
-    assert state(sim).rows(RESOURCE) == []
+    assert sim_state(sim).rows(RESOURCE) == []
 
 
 def test_route_fields_that_name_no_location_attribute_are_written_as_is(sim, sink):
     location = sample_location(fields={"name": "ignored here", "customer_id": "7"})
-    record = state(sim).get(RESOURCE, int(sink.apply("upsert", location)))
+    record = sim_state(sim).get(RESOURCE, int(sink.apply("upsert", location)))
     assert record["customer_id"] == "7" and record["name"] == "Locate2u"
 
 
@@ -119,10 +105,10 @@ def test_unknown_field_map_attribute_is_a_config_error(sim, sink):
 
 @pytest.mark.parametrize("background", ["always", "auto"])
 def test_202_is_read_back_before_returning(sim, sink, background):
-    state(sim).background = background
+    sim_state(sim).background = background
     for name in ("Locate2u", "Locate2u HQ", "Locate2u Depot"):
         record_id = sink.apply("upsert", sample_location(name=name))
-        assert state(sim).get(RESOURCE, int(record_id))["name"] == name  # applied before upsert returned
+        assert sim_state(sim).get(RESOURCE, int(record_id))["name"] == name  # applied before upsert returned
     sink.apply("delete", sample_location())
     assert records(sim, "l2u-stop-164557") == []
     if background == "always":
@@ -130,7 +116,7 @@ def test_202_is_read_back_before_returning(sim, sink, background):
 
 
 def test_202_that_never_shows_is_retriable_and_bounded(sim, sink):
-    state(sim).background, state(sim).background_delay = "always", 5
+    sim_state(sim).background, sim_state(sim).background_delay = "always", 5
     started = time.monotonic()
     with pytest.raises(RetriableError, match="background processing"):
         sink.apply("upsert", sample_location(), {"background_timeout": 0.3})
@@ -138,7 +124,7 @@ def test_202_that_never_shows_is_retriable_and_bounded(sim, sink):
 
 
 def test_background_processing_header_is_a_route_option(sim, sink):
-    state(sim).background = "always"
+    sim_state(sim).background = "always"
     sink.apply("upsert", sample_location(), {"background_processing": "never"})
     [create] = requests(sim, "POST", f"/{RESOURCE}")
     assert create[4]["X-Background-Processing"] == "never"
@@ -149,7 +135,7 @@ def test_background_processing_header_is_a_route_option(sim, sink):
 
 def test_soft_deleted_record_is_restored_not_duplicated(sim, sink, mappings):
     record_id = sink.apply("upsert", sample_location())
-    state(sim).delete(RESOURCE, int(record_id))
+    sim_state(sim).delete(RESOURCE, int(record_id))
     mappings.delete("l2u-stop-164557")  # as after losing Redis
     assert sink.apply("upsert", sample_location(name="Back again")) == record_id
     [record] = records(sim, "l2u-stop-164557", with_trashed=True)
@@ -174,7 +160,7 @@ def test_soft_deleted_record_is_reported_when_restore_is_off(sim, sink):
 
 def test_delete_soft_deletes_every_live_record_with_our_key(sim, sink):
     for _ in range(2):
-        state(sim).create(RESOURCE, {"name": "dup", "address1": "1 Main St", "remote_key": "l2u-stop-164557"})
+        sim_state(sim).create(RESOURCE, {"name": "dup", "address1": "1 Main St", "remote_key": "l2u-stop-164557"})
     sink.apply("delete", sample_location())
     assert records(sim, "l2u-stop-164557") == []
     assert len(records(sim, "l2u-stop-164557", with_trashed=True)) == 2
@@ -211,14 +197,14 @@ def test_login_redirect_is_permanent_not_success(sim, sink):
 def test_reconcile_pages_by_100_with_fields_and_sort(sim, sink, mappings):
     kept = sink.apply("upsert", sample_location())
     gone = sink.apply("upsert", sample_location(stop_id=2))
-    state(sim).delete(RESOURCE, int(gone))
-    state(sim).update(RESOURCE, int(kept), {"name": "Renamed in LOCATE"})
+    sim_state(sim).delete(RESOURCE, int(gone))
+    sim_state(sim).update(RESOURCE, int(kept), {"name": "Renamed in LOCATE"})
     for number in range(1000, 1230):
-        state(sim).create(RESOURCE, {"name": f"stop {number}", "address1": "1 Main St",
+        sim_state(sim).create(RESOURCE, {"name": f"stop {number}", "address1": "1 Main St",
                                      "remote_key": f"l2u-stop-{number}"})
-    duplicate = state(sim).create(RESOURCE, {"name": "dup", "address1": "x", "remote_key": "l2u-stop-164557"})
-    state(sim).create(RESOURCE, {"name": "not ours", "address1": "x"})
-    del state(sim).requests_log[:]
+    duplicate = sim_state(sim).create(RESOURCE, {"name": "dup", "address1": "x", "remote_key": "l2u-stop-164557"})
+    sim_state(sim).create(RESOURCE, {"name": "not ours", "address1": "x"})
+    del sim_state(sim).requests_log[:]
 
     report = sink.reconcile()
 

@@ -3,8 +3,7 @@ import time
 
 import pytest
 
-from workers.ops.simulators.base import SimulatorServer
-from workers.ops.simulators.storepoint import StorepointState, create_app
+from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.errors import NotYet, PermanentError, RetriableError
@@ -15,9 +14,8 @@ TOKEN = "sp-test-token"
 
 
 @pytest.fixture
-def sim():
-    with SimulatorServer(create_app(StorepointState(token=TOKEN))) as server:
-        yield server
+def sim(simulator):
+    return simulator("storepoint", token=TOKEN)
 
 
 def make_sink(sim, mappings):
@@ -25,17 +23,13 @@ def make_sink(sim, mappings):
     return StorepointSink.from_settings(settings, mappings)
 
 
-def state(sim):
-    return sim.app.config["STATE"]
-
-
 def ours(sim, key):
-    return state(sim).find(lambda location: f"l2u:{key}" in location["tags"])
+    return sim_state(sim).find(lambda location: f"l2u:{key}" in location["tags"])
 
 
 def requests(sim, method=None):
     """(method, path) of every request the simulator saw, oldest first."""
-    return [(m, path) for m, path, _ in state(sim).requests_log if method in (None, m)]
+    return [(m, path) for m, path, _ in sim_state(sim).requests_log if method in (None, m)]
 
 
 class TestStorepointContract(SinkContract):
@@ -52,11 +46,6 @@ class TestStorepointContract(SinkContract):
 
     def invalid_location(self):
         return sample_location(contact_email="not-an-email")
-
-
-@pytest.fixture
-def mappings(redis_client):
-    return MappingStore(redis_client, "storepoint")
 
 
 @pytest.fixture
@@ -77,7 +66,7 @@ def test_writes_tags_description_contact_and_coordinates(sim, sink):
 
 def test_update_deleted_there_recreates_and_remaps(sim, sink, mappings):
     first = sink.apply("upsert", sample_location())
-    state(sim).locations.pop(first)  # a person deleted it in the Storepoint dashboard
+    sim_state(sim).locations.pop(first)  # a person deleted it in the Storepoint dashboard
     second = sink.apply("upsert", sample_location(name="Back again"))
     assert second != first and mappings.get("l2u-stop-164557") == second
     [record] = ours(sim, "l2u-stop-164557")
@@ -102,7 +91,7 @@ def test_missing_coordinates_allowed_keeps_a_mapped_location_coordinates(sim, si
     [record] = ours(sim, "l2u-stop-164557")
     assert record["id"] == remote_id and record["name"] == "Renamed"
     assert record["coordinates"] == {"lat": 40.73771, "lng": -73.987949}
-    assert "coordinates" not in state(sim).requests_log[-1][2]
+    assert "coordinates" not in sim_state(sim).requests_log[-1][2]
 
 
 def test_custom_fields_are_checked_once_then_written(sim, sink):
@@ -147,10 +136,10 @@ def test_delete_of_an_unmapped_location_sends_nothing(sim, sink):
 
 def test_reconcile_rebuilds_a_wiped_mapping_and_reports_drift(sim, sink, mappings, redis_client):
     ids = {stop: sink.apply("upsert", sample_location(stop_id=stop)) for stop in (1, 2, 3, 4)}
-    state(sim).locations[ids[2]]["name"] = "Edited by a person"
-    state(sim).locations.pop(ids[3])
-    duplicate = state(sim).add(tags=["l2u:l2u-stop-1"])["id"]
-    foreign = state(sim).add(name="Their own store")["id"]
+    sim_state(sim).locations[ids[2]]["name"] = "Edited by a person"
+    sim_state(sim).locations.pop(ids[3])
+    duplicate = sim_state(sim).add(tags=["l2u:l2u-stop-1"])["id"]
+    foreign = sim_state(sim).add(name="Their own store")["id"]
     redis_client.delete(mappings.key)  # the mapping is lost; what we wrote is not
     mappings.set("l2u-stop-3", ids[3])
 
@@ -162,14 +151,14 @@ def test_reconcile_rebuilds_a_wiped_mapping_and_reports_drift(sim, sink, mapping
     assert report.untracked == [duplicate]  # ours (our tag), lost track of
     assert report.unknown_remote == [foreign]  # not ours
     assert report.scanned == 5
-    before = len(state(sim).locations)
+    before = len(sim_state(sim).locations)
     assert sink.apply("upsert", sample_location(stop_id=1)) == ids[1]
-    assert len(state(sim).locations) == before  # updated, not duplicated
+    assert len(sim_state(sim).locations) == before  # updated, not duplicated
 
 
 def test_reconcile_pages_past_500(sim, sink, mappings):
     for n in range(1203):
-        state(sim).add(name=f"Stop {n}", tags=[f"l2u:l2u-stop-{n}"])
+        sim_state(sim).add(name=f"Stop {n}", tags=[f"l2u:l2u-stop-{n}"])
     report = sink.reconcile()
     assert report.scanned == 1203 and len(report.rebuilt) == 1203
     assert len(mappings.all()) == 1203
@@ -198,7 +187,7 @@ def test_create_still_in_flight_at_storepoint_is_waited_out_not_duplicated(sim, 
     sink = make_sink(sim, mappings)
     sink.client.timeout = (1, 0.5)
     location = sample_location()
-    state(sim).requests_log.clear()
+    sim_state(sim).requests_log.clear()
     sim.app.config["FAULTS"].slow(2.0, path_prefix="/locations")
     with pytest.raises(RetriableError):
         sink.apply("upsert", location)  # read timeout; Storepoint applies it 1.5 s later

@@ -16,7 +16,7 @@ from marshmallow import fields
 
 from tests.payloads import status_change
 from tests.sink_contract import SinkContract, sample_location
-from tests.test_pipeline import Driver
+from tests.fixtures import Driver
 from workers import tasks
 from workers.celery_config import PROCESS_DELIVERY
 from workers.config import ConfigError, Settings

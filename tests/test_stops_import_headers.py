@@ -8,7 +8,6 @@ import pytest
 from tests.processes import BIN, process_env
 from workers.devstack import REPO_ROOT
 from workers.locate2u.stops_import import ImportFileError, map_header
-from workers.ops.simulators.locate2u import Locate2uServer
 
 SAMPLE = REPO_ROOT / "docs" / "stops-sample.csv"
 SNAKE_CASE = """name,address,contact_name,contact_phone,contact_email,trip_date
@@ -19,12 +18,6 @@ TITLE_CASE = """Name,Address,Contact Name,Contact Phone,Contact.Email,Trip Date,
 Alpha,1 George St Sydney,Ann,0212345001,ann@example.com,2026-12-01,-33.86,151.21
 Bravo,3 Pitt St Sydney,Bob,0212345002,bob@example.com,2026-12-01,-33.87,151.20
 """
-
-
-@pytest.fixture
-def sim():
-    with Locate2uServer() as server:
-        yield server
 
 
 def import_command(sim, settings, path, *options):

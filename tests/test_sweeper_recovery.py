@@ -14,32 +14,25 @@ import time
 import pytest
 
 from receiver.handoff import RedisTaskMessage
+from tests.fixtures import STOP_ID, sims_settings
 from tests.payloads import status_change
 from workers import tasks
 from workers.pipeline import fan_out, sweeper
 from workers.celery_config import DELIVER, DELIVER_QUEUE, INGEST_QUEUE, PROCESS_DELIVERY, make_celery
-from workers.ops.simulators import locate2u, storepoint
-from workers.ops.simulators.base import SimulatorServer
 from workers.runtime import Runtime
 from workers.stores import Ledger
 
-STOP_ID = 164557
 SP_TOKEN = "sp-sweeper-token"
 
 
 @pytest.fixture
-def l2u():
-    state = locate2u.Locate2uState()
-    for stop_id in (STOP_ID, STOP_ID + 1):
-        state.add_stop(stopId=stop_id)
-    with SimulatorServer(locate2u.create_app(state)) as server:
-        yield server
+def l2u(simulator):
+    return simulator("locate2u", stops=(STOP_ID, STOP_ID + 1))
 
 
 @pytest.fixture
-def sp():
-    with SimulatorServer(storepoint.create_app(storepoint.StorepointState(token=SP_TOKEN))) as server:
-        yield server
+def sp(simulator):
+    return simulator("storepoint", token=SP_TOKEN)
 
 
 class Broker:
@@ -77,10 +70,7 @@ class Broker:
 
 @pytest.fixture
 def broker(settings, l2u, sp, monkeypatch):
-    l2u_state = l2u.app.config["STATE"]
-    settings = settings.replace(locate2u_client_id=l2u_state.client_id, locate2u_client_secret=l2u_state.client_secret,
-                                locate2u_api_url=l2u.url, locate2u_id_url=l2u.url, storepoint_api_url=sp.url,
-                                storepoint_api_token=SP_TOKEN, retry_schedule=(0, 1, 2, 3))
+    settings = sims_settings(settings, {"locate2u": l2u, "storepoint": sp}, retry_schedule=(0, 1, 2, 3))
     rt = Runtime(settings, make_celery(settings).send_task)
     monkeypatch.setattr(tasks, "runtime", lambda: rt)
     return Broker(rt)

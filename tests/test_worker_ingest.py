@@ -4,21 +4,11 @@ import time
 
 import pytest
 
+from tests.helpers import post, wait_for
 from tests.payloads import PUBLISHED
-from tests.test_receiver import post
 from workers.pipeline import sweeper
 from workers.runtime import Runtime
 from workers.stores import LEDGER_RETENTION, Ledger, Quarantine
-
-
-def wait_for(predicate, timeout=30, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 @pytest.fixture

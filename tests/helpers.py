@@ -1,0 +1,47 @@
+"""Helpers many test modules use: posting a delivery to a receiver, waiting for a condition, reading the
+ledger and /metrics."""
+import json
+import re
+import time
+
+import requests
+
+from workers.stores import Ledger
+from workers.webhook_auth import url_token
+
+TEST_SECRET = "test-webhook-secret-0123456789"
+
+
+def post(base, event_type, body, secret=TEST_SECRET, token=None, **kwargs):
+    """POST ``body`` as a Locate2u delivery to the receiver at ``base``, with the URL token of ``secret``."""
+    token = token if token is not None else url_token(secret, event_type)
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(f"{base}/webhooks/locate2u/{event_type}/{token}", data=data,
+                         headers={"Content-Type": "application/json"}, timeout=10, **kwargs)
+
+
+def wait_for(predicate, timeout=30, interval=0.1):
+    """The first truthy value of ``predicate()``, polled every ``interval`` s; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def settled(redis_client, delivery_id):
+    """The delivery's ledger entry once it is applied, stale or dead-lettered; else None."""
+    entry = Ledger(redis_client).get(delivery_id)
+    return entry if entry and entry["status"] in ("applied", "stale", "dead_lettered") else None
+
+
+def metric(text, name, **labels):
+    """The value of one sample in Prometheus text, or None."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            sample_labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+            if all(sample_labels.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return None
