@@ -30,9 +30,15 @@ def sims(simulators):
 
 
 @pytest.fixture
-def stack(settings, sims, start_stack):
+def stack(settings, sims, start_stack, tmp_path):
+    # Each failed call counts towards the breaker, the 3 s recovery probes too: with the default
+    # threshold of 5, a loaded machine's slower pace let probes open it before the first two
+    # deliveries' second attempt. 10 keeps that order; the later deliveries still open it.
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("storepoint:\n  breaker: {threshold: 10, cooldown: 30}\n")
     return start_stack(sims_settings(settings, sims, b2b_business_partner_id="BP-1", b2b_country_id="AU",
-                                     retry_schedule=SVIX_RETRY_SCHEDULE, visibility_timeout=10))
+                                     retry_schedule=SVIX_RETRY_SCHEDULE, visibility_timeout=10,
+                                     routes_file=str(routes)))
 
 
 def storepoint_outcomes(redis_client, delivery_ids):
