@@ -14,7 +14,8 @@
   state the module's ``state`` fixture gives.
 - Stores: ``mappings``, the MappingStore of the sink the module's ``sim`` stands in for.
 - The in-process pipeline: ``l2u``, ``sink_server`` (the recorder), ``driver`` (a Runtime whose tasks the
-  test runs, see ``Driver``) and ``driver_mappings``.
+  test runs, see ``Driver``) and ``driver_mappings``; ``died_in_first_write`` (a fan-out whose worker
+  dies in its first sink call) and ``fan_out_job`` (a fan-out stopped before its write).
 """
 import base64
 import contextlib
@@ -34,6 +35,7 @@ from workers.http import HttpClient
 from workers.ops.simulators import b2b, deliverycom, locate, locate2u, recorder, storepoint
 from workers.ops.simulators.base import SimulatorServer
 from workers.ops.simulators.forward_receiver import create_receiver
+from workers.pipeline import fan_out
 from workers.routes import DEFAULT_ROUTES, Route
 from workers.runtime import Runtime
 from workers.sinks.base import Sink
@@ -321,6 +323,33 @@ class Driver:
             name, args = self.sent.pop(0)
             {PROCESS_DELIVERY: tasks.process_delivery, DELIVER: tasks.deliver}[name].run(*args)
         raise AssertionError("tasks kept coming")
+
+
+def died_in_first_write(process_args, rt):
+    """Run ``process_delivery(*process_args)`` whose worker dies (SIGKILL) inside its first sink call,
+    after the fan-out marked every sink pending: nothing was written, no deliver message exists, and
+    only a redelivery of process_delivery or the sweeper brings the writes back."""
+    def killed(*_args, **_kwargs):
+        raise SystemExit("SIGKILL")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for sink in rt.sinks.values():
+            patch.setattr(sink, "apply", killed)
+        with pytest.raises(SystemExit):
+            tasks.process_delivery.run(*process_args)
+
+
+def fan_out_job(driver, delivery_id):
+    """Run the delivery's queued process_delivery up to its fan-out; return the task arguments of the
+    one deliver job it would have run in-process, for the test to run when it chooses."""
+    [(name, args)] = [task for task in driver.sent if task[1][0] == delivery_id]
+    driver.sent.remove((name, args))
+    jobs = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fan_out, "deliver_now", lambda rt, job: jobs.append(list(job)))
+        tasks.process_delivery.run(*args)
+    [job] = jobs
+    return job
 
 
 def accept(rt, body, event_type="stop.status-changed"):

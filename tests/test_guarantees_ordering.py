@@ -9,28 +9,16 @@ import time
 
 import pytest
 
-from tests.fixtures import KEY, STOP_ID, accept, sim_state
+from tests.fixtures import KEY, STOP_ID, accept, fan_out_job, sim_state
 from tests.payloads import status_change
 from workers import tasks
 from workers.pipeline import deliver
-from workers.celery_config import DELIVER
 
 LOCK_KEY = f"l2u:lock:storepoint:{KEY}"
 BUCKET_KEY = "l2u:bucket:storepoint"
 
 
 pytestmark = pytest.mark.usefixtures("driver_mappings")
-
-
-def _deliver_args(driver, delivery_id):
-    """Run the delivery's process_delivery; return the deliver task it queued."""
-    [(_, args)] = [task for task in driver.sent if task[1][0] == delivery_id]
-    driver.sent.remove((_, args))
-    tasks.process_delivery.run(*args)
-    [(name, deliver_args)] = [task for task in driver.sent if task[1][0] == delivery_id]
-    driver.sent.remove((name, deliver_args))
-    assert name == DELIVER
-    return deliver_args
 
 
 def _in_thread(work):
@@ -54,7 +42,7 @@ def test_a_sink_call_slower_than_the_lock_keeps_the_lock(driver, sink_server, mo
     sink_server.app.config["FAULTS"].latency(5)  # every sink call takes 5 s, far beyond the lock
     newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
     older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
-    newer_args, older_args = _deliver_args(driver, newer), _deliver_args(driver, older)
+    newer_args, older_args = fan_out_job(driver, newer), fan_out_job(driver, older)
     thread, outcome = _in_thread(lambda: tasks.deliver.run(*newer_args))
     _wait_for_key(driver.rt.redis, LOCK_KEY)
     time.sleep(3)  # longer than the lock's 2 s: only a renewed lock is still held
@@ -74,7 +62,7 @@ def test_a_write_whose_lock_lapsed_cannot_leave_the_sink_regressed(driver, sink_
     sink_server.app.config["FAULTS"].latency(4)
     newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
     older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
-    newer_args, older_args = _deliver_args(driver, newer), _deliver_args(driver, older)
+    newer_args, older_args = fan_out_job(driver, newer), fan_out_job(driver, older)
     thread, newer_outcome = _in_thread(lambda: tasks.deliver.run(*newer_args))
     _wait_for_key(driver.rt.redis, BUCKET_KEY)  # its rate-limit token is taken right before the call
     driver.rt.redis.delete(LOCK_KEY)  # the lock lapses while the newer write is on its way

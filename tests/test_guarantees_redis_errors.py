@@ -9,28 +9,39 @@ import pytest
 import redis
 from celery.exceptions import Reject
 
-from tests.fixtures import STOP_ID, accept
+from tests.fixtures import STOP_ID, RecordingSink, accept, fan_out_job
 from tests.payloads import status_change
 from workers import tasks
-
-
-def _deliver_args(driver, delivery_id):
-    _, args = driver.sent.pop(0)
-    tasks.process_delivery.run(*args)
-    [(_, deliver_args)] = driver.sent
-    driver.sent.clear()
-    return deliver_args
+from workers.http import HttpClient
+from workers.routes import Route
+from workers.stores import MappingStore
 
 
 def test_wrongtype_is_a_bug_dead_lettered_with_the_error_not_requeued_forever(driver):
     delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
-    args = _deliver_args(driver, delivery_id)
+    args = fan_out_job(driver, delivery_id)
     driver.rt.redis.set(driver.rt.versions("storepoint").key, "not a hash")  # a bug elsewhere wrote this
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):  # raised (Flower shows it), not Reject
         tasks.deliver.run(*args)
     [entry] = driver.rt.dead_letters.list()
     assert entry["sink"] == "storepoint" and "WRONGTYPE" in entry["reason"]
     assert driver.rt.ledger.get(delivery_id)["sinks"]["storepoint"]["state"] == "dead_lettered"
+
+
+def test_a_bug_in_one_sinks_write_during_the_fan_out_leaves_the_other_sinks_written(driver, sink_server):
+    """The fan-out writes to each sink in turn in its own process: a bug in one sink's write is
+    dead-lettered for that sink only, and the fan-out goes on with the next."""
+    driver.rt.routes["second"] = Route("second", on_status={"Cancelled": "delete"})
+    driver.rt.sinks["second"] = RecordingSink(HttpClient(sink_server.url),
+                                              mappings=MappingStore(driver.rt.redis, "second"))
+    driver.rt.redis.set(driver.rt.versions("storepoint").key, "not a hash")  # storepoint's write hits the bug
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run()
+    entry = driver.rt.ledger.get(delivery_id)
+    assert entry["sinks"]["storepoint"]["state"] == "dead_lettered"
+    assert entry["sinks"]["second"]["state"] == "applied" and entry["status"] == "dead_lettered"
+    [dead] = driver.rt.dead_letters.list()
+    assert dead["sink"] == "storepoint" and "WRONGTYPE" in dead["reason"]
 
 
 def test_a_script_error_is_a_bug(driver):

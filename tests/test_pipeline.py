@@ -8,8 +8,9 @@ import json
 import time
 
 import pytest
+import redis
 
-from tests.fixtures import STOP_ID, RecordingSink, accept, sim_state
+from tests.fixtures import STOP_ID, RecordingSink, accept, died_in_first_write, sim_state
 from tests.payloads import status_change
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
@@ -182,19 +183,12 @@ def test_replayed_dead_letter_superseded_by_a_newer_event_ends_stale(driver, sin
 
 # Found by the chaos run (tests/chaos.py): each of these once left a delivery unfinished for good.
 
-def test_fan_out_interrupted_before_its_deliver_was_queued_is_resumed_on_redelivery(driver, sink_server):
-    """The worker died between marking the sinks pending and queueing deliver; the redelivered
+def test_fan_out_interrupted_before_its_write_is_resumed_on_redelivery(driver, sink_server):
+    """The worker died between marking the sinks pending and writing to them; the redelivered
     process_delivery found the entry "routed" and returned, so that sink never got the write."""
     delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
     _, args = driver.sent.pop(0)
-
-    def killed(*_args, **_kwargs):
-        raise SystemExit("SIGKILL")
-
-    driver.rt.scheduler.schedule = killed
-    with pytest.raises(SystemExit):
-        tasks.process_delivery.run(*args)
-    del driver.rt.scheduler.schedule
+    died_in_first_write(args, driver.rt)
     assert driver.rt.ledger.get(delivery_id)["sinks"]["storepoint"]["state"] == "pending"
     assert tasks.process_delivery.run(*args) == "resumed"  # Celery redelivers it after the visibility timeout
     driver.run()
@@ -203,16 +197,15 @@ def test_fan_out_interrupted_before_its_deliver_was_queued_is_resumed_on_redeliv
     assert "resumed" in [line["what"] for line in driver.rt.ledger.history(delivery_id)]
 
 
-def test_sweeper_resumes_a_fan_out_whose_deliver_message_was_lost(driver, sink_server):
-    """The broker lost a deliver message (a worker killed between BRPOP and recording it unacked, or
-    Redis stopping then): nothing would ever redeliver it, so the sink stayed pending for good."""
+def test_sweeper_resumes_a_fan_out_whose_worker_died_and_whose_message_was_lost(driver, sink_server):
+    """The worker died in the fan-out's write and the broker lost its message too (a worker killed
+    between BRPOP and recording it unacked, or Redis stopping then): nothing would ever redeliver
+    it, so the sink stayed pending for good."""
     delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
-    name, args = driver.sent.pop(0)
-    tasks.process_delivery.run(*args)
-    [(lost, _)] = driver.sent
-    driver.sent.clear()
-    assert lost == DELIVER
-    assert tasks.sweep_received.run() == 0  # not stalled yet: it may just be queued
+    _, args = driver.sent.pop(0)
+    died_in_first_write(args, driver.rt)
+    assert driver.sent == []
+    assert tasks.sweep_received.run() == 0  # not stalled yet: it may just be in progress
     time.sleep(driver.rt.settings.sweep_after + 0.1)
     assert tasks.sweep_received.run() == 1
     assert tasks.sweep_received.run() == 0  # re-queued once per sweep_after, not every sweep
@@ -232,24 +225,32 @@ def test_sweeper_leaves_a_fan_out_alone_while_its_retry_is_not_due(driver, sink_
     assert tasks.sweep_received.run() == 0 and driver.sent == []
 
 
-def test_broker_outage_while_fanning_out_is_redelivered_not_dead_lettered(driver):
-    """Redis restarting: queueing deliver failed with kombu's OperationalError, which was taken for a
-    bug and dead-lettered as an internal error (when the dead letter itself could still be written)."""
+def test_broker_outage_while_fanning_out_is_redelivered_not_dead_lettered(driver, monkeypatch):
+    """Redis restarting: a fan-out's write, then its resume's deliver message, failed with Redis'
+    and kombu's connection errors, which were taken for a bug and dead-lettered as an internal error
+    (when the dead letter itself could still be written)."""
     from celery.exceptions import Reject
     from kombu.exceptions import OperationalError
 
     delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
     _, args = driver.sent.pop(0)
 
+    def redis_down(*_args, **_kwargs):
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
     def broker_down(name, args):
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
+    with monkeypatch.context() as patch:
+        patch.setattr(driver.rt.versions("storepoint"), "check", redis_down)
+        with pytest.raises(Reject):
+            tasks.process_delivery.run(*args)
     driver.rt.scheduler.send_task = broker_down
     with pytest.raises(Reject):
-        tasks.process_delivery.run(*args)
+        tasks.process_delivery.run(*args)  # the redelivery resumes the fan-out: its message fails
     assert driver.rt.dead_letters.list() == []
     driver.rt.scheduler.send_task = driver.send_task
-    tasks.process_delivery.run(*args)  # the redelivery resumes the fan-out
+    assert tasks.process_delivery.run(*args) == "resumed"
     driver.run()
     assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
 
@@ -312,8 +313,7 @@ def test_sweeper_backs_off_a_fan_out_it_already_resumed(driver):
     not lost; each further resume of the same fan-out waits twice as long, so duplicates stay few."""
     delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
     _, args = driver.sent.pop(0)
-    tasks.process_delivery.run(*args)
-    driver.sent.clear()  # the deliver message is held somewhere, not lost
+    died_in_first_write(args, driver.rt)  # and its message is lost
     grace = driver.rt.settings.sweep_after
     time.sleep(grace + 0.1)
     assert tasks.sweep_received.run() == 1
@@ -332,8 +332,7 @@ def test_sweeper_does_not_resume_while_the_queues_have_a_backlog(driver):
     resumed every fan-out whose deliver had merely waited longer than RELAY_SWEEP_AFTER in the queue."""
     delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
     _, args = driver.sent.pop(0)
-    tasks.process_delivery.run(*args)
-    driver.sent.clear()
+    died_in_first_write(args, driver.rt)
     tickets = QueueTickets(driver.rt.redis)  # what publishing onto the Redis broker records
     for owner, message in (("l2u:delivery:other", "a message ahead of this delivery's"),
                            (driver.rt.ledger.key(delivery_id), "this delivery's deliver")):

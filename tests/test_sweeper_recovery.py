@@ -14,7 +14,7 @@ import time
 import pytest
 
 from receiver.handoff import RedisTaskMessage
-from tests.fixtures import STOP_ID, sims_settings
+from tests.fixtures import STOP_ID, died_in_first_write, sims_settings
 from tests.payloads import status_change
 from workers import tasks
 from workers.pipeline import fan_out, sweeper
@@ -124,21 +124,24 @@ def test_every_state_before_the_end_is_in_the_sweepers_index(broker, l2u):
         seen[rt.ledger.get(delivery_id)["status"]] = rt.redis.zscore(Ledger.OPEN, delivery_id)
 
     note()
-    real_fetch = fan_out.fetch_stop
+    real_fetch, real_deliver = fan_out.fetch_stop, fan_out.deliver_now
 
     def fetch_and_note(rt_, stop_id):
         note()
         return real_fetch(rt_, stop_id)
 
-    fan_out.fetch_stop = fetch_and_note
+    def note_and_deliver(rt_, job):
+        note()
+        return real_deliver(rt_, job)
+
+    fan_out.fetch_stop, fan_out.deliver_now = fetch_and_note, note_and_deliver
     try:
         tasks.process_delivery.run(*broker.take(INGEST_QUEUE)[1])
         note()
         rt.scheduler.release_due(now=time.time() + 60)
         tasks.process_delivery.run(*broker.take(INGEST_QUEUE)[1])
-        note()
     finally:
-        fan_out.fetch_stop = real_fetch
+        fan_out.fetch_stop, fan_out.deliver_now = real_fetch, real_deliver
     assert set(seen) == {"received", "processing", "retrying", "routed"}
     assert all(score is not None for score in seen.values()), seen
 
@@ -204,12 +207,17 @@ def test_a_lost_message_behind_a_deep_backlog_is_requeued_and_the_backlog_left_a
 def test_a_lost_deliver_behind_a_deep_backlog_is_resumed_and_the_backlog_left_alone(broker, sp):
     rt = broker.rt
     lost, waiting = accept(rt, status="Arrived"), accept(rt, stop_id=STOP_ID + 1)
+    for _ in range(2):  # both fan-outs' workers die in their write; the sweeper resumes them
+        died_in_first_write(broker.take(INGEST_QUEUE)[1], rt)
+    past_sweep_after(rt)
+    assert tasks.sweep_received.run() == 2
     for _ in range(2):
-        tasks.process_delivery.run(*broker.take(INGEST_QUEUE)[1])
-    for i in range(300):  # a backlog of other deliveries' writes behind both
+        assert tasks.process_delivery.run(*broker.take(INGEST_QUEUE)[1]) == "resumed"
+    for i in range(300):  # a backlog of other deliveries' writes behind both resumed ones
         rt.scheduler.send_task(DELIVER, args=[f"other-{i}", "storepoint", "upsert", {}, 0, False])
     assert broker.take(DELIVER_QUEUE)[1][0] == lost
     past_sweep_after(rt)
+    past_sweep_after(rt)  # a resumed fan-out's patience doubles
     assert tasks.sweep_received.run() == 1
     [(name, args)] = broker.queued(INGEST_QUEUE)
     assert name == PROCESS_DELIVERY and args[0] == lost

@@ -1,8 +1,11 @@
-"""Fan-out: plan once which sinks take an event and what each writes, then queue one job per sink.
+"""Fan-out: plan once which sinks take an event and what each writes, then deliver each job.
 
 ``plan`` reads the stop from Locate2u (cached briefly) when a routed sink needs it and builds
-each sink's record; ``route_delivery`` (first time) and ``resume_fan_out`` (a fan-out that
-stalled) both queue from a plan.
+each sink's record. ``route_delivery`` (first time) delivers the jobs one after the other in
+this process, with no message per sink: a slow sink delays the next by at most its timeout,
+and a failing one is retried by its own ``deliver`` message, so it never holds the others up
+again. ``resume_fan_out`` (a fan-out that stalled: its worker died mid-way, or a message was
+lost) queues a ``deliver`` message per stalled sink.
 """
 import dataclasses
 import json
@@ -13,6 +16,7 @@ from workers import keys
 from workers.celery_config import PROCESS_DELIVERY
 from workers.errors import PermanentError, RetriableError
 from workers.locations import Location, location_from_stop
+from workers.pipeline.deliver import deliver_now
 from workers.pipeline.jobs import DeliverJob
 from workers.pipeline.outcomes import ROUTE, dead_letter, dead_letter_enrich
 from workers.queue_positions import work_queues
@@ -113,8 +117,10 @@ def route_delivery(rt, event, attempt=0, replay=False, sinks=None):
     if replay:  # what is redone supersedes the earlier dead letters of this delivery
         for name in ["enrich"] + planned.sinks:
             rt.dead_letters.remove(rt.dead_letters.entry_id(event.delivery_id, name))
-    _queue(rt, event, planned)
     rt.ledger.trace(event.delivery_id, "routed", sinks=[job.sink for job in planned.jobs])
+    _refuse(rt, event, planned)
+    for job in planned.jobs:
+        deliver_now(rt, job)
     return "routed" if planned.jobs else "dead_lettered"
 
 
@@ -142,19 +148,19 @@ def resume_fan_out(rt, event, entry, grace=0.0):
                                 for sink in stalled])
     for job in planned.jobs:
         rt.ledger.sink_outcome(job.delivery_id, job.sink, "pending", attempts=job.attempt, reason="resumed")
-    _queue(rt, event, planned)
+    _refuse(rt, event, planned)
+    for job in planned.jobs:
+        job.send(rt)
     rt.ledger.count_resume(event.delivery_id)
     rt.ledger.trace(event.delivery_id, "resumed", sinks=stalled)
     log.warning("resumed a stalled fan-out to %s", ", ".join(stalled))
     return "resumed"
 
 
-def _queue(rt, event, planned):
-    """Dead-letter the refused sinks (route stage), queue the others' jobs."""
+def _refuse(rt, event, planned):
+    """Dead-letter the sinks the plan refused (route stage)."""
     for job, exc in planned.refused:
         dead_letter(rt, job, job.attempt + 1, exc, stage=ROUTE, event_type=event.event_type)
-    for job in planned.jobs:
-        job.send(rt)
 
 
 def _retry_enrich(rt, event, attempt, exc, replay, sinks=None):
