@@ -28,7 +28,7 @@ from receiver.webhooks import delivery_id_for
 from tests.processes import process_env
 from workers.config import Settings
 from workers.pipeline.fan_out import STOP_CACHE_SECONDS
-from workers.stores import SETTLE_GRACE, DeadLetterStore, Ledger
+from workers.store.stores import SETTLE_GRACE, DeadLetterStore, Ledger
 
 MIB = 1024 * 1024
 # Heroku Key-Value Store plans (deploy-facts.md): name, maxmemory.

@@ -32,7 +32,7 @@ from bench import e2e, load, memory, sims
 from bench.stack import Stack, peak_rss_mib
 from tests.processes import process_env
 from workers.config import Settings
-from workers.webhook_auth import url_token
+from workers.locate2u.webhook_auth import url_token
 
 SECRET = "bench-webhook-secret-0123456789"
 EVENT_PATH = f"/webhooks/locate2u/{e2e.EVENT_TYPE}/" + url_token(SECRET, e2e.EVENT_TYPE)

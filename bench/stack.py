@@ -12,8 +12,8 @@ from pathlib import Path
 import requests
 
 from tests.processes import Process as TestProcess
-from workers.devstack import REPO_ROOT, EmbeddedRedis, free_port
-from workers.stores import connect
+from workers.ops.devstack import REPO_ROOT, EmbeddedRedis, free_port
+from workers.store.stores import connect
 
 BIN = Path(sys.executable).parent
 

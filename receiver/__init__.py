@@ -5,10 +5,10 @@ from flask import Flask
 
 from receiver import console, errors, health, metrics, oauth, openapi, webhooks
 from receiver.handoff import Handoff
-from workers import redis_health
+from workers.store import redis_health
 from workers.config import ConfigError, Settings
 from workers.logs import configure_logging
-from workers.routes import load_routes
+from workers.pipeline.routes import load_routes
 
 
 def create_app(settings=None):

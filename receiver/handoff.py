@@ -14,8 +14,8 @@ import redis
 from kombu.exceptions import KombuError, OperationalError
 
 from workers.celery_config import INGEST_QUEUE, PROCESS_DELIVERY, make_celery
-from workers.redis_messages import RedisTaskMessage, broker_is_ledger_redis
-from workers.stores import Ledger, Quarantine, connect
+from workers.store.redis_messages import RedisTaskMessage, broker_is_ledger_redis
+from workers.store.stores import Ledger, Quarantine, connect
 
 log = logging.getLogger(__name__)
 BROKER_ERRORS = (KombuError, OperationalError, ConnectionError, OSError, redis.RedisError)

@@ -4,7 +4,7 @@ import redis
 from flask import Blueprint, current_app, jsonify
 
 from receiver.oauth import auth_status, key_warning
-from workers import redis_health
+from workers.store import redis_health
 
 bp = Blueprint("health", __name__)
 

@@ -20,7 +20,7 @@ from receiver.errors import error_response
 from receiver.handoff import BROKER_ERRORS
 from workers.celery_config import CONTROL_QUEUE, SYNC_SUBSCRIPTIONS
 from workers.config import ConfigError
-from workers.errors import PermanentError, RetriableError
+from workers.resilience.errors import PermanentError, RetriableError
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.linking import AccountChanged, link_account
 from workers.locate2u.tokens import STATE_TTL, OAuthStates, StartLinks, pkce_pair

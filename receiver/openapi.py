@@ -1,7 +1,7 @@
 """``GET /openapi.json``: the receiver's OpenAPI 3 document, generated with apispec.
 
 Each event type is one operation whose request body is that type's marshmallow
-schema from ``workers.events``; every rejection is the one ``Error`` shape of
+schema from ``workers.domain.events``; every rejection is the one ``Error`` shape of
 ``receiver.errors``. The URL token is a path parameter described by its shape
 only: the document is public and names no secret.
 """
@@ -13,7 +13,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, jsonify
 from marshmallow import Schema, fields, validate
 
-from workers.events import ANY_ENTITY_KEYS, EVENT_TYPES, SCHEMAS
+from workers.domain.events import ANY_ENTITY_KEYS, EVENT_TYPES, SCHEMAS
 
 bp = Blueprint("openapi", __name__)
 

@@ -7,8 +7,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from receiver.errors import error_response
 from receiver.handoff import Unavailable
-from workers.events import EVENT_TYPES, missing_key_field
-from workers.webhook_auth import token_matches
+from workers.domain.events import EVENT_TYPES, missing_key_field
+from workers.locate2u.webhook_auth import token_matches
 
 bp = Blueprint("webhooks", __name__)
 RETRY_AFTER_SECONDS = 5

@@ -67,12 +67,12 @@ from workers.ops.simulators import b2b, locate2u, storepoint
 from workers.ops.simulators.base import SimulatorServer
 from workers.celery_config import DELIVER_QUEUE, INGEST_QUEUE
 from workers.config import Settings
-from workers.devstack import EmbeddedRedis
+from workers.ops.devstack import EmbeddedRedis
 from workers.locate2u.client import API_TIMEOUT
 from workers.metrics import COUNTERS
-from workers.resilience import RetryScheduler
-from workers.stores import FINAL_SINK_STATES, FINAL_STATES, DeadLetterStore, Ledger, connect
-from workers.webhook_auth import url_token
+from workers.resilience.controls import RetryScheduler
+from workers.store.stores import FINAL_SINK_STATES, FINAL_STATES, DeadLetterStore, Ledger, connect
+from workers.locate2u.webhook_auth import url_token
 
 STATUSES = ("Enroute", "Arrived", "Complete", "Failed", "Cancelled")
 STOP_RECORD_STATUS = "Pending"  # what a stop.assigned event (no newStatus) leaves: the stop's own status

@@ -30,16 +30,16 @@ from tests.tools import require_binary
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.config import Settings
-from workers.devstack import EmbeddedRedis
-from workers.http import HttpClient
+from workers.ops.devstack import EmbeddedRedis
+from workers.resilience.http import HttpClient
 from workers.ops.simulators import b2b, deliverycom, locate, locate2u, recorder, storepoint
 from workers.ops.simulators.base import SimulatorServer
 from workers.ops.simulators.forward_receiver import create_receiver
 from workers.pipeline import fan_out
-from workers.routes import DEFAULT_ROUTES, Route
+from workers.pipeline.routes import DEFAULT_ROUTES, Route
 from workers.runtime import Runtime
 from workers.sinks.base import Sink
-from workers.stores import Ledger, MappingStore, connect
+from workers.store.stores import Ledger, MappingStore, connect
 
 STOP_ID = 164557
 KEY = f"l2u-stop-{STOP_ID}"

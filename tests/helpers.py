@@ -6,8 +6,8 @@ import time
 
 import requests
 
-from workers.stores import Ledger
-from workers.webhook_auth import url_token
+from workers.store.stores import Ledger
+from workers.locate2u.webhook_auth import url_token
 
 TEST_SECRET = "test-webhook-secret-0123456789"
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from workers.devstack import REPO_ROOT, free_port, procfile_commands
+from workers.ops.devstack import REPO_ROOT, free_port, procfile_commands
 
 BIN = Path(sys.executable).parent
 

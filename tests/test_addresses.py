@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.addresses import US_STATES, AddressParts, locality_parts, split_us_address
+from workers.domain.addresses import US_STATES, AddressParts, locality_parts, split_us_address
 from workers.sinks.deliverycom import RULES, rule_violations
 
 PART_FIELDS = ("street", "unit", "city", "state", "zip_code", "country", "problem")

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from workers.devstack import REPO_ROOT
+from workers.ops.devstack import REPO_ROOT
 
 HEADER = "| phase | what | throughput | p50 | p99 | ratio |"
 

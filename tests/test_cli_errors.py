@@ -8,8 +8,8 @@ import click
 import pytest
 
 from tests.processes import BIN
-from workers.cli import main
-from workers.devstack import free_port
+from workers.ops.cli import main
+from workers.ops.devstack import free_port
 
 SECRET = "cli-test-webhook-secret-0123"
 # Commands whose documented exit status is not 2 for the case (Locate2u commands: 1 when Redis fails).

@@ -6,7 +6,7 @@ import subprocess
 import time
 
 from tests.processes import BIN, demo_env
-from workers.devstack import free_port
+from workers.ops.devstack import free_port
 
 
 def wait_for_text(path, text, proc, timeout):

@@ -1,7 +1,7 @@
 import pytest
 
 from workers.config import MIB, ConfigError, Settings
-from workers.events import EVENT_TYPES
+from workers.domain.events import EVENT_TYPES
 
 SECRET = "s" * 20
 

@@ -18,8 +18,8 @@ from tests.helpers import TEST_SECRET, post, wait_for
 from tests.payloads import status_change
 from tests.processes import ProcfileProcess, process_env
 from workers.config import Settings
-from workers.devstack import EmbeddedRedis
-from workers.stores import Ledger
+from workers.ops.devstack import EmbeddedRedis
+from workers.store.stores import Ledger
 
 MINI_PLAN_CONNECTIONS = 20
 DELIVERIES = 120

@@ -13,12 +13,12 @@ from receiver.console import session_key
 from tests.payloads import status_change
 from tests.processes import BIN, Process, demo_env
 from workers.config import ConfigError, Settings
-from workers.devstack import free_port
-from workers.locations import Location
+from workers.ops.devstack import free_port
+from workers.domain.locations import Location
 from workers.ops.simulators import storepoint
 from workers.ops.simulators.base import SimulatorServer
 from workers.sinks.storepoint import StorepointSink
-from workers.stores import DeadLetterStore, Ledger, MappingStore, Quarantine, connect
+from workers.store.stores import DeadLetterStore, Ledger, MappingStore, Quarantine, connect
 
 PASSWORD = "console-test-password-123"
 SP_TOKEN = "sp-console-token-123"

@@ -2,7 +2,7 @@
 import subprocess
 
 from tests.processes import BIN, assert_demo_summary, demo_env
-from workers.devstack import REPO_ROOT, free_port
+from workers.ops.devstack import REPO_ROOT, free_port
 
 
 def run_demo(data_dir, *options, port=None):

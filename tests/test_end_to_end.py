@@ -7,7 +7,7 @@ from tests.fixtures import KEY, STOP_ID, b2b_locations, kill_worker_mid_write, s
 from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, process_env
-from workers.stores import MappingStore
+from workers.store.stores import MappingStore
 
 
 def test_status_change_becomes_one_location_in_each_system(stack, sims, redis_client):

@@ -4,7 +4,7 @@ import pytest
 from marshmallow import ValidationError
 
 from tests.payloads import PUBLISHED
-from workers.events import EVENT_TYPES, missing_key_field, parse_event
+from workers.domain.events import EVENT_TYPES, missing_key_field, parse_event
 
 
 @pytest.mark.parametrize("event_type", sorted(EVENT_TYPES))

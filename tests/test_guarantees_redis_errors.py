@@ -12,9 +12,9 @@ from celery.exceptions import Reject
 from tests.fixtures import STOP_ID, RecordingSink, accept, fan_out_job
 from tests.payloads import status_change
 from workers import tasks
-from workers.http import HttpClient
-from workers.routes import Route
-from workers.stores import MappingStore
+from workers.resilience.http import HttpClient
+from workers.pipeline.routes import Route
+from workers.store.stores import MappingStore
 
 
 def test_wrongtype_is_a_bug_dead_lettered_with_the_error_not_requeued_forever(driver):
@@ -72,7 +72,7 @@ def test_out_of_memory_is_an_outage_and_nothing_is_dead_lettered(driver, out_of_
 
 
 def test_a_read_only_replica_is_an_outage(redis_client):
-    from workers.devstack import free_port
+    from workers.ops.devstack import free_port
     from workers.tasks import redis_outage
 
     redis_client.replicaof("127.0.0.1", free_port())  # nothing listens there: stays a read-only replica
@@ -87,7 +87,7 @@ def test_a_read_only_replica_is_an_outage(redis_client):
 def test_a_server_busy_running_a_long_script_is_an_outage(redis_server, redis_client):
     import threading
 
-    from workers.stores import connect
+    from workers.store.stores import connect
     from workers.tasks import redis_outage
 
     redis_client.config_set("lua-time-limit", 100)  # BUSY after 100 ms of one script

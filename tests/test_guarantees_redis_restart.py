@@ -14,8 +14,8 @@ import redis
 from tests.fixtures import STOP_ID
 from tests.helpers import post, wait_for
 from tests.payloads import status_change
-from workers.devstack import EmbeddedRedis
-from workers.stores import Ledger, connect
+from workers.ops.devstack import EmbeddedRedis
+from workers.store.stores import Ledger, connect
 
 
 @pytest.fixture

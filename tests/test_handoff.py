@@ -7,11 +7,11 @@ import pytest
 from receiver.handoff import Handoff, RedisTaskMessage, Unavailable, broker_is_ledger_redis
 from tests.helpers import wait_for
 from tests.payloads import PUBLISHED
-from workers import keys
+from workers.store import keys
 from workers.celery_config import INGEST_QUEUE, PROCESS_DELIVERY, make_celery
-from workers.devstack import EmbeddedRedis
-from workers.queue_positions import QueueTickets
-from workers.stores import Ledger, connect
+from workers.ops.devstack import EmbeddedRedis
+from workers.store.queue_positions import QueueTickets
+from workers.store.stores import Ledger, connect
 
 BODY = json.dumps(PUBLISHED["trip.created"])
 

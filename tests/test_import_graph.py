@@ -22,30 +22,30 @@ RECEIVER_ALLOWED = {
     # start-up (receiver/__init__.py)
     "workers.config": "Settings and ConfigError: one configuration for the web and worker processes",
     "workers.logs": "logging set-up with redaction: the web process logs as the workers do",
-    "workers.routes": "the routes file: every process refuses a bad one at start-up; the workers apply it",
-    "workers.redis_health": "Redis reachability and memory checks, for start-up and /readyz as for `status`",
+    "workers.pipeline.routes": "the routes file: every process refuses a bad one at start-up; the workers apply it",
+    "workers.store.redis_health": "Redis reachability and memory checks, for start-up and /readyz as for `status`",
     # webhook intake and hand-off (webhooks.py, handoff.py, openapi.py)
-    "workers.events": "event types, key fields and schemas: what the receiver accepts and documents is what "
+    "workers.domain.events": "event types, key fields and schemas: what the receiver accepts and documents is what "
                       "the workers process",
-    "workers.webhook_auth": "the webhook URL token check, matching the URLs the subscriptions register",
+    "workers.locate2u.webhook_auth": "the webhook URL token check, matching the URLs the subscriptions register",
     "workers.celery_config": "queue and task names, and the Celery app factory the hand-off sends with",
-    "workers.redis_messages": "the Redis task message format, for the atomic ledger-and-queue hand-off",
-    "workers.stores": "Redis connections, Ledger and Quarantine: the receiver writes the ledger the workers read",
-    "workers.keys": "the Redis key and queue names, so the web process reads and writes what the workers do",
+    "workers.store.redis_messages": "the Redis task message format, for the atomic ledger-and-queue hand-off",
+    "workers.store.stores": "Redis connections, Ledger and Quarantine: the receiver writes the ledger the workers read",
+    "workers.store.keys": "the Redis key and queue names, so the web process reads and writes what the workers do",
     # /metrics (metrics.py)
     "workers.metrics": "queue-depth and ledger metrics collected from Redis, served by the web process",
     "workers.sinks": "sink names and which are configured (no connector code): metrics labels, console filters",
     # Locate2u OAuth callback (oauth.py, health.py)
-    "workers.errors": "retriable / permanent errors raised by the Locate2u client and token exchange",
+    "workers.resilience.errors": "retriable / permanent errors raised by the Locate2u client and token exchange",
     "workers.locate2u.client": "the Locate2u client that exchanges the callback's code",
     "workers.locate2u.linking": "linking the authorising account (and refusing another one) as the CLI does",
     "workers.locate2u.tokens": "OAuth states, start links, PKCE and the token store shared with the workers",
     # operator console (console/)
     "workers.runtime": "the Runtime (settings, Redis, sinks, task sending) the console's operations run in",
-    "workers.operations": "replay, release, discard and search: the console runs the CLI's operations",
+    "workers.ops.operations": "replay, release, discard and search: the console runs the CLI's operations",
 }
 # Modules the web process must never load, even through the allowed ones: the command line and benchmarks.
-RECEIVER_NEVER = ("workers.cli", "workers.ops_commands", "workers.locate2u.commands",
+RECEIVER_NEVER = ("workers.ops.cli", "workers.ops.commands", "workers.locate2u.commands",
                   "workers.locate2u.stops_command", "bench")
 
 # Import edges that close a known cycle which this branch could not break without editing a module
@@ -176,7 +176,7 @@ def test_the_graph_sees_module_level_and_function_level_imports():
     assert "workers.config" in graph["receiver"]  # module level, ``from workers.config import ...``
     assert "workers.locate2u.tokens" in graph["workers.locate2u.client"]  # parenthesised ``from ... import``
     assert "workers.ops.simulators.base" in graph["workers.ops.simulators.b2b"]  # relative ``from .base import``
-    assert "workers.devstack" in graph["workers.cli"]  # only imported inside functions
+    assert "workers.ops.devstack" in graph["workers.ops.cli"]  # only imported inside functions
 
 
 def test_cycles_are_found_and_reported_with_their_path():

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from workers.ops.simulators.locate2u import EXAMPLE_STOP
-from workers.errors import NotFound, PermanentError, RetriableError
+from workers.resilience.errors import NotFound, PermanentError, RetriableError
 from workers.locate2u.client import Locate2uClient, ReauthorizationRequired, RetryPolicy
 
 

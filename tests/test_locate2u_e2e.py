@@ -11,9 +11,9 @@ import requests
 from tests.payloads import PUBLISHED
 from tests.processes import BIN, process_env
 from workers.celery_config import CONTROL_QUEUE, SYNC_SUBSCRIPTIONS, make_celery
-from workers.devstack import REPO_ROOT, free_port
+from workers.ops.devstack import REPO_ROOT, free_port
 from workers.locate2u.tokens import REAUTH_HINT, TokenStore
-from workers.webhook_auth import url_token
+from workers.locate2u.webhook_auth import url_token
 
 REAUTH = f"reauthorization required: {REAUTH_HINT}"
 

@@ -1,10 +1,10 @@
 """Subscription reconciliation: the plan, and syncs against the simulator."""
 import pytest
 
-from workers.errors import PermanentError
+from workers.resilience.errors import PermanentError
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.subscriptions import Change, SubscriptionSync, mask_url, plan
-from workers.webhook_auth import webhook_url
+from workers.locate2u.webhook_auth import webhook_url
 
 PUBLIC = "https://relay.example"
 PREFIX = PUBLIC + "/webhooks/locate2u/"

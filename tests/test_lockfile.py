@@ -16,7 +16,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from setuptools.config.setupcfg import read_configuration
 
-from workers.devstack import REPO_ROOT
+from workers.ops.devstack import REPO_ROOT
 
 LOCK_FILE = REPO_ROOT / "requirements.txt"
 # Heroku's Python buildpack refuses an app with files of more than one package manager.

@@ -10,7 +10,7 @@ from tests.fixtures import STOP_ID
 from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, process_env
-from workers.devstack import free_port
+from workers.ops.devstack import free_port
 
 
 def not_json(output):

@@ -6,9 +6,11 @@ import time
 
 import pytest
 
-from workers import housekeeping, operations
+from workers.ops import operations
+
+from workers.store import housekeeping
 from workers.config import Settings
-from workers.stores import (DeadLetterStore, Ledger, Quarantine, SETTLED_BUCKET_SECONDS, SETTLE_GRACE)
+from workers.store.stores import (DeadLetterStore, Ledger, Quarantine, SETTLED_BUCKET_SECONDS, SETTLE_GRACE)
 from tests.helpers import TEST_SECRET
 
 BODY = json.dumps({"stopId": 100001, "stopRef": "L2022E0000001", "tripDate": "2022-04-27", "shipmentId": None,

@@ -11,7 +11,7 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from receiver import create_app
 from tests.fixtures import PUBLIC_URL
-from workers.cli import main
+from workers.ops.cli import main
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.tokens import ACCOUNT_KEY, LINK_TTL, StartLinks
 from workers.ops.simulators.locate2u import USER, s256

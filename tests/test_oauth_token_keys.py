@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from cryptography.fernet import Fernet
 
 from receiver import create_app
-from workers.cli import main
+from workers.ops.cli import main
 from workers.config import ConfigError, Settings
 from workers.locate2u.tokens import ACCOUNT_KEY, KEY_WARNING, TOKENS_KEY, TokenStore
 

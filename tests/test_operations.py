@@ -11,7 +11,7 @@ from tests.payloads import status_change
 from tests.processes import BIN, process_env
 from workers.config import SettingsSchema
 from workers.logs import settings_secrets
-from workers.stores import DeadLetterStore
+from workers.store.stores import DeadLetterStore
 
 REPO = Path(__file__).resolve().parents[1]
 

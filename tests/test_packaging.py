@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.processes import assert_demo_summary, demo_env
-from workers.devstack import REPO_ROOT, free_port, procfile_commands
+from workers.ops.devstack import REPO_ROOT, free_port, procfile_commands
 from workers.dyno import PROCESSES
 
 

@@ -14,10 +14,10 @@ from tests.fixtures import STOP_ID, RecordingSink, accept, died_in_first_write, 
 from tests.payloads import status_change
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
-from workers.errors import NotYet
+from workers.resilience.errors import NotYet
 from workers.pipeline.replay import replay_dead_letter
-from workers.queue_positions import QueueTickets
-from workers.routes import Route
+from workers.store.queue_positions import QueueTickets
+from workers.pipeline.routes import Route
 
 
 def test_delivery_is_enriched_and_applied(driver, sink_server, l2u):
@@ -298,7 +298,7 @@ def test_a_sink_that_must_wait_keeps_its_attempt_and_the_breakers_probe(driver, 
 
 
 def test_activity_on_one_sink_does_not_hide_another_sinks_stall(redis_client):
-    from workers.stores import Ledger
+    from workers.store.stores import Ledger
 
     ledger = Ledger(redis_client)
     ledger.record("d-1", "stop.status-changed", "{}", 3600)

@@ -16,9 +16,9 @@ from marshmallow import ValidationError
 
 from receiver.openapi import build_document
 from tests.payloads import PUBLISHED
-from workers.addresses import OTHER_COUNTRY_NAMES, US_STATES, locality_parts, split_us_address
-from workers.events import ANY_ENTITY_KEYS, EVENT_TYPES, SCHEMAS, missing_key_field, parse_event
-from workers.webhook_auth import token_matches, url_token, webhook_url
+from workers.domain.addresses import OTHER_COUNTRY_NAMES, US_STATES, locality_parts, split_us_address
+from workers.domain.events import ANY_ENTITY_KEYS, EVENT_TYPES, SCHEMAS, missing_key_field, parse_event
+from workers.locate2u.webhook_auth import token_matches, url_token, webhook_url
 
 BOUNDED = settings(max_examples=int(os.environ.get("L2U_HYPOTHESIS_EXAMPLES", 200)), deadline=None,
                    suppress_health_check=[HealthCheck.too_slow])

@@ -6,9 +6,9 @@ import requests
 
 from tests.helpers import TEST_SECRET, post
 from tests.payloads import PUBLISHED
-from workers.devstack import EmbeddedRedis
-from workers.stores import Ledger, Quarantine, connect
-from workers.webhook_auth import url_token
+from workers.ops.devstack import EmbeddedRedis
+from workers.store.stores import Ledger, Quarantine, connect
+from workers.locate2u.webhook_auth import url_token
 
 STOP = PUBLISHED["stop.status-changed"]
 

@@ -15,7 +15,7 @@ from tests.fixtures import sims_settings
 from tests.helpers import post, wait_for
 from tests.payloads import status_change
 from workers.config import SVIX_RETRY_SCHEDULE
-from workers.stores import Ledger
+from workers.store.stores import Ledger
 
 SP_TOKEN, B2B_TOKEN = "sp-recovery-token-123", "b2b-recovery-token-123"
 STOP_IDS = range(5001, 5007)

@@ -12,10 +12,10 @@ import pytest
 
 from tests.fixtures import accept, sim_state
 from tests.payloads import status_change
-from workers.beat_schedules import RetriesDue
+from workers.resilience.beat_schedules import RetriesDue
 from workers.celery_config import DELIVER
-from workers.resilience import CircuitBreaker, RetryScheduler
-from workers.routes import Route
+from workers.resilience.controls import CircuitBreaker, RetryScheduler
+from workers.pipeline.routes import Route
 
 SCHEDULE = (0, 300, 1800)  # a held retry would wait five minutes by the schedule
 

@@ -10,11 +10,13 @@ from tests.fixtures import flushed_redis
 from tests.helpers import TEST_SECRET, post
 from tests.payloads import PUBLISHED
 from receiver import create_app
-from workers import redis_health, status, tasks
+from workers import tasks
+from workers.ops import status
+from workers.store import redis_health
 from workers.config import Settings
-from workers.devstack import EmbeddedRedis
+from workers.ops.devstack import EmbeddedRedis
 from workers.runtime import Runtime
-from workers.stores import Ledger, connect
+from workers.store.stores import Ledger, connect
 
 STOP = PUBLISHED["stop.status-changed"]
 

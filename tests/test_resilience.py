@@ -1,7 +1,7 @@
 import random
 import time
 
-from workers.resilience import CircuitBreaker, RateLimiter, RetryScheduler, retry_delay
+from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, retry_delay
 
 SCHEDULE = (0, 5, 300, 1800)
 

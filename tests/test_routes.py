@@ -4,8 +4,8 @@ import pytest
 
 from tests.payloads import PUBLISHED, status_change
 from workers.config import ConfigError
-from workers.events import parse_event
-from workers.routes import DEFAULT_ROUTES, load_routes, render
+from workers.domain.events import parse_event
+from workers.pipeline.routes import DEFAULT_ROUTES, load_routes, render
 
 
 def event(body, event_type="stop.status-changed"):

@@ -7,7 +7,7 @@ from workers.ops.simulators.b2b import documented_fault
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.errors import NotFound, PermanentError, RetriableError
+from workers.resilience.errors import NotFound, PermanentError, RetriableError
 from workers.sinks.b2b import B2BSink
 
 TOKEN, USER, PASSWORD = "b2b-static-token", "b2b-user", "b2b-pass"

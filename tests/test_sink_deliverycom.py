@@ -4,7 +4,7 @@ import pytest
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import Settings
-from workers.errors import PermanentError, RetriableError
+from workers.resilience.errors import PermanentError, RetriableError
 from workers.sinks.deliverycom import DeliverycomSink, normalize_phone, rule_violations
 
 TOKEN = "dc-test-token"

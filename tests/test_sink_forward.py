@@ -9,7 +9,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from tests.fixtures import FORWARD_SECRET
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.errors import PermanentError, RetriableError
+from workers.resilience.errors import PermanentError, RetriableError
 from workers.sinks.forward import ForwardSink
 
 NEW_SECRET = "whsec_" + base64.b64encode(b"forward-rotated-secret-987654321").decode()

@@ -6,7 +6,7 @@ import pytest
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.errors import PermanentError, RetriableError
+from workers.resilience.errors import PermanentError, RetriableError
 from workers.sinks.locate import LocateSink, same_value
 
 KEY = "locate-test-key"

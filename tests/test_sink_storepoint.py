@@ -6,9 +6,9 @@ import pytest
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.errors import NotYet, PermanentError, RetriableError
+from workers.resilience.errors import NotYet, PermanentError, RetriableError
 from workers.sinks.storepoint import StorepointSink
-from workers.stores import MappingStore
+from workers.store.stores import MappingStore
 
 TOKEN = "sp-test-token"
 

@@ -20,12 +20,12 @@ from tests.fixtures import Driver
 from workers import tasks
 from workers.celery_config import PROCESS_DELIVERY
 from workers.config import ConfigError, Settings
-from workers.events import parse_event
-from workers.http import HttpClient
+from workers.domain.events import parse_event
+from workers.resilience.http import HttpClient
 from workers.logs import json_handler, settings_secrets
 from workers.ops.simulators import locate2u, recorder
 from workers.ops.simulators.base import SimulatorServer
-from workers.routes import load_routes
+from workers.pipeline.routes import load_routes
 from workers.runtime import Runtime
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks import SINKS, configured_sink_names, register, unregister

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from tests.processes import BIN, process_env
-from workers.devstack import REPO_ROOT
+from workers.ops.devstack import REPO_ROOT
 from workers.locate2u.stops_import import ImportFileError, map_header
 
 SAMPLE = REPO_ROOT / "docs" / "stops-sample.csv"

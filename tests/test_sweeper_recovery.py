@@ -20,7 +20,7 @@ from workers import tasks
 from workers.pipeline import fan_out, sweeper
 from workers.celery_config import DELIVER, DELIVER_QUEUE, INGEST_QUEUE, PROCESS_DELIVERY, make_celery
 from workers.runtime import Runtime
-from workers.stores import Ledger
+from workers.store.stores import Ledger
 
 SP_TOKEN = "sp-sweeper-token"
 

@@ -1,4 +1,4 @@
-from workers.webhook_auth import token_matches, url_token, webhook_url
+from workers.locate2u.webhook_auth import token_matches, url_token, webhook_url
 
 OLD, NEW = "old-secret-0123456789", "new-secret-0123456789"
 

@@ -8,7 +8,7 @@ from tests.helpers import post, wait_for
 from tests.payloads import PUBLISHED
 from workers.pipeline import sweeper
 from workers.runtime import Runtime
-from workers.stores import LEDGER_RETENTION, Ledger, Quarantine
+from workers.store.stores import LEDGER_RETENTION, Ledger, Quarantine
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from celery.apps.beat import Beat
 from celery.signals import celeryd_after_setup, celeryd_init, setup_logging
 
 from workers import warm_shutdown
-from workers.beat_schedules import RetriesDue
+from workers.resilience.beat_schedules import RetriesDue
 from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, SYNC_SUBSCRIPTIONS, make_celery
 from workers.config import ConfigError, Settings
 from workers.logs import configure_logging, say_as_json
-from workers.routes import load_routes
+from workers.pipeline.routes import load_routes
 
 MAX_SWEEP_INTERVAL = 30.0
 RELEASE_INTERVAL = 1.0
@@ -80,7 +80,7 @@ def _log_worker_start(sender=None, instance=None, **_):
 
 def _load():
     if not os.environ.get("RELAY_WEBHOOK_SECRET"):  # a command typed by hand: use the local stack's settings
-        from workers.devstack import stack_environment
+        from workers.ops.devstack import stack_environment
 
         for name, value in stack_environment(os.environ).items():
             os.environ.setdefault(name, value)

@@ -2,7 +2,7 @@
 
 The receiver builds a producer-only app from this (it hands work on by task
 name and never imports task code); ``workers.app`` adds the tasks and beat.
-A ``rediss://`` broker gets the TLS options of ``workers.redis_tls`` (Flower
+A ``rediss://`` broker gets the TLS options of ``workers.store.redis_tls`` (Flower
 reads them from here too); there is no result backend (results are ignored).
 Each process keeps at most ``RELAY_BROKER_POOL_LIMIT`` pooled broker
 connections (README, Scale: the connection budget).
@@ -10,10 +10,10 @@ connections (README, Scale: the connection budget).
 from celery import Celery
 from kombu import Exchange, Queue
 
-from workers.broker_redis import TRANSPORT
-from workers import keys
-from workers.keys import CONTROL_QUEUE, DELIVER_QUEUE, INGEST_QUEUE
-from workers.redis_tls import tls_options
+from workers.store.broker_redis import TRANSPORT
+from workers.store import keys
+from workers.store.keys import CONTROL_QUEUE, DELIVER_QUEUE, INGEST_QUEUE
+from workers.store.redis_tls import tls_options
 
 PROCESS_DELIVERY = "l2u.process_delivery"
 DELIVER = "l2u.deliver"
@@ -34,7 +34,7 @@ def celery_config(settings):
     """The Celery settings dict: JSON only, late acks, prefetch 1, bounded visibility, TLS for rediss://."""
     config = {
         "broker_url": settings.broker,
-        # kombu's Redis transport, fixed to survive a Redis restart (workers/broker_redis.py)
+        # kombu's Redis transport, fixed to survive a Redis restart (workers/store/broker_redis.py)
         **({"broker_transport": TRANSPORT} if settings.broker.startswith(("redis://", "rediss://")) else {}),
         "broker_pool_limit": settings.broker_pool_limit,
         "broker_connection_retry_on_startup": True,

@@ -18,9 +18,9 @@ import ssl
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validate, validates_schema
 
-from workers.errors import ConfigError
-from workers.events import EVENT_TYPES
-from workers.redis_tls import uses_tls
+from workers.resilience.errors import ConfigError
+from workers.domain.events import EVENT_TYPES
+from workers.store.redis_tls import uses_tls
 from workers.settings_fields import CommaList, HttpUrl
 from workers.sinks import SINKS
 
@@ -74,7 +74,7 @@ class RelaySettingsSchema(Schema):
     event_types = _env("RELAY_EVENT_TYPES", CommaList(load_default=tuple(EVENT_TYPES)))
     routes_file = _env("RELAY_ROUTES_FILE", fields.String(load_default=None))
     dedup_window = _env("RELAY_DEDUP_WINDOW", fields.Integer(load_default=86400, validate=validate.Range(60)))
-    # Redis memory bounds (workers/housekeeping.py); 14 days is as long as a ledger entry lives.
+    # Redis memory bounds (workers/store/housekeeping.py); 14 days is as long as a ledger entry lives.
     history_days = _env("RELAY_HISTORY_DAYS", fields.Integer(load_default=14, validate=validate.Range(1, 14)))
     history_trim_percent = _env("RELAY_HISTORY_TRIM_PERCENT",
                                 fields.Integer(load_default=70, validate=validate.Range(10, 95)))

@@ -3,11 +3,11 @@ import functools
 
 from workers.config import Settings
 from workers.metrics import WorkerMetrics
-from workers.redis_messages import RedisTaskSender, broker_is_ledger_redis
-from workers.resilience import CircuitBreaker, RateLimiter, RetryScheduler
-from workers.routes import load_routes
+from workers.store.redis_messages import RedisTaskSender, broker_is_ledger_redis
+from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler
+from workers.pipeline.routes import load_routes
 from workers.sinks import enabled_sinks
-from workers.stores import DeadLetterStore, Ledger, Quarantine, VersionStore, connect
+from workers.store.stores import DeadLetterStore, Ledger, Quarantine, VersionStore, connect
 
 
 class Runtime:

@@ -13,15 +13,15 @@ from celery import current_app, shared_task
 from celery.signals import after_task_publish, task_prerun
 from celery.exceptions import Reject
 
-from workers import keys
+from workers.store import keys
 from workers.celery_config import DELIVER, PROCESS_DELIVERY, RELEASE_DUE_RETRIES, SWEEP_RECEIVED
 from workers.logs import bind_context
 from workers.pipeline import deliver as deliver_job, process, sweeper
 from workers.pipeline.failures import redis_outage
 from workers.pipeline.jobs import DeliverJob
-from workers.queue_positions import QueueTickets
+from workers.store.queue_positions import QueueTickets
 from workers.runtime import runtime
-from workers.stores import Ledger, connect
+from workers.store.stores import Ledger, connect
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from flask_wtf.csrf import CSRFError
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from receiver.console.blueprint import bp, csrf, record_action, runtime
-from workers import keys
+from workers.store import keys
 
 SHARED_PASSWORD_OPERATOR = "admin"  # the name that goes with RELAY_CONSOLE_PASSWORD
 LOGIN_ATTEMPTS = 10

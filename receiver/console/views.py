@@ -6,11 +6,11 @@ from flask import abort, flash, redirect, render_template, request, url_for
 
 from receiver.console.blueprint import bp, record_action, runtime
 from receiver.console.chart import activity_chart
-from workers import operations
-from workers.events import EVENT_TYPES
+from workers.ops import operations
+from workers.domain.events import EVENT_TYPES
 from workers.sinks import SINK_NAMES
-from workers import keys
-from workers.stores import FINAL_STATES
+from workers.store import keys
+from workers.store.stores import FINAL_STATES
 
 PAGE_SIZE = 25
 REPLAY_BATCH_SECONDS = 86400

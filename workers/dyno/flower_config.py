@@ -37,5 +37,5 @@ current_app.conf.broker_pool_limit = None
 logging = "none"
 _configure_logging(_Settings.from_env())
 # The task list shows each task's arguments; the control tasks are sent only when they have work
-# (workers/beat_schedules.py), so they do not bury the deliveries.
+# (workers/resilience/beat_schedules.py), so they do not bury the deliveries.
 tasks_columns = "name,uuid,state,args,kwargs,received,started,runtime,worker"

@@ -13,8 +13,8 @@ import random
 import time
 from urllib.parse import quote
 
-from workers.errors import RetriableError
-from workers.http import HttpClient, make_session
+from workers.resilience.errors import RetriableError
+from workers.resilience.http import HttpClient, make_session
 from workers.locate2u.tokens import (CALLBACK_PATH, IdentityServer, ReauthorizationRequired, TokenManager,
                                      TokenStore)
 

@@ -15,13 +15,13 @@ import redis
 from cryptography.fernet import Fernet
 
 from workers.config import ConfigError, Settings
-from workers.errors import RelayError
+from workers.resilience.errors import RelayError
 from workers.locate2u.client import Locate2uClient, redirect_uri
 from workers.locate2u.subscriptions import SubscriptionSync, mask_url, our_prefix
 from workers.locate2u.linking import accept_pending, link_account
 from workers.locate2u.tokens import (LINK_TTL, START_PATH, OAuthStates, ReauthorizationRequired, StartLinks,
                                      TokenStore, describe_account, pkce_pair)
-from workers.stores import connect
+from workers.store.stores import connect
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_REAUTH = 1, 2, 3
 NOT_CONFIGURED = "Locate2u is not configured: set LOCATE2U_CLIENT_ID and LOCATE2U_CLIENT_SECRET"

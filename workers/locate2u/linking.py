@@ -7,7 +7,7 @@ from the CLI (``l2u-relay oauth accept-account``).
 """
 import logging
 
-from workers.errors import PermanentError, RelayError
+from workers.resilience.errors import PermanentError, RelayError
 from workers.locate2u.tokens import PENDING_TTL, account_id, describe_account
 
 log = logging.getLogger(__name__)

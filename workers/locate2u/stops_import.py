@@ -19,7 +19,7 @@ import json
 
 from marshmallow import Schema, ValidationError, fields, validate
 
-from workers.errors import RelayError
+from workers.resilience.errors import RelayError
 from workers.locate2u.tokens import ReauthorizationRequired
 
 DEFAULT_BATCH = 100

@@ -12,9 +12,9 @@ import logging
 import re
 
 from workers.config import ConfigError
-from workers.errors import NotFound, PermanentError, RetriableError
-from workers import keys
-from workers.webhook_auth import webhook_url
+from workers.resilience.errors import NotFound, PermanentError, RetriableError
+from workers.store import keys
+from workers.locate2u.webhook_auth import webhook_url
 
 log = logging.getLogger(__name__)
 SYNC_LOCK = keys.LOCATE2U_SYNC_LOCK

@@ -4,7 +4,7 @@ import logging
 from celery import shared_task
 
 from workers.celery_config import SYNC_SUBSCRIPTIONS
-from workers.errors import RelayError
+from workers.resilience.errors import RelayError
 from workers.locate2u.subscriptions import SubscriptionSync
 from workers.locate2u.tokens import ReauthorizationRequired
 from workers.runtime import runtime

@@ -28,10 +28,10 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from redis.exceptions import LockError
 
 from workers.config import ConfigError, is_fernet_key
-from workers.errors import PermanentError, RetriableError
-from workers.http import HttpClient
+from workers.resilience.errors import PermanentError, RetriableError
+from workers.resilience.http import HttpClient
 from workers.metrics import WorkerMetrics
-from workers import keys
+from workers.store import keys
 
 log = logging.getLogger(__name__)
 

@@ -3,15 +3,15 @@ action, then applied / stale / waiting / retrying / dead-lettered (see ``outcome
 import logging
 import time
 
-from workers import keys
-from workers.errors import NotYet, PermanentError, RelayError
-from workers.locations import Location
+from workers.store import keys
+from workers.resilience.errors import NotYet, PermanentError, RelayError
+from workers.domain.locations import Location
 from workers.logs import bound_context
 from workers.pipeline.failures import bugs_dead_lettered, redis_outage
 from workers.pipeline.jobs import DeliverJob
 from workers.pipeline.outcomes import dead_letter, record
-from workers.resilience import KeyLock, retry_delay
-from workers.stores import WriteOrder
+from workers.resilience.controls import KeyLock, retry_delay
+from workers.store.stores import WriteOrder
 
 log = logging.getLogger(__name__)
 LOCK_SECONDS = 60  # renewed while held: this bounds only how long a dead holder blocks the key

@@ -5,7 +5,7 @@ import logging
 import redis
 from kombu.exceptions import OperationalError
 
-from workers.errors import PermanentError
+from workers.resilience.errors import PermanentError
 
 log = logging.getLogger(__name__)
 # Redis (ledger) or broker unavailable for a while: put the message back, never dead-letter it as a bug.

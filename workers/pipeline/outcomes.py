@@ -2,7 +2,7 @@
 import logging
 import time
 
-from workers.errors import RelayError
+from workers.resilience.errors import RelayError
 
 log = logging.getLogger(__name__)
 # Dead-letter stages: what a replay has to redo.

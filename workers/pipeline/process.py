@@ -8,7 +8,7 @@ import uuid
 import redis
 from marshmallow import ValidationError
 
-from workers.events import parse_event
+from workers.domain.events import parse_event
 from workers.pipeline.failures import bugs_dead_lettered
 from workers.pipeline.fan_out import resume_fan_out, route_delivery
 from workers.pipeline.outcomes import dead_letter_enrich

@@ -13,10 +13,10 @@ import time
 
 import redis
 
-from workers import housekeeping, keys
+from workers.store import housekeeping, keys
 from workers.celery_config import PROCESS_DELIVERY
-from workers.queue_positions import work_queues
-from workers.stores import Status
+from workers.store.queue_positions import work_queues
+from workers.store.stores import Status
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 500

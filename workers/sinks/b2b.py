@@ -14,9 +14,9 @@ from urllib.parse import quote
 import requests
 from marshmallow import fields
 
-from workers.addresses import locality_parts
-from workers.errors import ConfigError, RelayError
-from workers.http import HttpClient
+from workers.domain.addresses import locality_parts
+from workers.resilience.errors import ConfigError, RelayError
+from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
 

@@ -16,9 +16,9 @@ import abc
 import dataclasses
 import json
 
-from workers.errors import PermanentError
-from workers.locations import Location
-from workers.stores import MappingStore, VersionStore
+from workers.resilience.errors import PermanentError
+from workers.domain.locations import Location
+from workers.store.stores import MappingStore, VersionStore
 
 ACTIONS = ("upsert", "deactivate", "delete")
 ANY_ERROR = range(400, 600)

@@ -1,6 +1,6 @@
 """Delivery.com customer locations: a stop's address on the customer's account.
 
-The one-line stop address is split with ``workers.addresses`` (usaddress) and
+The one-line stop address is split with ``workers.domain.addresses`` (usaddress) and
 checked against every rule of the create endpoint before anything is sent;
 Delivery.com verifies addresses against USPS, so only US addresses map.
 Delivery.com has no field for our key: the ``location_id`` is kept in the
@@ -13,9 +13,9 @@ import re
 
 from marshmallow import fields
 
-from workers.addresses import split_us_address
-from workers.errors import PermanentError
-from workers.http import HttpClient
+from workers.domain.addresses import split_us_address
+from workers.resilience.errors import PermanentError
+from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
 

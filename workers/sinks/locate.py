@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 
 from marshmallow import fields
 
-from workers.errors import ConfigError, PermanentError, RetriableError
-from workers.http import DEFAULT_TIMEOUT, HttpClient
+from workers.resilience.errors import ConfigError, PermanentError, RetriableError
+from workers.resilience.http import DEFAULT_TIMEOUT, HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import LOCATION_ATTRIBUTES, Sink, sink_fields
 

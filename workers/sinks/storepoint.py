@@ -16,11 +16,11 @@ import time
 
 from marshmallow import fields
 
-from workers.errors import ConfigError, NotYet, PermanentError, RelayError
-from workers.http import DEFAULT_TIMEOUT, HttpClient
+from workers.resilience.errors import ConfigError, NotYet, PermanentError, RelayError
+from workers.resilience.http import DEFAULT_TIMEOUT, HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
-from workers.stores import MappingStore
+from workers.store.stores import MappingStore
 
 log = logging.getLogger(__name__)
 

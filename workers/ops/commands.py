@@ -5,9 +5,9 @@ from datetime import datetime, timezone
 
 import click
 
-from workers import operations
+from workers.ops import operations
 from workers.config import ConfigError, Settings
-from workers.reconcile import RECONCILABLE
+from workers.ops.reconcile import RECONCILABLE
 from workers.sinks import SINK_NAMES
 
 
@@ -228,7 +228,7 @@ def reconcile(sink, since, repair, as_json):
     Exit 0: no drift; 1: drift found (repaired with --repair once the workers have run); 2: a
     configuration problem. Records that are not ours are listed but are not drift.
     """
-    from workers import reconcile as reconciliation
+    from workers.ops import reconcile as reconciliation
 
     rt = _runtime()
     if sink not in rt.sinks:
@@ -255,7 +255,7 @@ def reconcile(sink, since, repair, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 def status(as_json):
     """Queues, retries, dead letters, breakers, Locate2u token and subscriptions at a glance."""
-    from workers import status as relay_status
+    from workers.ops import status as relay_status
 
     data = relay_status.collect(_runtime())
     if as_json:

@@ -21,11 +21,11 @@ def queue_list(queue):
 
 
 def queued_counter(list_key):
-    """How many messages were ever pushed onto ``list_key`` (``workers.queue_positions``)."""
+    """How many messages were ever pushed onto ``list_key`` (``workers.store.queue_positions``)."""
     return f"{PREFIX}queued:{list_key}"
 
 
-# The ledger (``workers.stores.Ledger``).
+# The ledger (``workers.store.stores.Ledger``).
 def delivery(delivery_id):
     """The delivery's hash: body, status, per-sink outcomes."""
     return f"{PREFIX}delivery:{delivery_id}"
@@ -84,7 +84,7 @@ def housekeeping_cursor(sink):
     return f"{PREFIX}housekeeping:locations:{sink}"
 
 
-# Retries (``workers.resilience.RetryScheduler``).
+# Retries (``workers.resilience.controls.RetryScheduler``).
 RETRIES = PREFIX + "retries"
 RETRIES_CLAIMED = PREFIX + "retries:claimed"
 RETRIES_HELD = PREFIX + "retries:held:"  # + sink

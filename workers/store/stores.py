@@ -22,8 +22,8 @@ from datetime import datetime
 
 import redis
 
-from workers import keys
-from workers.redis_tls import tls_options
+from workers.store import keys
+from workers.store.redis_tls import tls_options
 
 LEDGER_RETENTION = 14 * 86400
 QUARANTINE_LIMIT = 1000
@@ -227,7 +227,7 @@ return 1
 def connect(url, ca_file=None, max_connections=None, **options):
     """A Redis client for ``url`` with short timeouts, so an outage fails fast.
 
-    ``rediss://`` gets the TLS options of ``workers.redis_tls`` (``ca_file``: verify against that CA).
+    ``rediss://`` gets the TLS options of ``workers.store.redis_tls`` (``ca_file``: verify against that CA).
     ``max_connections`` bounds the pool: a thread wanting one more waits for a free connection (up to
     ``POOL_WAIT`` seconds, then ``redis.ConnectionError``) instead of opening it.
     """
@@ -284,7 +284,7 @@ class Ledger:
         """Record a new delivery; return False if it is a duplicate within the window.
 
         ``enqueue`` is an optional ``(list key, message)``: the message is LPUSHed (and its queue
-        ticket kept, see ``workers.queue_positions``) by the same atomic script, so the delivery is
+        ticket kept, see ``workers.store.queue_positions``) by the same atomic script, so the delivery is
         recorded and queued together or not at all.
         """
         received_at = time.time() if received_at is None else received_at

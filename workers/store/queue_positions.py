@@ -15,7 +15,7 @@ makes a message look queued a little longer, never gone too early. A deleted
 list (a broker that lost its queue) makes every message in it look gone, which
 is true.
 """
-from workers import keys
+from workers.store import keys
 
 # KEYS: counter, ledger hash. ARGV: ticket field, list key. The ticket is kept only on an
 # existing entry (never a half entry without its TTL).

@@ -27,7 +27,7 @@ import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
 from workers.config import ConfigError
-from workers.events import EVENT_TYPES
+from workers.domain.events import EVENT_TYPES
 from workers.sinks import SINKS
 from workers.sinks.base import ACTIONS
 

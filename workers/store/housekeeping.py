@@ -18,9 +18,9 @@ import time
 
 import redis
 
-from workers import redis_health
-from workers.stop_index import StopIndex
-from workers import keys
+from workers.store import redis_health
+from workers.store.stop_index import StopIndex
+from workers.store import keys
 
 log = logging.getLogger(__name__)
 DAY = 86400

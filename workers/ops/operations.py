@@ -1,4 +1,4 @@
-"""Operator services over the stores, shared by the CLI (``workers/ops_commands.py``) and the console.
+"""Operator services over the stores, shared by the CLI (``workers/ops/commands.py``) and the console.
 
 Dead letters (select, replay, purge, what became of a replay), quarantine items
 (list, show, purge) and delivery search. Each takes a ``Runtime``.
@@ -10,12 +10,12 @@ import json
 import time
 from datetime import datetime, timezone
 
-from workers import live_records, status
-from workers.resilience import RetryScheduler
+from workers.ops import live_records, status
+from workers.resilience.controls import RetryScheduler
 
 from workers.pipeline.replay import replay_dead_letter
-from workers.stop_index import StopIndex, stop_keys
-from workers.stores import FINAL_STATES, SETTLED_BUCKET_SECONDS, Ledger, Quarantine
+from workers.store.stop_index import StopIndex, stop_keys
+from workers.store.stores import FINAL_STATES, SETTLED_BUCKET_SECONDS, Ledger, Quarantine
 
 ACTIVITY_SCAN_LIMIT = 5000  # newest deliveries read for the applied-per-sink series
 SEARCH_SCAN_LIMIT = 20000  # ledger entries one search reads at most

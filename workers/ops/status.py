@@ -2,14 +2,14 @@
 Locate2u."""
 import redis
 
-from workers import redis_health
+from workers.store import redis_health
 from workers.config import ConfigError
-from workers.errors import RelayError
+from workers.resilience.errors import RelayError
 from workers.locate2u.subscriptions import SubscriptionSync
 from workers.metrics import QUEUES
-from workers.resilience import RetryScheduler
-from workers import keys
-from workers.stores import Quarantine
+from workers.resilience.controls import RetryScheduler
+from workers.store import keys
+from workers.store.stores import Quarantine
 
 
 

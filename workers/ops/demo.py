@@ -15,7 +15,7 @@ from collections import Counter
 
 import requests
 
-from workers.stores import FINAL_STATES as FINAL, DeadLetterStore, Ledger, connect
+from workers.store.stores import FINAL_STATES as FINAL, DeadLetterStore, Ledger, connect
 
 SECRETS = {"locate2u": "demo-locate2u-client-secret", "storepoint": "demo-storepoint-token", "b2b": "demo-b2b-token", "locate": "demo-locate-key",
            "deliverycom": "demo-deliverycom-token",

@@ -13,11 +13,11 @@ from urllib.parse import urlsplit
 import click
 import redis
 
-from workers import ops_commands
+from workers.ops import commands as ops_commands
 from workers.config import ConfigError
 from workers.locate2u import commands as locate2u_commands
 from workers.locate2u import stops_command
-from workers.webhook_auth import webhook_url
+from workers.locate2u.webhook_auth import webhook_url
 
 EXIT_CONFIG = 2
 
@@ -53,7 +53,7 @@ def main(ctx):
     for anything the environment does not set.
     """
     if ctx.invoked_subcommand != "run":
-        from workers.devstack import stack_environment
+        from workers.ops.devstack import stack_environment
 
         for name, value in stack_environment(os.environ).items():
             os.environ.setdefault(name, value)
@@ -81,7 +81,7 @@ def run(port, host, data_dir, demo_then_exit, verbose):
     The settings the processes use are written to DATA_DIR/stack.json (secrets only as where to re-read
     them), so other l2u-relay commands in this checkout find the stack.
     """
-    from workers import devstack
+    from workers.ops import devstack
 
     data_dir = Path(data_dir or os.environ.get("RELAY_DATA_DIR") or devstack.DEFAULT_DATA_DIR).resolve()
     port = _free_web_port(host, port or (int(os.environ["PORT"]) if os.environ.get("PORT") else None))
@@ -99,7 +99,7 @@ def run(port, host, data_dir, demo_then_exit, verbose):
 
 def _free_web_port(host, port):
     """``port`` when given and free (else exit 2 naming it); with none given, 8000 or a free one."""
-    from workers.devstack import free_port, port_in_use
+    from workers.ops.devstack import free_port, port_in_use
 
     if port is not None:
         if port_in_use(host, port):

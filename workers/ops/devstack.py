@@ -190,11 +190,11 @@ class LocalStack:
 
     def _start(self):
         from workers.config import Settings
-        from workers.stores import connect
+        from workers.store.stores import connect
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.demo:
-            from workers.demo import DEMO_SECRETS, DemoSystems
+            from workers.ops.demo import DEMO_SECRETS, DemoSystems
 
             self.echo("DEMO MODE: no Locate2u credentials are set, so Locate2u and every downstream system are "
                       "simulated on loopback (set LOCATE2U_CLIENT_ID and LOCATE2U_CLIENT_SECRET for the real thing)")
@@ -219,7 +219,7 @@ class LocalStack:
         """Run the processes (and the demo day) until Ctrl-C, or the demo's end with ``demo_then_exit``."""
         if not self.demo:
             return run_processes(self.env, LOCAL_PROCESSES)
-        from workers.demo import DemoDriver
+        from workers.ops.demo import DemoDriver
 
         flower_port = free_port()
         self.env.update(FLOWER_ADDRESS="127.0.0.1", FLOWER_PORT=str(flower_port))
@@ -252,7 +252,7 @@ class LocalStack:
 def write_stack_file(data_dir, env, demo_secrets=None):
     """Record the running stack's settings for other commands; the secrets only as where to re-read them.
 
-    ``demo_secrets``: the demo's fixed test values (re-read from ``workers.demo``). Returns the path.
+    ``demo_secrets``: the demo's fixed test values (re-read from ``workers.ops.demo``). Returns the path.
     """
     from workers.config import SettingsSchema
 
@@ -296,7 +296,7 @@ def stack_environment(environ):
     env = dict(stack.get("settings") or {})
     for name, source in (stack.get("secrets_from") or {}).items():
         if source == "demo":
-            from workers.demo import DEMO_SECRETS
+            from workers.ops.demo import DEMO_SECRETS
 
             env[name] = DEMO_SECRETS[name]
         else:

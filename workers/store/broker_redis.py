@@ -11,7 +11,7 @@ with a Redis connection error, which Celery handles) and the consumer reconnects
 """
 from kombu.transport import redis as kombu_redis
 
-TRANSPORT = "workers.broker_redis:Transport"
+TRANSPORT = "workers.store.broker_redis:Transport"
 
 
 class Channel(kombu_redis.Channel):

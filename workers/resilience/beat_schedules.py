@@ -11,8 +11,8 @@ import time
 import redis
 from celery.schedules import schedule
 
-from workers.resilience import RetryScheduler
-from workers.stores import connect
+from workers.resilience.controls import RetryScheduler
+from workers.store.stores import connect
 
 
 class RetriesDue(schedule):

@@ -16,7 +16,7 @@ from kombu.entity import maybe_delivery_mode
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
-from workers import keys
+from workers.store import keys
 from workers.celery_config import TASK_ROUTES
 
 REDIS_SCHEMES = ("redis", "rediss")

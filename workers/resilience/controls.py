@@ -21,7 +21,7 @@ import uuid
 import redis
 
 from workers.celery_config import DELIVER
-from workers import keys
+from workers.store import keys
 
 JITTER = 0.1
 log = logging.getLogger(__name__)

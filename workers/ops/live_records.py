@@ -5,10 +5,10 @@ the comparison with the snapshot ``Sink.remember`` kept is the same drift check.
 """
 import json
 
-from workers.errors import RelayError
+from workers.resilience.errors import RelayError
 from workers.sinks.b2b import listed_fields
 from workers.sinks.storepoint import flatten
-from workers.stores import MappingStore
+from workers.store.stores import MappingStore
 
 
 def _storepoint(sink, remote_id):

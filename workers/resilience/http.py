@@ -13,7 +13,7 @@ from urllib.parse import urljoin
 import requests
 from requests.adapters import HTTPAdapter
 
-from workers.errors import NotFound, PermanentError, RetriableError
+from workers.resilience.errors import NotFound, PermanentError, RetriableError
 
 USER_AGENT = "locate2u-relay/0.1 (+https://github.com/locate2u-relay)"
 DEFAULT_TIMEOUT = (3.05, 30)

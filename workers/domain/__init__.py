@@ -1,0 +1,1 @@
+"""What the relay carries: Locate2u events (schemas, key fields) and the canonical location."""
