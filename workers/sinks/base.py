@@ -112,8 +112,10 @@ class Sink(abc.ABC):
         """Map ``key`` to ``remote_id`` and keep the (flat) fields just written, for reconcile's drift check."""
         snapshots = self._snapshots()
         merged = {**json.loads(snapshots.get(key) or "{}"), **written}
-        self.mappings.set(key, remote_id)
-        snapshots.set(key, json.dumps(merged))
+        with self.mappings.redis.pipeline(transaction=False) as pipe:  # one round trip for both
+            pipe.hset(self.mappings.key, key, remote_id)
+            pipe.hset(snapshots.key, key, json.dumps(merged))
+            pipe.execute()
 
     def forget(self, key):
         """Drop the mapping of ``key`` and what we wrote for it."""
