@@ -23,7 +23,7 @@ from honcho.printer import Printer
 
 from workers.dyno import PROCESSES, config_environment
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_PROCESSES = ("web", "worker", "beat")
 DEFAULT_DATA_DIR = ".l2u-relay"
 INTERRUPTED = (130, 143)  # honcho's exit codes after Ctrl-C or SIGTERM
