@@ -32,7 +32,8 @@ def _bind_log_context(task=None, args=(), **_):
     if task.name == PROCESS_DELIVERY:
         bind_context(delivery_id=args[0], event_type=args[1])
     elif task.name == DELIVER:
-        bind_context(delivery_id=args[0], sink=args[1], event_type=(args[3] or {}).get("event", {}).get("event_type"))
+        job = DeliverJob(*args)
+        bind_context(delivery_id=job.delivery_id, sink=job.sink, event_type=job.event_type)
     else:
         bind_context()
 

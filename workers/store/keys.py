@@ -9,7 +9,7 @@ BROKER_KEY_PREFIX = ""
 
 # Celery queues, and the Redis lists kombu keeps them in.
 INGEST_QUEUE = "ingest"      # process_delivery: one message per accepted delivery
-DELIVER_QUEUE = "deliver"    # deliver: one message per (delivery, sink) write
+DELIVER_QUEUE = "deliver"    # deliver: a retried, resumed, replayed or repaired write to one sink
 CONTROL_QUEUE = "control"    # the sweeper and the retry release (beat)
 WORK_QUEUES = (INGEST_QUEUE, DELIVER_QUEUE)
 KOMBU_UNACKED = BROKER_KEY_PREFIX + "unacked"  # kombu's hash of delivered, unacknowledged messages

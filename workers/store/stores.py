@@ -368,7 +368,7 @@ class Ledger:
                                 args=[delivery_id, token, repr(time.time()), "lapse"]))
 
     def start_fan_out(self, delivery_id, sinks, **fields):
-        """Mark the delivery routed, every sink pending, before any deliver task is queued."""
+        """Mark the delivery routed, every sink pending, before any of them is written to."""
         pending = json.dumps({"state": "pending", "attempts": 0, "at": time.time()})
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(delivery_id), mapping={"status": "routed", **fields,
