@@ -1,17 +1,15 @@
 """``process_delivery``: take a recorded delivery up, validate it, fan it out (or resume its fan-out)."""
-import contextlib
 import json
 import logging
-import threading
 import uuid
 
-import redis
 from marshmallow import ValidationError
 
 from workers.domain.events import parse_event
 from workers.pipeline.failures import bugs_dead_lettered
 from workers.pipeline.fan_out import resume_fan_out, route_delivery
 from workers.pipeline.outcomes import dead_letter_enrich
+from workers.resilience.controls import renewed
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +41,12 @@ def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
             return route_delivery(rt, event, attempt, replay, sinks)
 
 
-@contextlib.contextmanager
 def _lease_renewed(rt, delivery_id, lease):
     """Renew the processing lease every third of its length while the body runs.
 
     A worker that dies stops renewing, so the sweeper takes the delivery up once the lease has
-    lapsed (``RELAY_SWEEP_AFTER``); one that is merely slow (a long stop fetch) keeps it.
+    lapsed (``RELAY_SWEEP_AFTER``); one that is merely slow (a long stop fetch) keeps it. If Redis
+    is away the lease may lapse; a second run is idempotent.
     """
-    stop = threading.Event()
-
-    def renew():
-        while not stop.wait(rt.settings.sweep_after / 3):
-            try:
-                if not rt.ledger.renew(delivery_id, lease):
-                    return
-            except redis.RedisError as exc:  # the lease may lapse; a second run is idempotent
-                log.warning("could not renew the processing lease: %s", exc)
-
-    renewer = threading.Thread(target=renew, name=f"lease-{delivery_id}", daemon=True)
-    renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        renewer.join()
+    return renewed(lambda: rt.ledger.renew(delivery_id, lease), rt.settings.sweep_after / 3,
+                   "the processing lease")

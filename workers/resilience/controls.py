@@ -338,21 +338,31 @@ class KeyLock:
 
     @contextlib.contextmanager
     def held(self):
-        """Renew the lock in a background thread while the body runs."""
-        stop = threading.Event()
-
-        def keep():
-            while not stop.wait(self.millis / 3000):
-                try:
-                    if not self.renew():
-                        return
-                except redis.RedisError as exc:  # Redis away for a moment; the lock may lapse, the fence tells
-                    log.warning("could not renew the lock %s: %s", self.name, exc)
-
-        renewer = threading.Thread(target=keep, name=f"renew-{self.name}", daemon=True)
-        renewer.start()
-        try:
+        """Renew the lock in a background thread while the body runs (a Redis error on the way: the
+        lock may lapse, and the fence tells)."""
+        with renewed(self.renew, self.millis / 3000, f"the lock {self.name}"):
             yield self
-        finally:
-            stop.set()
-            renewer.join()
+
+
+@contextlib.contextmanager
+def renewed(renew, every, what):
+    """Call ``renew()`` every ``every`` seconds in a background thread while the body runs, until it
+    returns False (no longer held). A Redis error is logged (``what`` could not be renewed) and the
+    next turn tries again; a holder that dies stops renewing, so what it held lapses."""
+    stop = threading.Event()
+
+    def keep():
+        while not stop.wait(every):
+            try:
+                if not renew():
+                    return
+            except redis.RedisError as exc:
+                log.warning("could not renew %s: %s", what, exc)
+
+    renewer = threading.Thread(target=keep, name=f"renew {what}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
