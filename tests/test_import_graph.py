@@ -10,6 +10,7 @@ Celery's ``include``) are configuration, not import statements, and are not
 edges here.
 """
 import ast
+import re
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -226,3 +227,14 @@ def test_the_receiver_never_loads_the_command_line():
     loaded = [" -> ".join(chain) for module, chain in sorted(reached.items())
               if any(module == name or module.startswith(name + ".") for name in RECEIVER_NEVER)]
     assert not loaded, "the web process would load command-line modules:\n" + "\n".join(loaded)
+
+
+def test_the_readmes_package_table_names_every_workers_package_and_nothing_else():
+    """README "How it works" walks the packages in delivery order: a package added, renamed or
+    removed without the table following fails here."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## How it works"):readme.index("## Routing and sinks")]
+    named = set(re.findall(r"^\| `workers/(\w+)/` \|", section, re.M))
+    packages = {path.parent.name for path in (REPO_ROOT / "workers").glob("*/__init__.py")}
+    assert named == packages - {"dyno"}  # dyno (process settings) is named in the line under the table
+    assert "`workers/dyno/`" in section
