@@ -183,6 +183,7 @@ def test_create_still_in_flight_at_storepoint_is_waited_out_not_duplicated(sim, 
     """Storepoint holds a create past the client's read timeout and applies it afterwards (a server
     keeps working on a request whose client gave up or was killed). The retry must not create a
     second location while the first may still land: it waits, then finds the first by its tag."""
+    assert StorepointSink.CREATE_SETTLE_SECONDS == 60  # what docs/sinks/storepoint.md promises
     monkeypatch.setattr(StorepointSink, "CREATE_SETTLE_SECONDS", 4.0)
     sink = make_sink(sim, mappings)
     sink.client.timeout = (1, 0.5)
