@@ -18,11 +18,17 @@ def stack(settings, start_process):
     return web, worker
 
 
+def settled(ledger, delivery_id):
+    """The ledger entry once the worker is done with it ("processing" is its lease while it reads), else None."""
+    entry = ledger.get(delivery_id)
+    return entry if entry and entry["status"] not in ("received", "processing") else None
+
+
 def test_worker_validates_and_records_the_outcome(stack, redis_client):
     web, _ = stack
     ledger = Ledger(redis_client)
     delivery_id = post(web.url, "trip.created", PUBLISHED["trip.created"]).json()["delivery_id"]
-    entry = wait_for(lambda: (e := ledger.get(delivery_id)) and e["status"] != "received" and e)
+    entry = wait_for(lambda: settled(ledger, delivery_id))
     assert entry["status"] == "unrouted"
     assert entry["entity"] == "trip"
     assert redis_client.zscore(Ledger.OPEN, delivery_id) is None
@@ -48,7 +54,7 @@ def test_sweeper_requeues_an_orphaned_ledger_entry(settings, start_process, redi
     assert ledger.record("orphan-1", "trip.assigned", body, 3600, received_at=time.time() - 10)
     assert redis_client.llen("ingest") == 0
     start_process("worker", settings, beat=True)
-    entry = wait_for(lambda: (e := ledger.get("orphan-1")) and e["status"] != "received" and e, timeout=60)
+    entry = wait_for(lambda: settled(ledger, "orphan-1"), timeout=60)
     assert entry["status"] == "unrouted"
 
 
