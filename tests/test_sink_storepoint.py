@@ -218,3 +218,35 @@ def test_create_applied_then_answered_503_is_found_by_the_retry_at_once(sim, map
     assert sink.apply("upsert", sample_location(name="Retried")) == ours(sim, location.key)[0]["id"]
     [only] = ours(sim, location.key)
     assert only["name"] == "Retried"
+
+
+def test_delete_after_an_interrupted_create_waits_for_it_then_deletes_it(sim, mappings, monkeypatch):
+    """A create for the stop got no answer (its worker was killed) and Storepoint applies it late;
+    the stop is cancelled meanwhile. The delete has no mapping to go by, so it must wait until that
+    create can no longer land and then delete what it left, not report "nothing to delete"."""
+    monkeypatch.setattr(StorepointSink, "CREATE_SETTLE_SECONDS", 4.0)
+    sink = make_sink(sim, mappings)
+    sink.client.timeout = (1, 0.5)
+    location = sample_location()
+    sim.app.config["FAULTS"].slow(2.0, path_prefix="/locations")
+    with pytest.raises(RetriableError):
+        sink.apply("upsert", location)  # read timeout; Storepoint applies it 1.5 s later
+
+    cancelled = sample_location(status="Cancelled")
+    with pytest.raises(NotYet) as waiting:
+        sink.apply("delete", cancelled)
+    assert 3.0 < waiting.value.retry_after <= 4.0
+    time.sleep(waiting.value.retry_after)
+    assert sink.apply("delete", cancelled) is None
+    assert ours(sim, location.key) == []
+    assert MappingStore(mappings.redis, "storepoint:intent").get(location.key) is None
+
+
+def test_delete_after_a_create_answered_503_deletes_what_it_left(sim, mappings):
+    sink = make_sink(sim, mappings)
+    location = sample_location()
+    sim.app.config["FAULTS"].fail_after_apply(503, path_prefix="/locations")
+    with pytest.raises(RetriableError):
+        sink.apply("upsert", location)
+    assert sink.apply("delete", sample_location(status="Cancelled")) is None
+    assert ours(sim, location.key) == []

@@ -17,7 +17,7 @@ import time
 from marshmallow import fields
 
 from workers.resilience.errors import ConfigError, NotYet, PermanentError, RelayError
-from workers.resilience.http import DEFAULT_TIMEOUT, HttpClient
+from workers.resilience.http import DEFAULT_TIMEOUT, HttpClient, settle_seconds
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
 from workers.store.stores import MappingStore
@@ -73,10 +73,8 @@ class StorepointSink(Sink):
     )
     enabled_by = ("STOREPOINT_API_TOKEN",)
     default_route = {"on_status": {"Cancelled": "delete"}}
-    # How long after sending a create whose answer we never got it may still take effect there
-    # (a server finishes a request whose client timed out or died): Storepoint's side is not
-    # documented, so twice our read timeout.
-    CREATE_SETTLE_SECONDS = 2 * DEFAULT_TIMEOUT[1]
+    # How long after sending a create whose answer we never got it may still take effect there.
+    CREATE_SETTLE_SECONDS = settle_seconds(DEFAULT_TIMEOUT)
 
     def __init__(self, client, mappings, options=None):
         super().__init__(client, mappings, options)
@@ -109,25 +107,16 @@ class StorepointSink(Sink):
         return self._create(location.key, body)
 
     def _create(self, key, body):
-        """Create, guarded by an intent mark (when the create was sent): if an earlier attempt ended
-        between sending it and saving our mapping, find its location by the key tag and update it, or
-        create when there is none. An attempt that got no answer (a killed worker, a timeout, a dropped
-        connection) may still land, so the search waits ``CREATE_SETTLE_SECONDS`` after it was sent;
-        one answered 5xx (Storepoint may have applied it and failed after) is searched for at once."""
-        intents = MappingStore(self.mappings.redis, f"{self.name}:intent")
-        sent_at = intents.get(key)
-        if sent_at:
-            settles_in = float(sent_at) + self.CREATE_SETTLE_SECONDS - time.time()
-            if settles_in > 0:
-                raise NotYet(f"storepoint: an earlier create for {key} may still land; looking for it "
-                             f"in {settles_in:.0f}s", retry_after=settles_in)
-            found = next((item["id"] for item in self._listing() if key_of(item) == key), None)
-            if found:
-                log.info("storepoint: %s was created by an interrupted attempt (%s); updating it", key, found)
-                self.call("POST", f"locations/{found}", json=body)
-                self.remember(key, found, flatten(body))
-                intents.delete(key)
-                return found
+        """Create, guarded by an intent mark (when the create was sent); when an earlier attempt left
+        a location (see ``_interrupted_create``), update that one instead."""
+        intents = self._intents()
+        found = self._interrupted_create(key)
+        if found:
+            log.info("storepoint: %s was created by an interrupted attempt (%s); updating it", key, found)
+            self.call("POST", f"locations/{found}", json=body)
+            self.remember(key, found, flatten(body))
+            intents.delete(key)
+            return found
         intents.set(key, repr(time.time()))
         try:
             remote_id = self.call("POST", "locations", json=body).json()["location"]["id"]
@@ -142,12 +131,36 @@ class StorepointSink(Sink):
         return remote_id
 
     def delete(self, location, options):
-        """Delete the mapped location; one unmapped or already gone is a success."""
+        """Delete the mapped location, or the one an interrupted create left; none is a success."""
         remote_id = self.mappings.get(location.key)
+        unmapped = not remote_id
+        if unmapped:
+            remote_id = self._interrupted_create(location.key)
         if remote_id:
             self.call("POST", f"locations/{remote_id}/delete", accept=(404,))
             self.forget(location.key)
+        if unmapped:  # only once the location it may have left is gone
+            self._intents().delete(location.key)
         return None
+
+    def _intents(self):
+        return MappingStore(self.mappings.redis, f"{self.name}:intent")
+
+    def _interrupted_create(self, key):
+        """The ``loc_`` id an earlier create for ``key`` left without our mapping, or None.
+
+        An attempt that got no answer (a killed worker, a timeout, a dropped connection) may still
+        land, so this raises ``NotYet`` until ``CREATE_SETTLE_SECONDS`` after it was sent; one
+        answered 5xx (Storepoint may have applied it and failed after) is searched for at once, by
+        the key tag in the full listing."""
+        sent_at = self._intents().get(key)
+        if not sent_at:
+            return None
+        settles_in = float(sent_at) + self.CREATE_SETTLE_SECONDS - time.time()
+        if settles_in > 0:
+            raise NotYet(f"storepoint: an earlier create for {key} may still land; looking for it "
+                         f"in {settles_in:.0f}s", retry_after=settles_in)
+        return next((item["id"] for item in self._listing() if key_of(item) == key), None)
 
     def reconcile(self, since=None):
         """Scan every location (Storepoint cannot filter by date, so ``since`` is ignored)."""
