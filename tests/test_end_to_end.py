@@ -68,7 +68,7 @@ def test_worker_killed_mid_delivery_still_applies_once(stack_settings, start_pro
                     status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00")).json()["delivery_id"]
 
     entry = kill_worker_mid_write(start_process, stack_settings, sims, redis_client, deliver, write_timeout=30,
-                                  settle_timeout=90)
+                                  settle_timeout=150)  # the killed write's lock: 70 s
     assert entry["status"] == "applied", entry
     time.sleep(1)
     assert len(storepoint_locations(sims)) == 1

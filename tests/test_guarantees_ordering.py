@@ -12,7 +12,9 @@ import pytest
 from tests.fixtures import KEY, STOP_ID, accept, fan_out_job, sim_state
 from tests.payloads import status_change
 from workers import tasks
+from workers.config import Settings
 from workers.pipeline import deliver
+from workers import sinks
 
 LOCK_KEY = f"l2u:lock:storepoint:{KEY}"
 BUCKET_KEY = "l2u:bucket:storepoint"
@@ -38,7 +40,7 @@ def _wait_for_key(redis_client, key, timeout=30):
 def test_a_sink_call_slower_than_the_lock_keeps_the_lock(driver, sink_server, monkeypatch):
     """Item 2: the lock lasted a fixed time while a sink call could take longer; an older write then
     took the lapsed lock, passed the version check and landed after the newer one."""
-    monkeypatch.setattr(deliver, "LOCK_SECONDS", 2)
+    monkeypatch.setattr(deliver, "lock_seconds", lambda sink: (2, 2 / 3))
     sink_server.app.config["FAULTS"].latency(5)  # every sink call takes 5 s, far beyond the lock
     newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
     older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
@@ -77,6 +79,34 @@ def test_a_write_whose_lock_lapsed_cannot_leave_the_sink_regressed(driver, sink_
     assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == repr(1651039200.0)
     assert driver.rt.ledger.get(newer)["status"] == "applied"
     assert driver.rt.ledger.get(older)["status"] == "stale"
+
+
+def test_a_write_that_got_no_answer_is_not_overtaken_while_it_may_still_land(driver, sink_server):
+    """The sink held a write past the client's read timeout and applied it afterwards (a server
+    finishes a request whose client gave up). The lock was released with the error, so a newer
+    write went out at once, and the older one landed after it: the sink ended regressed."""
+    driver.rt.sinks["storepoint"].client.timeout = (1, 0.5)  # settle time: 1 s
+    sink_server.app.config["FAULTS"].slow(0.7, path_prefix="/records")  # applied after the client gave up
+    older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
+    older_args, newer_args = fan_out_job(driver, older), fan_out_job(driver, newer)
+    assert tasks.deliver.run(*older_args) == "retrying"  # read timeout; the sink still holds it
+    assert tasks.deliver.run(*newer_args) == "waiting"
+    assert driver.rt.ledger.get(newer)["sinks"]["storepoint"]["reason"].endswith("may still land")
+    time.sleep(1.2)  # the held write landed, and the key's settle time is over
+    driver.run()
+    assert sim_state(sink_server).records[KEY]["status"] == "Complete"
+    assert driver.rt.ledger.get(newer)["status"] == "applied"
+
+
+def test_a_killed_holders_lock_outlasts_every_request_it_may_have_sent():
+    """A lock lapses between ``length - renew`` and ``length`` after its holder's last request."""
+    settings = Settings(webhook_secret="x" * 16, forward_urls=("http://127.0.0.1:9/hook",),
+                        b2b_api_url="http://127.0.0.1:9/b2b", locate_api_url="http://127.0.0.1:9/locate")
+    for sink_class in sinks.BUILT_IN:
+        sink = sink_class.from_settings(settings, mappings=None)
+        length, renew = deliver.lock_seconds(sink)
+        assert length - renew >= sink.settle_seconds >= 60, sink_class.name
 
 
 def test_equal_instants_end_in_the_later_received_state_whatever_the_processing_order(driver, sink_server):

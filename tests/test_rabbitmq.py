@@ -31,7 +31,7 @@ def test_delivery_is_applied_through_rabbitmq_and_survives_a_worker_kill(amqp_se
         return delivery_id
 
     entry = kill_worker_mid_write(start_process, amqp_settings, sims, redis_client, deliver, write_timeout=60,
-                                  settle_timeout=120)
+                                  settle_timeout=180)  # the killed write's lock: 70 s
     assert entry["status"] == "applied", entry
     time.sleep(1)
     assert len(storepoint_locations(sims)) == 1

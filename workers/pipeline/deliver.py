@@ -4,7 +4,7 @@ import logging
 import time
 
 from workers.store import keys
-from workers.resilience.errors import NotYet, PermanentError, RelayError
+from workers.resilience.errors import NoAnswer, NotYet, PermanentError, RelayError
 from workers.domain.locations import Location
 from workers.logs import bound_context
 from workers.pipeline.failures import bugs_dead_lettered, redis_outage
@@ -14,8 +14,14 @@ from workers.resilience.controls import KeyLock, retry_delay
 from workers.store.stores import WriteOrder
 
 log = logging.getLogger(__name__)
-LOCK_SECONDS = 60  # renewed while held: this bounds only how long a dead holder blocks the key
+LOCK_RENEW_SECONDS = 10  # how often a key lock is renewed while its holder's sink call runs
 BUSY_RETRY_SECONDS = 1.0
+
+
+def lock_seconds(sink):
+    """``(length, renew interval)`` of the key lock for ``sink``: a killed holder's lock lapses no
+    sooner than the sink's settle time after its last request, which may still land until then."""
+    return sink.settle_seconds + LOCK_RENEW_SECONDS, LOCK_RENEW_SECONDS
 
 
 def deliver_to_sink(rt, job):
@@ -24,15 +30,19 @@ def deliver_to_sink(rt, job):
     Under the key's lock (renewed while the sink call runs): the fenced check right before the
     call, then the version compare-and-set after it. A write whose lock lapsed during the call (a
     frozen worker, Redis away longer than the lock) may have landed after a newer one, so the
-    newest applied write is sent again (``_reassert``).
+    newest applied write is sent again (``_reassert``). A write sent without an answer keeps the
+    key locked for the sink's settle time (``KeyLock.settle``), as a killed holder's lock does.
     """
     sink, route = rt.sinks.get(job.sink), rt.routes[job.sink]
     if sink is None:
         return dead_letter(rt, job, job.attempt + 1, PermanentError(f"sink {job.sink} is not configured any more"))
     location = Location.from_json(job.record)
-    # A lock left by a killed worker lapses no later than its message is redelivered.
-    lock = KeyLock(rt.redis, keys.key_lock(job.sink, location.key), min(LOCK_SECONDS, rt.settings.visibility_timeout))
+    lock = KeyLock(rt.redis, keys.key_lock(job.sink, location.key), *lock_seconds(sink))
     if not lock.acquire():
+        settling = lock.busy_for()
+        if settling is not None:
+            return _wait(rt, job, max(settling, BUSY_RETRY_SECONDS), "an earlier write for this key got no "
+                         "answer and may still land")
         return _wait(rt, job, BUSY_RETRY_SECONDS, "another write for this key is in progress")
     versions = rt.versions(job.sink)
     received_at = _received_at(rt, job.delivery_id)
@@ -59,6 +69,8 @@ def deliver_to_sink(rt, job):
             except RelayError as exc:
                 if lock.lost or not lock.renew():  # it may have landed after a newer write
                     _reassert(rt, job.sink, location.key)
+                elif isinstance(exc, NoAnswer):  # it may still land: nothing else goes out before
+                    lock.settle(exc.settles_in)
                 if isinstance(exc, PermanentError):
                     breaker.success()
                     return dead_letter(rt, job, job.attempt + 1, exc)

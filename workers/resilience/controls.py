@@ -297,6 +297,13 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
+# The holder's last write went out without an answer: keep the key fenced until it cannot land.
+_SETTLE_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+return 1
+"""
+
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])
@@ -306,20 +313,25 @@ return redis.call('DEL', KEYS[1])
 class KeyLock:
     """One writer per (sink, key) at a time: a Redis key holding the holder's random token.
 
-    ``held()`` renews it every third of ``seconds`` while its body runs, so a sink call slower than
-    the lock keeps it; a holder that dies stops renewing and the lock lapses within ``seconds``.
+    ``held()`` renews it every ``renew_every`` seconds (a third of ``seconds`` unless given) while
+    its body runs, so a sink call slower than the lock keeps it; a holder that dies stops renewing
+    and the lock lapses between ``seconds - renew_every`` and ``seconds`` after its last request.
     The token is the fence: a store that checks it in the same script as a write (the version
     compare-and-set) knows whether the lock was still this holder's. Losing the lock never raises:
     ``lost`` says so, and the holder decides what that means.
     """
 
-    def __init__(self, client, name, seconds):
+    SETTLING = "settling"  # the value of a lock kept by ``settle``
+
+    def __init__(self, client, name, seconds, renew_every=None):
         self.redis = client
         self.name = name
         self.millis = int(seconds * 1000)
+        self.renew_every = renew_every or seconds / 3
         self.token = uuid.uuid4().hex
         self.lost = False
         self._renew = client.register_script(_RENEW_LOCK)
+        self._settle = client.register_script(_SETTLE_LOCK)
         self._release = client.register_script(_RELEASE_LOCK)
 
     def acquire(self):
@@ -336,11 +348,22 @@ class KeyLock:
         """Free the lock if it is still this holder's; True if it was."""
         return bool(self._release(keys=[self.name], args=[self.token]))
 
+    def settle(self, seconds):
+        """Keep the key locked ``seconds`` more with no holder (``release`` then leaves it): a write
+        sent without an answer may still land, and no other write may go out before it can't."""
+        return bool(self._settle(keys=[self.name], args=[self.token, int(seconds * 1000), self.SETTLING]))
+
+    def busy_for(self):
+        """Seconds until a lock kept by ``settle`` lapses; None when a live holder has it (or nobody)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            value, millis = pipe.get(self.name).pttl(self.name).execute()
+        return max(0.0, millis / 1000) if value == self.SETTLING else None
+
     @contextlib.contextmanager
     def held(self):
         """Renew the lock in a background thread while the body runs (a Redis error on the way: the
         lock may lapse, and the fence tells)."""
-        with renewed(self.renew, self.millis / 3000, f"the lock {self.name}"):
+        with renewed(self.renew, self.renew_every, f"the lock {self.name}"):
             yield self
 
 

@@ -37,6 +37,15 @@ class RetriableError(RelayError):
     retriable = True
 
 
+class NoAnswer(RetriableError):
+    """Sent, but no answer came (a read timeout, a dropped connection): the remote system may still
+    apply it for ``settles_in`` seconds from now (the client's ``settle_seconds`` after it was sent)."""
+
+    def __init__(self, message, *, settles_in, **details):
+        super().__init__(message, **details)
+        self.settles_in = settles_in
+
+
 class PermanentError(RelayError):
     """Retrying the same request cannot succeed; dead-letter it with this reason."""
 

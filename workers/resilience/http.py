@@ -1,7 +1,8 @@
 """The HTTP client every connector uses: one session, explicit timeouts, error classes.
 
-``HttpClient.request`` raises ``RetriableError`` for 408/425/429/5xx, timeouts
-and connection failures (with ``Retry-After`` parsed), ``NotFound`` for 404 and
+``HttpClient.request`` raises ``RetriableError`` for 408/425/429/5xx and for a
+connection never made (with ``Retry-After`` parsed), ``NoAnswer`` (retriable)
+for a request sent without an answer (a read timeout, a dropped connection), ``NotFound`` for 404 and
 ``PermanentError`` for other 4xx — unless the status is in ``accept``, in which
 case the response is returned for the caller to interpret. Secrets given in
 ``redact`` never appear in an error.
@@ -12,12 +13,32 @@ from urllib.parse import urljoin
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError
 
-from workers.resilience.errors import NotFound, PermanentError, RetriableError
+from workers.resilience.errors import NoAnswer, NotFound, PermanentError, RetriableError
 
 USER_AGENT = "locate2u-relay/0.1 (+https://github.com/locate2u-relay)"
 DEFAULT_TIMEOUT = (3.05, 30)
 RETRIABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def read_timeout(timeout):
+    """The read timeout of a ``requests`` timeout (``(connect, read)`` or one number)."""
+    return timeout[1] if isinstance(timeout, tuple) else timeout
+
+
+def settle_seconds(timeout):
+    """How long after sending a request we got no answer for it may still take effect there: a
+    server finishes a request whose client gave up or died. No vendor documents it, so twice the
+    read timeout of ``timeout``."""
+    return 2 * read_timeout(timeout)
+
+
+def never_sent(exc):
+    """True when a ``requests`` connection error happened before the request left (refused,
+    unreachable, connect timeout), so it cannot take effect later."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(exc, requests.ConnectTimeout) or isinstance(reason, NewConnectionError)
 
 
 def make_session(pool_size=10):
@@ -56,6 +77,11 @@ class HttpClient:
         self.auth = auth
         self.redact = tuple(secret for secret in redact if secret)
 
+    @property
+    def settle_seconds(self):
+        """See ``settle_seconds``: for this client's read timeout."""
+        return settle_seconds(self.timeout)
+
     def url(self, path):
         return urljoin(self.base_url, path.lstrip("/"))
 
@@ -69,7 +95,13 @@ class HttpClient:
         try:
             response = self.session.request(method, url, **kwargs)
         except (requests.Timeout, requests.ConnectionError) as exc:
-            raise RetriableError(f"{method} {url} failed: {type(exc).__name__}", method=method, url=url) from None
+            message = f"{method} {url} failed: {type(exc).__name__}"
+            if never_sent(exc):
+                raise RetriableError(message, method=method, url=url) from None
+            # A read timeout: sent at least the read timeout ago. A dropped connection: maybe just now.
+            waited = read_timeout(kwargs["timeout"]) if isinstance(exc, requests.ReadTimeout) else 0
+            raise NoAnswer(message, settles_in=settle_seconds(kwargs["timeout"]) - waited, method=method,
+                           url=url) from None
         if response.ok or response.status_code in accept:
             return response
         raise self.error_for(response)

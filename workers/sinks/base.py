@@ -81,6 +81,11 @@ class Sink(abc.ABC):
         merged = {**self.options, **(options or {})}
         return getattr(self, action)(location, merged)
 
+    @property
+    def settle_seconds(self):
+        """How long a write sent without an answer may still land in the system (``HttpClient``)."""
+        return self.client.settle_seconds
+
     def last_applied(self, key):
         """``(action, Location record)`` of the newest write applied for ``key`` (what ``reconcile
         --repair`` applies again when the system lost or changed it), or None; None after a delete."""
