@@ -10,10 +10,12 @@ import time
 import pytest
 import redis
 
-from tests.fixtures import STOP_ID, RecordingSink, accept, died_in_first_write, sim_state
+from tests.fixtures import STOP_ID, RecordingSink, accept, died_in_first_write, fan_out_job, sim_state
 from tests.payloads import status_change
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
+from workers.domain.events import parse_event
+from workers.pipeline.fan_out import resume_fan_out
 from workers.resilience.errors import NotYet
 from workers.pipeline.replay import replay_dead_letter
 from workers.store.queue_positions import QueueTickets
@@ -213,6 +215,25 @@ def test_sweeper_resumes_a_fan_out_whose_worker_died_and_whose_message_was_lost(
     assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
     assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
     assert driver.rt.redis.zcard(driver.rt.ledger.OPEN) == 0
+
+
+def test_a_resume_that_read_the_entry_before_the_write_landed_leaves_the_sink_settled(driver, sink_server):
+    """Large chaos run (seed 316591250): the sweeper queued a resume for a slow write, which landed
+    between the resume's read of the entry and its "pending" mark. The mark reopened an applied
+    sink of a settled delivery; the compaction packed it so, and the resumed write's outcome found
+    nothing to update: the delivery stayed "applied" with that sink "pending" for good."""
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    held_write = fan_out_job(driver, delivery_id)  # a slow worker still holds the fan-out's write
+    read_by_the_resume = driver.rt.ledger.entry(delivery_id)
+    assert read_by_the_resume.stalled_sinks(0) == ["storepoint"]
+    assert tasks.deliver.run(*held_write) == "applied"  # then it lands
+    event = parse_event(delivery_id, "stop.status-changed", json.loads(read_by_the_resume.body))
+
+    assert resume_fan_out(driver.rt, event, read_by_the_resume) == "applied"
+
+    entry = driver.rt.ledger.get(delivery_id)
+    assert entry["status"] == "applied" and entry["sinks"]["storepoint"]["state"] == "applied"
+    assert driver.sent == [] and driver.rt.redis.zscore(driver.rt.ledger.OPEN, delivery_id) is None
 
 
 def test_sweeper_leaves_a_fan_out_alone_while_its_retry_is_not_due(driver, sink_server):

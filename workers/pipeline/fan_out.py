@@ -146,14 +146,19 @@ def resume_fan_out(rt, event, entry, grace=0.0):
     except PermanentError as exc:  # every stalled sink is refused for it
         planned = Plan(refused=[(DeliverJob(event.delivery_id, sink, None, None, attempts[sink]), exc)
                                 for sink in stalled])
-    for job in planned.jobs:
-        rt.ledger.sink_outcome(job.delivery_id, job.sink, "pending", attempts=job.attempt, reason="resumed")
+    # Only a sink still open: its write may have landed since ``entry`` was read.
+    jobs = [job for job in planned.jobs if rt.ledger.sink_outcome(
+        job.delivery_id, job.sink, "pending", only_open=True, attempts=job.attempt, reason="resumed") >= 0]
     _refuse(rt, event, planned)
-    for job in planned.jobs:
+    resumed = [job.sink for job in jobs] + [job.sink for job, _ in planned.refused]
+    if not resumed:
+        settled = rt.ledger.entry(event.delivery_id)
+        return settled.status.value if settled else "missing"
+    for job in jobs:
         job.send(rt)
     rt.ledger.count_resume(event.delivery_id)
-    rt.ledger.trace(event.delivery_id, "resumed", sinks=stalled)
-    log.warning("resumed a stalled fan-out to %s", ", ".join(stalled))
+    rt.ledger.trace(event.delivery_id, "resumed", sinks=resumed)
+    log.warning("resumed a stalled fan-out to %s", ", ".join(resumed))
     return "resumed"
 
 

@@ -173,9 +173,16 @@ return 1
 # task after the delivery was compacted or expired) must not leave a fragment behind. Once every
 # sink is final, settle the delivery (dead_lettered if any sink is, stale if all are, else applied);
 # else the sweeper looks again when the least advanced open sink is due. Returns received_at.
-# KEYS: entry, OPEN, FINAL. ARGV: sink field, outcome JSON, now, delivery id.
+# With ARGV[5] = 'open' it changes a sink still open only, else returns -1 (a resume that read the
+# entry before the sink's write landed must not reopen it).
+# KEYS: entry, OPEN, FINAL. ARGV: sink field, outcome JSON, now, delivery id, condition.
 _SINK_OUTCOME = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[5] == 'open' then
+  local current = redis.call('HGET', KEYS[1], ARGV[1])
+  local state = current and cjson.decode(current)['state']
+  if state == 'applied' or state == 'stale' or state == 'dead_lettered' then return -1 end
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 local fields = redis.call('HGETALL', KEYS[1])
 local received, due, final, dead, all_stale = '0', nil, true, false, true
@@ -376,15 +383,16 @@ class Ledger:
             pipe.zadd(self.OPEN, {delivery_id: time.time()})
             pipe.execute()
 
-    def sink_outcome(self, delivery_id, sink, state, pipe=None, **details):
+    def sink_outcome(self, delivery_id, sink, state, pipe=None, only_open=False, **details):
         """Record one sink's outcome; once every sink is final, the delivery settles (one script).
 
         Returns the delivery's received-at time (epoch seconds; 0.0 once it left the ledger), for
         latency metrics; with ``pipe``, the call is queued on that pipeline, whose reply it is.
+        ``only_open``: leave a sink whose outcome is final as it is, and return -1.0.
         """
         outcome = json.dumps({"state": state, "at": time.time(), **details})
         script_keys = [self.key(delivery_id), self.OPEN, self.FINAL]
-        args = [f"sink:{sink}", outcome, repr(time.time()), delivery_id]
+        args = [f"sink:{sink}", outcome, repr(time.time()), delivery_id, "open" if only_open else ""]
         if pipe is not None:  # EVAL: a script object on a pipeline costs a SCRIPT EXISTS round trip first
             pipe.eval(_SINK_OUTCOME, len(script_keys), *script_keys, *args)
             return None
