@@ -236,6 +236,24 @@ def test_a_resume_that_read_the_entry_before_the_write_landed_leaves_the_sink_se
     assert driver.sent == [] and driver.rt.redis.zscore(driver.rt.ledger.OPEN, delivery_id) is None
 
 
+def test_a_second_copy_of_a_write_that_fails_leaves_the_settled_sink_settled(driver, sink_server):
+    """Large chaos run (seed 1227332774): a write ran twice (a redelivered message, a resume of a
+    slow one); the first applied and the delivery settled, the second got a 503 (or waited for the
+    key) and recorded "retrying" over "applied". The compaction packed the delivery so, and the
+    retry's final outcome found nothing to update: a sink "retrying" for good."""
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    write = fan_out_job(driver, delivery_id)
+    assert tasks.deliver.run(*write) == "applied"
+    sink_server.app.config["FAULTS"].inject(503)
+    assert tasks.deliver.run(*write) == "retrying"  # the second copy
+
+    entry = driver.rt.ledger.get(delivery_id)
+    assert entry["status"] == "applied" and entry["sinks"]["storepoint"]["state"] == "applied"
+    assert driver.rt.redis.zscore(driver.rt.ledger.OPEN, delivery_id) is None
+    driver.run()  # its retry still goes out, and ends final
+    assert driver.rt.ledger.get(delivery_id)["sinks"]["storepoint"]["state"] in ("applied", "stale")
+
+
 def test_sweeper_leaves_a_fan_out_alone_while_its_retry_is_not_due(driver, sink_server):
     sink_server.app.config["FAULTS"].inject(503)
     driver.rt.settings = driver.rt.settings.replace(retry_schedule=(0, 60))

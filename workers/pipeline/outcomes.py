@@ -3,6 +3,7 @@ import logging
 import time
 
 from workers.resilience.errors import RelayError
+from workers.store.stores import FINAL_SINK_STATES
 
 log = logging.getLogger(__name__)
 # Dead-letter stages: what a replay has to redo.
@@ -20,10 +21,12 @@ def record(rt, job, state, attempts, *, kept=None, received_at=None, **shown):
     """Record ``job``'s outcome ``state`` at its sink, in one Redis round trip: in the ledger (with
     ``kept`` fields; the delivery settles when it was its last open sink) and, except for a wait, as
     a trace line with ``shown`` and in the metrics (applied with its receipt-to-applied latency,
-    from ``received_at``); then in the log."""
+    from ``received_at``); then in the log. A state that is not final never reopens a sink whose
+    outcome is (a second copy of a write that landed: its retry still goes out)."""
     shown_as = _SHOWN.get(state)
     with rt.redis.pipeline(transaction=False) as pipe:
-        rt.ledger.sink_outcome(job.delivery_id, job.sink, state, pipe, attempts=attempts, **(kept or {}))
+        rt.ledger.sink_outcome(job.delivery_id, job.sink, state, pipe, only_open=state not in FINAL_SINK_STATES,
+                               attempts=attempts, **(kept or {}))
         if shown_as:
             rt.ledger.trace(job.delivery_id, shown_as[0], pipe, sink=job.sink, **shown)
         if state == "retrying":
