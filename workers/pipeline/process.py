@@ -9,7 +9,7 @@ from workers.domain.events import parse_event
 from workers.pipeline.failures import bugs_dead_lettered
 from workers.pipeline.fan_out import resume_fan_out, route_delivery
 from workers.pipeline.outcomes import dead_letter_enrich
-from workers.resilience.controls import renewed
+from workers.resilience.renewal import renewed
 
 log = logging.getLogger(__name__)
 

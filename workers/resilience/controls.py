@@ -14,14 +14,12 @@ import contextlib
 import json
 import logging
 import random
-import threading
 import time
 import uuid
 
-import redis
-
 from workers.celery_config import DELIVER
 from workers.store import keys
+from workers.resilience.renewal import renewed
 
 JITTER = 0.1
 log = logging.getLogger(__name__)
@@ -361,31 +359,7 @@ class KeyLock:
 
     @contextlib.contextmanager
     def held(self):
-        """Renew the lock in a background thread while the body runs (a Redis error on the way: the
+        """Renew the lock on the process's renewal thread while the body runs (a Redis error on the way: the
         lock may lapse, and the fence tells)."""
         with renewed(self.renew, self.renew_every, f"the lock {self.name}"):
             yield self
-
-
-@contextlib.contextmanager
-def renewed(renew, every, what):
-    """Call ``renew()`` every ``every`` seconds in a background thread while the body runs, until it
-    returns False (no longer held). A Redis error is logged (``what`` could not be renewed) and the
-    next turn tries again; a holder that dies stops renewing, so what it held lapses."""
-    stop = threading.Event()
-
-    def keep():
-        while not stop.wait(every):
-            try:
-                if not renew():
-                    return
-            except redis.RedisError as exc:
-                log.warning("could not renew %s: %s", what, exc)
-
-    renewer = threading.Thread(target=keep, name=f"renew {what}", daemon=True)
-    renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        renewer.join()
