@@ -346,7 +346,7 @@ def fan_out_job(driver, delivery_id):
     driver.sent.remove((name, args))
     jobs = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fan_out, "deliver_now", lambda rt, job: jobs.append(list(job)))
+        patch.setattr(fan_out, "deliver_now", lambda rt, job, received_at: jobs.append(list(job)))
         tasks.process_delivery.run(*args)
     [job] = jobs
     return job

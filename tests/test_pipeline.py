@@ -281,7 +281,7 @@ def test_broker_outage_while_fanning_out_is_redelivered_not_dead_lettered(driver
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
     with monkeypatch.context() as patch:
-        patch.setattr(driver.rt.versions("storepoint"), "check", redis_down)
+        patch.setattr(driver.rt.versions("storepoint"), "begin", redis_down)
         with pytest.raises(Reject):
             tasks.process_delivery.run(*args)
     driver.rt.scheduler.send_task = broker_down

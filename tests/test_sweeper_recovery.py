@@ -130,9 +130,9 @@ def test_every_state_before_the_end_is_in_the_sweepers_index(broker, l2u):
         note()
         return real_fetch(rt_, stop_id)
 
-    def note_and_deliver(rt_, job):
+    def note_and_deliver(rt_, job, received_at):
         note()
-        return real_deliver(rt_, job)
+        return real_deliver(rt_, job, received_at)
 
     fan_out.fetch_stop, fan_out.deliver_now = fetch_and_note, note_and_deliver
     try:

@@ -24,40 +24,36 @@ def lock_seconds(sink):
     return sink.settle_seconds + LOCK_RENEW_SECONDS, LOCK_RENEW_SECONDS
 
 
-def deliver_to_sink(rt, job):
+def deliver_to_sink(rt, job, received_at=None):
     """Apply one routed write; return the outcome (applied, stale, retrying, dead_lettered, waiting).
 
-    Under the key's lock (renewed while the sink call runs): the fenced check right before the
-    call, then the version compare-and-set after it. A write whose lock lapsed during the call (a
-    frozen worker, Redis away longer than the lock) may have landed after a newer one, so the
-    newest applied write is sent again (``_reassert``). A write sent without an answer keeps the
-    key locked for the sink's settle time (``KeyLock.settle``), as a killed holder's lock does.
+    Under the key's lock (renewed while the sink call runs): the lock taken together with the
+    fenced version check right before the call, then the version compare-and-set (which frees the
+    lock) after it. A write whose lock lapsed during the call (a frozen worker, Redis away longer
+    than the lock) may have landed after a newer one, so the newest applied write is sent again
+    (``_reassert``). A write sent without an answer keeps the key locked for the sink's settle time
+    (``KeyLock.settle``), as a killed holder's lock does. ``received_at``: the delivery's receipt
+    time when the caller has it (the fan-out), else it is read from the ledger.
     """
     sink, route = rt.sinks.get(job.sink), rt.routes[job.sink]
     if sink is None:
         return dead_letter(rt, job, job.attempt + 1, PermanentError(f"sink {job.sink} is not configured any more"))
     location = Location.from_json(job.record)
     lock = KeyLock(rt.redis, keys.key_lock(job.sink, location.key), *lock_seconds(sink))
-    if not lock.acquire():
-        settling = lock.busy_for()
-        if settling is not None:
-            return _wait(rt, job, max(settling, BUSY_RETRY_SECONDS), "an earlier write for this key got no "
-                         "answer and may still land")
-        return _wait(rt, job, BUSY_RETRY_SECONDS, "another write for this key is in progress")
     versions = rt.versions(job.sink)
-    received_at = _received_at(rt, job.delivery_id)
+    received_at = _received_at(rt, job.delivery_id) if received_at is None else received_at
     order = WriteOrder.of(location.version, received_at, job.delivery_id)
     try:
+        verdict = versions.begin(location.key, order, lock)
+        if verdict == "busy":
+            return _busy(rt, job, lock)
         with lock.held():
-            verdict = versions.check(location.key, order, lock)
-            if verdict == "lost":
-                return _wait(rt, job, BUSY_RETRY_SECONDS, "the key's lock lapsed before the write")
             if route.ordered and verdict == "stale":
                 return record(rt, job, "stale", job.attempt, key=location.key)
             # Only a write that is really sent asks the breaker and the rate limit, so a stale one
             # never uses up the breaker's single probe (or a token) without calling the sink.
             breaker = rt.breaker(job.sink)
-            held_back, early = _hold_back(rt, breaker, job)
+            held_back, early, failing = _hold_back(rt, breaker, job)
             if held_back:
                 return _wait(rt, job, *held_back)
             try:
@@ -79,13 +75,23 @@ def deliver_to_sink(rt, job):
             recorded, held = versions.record(location.key, order, lock, job.action, job.record)
     finally:
         lock.release()
-    _recovered(rt, breaker, job.sink)  # after the lock: a released write for this key need not wait for it
+    if failing:  # after the lock: a released write for this key need not wait for it
+        _recovered(rt, breaker, job.sink)
     if route.ordered and (recorded == "older" or not held):
         _reassert(rt, job.sink, location.key)
     if route.ordered and recorded == "older":  # a newer write was applied while this one was sent
         return record(rt, job, "stale", job.attempt + 1, key=location.key)
     return record(rt, job, "applied", job.attempt + 1, kept={"remote_id": remote_id}, received_at=received_at,
                   action=job.action, key=location.key)
+
+
+def _busy(rt, job, lock):
+    """Another write holds the key (or one without an answer may still land): wait for it."""
+    settling = lock.busy_for()
+    if settling is not None:
+        return _wait(rt, job, max(settling, BUSY_RETRY_SECONDS), "an earlier write for this key got no "
+                     "answer and may still land")
+    return _wait(rt, job, BUSY_RETRY_SECONDS, "another write for this key is in progress")
 
 
 def _received_at(rt, delivery_id):
@@ -109,25 +115,26 @@ def _reassert(rt, sink_name, key):
 
 
 def _hold_back(rt, breaker, job):
-    """``(held_back, early)``: ``held_back`` is ``(seconds, why, for_health)`` when the breaker or the
-    rate limit holds the write back, else None. With the breaker open, a retry released before its
-    time (a recovery probe) takes the breaker's probe slot, cooldown or not; ``early`` is then when
-    the schedule had it due (see ``RetryScheduler``)."""
-    verdict, wait = breaker.admit()
-    early = None
-    if verdict == "open":
-        early = rt.scheduler.take_early(job.sink, job.delivery_id, job.attempt)
-        if early is None:
-            return (wait, "paused: circuit breaker open", True), None
-        if not breaker.claim_probe():  # another probe is in flight: back to its place
-            return (max(0.0, early - time.time()), "paused: circuit breaker open", True), None
-        verdict = "probe"
-    wait = rt.limiter(job.sink).take()
-    if wait:
-        if verdict == "probe":  # another write may probe now instead of after the next cooldown
-            breaker.abandon_probe()
-        return (wait, "rate limited", False), None
-    return None, early
+    """``(held_back, early, failing)``: ``held_back`` is ``(seconds, why, for_health)`` when the
+    breaker or the rate limit holds the write back, else None. With the breaker open, a retry
+    released before its time (a recovery probe) takes the breaker's probe slot, cooldown or not;
+    ``early`` is then when the schedule had it due (see ``RetryScheduler``). ``failing``: the sink
+    has failures or held retries, which its success is to release."""
+    limiter = rt.limiter(job.sink)
+    admission = breaker.admit_and_take(limiter, rt.scheduler.HELD + job.sink)
+    if admission.verdict != "open":
+        held_back = (admission.throttled, "rate limited", False) if admission.throttled else None
+        return held_back, None, admission.failing
+    early = rt.scheduler.take_early(job.sink, job.delivery_id, job.attempt)
+    if early is None:
+        return (admission.wait, "paused: circuit breaker open", True), None, True
+    if not breaker.claim_probe():  # another probe is in flight: back to its place
+        return (max(0.0, early - time.time()), "paused: circuit breaker open", True), None, True
+    wait = limiter.take()
+    if wait:  # another write may probe now instead of after the next cooldown
+        breaker.abandon_probe()
+        return (wait, "rate limited", False), None, True
+    return None, early, True
 
 
 def _recovered(rt, breaker, sink_name):
@@ -164,17 +171,18 @@ def _retry(rt, job, exc, early=None):
                   error=exc.message, status=exc.status, delay=round(delay, 1))
 
 
-def deliver(rt, job):
+def deliver(rt, job, received_at=None):
     """The ``deliver`` task's work: ``deliver_to_sink``, with a bug dead-lettered for the job."""
     with bound_context(sink=job.sink), bugs_dead_lettered(lambda exc: dead_letter(rt, job, job.attempt + 1, exc)):
-        return deliver_to_sink(rt, job)
+        return deliver_to_sink(rt, job, received_at)
 
 
-def deliver_now(rt, job):
-    """Deliver ``job`` in this process, as part of its fan-out: as the ``deliver`` task would, except
-    that a bug, once dead-lettered for this job, lets the fan-out go on with the other sinks."""
+def deliver_now(rt, job, received_at):
+    """Deliver ``job`` in this process, as part of its fan-out (whose entry says when it was
+    received): as the ``deliver`` task would, except that a bug, once dead-lettered for this job,
+    lets the fan-out go on with the other sinks."""
     try:
-        return deliver(rt, job)
+        return deliver(rt, job, received_at)
     except Exception as exc:  # noqa: BLE001 - dead-lettered and logged with its traceback by ``deliver``
         if redis_outage(exc):
             raise

@@ -100,9 +100,10 @@ def fetch_stop(rt, stop_id):
     return stop
 
 
-def route_delivery(rt, event, attempt=0, replay=False, sinks=None):
-    """Plan ``event`` and queue one deliver job per routed sink (only ``sinks``, when given: a
-    route-stage replay redoes the sink that refused, not the ones that took it)."""
+def route_delivery(rt, event, received_at, attempt=0, replay=False, sinks=None):
+    """Plan ``event`` (received at ``received_at``) and deliver one job per routed sink (only
+    ``sinks``, when given: a route-stage replay redoes the sink that refused, not the ones that
+    took it)."""
     try:
         planned = plan(rt, event, sinks)
     except RetriableError as exc:
@@ -113,14 +114,13 @@ def route_delivery(rt, event, attempt=0, replay=False, sinks=None):
         rt.ledger.set_status(event.delivery_id, "unrouted", entity=event.entity)
         rt.ledger.trace(event.delivery_id, "unrouted", reason="no enabled sink takes this event")
         return "unrouted"
-    rt.ledger.start_fan_out(event.delivery_id, planned.sinks, entity=event.entity)
+    rt.ledger.start_fan_out(event.delivery_id, planned.sinks, [job.sink for job in planned.jobs], entity=event.entity)
     if replay:  # what is redone supersedes the earlier dead letters of this delivery
         for name in ["enrich"] + planned.sinks:
             rt.dead_letters.remove(rt.dead_letters.entry_id(event.delivery_id, name))
-    rt.ledger.trace(event.delivery_id, "routed", sinks=[job.sink for job in planned.jobs])
     _refuse(rt, event, planned)
     for job in planned.jobs:
-        deliver_now(rt, job)
+        deliver_now(rt, job, received_at)
     return "routed" if planned.jobs else "dead_lettered"
 
 

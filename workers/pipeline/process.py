@@ -38,7 +38,7 @@ def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
         if entry.replay_sinks is not None:  # a replay the sweeper queued again: its message says neither
             replay, sinks = True, sinks or list(entry.replay_sinks) or None
         with _lease_renewed(rt, delivery_id, lease):
-            return route_delivery(rt, event, attempt, replay, sinks)
+            return route_delivery(rt, event, entry.received_at, attempt, replay, sinks)
 
 
 def _lease_renewed(rt, delivery_id, lease):

@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+import typing
 import uuid
 
 from workers.celery_config import DELIVER
@@ -199,13 +200,18 @@ class RetryScheduler:
         return json.dumps({"task": task_name, "args": args, "id": uuid.uuid4().hex})
 
 
-_ADMIT = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'open' then return {'closed', '0'} end
-local wait = tonumber(redis.call('HGET', KEYS[1], 'open_until')) - tonumber(ARGV[1])
-if wait > 0 then return {'open', tostring(wait)} end
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return {'probe', '0'} end
-return {'open', '1'}
+_ADMIT_FN = """
+local function admit(breaker, probe, now, cooldown)
+  if redis.call('HGET', breaker, 'state') ~= 'open' then return 'closed', 0 end
+  local wait = tonumber(redis.call('HGET', breaker, 'open_until')) - now
+  if wait > 0 then return 'open', wait end
+  if redis.call('SET', probe, '1', 'NX', 'EX', cooldown) then return 'probe', 0 end
+  return 'open', 1
+end
+"""
+_ADMIT = _ADMIT_FN + """
+local verdict, wait = admit(KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2])
+return {verdict, tostring(wait)}
 """
 
 _FAILURE = """
@@ -230,6 +236,7 @@ class CircuitBreaker:
         self.threshold = threshold
         self.cooldown = cooldown
         self._admit = client.register_script(_ADMIT)
+        self._admit_and_take = client.register_script(_ADMIT_AND_TAKE)
         self._failure = client.register_script(_FAILURE)
 
     def admit(self, now=None):
@@ -237,6 +244,14 @@ class CircuitBreaker:
         verdict, wait = self._admit(keys=[self.key, self.probe_key],
                                     args=[time.time() if now is None else now, max(1, int(self.cooldown))])
         return verdict, float(wait)
+
+    def admit_and_take(self, limiter, held_key, now=None):
+        """``admit``, then a token from ``limiter`` unless the breaker is open, in one step (an
+        ``Admission``; ``held_key``: the sink's retries held for its health)."""
+        verdict, wait, throttled, failing = self._admit_and_take(
+            keys=[self.key, self.probe_key, limiter.key, held_key],
+            args=[time.time() if now is None else now, max(1, int(self.cooldown)), limiter.rate, limiter.burst])
+        return Admission(verdict, float(wait), float(throttled), bool(failing))
 
     def failure(self, now=None):
         """Record a failure; return True if the breaker is (now) open."""
@@ -262,17 +277,47 @@ class CircuitBreaker:
         return self.redis.hget(self.key, "state") or "closed"
 
 
-_TAKE = """
-local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or burst)
-local stamp = tonumber(redis.call('HGET', KEYS[1], 'stamp') or now)
-tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
-return tostring(wait)
+_TAKE_FN = """
+local function take(bucket, rate, burst, now)
+  local tokens = tonumber(redis.call('HGET', bucket, 'tokens') or burst)
+  local stamp = tonumber(redis.call('HGET', bucket, 'stamp') or now)
+  tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+  local wait = 0
+  if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+  redis.call('HSET', bucket, 'tokens', tostring(tokens), 'stamp', tostring(now))
+  redis.call('EXPIRE', bucket, math.ceil(burst / rate) + 60)
+  return wait
+end
 """
+_TAKE = _TAKE_FN + """
+return tostring(take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])))
+"""
+
+# KEYS: breaker, probe, bucket, held retries. ARGV: now, cooldown, rate, burst. The breaker's verdict,
+# then (unless open) a token; a probe that must wait for one is given back. "failing": the breaker is
+# not closed, or the sink has failures counted or retries held for its health, so its next success
+# has something to close or release.
+_ADMIT_AND_TAKE = _ADMIT_FN + _TAKE_FN + """
+local now = tonumber(ARGV[1])
+local verdict, wait = admit(KEYS[1], KEYS[2], now, ARGV[2])
+local throttled = 0
+if verdict ~= 'open' then
+  throttled = take(KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4]), now)
+  if throttled > 0 and verdict == 'probe' then redis.call('DEL', KEYS[2]) end
+end
+local failing = verdict ~= 'closed' or tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') > 0
+  or redis.call('EXISTS', KEYS[4]) == 1
+return {verdict, tostring(wait), tostring(throttled), failing and 1 or 0}
+"""
+
+
+class Admission(typing.NamedTuple):
+    """What ``CircuitBreaker.admit_and_take`` decided for one write."""
+
+    verdict: str  # "closed" or "probe": may go (unless throttled); "open": wait ``wait`` seconds
+    wait: float
+    throttled: float  # seconds the rate limit holds it back (0: a token was taken)
+    failing: bool  # breaker not closed, failures counted or retries held: a success has work to do
 
 
 class RateLimiter:
@@ -328,6 +373,7 @@ class KeyLock:
         self.renew_every = renew_every or seconds / 3
         self.token = uuid.uuid4().hex
         self.lost = False
+        self.released = False  # set by a store that released it in the same step as its write
         self._renew = client.register_script(_RENEW_LOCK)
         self._settle = client.register_script(_SETTLE_LOCK)
         self._release = client.register_script(_RELEASE_LOCK)
@@ -343,7 +389,10 @@ class KeyLock:
         return not self.lost
 
     def release(self):
-        """Free the lock if it is still this holder's; True if it was."""
+        """Free the lock if it is still this holder's (and not released already); True if it was."""
+        if self.released:
+            return False
+        self.released = True
         return bool(self._release(keys=[self.name], args=[self.token]))
 
     def settle(self, seconds):

@@ -77,6 +77,7 @@ class LedgerEntry:
     replay_sinks: tuple | None = None  # set by a replay: only these sinks are routed again
     resumes: int = 0
     tickets: dict = dataclasses.field(default_factory=dict)  # "" (process_delivery) or sink -> queue ticket
+    received_at: float = 0.0
 
     @classmethod
     def of(cls, fields):
@@ -87,7 +88,7 @@ class LedgerEntry:
                    attempt=int(fields.get("attempt", 0)), lease=fields.get("lease"),
                    replay=fields.get("replay") == "1",
                    replay_sinks=None if replay_sinks is None else tuple(json.loads(replay_sinks)),
-                   resumes=int(fields.get("resumes", 0)),
+                   resumes=int(fields.get("resumes", 0)), received_at=float(fields.get("received_at") or 0),
                    tickets={name.partition(":")[2]: ticket for name, ticket in fields.items()
                             if name == "queued" or name.startswith("queued:")})
 
@@ -374,13 +375,16 @@ class Ledger:
         return bool(self._lease(keys=[self.key(delivery_id), self.OPEN],
                                 args=[delivery_id, token, repr(time.time()), "lapse"]))
 
-    def start_fan_out(self, delivery_id, sinks, **fields):
-        """Mark the delivery routed, every sink pending, before any of them is written to."""
+    def start_fan_out(self, delivery_id, sinks, routed_to=None, **fields):
+        """Mark the delivery routed, every sink pending, before any of them is written to; with
+        ``routed_to`` (the sinks that take it), its "routed" trace line goes in the same round trip."""
         pending = json.dumps({"state": "pending", "attempts": 0, "at": time.time()})
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(delivery_id), mapping={"status": "routed", **fields,
                                                       **{f"sink:{sink}": pending for sink in sinks}})
             pipe.zadd(self.OPEN, {delivery_id: time.time()})
+            if routed_to is not None:
+                self.trace(delivery_id, "routed", pipe, sinks=routed_to)
             pipe.execute()
 
     def sink_outcome(self, delivery_id, sink, state, pipe=None, only_open=False, **details):
@@ -688,7 +692,7 @@ class WriteOrder(collections.namedtuple("WriteOrder", "instant received_at deliv
 
 
 # The stored order of a key's newest write, and how another compares with it: both scripts
-# below start with this. KEYS: versions, writes, lock. ARGV: key, instant, received_at, delivery id, token.
+# below use this. KEYS: versions, writes, lock. ARGV: key, instant, received_at, delivery id, token.
 _ORDER = """
 local function stored(key)
   local instant = redis.call('HGET', KEYS[1], key)
@@ -709,14 +713,17 @@ local current = stored(ARGV[1])
 local held = redis.call('GET', KEYS[3]) == ARGV[5]
 """
 
-# Before the write: is the lock still ours, and is the write not older than the newest applied?
-_CHECK_WRITE = _ORDER + """
-if not held then return 'lost' end
+# Before the write, in one step: take the lock (ARGV[6]: its length in ms), then is the write not
+# older than the newest applied?
+_BEGIN_WRITE = """
+if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[6]) then return 'busy' end
+""" + _ORDER + """
 if current and compare(mine, current) < 0 then return 'stale' end
 return 'ok'
 """
 
-# After the write: store it only if newer (ARGV[6]: the write as JSON); say whether the lock was still ours.
+# After the write: store it only if newer (ARGV[6]: the write as JSON); say whether the lock was
+# still ours, and free it if so.
 _RECORD_WRITE = _ORDER + """
 local verdict = 'newer'
 if current then
@@ -727,6 +734,7 @@ if verdict == 'newer' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
 end
+if held then redis.call('DEL', KEYS[3]) end
 return {verdict, held and 1 or 0}
 """
 
@@ -743,25 +751,28 @@ class VersionStore:
         self.redis = client
         self.key = keys.versions(sink)
         self.writes_key = self.key + ":writes"
-        self._check = client.register_script(_CHECK_WRITE)
+        self._begin = client.register_script(_BEGIN_WRITE)
         self._record = client.register_script(_RECORD_WRITE)
 
     def _call(self, script, key, order, lock, *extra):
         return script(keys=[self.key, self.writes_key, lock.name],
                       args=[key, repr(order.instant), repr(order.received_at), order.delivery_id, lock.token, *extra])
 
-    def check(self, key, order, lock):
-        """Right before a write, in one step: "lost" when ``lock`` is no longer held, "stale" when a
-        newer write is already applied, else "ok"."""
-        return self._call(self._check, key, order, lock)
+    def begin(self, key, order, lock):
+        """Right before a write, in one step: take ``lock``, then "busy" when another holder has it,
+        "stale" (the lock taken) when a newer write is already applied, else "ok" (the lock taken)."""
+        verdict = self._call(self._begin, key, order, lock, lock.millis)
+        lock.released = verdict == "busy"  # another holder's: nothing for this one to release
+        return verdict
 
     def record(self, key, order, lock, action, record):
-        """After a write: store it if newer than the newest (compare-and-set). Returns ``(verdict,
-        held)``: verdict "newer", "same" (this delivery's write again) or "older" (a newer one was
-        applied meanwhile); held is False when ``lock`` lapsed during the write."""
+        """After a write: store it if newer than the newest (compare-and-set) and release ``lock``.
+        Returns ``(verdict, held)``: verdict "newer", "same" (this delivery's write again) or "older"
+        (a newer one was applied meanwhile); held is False when ``lock`` lapsed during the write."""
         write = json.dumps({"delivery_id": order.delivery_id, "received_at": order.received_at, "action": action,
                             "record": record})
         verdict, held = self._call(self._record, key, order, lock, write)
+        lock.released = True
         return verdict, bool(held)
 
     def newest(self, key):
