@@ -18,6 +18,7 @@ from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, SYNC_SUBS
 from workers.config import ConfigError, Settings
 from workers.logs import configure_logging, say_as_json
 from workers.pipeline.routes import load_routes
+from workers.task_events import TaskEventsWhileWatched
 
 MAX_SWEEP_INTERVAL = 30.0
 RELEASE_INTERVAL = 1.0
@@ -41,7 +42,7 @@ def create_worker_app(settings=None):
                if settings.locate2u_client_id else {}),
         },
         beat_schedule_filename=os.path.join(settings.data_dir, "celerybeat-schedule"),
-        worker_send_task_events=True,
+        worker_send_task_events=True,  # the dispatcher's task group, toggled by TaskEventsWhileWatched
         task_send_sent_event=True,
         # Measured (README, Performance): tasks mostly wait on Redis and HTTP but still cost ~25 ms CPU per
         # event, so prefork (every core) beats the threads pool (one core per process); 4 children overlap
@@ -53,6 +54,7 @@ def create_worker_app(settings=None):
     setup_logging.connect(lambda **kwargs: configure_logging(settings), weak=False)
     celeryd_init.connect(lambda instance=None, **kwargs: _quiet_worker(instance, settings), weak=False)
     app.Beat = app.subclass_with_self(QuietBeat)
+    app.steps["consumer"].add(TaskEventsWhileWatched)  # Redis broker: task events only while watched
     warm_shutdown.install()  # stops within a dyno's 30 s also when only the main process gets SIGTERM
     os.makedirs(settings.data_dir, exist_ok=True)
     return app

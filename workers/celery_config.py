@@ -62,7 +62,9 @@ def celery_config(settings):
         "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
         "worker_hijack_root_logger": False,
         # Off by default (connection budget, README Scale): remote control (celery inspect/control,
-        # Flower's worker pages) costs each worker 3 Redis connections; events, which Flower needs, stay on.
+        # Flower's worker pages) costs each worker 3 Redis connections. Task events, which Flower needs,
+        # go out on a Redis broker only while an events watcher is subscribed (workers/task_events.py;
+        # remote control on counts as one), always on another broker; worker heartbeats always.
         "worker_enable_remote_control": settings.worker_remote_control,
         "enable_utc": True,
     }
