@@ -3,14 +3,25 @@
 A write to a healthy sink takes four: the key lock taken with the version check, the breaker's
 verdict with a rate-limit token, the version record that frees the lock, and the outcome. It
 made nine before (receipt time, lock, check, breaker, token, record, release, recovery, outcome).
+The sinks' own: Storepoint three to create (mapping with the fields last written, the create's
+intent mark, the mapping with the mark dropped), two to update; B2B two either way. They made
+six, three and three before.
 """
 import contextlib
 import traceback
 
 import redis.connection
 
+import pytest
+
 from tests.fixtures import STOP_ID, RecordingSink, accept
 from tests.payloads import status_change
+from tests.sink_contract import sample_location
+from tests.test_sink_b2b import settings_for as b2b_settings
+from tests.test_sink_storepoint import TOKEN as STOREPOINT_TOKEN
+from workers.config import Settings
+from workers.sinks.b2b import B2BSink
+from workers.sinks.storepoint import StorepointSink
 from workers.pipeline.routes import Route
 from workers.resilience.http import HttpClient
 from workers.store.stores import MappingStore
@@ -51,3 +62,26 @@ def test_a_write_to_a_healthy_sink_costs_four_round_trips(driver, sink_server):
     assert len(two_sinks) - len(one_sink) == 4, (one_sink, two_sinks)
     # entry, processing lease, stop (cached), routed; then the sink's write (versions._call twice)
     assert one_sink == ["get", "claim", "fetch_stop", "start_fan_out", "_call", "admit_and_take", "_call", "record"]
+
+
+def storepoint_sink(simulator, redis_client):
+    sim = simulator("storepoint", token=STOREPOINT_TOKEN)
+    settings = Settings(webhook_secret="x" * 16, storepoint_api_url=sim.url, storepoint_api_token=STOREPOINT_TOKEN)
+    return StorepointSink.from_settings(settings, MappingStore(redis_client, "storepoint"))
+
+
+def b2b_sink(simulator, redis_client):
+    sim = simulator("b2b", token="b2b-static-token", username="b2b-user", password="b2b-pass")
+    return B2BSink.from_settings(b2b_settings(sim), MappingStore(redis_client, "b2b"))
+
+
+@pytest.mark.parametrize("make_sink, create, update", [(storepoint_sink, 3, 2), (b2b_sink, 2, 2)])
+def test_a_sinks_own_round_trips_to_create_and_to_update(simulator, redis_client, make_sink, create, update):
+    sink = make_sink(simulator, redis_client)
+    with round_trips() as creating:
+        sink.apply("upsert", sample_location())
+    with round_trips() as updating:
+        sink.apply("upsert", sample_location(status="Arrived"))
+    assert (len(creating), len(updating)) == (create, update), (creating, updating)
+    remote_id, written = sink.known("l2u-stop-164557")
+    assert remote_id and written  # what reconcile compares with was kept

@@ -119,13 +119,15 @@ class B2BSink(Sink):
         return self._upsert(location.key, self.fields(location, options), options)
 
     def _upsert(self, key, fields, options):
-        if self.mappings.get(key):
-            remote_id = self._update(key, fields)
+        mapped, before = self.known(key)
+        if mapped:
+            remote_id = self._update(key, fields, before)
             if remote_id is not None:
                 return remote_id
+            before = {}
         response = self.call("POST", "Location/create", accept=(409,), json=[create_item(key, fields, options)])
         if response.status_code != 409:
-            return self._remember(key, fields, response)
+            return self._remember(key, fields, response, before)
         log.info("b2b: %s exists already (409); updating it", key)
         remote_id = self._update(key, fields)
         if remote_id is None:
@@ -222,18 +224,19 @@ class B2BSink(Sink):
             raise self.client.error_for(response, "B2B login answered without a token") from None
         self.client.redact = (self.login.password, self.login.token)
 
-    def _update(self, key, fields):
+    def _update(self, key, fields, before=None):
         """PUT ``fields`` by idRemote; the B2B id, or None (mapping dropped) when there is no such location."""
         response = self.call("PUT", f"Location/update/{quote(key, safe='')}", accept=(404,), json=fields)
         if response.status_code == 404:
             self.forget(key)
             return None
-        return self._remember(key, fields, response)
+        return self._remember(key, fields, response, before)
 
-    def _remember(self, key, fields, response):
-        """Map ``key`` to the B2B id the answer gives (else to ``key``, which the API accepts as id)."""
+    def _remember(self, key, fields, response, before=None):
+        """Map ``key`` to the B2B id the answer gives (else to ``key``, which the API accepts as id);
+        ``before``: the fields written before, when known (``Sink.remember``)."""
         remote_id = returned_ids(response).get(key, key)
-        self.remember(key, remote_id, fields)
+        self.remember(key, remote_id, fields, before)
         return remote_id
 
     def _listing(self, date):

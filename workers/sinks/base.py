@@ -9,8 +9,8 @@ from those declarations (see docs/sinks/README.md). The base owns the HTTP
 client (session, timeouts, User-Agent, error classification), the key →
 remote-id mapping and dispatch by action; the pipeline owns retries,
 ordering, breakers and dead letters. Subclasses call the system with
-``call`` (errors worded by their ``error_detail``), record writes with
-``remember``/``forget`` and build reconcile reports with ``compare_listing``.
+``call`` (errors worded by their ``error_detail``), read and record writes with
+``known``/``remember``/``forget`` and build reconcile reports with ``compare_listing``.
 """
 import abc
 import dataclasses
@@ -18,7 +18,7 @@ import json
 
 from workers.resilience.errors import PermanentError
 from workers.domain.locations import Location
-from workers.store.stores import MappingStore, VersionStore
+from workers.store.stores import MappingStore, VersionStore, on_pipeline
 
 ACTIONS = ("upsert", "deactivate", "delete")
 ANY_ERROR = range(400, 600)
@@ -113,14 +113,21 @@ class Sink(abc.ABC):
         """One line naming what was wrong, from a vendor's JSON error ``body`` (a dict), or None."""
         return None
 
-    def remember(self, key, remote_id, written):
-        """Map ``key`` to ``remote_id`` and keep the (flat) fields just written, for reconcile's drift check."""
-        snapshots = self._snapshots()
-        merged = {**json.loads(snapshots.get(key) or "{}"), **written}
-        with self.mappings.redis.pipeline(transaction=False) as pipe:  # one round trip for both
-            pipe.hset(self.mappings.key, key, remote_id)
-            pipe.hset(snapshots.key, key, json.dumps(merged))
-            pipe.execute()
+    def known(self, key):
+        """``(remote id or None, the flat fields last written)`` for ``key``, read in one round trip."""
+        with self.mappings.redis.pipeline(transaction=False) as pipe:
+            remote_id, written = pipe.hget(self.mappings.key, key).hget(self._snapshots().key, key).execute()
+        return remote_id, json.loads(written or "{}")
+
+    def remember(self, key, remote_id, written, before=None, pipe=None):
+        """Map ``key`` to ``remote_id`` and keep the (flat) fields just ``written`` over those written
+        ``before`` (from ``known``; read here when not given), for reconcile's drift check; with
+        ``pipe``, queued on it (``before`` then given)."""
+        if before is None:
+            before = json.loads(self._snapshots().get(key) or "{}")
+        with on_pipeline(self.mappings.redis, pipe) as queue:  # one round trip for both
+            queue.hset(self.mappings.key, key, remote_id)
+            queue.hset(self._snapshots().key, key, json.dumps({**before, **written}))
 
     def forget(self, key):
         """Drop the mapping of ``key`` and what we wrote for it."""

@@ -94,30 +94,32 @@ class StorepointSink(Sink):
             raise PermanentError(f"stop {location.key} has no coordinates, which Storepoint requires "
                                  "(route option require_coordinates: false leaves them out)")
         body = self.body(location, options)
-        remote_id = self.mappings.get(location.key)
+        remote_id, before = self.known(location.key)
         if remote_id:
             if self.call("POST", f"locations/{remote_id}", accept=(404,), json=body).ok:
-                self.remember(location.key, remote_id, flatten(body))
+                self.remember(location.key, remote_id, flatten(body), before)
                 return remote_id
             log.info("storepoint: %s (%s) was deleted there; creating it again", location.key, remote_id)
             self.forget(location.key)
+            before = {}
         if "coordinates" not in body:
             log.info("storepoint: %s has no coordinates; not created", location.key)
             return None
-        return self._create(location.key, body)
+        return self._create(location.key, body, before)
 
-    def _create(self, key, body):
-        """Create, guarded by an intent mark (when the create was sent); when an earlier attempt left
-        a location (see ``_interrupted_create``), update that one instead."""
+    def _create(self, key, body, before):
+        """Create, guarded by an intent mark (set when no earlier create left one); when an earlier
+        attempt left a location (see ``_interrupted_create``), update that one instead."""
         intents = self._intents()
-        found = self._interrupted_create(key)
+        earlier = intents.set_unless_held(key, repr(time.time()))
+        found = earlier and self._interrupted_create(key, earlier)
         if found:
             log.info("storepoint: %s was created by an interrupted attempt (%s); updating it", key, found)
             self.call("POST", f"locations/{found}", json=body)
-            self.remember(key, found, flatten(body))
-            intents.delete(key)
+            self._remember_created(key, found, flatten(body), before)
             return found
-        intents.set(key, repr(time.time()))
+        if earlier:  # it left nothing: this create is the one in flight now
+            intents.set(key, repr(time.time()))
         try:
             remote_id = self.call("POST", "locations", json=body).json()["location"]["id"]
         except RelayError as exc:
@@ -126,16 +128,22 @@ class StorepointSink(Sink):
             elif exc.status is not None:  # answered: it is over there, applied or not; look at once
                 intents.set(key, ANSWERED)
             raise
-        self.remember(key, remote_id, flatten(body))
-        intents.delete(key)
+        self._remember_created(key, remote_id, flatten(body), before)
         return remote_id
+
+    def _remember_created(self, key, remote_id, written, before):
+        """``remember`` a created location and drop its create's intent mark, in one round trip."""
+        with self.mappings.redis.pipeline(transaction=False) as pipe:
+            self.remember(key, remote_id, written, before, pipe)
+            pipe.hdel(self._intents().key, key)
+            pipe.execute()
 
     def delete(self, location, options):
         """Delete the mapped location, or the one an interrupted create left; none is a success."""
         remote_id = self.mappings.get(location.key)
         unmapped = not remote_id
         if unmapped:
-            remote_id = self._interrupted_create(location.key)
+            remote_id = self._interrupted_create(location.key, self._intents().get(location.key))
         if remote_id:
             self.call("POST", f"locations/{remote_id}/delete", accept=(404,))
             self.forget(location.key)
@@ -146,14 +154,14 @@ class StorepointSink(Sink):
     def _intents(self):
         return MappingStore(self.mappings.redis, f"{self.name}:intent")
 
-    def _interrupted_create(self, key):
-        """The ``loc_`` id an earlier create for ``key`` left without our mapping, or None.
+    def _interrupted_create(self, key, sent_at):
+        """The ``loc_`` id an earlier create for ``key`` (its intent mark: ``sent_at``) left without
+        our mapping, or None.
 
         An attempt that got no answer (a killed worker, a timeout, a dropped connection) may still
         land, so this raises ``NotYet`` until ``CREATE_SETTLE_SECONDS`` after it was sent; one
         answered 5xx (Storepoint may have applied it and failed after) is searched for at once, by
         the key tag in the full listing."""
-        sent_at = self._intents().get(key)
         if not sent_at:
             return None
         settles_in = float(sent_at) + self.CREATE_SETTLE_SECONDS - time.time()

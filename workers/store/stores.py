@@ -674,6 +674,12 @@ class MappingStore:
     def set(self, key, remote_id):
         self.redis.hset(self.key, key, remote_id)
 
+    def set_unless_held(self, key, value):
+        """Set ``key`` to ``value`` unless it has a value already; return that value (None: set now)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            set_now, held = pipe.hsetnx(self.key, key, value).hget(self.key, key).execute()
+        return None if set_now else held
+
     def delete(self, key):
         self.redis.hdel(self.key, key)
 
