@@ -11,6 +11,7 @@ import contextlib
 import traceback
 
 import redis.connection
+from redis._parsers import _HiredisParser
 
 import pytest
 
@@ -24,7 +25,7 @@ from workers.sinks.b2b import B2BSink
 from workers.sinks.storepoint import StorepointSink
 from workers.pipeline.routes import Route
 from workers.resilience.http import HttpClient
-from workers.store.stores import MappingStore
+from workers.store.stores import MappingStore, connect
 
 
 @contextlib.contextmanager
@@ -85,3 +86,15 @@ def test_a_sinks_own_round_trips_to_create_and_to_update(simulator, redis_client
     assert (len(creating), len(updating)) == (create, update), (creating, updating)
     remote_id, written = sink.known("l2u-stop-164557")
     assert remote_id and written  # what reconcile compares with was kept
+
+
+def test_redis_replies_are_parsed_by_hiredis(redis_server):
+    """The C parser (setup.cfg's hiredis), not redis-py's Python one, reads every reply."""
+    client = connect(redis_server.url)
+    connection = client.connection_pool.get_connection()
+    try:
+        connection.connect()
+        assert isinstance(connection._parser, _HiredisParser)
+    finally:
+        client.connection_pool.release(connection)
+        client.close()
