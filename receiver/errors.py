@@ -1,10 +1,12 @@
 """JSON error answers, so every rejection says what is wrong in the same shape."""
-from flask import jsonify
+from flask import g, jsonify
 from werkzeug.exceptions import HTTPException
 
 
 def error_response(status, error, message, retry_after=None, headers=None, **extra):
-    """A JSON error: ``{"error": code, "message": text, ...extra}``."""
+    """A JSON error: ``{"error": code, "message": text, ...extra}`` (the code also in ``g.l2u_error``,
+    for the metrics, which then need not parse the answer again)."""
+    g.l2u_error = error
     response = jsonify({"error": error, "message": message, **extra})
     response.status_code = status
     if retry_after is not None:

@@ -42,9 +42,9 @@ def _observe(response):
     REQUESTS.labels(route, str(response.status_code)).inc()
     if request.endpoint == "webhooks.receive":
         ACK_SECONDS.observe(time.perf_counter() - g.l2u_started)
-        if response.status_code >= 400:
-            REJECTIONS.labels((response.get_json(silent=True) or {}).get("error", str(response.status_code))).inc()
-        elif (response.get_json(silent=True) or {}).get("status") == "duplicate":
+        if response.status_code >= 400:  # the error code the answer carries (``error_response``)
+            REJECTIONS.labels(g.get("l2u_error", str(response.status_code))).inc()
+        elif g.get("l2u_status") == "duplicate":
             DUPLICATES.inc()
     return response
 

@@ -2,7 +2,7 @@
 import hashlib
 import json
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from receiver.errors import error_response
@@ -68,7 +68,7 @@ def receive(event_type, token):
             handoff.quarantine_delivery(event_type, text, message, {missing: ["Missing data."]})
             return error_response(422, "missing_field", message, field=missing)
         delivery_id = delivery_id_for(event_type, body)
-        status = handoff.accept(delivery_id, event_type, text)
+        status = g.l2u_status = handoff.accept(delivery_id, event_type, text)
     except Unavailable as exc:
         current_app.logger.warning("delivery refused for now: %s", exc)
         return error_response(503, "unavailable", "temporarily unable to accept deliveries; retry later",
