@@ -4,8 +4,9 @@ A write to a healthy sink takes four: the key lock taken with the version check,
 verdict with a rate-limit token, the version record that frees the lock, and the outcome. It
 made nine before (receipt time, lock, check, breaker, token, record, release, recovery, outcome).
 The sinks' own: Storepoint three to create (mapping with the fields last written, the create's
-intent mark, the mapping with the mark dropped), two to update; B2B two either way. They made
-six, three and three before.
+intent mark, the mapping with the mark dropped), two to update, two to delete (mapping, then
+forgetting it; a key never created: mapping and intent mark); B2B two either way. They made six,
+three, three (four for a never-created key) and three before.
 """
 import contextlib
 import traceback
@@ -86,6 +87,17 @@ def test_a_sinks_own_round_trips_to_create_and_to_update(simulator, redis_client
     assert (len(creating), len(updating)) == (create, update), (creating, updating)
     remote_id, written = sink.known("l2u-stop-164557")
     assert remote_id and written  # what reconcile compares with was kept
+
+
+def test_a_storepoint_delete_costs_two_round_trips_mapped_or_never_created(simulator, redis_client):
+    sink = storepoint_sink(simulator, redis_client)
+    sink.apply("upsert", sample_location())
+    with round_trips() as mapped:
+        sink.apply("delete", sample_location(status="Cancelled"))
+    with round_trips() as never_created:
+        sink.apply("delete", sample_location(stop_id=7, status="Cancelled"))
+    assert (mapped, never_created) == (["get", "forget"], ["get", "get"])
+    assert sink.known("l2u-stop-164557") == (None, {})
 
 
 def test_redis_replies_are_parsed_by_hiredis(redis_server):

@@ -356,9 +356,9 @@ return redis.call('DEL', KEYS[1])
 class KeyLock:
     """One writer per (sink, key) at a time: a Redis key holding the holder's random token.
 
-    ``held()`` renews it every ``renew_every`` seconds (a third of ``seconds`` unless given) while
-    its body runs, so a sink call slower than the lock keeps it; a holder that dies stops renewing
-    and the lock lapses between ``seconds - renew_every`` and ``seconds`` after its last request.
+    ``held()`` renews it every ``renew_every`` seconds while its body runs, so a sink call slower
+    than the lock keeps it; a holder that dies stops renewing and the lock lapses between
+    ``seconds - renew_every`` and ``seconds`` after its last request.
     The token is the fence: a store that checks it in the same script as a write (the version
     compare-and-set) knows whether the lock was still this holder's. Losing the lock never raises:
     ``lost`` says so, and the holder decides what that means.
@@ -366,11 +366,11 @@ class KeyLock:
 
     SETTLING = "settling"  # the value of a lock kept by ``settle``
 
-    def __init__(self, client, name, seconds, renew_every=None):
+    def __init__(self, client, name, seconds, renew_every):
         self.redis = client
         self.name = name
         self.millis = int(seconds * 1000)
-        self.renew_every = renew_every or seconds / 3
+        self.renew_every = renew_every
         self.token = uuid.uuid4().hex
         self.lost = False
         self.released = False  # set by a store that released it in the same step as its write

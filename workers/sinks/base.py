@@ -130,9 +130,9 @@ class Sink(abc.ABC):
             queue.hset(self._snapshots().key, key, json.dumps({**before, **written}))
 
     def forget(self, key):
-        """Drop the mapping of ``key`` and what we wrote for it."""
-        self.mappings.delete(key)
-        self._snapshots().delete(key)
+        """Drop the mapping of ``key`` and what we wrote for it (one round trip)."""
+        with self.mappings.redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(self.mappings.key, key).hdel(self._snapshots().key, key).execute()
 
     def compare_listing(self, records, complete=True):
         """A ReconcileReport from the remote listing's ``(key or None, remote id, flat fields)`` triples.

@@ -141,13 +141,13 @@ class StorepointSink(Sink):
     def delete(self, location, options):
         """Delete the mapped location, or the one an interrupted create left; none is a success."""
         remote_id = self.mappings.get(location.key)
-        unmapped = not remote_id
-        if unmapped:
-            remote_id = self._interrupted_create(location.key, self._intents().get(location.key))
+        intent = None if remote_id else self._intents().get(location.key)
+        if intent:
+            remote_id = self._interrupted_create(location.key, intent)
         if remote_id:
             self.call("POST", f"locations/{remote_id}/delete", accept=(404,))
             self.forget(location.key)
-        if unmapped:  # only once the location it may have left is gone
+        if intent:  # only once the location it may have left is gone
             self._intents().delete(location.key)
         return None
 
