@@ -6,6 +6,7 @@ import time
 
 import requests
 
+from workers.resilience.controls import RateLimiter
 from workers.store.stores import Ledger
 from workers.locate2u.webhook_auth import url_token
 
@@ -45,3 +46,10 @@ def metric(text, name, **labels):
             if all(sample_labels.get(k) == v for k, v in labels.items()):
                 return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def admit(breaker, now=None):
+    """``(verdict, wait)`` of ``breaker`` for a write, asked as the pipeline asks it (a token taken
+    from a bucket of its own that never runs dry, no retries held)."""
+    roomy = RateLimiter(breaker.redis, "test-roomy", rate=10_000, burst=10_000)
+    return breaker.admit_and_take(roomy, "l2u:test:held", now)[:2]

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from tests.fixtures import STOP_ID, RecordingSink, accept, died_in_first_write, fan_out_job, sim_state
+from tests.helpers import admit
 from tests.payloads import status_change
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
@@ -110,7 +111,7 @@ def test_breaker_opens_pauses_without_spending_attempts_and_closes(driver, sink_
     driver.run(release_retries=False)
     breaker = driver.rt.breaker("storepoint")
     assert breaker.state() == "open"
-    verdict, wait = breaker.admit()
+    verdict, wait = admit(breaker)
     assert verdict == "open" and 50 < wait <= 60
     # While open, a due retry goes back to wait without another request or attempt.
     writes_before = len(sim_state(sink_server).writes)
@@ -329,7 +330,7 @@ def test_a_sink_that_must_wait_keeps_its_attempt_and_the_breakers_probe(driver, 
     assert (sink["state"], sink["attempts"], sink["next_in"]) == ("waiting", 0, 30)
     [(task, args, due)] = driver.rt.scheduler.pending()
     assert task == DELIVER and args[4] == 0 and due - time.time() > 25
-    assert breaker.state() == "open" and breaker.admit()[0] == "probe"  # the probe slot was given back
+    assert breaker.state() == "open" and admit(breaker)[0] == "probe"  # the probe slot was given back
     breaker.abandon_probe()
     driver.run()
     assert driver.rt.ledger.get(delivery_id)["status"] == "applied"

@@ -1,6 +1,7 @@
 import random
 import time
 
+from tests.helpers import admit
 from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, retry_delay
 
 SCHEDULE = (0, 5, 300, 1800)
@@ -65,27 +66,27 @@ def test_claimed_retries_of_a_releaser_that_died_are_sent_after_the_lease(redis_
 def test_breaker_lets_one_probe_through_after_cooldown(redis_client):
     breaker = CircuitBreaker(redis_client, "s", threshold=2, cooldown=10)
     now = time.time()
-    assert breaker.admit(now) == ("closed", 0.0)
+    assert admit(breaker, now) == ("closed", 0.0)
     assert not breaker.failure(now)
     assert breaker.failure(now)
-    verdict, wait = breaker.admit(now + 1)
+    verdict, wait = admit(breaker, now + 1)
     assert verdict == "open" and 8.9 < wait < 9.1
-    assert breaker.admit(now + 11)[0] == "probe"
-    assert breaker.admit(now + 11)[0] == "open"  # only one probe at a time
+    assert admit(breaker, now + 11)[0] == "probe"
+    assert admit(breaker, now + 11)[0] == "open"  # only one probe at a time
     assert breaker.failure(now + 11)  # the probe failed: open again
-    assert breaker.admit(now + 12)[0] == "open"
-    assert breaker.admit(now + 22)[0] == "probe"
+    assert admit(breaker, now + 12)[0] == "open"
+    assert admit(breaker, now + 22)[0] == "probe"
     breaker.success()
-    assert breaker.admit(now + 22) == ("closed", 0.0) and breaker.state() == "closed"
+    assert admit(breaker, now + 22) == ("closed", 0.0) and breaker.state() == "closed"
 
 
 def test_an_unused_probe_is_given_back(redis_client):
     breaker = CircuitBreaker(redis_client, "s", threshold=1, cooldown=10)
     now = time.time()
     breaker.failure(now)
-    assert breaker.admit(now + 11)[0] == "probe"
+    assert admit(breaker, now + 11)[0] == "probe"
     breaker.abandon_probe()  # e.g. the rate limit held that write back
-    assert breaker.admit(now + 11)[0] == "probe"
+    assert admit(breaker, now + 11)[0] == "probe"
 
 
 def test_rate_limiter_is_a_token_bucket_shared_through_redis(redis_client):

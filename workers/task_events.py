@@ -8,14 +8,16 @@ every ``WATCH_SECONDS`` and sends task events (received, started, succeeded...) 
 events (heartbeats) always go out. With another broker task events are always on.
 """
 import logging
+from urllib.parse import urlsplit
 
 from celery import bootsteps
 from redis.exceptions import RedisError
 
+from workers.store.redis_messages import REDIS_SCHEMES
+
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 5
-REDIS_SCHEMES = ("redis://", "rediss://")
 
 
 class TaskEventsWhileWatched(bootsteps.StartStopStep):
@@ -29,7 +31,7 @@ class TaskEventsWhileWatched(bootsteps.StartStopStep):
 
     def __init__(self, c, **kwargs):
         super().__init__(c, **kwargs)
-        self.enabled = str(c.app.conf.broker_url).startswith(REDIS_SCHEMES)
+        self.enabled = urlsplit(c.app.conf.broker_url or "").scheme in REDIS_SCHEMES
         self.timer = None
 
     def start(self, c):

@@ -20,6 +20,7 @@ from workers.pipeline import deliver as deliver_job, process, sweeper
 from workers.pipeline.failures import redis_outage
 from workers.pipeline.jobs import DeliverJob
 from workers.store.queue_positions import QueueTickets
+from workers.store.redis_messages import REDIS_SCHEMES
 from workers.runtime import runtime
 from workers.store.stores import Ledger, connect
 
@@ -58,7 +59,7 @@ def _keep_queue_ticket(sender=None, body=None, routing_key=None, redis_client=No
 @functools.cache
 def _redis_broker(url, ca_file):
     """A client of the broker when it is a Redis (verified against ``ca_file`` when set), else None."""
-    return connect(url, ca_file, max_connections=1) if urlsplit(url or "").scheme in ("redis", "rediss") else None
+    return connect(url, ca_file, max_connections=1) if urlsplit(url or "").scheme in REDIS_SCHEMES else None
 
 
 @shared_task(name=PROCESS_DELIVERY)

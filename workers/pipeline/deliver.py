@@ -119,7 +119,8 @@ def _hold_back(rt, breaker, job):
     breaker or the rate limit holds the write back, else None. With the breaker open, a retry
     released before its time (a recovery probe) takes the breaker's probe slot, cooldown or not;
     ``early`` is then when the schedule had it due (see ``RetryScheduler``). ``failing``: the sink
-    has failures or held retries, which its success is to release."""
+    was failing (breaker not closed, failures counted or retries held), so its success has a
+    breaker to close or retries to release."""
     limiter = rt.limiter(job.sink)
     admission = breaker.admit_and_take(limiter, rt.scheduler.HELD + job.sink)
     if admission.verdict != "open":

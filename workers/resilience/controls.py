@@ -209,10 +209,6 @@ local function admit(breaker, probe, now, cooldown)
   return 'open', 1
 end
 """
-_ADMIT = _ADMIT_FN + """
-local verdict, wait = admit(KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2])
-return {verdict, tostring(wait)}
-"""
 
 _FAILURE = """
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
@@ -235,19 +231,13 @@ class CircuitBreaker:
         self.probe_key = self.key + ":probe"
         self.threshold = threshold
         self.cooldown = cooldown
-        self._admit = client.register_script(_ADMIT)
         self._admit_and_take = client.register_script(_ADMIT_AND_TAKE)
         self._failure = client.register_script(_FAILURE)
 
-    def admit(self, now=None):
-        """``(verdict, wait)``: "closed" or "probe" may proceed; "open" waits ``wait`` seconds."""
-        verdict, wait = self._admit(keys=[self.key, self.probe_key],
-                                    args=[time.time() if now is None else now, max(1, int(self.cooldown))])
-        return verdict, float(wait)
-
     def admit_and_take(self, limiter, held_key, now=None):
-        """``admit``, then a token from ``limiter`` unless the breaker is open, in one step (an
-        ``Admission``; ``held_key``: the sink's retries held for its health)."""
+        """The breaker's verdict for one write ("closed" or "probe" may go, "open" waits), then a
+        token from ``limiter`` unless it is open, in one step (an ``Admission``; ``held_key``: the
+        sink's retries held for its health)."""
         verdict, wait, throttled, failing = self._admit_and_take(
             keys=[self.key, self.probe_key, limiter.key, held_key],
             args=[time.time() if now is None else now, max(1, int(self.cooldown)), limiter.rate, limiter.burst])

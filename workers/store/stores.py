@@ -675,8 +675,9 @@ class MappingStore:
         self.redis.hset(self.key, key, remote_id)
 
     def set_unless_held(self, key, value):
-        """Set ``key`` to ``value`` unless it has a value already; return that value (None: set now)."""
-        with self.redis.pipeline(transaction=False) as pipe:
+        """Set ``key`` to ``value`` unless it has a value already; return that value (None: set now).
+        One transaction, so the value read is the one ``HSETNX`` found."""
+        with self.redis.pipeline() as pipe:
             set_now, held = pipe.hsetnx(self.key, key, value).hget(self.key, key).execute()
         return None if set_now else held
 
