@@ -94,7 +94,10 @@ def test_find_a_dead_letter_by_stop_id_and_replay_it_after_fixing_the_simulator(
     browser.find_element(By.LINK_TEXT, "Deliveries").click()
     browser.find_element(By.ID, "stop").send_keys(str(STOP_ID))
     browser.find_element(By.ID, "search").click()
-    row = browser.find_element(By.XPATH, f"//a[text()='{delivery_id}']/ancestor::tr")
+    # The click returns before the results page has loaded (CI once looked at the page before it).
+    WebDriverWait(browser, 30).until(lambda driver: f"stop={STOP_ID}" in driver.current_url)
+    row = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda driver: driver.find_element(By.XPATH, f"//a[text()='{delivery_id}']/ancestor::tr"))
     assert "dead_lettered" in row.text and str(STOP_ID) in row.text
     screenshot(browser, "deliveries")
     row.find_element(By.LINK_TEXT, delivery_id).click()
