@@ -39,6 +39,34 @@ def test_every_holder_is_renewed_on_its_own_cadence_until_removed():
     assert (len(fast.calls), len(slow.calls)) == counts
 
 
+class CountingRenewer(Renewer):
+    """A Renewer that counts its thread's turns (each wake-up, renewal or not)."""
+
+    turns = 0
+
+    def _next_due(self):
+        self.turns += 1
+        return super()._next_due()
+
+
+def test_a_holder_due_after_others_does_not_wake_the_thread_and_an_earlier_one_does():
+    renewer = CountingRenewer()
+    waiting = renewer.add(Counter(), 30, "waiting")
+    wait_for(lambda: renewer.turns >= 1, timeout=5, interval=0.01)
+    turns = renewer.turns
+    for _ in range(50):  # what 50 sink writes do: each adds its lock and removes it when done
+        number = renewer.add(Counter(), 30, "a write's lock")
+        time.sleep(0.002)  # the sink call
+        renewer.remove(number)
+    time.sleep(0.2)
+    assert renewer.turns - turns <= 1
+    soon = Counter()
+    number = renewer.add(soon, 0.05, "due before the others")
+    wait_for(lambda: len(soon.calls) >= 2, timeout=5, interval=0.01)
+    renewer.remove(number)
+    renewer.remove(waiting)
+
+
 def test_remove_waits_for_a_renewal_under_way():
     renewer = Renewer()
     slow = Counter(delay=0.3)

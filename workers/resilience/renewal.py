@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 class Renewer:
     """Calls each registered ``renew()`` every ``every`` seconds until it is removed or returns False.
 
+    Adding a holder wakes the thread only when that holder is due before every other (a write
+    adds and removes one per sink call, and most of them are due after those already waiting).
     Its thread starts with the first holder, and again in a forked child (threads do not survive
     ``fork``). ``remove`` returns only once no renewal of that holder is running, so none runs
     after its body ended.
@@ -46,7 +48,8 @@ class Renewer:
             number = next(self._numbers)
             self._holders[number] = (renew, every, what)
             heapq.heappush(self._due, (time.monotonic() + every, number))
-            self._changed.notify()
+            if self._due[0][1] == number:  # due before any other: the thread waits for a later one
+                self._changed.notify()
             return number
 
     def remove(self, number):
