@@ -11,6 +11,7 @@ three, three (four for a never-created key) and three before.
 import contextlib
 import traceback
 
+import kombu
 import redis.connection
 from redis._parsers import _HiredisParser
 
@@ -26,6 +27,7 @@ from workers.sinks.b2b import B2BSink
 from workers.sinks.storepoint import StorepointSink
 from workers.pipeline.routes import Route
 from workers.resilience.http import HttpClient
+from workers.store.broker_redis import TRANSPORT
 from workers.store.stores import MappingStore, connect
 
 
@@ -110,3 +112,29 @@ def test_redis_replies_are_parsed_by_hiredis(redis_server):
     finally:
         client.connection_pool.release(connection)
         client.close()
+
+
+def test_the_broker_channel_takes_and_acks_messages_with_one_redis_client(redis_server, redis_client, monkeypatch):
+    """kombu's Redis channel built a ``redis.Redis`` for each message it took and each ack."""
+    built = []
+    build = redis.Redis.__init__
+
+    def counted(client, *args, **kwargs):
+        built.append(type(client).__name__)
+        build(client, *args, **kwargs)
+
+    with kombu.Connection(redis_server.url, transport=TRANSPORT) as connection:
+        queue = connection.SimpleQueue("hot-path-acks")
+        for number in range(20):
+            queue.put({"number": number})
+        queue.get(timeout=5).ack()  # the channel's clients are made by the first
+        monkeypatch.setattr(redis.Redis, "__init__", counted)
+        numbers = []
+        for _ in range(19):
+            message = queue.get(timeout=5)
+            numbers.append(message.payload["number"])
+            message.ack()
+        queue.close()
+    assert sorted(numbers) == list(range(1, 20))
+    assert built == []
+    assert redis_client.llen("hot-path-acks") == 0
