@@ -101,6 +101,7 @@ def test_find_a_dead_letter_by_stop_id_and_replay_it_after_fixing_the_simulator(
     assert "dead_lettered" in row.text and str(STOP_ID) in row.text
     screenshot(browser, "deliveries")
     row.find_element(By.LINK_TEXT, delivery_id).click()
+    wait_for_heading(browser, lambda heading: heading == f"Delivery {delivery_id}")
     assert "injected fault" in browser.page_source  # the trace says why
     browser.find_element(By.LINK_TEXT, "dead letter").click()
     wait_for_heading(browser, lambda heading: f"{delivery_id}:storepoint" in heading)
