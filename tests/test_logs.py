@@ -2,7 +2,7 @@ import io
 import json
 import logging
 
-from workers.logs import RedactingFilter, json_handler, log_context
+from workers.logs import RedactingFilter, bound_context, json_handler
 
 
 def capture(secrets=()):
@@ -17,7 +17,7 @@ def capture(secrets=()):
 
 def test_lines_are_json_with_the_delivery_context():
     logger, stream = capture()
-    with log_context(delivery_id="d-1", sink="b2b", event_type="stop.assigned"):
+    with bound_context(delivery_id="d-1", sink="b2b", event_type="stop.assigned"):
         logger.info("applied %s", "upsert")
     logger.info("outside")
     inside, outside = [json.loads(line) for line in stream.getvalue().splitlines()]

@@ -1,6 +1,6 @@
 """One JSON object per line on stdout, with the delivery's context and no secrets.
 
-``log_context(delivery_id=…, sink=…, event_type=…)`` binds fields to every line
+``bound_context(delivery_id=…, sink=…, event_type=…)`` binds fields to every line
 logged inside it (a contextvar, so threads and tasks do not mix them up).
 ``RedactingFilter`` replaces every configured secret, bearer/basic credential,
 ``Authorization`` value, OAuth token and webhook URL token before a line is
@@ -40,16 +40,6 @@ _SECRET_KEYS = re.compile(r"(?i)^(authorization|proxy[-_]authorization|cookie|se
                           r"api[-_]?key|x[-_]api[-_]key)$")
 # attributes every LogRecord has: the fields logging itself fills in, not ``extra``
 _RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-
-@contextlib.contextmanager
-def log_context(**fields):
-    """Bind ``fields`` to every log line written inside the block."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
-    try:
-        yield
-    finally:
-        _context.reset(token)
 
 
 def bind_context(**fields):
