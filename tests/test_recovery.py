@@ -6,6 +6,10 @@ next step on the schedule is 300 s away), the later ones open the breaker. Once 
 answers again nothing else is posted, so only the relay's own probe can notice the recovery.
 Every held Storepoint write must then be applied long before the schedule's next step; the
 measured time is printed (``pytest -s``), never asserted tightly.
+
+B2B hanging is the other way a sink fails: each write gets no answer within the client's 30 s
+read timeout and lands later all the same, so its key stays settling while it may still land.
+The held retries of those very writes must not wait for that.
 """
 import time
 
@@ -41,9 +45,9 @@ def stack(settings, sims, start_stack, tmp_path):
                                      routes_file=str(routes)))
 
 
-def storepoint_outcomes(redis_client, delivery_ids):
+def storepoint_outcomes(redis_client, delivery_ids, sink="storepoint"):
     ledger = Ledger(redis_client)
-    return {delivery_id: (ledger.get(delivery_id) or {}).get("sinks", {}).get("storepoint", {})
+    return {delivery_id: (ledger.get(delivery_id) or {}).get("sinks", {}).get(sink, {})
             for delivery_id in delivery_ids}
 
 
@@ -80,3 +84,26 @@ def test_held_storepoint_writes_are_applied_soon_after_an_outage_with_nothing_el
     assert all(outcome["attempts"] <= 3 for outcome in outcomes.values()), outcomes  # probes spent none
     assert len(sims["storepoint"].app.config["STATE"].find(lambda location: True)) == len(delivery_ids)
     assert len(sims["b2b"].app.config["STATE"].locations) == len(delivery_ids)
+
+
+def test_held_b2b_writes_go_out_as_soon_as_b2b_answers_again_after_it_hung(stack, sims, redis_client):
+    """B2B hangs: every request is answered 40 s late, after the client's 30 s read timeout, and
+    applied then. Each write's key stays settling until 60 s after it was sent; its retry waited for
+    that too, ~30 s after B2B answered again (the hung-sink caveat of issue 15)."""
+    faults = sims["b2b"].app.config["FAULTS"]
+    faults.latency(40)
+    delivery_ids = [post(stack.url, "stop.status-changed", status_change(stop_id, "Arrived", "2022-04-27T05:00:00+00:00"))
+                    .json()["delivery_id"] for stop_id in STOP_IDS[:2]]  # one per worker process
+    wait_for(lambda: all(outcome.get("state") == "retrying" for outcome in storepoint_outcomes(
+        redis_client, delivery_ids, "b2b").values()), timeout=90)  # each timed out, held for B2B's health
+    faults.clear()  # B2B answers again; the hung requests still land when their 40 s are up
+    recovered_at = time.time()
+
+    outcomes = wait_for(lambda: (found := storepoint_outcomes(redis_client, delivery_ids, "b2b")) and all(
+        outcome.get("state") == "applied" for outcome in found.values()) and found, timeout=DEADLINE)
+    seconds = max(outcome["at"] for outcome in outcomes.values()) - recovered_at
+    print(f"\nb2b hung past the read timeout; both held deliveries applied {seconds:.1f} s after it answered again")
+    assert seconds < 20  # their keys settled until ~30 s after that; the retry schedule's step is 5 s
+    time.sleep(max(0.0, recovered_at + 12 - time.time()))  # the hung requests have landed by now
+    locations = sims["b2b"].app.config["STATE"].locations.values()
+    assert sorted(location["idRemote"] for location in locations) == [f"l2u-stop-{stop_id}" for stop_id in STOP_IDS[:2]]

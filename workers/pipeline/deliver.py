@@ -1,5 +1,7 @@
 """One ``DeliverJob`` to one sink: breaker, rate limit, key lock and version check, the sink's
 action, then applied / stale / waiting / retrying / dead-lettered (see ``outcomes``)."""
+import hashlib
+import json
 import logging
 import time
 
@@ -32,14 +34,15 @@ def deliver_to_sink(rt, job, received_at=None):
     lock) after it. A write whose lock lapsed during the call (a frozen worker, Redis away longer
     than the lock) may have landed after a newer one, so the newest applied write is sent again
     (``_reassert``). A write sent without an answer keeps the key locked for the sink's settle time
-    (``KeyLock.settle``), as a killed holder's lock does. ``received_at``: the delivery's receipt
+    (``KeyLock.settle``), as a killed holder's lock does, except for that same write sent again
+    (its retry goes out as soon as the sink answers). ``received_at``: the delivery's receipt
     time when the caller has it (the fan-out), else it is read from the ledger.
     """
     sink, route = rt.sinks.get(job.sink), rt.routes[job.sink]
     if sink is None:
         return dead_letter(rt, job, job.attempt + 1, PermanentError(f"sink {job.sink} is not configured any more"))
     location = Location.from_json(job.record)
-    lock = KeyLock(rt.redis, keys.key_lock(job.sink, location.key), *lock_seconds(sink))
+    lock = KeyLock(rt.redis, keys.key_lock(job.sink, location.key), *lock_seconds(sink), writer=_writer(job))
     versions = rt.versions(job.sink)
     received_at = _received_at(rt, job.delivery_id) if received_at is None else received_at
     order = WriteOrder.of(location.version, received_at, job.delivery_id)
@@ -83,6 +86,12 @@ def deliver_to_sink(rt, job, received_at=None):
         return record(rt, job, "stale", job.attempt + 1, key=location.key)
     return record(rt, job, "applied", job.attempt + 1, kept={"remote_id": remote_id}, received_at=received_at,
                   action=job.action, key=location.key)
+
+
+def _writer(job):
+    """Which write a settling key waits for: this delivery's ``action`` with exactly this record."""
+    digest = hashlib.blake2b(json.dumps([job.action, job.record], sort_keys=True).encode(), digest_size=8)
+    return f"{job.delivery_id}:{digest.hexdigest()}"
 
 
 def _busy(rt, job, lock):

@@ -352,16 +352,23 @@ class KeyLock:
     The token is the fence: a store that checks it in the same script as a write (the version
     compare-and-set) knows whether the lock was still this holder's. Losing the lock never raises:
     ``lost`` says so, and the holder decides what that means.
+
+    A write sent without an answer keeps the key ``settling`` (``settle``) under its ``writer``
+    identity: that very write may take the key again and go out once more (it cannot reorder
+    anything), any other waits. A holder that took the key so leaves it settling, for what is
+    left of that time, when it lets go (``settles_until``).
     """
 
-    SETTLING = "settling"  # the value of a lock kept by ``settle``
+    SETTLING = "settling"  # the value of a lock kept by ``settle``: "settling:<writer>"
 
-    def __init__(self, client, name, seconds, renew_every):
+    def __init__(self, client, name, seconds, renew_every, writer=""):
         self.redis = client
         self.name = name
         self.millis = int(seconds * 1000)
         self.renew_every = renew_every
         self.token = uuid.uuid4().hex
+        self.settling = f"{self.SETTLING}:{writer}"
+        self.settles_until = None  # epoch seconds: taken over from this write's own settle time
         self.lost = False
         self.released = False  # set by a store that released it in the same step as its write
         self._renew = client.register_script(_RENEW_LOCK)
@@ -378,23 +385,38 @@ class KeyLock:
             self.lost = True
         return not self.lost
 
+    def took_over(self, settle_millis):
+        """The lock was taken from this writer's own settling key, ``settle_millis`` before it lapsed."""
+        self.settles_until = time.time() + settle_millis / 1000 if settle_millis > 0 else None
+
+    def settle_millis_left(self):
+        """Milliseconds the key must stay settling after this holder lets go (0: none)."""
+        return max(0, int((self.settles_until - time.time()) * 1000)) if self.settles_until else 0
+
     def release(self):
-        """Free the lock if it is still this holder's (and not released already); True if it was."""
+        """Free the lock if it is still this holder's (and not released already), or leave it settling
+        for what is left of the time it was taken over with; True if it was this holder's."""
         if self.released:
             return False
         self.released = True
+        left = self.settle_millis_left()
+        if left:
+            return bool(self._settle(keys=[self.name], args=[self.token, left, self.settling]))
         return bool(self._release(keys=[self.name], args=[self.token]))
 
     def settle(self, seconds):
-        """Keep the key locked ``seconds`` more with no holder (``release`` then leaves it): a write
-        sent without an answer may still land, and no other write may go out before it can't."""
-        return bool(self._settle(keys=[self.name], args=[self.token, int(seconds * 1000), self.SETTLING]))
+        """Keep the key locked ``seconds`` more (at least what was left of a settle time it was taken
+        over with) with no holder (``release`` then leaves it): a write sent without an answer may
+        still land, and no other write may go out before it can't."""
+        millis = max(int(seconds * 1000), self.settle_millis_left())
+        return bool(self._settle(keys=[self.name], args=[self.token, millis, self.settling]))
 
     def busy_for(self):
         """Seconds until a lock kept by ``settle`` lapses; None when a live holder has it (or nobody)."""
         with self.redis.pipeline(transaction=False) as pipe:
             value, millis = pipe.get(self.name).pttl(self.name).execute()
-        return max(0.0, millis / 1000) if value == self.SETTLING else None
+        settling = value is not None and value.partition(":")[0] == self.SETTLING
+        return max(0.0, millis / 1000) if settling else None
 
     @contextlib.contextmanager
     def held(self):

@@ -720,17 +720,25 @@ local current = stored(ARGV[1])
 local held = redis.call('GET', KEYS[3]) == ARGV[5]
 """
 
-# Before the write, in one step: take the lock (ARGV[6]: its length in ms), then is the write not
-# older than the newest applied?
+# Before the write, in one step: take the lock (ARGV[6]: its length in ms), also when it is this
+# very write's own settle time (ARGV[7]: its settling value; it went out before without an
+# answer), then is the write not older than the newest applied? Returns the verdict and the ms
+# of settle time the lock was taken over with.
 _BEGIN_WRITE = """
-if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[6]) then return 'busy' end
+local left = 0
+if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[6]) then
+  if redis.call('GET', KEYS[3]) ~= ARGV[7] then return {'busy', 0} end
+  left = redis.call('PTTL', KEYS[3])
+  redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+end
 """ + _ORDER + """
-if current and compare(mine, current) < 0 then return 'stale' end
-return 'ok'
+if current and compare(mine, current) < 0 then return {'stale', left} end
+return {'ok', left}
 """
 
 # After the write: store it only if newer (ARGV[6]: the write as JSON); say whether the lock was
-# still ours, and free it if so.
+# still ours, and free it if so (or leave it settling, ARGV[8], for the ARGV[7] ms left of a
+# settle time it was taken over with).
 _RECORD_WRITE = _ORDER + """
 local verdict = 'newer'
 if current then
@@ -741,7 +749,9 @@ if verdict == 'newer' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
 end
-if held then redis.call('DEL', KEYS[3]) end
+if held then
+  if tonumber(ARGV[7]) > 0 then redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[7]) else redis.call('DEL', KEYS[3]) end
+end
 return {verdict, held and 1 or 0}
 """
 
@@ -766,10 +776,12 @@ class VersionStore:
                       args=[key, repr(order.instant), repr(order.received_at), order.delivery_id, lock.token, *extra])
 
     def begin(self, key, order, lock):
-        """Right before a write, in one step: take ``lock``, then "busy" when another holder has it,
-        "stale" (the lock taken) when a newer write is already applied, else "ok" (the lock taken)."""
-        verdict = self._call(self._begin, key, order, lock, lock.millis)
+        """Right before a write, in one step: take ``lock`` (also from this write's own settle time,
+        see ``KeyLock``), then "busy" when another holder has it, "stale" (the lock taken) when a
+        newer write is already applied, else "ok" (the lock taken)."""
+        verdict, settle_millis = self._call(self._begin, key, order, lock, lock.millis, lock.settling)
         lock.released = verdict == "busy"  # another holder's: nothing for this one to release
+        lock.took_over(settle_millis)
         return verdict
 
     def record(self, key, order, lock, action, record):
@@ -778,7 +790,7 @@ class VersionStore:
         (a newer one was applied meanwhile); held is False when ``lock`` lapsed during the write."""
         write = json.dumps({"delivery_id": order.delivery_id, "received_at": order.received_at, "action": action,
                             "record": record})
-        verdict, held = self._call(self._record, key, order, lock, write)
+        verdict, held = self._call(self._record, key, order, lock, write, lock.settle_millis_left(), lock.settling)
         lock.released = True
         return verdict, bool(held)
 
