@@ -344,7 +344,8 @@ return redis.call('DEL', KEYS[1])
 
 
 class KeyLock:
-    """One writer per (sink, key) at a time: a Redis key holding the holder's random token.
+    """One writer per (sink, key) at a time: a Redis key holding the holder's random token, taken
+    by ``VersionStore.begin`` in the same script as the version check.
 
     ``held()`` renews it every ``renew_every`` seconds while its body runs, so a sink call slower
     than the lock keeps it; a holder that dies stops renewing and the lock lapses between
@@ -361,7 +362,7 @@ class KeyLock:
 
     SETTLING = "settling"  # the value of a lock kept by ``settle``: "settling:<writer>"
 
-    def __init__(self, client, name, seconds, renew_every, writer=""):
+    def __init__(self, client, name, seconds, renew_every, writer):
         self.redis = client
         self.name = name
         self.millis = int(seconds * 1000)
@@ -374,10 +375,6 @@ class KeyLock:
         self._renew = client.register_script(_RENEW_LOCK)
         self._settle = client.register_script(_SETTLE_LOCK)
         self._release = client.register_script(_RELEASE_LOCK)
-
-    def acquire(self):
-        """Take the lock if it is free; True when taken."""
-        return bool(self.redis.set(self.name, self.token, nx=True, px=self.millis))
 
     def renew(self):
         """Extend the lock by its length; False (and ``lost``) once it is not this holder's."""
