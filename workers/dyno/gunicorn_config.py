@@ -2,8 +2,9 @@
 dyno, and by ``l2u-relay run`` through ``--config python:workers.dyno.gunicorn_config``.
 
 Binds ``0.0.0.0:$PORT`` (gunicorn's own default when PORT is set), runs
-``WEB_CONCURRENCY`` sync workers (default 2), logs JSON lines to stdout, and
-turns on Prometheus multiprocess mode so ``/metrics`` merges every worker.
+``WEB_CONCURRENCY`` sync workers (default 2), logs JSON lines to stdout,
+turns on Prometheus multiprocess mode so ``/metrics`` merges every worker, and
+keeps each worker's loaded app out of the garbage collector's walks (``freeze_loaded``).
 """
 import os
 import shutil
@@ -14,6 +15,8 @@ if _OWN_METRICS_DIR:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="l2u-metrics-")
 
 from prometheus_client import multiprocess  # noqa: E402  (needs the directory set first)
+
+from workers.dyno.long_lived import freeze_loaded  # noqa: E402
 
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 timeout = 30
@@ -32,6 +35,10 @@ logconfig_dict = {
     "loggers": {"gunicorn.error": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
                 "gunicorn.access": {"handlers": ["stdout"], "level": "INFO", "propagate": False}},
 }
+
+
+def post_worker_init(worker):
+    freeze_loaded()
 
 
 def child_exit(server, worker):
