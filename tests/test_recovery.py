@@ -45,7 +45,7 @@ def stack(settings, sims, start_stack, tmp_path):
                                      routes_file=str(routes)))
 
 
-def storepoint_outcomes(redis_client, delivery_ids, sink="storepoint"):
+def sink_outcomes(redis_client, delivery_ids, sink="storepoint"):
     ledger = Ledger(redis_client)
     return {delivery_id: (ledger.get(delivery_id) or {}).get("sinks", {}).get(sink, {})
             for delivery_id in delivery_ids}
@@ -66,17 +66,17 @@ def test_held_storepoint_writes_are_applied_soon_after_an_outage_with_nothing_el
     # The first two fail twice before the breaker opens: the schedule's next step for them is 300 s.
     deliver(STOP_IDS[:2])
     wait_for(lambda: all(outcome.get("attempts") == 2
-                         for outcome in storepoint_outcomes(redis_client, delivery_ids).values()), timeout=60)
+                         for outcome in sink_outcomes(redis_client, delivery_ids).values()), timeout=60)
     deliver(STOP_IDS[2:])  # these open the breaker and wait behind it
     # Every delivery reached Storepoint, was refused and is held for it.
     wait_for(lambda: all(outcome.get("state") in ("retrying", "waiting")
-                         for outcome in storepoint_outcomes(redis_client, delivery_ids).values()), timeout=60)
+                         for outcome in sink_outcomes(redis_client, delivery_ids).values()), timeout=60)
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - outage_start)))
     refused = faults.counts["503"]
     faults.clear()
     recovered_at = time.time()
 
-    outcomes = wait_for(lambda: (found := storepoint_outcomes(redis_client, delivery_ids)) and all(
+    outcomes = wait_for(lambda: (found := sink_outcomes(redis_client, delivery_ids)) and all(
         outcome.get("state") == "applied" for outcome in found.values()) and found, timeout=DEADLINE)
     seconds = max(outcome["at"] for outcome in outcomes.values()) - recovered_at
     print(f"\nstorepoint answered 503 for {OUTAGE_SECONDS} s ({refused} refusals); all {len(delivery_ids)} held "
@@ -94,12 +94,12 @@ def test_held_b2b_writes_go_out_as_soon_as_b2b_answers_again_after_it_hung(stack
     faults.latency(40)
     delivery_ids = [post(stack.url, "stop.status-changed", status_change(stop_id, "Arrived", "2022-04-27T05:00:00+00:00"))
                     .json()["delivery_id"] for stop_id in STOP_IDS[:2]]  # one per worker process
-    wait_for(lambda: all(outcome.get("state") == "retrying" for outcome in storepoint_outcomes(
+    wait_for(lambda: all(outcome.get("state") == "retrying" for outcome in sink_outcomes(
         redis_client, delivery_ids, "b2b").values()), timeout=90)  # each timed out, held for B2B's health
     faults.clear()  # B2B answers again; the hung requests still land when their 40 s are up
     recovered_at = time.time()
 
-    outcomes = wait_for(lambda: (found := storepoint_outcomes(redis_client, delivery_ids, "b2b")) and all(
+    outcomes = wait_for(lambda: (found := sink_outcomes(redis_client, delivery_ids, "b2b")) and all(
         outcome.get("state") == "applied" for outcome in found.values()) and found, timeout=DEADLINE)
     seconds = max(outcome["at"] for outcome in outcomes.values()) - recovered_at
     print(f"\nb2b hung past the read timeout; both held deliveries applied {seconds:.1f} s after it answered again")
