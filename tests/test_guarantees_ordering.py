@@ -99,19 +99,27 @@ def test_a_write_that_got_no_answer_is_not_overtaken_while_it_may_still_land(dri
     assert driver.rt.ledger.get(newer)["status"] == "applied"
 
 
-def test_the_retry_of_a_write_that_got_no_answer_goes_out_at_once_and_another_write_still_waits(
-        driver, sink_server):
-    """The same write's retry waited for the key's whole settle time too: after a sink that hung
-    answered again, each delivery it had held waited up to 30 s more for its own earlier attempt to
-    lapse. Sending the very same write again cannot reorder anything; another write for the key
-    still waits until the unanswered one can no longer land."""
-    driver.rt.sinks["storepoint"].client.timeout = (1, 1.5)  # settle time: 3 s after sending
+def _older_write_unanswered(driver, sink_server):
+    """An older and a newer write for one key; the older one sent and timed out (settle time: 3 s
+    after sending), the sink applying it 2 s after it came. ``(older, newer, older_args, newer_args,
+    when the older one was sent)``."""
+    driver.rt.sinks["storepoint"].client.timeout = (1, 1.5)
     sink_server.app.config["FAULTS"].slow(2, path_prefix="/records")  # applied after the client gave up
     older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
     newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
     older_args, newer_args = fan_out_job(driver, older), fan_out_job(driver, newer)
     sent = time.monotonic()
     assert tasks.deliver.run(*older_args) == "retrying"  # read timeout; the sink still holds it
+    return older, newer, older_args, newer_args, sent
+
+
+def test_the_retry_of_a_write_that_got_no_answer_goes_out_at_once_and_another_write_still_waits(
+        driver, sink_server):
+    """The same write's retry waited for the key's whole settle time too: after a sink that hung
+    answered again, each delivery it had held waited up to 30 s more for its own earlier attempt to
+    lapse. Sending the very same write again cannot reorder anything; another write for the key
+    still waits until the unanswered one can no longer land."""
+    older, newer, older_args, newer_args, sent = _older_write_unanswered(driver, sink_server)
     assert tasks.deliver.run(*older_args[:4], 1, *older_args[5:]) == "applied"  # the same write again, at once
     assert driver.rt.redis.get(LOCK_KEY).startswith("settling:")  # what is left of its settle time
     assert tasks.deliver.run(*newer_args) == "waiting"
@@ -126,14 +134,8 @@ def test_the_retry_of_a_write_that_got_no_answer_goes_out_at_once_and_another_wr
 def test_a_retry_that_took_the_settling_key_and_failed_leaves_it_settling(driver, sink_server):
     """A retry that takes its own write's settling key and is refused (an answer, so nothing of it is
     in flight) gives the key back settling for the rest of the first attempt's time."""
-    driver.rt.sinks["storepoint"].client.timeout = (1, 1.5)  # settle time: 3 s after sending
-    faults = sink_server.app.config["FAULTS"]
-    faults.slow(2, path_prefix="/records")
-    older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
-    newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
-    older_args, newer_args = fan_out_job(driver, older), fan_out_job(driver, newer)
-    assert tasks.deliver.run(*older_args) == "retrying"
-    faults.inject(503, path_prefix="/records")
+    _, _, older_args, newer_args, _ = _older_write_unanswered(driver, sink_server)
+    sink_server.app.config["FAULTS"].inject(503, path_prefix="/records")
     assert tasks.deliver.run(*older_args[:4], 1, *older_args[5:]) == "retrying"
     assert driver.rt.redis.get(LOCK_KEY).startswith("settling:")
     assert 0 < driver.rt.redis.pttl(LOCK_KEY) <= 1500
