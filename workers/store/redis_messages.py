@@ -9,6 +9,7 @@ already hold: a prefork child then needs one Redis connection instead of three
 import base64
 import json
 import os
+import re
 from urllib.parse import urlsplit
 
 from celery.signals import after_task_publish
@@ -21,6 +22,8 @@ from workers.celery_config import TASK_ROUTES
 
 REDIS_SCHEMES = ("redis", "rediss")
 ARGSREPR_LIMIT = 1024  # Celery cuts argsrepr about as short (amqp.argsrepr_maxsize)
+_SLOT = "@@l2u-slot:{}@@"  # a value build() fills in; json.dumps writes it as "\"@@l2u-slot:id@@\""
+_SLOT_PATTERN = re.compile(r'"@@l2u-slot:(\w+)@@"')
 
 
 class RedisTaskMessage:
@@ -44,27 +47,31 @@ class RedisTaskMessage:
         self._pid = None
 
     def _make_template(self):
+        """The message's JSON text, rendered once, cut at the slots ``build`` fills in."""
         headers, properties, body, _ = self.app.amqp.as_task_v2(
             "", self.task_name, args=[], kwargs={}, reply_to=self.app.thread_oid, ignore_result=None)
         content_type, content_encoding, _ = dumps(body, serializer=self.app.conf.task_serializer)
         properties.update(delivery_mode=maybe_delivery_mode(self.app.conf.task_default_delivery_mode),
                           delivery_info={"exchange": "", "routing_key": self.queue},
                           priority=0, body_encoding="base64")
-        self._envelope = {"content-encoding": content_encoding, "content-type": content_type}
-        self._headers, self._properties, self._embed = headers, properties, body[2]
+        slot = {name: _SLOT.format(name) for name in ("body", "id", "argsrepr", "delivery_tag")}
+        text = json.dumps({
+            "body": slot["body"], "content-encoding": content_encoding, "content-type": content_type,
+            "headers": {**headers, "id": slot["id"], "root_id": slot["id"], "argsrepr": slot["argsrepr"]},
+            "properties": {**properties, "correlation_id": slot["id"], "delivery_tag": slot["delivery_tag"]}})
+        parts = _SLOT_PATTERN.split(text)  # text, slot name, text, slot name, ..., text
+        self._pieces, self._end = list(zip(parts[0::2], parts[1::2])), parts[-1]
+        self._body_tail = ", {}, " + json.dumps(body[2]) + "]"  # json.dumps([args, {}, embed]) after the args
         self._pid = os.getpid()
 
     def build(self, args):
         """The JSON text to LPUSH onto ``self.key`` for the task with ``args`` (JSON values)."""
         if self._pid != os.getpid():
             self._make_template()
-        task_id = uuid()
-        body = json.dumps([args, {}, self._embed]).encode()
-        return json.dumps({
-            "body": base64.b64encode(body).decode(), **self._envelope,
-            "headers": {**self._headers, "id": task_id, "root_id": task_id,
-                        "argsrepr": repr(args)[:ARGSREPR_LIMIT]},
-            "properties": {**self._properties, "correlation_id": task_id, "delivery_tag": uuid()}})
+        body = base64.b64encode(("[" + json.dumps(args) + self._body_tail).encode()).decode()
+        values = {"body": f'"{body}"', "id": f'"{uuid()}"', "argsrepr": json.dumps(repr(args)[:ARGSREPR_LIMIT]),
+                  "delivery_tag": f'"{uuid()}"'}  # a uuid needs no JSON escaping
+        return "".join([text + values[name] for text, name in self._pieces]) + self._end
 
 
 def broker_is_ledger_redis(settings):
