@@ -77,3 +77,23 @@ def test_task_events_only_while_someone_watches(settings, redis_server, start_pr
         exact.close()
         sender.close()
         client.close()
+
+
+def test_with_remote_control_on_task_events_stay_on(settings, redis_server, start_process):
+    """Remote control's mailbox is a pattern subscription too, so a worker with it on counts as watched
+    (README, Operations): task events go out with no events watcher at all."""
+    client = redis.Redis.from_url(redis_server.url)
+    exact = client.pubsub()
+    exact.subscribe(*TASK_TOPICS)
+    worker = start_process("worker", settings.replace(worker_remote_control=True))
+    sender = make_celery(settings, "task-events-test")
+    try:
+        worker.wait_for_output("task events on: an events watcher (Flower) is subscribed", timeout=2 * WATCH_SECONDS)
+        assert client.pubsub_numpat() >= 1  # the worker's own mailbox; this test holds plain subscriptions only
+        task_id = sender.send_task(SWEEP_RECEIVED).id
+        events_until(exact, lambda topic, event: event["type"] == "task-succeeded" and event["uuid"] == task_id,
+                     timeout=15)
+    finally:
+        exact.close()
+        sender.close()
+        client.close()
