@@ -179,23 +179,22 @@ def test_create_interrupted_before_mapping_is_not_duplicated(sim, redis_client, 
     assert MappingStore(redis_client, "storepoint:intent").get(location.key) is None
 
 
-def test_create_still_in_flight_at_storepoint_is_waited_out_not_duplicated(sim, mappings, monkeypatch):
+def test_create_still_in_flight_at_storepoint_is_waited_out_not_duplicated(sim, mappings):
     """Storepoint holds a create past the client's read timeout and applies it afterwards (a server
     keeps working on a request whose client gave up or was killed). The retry must not create a
     second location while the first may still land: it waits, then finds the first by its tag."""
-    assert StorepointSink.CREATE_SETTLE_SECONDS == 60  # what docs/sinks/storepoint.md promises
-    monkeypatch.setattr(StorepointSink, "CREATE_SETTLE_SECONDS", 4.0)
     sink = make_sink(sim, mappings)
-    sink.client.timeout = (1, 0.5)
+    assert sink.settle_seconds == 60  # what docs/sinks/storepoint.md promises
+    sink.client.timeout = (1, 1.5)  # the create gets no answer in time; it may land up to 3 s after it was sent
     location = sample_location()
     sim_state(sim).requests_log.clear()
     sim.app.config["FAULTS"].slow(2.0, path_prefix="/locations")
     with pytest.raises(RetriableError):
-        sink.apply("upsert", location)  # read timeout; Storepoint applies it 1.5 s later
+        sink.apply("upsert", location)  # read timeout; Storepoint applies it 0.5 s later
 
     with pytest.raises(NotYet) as waiting:
         sink.apply("upsert", location)  # the retry comes at once: the create may still land
-    assert 3.0 < waiting.value.retry_after <= 4.0
+    assert 1.0 < waiting.value.retry_after <= 1.5
     assert requests(sim, "POST") == [("POST", "/locations")]  # no second create was sent
 
     time.sleep(waiting.value.retry_after)
@@ -220,22 +219,21 @@ def test_create_applied_then_answered_503_is_found_by_the_retry_at_once(sim, map
     assert only["name"] == "Retried"
 
 
-def test_delete_after_an_interrupted_create_waits_for_it_then_deletes_it(sim, mappings, monkeypatch):
+def test_delete_after_an_interrupted_create_waits_for_it_then_deletes_it(sim, mappings):
     """A create for the stop got no answer (its worker was killed) and Storepoint applies it late;
     the stop is cancelled meanwhile. The delete has no mapping to go by, so it must wait until that
     create can no longer land and then delete what it left, not report "nothing to delete"."""
-    monkeypatch.setattr(StorepointSink, "CREATE_SETTLE_SECONDS", 4.0)
     sink = make_sink(sim, mappings)
-    sink.client.timeout = (1, 0.5)
+    sink.client.timeout = (1, 1.5)  # the create gets no answer in time; it may land up to 3 s after it was sent
     location = sample_location()
     sim.app.config["FAULTS"].slow(2.0, path_prefix="/locations")
     with pytest.raises(RetriableError):
-        sink.apply("upsert", location)  # read timeout; Storepoint applies it 1.5 s later
+        sink.apply("upsert", location)  # read timeout; Storepoint applies it 0.5 s later
 
     cancelled = sample_location(status="Cancelled")
     with pytest.raises(NotYet) as waiting:
         sink.apply("delete", cancelled)
-    assert 3.0 < waiting.value.retry_after <= 4.0
+    assert 1.0 < waiting.value.retry_after <= 1.5
     time.sleep(waiting.value.retry_after)
     assert sink.apply("delete", cancelled) is None
     assert ours(sim, location.key) == []

@@ -17,7 +17,7 @@ import time
 from marshmallow import fields
 
 from workers.resilience.errors import ConfigError, NotYet, PermanentError, RelayError
-from workers.resilience.http import DEFAULT_TIMEOUT, HttpClient, settle_seconds
+from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
 from workers.store.stores import MappingStore
@@ -73,8 +73,6 @@ class StorepointSink(Sink):
     )
     enabled_by = ("STOREPOINT_API_TOKEN",)
     default_route = {"on_status": {"Cancelled": "delete"}}
-    # How long after sending a create whose answer we never got it may still take effect there.
-    CREATE_SETTLE_SECONDS = settle_seconds(DEFAULT_TIMEOUT)
 
     def __init__(self, client, mappings, options=None):
         super().__init__(client, mappings, options)
@@ -159,12 +157,12 @@ class StorepointSink(Sink):
         our mapping, or None.
 
         An attempt that got no answer (a killed worker, a timeout, a dropped connection) may still
-        land, so this raises ``NotYet`` until ``CREATE_SETTLE_SECONDS`` after it was sent; one
+        land, so this raises ``NotYet`` until the client's ``settle_seconds`` after it was sent; one
         answered 5xx (Storepoint may have applied it and failed after) is searched for at once, by
         the key tag in the full listing."""
         if not sent_at:
             return None
-        settles_in = float(sent_at) + self.CREATE_SETTLE_SECONDS - time.time()
+        settles_in = float(sent_at) + self.settle_seconds - time.time()
         if settles_in > 0:
             raise NotYet(f"storepoint: an earlier create for {key} may still land; looking for it "
                          f"in {settles_in:.0f}s", retry_after=settles_in)
