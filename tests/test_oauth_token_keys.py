@@ -72,7 +72,8 @@ def test_new_key_prints_a_fernet_key_the_settings_accept(settings):
                              ).token_keys == (key, OLD_KEY)
 
 
-@pytest.mark.parametrize("value", ["not-a-key", OLD_KEY[:-13], OLD_KEY + ",short"])
+@pytest.mark.parametrize("value", ["not-a-key", OLD_KEY[:-13], OLD_KEY + ",short"],
+                         ids=["not-a-key", "a-cut-key", "a-key-then-a-short-one"])  # the keys are random
 def test_a_bad_token_key_names_the_setting(value):
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"RELAY_WEBHOOK_SECRET": "x" * 16, "RELAY_TOKEN_KEYS": value})
