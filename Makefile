@@ -26,9 +26,12 @@ lock: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/l2u-relay run
 
-# pytest exits 5 when it collected no tests: that is a failure here.
+# pytest exits 5 when it collected no tests: that is a failure here. Test files run in TEST_WORKERS
+# parallel processes (pytest-xdist; a file's tests stay in one process, so its servers start once);
+# TEST_WORKERS=0 runs everything in this process. Most tests wait on real servers, so 3 on 2 cores.
+TEST_WORKERS ?= 3
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The benchmark (README, Performance): BENCH_ARGS="--profile ci" for the tiny run. Uses wrk when it
