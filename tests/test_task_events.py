@@ -45,6 +45,12 @@ def events_until(pubsub, done, timeout):
     raise AssertionError(f"not seen within {timeout}s; events: {[event['type'] for _, event in seen]}")
 
 
+
+def task_succeeded(pubsub, task_id, timeout):
+    """Read ``pubsub`` until the ``task-succeeded`` event of ``task_id``; fail after ``timeout`` s."""
+    events_until(pubsub, lambda topic, event: event["type"] == "task-succeeded" and event["uuid"] == task_id,
+                 timeout)
+
 def test_task_events_only_while_someone_watches(settings, redis_server, start_process):
     client = redis.Redis.from_url(redis_server.url)
     exact = client.pubsub()
@@ -67,11 +73,8 @@ def test_task_events_only_while_someone_watches(settings, redis_server, start_pr
         worker.wait_for_output("task events on: an events watcher (Flower) is subscribed",
                                timeout=2 * WATCH_SECONDS)
         task_id = sender.send_task(SWEEP_RECEIVED).id
-        events_until(watcher, lambda topic, event: event["type"] == "task-succeeded" and event["uuid"] == task_id,
-                     timeout=15)
-        # the topics listened to while nobody watched are the ones task events go to
-        events_until(exact, lambda topic, event: event["type"] == "task-succeeded" and event["uuid"] == task_id,
-                     timeout=5)
+        task_succeeded(watcher, task_id, timeout=15)
+        task_succeeded(exact, task_id, timeout=5)  # the topics listened to while nobody watched
     finally:
         watcher.close()
         exact.close()
@@ -90,9 +93,7 @@ def test_with_remote_control_on_task_events_stay_on(settings, redis_server, star
     try:
         worker.wait_for_output("task events on: an events watcher (Flower) is subscribed", timeout=2 * WATCH_SECONDS)
         assert client.pubsub_numpat() >= 1  # the worker's own mailbox; this test holds plain subscriptions only
-        task_id = sender.send_task(SWEEP_RECEIVED).id
-        events_until(exact, lambda topic, event: event["type"] == "task-succeeded" and event["uuid"] == task_id,
-                     timeout=15)
+        task_succeeded(exact, sender.send_task(SWEEP_RECEIVED).id, timeout=15)
     finally:
         exact.close()
         sender.close()
