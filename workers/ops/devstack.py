@@ -36,11 +36,26 @@ SECRET_SETTINGS = ("RELAY_WEBHOOK_SECRET", "RELAY_WEBHOOK_SECRET_PREVIOUS", "LOC
                    "RELAY_CONSOLE_PASSWORD", "RELAY_CONSOLE_SECRET_KEY")
 
 
+# Ports handed out for local servers: below Linux's default ephemeral range (32768-60999), so the
+# source port of an outgoing connection never takes one between ``free_port`` and the server's bind.
+PORT_RANGE = range(20000, 32768)
+_next_port = {}
+
+
 def free_port():
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port nothing is bound to on 127.0.0.1, from ``PORT_RANGE``: each process walks the range
+    from a random start, so ports it handed out are not handed out again soon (a server may not have
+    bound its port yet)."""
+    ports = PORT_RANGE
+    start = _next_port.get(ports)
+    if start is None:
+        start = secrets.randbelow(len(ports))
+    for step in range(len(ports)):
+        port = ports[(start + step) % len(ports)]
+        if not port_in_use("127.0.0.1", port):
+            _next_port[ports] = (start + step + 1) % len(ports)
+            return port
+    raise OSError(f"no free port on 127.0.0.1 in {ports.start}-{ports.stop - 1}")
 
 
 def port_in_use(host, port):
