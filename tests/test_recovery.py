@@ -38,13 +38,14 @@ def stack(settings, sims, start_stack, tmp_path):
     # Each failed call counts towards the breaker, the 3 s recovery probes too: with the default
     # threshold of 5, a loaded machine's slower pace let probes open it before the first two
     # deliveries' second attempt. 10 keeps that order; the later deliveries still open it.
-    # The visibility timeout outlasts a fan-out held by B2B's hang (30 s): a process_delivery message
-    # redelivered meanwhile resumes the write still in flight, and that redundant copy, sent into the
-    # hang just before it ends, would hold the key for another 30 s (seen on a loaded machine).
+    # The sweeper's patience and the visibility timeout outlast a fan-out held by B2B's hang (30 s):
+    # a resume meanwhile (a sweep, or a redelivered process_delivery) re-plans the write still in flight,
+    # and that redundant copy, sent into the hang just before it ends, or built from a re-read stop and
+    # so another write to the settling key, waits another 30 s (both seen on a loaded machine).
     routes = tmp_path / "routes.yaml"
     routes.write_text("storepoint:\n  breaker: {threshold: 10, cooldown: 30}\n")
     return start_stack(sims_settings(settings, sims, b2b_business_partner_id="BP-1", b2b_country_id="AU",
-                                     retry_schedule=SVIX_RETRY_SCHEDULE, visibility_timeout=90,
+                                     retry_schedule=SVIX_RETRY_SCHEDULE, sweep_after=90, visibility_timeout=90,
                                      routes_file=str(routes)))
 
 
