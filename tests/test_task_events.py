@@ -45,11 +45,11 @@ def events_until(pubsub, done, timeout):
     raise AssertionError(f"not seen within {timeout}s; events: {[event['type'] for _, event in seen]}")
 
 
-
 def task_succeeded(pubsub, task_id, timeout):
     """Read ``pubsub`` until the ``task-succeeded`` event of ``task_id``; fail after ``timeout`` s."""
     events_until(pubsub, lambda topic, event: event["type"] == "task-succeeded" and event["uuid"] == task_id,
                  timeout)
+
 
 def test_task_events_only_while_someone_watches(settings, redis_server, start_process):
     client = redis.Redis.from_url(redis_server.url)
