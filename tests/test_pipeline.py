@@ -5,13 +5,14 @@ the test) so retries, breakers and ordering can be stepped deterministically;
 tests/test_pipeline_processes.py runs the same flow through real processes.
 """
 import json
+import threading
 import time
 
 import pytest
 import redis
 
 from tests.fixtures import STOP_ID, RecordingSink, accept, died_in_first_write, fan_out_job, sim_state
-from tests.helpers import admit
+from tests.helpers import admit, wait_for
 from tests.payloads import status_change
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
@@ -193,7 +194,9 @@ def test_fan_out_interrupted_before_its_write_is_resumed_on_redelivery(driver, s
     _, args = driver.sent.pop(0)
     died_in_first_write(args, driver.rt)
     assert driver.rt.ledger.get(delivery_id)["sinks"]["storepoint"]["state"] == "pending"
-    assert tasks.process_delivery.run(*args) == "resumed"  # Celery redelivers it after the visibility timeout
+    assert tasks.process_delivery.run(*args) == "routed"  # its lease is not known to be dead yet
+    time.sleep(driver.rt.settings.sweep_after)  # Celery redelivers it after the visibility timeout, longer
+    assert tasks.process_delivery.run(*args) == "resumed"
     driver.run()
     assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
     assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
@@ -225,6 +228,7 @@ def test_a_resume_that_read_the_entry_before_the_write_landed_leaves_the_sink_se
     nothing to update: the delivery stayed "applied" with that sink "pending" for good."""
     delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
     held_write = fan_out_job(driver, delivery_id)  # a slow worker still holds the fan-out's write
+    time.sleep(driver.rt.settings.sweep_after)  # and its lease lapsed (frozen, or its renewals failed)
     read_by_the_resume = driver.rt.ledger.entry(delivery_id)
     assert read_by_the_resume.stalled_sinks(0) == ["storepoint"]
     assert tasks.deliver.run(*held_write) == "applied"  # then it lands
@@ -265,6 +269,30 @@ def test_sweeper_leaves_a_fan_out_alone_while_its_retry_is_not_due(driver, sink_
     assert tasks.sweep_received.run() == 0 and driver.sent == []
 
 
+def test_a_fan_out_whose_write_is_slow_is_left_to_its_live_worker(driver, sink_server):
+    """A sink that answers only after the sweeper's patience (a hang, a read timeout): the fan-out's
+    worker is alive and still in the write. The sweeper and a redelivered process_delivery (the
+    visibility timeout passed) took the sink for stalled and queued a second copy of the write,
+    which waited behind the first's key lock or went out into the same hang."""
+    write_seconds = driver.rt.settings.sweep_after * 3
+    sink_server.app.config["FAULTS"].slow(write_seconds)
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    _, args = driver.sent.pop(0)
+    fan_out = threading.Thread(target=tasks.process_delivery.run, args=args)
+    fan_out.start()
+    try:
+        wait_for(lambda: sink_server.app.config["FAULTS"].counts["slow"] == 1, timeout=5)
+        time.sleep(driver.rt.settings.sweep_after * 1.5)  # the sink has been "pending" past the sweeper's patience
+
+        assert tasks.sweep_received.run() == 0
+        assert tasks.process_delivery.run(*args) == "routed"
+        assert driver.sent == []
+    finally:
+        fan_out.join()
+    assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
+    assert len(sim_state(sink_server).writes) == 1
+
+
 def test_broker_outage_while_fanning_out_is_redelivered_not_dead_lettered(driver, monkeypatch):
     """Redis restarting: a fan-out's write, then its resume's deliver message, failed with Redis'
     and kombu's connection errors, which were taken for a bug and dead-lettered as an internal error
@@ -286,6 +314,7 @@ def test_broker_outage_while_fanning_out_is_redelivered_not_dead_lettered(driver
         with pytest.raises(Reject):
             tasks.process_delivery.run(*args)
     driver.rt.scheduler.send_task = broker_down
+    time.sleep(driver.rt.settings.sweep_after)  # redelivered after the visibility timeout: the lease lapsed
     with pytest.raises(Reject):
         tasks.process_delivery.run(*args)  # the redelivery resumes the fan-out: its message fails
     assert driver.rt.dead_letters.list() == []

@@ -38,14 +38,14 @@ def stack(settings, sims, start_stack, tmp_path):
     # Each failed call counts towards the breaker, the 3 s recovery probes too: with the default
     # threshold of 5, a loaded machine's slower pace let probes open it before the first two
     # deliveries' second attempt. 10 keeps that order; the later deliveries still open it.
-    # The sweeper's patience and the visibility timeout outlast a fan-out held by B2B's hang (30 s):
-    # a resume meanwhile (a sweep, or a redelivered process_delivery) re-plans the write still in flight,
-    # and that redundant copy, sent into the hang just before it ends, or built from a re-read stop and
-    # so another write to the settling key, waits another 30 s (both seen on a loaded machine).
+    # The sweeper's patience (the suite's 1 s) and the visibility timeout (10 s) are far shorter than a
+    # fan-out held by B2B's hang (30 s), on purpose: its worker renews its lease, so neither resumes the
+    # write still in flight. A resumed copy, sent into the hang just before it ends, or built from a
+    # re-read stop and so another write to the settling key, waited another 30 s (seen on a loaded machine).
     routes = tmp_path / "routes.yaml"
     routes.write_text("storepoint:\n  breaker: {threshold: 10, cooldown: 30}\n")
     return start_stack(sims_settings(settings, sims, b2b_business_partner_id="BP-1", b2b_country_id="AU",
-                                     retry_schedule=SVIX_RETRY_SCHEDULE, sweep_after=90, visibility_timeout=90,
+                                     retry_schedule=SVIX_RETRY_SCHEDULE, visibility_timeout=10,
                                      routes_file=str(routes)))
 
 
@@ -108,6 +108,9 @@ def test_held_b2b_writes_go_out_as_soon_as_b2b_answers_again_after_it_hung(stack
     seconds = max(outcome["at"] for outcome in outcomes.values()) - recovered_at
     print(f"\nb2b hung past the read timeout; both held deliveries applied {seconds:.1f} s after it answered again")
     assert seconds < 20  # their keys settled until ~30 s after that; the retry schedule's step is 5 s
+    ledger = Ledger(redis_client)  # their workers were alive, in the hung write: nothing resumed it
+    assert [line for delivery_id in delivery_ids for line in ledger.history(delivery_id)
+            if line["what"] in ("swept", "resumed")] == []
     time.sleep(max(0.0, recovered_at + 12 - time.time()))  # the hung requests have landed by now
     locations = sims["b2b"].app.config["STATE"].locations.values()
     assert sorted(location["idRemote"] for location in locations) == [f"l2u-stop-{stop_id}" for stop_id in STOP_IDS[:2]]

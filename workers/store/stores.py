@@ -73,6 +73,7 @@ class LedgerEntry:
     sinks: dict  # sink name -> its outcome: {"state", "at", "attempts", ...}
     attempt: int = 0
     lease: str | None = None
+    lease_at: float = 0.0  # when the processing lease was taken or last renewed (epoch seconds)
     replay: bool = False
     replay_sinks: tuple | None = None  # set by a replay: only these sinks are routed again
     resumes: int = 0
@@ -86,6 +87,7 @@ class LedgerEntry:
         return cls(delivery_id=fields["delivery_id"], status=Status(fields["status"]),
                    event_type=fields["event_type"], body=fields.get("body"), sinks=fields["sinks"],
                    attempt=int(fields.get("attempt", 0)), lease=fields.get("lease"),
+                   lease_at=float(fields.get("lease_at") or 0),
                    replay=fields.get("replay") == "1",
                    replay_sinks=None if replay_sinks is None else tuple(json.loads(replay_sinks)),
                    resumes=int(fields.get("resumes", 0)), received_at=float(fields.get("received_at") or 0),
@@ -113,6 +115,12 @@ class LedgerEntry:
     def next_progress(self):
         """When the earliest open sink is due to make progress (epoch seconds)."""
         return min((progress_due(self.sinks[name]) for name in self.open_sinks()), default=time.time())
+
+    def fan_out_live(self, lease_seconds, now=None):
+        """A routed delivery whose fan-out's worker renewed its lease within ``lease_seconds``: the
+        fan-out is still writing in that worker (a slow or hung sink), so its pending sinks are not stalled."""
+        now = time.time() if now is None else now
+        return self.status == Status.ROUTED and self.lease_at + lease_seconds > now
 
     def resume_backoff(self, grace):
         """The sweeper's patience: ``grace`` doubled for each earlier resume of this fan-out, so one
@@ -145,7 +153,7 @@ if status == 'processing' then
 elseif status ~= 'received' and status ~= 'retrying' then
   return 0
 end
-redis.call('HSET', KEYS[1], 'status', 'processing', 'lease', ARGV[2], 'attempt', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', 'processing', 'lease', ARGV[2], 'lease_at', ARGV[4], 'attempt', ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 return 1
 """
@@ -159,14 +167,21 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 return 1
 """
 
-# While the lease ARGV[2] is held: push it forward (ARGV[4] = 'renew'), or end it and put the
-# delivery back to "received" ('lapse'). KEYS: entry, OPEN. ARGV: id, token, now, what.
+# While the lease ARGV[2] is held: push it forward (ARGV[4] = 'renew', kept as ``lease_at``), or end it and
+# put the delivery back to "received" ('lapse'). The lease outlives "processing" into the fan-out it
+# runs ("routed"): renewing it there says the fan-out's worker is alive, for the sweeper to leave
+# it alone; the sweeper's clock is then the sinks' (their outcomes set it), so it is not moved.
+# KEYS: entry, OPEN. ARGV: id, token, now, what.
 _LEASE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'processing' or redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] then
-  return 0
+local status = redis.call('HGET', KEYS[1], 'status')
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or (status ~= 'processing' and status ~= 'routed') then return 0 end
+if ARGV[4] == 'lapse' then
+  if status ~= 'processing' then return 0 end
+  redis.call('HSET', KEYS[1], 'status', 'received')
+else
+  redis.call('HSET', KEYS[1], 'lease_at', ARGV[3])
 end
-if ARGV[4] == 'lapse' then redis.call('HSET', KEYS[1], 'status', 'received') end
-redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
+if status == 'processing' then redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1]) end
 return 1
 """
 
