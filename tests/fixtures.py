@@ -298,7 +298,7 @@ class RecordingSink(Sink):
 
     def upsert(self, location, options):
         body = {"name": location.name, "status": location.status, "version": location.version}
-        return self.client.request("PUT", f"/records/{location.key}", json=body).json()["id"]
+        return self.client.answer(self.client.request("PUT", f"/records/{location.key}", json=body), "id")
 
     def delete(self, location, options):
         self.client.request("DELETE", f"/records/{location.key}")

@@ -56,6 +56,23 @@ def test_newest_first_ends_in_the_newest_state(driver, sink_server):
     assert driver.rt.ledger.get(newest_id)["status"] == "applied"
 
 
+def test_answers_that_are_not_the_apis_are_retried_not_dead_lettered(driver, sink_server, l2u):
+    """A proxy in front of Locate2u, then one in front of the sink, answered 200 with its own HTML
+    page. The stop read was dead-lettered at once as permanent ("answered non-JSON"), the sink's
+    write as an internal error of ours (a JSONDecodeError). Both are retried now."""
+    l2u_faults, sink_faults = l2u.app.config["FAULTS"], sink_server.app.config["FAULTS"]
+    l2u_faults.fail_after_apply("garbled", path_prefix="/v1/Stops/", methods=("GET",))
+    sink_faults.fail_after_apply("garbled", path_prefix="/records/")
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run()
+    assert l2u_faults.counts["applied then garbled"] == sink_faults.counts["applied then garbled"] == 1
+    entry = driver.rt.ledger.get(delivery_id)
+    assert entry["status"] == "applied" and entry["sinks"]["storepoint"]["attempts"] == 2
+    assert driver.rt.dead_letters.list() == []
+    assert [line["what"] for line in driver.rt.ledger.history(delivery_id)][:2] == ["enrich retry", "routed"]
+    assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
+
+
 def test_503_then_success_is_retried(driver, sink_server):
     sink_server.app.config["FAULTS"].inject(503, times=2)
     delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))

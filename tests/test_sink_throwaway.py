@@ -57,7 +57,7 @@ class ThrowawaySink(Sink):
     def upsert(self, location, options):
         """PUT the record; return the recorder's id."""
         body = {"name": location.name, "status": location.status, "version": location.version}
-        return self.call("PUT", f"records/{location.key}", json=body).json()["id"]
+        return self.client.answer(self.call("PUT", f"records/{location.key}", json=body), "id")
 
     def delete(self, location, options):
         """DELETE the record (gone already is fine: the recorder answers 204 either way)."""

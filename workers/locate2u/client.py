@@ -93,10 +93,7 @@ class Locate2uClient:
         http, response = self._attempt(access_token, "GET", "/v1/Discovery/User", None)
         if response.status_code == 401:
             raise http.error_for(response, f"GET {http.url('/v1/Discovery/User')} refused the new access token")
-        try:
-            return response.json()
-        except ValueError:
-            raise http.error_for(response, f"GET {http.url('/v1/Discovery/User')} answered non-JSON") from None
+        return http.answer(response)
 
     def get_stop(self, stop_id):
         """``GET /v1/Stops/{id}``; NotFound when there is no such stop."""
@@ -141,12 +138,7 @@ class Locate2uClient:
             http, response = self._attempt(self.tokens.renew_rejected(token), method, path, body)
         if response.status_code == 401:
             raise http.error_for(response, f"{method} {http.url(path)} answered 401 even with a renewed token")
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise http.error_for(response, f"{method} {http.url(path)} answered non-JSON") from None
+        return http.answer(response) if response.content else None
 
     def _attempt(self, token, method, path, body):
         http = HttpClient(self.api_url, self.session, timeout=API_TIMEOUT,

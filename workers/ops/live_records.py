@@ -13,12 +13,12 @@ from workers.store.stores import MappingStore
 
 def _storepoint(sink, remote_id):
     response = sink.call("GET", f"locations/{remote_id}", accept=(404,))
-    return None if response.status_code == 404 else flatten(response.json()["location"])
+    return None if response.status_code == 404 else flatten(sink.client.answer(response, "location"))
 
 
 def _b2b(sink, remote_id):
     response = sink.call("GET", "Location/getLocation", params={"id": remote_id}, accept=(404,))
-    data = [] if response.status_code == 404 else response.json().get("data") or []
+    data = [] if response.status_code == 404 else sink.client.answer(response, needs=("data",))["data"] or []
     return listed_fields(data[0]) if data else None
 
 

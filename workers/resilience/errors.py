@@ -1,7 +1,7 @@
 """One exception root for everything that goes wrong talking to another system.
 
 ``RetriableError``: trying again later may succeed (429, 5xx, timeouts, lost
-connections); the pipeline retries it on its schedule. ``PermanentError``:
+connections, a 2xx whose body is not the API's answer); the pipeline retries it on its schedule. ``PermanentError``:
 trying again will not help (other 4xx, data a sink cannot accept); it goes to
 the dead-letter store at once. ``NotYet``: the write waits without spending an
 attempt (the sink's own reason, not the remote's health). Both keep the request and the answer that
@@ -44,6 +44,13 @@ class NoAnswer(RetriableError):
     def __init__(self, message, *, settles_in, **details):
         super().__init__(message, **details)
         self.settles_in = settles_in
+
+
+class BadAnswer(RetriableError):
+    """Answered 2xx, but not with what the API documents: a body that is not JSON or lacks the field
+    read (a proxy's or load balancer's own page, a body cut short). The request may have taken effect,
+    so like one without an answer it is retried, and it counts against the remote's health; unlike
+    one, it is over there (nothing still in flight). ``status`` stays None: it is not a refusal."""
 
 
 class PermanentError(RelayError):

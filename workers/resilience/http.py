@@ -4,8 +4,9 @@
 connection never made (with ``Retry-After`` parsed), ``NoAnswer`` (retriable)
 for a request sent without an answer (a read timeout, a dropped connection), ``NotFound`` for 404 and
 ``PermanentError`` for other 4xx — unless the status is in ``accept``, in which
-case the response is returned for the caller to interpret. Secrets given in
-``redact`` never appear in an error.
+case the response is returned for the caller to interpret. ``answer`` reads a
+2xx answer's JSON and raises ``BadAnswer`` (retriable) when it is not the API's.
+Secrets given in ``redact`` never appear in an error.
 """
 import email.utils
 import time
@@ -15,7 +16,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
-from workers.resilience.errors import NoAnswer, NotFound, PermanentError, RetriableError
+from workers.resilience.errors import BadAnswer, NoAnswer, NotFound, PermanentError, RetriableError
 
 USER_AGENT = "locate2u-relay/0.1 (+https://github.com/locate2u-relay)"
 DEFAULT_TIMEOUT = (3.05, 30)
@@ -105,6 +106,30 @@ class HttpClient:
         if response.ok or response.status_code in accept:
             return response
         raise self.error_for(response)
+
+    def answer(self, response, *path, needs=()):
+        """The JSON of ``response``, or the value at ``path`` (keys, indexes) in it, an object holding
+        every key in ``needs``. ``BadAnswer`` when the body is not JSON or lacks one of them: not the
+        API's answer, whatever its status."""
+        try:
+            value = response.json()
+        except ValueError:
+            raise self._bad_answer(response, "that is not JSON") from None
+        try:
+            for step in path:
+                value = value[step]
+            missing = [key for key in needs if key not in value]
+        except (LookupError, TypeError):
+            missing = [None]
+        if missing:
+            read = ".".join(map(str, path)) or "its object"
+            raise self._bad_answer(response, f"without {read}" + (f" ({', '.join(needs)})" if needs else ""))
+        return value
+
+    def _bad_answer(self, response, what):
+        method, url = response.request.method, self._scrub(response.request.url)
+        return BadAnswer(f"{method} {url} answered {response.status_code} with a body {what}",
+                         body=self._scrub(response.text), method=method, url=url)
 
     def error_for(self, response, message=None):
         """The RelayError an unexpected response stands for."""

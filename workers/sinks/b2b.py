@@ -218,10 +218,7 @@ class B2BSink(Sink):
     def _log_in(self):
         credentials = {"_username": self.login.username, "_password": self.login.password}
         response = super().call("POST", "login", json=credentials, auth=None)
-        try:
-            self.login.token = response.json()["token"]
-        except (ValueError, KeyError, TypeError):
-            raise self.client.error_for(response, "B2B login answered without a token") from None
+        self.login.token = self.client.answer(response, "token")
         self.client.redact = (self.login.password, self.login.token)
 
     def _update(self, key, fields, before=None):
@@ -242,8 +239,9 @@ class B2BSink(Sink):
     def _listing(self, date):
         page = 1
         while True:
-            answer = self.call("GET", "Location/updatedFrom",
-                               params={"date": date, "page": page, "pageSize": PAGE_SIZE}).json()
+            answer = self.client.answer(self.call("GET", "Location/updatedFrom",
+                                                  params={"date": date, "page": page, "pageSize": PAGE_SIZE}),
+                                        needs=("data", "pagination"))
             yield from answer["data"]
             if not answer["data"] or page >= answer["pagination"]["totalPages"]:
                 return

@@ -102,7 +102,7 @@ class DeliverycomSink(Sink):
         if location_id is None and options["match_existing"]:
             location_id = self._existing(location, body)
         if location_id is None:
-            answer = self.call("POST", PATH, json=body).json()["location"]
+            answer = self.client.answer(self.call("POST", PATH, json=body), "location", needs=("location_id",))
         else:
             answer = self._update(location.key, location_id, body)
         location_id = str(answer["location_id"])
@@ -126,7 +126,7 @@ class DeliverycomSink(Sink):
     def reconcile(self, since=None):
         """Compare the account's addresses with our mappings (no marker there: unmapped ones are unknown)."""
         keys = {location_id: key for key, location_id in self.mappings.all().items()}
-        listed = self.call("GET", f"{PATH}/").json()["locations"]
+        listed = self.client.answer(self.call("GET", f"{PATH}/"), "locations")
         return self.compare_listing((keys.get(str(item["location_id"])), str(item["location_id"]), stored(item))
                                     for item in listed)
 
@@ -157,8 +157,8 @@ class DeliverycomSink(Sink):
         """The ``location_id`` of the same address already on the account (same ZIP and house number), or None."""
         if not location.has_coordinates:
             return None
-        listed = self.call("GET", PATH, params={"latitude": location.latitude,
-                                                "longitude": location.longitude}).json()["locations"]
+        listed = self.client.answer(self.call("GET", PATH, params={"latitude": location.latitude,
+                                                                   "longitude": location.longitude}), "locations")
         house = body["street"].split()[0].upper()
         for item in listed:
             street = (item.get("street") or "").split()
@@ -171,7 +171,8 @@ class DeliverycomSink(Sink):
     def _update(self, key, location_id, body):
         """PUT ``body``; a ``bad_loc_id`` drops the stale mapping (the next change creates it) and is permanent."""
         try:
-            return self.call("PUT", f"{PATH}/{location_id}", json=body).json()["location"]
+            return self.client.answer(self.call("PUT", f"{PATH}/{location_id}", json=body), "location",
+                                      needs=("location_id",))
         except PermanentError as error:
             if "bad_loc_id" in codes(error.body):
                 self.forget(key)

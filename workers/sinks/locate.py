@@ -196,7 +196,7 @@ class LocateSink(Sink):
             return None
         if response.status_code == 202 and not response.content:
             return self._await(shown, options, f"{method} {path}")
-        return self._json(response) if response.content else {}
+        return self.client.answer(response) if response.content else {}
 
     def _await(self, shown, options, what):
         """Poll ``shown()`` with exponential backoff until it returns a value; RetriableError past the timeout."""
@@ -214,13 +214,14 @@ class LocateSink(Sink):
     def _get(self, path, params=None):
         """One record, or None when LOCATE has no live record there."""
         response = self._send("GET", path, accept=(404,), params=params)
-        return None if response.status_code == 404 else self._json(response)
+        return None if response.status_code == 404 else self.client.answer(response)
 
     def _rows(self, resource, params, every_page=False):
         """The ``data`` of a listing (``perPage=100``); all pages when ``every_page``."""
         page, last = 1, 1
         while page <= last:
-            envelope = self._json(self._send("GET", resource, params={**params, "perPage": PER_PAGE, "page": page}))
+            envelope = self.client.answer(self._send("GET", resource,
+                                                     params={**params, "perPage": PER_PAGE, "page": page}))
             if not isinstance(envelope, dict) or not isinstance(envelope.get("data"), list):
                 raise PermanentError(f"LOCATE listed {resource} without a data array", body=str(envelope)[:300])
             yield from envelope["data"]
@@ -240,9 +241,3 @@ class LocateSink(Sink):
         fields = "; ".join(f"{field}: {' '.join(map(str, messages if isinstance(messages, list) else [messages]))}"
                            for field, messages in errors.items())
         return f"{body.get('message', '')} ({fields})" if fields else body.get("message")
-
-    def _json(self, response):
-        try:
-            return response.json()
-        except ValueError:
-            raise self.client.error_for(response, "LOCATE answered a body that is not JSON") from None

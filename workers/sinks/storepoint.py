@@ -16,7 +16,7 @@ import time
 
 from marshmallow import fields
 
-from workers.resilience.errors import ConfigError, NotYet, PermanentError, RelayError
+from workers.resilience.errors import BadAnswer, ConfigError, NotYet, PermanentError, RelayError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
@@ -119,11 +119,11 @@ class StorepointSink(Sink):
         if earlier:  # it left nothing: this create is the one in flight now
             intents.set(key, repr(time.time()))
         try:
-            remote_id = self.call("POST", "locations", json=body).json()["location"]["id"]
+            remote_id = self.client.answer(self.call("POST", "locations", json=body), "location", "id")
         except RelayError as exc:
             if exc.status is not None and exc.status < 500:  # refused: nothing was created
                 intents.delete(key)
-            elif exc.status is not None:  # answered: it is over there, applied or not; look at once
+            elif exc.status is not None or isinstance(exc, BadAnswer):  # answered: applied or not; look at once
                 intents.set(key, ANSWERED)
             raise
         self._remember_created(key, remote_id, flatten(body), before)
@@ -199,7 +199,7 @@ class StorepointSink(Sink):
 
     def _check_custom_fields(self, values):
         if self._custom_field_ids is None:
-            listed = self.call("GET", "custom_fields").json()["custom_fields"]
+            listed = self.client.answer(self.call("GET", "custom_fields"), "custom_fields")
             self._custom_field_ids = {field["id"] for field in listed}
         unknown = sorted(set(values) - self._custom_field_ids)
         if unknown:
@@ -210,7 +210,8 @@ class StorepointSink(Sink):
     def _listing(self):
         page = 1
         while True:
-            answer = self.call("GET", "locations", params={"limit": PAGE_LIMIT, "page": page}).json()
+            answer = self.client.answer(self.call("GET", "locations", params={"limit": PAGE_LIMIT, "page": page}),
+                                        needs=("locations", "pagination"))
             yield from answer["locations"]
             if not answer["locations"] or not answer["pagination"].get("next"):
                 return

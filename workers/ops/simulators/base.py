@@ -5,8 +5,8 @@ state object. This module gives them:
 
 - ``FaultPlan``: fault injection (a number of forced answers such as 503 or
   429 with ``Retry-After``, a failure rate, added latency, single slow
-  requests, and requests that are applied and then answered 503 or have their
-  connection dropped), applied around the simulator's own routes and also
+  requests, and requests that are applied and then answered 503, answered 200
+  with a proxy's HTML page or have their connection dropped), applied around the simulator's own routes and also
   settable over HTTP at ``/_sim/faults``; it counts what it injected by kind
   and knows which client ports have a request in progress;
 - ``SimulatorServer``: serve an app on a free loopback port in a thread;
@@ -19,8 +19,11 @@ import socket
 import threading
 import time
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.serving import make_server
+
+# What a load balancer or proxy in front of an API may answer in its place (``fail_after_apply("garbled")``).
+GARBLED_PAGE = "<html><body><h1>Service temporarily unavailable</h1></body></html>"
 
 
 class FaultPlan:
@@ -59,8 +62,9 @@ class FaultPlan:
             self._slow += [(seconds, path_prefix, kind)] * times
 
     def fail_after_apply(self, how, times=1, path_prefix="", methods=("POST", "PUT", "PATCH", "DELETE")):
-        """Let the next ``times`` matching writes take effect, then answer 503 (``how=503``) or drop
-        the connection without an answer (``how="drop"``): the client cannot tell it was applied."""
+        """Let the next ``times`` matching writes take effect, then answer 503 (``how=503``), drop
+        the connection without an answer (``how="drop"``) or answer 200 with a proxy's HTML page
+        (``how="garbled"``): the client cannot tell it was applied."""
         with self._lock:
             self._after_apply += [(how, path_prefix, tuple(methods))] * times
 
@@ -141,6 +145,8 @@ def install_faults(app, faults):
         if how == "drop":  # the write took effect; the client gets no answer at all
             request.environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
             return response
+        if how == "garbled":  # something between replaced the API's answer with its own page
+            return Response(GARBLED_PAGE, 200, mimetype="text/html")
         failed = jsonify({"error": "injected fault", "status": how})
         failed.status_code = how
         return failed
