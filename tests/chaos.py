@@ -16,7 +16,8 @@ run:
 - has Locate2u's stop reads fail during enrich: 503s, bursts of 429 with
   ``Retry-After``, and reads slower than the client's timeout;
 - has both sinks fail 20 % of requests with 503, answer bursts of 429 with
-  ``Retry-After``, apply some writes and then answer 503 or drop the connection,
+  ``Retry-After``, apply some writes and then answer 503, drop the connection
+  or answer 200 with a proxy's HTML page,
   and hold some writes past the client's read timeout, applying them after it
   gave up (while the worker retries, or after it was killed).
 
@@ -125,7 +126,7 @@ class Profile:
     l2u_bursts: int = 2             # bursts of 429 on Locate2u stop reads
     l2u_timeouts: int = 2           # stop reads slower than the client's read timeout
     queue_drops: int = 6            # times the work queue lists are deleted
-    applied_then_failed: int = 6    # writes per sink applied then answered 503 or dropped
+    applied_then_failed: int = 6    # writes per sink applied then answered 503, dropped or garbled
     slow_sink_calls: int = 2        # writes per sink held past the read timeout, applied after it
 
 
@@ -485,7 +486,7 @@ class Chaos(threading.Thread):
                   + moments(profile.queue_drops, "drop queues")
                   + moments(profile.l2u_bursts, "locate2u burst") + moments(profile.l2u_timeouts, "locate2u timeout")
                   + moments(profile.applied_then_failed * 2, "applied then failed",
-                            [(sink, how) for sink in sinks for how in (503, "drop")])
+                            [(sink, how) for sink in sinks for how in (503, "drop", "garbled")])
                   + moments(profile.slow_sink_calls * 2, "slow sink call", sinks))
         return sorted(events, key=lambda event: event[0])
 
@@ -905,6 +906,7 @@ def verify(stack, chaos, posts, events):
         "sink_503_injected": sink_faults["503"], "sink_429_injected": sink_faults["429"],
         "sink_applied_then_503": sink_faults["applied then 503"],
         "sink_applied_then_dropped": sink_faults["applied then drop"],
+        "sink_applied_then_garbled": sink_faults["applied then garbled"],
         "sink_writes_applied_after_timeout": sink_faults["slow"],
         "retries": figures["retries"], "sink_writes_applied": figures["sink_applied"],
         "sink_writes_stale": figures["sink_stale"],

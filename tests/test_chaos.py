@@ -38,6 +38,7 @@ def assert_guarantees(report, profile):
     assert figures["locate2u_timeouts_injected"] > 0, report.summary()
     assert figures["sink_503_injected"] > 0 and figures["sink_429_injected"] > 0, report.summary()
     assert figures["sink_applied_then_503"] > 0 and figures["sink_applied_then_dropped"] > 0, report.summary()
+    assert figures["sink_applied_then_garbled"] > 0, report.summary()
     assert figures["sink_writes_applied_after_timeout"] > 0, report.summary()
     assert figures["stops_with_equal_instants"] > 0, report.summary()
     assert figures["retries"] > 0 and figures["stops_newest_cancelled"] > 0, report.summary()
@@ -105,11 +106,14 @@ def test_simulator_faults_apply_then_fail_and_hold_requests():
         faults.fail_after_apply("drop", path_prefix="/locations")
         with pytest.raises(requests.ConnectionError):
             requests.post(f"{server.url}/locations", json=body, headers=headers, timeout=5)
-        assert len(state.locations) == 2  # both writes took effect
+        faults.fail_after_apply("garbled", path_prefix="/locations")
+        garbled = requests.post(f"{server.url}/locations", json=body, headers=headers, timeout=5)
+        assert garbled.status_code == 200 and garbled.text.startswith("<html>")
+        assert len(state.locations) == 3  # every write took effect
         faults.slow(0.5, path_prefix="/locations")
         started = time.monotonic()
         assert requests.get(f"{server.url}/locations", headers=headers, timeout=5).ok
         assert time.monotonic() - started >= 0.5
         assert requests.get(f"{server.url}/locations", headers=headers, timeout=5).ok  # only once
-    assert faults.counts == {"applied then 503": 1, "applied then drop": 1, "slow": 1}
+    assert faults.counts == {"applied then 503": 1, "applied then drop": 1, "applied then garbled": 1, "slow": 1}
     assert faults.in_progress == {}
