@@ -1,10 +1,12 @@
 """The Delivery.com sink against the loopback Delivery.com simulator."""
+import time
+
 import pytest
 
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import Settings
-from workers.resilience.errors import PermanentError, RetriableError
+from workers.resilience.errors import NotYet, PermanentError, RetriableError
 from workers.sinks.deliverycom import DeliverycomSink, normalize_phone, rule_violations
 
 TOKEN = "dc-test-token"
@@ -30,8 +32,6 @@ def sent(sim, method=None):
 
 
 class TestDeliverycomContract(SinkContract):
-    finds_a_create_whose_answer_was_lost = False  # docs/sinks/deliverycom.md, the limit under Reconcile
-
     def make_sink(self, sim, mappings):
         return make_deliverycom(sim, mappings)
 
@@ -192,3 +192,33 @@ def test_retry_after_is_kept(sim, sink):
     with pytest.raises(RetriableError) as caught:
         sink.apply("upsert", sample_location())
     assert caught.value.retry_after == 11
+
+
+def test_create_without_an_answer_is_waited_out_then_found_not_added_twice(sim, sink, mappings):
+    """The create took effect and the connection dropped before its answer. Delivery.com keeps no
+    key of ours, so the retry created the address a second time (the coordinate lookup cannot find
+    it: Delivery.com geocodes the address itself). Now it waits until that create can no longer
+    land, then finds the address by street and ZIP and updates it."""
+    sink.client.timeout = (1, 1.5)  # a create without an answer may land up to 3 s after it was sent
+    sim.app.config["FAULTS"].fail_after_apply("drop", path_prefix="/customer/location")
+    with pytest.raises(RetriableError):
+        sink.apply("upsert", sample_location())
+    with pytest.raises(NotYet) as waiting:
+        sink.apply("upsert", sample_location(name="After the wait"))
+    assert 2.0 < waiting.value.retry_after <= 3.0 and len(sent(sim, "POST")) == 1
+
+    time.sleep(waiting.value.retry_after)
+    location_id = sink.apply("upsert", sample_location(name="After the wait"))
+    assert [location["company"] for location in sim_state(sim).locations.values()] == ["After the wait"]
+    assert mappings.get("l2u-stop-164557") == location_id and len(sent(sim, "POST")) == 1
+
+
+def test_delete_after_a_create_whose_answer_was_lost_deletes_what_it_left(sim, sink, mappings):
+    sim.app.config["FAULTS"].fail_after_apply("garbled", path_prefix="/customer/location")
+    with pytest.raises(RetriableError):
+        sink.apply("upsert", sample_location())
+    assert len(sim_state(sim).locations) == 1 and mappings.get("l2u-stop-164557") is None
+    sink.apply("delete", sample_location(status="Cancelled"))
+    assert sim_state(sim).locations == {}
+    sink.apply("upsert", sample_location(name="Created again"))  # no mark left to look for
+    assert [location["company"] for location in sim_state(sim).locations.values()] == ["Created again"]

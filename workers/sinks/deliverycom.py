@@ -5,7 +5,9 @@ checked against every rule of the create endpoint before anything is sent;
 Delivery.com verifies addresses against USPS, so only US addresses map.
 Delivery.com has no field for our key: the ``location_id`` is kept in the
 mapping store, and before creating we look for the same address already on
-the account (``GET /customer/location?latitude&longitude``).
+the account (``GET /customer/location?latitude&longitude``). A create whose
+answer was lost (``CreateGuard``) is looked for in the account's list by the
+address we sent, so its retry does not add it a second time.
 """
 import json
 import logging
@@ -18,6 +20,7 @@ from workers.resilience.errors import PermanentError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
+from workers.sinks.create_guard import CreateGuard
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,10 @@ class DeliverycomSink(Sink):
     enabled_by = ("DELIVERYCOM_ACCESS_TOKEN",)
     default_route = {"on_status": {"Cancelled": "skip"}}
 
+    def __init__(self, client, mappings, options=None):
+        super().__init__(client, mappings, options)
+        self._guard = CreateGuard(self)
+
     @classmethod
     def from_settings(cls, settings, mappings):
         token = settings.deliverycom_access_token
@@ -102,25 +109,44 @@ class DeliverycomSink(Sink):
         if location_id is None and options["match_existing"]:
             location_id = self._existing(location, body)
         if location_id is None:
-            answer = self.client.answer(self.call("POST", PATH, json=body), "location", needs=("location_id",))
+            answer = self._create(location.key, body)
         else:
             answer = self._update(location.key, location_id, body)
         location_id = str(answer["location_id"])
         self.remember(location.key, location_id, stored(answer))
         return location_id
 
+    def _create(self, key, body):
+        """Create the address, unless an earlier attempt left it (``CreateGuard``): then update that one."""
+        answer, created = self._guard.create(
+            key, lambda: self.client.answer(self.call("POST", PATH, json=body), "location", needs=("location_id",)),
+            lambda _key: self._same_address(body))
+        if not created:
+            log.info("deliverycom: %s was created by an interrupted attempt (%s); updating it", key,
+                     answer["location_id"])
+            answer = self._update(key, str(answer["location_id"]), body)
+        self._guard.done(key)
+        return answer
+
     def delete(self, location, options):
         """Delete the address we mapped for ``location``; one unmapped or already gone is a success."""
         location_id = self.mappings.get(location.key)
+        intent = None if location_id else self._guard.pending(location.key)
+        if intent:
+            body = self.payload(location, {**DEFAULT_OPTIONS, **options})
+            left = self._guard.left_by(location.key, intent, lambda _key: self._same_address(body))
+            location_id = left and str(left["location_id"])
         if location_id is None:
             log.info("deliverycom: no address mapped for %s; nothing to delete", location.key)
-            return None
-        try:
-            self.call("DELETE", f"{PATH}/{location_id}")
-        except PermanentError as error:
-            if "bad_loc_id" not in codes(error.body):
-                raise
-        self.forget(location.key)
+        else:
+            try:
+                self.call("DELETE", f"{PATH}/{location_id}")
+            except PermanentError as error:
+                if "bad_loc_id" not in codes(error.body):
+                    raise
+            self.forget(location.key)
+        if intent:  # only once the address it may have left is gone
+            self._guard.done(location.key)
         return location_id
 
     def reconcile(self, since=None):
@@ -152,6 +178,15 @@ class DeliverycomSink(Sink):
         return "; ".join(f"{message.get('code')}{' (' + message['field'] + ')' if message.get('field') else ''}: "
                          f"{message.get('user_msg')} [{message.get('dev_msg')}]"
                          for message in messages if isinstance(message, dict)) or None
+
+    def _same_address(self, body):
+        """The listed address with ``body``'s street (as Delivery.com stores it: upper-cased) and ZIP,
+        or None: what a create whose answer was lost left on the account (the retry may carry a
+        changed name or phone, so only the address is compared)."""
+        street = " ".join(body["street"].upper().split())
+        listed = self.client.answer(self.call("GET", f"{PATH}/"), "locations")
+        return next((item for item in listed if item.get("zip_code") == body["zip_code"]
+                     and " ".join((item.get("street") or "").upper().split()) == street), None)
 
     def _existing(self, location, body):
         """The ``location_id`` of the same address already on the account (same ZIP and house number), or None."""

@@ -12,21 +12,19 @@ Redis, run ``l2u-relay reconcile storepoint`` before resuming, which remaps
 instead of duplicating (see docs/sinks/storepoint.md).
 """
 import logging
-import time
 
 from marshmallow import fields
 
-from workers.resilience.errors import BadAnswer, ConfigError, NotYet, PermanentError, RelayError
+from workers.resilience.errors import ConfigError, PermanentError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
-from workers.store.stores import MappingStore
+from workers.sinks.create_guard import CreateGuard
 
 log = logging.getLogger(__name__)
 
 MARKER = "l2u:"
 BASE_TAG = "locate2u"
-ANSWERED = "0"  # the intent of a create Storepoint answered with a 5xx: nothing of it is in flight
 PAGE_LIMIT = 500  # the documented maximum of GET /locations
 OWNED_FIELDS = ("name", "address", "description", "tags", "contact.phone", "contact.email", "coordinates.lat",
                 "coordinates.lng")
@@ -77,6 +75,7 @@ class StorepointSink(Sink):
     def __init__(self, client, mappings, options=None):
         super().__init__(client, mappings, options)
         self._custom_field_ids = None  # fetched on first use
+        self._guard = CreateGuard(self)
 
     @classmethod
     def from_settings(cls, settings, mappings):
@@ -106,26 +105,13 @@ class StorepointSink(Sink):
         return self._create(location.key, body, before)
 
     def _create(self, key, body, before):
-        """Create, guarded by an intent mark (set when no earlier create left one); when an earlier
-        attempt left a location (see ``_interrupted_create``), update that one instead."""
-        intents = self._intents()
-        earlier = intents.set_unless_held(key, repr(time.time()))
-        found = earlier and self._interrupted_create(key, earlier)
-        if found:
-            log.info("storepoint: %s was created by an interrupted attempt (%s); updating it", key, found)
-            self.call("POST", f"locations/{found}", json=body)
-            self._remember_created(key, found, flatten(body), before)
-            return found
-        if earlier:  # it left nothing: this create is the one in flight now
-            intents.set(key, repr(time.time()))
-        try:
-            remote_id = self.client.answer(self.call("POST", "locations", json=body), "location", "id")
-        except RelayError as exc:
-            if exc.status is not None and exc.status < 500:  # refused: nothing was created
-                intents.delete(key)
-            elif exc.status is not None or isinstance(exc, BadAnswer):  # answered: applied or not; look at once
-                intents.set(key, ANSWERED)
-            raise
+        """Create, unless an earlier attempt left a location (``CreateGuard``): then update that one."""
+        remote_id, created = self._guard.create(
+            key, lambda: self.client.answer(self.call("POST", "locations", json=body), "location", "id"),
+            self._find_created)
+        if not created:
+            log.info("storepoint: %s was created by an interrupted attempt (%s); updating it", key, remote_id)
+            self.call("POST", f"locations/{remote_id}", json=body)
         self._remember_created(key, remote_id, flatten(body), before)
         return remote_id
 
@@ -133,39 +119,24 @@ class StorepointSink(Sink):
         """``remember`` a created location and drop its create's intent mark, in one round trip."""
         with self.mappings.redis.pipeline(transaction=False) as pipe:
             self.remember(key, remote_id, written, before, pipe)
-            pipe.hdel(self._intents().key, key)
+            self._guard.done(key, pipe)
             pipe.execute()
 
     def delete(self, location, options):
         """Delete the mapped location, or the one an interrupted create left; none is a success."""
         remote_id = self.mappings.get(location.key)
-        intent = None if remote_id else self._intents().get(location.key)
+        intent = None if remote_id else self._guard.pending(location.key)
         if intent:
-            remote_id = self._interrupted_create(location.key, intent)
+            remote_id = self._guard.left_by(location.key, intent, self._find_created)
         if remote_id:
             self.call("POST", f"locations/{remote_id}/delete", accept=(404,))
             self.forget(location.key)
         if intent:  # only once the location it may have left is gone
-            self._intents().delete(location.key)
+            self._guard.done(location.key)
         return None
 
-    def _intents(self):
-        return MappingStore(self.mappings.redis, f"{self.name}:intent")
-
-    def _interrupted_create(self, key, sent_at):
-        """The ``loc_`` id an earlier create for ``key`` (its intent mark: ``sent_at``) left without
-        our mapping, or None.
-
-        An attempt that got no answer (a killed worker, a timeout, a dropped connection) may still
-        land, so this raises ``NotYet`` until the client's ``settle_seconds`` after it was sent; one
-        answered 5xx (Storepoint may have applied it and failed after) is searched for at once, by
-        the key tag in the full listing."""
-        if not sent_at:
-            return None
-        settles_in = float(sent_at) + self.settle_seconds - time.time()
-        if settles_in > 0:
-            raise NotYet(f"storepoint: an earlier create for {key} may still land; looking for it "
-                         f"in {settles_in:.0f}s", retry_after=settles_in)
+    def _find_created(self, key):
+        """The ``loc_`` id of the location tagged with ``key`` in the full listing, or None."""
         return next((item["id"] for item in self._listing() if key_of(item) == key), None)
 
     def reconcile(self, since=None):
