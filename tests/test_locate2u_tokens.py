@@ -11,6 +11,7 @@ from workers.locate2u.client import Locate2uClient
 from workers.locate2u.linking import link_account
 from workers.locate2u.tokens import (LOCK_KEY, REAUTH_HINT, TOKENS_KEY, OAuthStates, ReauthorizationRequired,
                                      TokenStore, pkce_pair)
+from workers.resilience.errors import BadAnswer
 
 
 @pytest.fixture
@@ -74,6 +75,19 @@ def test_expired_token_is_renewed(sim, cc_settings, redis_client):
     time.sleep(1.05)
     assert client.whoami()["userId"] == 12345
     assert client.tokens.access_token() != first and grants(sim) == ["client_credentials"] * 2
+
+
+def test_a_token_answer_that_is_not_the_apis_is_retriable_and_keeps_no_body(sim, cc_settings, redis_client):
+    """A proxy answered the token request 200 with its own page: a PermanentError, so the delivery
+    whose stop read needed the token was dead-lettered at once. Now it is retried; the error keeps
+    no body (a token answer may hold tokens)."""
+    sim.app.config["FAULTS"].fail_after_apply("garbled", path_prefix="/connect/token")
+    client = Locate2uClient.from_settings(cc_settings, redis_client)
+    with pytest.raises(BadAnswer) as caught:
+        client.get_stop(1)
+    assert "has no access_token" in caught.value.message and caught.value.body is None
+    assert client.whoami()["userId"] == 12345  # the next request gets a token
+    assert grants(sim) == ["client_credentials"] * 2
 
 
 def test_renewed_ahead_of_expiry_without_waiting_for_a_busy_lock(sim, cc_settings, redis_client):

@@ -28,7 +28,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from redis.exceptions import LockError
 
 from workers.config import ConfigError, is_fernet_key
-from workers.resilience.errors import PermanentError, RetriableError
+from workers.resilience.errors import BadAnswer, PermanentError, RetriableError
 from workers.resilience.http import HttpClient
 from workers.metrics import WorkerMetrics
 from workers.store import keys
@@ -290,9 +290,9 @@ class IdentityServer:
             body = response.json()
         except ValueError:
             body = None
-        if not isinstance(body, dict) or not body.get("access_token"):
-            raise PermanentError(f"the token response of {http.url('/connect/token')} has no access_token",
-                                 status=response.status_code, method="POST", url=http.url("/connect/token"))
+        if not isinstance(body, dict) or not body.get("access_token"):  # the body stays out: it may hold tokens
+            raise BadAnswer(f"the token response of {http.url('/connect/token')} has no access_token",
+                            method="POST", url=http.url("/connect/token"))
         return body
 
 

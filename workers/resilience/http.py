@@ -118,12 +118,12 @@ class HttpClient:
         try:
             for step in path:
                 value = value[step]
-            missing = [key for key in needs if key not in value]
         except (LookupError, TypeError):
-            missing = [None]
+            raise self._bad_answer(response, f"without {'.'.join(map(str, path))}") from None
+        missing = [key for key in needs if not isinstance(value, dict) or key not in value]
         if missing:
-            read = ".".join(map(str, path)) or "its object"
-            raise self._bad_answer(response, f"without {read}" + (f" ({', '.join(needs)})" if needs else ""))
+            raise self._bad_answer(response, "without " + ", ".join(".".join(map(str, (*path, key)))
+                                                                  for key in missing))
         return value
 
     def _bad_answer(self, response, what):
