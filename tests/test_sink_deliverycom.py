@@ -222,3 +222,22 @@ def test_delete_after_a_create_whose_answer_was_lost_deletes_what_it_left(sim, s
     assert sim_state(sim).locations == {}
     sink.apply("upsert", sample_location(name="Created again"))  # no mark left to look for
     assert [location["company"] for location in sim_state(sim).locations.values()] == ["Created again"]
+
+
+def test_a_worker_killed_before_the_mapping_was_saved_leaves_the_mark_for_the_retry(sim, sink, mappings,
+                                                                                   monkeypatch):
+    """Killed (SIGKILL) right after Delivery.com created the address, before the mapping was saved."""
+    def killed(*_args, **_kwargs):
+        raise SystemExit("SIGKILL")
+
+    sink.client.timeout = (1, 1.5)
+    with monkeypatch.context() as patch:
+        patch.setattr(sink, "remember", killed)
+        with pytest.raises(SystemExit):
+            sink.apply("upsert", sample_location())
+    with pytest.raises(NotYet) as waiting:  # it cannot tell the create from one still in flight
+        sink.apply("upsert", sample_location())
+    time.sleep(waiting.value.retry_after)
+    location_id = sink.apply("upsert", sample_location(name="Redelivered"))
+    assert [location["company"] for location in sim_state(sim).locations.values()] == ["Redelivered"]
+    assert mappings.get("l2u-stop-164557") == location_id

@@ -130,9 +130,10 @@ def resume_fan_out(rt, event, entry, grace=0.0):
     A fan-out stalls when the worker dies between marking the sinks pending and
     queueing the last deliver job (the redelivered ``process_delivery`` finds it
     "routed"), or when the broker loses a message. A sink whose deliver message is
-    still queued is left to it, and so is a fan-out whose worker still renews its lease
-    (it is alive, in a slow write: ``LedgerEntry.fan_out_live``). Deliver is idempotent, so queueing one that was
-    merely slow costs a redundant write, never a wrong one.
+    still queued is left to it, and so is a fan-out whose worker still renews its
+    lease (it is alive, in a slow write: ``LedgerEntry.fan_out_live``). Deliver is
+    idempotent, so queueing one that was merely slow costs a redundant write, never
+    a wrong one.
     """
     if entry.fan_out_live(rt.settings.sweep_after):  # its worker is alive and still writing
         return entry.status.value

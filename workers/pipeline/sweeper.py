@@ -79,8 +79,9 @@ def _requeue_if_lost(rt, entry, queues):
 
 def _resume_if_stalled(rt, entry, queues, base):
     """``process_delivery`` again for a routed delivery a sink made no progress on, unless that
-    sink's deliver message is queued or the fan-out's worker still renews its lease. Each resume of one fan-out doubles the patience for the next
-    (a deliver held by a slow live worker is not lost)."""
+    sink's deliver message is queued or the fan-out's worker still renews its lease. Each resume
+    of one fan-out doubles the patience for the next (a deliver held by a slow live worker is not
+    lost)."""
     if not entry.open_sinks():
         rt.ledger.close_open(entry.delivery_id)
         return 0

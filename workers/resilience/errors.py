@@ -1,12 +1,14 @@
 """One exception root for everything that goes wrong talking to another system.
 
 ``RetriableError``: trying again later may succeed (429, 5xx, timeouts, lost
-connections, a 2xx whose body is not the API's answer); the pipeline retries it on its schedule. ``PermanentError``:
-trying again will not help (other 4xx, data a sink cannot accept); it goes to
-the dead-letter store at once. ``NotYet``: the write waits without spending an
-attempt (the sink's own reason, not the remote's health). Both keep the request and the answer that
-caused them, so a dead letter explains itself. Configuration problems are ``ConfigError``
-(also importable from ``workers.config``), outside this hierarchy, so nothing swallows them.
+connections, a 2xx whose body is not the API's answer); the pipeline retries it
+on its schedule. ``PermanentError``: trying again will not help (other 4xx,
+data a sink cannot accept); it goes to the dead-letter store at once.
+``NotYet``: the write waits without spending an attempt (the sink's own reason,
+not the remote's health). Both keep the request and the answer that caused
+them, so a dead letter explains itself. Configuration problems are
+``ConfigError`` (also importable from ``workers.config``), outside this
+hierarchy, so nothing swallows them.
 """
 BODY_LIMIT = 2000
 

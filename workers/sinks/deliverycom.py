@@ -108,12 +108,12 @@ class DeliverycomSink(Sink):
         location_id = self.mappings.get(location.key)
         if location_id is None and options["match_existing"]:
             location_id = self._existing(location, body)
-        if location_id is None:
-            answer = self._create(location.key, body)
-        else:
-            answer = self._update(location.key, location_id, body)
+        creating = location_id is None
+        answer = self._create(location.key, body) if creating else self._update(location.key, location_id, body)
         location_id = str(answer["location_id"])
         self.remember(location.key, location_id, stored(answer))
+        if creating:  # only once the mapping is saved: a worker killed before it leaves the mark to the retry
+            self._guard.done(location.key)
         return location_id
 
     def _create(self, key, body):
@@ -125,7 +125,6 @@ class DeliverycomSink(Sink):
             log.info("deliverycom: %s was created by an interrupted attempt (%s); updating it", key,
                      answer["location_id"])
             answer = self._update(key, str(answer["location_id"]), body)
-        self._guard.done(key)
         return answer
 
     def delete(self, location, options):

@@ -6,8 +6,8 @@ state object. This module gives them:
 - ``FaultPlan``: fault injection (a number of forced answers such as 503 or
   429 with ``Retry-After``, a failure rate, added latency, single slow
   requests, and requests that are applied and then answered 503, answered 200
-  with a proxy's HTML page or have their connection dropped), applied around the simulator's own routes and also
-  settable over HTTP at ``/_sim/faults``; it counts what it injected by kind
+  with a proxy's HTML page or have their connection dropped), applied around
+  the simulator's own routes and also settable over HTTP at ``/_sim/faults``; it counts what it injected by kind
   and knows which client ports have a request in progress;
 - ``SimulatorServer``: serve an app on a free loopback port in a thread;
 - ``run_main()``: run one simulator as a standalone process.
