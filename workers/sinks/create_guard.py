@@ -21,7 +21,11 @@ class CreateGuard:
 
     def __init__(self, sink):
         self.sink = sink
-        self.intents = MappingStore(sink.mappings.redis, f"{sink.name}:intent")
+
+    @property
+    def intents(self):
+        """Read from the sink's mapping store's Redis when used (a sink may be built without one)."""
+        return MappingStore(self.sink.mappings.redis, f"{self.sink.name}:intent")
 
     def create(self, key, send, find):
         """``(what send() returned, True)``, or ``(what find(key) returned, False)`` when an earlier
