@@ -38,14 +38,14 @@ def stack(settings, sims, start_stack, tmp_path):
     # Each failed call counts towards the breaker, the 3 s recovery probes too: with the default
     # threshold of 5, a loaded machine's slower pace let probes open it before the first two
     # deliveries' second attempt. 10 keeps that order; the later deliveries still open it.
-    # The sweeper's patience (the suite's 1 s) and the visibility timeout (10 s) are far shorter than a
-    # fan-out held by B2B's hang (30 s), on purpose: its worker renews its lease, so neither resumes the
+    # The sweeper's patience (5 s) and the visibility timeout (10 s) are far shorter than a fan-out held
+    # by B2B's hang (30 s), on purpose: its worker renews its lease (every 5/3 s), so neither resumes the
     # write still in flight. A resumed copy, sent into the hang just before it ends, or built from a
     # re-read stop and so another write to the settling key, waited another 30 s (seen on a loaded machine).
     routes = tmp_path / "routes.yaml"
     routes.write_text("storepoint:\n  breaker: {threshold: 10, cooldown: 30}\n")
     return start_stack(sims_settings(settings, sims, b2b_business_partner_id="BP-1", b2b_country_id="AU",
-                                     retry_schedule=SVIX_RETRY_SCHEDULE, visibility_timeout=10,
+                                     retry_schedule=SVIX_RETRY_SCHEDULE, sweep_after=5, visibility_timeout=10,
                                      routes_file=str(routes)))
 
 
