@@ -151,9 +151,8 @@ class DeliverycomSink(Sink):
     def reconcile(self, since=None):
         """Compare the account's addresses with our mappings (no marker there: unmapped ones are unknown)."""
         keys = {location_id: key for key, location_id in self.mappings.all().items()}
-        listed = self.client.answer(self.call("GET", f"{PATH}/"), "locations")
         return self.compare_listing((keys.get(str(item["location_id"])), str(item["location_id"]), stored(item))
-                                    for item in listed)
+                                    for item in self._account_addresses())
 
     def payload(self, location, options):
         """The create/update body for ``location``; PermanentError naming each field that cannot be sent."""
@@ -183,9 +182,12 @@ class DeliverycomSink(Sink):
         or None: what a create whose answer was lost left on the account (the retry may carry a
         changed name or phone, so only the address is compared)."""
         street = " ".join(body["street"].upper().split())
-        listed = self.client.answer(self.call("GET", f"{PATH}/"), "locations")
-        return next((item for item in listed if item.get("zip_code") == body["zip_code"]
+        return next((item for item in self._account_addresses() if item.get("zip_code") == body["zip_code"]
                      and " ".join((item.get("street") or "").upper().split()) == street), None)
+
+    def _account_addresses(self):
+        """Every address on the account (``GET /customer/location/``)."""
+        return self.client.answer(self.call("GET", f"{PATH}/"), "locations")
 
     def _existing(self, location, body):
         """The ``location_id`` of the same address already on the account (same ZIP and house number), or None."""
