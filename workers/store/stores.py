@@ -482,22 +482,23 @@ class Ledger:
         waits for the next call.
         """
         now = time.time() if now is None else now
-        ids = self.redis.zrangebyscore(self.FINAL, "-inf", now - grace, start=0, num=limit)
-        if not ids:
+        settled_at = self.redis.zrangebyscore(self.FINAL, "-inf", now - grace, start=0, num=limit, withscores=True)
+        if not settled_at:
             return 0
         with self.redis.pipeline(transaction=False) as pipe:
-            for delivery_id in ids:
+            for delivery_id, _ in settled_at:
                 pipe.hgetall(self.key(delivery_id))
                 pipe.lrange(keys.trace(delivery_id), 0, -1)
             replies = pipe.execute()
-        bucket = int(now // SETTLED_BUCKET_SECONDS) * SETTLED_BUCKET_SECONDS
-        expire_at = bucket + SETTLED_BUCKET_SECONDS + self.history_seconds
         settled = [entry.get("status") in self.COMPACTED for entry in replies[::2]]
         with self.redis.pipeline(transaction=False) as pipe:
-            for delivery_id, entry, lines, compacting in zip(ids, replies[::2], replies[1::2], settled):
+            for (delivery_id, at), entry, lines, compacting in zip(settled_at, replies[::2], replies[1::2], settled):
                 if not compacting:  # expired, or reopened since
                     pipe.zrem(self.FINAL, delivery_id)
                     continue
+                # the bucket of when it settled: never one later than the clock that lists the buckets
+                bucket = int(at // SETTLED_BUCKET_SECONDS) * SETTLED_BUCKET_SECONDS
+                expire_at = bucket + SETTLED_BUCKET_SECONDS + self.history_seconds
                 script_keys = [self.key(delivery_id), keys.trace(delivery_id), f"{self.SETTLED}{bucket}",
                                self.ALL, self.FINAL, self.OPEN, self.RECEIVED]
                 self._compact(keys=script_keys, args=[delivery_id, _pack(entry, lines), len(entry), len(lines), expire_at,
