@@ -13,7 +13,7 @@ from tests.fixtures import KEY, STOP_ID, accept, fan_out_job, sim_state
 from tests.payloads import status_change
 from workers import tasks
 from workers.config import Settings
-from workers.pipeline import deliver
+from workers.pipeline import deliver, sweeper
 from workers import sinks
 
 LOCK_KEY = f"l2u:lock:storepoint:{KEY}"
@@ -57,10 +57,9 @@ def test_a_sink_call_slower_than_the_lock_keeps_the_lock(driver, sink_server, mo
     assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == repr(1651039200.0)  # 06:00 UTC
 
 
-def test_a_write_whose_lock_lapsed_cannot_leave_the_sink_regressed(driver, sink_server):
-    """Item 2: the lock lapsed anyway (a frozen worker, Redis gone for longer than the lock). The
-    unconditional HSET stored whichever version finished last, the older write landed last in the
-    sink, and the lapsed lock's release raised a Redis error that re-queued a write already done."""
+def _older_write_landed_last(driver, sink_server):
+    """The newer write's lock lapses while it is sent (latency 4 s), and an older write sent 1 s
+    later lands after it; ``(newer, older)``, each with its outcome checked."""
     sink_server.app.config["FAULTS"].latency(4)
     newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
     older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
@@ -74,11 +73,46 @@ def test_a_write_whose_lock_lapsed_cannot_leave_the_sink_regressed(driver, sink_
     assert newer_outcome["result"] == "applied"  # not an outage: the write is not sent twice by redelivery
     assert older_outcome == "stale"  # superseded while it was being written
     sink_server.app.config["FAULTS"].latency(0)
+    assert sim_state(sink_server).records[KEY]["status"] == "Arrived"  # until the newest is sent again
+    return newer, older
+
+
+def test_a_write_whose_lock_lapsed_cannot_leave_the_sink_regressed(driver, sink_server):
+    """Item 2: the lock lapsed anyway (a frozen worker, Redis gone for longer than the lock). The
+    unconditional HSET stored whichever version finished last, the older write landed last in the
+    sink, and the lapsed lock's release raised a Redis error that re-queued a write already done."""
+    newer, older = _older_write_landed_last(driver, sink_server)
     driver.run()  # the newest write is asserted again
     assert sim_state(sink_server).records[KEY]["status"] == "Complete"
     assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == repr(1651039200.0)
     assert driver.rt.ledger.get(newer)["status"] == "applied"
     assert driver.rt.ledger.get(older)["status"] == "stale"
+
+
+def test_the_newest_write_sent_again_is_sent_once_more_when_the_broker_lost_it(driver, sink_server):
+    """The newest write was sent again as a bare message; a broker that lost it (a deleted queue, a
+    Redis failover) left the older write last in the sink for good, since its delivery had settled."""
+    newer, _older = _older_write_landed_last(driver, sink_server)
+    assert driver.sent and all(args[0] == newer for _name, args in driver.sent)
+    driver.sent.clear()  # the broker loses them
+    assert sweeper.sweep(driver.rt) == 0  # not yet: the message may still be on its way
+    time.sleep(driver.rt.settings.sweep_after + 0.1)
+    sweeper.sweep(driver.rt)
+    driver.run()
+    assert sim_state(sink_server).records[KEY]["status"] == "Complete"
+    sweeper.sweep(driver.rt)  # confirmed by the write's record: nothing is sent again
+    assert driver.sent == []
+    assert [line["what"] for line in driver.rt.ledger.history(newer)].count("reasserted") >= 2
+
+
+def test_a_newest_write_refused_when_sent_again_is_dead_lettered_once_not_sent_forever(driver, sink_server):
+    """Its dead letter is where it is kept: the sweeper does not send it again every sweep."""
+    newer, _older = _older_write_landed_last(driver, sink_server)
+    sink_server.app.config["FAULTS"].inject(400, times=2, body={"error": "address refused"})
+    driver.run()
+    assert driver.rt.dead_letters.get(f"{newer}:storepoint") is not None
+    time.sleep(driver.rt.settings.sweep_after + 0.1)
+    assert sweeper.reassert_again(driver.rt) == 0 and driver.sent == []
 
 
 def test_a_write_that_got_no_answer_is_not_overtaken_while_it_may_still_land(driver, sink_server):

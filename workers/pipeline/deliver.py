@@ -33,7 +33,7 @@ def deliver_to_sink(rt, job, received_at=None):
     fenced version check right before the call, then the version compare-and-set (which frees the
     lock) after it. A write whose lock lapsed during the call (a frozen worker, Redis away longer
     than the lock) may have landed after a newer one, so the newest applied write is sent again
-    (``_reassert``). A write sent without an answer keeps the key locked for the sink's settle time
+    (``reassert``). A write sent without an answer keeps the key locked for the sink's settle time
     (``KeyLock.settle``), as a killed holder's lock does, except for that same write sent again
     (its retry goes out as soon as the sink answers). ``received_at``: the delivery's receipt
     time when the caller has it (the fan-out), else it is read from the ledger.
@@ -67,7 +67,7 @@ def deliver_to_sink(rt, job, received_at=None):
                 return _wait(rt, job, exc.retry_after, exc.message)
             except RelayError as exc:
                 if lock.lost or not lock.renew():  # it may have landed after a newer write
-                    _reassert(rt, job.sink, location.key)
+                    reassert(rt, job.sink, location.key)
                 elif isinstance(exc, NoAnswer):  # it may still land: nothing else goes out before
                     lock.settle(exc.settles_in)
                 if isinstance(exc, PermanentError):
@@ -81,7 +81,7 @@ def deliver_to_sink(rt, job, received_at=None):
     if failing:  # after the lock: a released write for this key need not wait for it
         _recovered(rt, breaker, job.sink)
     if route.ordered and (recorded == "older" or not held):
-        _reassert(rt, job.sink, location.key)
+        reassert(rt, job.sink, location.key)
     if route.ordered and recorded == "older":  # a newer write was applied while this one was sent
         return record(rt, job, "stale", job.attempt + 1, key=location.key)
     return record(rt, job, "applied", job.attempt + 1, kept={"remote_id": remote_id}, received_at=received_at,
@@ -112,12 +112,16 @@ def _received_at(rt, delivery_id):
     return float(received_at or 0)
 
 
-def _reassert(rt, sink_name, key):
+def reassert(rt, sink_name, key):
     """Send the newest applied write for ``key`` again, under a fresh lock: a write whose lock lapsed
-    (or that a newer one overtook) may have landed last, and sink writes are idempotent."""
-    newest = rt.versions(sink_name).newest(key)
+    (or that a newer one overtook) may have landed last, and sink writes are idempotent. The key is
+    marked first; the sweeper sends it once more every ``sweep_after`` until a write lands under
+    its lock (the message may be lost, and the delivery has settled, so nothing else resends it)."""
+    versions = rt.versions(sink_name)
+    newest = versions.newest(key)
     if newest is None:
         return
+    versions.reasserting(key, time.time() + rt.settings.sweep_after)
     DeliverJob(newest["delivery_id"], sink_name, newest["action"], newest["record"]).send(rt)
     rt.ledger.trace(newest["delivery_id"], "reasserted", sink=sink_name, key=key)
     log.warning("a write for %s may have landed out of order; sending the newest again", key)

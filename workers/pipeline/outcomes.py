@@ -48,9 +48,11 @@ def dead_letter(rt, job, attempts, exc, exhausted=False, stage=DELIVER_STAGE, ev
     reason = f"retries exhausted: {exc.message}" if exhausted else exc.message
     kept = kept_for_replay(rt, job.delivery_id)
     kept["event_type"] = event_type or job.event_type or kept.get("event_type")
+    key = (job.record or {}).get("key")
     rt.dead_letters.add(job.delivery_id, job.sink, reason, **kept, stage=stage, action=job.action, record=job.record,
-                        key=(job.record or {}).get("key"), attempts=attempts,
-                        error=exc.to_json() if isinstance(exc, RelayError) else None)
+                        key=key, attempts=attempts, error=exc.to_json() if isinstance(exc, RelayError) else None)
+    if key:
+        rt.versions(job.sink).reassert_dead_lettered(key, job.delivery_id)
     return record(rt, job, "dead_lettered", attempts, kept={"reason": reason}, reason=reason)
 
 

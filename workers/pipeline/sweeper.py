@@ -5,7 +5,8 @@ progress. A pass reads that index oldest first; a delivery without progress for
 ``RELAY_SWEEP_AFTER`` is lost or held by a dead worker unless its last message is still in the
 broker's list behind a backlog (its queue ticket says so without scanning the list); then its
 clock restarts. Received, retrying and processing deliveries whose lease lapsed get
-``process_delivery`` again; routed ones whose sink stalled are resumed.
+``process_delivery`` again; routed ones whose sink stalled are resumed. A key's newest write
+sent again after a lock lapse (``deliver.reassert``) that has not landed is sent once more.
 """
 import contextlib
 import logging
@@ -15,6 +16,7 @@ import redis
 
 from workers.store import housekeeping, keys
 from workers.celery_config import PROCESS_DELIVERY
+from workers.pipeline import deliver
 from workers.store.queue_positions import work_queues
 from workers.store.stores import Status
 
@@ -24,16 +26,30 @@ SWEEP_BUDGET_SECONDS = 10.0  # one sweep stops after this long; the next one goe
 
 
 def sweep(rt, budget=SWEEP_BUDGET_SECONDS):
-    """Housekeeping, then one pass over the open index; return how many deliveries were queued again."""
+    """Housekeeping, then one pass over the open index and the unconfirmed reasserts; return how
+    many deliveries and writes were queued again."""
     housekeeping.run(rt)
     lock = rt.redis.lock(keys.SWEEP_LOCK, timeout=budget * 3, blocking=False)
     if not lock.acquire():
         return 0  # another sweep is still going (a backlog of sweep tasks, or a long one)
     try:
-        return sweep_open(rt, time.monotonic() + budget)
+        return sweep_open(rt, time.monotonic() + budget) + reassert_again(rt)
     finally:
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
+
+
+def reassert_again(rt, now=None):
+    """Send once more each newest write sent again after a lock lapse that has not landed since."""
+    now = time.time() if now is None else now
+    sent = 0
+    for sink in rt.sinks:
+        for key in rt.versions(sink).reasserts_due(now):
+            deliver.reassert(rt, sink, key)
+            sent += 1
+    if sent:
+        log.warning("sweeper sent %d writes again whose earlier resend did not land", sent)
+    return sent
 
 
 def sweep_open(rt, deadline):

@@ -86,6 +86,8 @@ def prune_locations(client, sinks, max_age, now=None, count=LOCATION_SCAN):
         with client.pipeline(transaction=False) as pipe:
             for name in location_hashes(sink) if old else ():
                 pipe.hdel(name, *old)
+            if old:
+                pipe.zrem(keys.versions(sink, "reassert"), *old)
             pipe.set(cursor_key, cursor)
             pipe.execute()
         forgotten += len(old)

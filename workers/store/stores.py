@@ -754,7 +754,7 @@ return {'ok', left}
 
 # After the write: store it only if newer (ARGV[6]: the write as JSON); say whether the lock was
 # still ours, and free it if so (or leave it settling, ARGV[8], for the ARGV[7] ms left of a
-# settle time it was taken over with).
+# settle time it was taken over with), then drop the key's reassert mark (KEYS[4]).
 _RECORD_WRITE = _ORDER + """
 local verdict = 'newer'
 if current then
@@ -767,6 +767,8 @@ if verdict == 'newer' then
 end
 if held then
   if tonumber(ARGV[7]) > 0 then redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[7]) else redis.call('DEL', KEYS[3]) end
+  -- the newest write (or a newer one) landed last under its lock: nothing is out of order any more
+  if verdict ~= 'older' then redis.call('ZREM', KEYS[4], ARGV[1]) end
 end
 return {verdict, held and 1 or 0}
 """
@@ -777,18 +779,21 @@ class VersionStore:
 
     ``key`` (a hash) keeps its ``actionDate`` as epoch seconds; ``writes_key`` keeps its receipt
     time, delivery id, action and record, for the tie-break and to send it again when a write
-    whose lock lapsed may have landed after it.
+    whose lock lapsed may have landed after it. ``reasserts_key`` (a sorted set) holds the keys
+    whose newest write was sent again and has not landed since, scored by when to send it once
+    more (the message may be lost).
     """
 
     def __init__(self, client, sink):
         self.redis = client
         self.key = keys.versions(sink)
         self.writes_key = self.key + ":writes"
+        self.reasserts_key = self.key + ":reassert"
         self._begin = client.register_script(_BEGIN_WRITE)
         self._record = client.register_script(_RECORD_WRITE)
 
     def _call(self, script, key, order, lock, *extra):
-        return script(keys=[self.key, self.writes_key, lock.name],
+        return script(keys=[self.key, self.writes_key, lock.name, self.reasserts_key],
                       args=[key, repr(order.instant), repr(order.received_at), order.delivery_id, lock.token, *extra])
 
     def begin(self, key, order, lock):
@@ -814,6 +819,22 @@ class VersionStore:
         """The newest write applied for ``key`` (delivery_id, received_at, action, record), or None."""
         raw = self.redis.hget(self.writes_key, key)
         return json.loads(raw) if raw else None
+
+    def reasserting(self, key, again_at):
+        """``key``'s newest write is being sent again: send it once more at ``again_at`` (epoch)
+        unless a write recorded under its lock (``record``) or its dead letter drops the mark."""
+        self.redis.zadd(self.reasserts_key, {key: again_at})
+
+    def reasserts_due(self, now):
+        """Keys whose newest write was sent again and has not landed by ``now``."""
+        return self.redis.zrangebyscore(self.reasserts_key, "-inf", now)
+
+    def reassert_dead_lettered(self, key, delivery_id):
+        """``delivery_id``'s write for ``key`` was dead-lettered: if it is the newest, stop sending it
+        again (the dead letter is where it is kept now)."""
+        newest = self.newest(key)
+        if newest and newest["delivery_id"] == delivery_id:
+            self.redis.zrem(self.reasserts_key, key)
 
 
 def _instant(version):
