@@ -7,7 +7,7 @@ from workers.ops.simulators.b2b import documented_fault
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.resilience.errors import NotFound, PermanentError, RetriableError
+from workers.resilience.errors import BadAnswer, NotFound, PermanentError, RetriableError
 from workers.sinks.b2b import B2BSink
 
 TOKEN, USER, PASSWORD = "b2b-static-token", "b2b-user", "b2b-pass"
@@ -216,6 +216,16 @@ def test_reconcile_rebuilds_and_reports_drift(sim, sink, mappings, redis_client)
     assert report.missing_remote == ["l2u-stop-3"]
     assert report.unknown_remote == [theirs] and report.scanned == 3
     assert mappings.get("l2u-stop-1") == ids[1]
+
+
+def test_a_listing_page_that_is_not_the_apis_is_retriable_and_changes_nothing(sim, sink, mappings):
+    """docs/sinks/b2b.md: a listing's 2xx without ``data`` (a proxy's page) is a ``BadAnswer``."""
+    location_id = sink.apply("upsert", sample_location(stop_id=1))
+    sim.app.config["FAULTS"].fail_after_apply("garbled", path_prefix="/Location/updatedFrom", methods=("GET",))
+    with pytest.raises(BadAnswer):
+        sink.reconcile()
+    assert mappings.get("l2u-stop-1") == location_id
+    assert sink.reconcile().scanned == 1  # the next run reads it whole
 
 
 def test_reconcile_since_pages_through_recent_changes_only(sim, sink, mappings):

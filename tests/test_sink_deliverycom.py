@@ -194,21 +194,22 @@ def test_retry_after_is_kept(sim, sink):
     assert caught.value.retry_after == 11
 
 
-def test_create_without_an_answer_is_waited_out_then_found_not_added_twice(sim, sink, mappings):
+@pytest.mark.parametrize("options", [{}, {"match_existing": False}], ids=["default", "match_existing_false"])
+def test_create_without_an_answer_is_waited_out_then_found_not_added_twice(sim, sink, mappings, options):
     """The create took effect and the connection dropped before its answer. Delivery.com keeps no
     key of ours, so the retry created the address a second time (the coordinate lookup cannot find
     it: Delivery.com geocodes the address itself). Now it waits until that create can no longer
-    land, then finds the address by street and ZIP and updates it."""
+    land, then finds the address by street and ZIP and updates it, also with ``match_existing`` off."""
     sink.client.timeout = (1, 1.5)  # a create without an answer may land up to 3 s after it was sent
     sim.app.config["FAULTS"].fail_after_apply("drop", path_prefix="/customer/location")
     with pytest.raises(RetriableError):
-        sink.apply("upsert", sample_location())
+        sink.apply("upsert", sample_location(), options)
     with pytest.raises(NotYet) as waiting:
-        sink.apply("upsert", sample_location(name="After the wait"))
+        sink.apply("upsert", sample_location(name="After the wait"), options)
     assert 2.0 < waiting.value.retry_after <= 3.0 and len(sent(sim, "POST")) == 1
 
     time.sleep(waiting.value.retry_after)
-    location_id = sink.apply("upsert", sample_location(name="After the wait"))
+    location_id = sink.apply("upsert", sample_location(name="After the wait"), options)
     assert [location["company"] for location in sim_state(sim).locations.values()] == ["After the wait"]
     assert mappings.get("l2u-stop-164557") == location_id and len(sent(sim, "POST")) == 1
 
