@@ -8,6 +8,7 @@ from tests.sink_contract import SinkContract, sample_location
 from workers.config import Settings
 from workers.resilience.errors import NotYet, PermanentError, RetriableError
 from workers.sinks.deliverycom import DeliverycomSink, normalize_phone, rule_violations
+from workers.store.stores import MappingStore
 
 TOKEN = "dc-test-token"
 
@@ -223,6 +224,22 @@ def test_delete_after_a_create_whose_answer_was_lost_deletes_what_it_left(sim, s
     assert sim_state(sim).locations == {}
     sink.apply("upsert", sample_location(name="Created again"))  # no mark left to look for
     assert [location["company"] for location in sim_state(sim).locations.values()] == ["Created again"]
+
+
+def test_what_a_lost_create_left_is_taken_before_an_address_the_customer_added_meanwhile(sim, sink, mappings):
+    """The coordinate lookup came first and adopted the customer's address: ours stayed on the
+    account unmapped, and the lost create's mark was never dropped."""
+    sim.app.config["FAULTS"].fail_after_apply("garbled", path_prefix="/customer/location")
+    with pytest.raises(RetriableError):
+        sink.apply("upsert", sample_location())
+    [ours] = sim_state(sim).locations
+    customers = sim_state(sim).add({"street": "235 PARK AVE S", "city": "NEW YORK", "state": "NY",
+                                    "zip_code": "10003", "phone": "5555555555", "latitude": 40.73771,
+                                    "longitude": -73.987949})
+    assert sink.apply("upsert", sample_location(name="Retried")) == ours == mappings.get("l2u-stop-164557")
+    assert sim_state(sim).locations[ours]["company"] == "Retried"
+    assert sim_state(sim).locations[customers["location_id"]]["company"] is None  # theirs untouched
+    assert MappingStore(mappings.redis, "deliverycom:intent").get("l2u-stop-164557") is None
 
 
 def test_a_worker_killed_before_the_mapping_was_saved_leaves_the_mark_for_the_retry(sim, sink, mappings,

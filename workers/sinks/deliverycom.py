@@ -106,7 +106,8 @@ class DeliverycomSink(Sink):
         options = {**DEFAULT_OPTIONS, **options}
         body = self.payload(location, options)
         location_id = self.mappings.get(location.key)
-        if location_id is None and options["match_existing"]:
+        # what an earlier create of ours left comes before an address already there (``_create``)
+        if location_id is None and options["match_existing"] and not self._guard.pending(location.key):
             location_id = self._existing(location, body)
         creating = location_id is None
         answer = self._create(location.key, body) if creating else self._update(location.key, location_id, body)
