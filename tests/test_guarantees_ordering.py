@@ -89,15 +89,26 @@ def test_a_write_whose_lock_lapsed_cannot_leave_the_sink_regressed(driver, sink_
     assert driver.rt.ledger.get(older)["status"] == "stale"
 
 
-def test_the_newest_write_sent_again_is_sent_once_more_when_the_broker_lost_it(driver, sink_server):
+def test_the_newest_write_sent_again_is_sent_once_more_when_the_broker_lost_it(driver, sink_server, monkeypatch):
     """The newest write was sent again as a bare message; a broker that lost it (a deleted queue, a
-    Redis failover) left the older write last in the sink for good, since its delivery had settled."""
+    Redis failover) left the older write last in the sink for good, since its delivery had settled.
+    While its message merely waits behind a backlog, it is not sent twice."""
+    def pushed_too(name, args):  # as a Redis broker would: onto the list, counted (queue_positions)
+        captured(name, args)
+        driver.rt.redis.rpush(deliver.DELIVER_LIST, "message")
+        driver.rt.redis.incr(f"l2u:queued:{deliver.DELIVER_LIST}")
+
+    captured = driver.send_task
+    monkeypatch.setattr(driver.rt.scheduler, "send_task", pushed_too)
     newer, _older = _older_write_landed_last(driver, sink_server)
     assert driver.sent and all(args[0] == newer for _name, args in driver.sent)
-    driver.sent.clear()  # the broker loses them
+    driver.sent.clear()  # not run yet: their messages wait in the list
     assert sweeper.sweep(driver.rt) == 0  # not yet: the message may still be on its way
     time.sleep(driver.rt.settings.sweep_after + 0.1)
-    sweeper.sweep(driver.rt)
+    assert sweeper.sweep(driver.rt) == 0 and driver.sent == []  # queued behind a backlog: not sent twice
+    driver.rt.redis.delete(deliver.DELIVER_LIST)  # the broker loses them
+    time.sleep(driver.rt.settings.sweep_after + 0.1)
+    assert sweeper.sweep(driver.rt) == 1
     driver.run()
     assert sim_state(sink_server).records[KEY]["status"] == "Complete"
     sweeper.sweep(driver.rt)  # confirmed by the write's record: nothing is sent again

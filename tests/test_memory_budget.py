@@ -199,6 +199,7 @@ def test_locations_not_written_for_the_location_days_are_forgotten(redis_client)
         for name in housekeeping.location_hashes("storepoint")[:-1]:
             redis_client.hset(name, key, "x")
         redis_client.zadd("l2u:version:storepoint:reassert", {key: now})
+        redis_client.hset("l2u:version:storepoint:reassert:queued", key, "l2u-broker:deliver:1")
     redis_client.hset("l2u:version:b2b:writes", "old", json.dumps({"received_at": now - 31 * DAY}))
 
     assert housekeeping.prune_locations(redis_client, ["storepoint"], 30 * DAY, now) == 1
@@ -206,6 +207,7 @@ def test_locations_not_written_for_the_location_days_are_forgotten(redis_client)
     for name in housekeeping.location_hashes("storepoint"):
         assert redis_client.hkeys(name) == ["recent"]
     assert redis_client.zrange("l2u:version:storepoint:reassert", 0, -1) == ["recent"]
+    assert redis_client.hkeys("l2u:version:storepoint:reassert:queued") == ["recent"]
     assert redis_client.hkeys("l2u:version:b2b:writes") == ["old"]  # only the sinks asked for
 
 

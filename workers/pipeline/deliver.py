@@ -16,6 +16,7 @@ from workers.resilience.controls import KeyLock, retry_delay
 from workers.store.stores import WriteOrder
 
 log = logging.getLogger(__name__)
+DELIVER_LIST = keys.queue_list(keys.DELIVER_QUEUE)
 LOCK_RENEW_SECONDS = 10  # how often a key lock is renewed while its holder's sink call runs
 BUSY_RETRY_SECONDS = 1.0
 
@@ -116,13 +117,17 @@ def reassert(rt, sink_name, key):
     """Send the newest applied write for ``key`` again, under a fresh lock: a write whose lock lapsed
     (or that a newer one overtook) may have landed last, and sink writes are idempotent. The key is
     marked first; the sweeper sends it once more every ``sweep_after`` until a write lands under
-    its lock (the message may be lost, and the delivery has settled, so nothing else resends it)."""
+    its lock (the message may be lost, and the delivery has settled, so nothing else resends it),
+    unless its queue ticket says it still waits behind a backlog."""
     versions = rt.versions(sink_name)
     newest = versions.newest(key)
     if newest is None:
         return
     versions.reasserting(key, time.time() + rt.settings.sweep_after)
     DeliverJob(newest["delivery_id"], sink_name, newest["action"], newest["record"]).send(rt)
+    pushed = rt.redis.get(keys.queued_counter(DELIVER_LIST))  # None unless the broker is this Redis
+    if pushed is not None:  # at least this message's ticket: the sweeper tells queued from lost
+        versions.reassert_queued(key, f"{DELIVER_LIST}:{pushed}")
     rt.ledger.trace(newest["delivery_id"], "reasserted", sink=sink_name, key=key)
     log.warning("a write for %s may have landed out of order; sending the newest again", key)
 

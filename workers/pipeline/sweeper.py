@@ -40,11 +40,16 @@ def sweep(rt, budget=SWEEP_BUDGET_SECONDS):
 
 
 def reassert_again(rt, now=None):
-    """Send once more each newest write sent again after a lock lapse that has not landed since."""
+    """Send once more each newest write sent again after a lock lapse that has not landed since,
+    unless its message still waits in the broker's list (its clock then restarts)."""
     now = time.time() if now is None else now
-    sent = 0
+    queues, sent = work_queues(rt), 0
     for sink in rt.sinks:
-        for key in rt.versions(sink).reasserts_due(now):
+        versions = rt.versions(sink)
+        for key, ticket in versions.reasserts_due(now).items():
+            if queues.waiting(ticket):
+                versions.reasserting(key, now + rt.settings.sweep_after)
+                continue
             deliver.reassert(rt, sink, key)
             sent += 1
     if sent:

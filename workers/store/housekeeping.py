@@ -88,6 +88,7 @@ def prune_locations(client, sinks, max_age, now=None, count=LOCATION_SCAN):
                 pipe.hdel(name, *old)
             if old:
                 pipe.zrem(keys.versions(sink, "reassert"), *old)
+                pipe.hdel(keys.versions(sink, "reassert:queued"), *old)
             pipe.set(cursor_key, cursor)
             pipe.execute()
         forgotten += len(old)

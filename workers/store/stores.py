@@ -754,7 +754,7 @@ return {'ok', left}
 
 # After the write: store it only if newer (ARGV[6]: the write as JSON); say whether the lock was
 # still ours, and free it if so (or leave it settling, ARGV[8], for the ARGV[7] ms left of a
-# settle time it was taken over with), then drop the key's reassert mark (KEYS[4]).
+# settle time it was taken over with), then drop the key's reassert mark and its queue ticket (KEYS[4], KEYS[5]).
 _RECORD_WRITE = _ORDER + """
 local verdict = 'newer'
 if current then
@@ -768,7 +768,10 @@ end
 if held then
   if tonumber(ARGV[7]) > 0 then redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[7]) else redis.call('DEL', KEYS[3]) end
   -- the newest write (or a newer one) landed last under its lock: nothing is out of order any more
-  if verdict ~= 'older' then redis.call('ZREM', KEYS[4], ARGV[1]) end
+  if verdict ~= 'older' then
+    redis.call('ZREM', KEYS[4], ARGV[1])
+    redis.call('HDEL', KEYS[5], ARGV[1])
+  end
 end
 return {verdict, held and 1 or 0}
 """
@@ -789,11 +792,12 @@ class VersionStore:
         self.key = keys.versions(sink)
         self.writes_key = self.key + ":writes"
         self.reasserts_key = self.key + ":reassert"
+        self.reassert_tickets_key = self.reasserts_key + ":queued"  # key -> the resend's queue ticket
         self._begin = client.register_script(_BEGIN_WRITE)
         self._record = client.register_script(_RECORD_WRITE)
 
     def _call(self, script, key, order, lock, *extra):
-        return script(keys=[self.key, self.writes_key, lock.name, self.reasserts_key],
+        return script(keys=[self.key, self.writes_key, lock.name, self.reasserts_key, self.reassert_tickets_key],
                       args=[key, repr(order.instant), repr(order.received_at), order.delivery_id, lock.token, *extra])
 
     def begin(self, key, order, lock):
@@ -825,16 +829,24 @@ class VersionStore:
         unless a write recorded under its lock (``record``) or its dead letter drops the mark."""
         self.redis.zadd(self.reasserts_key, {key: again_at})
 
+    def reassert_queued(self, key, ticket):
+        """Keep the queue ticket (``workers.store.queue_positions``) of ``key``'s resend."""
+        self.redis.hset(self.reassert_tickets_key, key, ticket)
+
     def reasserts_due(self, now):
-        """Keys whose newest write was sent again and has not landed by ``now``."""
-        return self.redis.zrangebyscore(self.reasserts_key, "-inf", now)
+        """``{key: its resend's queue ticket or None}`` of the resends that have not landed by ``now``."""
+        due = self.redis.zrangebyscore(self.reasserts_key, "-inf", now)
+        return dict(zip(due, self.redis.hmget(self.reassert_tickets_key, due))) if due else {}
 
     def reassert_dead_lettered(self, key, delivery_id):
         """``delivery_id``'s write for ``key`` was dead-lettered: if it is the newest, stop sending it
         again (the dead letter is where it is kept now)."""
         newest = self.newest(key)
         if newest and newest["delivery_id"] == delivery_id:
-            self.redis.zrem(self.reasserts_key, key)
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(self.reasserts_key, key)
+                pipe.hdel(self.reassert_tickets_key, key)
+                pipe.execute()
 
 
 def _instant(version):
