@@ -90,6 +90,7 @@ SWEEP_AFTER = 15  # also the processing lease: shorter than a Locate2u read that
 SLOW_SINK_SECONDS = DEFAULT_TIMEOUT[1] + 5  # a sink write applied after the client gave up on it
 LOCATE2U_TIMEOUT_SECONDS = API_TIMEOUT[1] + 2  # a stop read the client gives up on
 KILL_HOLD_SECONDS = 8  # a sink write held so that a kill "in a sink call" finds its worker
+DROP_WAIT_SECONDS = 10  # a queue drop waits this long at most for a message to lose
 STOPS_PATH = "/v1/Stops"
 SINK_WRITE_PATHS = {"storepoint": "/locations", "b2b": "/Location/"}
 # A dead letter is acceptable only for a reason the chaos explains; this run's data and schedule leave none.
@@ -453,8 +454,9 @@ class Chaos(threading.Thread):
         self.kills_in_sink_call = 0
         self.redis_restarts = 0
         self.redis_window = None     # (down at, up at), epoch seconds
-        self.dropped = []            # (epoch seconds, [delivery ids whose message was in a deleted list])
+        self.dropped = []            # (epoch seconds, [unsettled delivery ids whose message was in a deleted list])
         self.dropped_messages = 0
+        self.dropped_of_settled = 0  # deleted messages' deliveries already settled (an extra copy): nothing to move
         self.bursts = collections.Counter()
         self.errors = []
         self.crashes = []   # last output of each worker that exited without being killed
@@ -538,15 +540,24 @@ class Chaos(threading.Thread):
         self.redis_restarts += 1
 
     def _drop_queues(self, _):
-        """Delete both work queue lists at once: every message in them is lost."""
-        with self.stack.client().pipeline() as pipe:
+        """Delete both work queue lists at once: every message in them is lost. Waits (up to
+        ``DROP_WAIT_SECONDS``) for a message to be there, so a drop early in the run loses something."""
+        client, deadline = self.stack.client(), time.monotonic() + DROP_WAIT_SECONDS
+        while not (client.llen(INGEST_QUEUE) or client.llen(DELIVER_QUEUE)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with client.pipeline() as pipe:
             for queue in (INGEST_QUEUE, DELIVER_QUEUE):
                 pipe.lrange(queue, 0, -1)
             pipe.delete(INGEST_QUEUE, DELIVER_QUEUE)
             *lists, _deleted = pipe.execute()
+        at = time.time()
         messages = [raw for queue in lists for raw in queue]
         self.dropped_messages += len(messages)
-        self.dropped.append((time.time(), sorted({delivery_of(raw) for raw in messages} - {None})))
+        ids = sorted({delivery_of(raw) for raw in messages} - {None})
+        entries = Ledger(self.stack.client()).get_many(ids)
+        unsettled = [one for one in ids if entries.get(one, {}).get("status") not in FINAL_STATES]
+        self.dropped_of_settled += len(ids) - len(unsettled)
+        self.dropped.append((at, unsettled))
 
     def _locate2u_burst(self, _):
         self.stack.sims["locate2u"].app.config["FAULTS"].inject(
@@ -899,7 +910,9 @@ def verify(stack, chaos, posts, events):
         "worker_crashes_restarted": len(chaos.crashes), "fan_outs_resumed": figures["fan_outs_resumed"],
         "max_tasks_queued": chaos.max_queued,
         "queue_deletions": len(chaos.dropped), "messages_deleted": chaos.dropped_messages,
-        "deliveries_hit_by_deletions": recovered, "longest_recovery_after_deletion_s": recovery_seconds,
+        "deliveries_hit_by_deletions": recovered + chaos.dropped_of_settled,
+        "longest_recovery_after_deletion_s": recovery_seconds,
+        "settled_deliveries_hit_by_deletions": chaos.dropped_of_settled,
         "stops_with_equal_instants": ties,
         "locate2u_503_injected": l2u_faults["503"], "locate2u_429_injected": l2u_faults["429"],
         "locate2u_timeouts_injected": l2u_faults["slow"],
