@@ -554,7 +554,7 @@ class Chaos(threading.Thread):
         messages = [raw for queue in lists for raw in queue]
         self.dropped_messages += len(messages)
         ids = sorted({delivery_of(raw) for raw in messages} - {None})
-        entries = Ledger(self.stack.client()).get_many(ids)
+        entries = Ledger(client).get_many(ids)
         unsettled = [one for one in ids if entries.get(one, {}).get("status") not in FINAL_STATES]
         self.dropped_of_settled += len(ids) - len(unsettled)
         self.dropped.append((at, unsettled))
