@@ -14,6 +14,7 @@ from tests.payloads import status_change
 from workers import tasks
 from workers.config import Settings
 from workers.pipeline import deliver, sweeper
+from workers.store.stores import VersionStore
 from workers import sinks
 
 LOCK_KEY = f"l2u:lock:storepoint:{KEY}"
@@ -124,6 +125,80 @@ def test_a_newest_write_refused_when_sent_again_is_dead_lettered_once_not_sent_f
     assert driver.rt.dead_letters.get(f"{newer}:storepoint") is not None
     time.sleep(driver.rt.settings.sweep_after + 0.1)
     assert sweeper.reassert_again(driver.rt) == 0 and driver.sent == []
+
+
+def test_a_writer_that_vanished_after_its_lock_lapsed_has_the_newest_write_sent_again(
+        driver, sink_server, monkeypatch):
+    """A worker froze until its key lock lapsed, a newer write was applied meanwhile, then its own
+    older request landed and the worker was killed before its compare-and-set. Nothing noticed:
+    its delivery's retry was stale and sent nothing, so the sink kept the older write for good."""
+    monkeypatch.setattr(deliver, "lock_seconds", lambda sink: (2.0, 1.0))  # a writer mark due 3 s on
+    monkeypatch.setattr(VersionStore, "record", _killed_before_the_compare_and_set(VersionStore.record))
+    faults = sink_server.app.config["FAULTS"]
+    faults.slow(3, path_prefix="/records")  # the older write reaches the sink, applied 3 s later
+    older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
+    older_args, newer_args = fan_out_job(driver, older), fan_out_job(driver, newer)
+    thread, _outcome = _in_thread(lambda: _killed(lambda: tasks.deliver.run(*older_args)))
+    _wait_until(lambda: faults.in_progress, "the older write never reached the sink")
+    driver.rt.redis.delete(LOCK_KEY)  # its lock lapses while the worker is frozen
+    assert tasks.deliver.run(*newer_args) == "applied"
+    thread.join(30)
+    assert sim_state(sink_server).records[KEY]["status"] == "Arrived"  # the older write landed last
+    _wait_until(lambda: _swept(driver) and sim_state(sink_server).records[KEY]["status"] == "Complete",
+                "the sink kept the older write", timeout=10)
+    assert driver.rt.ledger.get(older)["status"] == "stale"  # its retry: a newer write is applied
+    assert "reasserted" in [line["what"] for line in driver.rt.ledger.history(newer)]
+    assert driver.rt.redis.zcard(driver.rt.versions("storepoint").writers_key) == 0
+
+
+def _killed(work):
+    with pytest.raises(SystemExit):
+        work()
+
+
+def _killed_before_the_compare_and_set(record):
+    """``VersionStore.record`` where the older write's worker is killed first (its ``finally`` still
+    runs, as a killed process's does not; the lapsed lock's release changes nothing)."""
+    def record_unless_killed(versions, key, order, *args):
+        if order.received_at and order.instant < 1651039200.0:  # before 06:00 UTC: the older write
+            raise SystemExit("killed")
+        return record(versions, key, order, *args)
+    return record_unless_killed
+
+
+def _swept(driver):
+    """One sweep, and every task it sent run; True."""
+    sweeper.sweep(driver.rt)
+    driver.run()
+    return True
+
+
+def _wait_until(condition, failure, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.1)
+
+
+def test_no_writer_mark_outlives_a_write_that_let_go_of_its_lock(driver, sink_server):
+    """Applied, stale, refused or unanswered: the writer let go under its lock, so the sweeper has
+    nothing to send again for it."""
+    marks = driver.rt.versions("storepoint").writers_key
+    older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
+    newest = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T07:00:00+00:00"))
+    older_args, newer_args, newest_args = (fan_out_job(driver, delivery) for delivery in (older, newer, newest))
+    assert tasks.deliver.run(*newer_args) == "applied"
+    assert tasks.deliver.run(*older_args) == "stale"
+    sink_server.app.config["FAULTS"].inject(503, path_prefix="/records")
+    assert tasks.deliver.run(*newest_args) == "retrying"
+    assert driver.rt.redis.zcard(marks) == 0
+    driver.rt.sinks["storepoint"].client.timeout = (1, 0.5)
+    sink_server.app.config["FAULTS"].slow(0.7, path_prefix="/records")
+    assert tasks.deliver.run(*newest_args[:4], 1, *newest_args[5:]) == "retrying"  # no answer: settling
+    assert driver.rt.redis.get(LOCK_KEY).startswith("settling:")
+    assert driver.rt.redis.zcard(marks) == 0
 
 
 def test_a_write_that_got_no_answer_is_not_overtaken_while_it_may_still_land(driver, sink_server):

@@ -43,8 +43,9 @@ def deliver_to_sink(rt, job, received_at=None):
     if sink is None:
         return dead_letter(rt, job, job.attempt + 1, PermanentError(f"sink {job.sink} is not configured any more"))
     location = Location.from_json(job.record)
-    lock = KeyLock(rt.redis, keys.key_lock(job.sink, location.key), *lock_seconds(sink), writer=_writer(job))
     versions = rt.versions(job.sink)
+    lock = KeyLock(rt.redis, keys.key_lock(job.sink, location.key), *lock_seconds(sink), writer=_writer(job),
+                   marks=versions.writers_key, key=location.key)
     received_at = _received_at(rt, job.delivery_id) if received_at is None else received_at
     order = WriteOrder.of(location.version, received_at, job.delivery_id)
     try:

@@ -41,7 +41,9 @@ def sweep(rt, budget=SWEEP_BUDGET_SECONDS):
 
 def reassert_again(rt, now=None):
     """Send once more each newest write sent again after a lock lapse that has not landed since,
-    unless its message still waits in the broker's list (its clock then restarts)."""
+    unless its message still waits in the broker's list (its clock then restarts); and send the
+    newest write of each key whose writer vanished (its lock lapsed ``sweep_after`` ago and it never
+    let go: it may have died after its request left, which may have landed after a newer write)."""
     now = time.time() if now is None else now
     queues, sent = work_queues(rt), 0
     for sink in rt.sinks:
@@ -52,8 +54,12 @@ def reassert_again(rt, now=None):
                 continue
             deliver.reassert(rt, sink, key)
             sent += 1
+        for mark, key in versions.writers_vanished(now - rt.settings.sweep_after).items():
+            deliver.reassert(rt, sink, key)  # marked first, so forgetting the writer loses nothing
+            versions.forget_writer(mark)
+            sent += 1
     if sent:
-        log.warning("sweeper sent %d writes again whose earlier resend did not land", sent)
+        log.warning("sweeper sent %d writes again whose earlier resend did not land or whose writer vanished", sent)
     return sent
 
 

@@ -331,14 +331,17 @@ return 1
 """
 
 # The holder's last write went out without an answer: keep the key fenced until it cannot land.
+# Either way the holder let go itself, so its writer mark (KEYS[2], member ARGV[4]) goes too.
 _SETTLE_LOCK = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[4])
 return 1
 """
 
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[2])
 return redis.call('DEL', KEYS[1])
 """
 
@@ -358,16 +361,22 @@ class KeyLock:
     identity: that very write may take the key again and go out once more (it cannot reorder
     anything), any other waits. A holder that took the key so leaves it settling, for what is
     left of that time, when it lets go (``settles_until``).
+
+    ``marks`` (a sorted set) holds the lock's writer mark, ``mark`` ("<token>:<location key>"),
+    while it is taken (``VersionStore.begin`` adds it): letting go under the lock (``release``,
+    ``settle``, the version record) drops it, so a mark left once the lock lapsed is a holder that
+    vanished, perhaps after its request left (see ``sweeper.reassert_again``).
     """
 
     SETTLING = "settling"  # the value of a lock kept by ``settle``: "settling:<writer>"
 
-    def __init__(self, client, name, seconds, renew_every, writer):
+    def __init__(self, client, name, seconds, renew_every, writer, marks, key):
         self.redis = client
         self.name = name
         self.millis = int(seconds * 1000)
         self.renew_every = renew_every
         self.token = uuid.uuid4().hex
+        self.marks, self.mark = marks, f"{self.token}:{key}"
         self.settling = f"{self.SETTLING}:{writer}"
         self.settles_until = None  # epoch seconds: taken over from this write's own settle time
         self.lost = False
@@ -398,15 +407,15 @@ class KeyLock:
         self.released = True
         left = self.settle_millis_left()
         if left:
-            return bool(self._settle(keys=[self.name], args=[self.token, left, self.settling]))
-        return bool(self._release(keys=[self.name], args=[self.token]))
+            return bool(self._settle(keys=[self.name, self.marks], args=[self.token, left, self.settling, self.mark]))
+        return bool(self._release(keys=[self.name, self.marks], args=[self.token, self.mark]))
 
     def settle(self, seconds):
         """Keep the key locked ``seconds`` more (at least what was left of a settle time it was taken
         over with) with no holder (``release`` then leaves it): a write sent without an answer may
         still land, and no other write may go out before it can't."""
         millis = max(int(seconds * 1000), self.settle_millis_left())
-        return bool(self._settle(keys=[self.name], args=[self.token, millis, self.settling]))
+        return bool(self._settle(keys=[self.name, self.marks], args=[self.token, millis, self.settling, self.mark]))
 
     def busy_for(self):
         """Seconds until a lock kept by ``settle`` lapses; None when a live holder has it (or nobody)."""

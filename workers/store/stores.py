@@ -738,8 +738,9 @@ local held = redis.call('GET', KEYS[3]) == ARGV[5]
 
 # Before the write, in one step: take the lock (ARGV[6]: its length in ms), also when it is this
 # very write's own settle time (ARGV[7]: its settling value; it went out before without an
-# answer), then is the write not older than the newest applied? Returns the verdict and the ms
-# of settle time the lock was taken over with.
+# answer), and mark its writer (KEYS[6], member "<token>:<key>", scored ARGV[8]: when the lock
+# would lapse), then is the write not older than the newest applied? Returns the verdict and the
+# ms of settle time the lock was taken over with.
 _BEGIN_WRITE = """
 local left = 0
 if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[6]) then
@@ -747,6 +748,7 @@ if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[6]) then
   left = redis.call('PTTL', KEYS[3])
   redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 end
+redis.call('ZADD', KEYS[6], ARGV[8], ARGV[5] .. ':' .. ARGV[1])
 """ + _ORDER + """
 if current and compare(mine, current) < 0 then return {'stale', left} end
 return {'ok', left}
@@ -754,7 +756,8 @@ return {'ok', left}
 
 # After the write: store it only if newer (ARGV[6]: the write as JSON); say whether the lock was
 # still ours, and free it if so (or leave it settling, ARGV[8], for the ARGV[7] ms left of a
-# settle time it was taken over with), then drop the key's reassert mark and its queue ticket (KEYS[4], KEYS[5]).
+# settle time it was taken over with) with its writer mark (KEYS[6]), then drop the key's reassert
+# mark and its queue ticket (KEYS[4], KEYS[5]).
 _RECORD_WRITE = _ORDER + """
 local verdict = 'newer'
 if current then
@@ -767,6 +770,7 @@ if verdict == 'newer' then
 end
 if held then
   if tonumber(ARGV[7]) > 0 then redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[7]) else redis.call('DEL', KEYS[3]) end
+  redis.call('ZREM', KEYS[6], ARGV[5] .. ':' .. ARGV[1])
   -- the newest write (or a newer one) landed last under its lock: nothing is out of order any more
   if verdict ~= 'older' then
     redis.call('ZREM', KEYS[4], ARGV[1])
@@ -784,7 +788,9 @@ class VersionStore:
     time, delivery id, action and record, for the tie-break and to send it again when a write
     whose lock lapsed may have landed after it. ``reasserts_key`` (a sorted set) holds the keys
     whose newest write was sent again and has not landed since, scored by when to send it once
-    more (the message may be lost).
+    more (the message may be lost). ``writers_key`` (a sorted set) holds the writer mark of each
+    key lock taken (``KeyLock``), scored by when that lock would lapse; one left after it lapsed
+    is a writer that vanished (``writers_vanished``).
     """
 
     def __init__(self, client, sink):
@@ -793,18 +799,21 @@ class VersionStore:
         self.writes_key = self.key + ":writes"
         self.reasserts_key = self.key + ":reassert"
         self.reassert_tickets_key = self.reasserts_key + ":queued"  # key -> the resend's queue ticket
+        self.writers_key = self.key + ":writing"
         self._begin = client.register_script(_BEGIN_WRITE)
         self._record = client.register_script(_RECORD_WRITE)
 
     def _call(self, script, key, order, lock, *extra):
-        return script(keys=[self.key, self.writes_key, lock.name, self.reasserts_key, self.reassert_tickets_key],
-                      args=[key, repr(order.instant), repr(order.received_at), order.delivery_id, lock.token, *extra])
+        return script(keys=[self.key, self.writes_key, lock.name, self.reasserts_key, self.reassert_tickets_key,
+                            lock.marks], args=[key, repr(order.instant), repr(order.received_at), order.delivery_id,
+                                               lock.token, *extra])
 
     def begin(self, key, order, lock):
         """Right before a write, in one step: take ``lock`` (also from this write's own settle time,
         see ``KeyLock``), then "busy" when another holder has it, "stale" (the lock taken) when a
         newer write is already applied, else "ok" (the lock taken)."""
-        verdict, settle_millis = self._call(self._begin, key, order, lock, lock.millis, lock.settling)
+        verdict, settle_millis = self._call(self._begin, key, order, lock, lock.millis, lock.settling,
+                                            repr(time.time() + lock.millis / 1000))
         lock.released = verdict == "busy"  # another holder's: nothing for this one to release
         lock.took_over(settle_millis)
         return verdict
@@ -837,6 +846,15 @@ class VersionStore:
         """``{key: its resend's queue ticket or None}`` of the resends that have not landed by ``now``."""
         due = self.redis.zrangebyscore(self.reasserts_key, "-inf", now)
         return dict(zip(due, self.redis.hmget(self.reassert_tickets_key, due))) if due else {}
+
+    def writers_vanished(self, lapsed_by):
+        """``{writer mark: location key}`` of the key locks that lapsed by ``lapsed_by`` (epoch) and
+        whose holder never let go under them: it died, or froze and may still send its write."""
+        return {mark: mark.partition(":")[2] for mark in self.redis.zrangebyscore(self.writers_key, "-inf", lapsed_by)}
+
+    def forget_writer(self, mark):
+        """The vanished writer ``mark`` was dealt with (its key's newest write sent again)."""
+        self.redis.zrem(self.writers_key, mark)
 
     def reassert_dead_lettered(self, key, delivery_id):
         """``delivery_id``'s write for ``key`` was dead-lettered: if it is the newest, stop sending it
