@@ -144,33 +144,6 @@ def test_deactivating_what_is_not_there_creates_it_inactive(sim, sink, mappings)
     assert len(sim_state(sim).locations) == 1
 
 
-def test_upsert_many_creates_in_one_call(sim, sink, mappings):
-    locations = [sample_location(stop_id=n) for n in (1, 2, 3)]
-    results = sink.upsert_many(locations)
-    assert requests(sim, "POST") == [("POST", "/Location/create")]
-    assert results == {loc.key: record(sim, loc.key)["id"] for loc in locations} == mappings.all()
-
-
-def test_upsert_many_falls_back_per_location(sim, sink):
-    sink.apply("upsert", sample_location(stop_id=1))
-    sim_state(sim).add("l2u-stop-2", countryId="US")  # exists, unmapped: 409 for the batch
-    locations = [sample_location(stop_id=n, name=f"Stop {n}") for n in (1, 2, 3)]
-    locations.append(sample_location(stop_id=4, address="no city here"))
-    results = sink.upsert_many(locations)
-    assert all(isinstance(results[f"l2u-stop-{n}"], str) for n in (1, 2, 3))
-    assert [record(sim, f"l2u-stop-{n}")["name"] for n in (1, 2, 3)] == ["Stop 1", "Stop 2", "Stop 3"]
-    assert isinstance(results["l2u-stop-4"], PermanentError)
-    assert "Parameter city is required" in results["l2u-stop-4"].message
-    assert record(sim, "l2u-stop-4") is None
-
-
-def test_upsert_many_raises_a_retriable_batch_error(sim, sink):
-    documented_fault(sim.app.config["FAULTS"], 429, retry_after=3)
-    with pytest.raises(RetriableError) as caught:
-        sink.upsert_many([sample_location(stop_id=1), sample_location(stop_id=2)])
-    assert caught.value.retry_after == 3
-
-
 def test_delete_refused_for_the_business_partner_deactivates(sim, sink, mappings):
     sink.apply("upsert", sample_location())
     sink.apply("delete", sample_location())

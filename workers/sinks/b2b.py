@@ -2,8 +2,7 @@
 
 Our key is the location's ``idRemote``, which update and delete accept as
 the id, so no lookup is ever needed; the mapping store keeps key → B2B id to
-choose update before create and for reconcile. Creates take an array, so
-``upsert_many`` sends several in one call. A location tied to a business
+choose update before create and for reconcile. A location tied to a business
 partner cannot be deleted: ``delete`` then deactivates it.
 """
 import logging
@@ -134,29 +133,6 @@ class B2BSink(Sink):
             raise self.client.error_for(response, f"creating {key} answered 409 Duplicate entry, "
                                                   "yet no location has that idRemote to update")
         return remote_id
-
-    def upsert_many(self, locations, options=None):
-        """Upsert ``locations``, creating the unmapped ones in one call; return ``{key: B2B id or RelayError}``.
-
-        The create call is all-or-nothing: when it answers 400 or 409 every location is upserted
-        on its own, so only the culprit fails. A retriable error of the batch call is raised.
-        """
-        options = {**self.options, **(options or {})}
-        new = {location.key: self.fields(location, options)
-               for location in locations if not self.mappings.get(location.key)}
-        created = {}
-        if len(new) > 1:
-            items = [create_item(key, fields, options) for key, fields in new.items()]
-            response = self.call("POST", "Location/create", accept=(400, 409), json=items)
-            if response.ok:
-                created = {key: self._remember(key, fields, response) for key, fields in new.items()}
-        results = {}
-        for location in locations:
-            try:
-                results[location.key] = created.get(location.key) or self.upsert(location, options)
-            except RelayError as error:
-                results[location.key] = error
-        return results
 
     def deactivate(self, location, options):
         """Upsert with ``active: false``: a location that is not there is created inactive.
