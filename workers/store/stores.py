@@ -738,8 +738,8 @@ local held = redis.call('GET', KEYS[3]) == ARGV[5]
 
 # Before the write, in one step: take the lock (ARGV[6]: its length in ms), also when it is this
 # very write's own settle time (ARGV[7]: its settling value; it went out before without an
-# answer), and mark its writer (KEYS[6], member "<token>:<key>", scored ARGV[8]: when the lock
-# would lapse), then is the write not older than the newest applied? Returns the verdict and the
+# answer), and mark its writer (KEYS[6], member ARGV[9]: the lock's mark, scored ARGV[8]: when
+# the lock would lapse), then is the write not older than the newest applied? Returns the verdict and the
 # ms of settle time the lock was taken over with.
 _BEGIN_WRITE = """
 local left = 0
@@ -748,7 +748,7 @@ if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[6]) then
   left = redis.call('PTTL', KEYS[3])
   redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 end
-redis.call('ZADD', KEYS[6], ARGV[8], ARGV[5] .. ':' .. ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[8], ARGV[9])
 """ + _ORDER + """
 if current and compare(mine, current) < 0 then return {'stale', left} end
 return {'ok', left}
@@ -756,8 +756,8 @@ return {'ok', left}
 
 # After the write: store it only if newer (ARGV[6]: the write as JSON); say whether the lock was
 # still ours, and free it if so (or leave it settling, ARGV[8], for the ARGV[7] ms left of a
-# settle time it was taken over with) with its writer mark (KEYS[6]), then drop the key's reassert
-# mark and its queue ticket (KEYS[4], KEYS[5]).
+# settle time it was taken over with) with its writer mark (KEYS[6], ARGV[9]), then drop the
+# key's reassert mark and its queue ticket (KEYS[4], KEYS[5]).
 _RECORD_WRITE = _ORDER + """
 local verdict = 'newer'
 if current then
@@ -770,7 +770,7 @@ if verdict == 'newer' then
 end
 if held then
   if tonumber(ARGV[7]) > 0 then redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[7]) else redis.call('DEL', KEYS[3]) end
-  redis.call('ZREM', KEYS[6], ARGV[5] .. ':' .. ARGV[1])
+  redis.call('ZREM', KEYS[6], ARGV[9])
   -- the newest write (or a newer one) landed last under its lock: nothing is out of order any more
   if verdict ~= 'older' then
     redis.call('ZREM', KEYS[4], ARGV[1])
@@ -813,7 +813,7 @@ class VersionStore:
         see ``KeyLock``), then "busy" when another holder has it, "stale" (the lock taken) when a
         newer write is already applied, else "ok" (the lock taken)."""
         verdict, settle_millis = self._call(self._begin, key, order, lock, lock.millis, lock.settling,
-                                            repr(time.time() + lock.millis / 1000))
+                                            repr(time.time() + lock.millis / 1000), lock.mark)
         lock.released = verdict == "busy"  # another holder's: nothing for this one to release
         lock.took_over(settle_millis)
         return verdict
@@ -824,7 +824,8 @@ class VersionStore:
         (a newer one was applied meanwhile); held is False when ``lock`` lapsed during the write."""
         write = json.dumps({"delivery_id": order.delivery_id, "received_at": order.received_at, "action": action,
                             "record": record})
-        verdict, held = self._call(self._record, key, order, lock, write, lock.settle_millis_left(), lock.settling)
+        verdict, held = self._call(self._record, key, order, lock, write, lock.settle_millis_left(), lock.settling,
+                                   lock.mark)
         lock.released = True
         return verdict, bool(held)
 
