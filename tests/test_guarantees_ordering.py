@@ -127,6 +127,23 @@ def test_a_newest_write_refused_when_sent_again_is_dead_lettered_once_not_sent_f
     assert sweeper.reassert_again(driver.rt) == 0 and driver.sent == []
 
 
+def test_a_resend_held_while_the_sink_fails_is_not_sent_again_every_sweep(driver, sink_server):
+    """The resend, refused by a failing sink, waited as a held retry (its message consumed), so the
+    sweeper took it for lost and sent one more copy every ``RELAY_SWEEP_AFTER`` of the outage, each
+    its own held retry."""
+    newer, _older = _older_write_landed_last(driver, sink_server)
+    faults = sink_server.app.config["FAULTS"]
+    faults.inject(503, times=1000, path_prefix="/records")  # the sink is down
+    driver.run(release_retries=False)  # the resend: refused, held for the sink's health
+    assert driver.rt.ledger.history(newer)[-1]["what"] == "retry"
+    time.sleep(driver.rt.settings.sweep_after + 0.1)
+    assert sweeper.reassert_again(driver.rt) == 0 and driver.sent == []  # held, not lost
+    faults.clear()
+    driver.run()  # the held retry goes out once the sink answers
+    assert sim_state(sink_server).records[KEY]["status"] == "Complete"
+    assert driver.rt.redis.zcard(driver.rt.versions("storepoint").reasserts_key) == 0
+
+
 def test_a_writer_that_vanished_after_its_lock_lapsed_has_the_newest_write_sent_again(
         driver, sink_server, monkeypatch):
     """A worker froze until its key lock lapsed, a newer write was applied meanwhile, then its own

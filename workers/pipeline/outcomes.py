@@ -21,7 +21,9 @@ def record(rt, job, state, attempts, *, kept=None, received_at=None, **shown):
     """Record ``job``'s outcome ``state`` at its sink, in one Redis round trip: in the ledger (with
     ``kept`` fields; the delivery settles when it was its last open sink) and, except for a wait, as
     a trace line with ``shown`` and in the metrics (applied with its receipt-to-applied latency,
-    from ``received_at``); then in the log. A state that is not final never reopens a sink whose
+    from ``received_at``); then in the log. A write held for later (waiting, retrying: ``kept``
+    says ``next_in``) that is a resend of its key's newest write pushes the key's reassert mark
+    past it, so the sweeper does not take the held resend for lost. A state that is not final never reopens a sink whose
     outcome is (a second copy of a write that landed: its retry still goes out)."""
     shown_as = _SHOWN.get(state)
     with rt.redis.pipeline(transaction=False) as pipe:
@@ -29,6 +31,9 @@ def record(rt, job, state, attempts, *, kept=None, received_at=None, **shown):
                                attempts=attempts, **(kept or {}))
         if shown_as:
             rt.ledger.trace(job.delivery_id, shown_as[0], pipe, sink=job.sink, **shown)
+        if state in ("waiting", "retrying") and job.record:  # held for later: a resend in it is not lost
+            rt.versions(job.sink).reassert_held(job.record["key"], job.delivery_id,
+                                                time.time() + kept["next_in"] + rt.settings.sweep_after, pipe)
         if state == "retrying":
             rt.metrics.incr("l2u_worker_retries", pipe, sink=job.sink)
         elif shown_as:

@@ -780,6 +780,18 @@ end
 return {verdict, held and 1 or 0}
 """
 
+# A write held for later (KEYS[2]: the writes; ARGV[2]: its delivery) that is the resend of the
+# key's newest write: its reassert mark (KEYS[1]) is due only at ARGV[3], and its queue ticket
+# (KEYS[3]) is gone with its message.
+_REASSERT_HELD = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local newest = redis.call('HGET', KEYS[2], ARGV[1])
+if not newest or cjson.decode(newest).delivery_id ~= ARGV[2] then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+
 
 class VersionStore:
     """Per (sink, key): the newest write applied, compared and stored atomically (never regressed).
@@ -842,6 +854,12 @@ class VersionStore:
     def reassert_queued(self, key, ticket):
         """Keep the queue ticket (``workers.store.queue_positions``) of ``key``'s resend."""
         self.redis.hset(self.reassert_tickets_key, key, ticket)
+
+    def reassert_held(self, key, delivery_id, again_at, pipe):
+        """On ``pipe``: ``delivery_id``'s write for ``key`` is held for later; if it is the resend of
+        the newest write, send that once more only at ``again_at`` (epoch), should it not land."""
+        script_keys = [self.reasserts_key, self.writes_key, self.reassert_tickets_key]
+        pipe.eval(_REASSERT_HELD, len(script_keys), *script_keys, key, delivery_id, repr(again_at))
 
     def reasserts_due(self, now):
         """``{key: its resend's queue ticket or None}`` of the resends that have not landed by ``now``."""
