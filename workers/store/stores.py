@@ -780,14 +780,15 @@ end
 return {verdict, held and 1 or 0}
 """
 
-# A write held for later (KEYS[2]: the writes; ARGV[2]: its delivery) that is the resend of the
-# key's newest write: its reassert mark (KEYS[1]) is due only at ARGV[3], and its queue ticket
-# (KEYS[3]) is gone with its message.
-_REASSERT_HELD = """
+# The resend of the key's newest write (KEYS[2]: the writes; ARGV[2]: a delivery) changed course:
+# held for later, its reassert mark (KEYS[1]) is due only at ARGV[3]; dead-lettered (ARGV[3]
+# empty), the mark goes. Either way its queue ticket (KEYS[3]) is gone with its message. Nothing
+# happens for a delivery that is not the newest write's.
+_NEWEST_RESEND = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 local newest = redis.call('HGET', KEYS[2], ARGV[1])
 if not newest or cjson.decode(newest).delivery_id ~= ARGV[2] then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+if ARGV[3] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
 redis.call('HDEL', KEYS[3], ARGV[1])
 return 1
 """
@@ -858,8 +859,12 @@ class VersionStore:
     def reassert_held(self, key, delivery_id, again_at, pipe):
         """On ``pipe``: ``delivery_id``'s write for ``key`` is held for later; if it is the resend of
         the newest write, send that once more only at ``again_at`` (epoch), should it not land."""
+        self._newest_resend(key, delivery_id, repr(again_at), pipe)
+
+    def _newest_resend(self, key, delivery_id, again_at, pipe=None):
         script_keys = [self.reasserts_key, self.writes_key, self.reassert_tickets_key]
-        pipe.eval(_REASSERT_HELD, len(script_keys), *script_keys, key, delivery_id, repr(again_at))
+        with on_pipeline(self.redis, pipe) as queue:  # EVAL: a script object on a pipeline costs a round trip
+            queue.eval(_NEWEST_RESEND, len(script_keys), *script_keys, key, delivery_id, again_at)
 
     def reasserts_due(self, now):
         """``{key: its resend's queue ticket or None}`` of the resends that have not landed by ``now``."""
@@ -878,12 +883,7 @@ class VersionStore:
     def reassert_dead_lettered(self, key, delivery_id):
         """``delivery_id``'s write for ``key`` was dead-lettered: if it is the newest, stop sending it
         again (the dead letter is where it is kept now)."""
-        newest = self.newest(key)
-        if newest and newest["delivery_id"] == delivery_id:
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(self.reasserts_key, key)
-                pipe.hdel(self.reassert_tickets_key, key)
-                pipe.execute()
+        self._newest_resend(key, delivery_id, "")
 
 
 def _instant(version):
