@@ -4,6 +4,9 @@ sink call outlives the per-key lock, and equal ``actionDate``s end in the same s
 Real Redis, the loopback recording sink with its fault plan's latency for slow calls, tasks run in
 process (the Driver of tests/fixtures.py) so the interleaving is chosen by the test.
 """
+import multiprocessing
+import os
+import signal
 import threading
 import time
 
@@ -14,7 +17,6 @@ from tests.payloads import status_change
 from workers import tasks
 from workers.config import Settings
 from workers.pipeline import deliver, sweeper
-from workers.store.stores import VersionStore
 from workers import sinks
 
 LOCK_KEY = f"l2u:lock:storepoint:{KEY}"
@@ -146,22 +148,24 @@ def test_a_resend_held_while_the_sink_fails_is_not_sent_again_every_sweep(driver
 
 def test_a_writer_that_vanished_after_its_lock_lapsed_has_the_newest_write_sent_again(
         driver, sink_server, monkeypatch):
-    """A worker froze until its key lock lapsed, a newer write was applied meanwhile, then its own
-    older request landed and the worker was killed before its compare-and-set. Nothing noticed:
-    its delivery's retry was stale and sent nothing, so the sink kept the older write for good."""
+    """A worker lost its key lock while its older write was on its way (a freeze longer than the
+    lock; here a 2 s lock), a newer write was applied meanwhile, then the older request landed and
+    the worker was killed (SIGKILL) before its compare-and-set. Nothing noticed: its delivery's
+    retry was stale and sent nothing, so the sink kept the older write for good."""
     monkeypatch.setattr(deliver, "lock_seconds", lambda sink: (2.0, 1.0))  # a writer mark due 3 s on
-    monkeypatch.setattr(VersionStore, "record", _killed_before_the_compare_and_set(VersionStore.record))
     faults = sink_server.app.config["FAULTS"]
-    faults.slow(3, path_prefix="/records")  # the older write reaches the sink, applied 3 s later
+    faults.slow(4, path_prefix="/records")  # the older write reaches the sink, applied 4 s later
     older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
     newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
     older_args, newer_args = fan_out_job(driver, older), fan_out_job(driver, newer)
-    thread, _outcome = _in_thread(lambda: _killed(lambda: tasks.deliver.run(*older_args)))
+    worker = _in_worker_process(driver.rt, lambda: tasks.deliver.run(*older_args))
     _wait_until(lambda: faults.in_progress, "the older write never reached the sink")
-    driver.rt.redis.delete(LOCK_KEY)  # its lock lapses while the worker is frozen
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    _wait_until(lambda: not driver.rt.redis.exists(LOCK_KEY), "the killed worker's lock never lapsed")
     assert tasks.deliver.run(*newer_args) == "applied"
-    thread.join(30)
-    assert sim_state(sink_server).records[KEY]["status"] == "Arrived"  # the older write landed last
+    _wait_until(lambda: sim_state(sink_server).records[KEY]["status"] == "Arrived",
+                "the older write never landed")  # last, after the newer one
     _wait_until(lambda: _swept(driver) and sim_state(sink_server).records[KEY]["status"] == "Complete",
                 "the sink kept the older write", timeout=10)
     assert driver.rt.ledger.get(older)["status"] == "stale"  # its retry: a newer write is applied
@@ -169,19 +173,17 @@ def test_a_writer_that_vanished_after_its_lock_lapsed_has_the_newest_write_sent_
     assert driver.rt.redis.zcard(driver.rt.versions("storepoint").writers_key) == 0
 
 
-def _killed(work):
-    with pytest.raises(SystemExit):
+def _in_worker_process(rt, work):
+    """Start ``work`` in a forked process, with connections of its own to the sinks (not the
+    parent's pooled ones), to be killed mid-way."""
+    def run():
+        for sink in rt.sinks.values():
+            sink.client.session.close()
         work()
 
-
-def _killed_before_the_compare_and_set(record):
-    """``VersionStore.record`` where the older write's worker is killed first (its ``finally`` still
-    runs, as a killed process's does not; the lapsed lock's release changes nothing)."""
-    def record_unless_killed(versions, key, order, *args):
-        if order.received_at and order.instant < 1651039200.0:  # before 06:00 UTC: the older write
-            raise SystemExit("killed")
-        return record(versions, key, order, *args)
-    return record_unless_killed
+    process = multiprocessing.get_context("fork").Process(target=run, daemon=True)
+    process.start()
+    return process
 
 
 def _swept(driver):
