@@ -15,6 +15,7 @@ import pytest
 from tests.fixtures import KEY, STOP_ID, accept, fan_out_job, sim_state
 from tests.payloads import status_change
 from workers import tasks
+from workers.celery_config import make_celery
 from workers.config import Settings
 from workers.pipeline import deliver, sweeper
 from workers import sinks
@@ -96,15 +97,15 @@ def test_the_newest_write_sent_again_is_sent_once_more_when_the_broker_lost_it(d
     """The newest write was sent again as a bare message; a broker that lost it (a deleted queue, a
     Redis failover) left the older write last in the sink for good, since its delivery had settled.
     While its message merely waits behind a backlog, it is not sent twice."""
-    def pushed_too(name, args):  # as a Redis broker would: onto the list, counted (queue_positions)
-        captured(name, args)
-        driver.rt.redis.rpush(deliver.DELIVER_LIST, "message")
-        driver.rt.redis.incr(f"l2u:queued:{deliver.DELIVER_LIST}")
+    def published_too(name, args):  # run in process, and published by Celery onto the real Redis list
+        captured(name, args)           # (with its queue ticket) as the worker's broker would hold it
+        publish(name, args=args)
 
-    captured = driver.send_task
-    monkeypatch.setattr(driver.rt.scheduler, "send_task", pushed_too)
+    captured, publish = driver.send_task, make_celery(driver.rt.settings).send_task
+    monkeypatch.setattr(driver.rt.scheduler, "send_task", published_too)
     newer, _older = _older_write_landed_last(driver, sink_server)
     assert driver.sent and all(args[0] == newer for _name, args in driver.sent)
+    assert driver.rt.redis.llen(deliver.DELIVER_LIST) == len(driver.sent)
     driver.sent.clear()  # not run yet: their messages wait in the list
     assert sweeper.sweep(driver.rt) == 0  # not yet: the message may still be on its way
     time.sleep(driver.rt.settings.sweep_after + 0.1)
