@@ -810,9 +810,9 @@ class VersionStore:
         self.redis = client
         self.key = keys.versions(sink)
         self.writes_key = self.key + ":writes"
-        self.reasserts_key = self.key + ":reassert"
-        self.reassert_tickets_key = self.reasserts_key + ":queued"  # key -> the resend's queue ticket
-        self.writers_key = self.key + ":writing"
+        self.reasserts_key = keys.versions(sink, "reassert")  # housekeeping prunes these two with the key
+        self.reassert_tickets_key = keys.versions(sink, "reassert:queued")  # key -> the resend's queue ticket
+        self.writers_key = keys.versions(sink, "writing")
         self._begin = client.register_script(_BEGIN_WRITE)
         self._record = client.register_script(_RECORD_WRITE)
 
