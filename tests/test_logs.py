@@ -2,6 +2,8 @@ import io
 import json
 import logging
 
+import pytest
+
 from workers.logs import RedactingFilter, bound_context, json_handler
 
 
@@ -43,3 +45,23 @@ def test_secrets_tokens_and_credentials_are_redacted_even_in_tracebacks():
 
 def test_ordinary_fields_are_left_alone():
     assert RedactingFilter().scrub('{"code": "bad_loc"} status code: 404') == '{"code": "bad_loc"} status code: 404'
+
+
+@pytest.mark.parametrize("line, leaked", [
+    ("GET /webhooks/locate2u/stop.assigned/SeCrEt-T0k3n HTTP/1.1", "SeCrEt-T0k3n"),
+    ("AUTHORIZATION: opaque-cr3dential", "opaque-cr3dential"),
+    ("header BEARER b3arer-tok", "b3arer-tok"),
+    ("header BaSiC dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+    ("https://x/callback?LINK=l1nk-value", "l1nk-value"),
+    ("https://x/callback?x=1&State=st4te-value", "st4te-value"),
+    ("https://x/callback?CODE=c0de-value", "c0de-value"),
+    ("form ...&Code_Verifier=v3rifier-value", "v3rifier-value"),
+    ("REFRESH_TOKEN = 'r3fresh-value'", "r3fresh-value"),
+    ("{'Client_Secret': 'cl1ent-value'}", "cl1ent-value"),
+    ("Password=pa55word-value", "pa55word-value"),
+    ("Jürgen's header Bearer n0n-ascii-line", "n0n-ascii-line"),
+])
+def test_every_credential_pattern_is_redacted_whatever_its_case(line, leaked):
+    """A pattern runs only on text holding one of its cues: each pattern, in odd case, still applies."""
+    scrubbed = RedactingFilter().scrub(line)
+    assert leaked not in scrubbed and "[redacted]" in scrubbed
