@@ -1,10 +1,14 @@
-"""The two baseline web apps of the ingest benchmark, served by the same gunicorn settings as the receiver.
+"""The baseline web apps of the ingest benchmark, served by the same gunicorn settings as the receiver.
 
 - ``bare()``: Flask, a POST that reads the JSON body and answers 200 with a small JSON object;
 - ``one_pipeline()``: the same plus one Redis pipeline per request (``SET NX`` of a dedup key
-  and ``LPUSH`` of the body): the least any durable accept path can do.
+  and ``LPUSH`` of the body): the least any durable accept path can do;
+- ``record_script()``: the same with the receiver's own hand-off (``receiver.handoff.Handoff``: the
+  ledger script that records, indexes and queues) in place of the pipeline, and none of the
+  receiver's checks, metrics or error handling: what the durable record alone costs.
 
-Served as ``gunicorn -c gunicorn.conf.py 'bench.apps:bare()'`` (``REDIS_URL`` for the second).
+Served as ``gunicorn -c gunicorn.conf.py 'bench.apps:bare()'`` (``REDIS_URL`` for the second, the
+receiver's settings for the third).
 """
 import hashlib
 import json
@@ -42,5 +46,23 @@ def one_pipeline():
             pipe.lpush(BENCH_QUEUE, body)
             created, _ = pipe.execute()
         return jsonify({"status": "accepted" if created else "duplicate", "delivery_id": delivery_id})
+
+    return app
+
+
+def record_script():
+    from receiver.handoff import Handoff
+    from workers.config import Settings
+
+    app = Flask(__name__)
+    handoff = Handoff.from_settings(Settings.from_env())
+
+    @app.post(ROUTE)
+    def receive(event_type, token):
+        body = request.get_data(cache=False)
+        text = body.decode("utf-8-sig")
+        json.loads(text)
+        delivery_id = hashlib.sha256(event_type.encode() + b"\n" + body).hexdigest()
+        return jsonify({"status": handoff.accept(delivery_id, event_type, text), "delivery_id": delivery_id})
 
     return app

@@ -1,7 +1,8 @@
 """The benchmark: ``python -m bench.run`` (``make bench``); ``--profile ci`` is a tiny run that checks it works.
 
-1. ingest: the receiver against a bare Flask app and a one-Redis-pipeline app, all
-   under the project's gunicorn settings, driven by wrk (or the Python fallback);
+1. ingest: the receiver against a bare Flask app, a one-Redis-pipeline app and an app
+   that runs only the receiver's ledger script (``bench/apps.py``), all under the
+   project's gunicorn settings, driven by wrk (or the Python fallback);
    the rounds alternate the apps and each ratio is the median of per-round ratios.
 2. end to end: N deliveries posted to the receiver and applied by the workers
    (the shipped pool and concurrency defaults unless given) to the Storepoint and
@@ -48,6 +49,7 @@ PROFILES = {
 INGEST_APPS = (
     ("bare", "bare Flask: read JSON, answer 200"),
     ("pipeline", "one Redis pipeline (SET NX + LPUSH)"),
+    ("record_script", "the receiver's ledger + queue script alone (no checks)"),
     ("receiver", "receiver: auth, checks, dedup, ledger + queue in one script"),
     ("send_task", "receiver with a send_task hand-off (another broker)"),
 )
@@ -67,6 +69,7 @@ def ingest(workdir, profile, use_wrk):
         other_broker = redis_url.replace("127.0.0.1", "localhost")
         apps = {"bare": stack.gunicorn("bare", "bench.apps:bare()", env, wait=False),
                 "pipeline": stack.gunicorn("pipeline", "bench.apps:one_pipeline()", env, wait=False),
+                "record_script": stack.gunicorn("record_script", "bench.apps:record_script()", env, wait=False),
                 "receiver": stack.gunicorn("receiver", "receiver.wsgi:app", env, wait=False),
                 "send_task": stack.gunicorn("send_task", "receiver.wsgi:app", wait=False,
                                             env=process_env(settings_for(redis_url, workdir, broker_url=other_broker)))}
@@ -98,6 +101,7 @@ def ingest(workdir, profile, use_wrk):
         summary[name]["tool"] = rounds[0][name]["tool"]
     ratios = {"pipeline/bare": _ratio(rounds, "pipeline", "bare"),
               "receiver/bare": _ratio(rounds, "receiver", "bare"),
+              "record_script/pipeline": _ratio(rounds, "record_script", "pipeline"),
               "receiver/pipeline": _ratio(rounds, "receiver", "pipeline"),
               "send_task/pipeline": _ratio(rounds, "send_task", "pipeline")}
     return {"rounds": rounds, "summary": summary, "ratios": ratios, "memory": memory}
@@ -200,7 +204,7 @@ def table(result):
     rows = [("ingest", f"{label}", f"{s[name]['rate']:,.0f} accepted/s", f"{s[name]['p50']:.1f} ms",
              f"{s[name]['p99']:.1f} ms", ratio)
             for (name, label), ratio in zip(INGEST_APPS, (
-                "1.00× bare", f"{r['pipeline/bare']:.2f}× bare",
+                "1.00× bare", f"{r['pipeline/bare']:.2f}× bare", f"{r['record_script/pipeline']:.2f}× pipeline",
                 f"{r['receiver/pipeline']:.2f}× pipeline ({r['receiver/bare']:.2f}× bare)",
                 f"{r['send_task/pipeline']:.2f}× pipeline"))]
     plain, relay, paced = end["plain"], end["relay"], end["paced"]
