@@ -34,6 +34,8 @@ def assert_guarantees(report, profile):
     assert (figures["deliveries_503_in_redis_restart_accepted_on_retry"]
             == figures["deliveries_503_in_redis_restart"]), report.summary()
     assert figures["queue_deletions"] == profile.queue_drops, report.summary()
+    # ... and took a message of a delivery not yet settled, so its recovery was put to the test
+    assert figures["deliveries_hit_by_deletions"] > figures["settled_deliveries_hit_by_deletions"], report.summary()
     assert figures["locate2u_503_injected"] > 0 and figures["locate2u_429_injected"] > 0, report.summary()
     assert figures["locate2u_timeouts_injected"] > 0, report.summary()
     assert figures["sink_503_injected"] > 0 and figures["sink_429_injected"] > 0, report.summary()
