@@ -15,11 +15,15 @@
 - Stores: ``mappings``, the MappingStore of the sink the module's ``sim`` stands in for.
 - The in-process pipeline: ``l2u``, ``sink_server`` (the recorder), ``driver`` (a Runtime whose tasks the
   test runs, see ``Driver``) and ``driver_mappings``; ``died_in_first_write`` (a fan-out whose worker
-  dies in its first sink call) and ``fan_out_job`` (a fan-out stopped before its write).
+  dies in its first sink call, SIGKILLed in a forked process), ``kill_when_reached`` and
+  ``in_worker_process`` (work in a forked process, to kill) and ``fan_out_job`` (a fan-out stopped before its write).
 """
 import base64
 import contextlib
 import json
+import multiprocessing
+import os
+import signal
 import time
 
 import pytest
@@ -35,7 +39,7 @@ from workers.resilience.http import HttpClient
 from workers.ops.simulators import b2b, deliverycom, locate, locate2u, recorder, storepoint
 from workers.ops.simulators.base import SimulatorServer
 from workers.ops.simulators.forward_receiver import create_receiver
-from workers.pipeline import fan_out
+from workers.pipeline import deliver, fan_out
 from workers.pipeline.routes import DEFAULT_ROUTES, Route
 from workers.runtime import Runtime
 from workers.sinks.base import Sink
@@ -326,17 +330,48 @@ class Driver:
 
 
 def died_in_first_write(process_args, rt):
-    """Run ``process_delivery(*process_args)`` whose worker dies (SIGKILL) inside its first sink call,
-    after the fan-out marked every sink pending: nothing was written, no deliver message exists, and
-    only a redelivery of process_delivery or the sweeper brings the writes back."""
-    def killed(*_args, **_kwargs):
-        raise SystemExit("SIGKILL")
+    """Run ``process_delivery(*process_args)`` in a forked worker process SIGKILLed inside its first
+    sink call, after the fan-out marked every sink pending: nothing was written, no deliver message
+    exists, its processing lease and the key lock it held (1 s here, not the sink's settle time) are
+    left to lapse, and only a redelivery of process_delivery or the sweeper brings the writes back."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(deliver, "lock_seconds", lambda sink: (1.0, 0.5))
+        kill_when_reached(lambda: tasks.process_delivery.run(*process_args),
+                          [(sink, "apply") for sink in rt.sinks.values()], rt.sinks.values())
+
+
+def kill_when_reached(work, points, sinks=()):
+    """Run ``work`` in a forked worker process and SIGKILL it as soon as it calls one of ``points``
+    (``(object, attribute name)`` pairs, held there): the worst moment, with no ``finally`` run.
+    ``sinks``: whose HTTP connections the process must not share with this one."""
+    reached = multiprocessing.get_context("fork").Event()
+
+    def hold(*_args, **_kwargs):
+        reached.set()
+        time.sleep(600)
 
     with pytest.MonkeyPatch.context() as patch:
-        for sink in rt.sinks.values():
-            patch.setattr(sink, "apply", killed)
-        with pytest.raises(SystemExit):
-            tasks.process_delivery.run(*process_args)
+        for owner, name in points:
+            patch.setattr(owner, name, hold)
+        worker = in_worker_process(work, sinks)
+        try:
+            assert reached.wait(30), "the worker never got there"
+        finally:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(10)
+
+
+def in_worker_process(work, sinks=()):
+    """Start ``work`` in a forked process, with connections of its own to ``sinks`` (not the
+    parent's pooled ones), to be killed mid-way."""
+    def run():
+        for sink in sinks:
+            sink.client.session.close()
+        work()
+
+    process = multiprocessing.get_context("fork").Process(target=run, daemon=True)
+    process.start()
+    return process
 
 
 def fan_out_job(driver, delivery_id):

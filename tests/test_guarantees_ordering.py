@@ -4,7 +4,6 @@ sink call outlives the per-key lock, and equal ``actionDate``s end in the same s
 Real Redis, the loopback recording sink with its fault plan's latency for slow calls, tasks run in
 process (the Driver of tests/fixtures.py) so the interleaving is chosen by the test.
 """
-import multiprocessing
 import os
 import signal
 import threading
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from tests.fixtures import KEY, STOP_ID, accept, fan_out_job, sim_state
+from tests.fixtures import KEY, STOP_ID, accept, died_in_first_write, fan_out_job, in_worker_process, sim_state
 from tests.payloads import status_change
 from workers import tasks
 from workers.celery_config import make_celery
@@ -159,7 +158,7 @@ def test_a_writer_that_vanished_after_its_lock_lapsed_has_the_newest_write_sent_
     older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
     newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
     older_args, newer_args = fan_out_job(driver, older), fan_out_job(driver, newer)
-    worker = _in_worker_process(driver.rt, lambda: tasks.deliver.run(*older_args))
+    worker = in_worker_process(lambda: tasks.deliver.run(*older_args), driver.rt.sinks.values())
     _wait_until(lambda: faults.in_progress, "the older write never reached the sink")
     os.kill(worker.pid, signal.SIGKILL)
     worker.join(10)
@@ -174,19 +173,6 @@ def test_a_writer_that_vanished_after_its_lock_lapsed_has_the_newest_write_sent_
     assert driver.rt.redis.zcard(driver.rt.versions("storepoint").writers_key) == 0
 
 
-def _in_worker_process(rt, work):
-    """Start ``work`` in a forked process, with connections of its own to the sinks (not the
-    parent's pooled ones), to be killed mid-way."""
-    def run():
-        for sink in rt.sinks.values():
-            sink.client.session.close()
-        work()
-
-    process = multiprocessing.get_context("fork").Process(target=run, daemon=True)
-    process.start()
-    return process
-
-
 def _swept(driver):
     """One sweep, and every task it sent run; True."""
     sweeper.sweep(driver.rt)
@@ -199,6 +185,23 @@ def _wait_until(condition, failure, timeout=30):
     while not condition():
         assert time.monotonic() < deadline, failure
         time.sleep(0.1)
+
+
+def test_a_writer_killed_before_anything_landed_for_its_key_is_forgotten_without_a_resend(
+        driver, sink_server, caplog):
+    """A worker SIGKILLed in the first write ever sent for a key leaves a writer mark with no newest
+    write behind it: the sweeper drops the mark, and neither counts nor logs a resend (it reported
+    "sent 1 writes again" for nothing, and its sweep's count with it)."""
+    accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    _, args = driver.sent.pop(0)
+    died_in_first_write(args, driver.rt)
+    marks = driver.rt.versions("storepoint").writers_key
+    assert driver.rt.redis.zcard(marks) == 1
+    time.sleep(1.0 + driver.rt.settings.sweep_after + 0.2)  # its 1 s lock lapsed sweep_after ago
+    assert sweeper.reassert_again(driver.rt) == 0
+    assert driver.rt.redis.zcard(marks) == 0
+    assert driver.sent == [] and "sweeper sent" not in caplog.text
+    assert sim_state(sink_server).records == {}
 
 
 def test_no_writer_mark_outlives_a_write_that_let_go_of_its_lock(driver, sink_server):

@@ -1,6 +1,7 @@
 import random
 import time
 
+from tests.fixtures import kill_when_reached
 from tests.helpers import admit
 from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, retry_delay
 
@@ -47,16 +48,12 @@ def test_releasers_running_at_once_send_each_due_task_once(redis_client):
 
 
 def test_claimed_retries_of_a_releaser_that_died_are_sent_after_the_lease(redis_client):
-    def die(name, args):
-        raise SystemExit("killed")
-
+    """The releaser is SIGKILLed in its first send, with the due retries claimed."""
+    releaser = RetryScheduler(redis_client, lambda name, args: None)
     for number in (1, 2):
-        RetryScheduler(redis_client, die).schedule("t", [number], 10)
+        releaser.schedule("t", [number], 10)
     now = time.time() + 11
-    try:
-        RetryScheduler(redis_client, die).release_due(now=now)
-    except SystemExit:
-        pass
+    kill_when_reached(lambda: releaser.release_due(now=now), [(releaser, "send_task")])
     sent = []
     survivor = RetryScheduler(redis_client, lambda name, args: sent.append(args[0]))
     assert survivor.release_due(now=now + 1) == 0  # still claimed by the dead releaser

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from tests.fixtures import sim_state
+from tests.fixtures import kill_when_reached, sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import Settings
 from workers.resilience.errors import NotYet, PermanentError, RetriableError
@@ -242,17 +242,10 @@ def test_what_a_lost_create_left_is_taken_before_an_address_the_customer_added_m
     assert MappingStore(mappings.redis, "deliverycom:intent").get("l2u-stop-164557") is None
 
 
-def test_a_worker_killed_before_the_mapping_was_saved_leaves_the_mark_for_the_retry(sim, sink, mappings,
-                                                                                   monkeypatch):
+def test_a_worker_killed_before_the_mapping_was_saved_leaves_the_mark_for_the_retry(sim, sink, mappings):
     """Killed (SIGKILL) right after Delivery.com created the address, before the mapping was saved."""
-    def killed(*_args, **_kwargs):
-        raise SystemExit("SIGKILL")
-
     sink.client.timeout = (1, 1.5)
-    with monkeypatch.context() as patch:
-        patch.setattr(sink, "remember", killed)
-        with pytest.raises(SystemExit):
-            sink.apply("upsert", sample_location())
+    kill_when_reached(lambda: sink.apply("upsert", sample_location()), [(sink, "remember")], [sink])
     with pytest.raises(NotYet) as waiting:  # it cannot tell the create from one still in flight
         sink.apply("upsert", sample_location())
     time.sleep(waiting.value.retry_after)

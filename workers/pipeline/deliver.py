@@ -119,11 +119,12 @@ def reassert(rt, sink_name, key):
     (or that a newer one overtook) may have landed last, and sink writes are idempotent. The key is
     marked first; the sweeper sends it once more every ``sweep_after`` until a write lands under
     its lock (the message may be lost, and the delivery has settled, so nothing else resends it),
-    unless its queue ticket says it still waits behind a backlog."""
+    unless its queue ticket says it still waits behind a backlog. True when sent: a key with no write
+    recorded (none landed yet, or its location was forgotten) has nothing to send."""
     versions = rt.versions(sink_name)
     newest = versions.newest(key)
     if newest is None:
-        return
+        return False
     versions.reasserting(key, time.time() + rt.settings.sweep_after)
     DeliverJob(newest["delivery_id"], sink_name, newest["action"], newest["record"]).send(rt)
     pushed = rt.redis.get(keys.queued_counter(DELIVER_LIST))  # None unless the broker is this Redis
@@ -131,6 +132,7 @@ def reassert(rt, sink_name, key):
         versions.reassert_queued(key, f"{DELIVER_LIST}:{pushed}")
     rt.ledger.trace(newest["delivery_id"], "reasserted", sink=sink_name, key=key)
     log.warning("a write for %s may have landed out of order; sending the newest again", key)
+    return True
 
 
 def _hold_back(rt, breaker, job):

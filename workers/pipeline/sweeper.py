@@ -52,12 +52,10 @@ def reassert_again(rt, now=None):
             if queues.waiting(ticket):
                 versions.reasserting(key, now + rt.settings.sweep_after)
                 continue
-            deliver.reassert(rt, sink, key)
-            sent += 1
+            sent += deliver.reassert(rt, sink, key)
         for mark, key in versions.writers_vanished(now - rt.settings.sweep_after).items():
-            deliver.reassert(rt, sink, key)  # marked first, so forgetting the writer loses nothing
+            sent += deliver.reassert(rt, sink, key)  # marked first, so forgetting the writer loses nothing
             versions.forget_writer(mark)
-            sent += 1
     if sent:
         log.warning("sweeper sent %d writes again whose earlier resend did not land or whose writer vanished", sent)
     return sent
