@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.domain.addresses import US_STATES, AddressParts, locality_parts, split_us_address
+from workers.domain.addresses import US_STATES, AddressParts, locality_parts, same_street_address, split_us_address
 from workers.sinks.deliverycom import RULES, rule_violations
 
 PART_FIELDS = ("street", "unit", "city", "state", "zip_code", "country", "problem")
@@ -111,3 +111,22 @@ def test_well_formed_us_addresses_split_exactly_and_pass_the_rules(case):
     parts = split_us_address(text)
     assert parts == expected
     assert rule_violations({**dataclasses.asdict(parts), "phone": "2125550123"}) == {}
+
+
+@pytest.mark.parametrize("ours, theirs, same", [
+    (("235 Park Ave S", "Floor 5"), ("235 PARK S AVE", "floor 5"), True),  # the seed's standardised form
+    (("235 Park Avenue South", None), ("235 PARK AVE S", ""), True),
+    (("235 Park Ave S", "Fl 5"), ("235 PARK AVE S", "Floor 5"), True),
+    (("1 Main St", "#5"), ("1 MAIN ST", "APT 5"), True),
+    (("1 Main St", "Building 2 Floor 5"), ("1 MAIN ST", "BLDG 2 FL 5"), True),
+    (("235 E 20th St", ""), ("235 EAST 20TH STREET", ""), True),
+    (("235 Park Ave S", "Floor 9"), ("235 PARK AVE S", "floor 5"), False),  # another floor
+    (("235 Park Ave S", ""), ("235 PARK AVE S", "floor 5"), False),  # a unit against none
+    (("1 Main St", "Building 2 Floor 5"), ("1 MAIN ST", "BLDG 3 FL 5"), False),
+    (("235 E 20th St", ""), ("235 W 20TH ST", ""), False),  # the other side
+    (("235 Park Ave S", ""), ("233 PARK AVE S", ""), False),  # the next house
+    (("235 Park Ave S", ""), ("235 MADISON AVE", ""), False),  # another street, same number
+    (("Park Ave", ""), ("Park Ave", ""), False),  # no house number: never the same
+])
+def test_same_street_address_tells_one_door_from_its_neighbours(ours, theirs, same):
+    assert same_street_address(*ours, *theirs) is same

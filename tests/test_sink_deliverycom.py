@@ -120,6 +120,58 @@ def test_nearby_different_address_is_not_taken(sim, sink):
     assert len(sim_state(sim).locations) == 2
 
 
+CUSTOMERS = {"city": "NEW YORK", "state": "NY", "zip_code": "10003", "phone": "5555555555",
+             "latitude": 40.73771, "longitude": -73.987949}  # where the sample stop is
+
+
+@pytest.mark.parametrize("theirs", [
+    {"street": "235 PARK AVE S", "unit_number": "Floor 5"},  # another floor of the same building
+    {"street": "235 E 20TH ST"},  # another street, the same house number, as near
+], ids=["other_unit", "other_street"])
+def test_a_customers_address_that_is_another_door_is_not_taken(sim, sink, theirs):
+    """The coordinate lookup matched on ZIP and house number alone: a stop on the 9th floor took the
+    customer's 5th-floor address (or one on another street) and overwrote it with the stop's."""
+    customers = sim_state(sim).add({**CUSTOMERS, **theirs})
+    ours = sink.apply("upsert", sample_location(address="235 Park Ave S, Floor 9, New York, NY 10003, USA"))
+    assert ours != customers["location_id"] and len(sim_state(sim).locations) == 2
+    assert sim_state(sim).locations[customers["location_id"]] == customers  # untouched
+    assert sim_state(sim).locations[ours]["unit_number"] == "Floor 9"
+
+
+def test_the_same_door_is_matched_whatever_the_way_it_is_written(sim, sink):
+    """Delivery.com stores addresses standardised (the seed: "235 Park Ave S", "Floor 5" came back
+    as "235 PARK S AVE", "floor 5"): that is still the stop's door."""
+    existing = sim_state(sim).add({**CUSTOMERS, "street": "235 PARK S AVE", "unit_number": "floor 5"})
+    location = sample_location(address="235 Park Avenue South, Fl 5, New York, NY 10003, USA")
+    assert sink.apply("upsert", location) == existing["location_id"] and len(sim_state(sim).locations) == 1
+
+
+def test_an_address_mapped_to_another_stop_is_not_taken(sim, sink, mappings):
+    """Two stops at one door (two deliveries to one office): the second took the first one's address,
+    so each change of one overwrote the other, and cancelling one deleted the other's address."""
+    first = sink.apply("upsert", sample_location(stop_id=1, name="First"))
+    sim_state(sim).update(first, {"latitude": 40.73771, "longitude": -73.987949})  # geocoded where the stop is
+    second = sink.apply("upsert", sample_location(stop_id=2, name="Second"))
+    assert first != second and mappings.get("l2u-stop-1") == first and mappings.get("l2u-stop-2") == second
+    assert sim_state(sim).locations[first]["company"] == "First"
+
+
+def test_what_a_lost_create_left_is_told_from_another_stops_and_another_units_address(sim, sink, mappings):
+    """After a create whose answer was lost, the first listed address with the same street and ZIP was
+    taken as what it left: another stop's at that door, or the customer's on another floor."""
+    other_stop = sink.apply("upsert", sample_location(stop_id=1, name="Other stop"))
+    sim_state(sim).update(other_stop, {"latitude": 40.73771, "longitude": -73.987949})
+    customers = sim_state(sim).add({**CUSTOMERS, "street": "235 PARK AVE S", "unit_number": "Floor 5"})
+    sim.app.config["FAULTS"].fail_after_apply("garbled", path_prefix="/customer/location")
+    with pytest.raises(RetriableError):
+        sink.apply("upsert", sample_location(stop_id=2))
+    [left] = set(sim_state(sim).locations) - {other_stop, customers["location_id"]}
+    assert sink.apply("upsert", sample_location(stop_id=2, name="Retried")) == left == mappings.get("l2u-stop-2")
+    assert sim_state(sim).locations[other_stop]["company"] == "Other stop"
+    assert sim_state(sim).locations[customers["location_id"]] == customers
+    assert len(sim_state(sim).locations) == 3
+
+
 def test_match_existing_off_skips_the_lookup(sim, sink):
     sink.apply("upsert", sample_location(), {"match_existing": False})
     assert sent(sim, "GET") == [] and len(sent(sim, "POST")) == 1

@@ -27,6 +27,9 @@ STREET_LABELS = ("AddressNumberPrefix", "AddressNumber", "AddressNumberSuffix", 
                  "StreetNamePreDirectional", "StreetNamePreType", "StreetName", "StreetNamePostType",
                  "StreetNamePostDirectional", "StreetNamePostModifier")
 UNIT_LABELS = ("OccupancyType", "OccupancyIdentifier", "SubaddressType", "SubaddressIdentifier")
+# USPS directionals (Publication 28), spelled out -> abbreviated, so "South" and "S" compare equal
+DIRECTIONALS = {"NORTH": "N", "SOUTH": "S", "EAST": "E", "WEST": "W", "NORTHEAST": "NE", "NORTHWEST": "NW",
+                "SOUTHEAST": "SE", "SOUTHWEST": "SW"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,3 +106,36 @@ def locality_parts(text):
     postal = " ".join(words[:start] + words[cut:])
     city_words = [word for word in words[start:cut] if not (word.isupper() and len(word) <= 3)]  # drop "NSW"
     return " ".join(city_words), postal
+
+
+def same_street_address(street, unit, other_street, other_unit):
+    """True when two US street lines (each with its unit line) name the same door: the same house
+    number, street name and directionals, and the same unit identifiers ("Floor 5", "floor 5" and
+    "FL 5" alike; no unit matches only no unit).
+
+    The street type is left out, and where the directionals stand, because an address service that
+    standardises what it stores (Delivery.com, against USPS) may abbreviate or move them: "235 Park
+    Ave S" came back as "235 PARK S AVE". A street line without a house number and a street name
+    is never the same as anything.
+    """
+    ours, theirs = _door(street, unit), _door(other_street, other_unit)
+    return ours is not None and ours == theirs
+
+
+def _door(street, unit):
+    """``(house number, street name and directional words, unit identifiers)``, or None."""
+    number, words = [], []
+    for token, label in usaddress.parse(street or ""):
+        token = _word(token)
+        if label == "AddressNumber":
+            number.append(token)
+        elif label == "StreetName" or label.endswith("Directional"):
+            words += [DIRECTIONALS.get(word, word) for word in token.split()]
+    unit_ids = tuple(_word(token) for token, label in usaddress.parse(unit or "") if label.endswith("Identifier"))
+    if not number or not words:
+        return None
+    return " ".join(number), frozenset(words), tuple(word for word in unit_ids if word)
+
+
+def _word(token):
+    return " ".join(token.upper().replace("#", " ").strip(" ,.").split())

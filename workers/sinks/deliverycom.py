@@ -15,7 +15,7 @@ import re
 
 from marshmallow import fields
 
-from workers.domain.addresses import split_us_address
+from workers.domain.addresses import same_street_address, split_us_address
 from workers.resilience.errors import PermanentError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
@@ -179,31 +179,35 @@ class DeliverycomSink(Sink):
                          for message in messages if isinstance(message, dict)) or None
 
     def _same_address(self, body):
-        """The listed address with ``body``'s street (as Delivery.com stores it: upper-cased) and ZIP,
-        or None: what a create whose answer was lost left on the account (the retry may carry a
-        changed name or phone, so only the address is compared)."""
-        street = " ".join(body["street"].upper().split())
-        return next((item for item in self._account_addresses() if item.get("zip_code") == body["zip_code"]
-                     and " ".join((item.get("street") or "").upper().split()) == street), None)
+        """The listed address at ``body``'s door (``_door_of``) that no other key of ours is mapped to, or
+        None: what a create whose answer was lost left on the account (the retry may carry a changed
+        name or phone, so only the address is compared)."""
+        return self._door_of(body, self._account_addresses())
+
+    def _door_of(self, body, listed):
+        """The first of ``listed`` at the same door as ``body`` (ZIP, house number, street name and
+        directionals, unit: ``same_street_address``) and not mapped to another key of ours, or None."""
+        doors = [item for item in listed if item.get("zip_code") == body["zip_code"]
+                 and same_street_address(body["street"], body["unit_number"], item.get("street"),
+                                         item.get("unit_number"))]
+        ours = set(self.mappings.all().values()) if doors else ()  # read only when there is a door to tell
+        return next((item for item in doors if str(item["location_id"]) not in ours), None)
 
     def _account_addresses(self):
         """Every address on the account (``GET /customer/location/``)."""
         return self.client.answer(self.call("GET", f"{PATH}/"), "locations")
 
     def _existing(self, location, body):
-        """The ``location_id`` of the same address already on the account (same ZIP and house number), or None."""
+        """The ``location_id`` of the same door already on the account (``_door_of``), or None."""
         if not location.has_coordinates:
             return None
         listed = self.client.answer(self.call("GET", PATH, params={"latitude": location.latitude,
                                                                    "longitude": location.longitude}), "locations")
-        house = body["street"].split()[0].upper()
-        for item in listed:
-            street = (item.get("street") or "").split()
-            if item.get("zip_code") == body["zip_code"] and street and street[0].upper() == house:
-                log.info("deliverycom: %s matches address %s already on the account", location.key,
-                         item["location_id"])
-                return str(item["location_id"])
-        return None
+        item = self._door_of(body, listed)
+        if item is None:
+            return None
+        log.info("deliverycom: %s matches address %s already on the account", location.key, item["location_id"])
+        return str(item["location_id"])
 
     def _update(self, key, location_id, body):
         """PUT ``body``; a ``bad_loc_id`` drops the stale mapping (the next change creates it) and is permanent."""
