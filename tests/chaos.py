@@ -12,7 +12,8 @@ run:
 - SIGKILLs whole worker process groups, half of them while that worker is in a
   sink call (during fan-out; that sink write is held a few seconds to catch it);
 - SIGKILLs Redis and starts it again from its append-only file;
-- deletes the Celery work queue lists (the broker loses every message in them);
+- deletes the Celery work queue lists (the broker loses every message in them), with the
+  workers frozen (SIGSTOP, as a stopped VM) until a message waits there, so one is lost;
 - has Locate2u's stop reads fail during enrich: 503s, bursts of 429 with
   ``Retry-After``, and reads slower than the client's timeout;
 - has both sinks fail 20 % of requests with 503, answer bursts of 429 with
@@ -41,6 +42,7 @@ the list of problems (empty when every guarantee held):
 import argparse
 import base64
 import collections
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -51,6 +53,7 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -90,7 +93,7 @@ SWEEP_AFTER = 15  # also the processing lease: shorter than a Locate2u read that
 SLOW_SINK_SECONDS = DEFAULT_TIMEOUT[1] + 5  # a sink write applied after the client gave up on it
 LOCATE2U_TIMEOUT_SECONDS = API_TIMEOUT[1] + 2  # a stop read the client gives up on
 KILL_HOLD_SECONDS = 8  # a sink write held so that a kill "in a sink call" finds its worker
-DROP_WAIT_SECONDS = 10  # a queue drop waits this long at most for a message to lose
+DROP_WAIT_SECONDS = 10  # a queue drop waits this long at most (workers frozen) for a message to lose
 STOPS_PATH = "/v1/Stops"
 SINK_WRITE_PATHS = {"storepoint": "/locations", "b2b": "/Location/"}
 # A dead letter is acceptable only for a reason the chaos explains; this run's data and schedule leave none.
@@ -296,6 +299,19 @@ class Stack:
         self.processes.append(worker)
         self.workers.append(worker)
         return worker
+
+    @contextlib.contextmanager
+    def workers_frozen(self):
+        """SIGSTOP every live worker's process group (a stopped VM, a long pause) until the body ends."""
+        groups = [worker.proc.pid for worker in self.workers if worker.proc.poll() is None]
+        for group in groups:
+            os.killpg(group, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for group in groups:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGCONT)
 
     def kill_redis(self):
         """SIGKILL redis-server: no shutdown, no final flush."""
@@ -540,16 +556,18 @@ class Chaos(threading.Thread):
         self.redis_restarts += 1
 
     def _drop_queues(self, _):
-        """Delete both work queue lists at once: every message in them is lost. Waits (up to
-        ``DROP_WAIT_SECONDS``) for a message to be there, so a drop early in the run loses something."""
+        """Delete both work queue lists at once: every message in them is lost. The workers are frozen
+        until a message waits there (up to ``DROP_WAIT_SECONDS``): on a fast machine they take each one
+        at once, and a drop that loses nothing tests nothing."""
         client, deadline = self.stack.client(), time.monotonic() + DROP_WAIT_SECONDS
-        while not (client.llen(INGEST_QUEUE) or client.llen(DELIVER_QUEUE)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        with client.pipeline() as pipe:
-            for queue in (INGEST_QUEUE, DELIVER_QUEUE):
-                pipe.lrange(queue, 0, -1)
-            pipe.delete(INGEST_QUEUE, DELIVER_QUEUE)
-            *lists, _deleted = pipe.execute()
+        with self.stack.workers_frozen():
+            while not (client.llen(INGEST_QUEUE) or client.llen(DELIVER_QUEUE)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with client.pipeline() as pipe:
+                for queue in (INGEST_QUEUE, DELIVER_QUEUE):
+                    pipe.lrange(queue, 0, -1)
+                pipe.delete(INGEST_QUEUE, DELIVER_QUEUE)
+                *lists, _deleted = pipe.execute()
         at = time.time()
         messages = [raw for queue in lists for raw in queue]
         self.dropped_messages += len(messages)
