@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.domain.addresses import US_STATES, AddressParts, locality_parts, same_street_address, split_us_address
+from workers.domain.addresses import US_STATES, AddressParts, locality_parts, split_us_address, street_door
 from workers.sinks.deliverycom import RULES, rule_violations
 
 PART_FIELDS = ("street", "unit", "city", "state", "zip_code", "country", "problem")
@@ -128,5 +128,6 @@ def test_well_formed_us_addresses_split_exactly_and_pass_the_rules(case):
     (("235 Park Ave S", ""), ("235 MADISON AVE", ""), False),  # another street, same number
     (("Park Ave", ""), ("Park Ave", ""), False),  # no house number: never the same
 ])
-def test_same_street_address_tells_one_door_from_its_neighbours(ours, theirs, same):
-    assert same_street_address(*ours, *theirs) is same
+def test_street_door_tells_one_door_from_its_neighbours(ours, theirs, same):
+    door = street_door(*ours)
+    assert (door is not None and door == street_door(*theirs)) is same

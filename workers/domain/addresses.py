@@ -108,22 +108,15 @@ def locality_parts(text):
     return " ".join(city_words), postal
 
 
-def same_street_address(street, unit, other_street, other_unit):
-    """True when two US street lines (each with its unit line) name the same door: the same house
-    number, street name and directionals, and the same unit identifiers ("Floor 5", "floor 5" and
-    "FL 5" alike; no unit matches only no unit).
+def street_door(street, unit):
+    """What names the door of a US street line and its unit line, to compare: the house number, the
+    street name and directional words, and the unit identifiers ("Floor 5", "floor 5" and "FL 5"
+    alike; no unit matches only no unit); None without a house number and a street name.
 
     The street type is left out, and where the directionals stand, because an address service that
     standardises what it stores (Delivery.com, against USPS) may abbreviate or move them: "235 Park
-    Ave S" came back as "235 PARK S AVE". A street line without a house number and a street name
-    is never the same as anything.
+    Ave S" came back as "235 PARK S AVE".
     """
-    ours, theirs = _door(street, unit), _door(other_street, other_unit)
-    return ours is not None and ours == theirs
-
-
-def _door(street, unit):
-    """``(house number, street name and directional words, unit identifiers)``, or None."""
     number, words = [], []
     for token, label in usaddress.parse(street or ""):
         token = _word(token)

@@ -15,7 +15,7 @@ import re
 
 from marshmallow import fields
 
-from workers.domain.addresses import same_street_address, split_us_address
+from workers.domain.addresses import split_us_address, street_door
 from workers.resilience.errors import PermanentError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
@@ -186,11 +186,13 @@ class DeliverycomSink(Sink):
 
     def _door_of(self, body, listed):
         """The first of ``listed`` at the same door as ``body`` (ZIP, house number, street name and
-        directionals, unit: ``same_street_address``) and not mapped to another key of ours, or None."""
+        directionals, unit: ``street_door``) and not mapped to another key of ours, or None."""
+        door = street_door(body["street"], body["unit_number"])
         doors = [item for item in listed if item.get("zip_code") == body["zip_code"]
-                 and same_street_address(body["street"], body["unit_number"], item.get("street"),
-                                         item.get("unit_number"))]
-        ours = set(self.mappings.all().values()) if doors else ()  # read only when there is a door to tell
+                 and street_door(item.get("street"), item.get("unit_number")) == door]
+        if door is None or not doors:
+            return None
+        ours = set(self.mappings.all().values())  # read only when there is a door to tell
         return next((item for item in doors if str(item["location_id"]) not in ours), None)
 
     def _account_addresses(self):
