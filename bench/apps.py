@@ -52,6 +52,7 @@ def one_pipeline():
 
 def record_script():
     from receiver.handoff import Handoff
+    from receiver.webhooks import delivery_id_for
     from workers.config import Settings
 
     app = Flask(__name__)
@@ -62,7 +63,7 @@ def record_script():
         body = request.get_data(cache=False)
         text = body.decode("utf-8-sig")
         json.loads(text)
-        delivery_id = hashlib.sha256(event_type.encode() + b"\n" + body).hexdigest()
+        delivery_id = delivery_id_for(event_type, body)
         return jsonify({"status": handoff.accept(delivery_id, event_type, text), "delivery_id": delivery_id})
 
     return app
