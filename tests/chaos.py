@@ -303,15 +303,12 @@ class Stack:
     @contextlib.contextmanager
     def workers_frozen(self):
         """SIGSTOP every live worker's process group (a stopped VM, a long pause) until the body ends."""
-        groups = [worker.proc.pid for worker in self.workers if worker.proc.poll() is None]
-        for group in groups:
-            os.killpg(group, signal.SIGSTOP)
+        frozen = [worker for worker in self.workers if worker.signal(signal.SIGSTOP)]
         try:
             yield
         finally:
-            for group in groups:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(group, signal.SIGCONT)
+            for worker in frozen:
+                worker.signal(signal.SIGCONT)
 
     def kill_redis(self):
         """SIGKILL redis-server: no shutdown, no final flush."""

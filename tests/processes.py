@@ -56,10 +56,16 @@ class Process:
             time.sleep(0.1)
         raise AssertionError(f"{self.name} did not print {text!r}:\n{self.output()[-3000:]}")
 
+    def signal(self, sig):
+        """Send ``sig`` to the whole process group while it runs; True if sent."""
+        if self.proc.poll() is not None:
+            return False
+        os.killpg(self.proc.pid, sig)
+        return True
+
     def kill(self, sig=9):
-        """Send ``sig`` to the whole process group (SIGKILL by default)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+        """Send ``sig`` to the whole process group (SIGKILL by default) and wait for it to end."""
+        if self.signal(sig):
             self.proc.wait(15)
 
     def stop(self):
