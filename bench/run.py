@@ -6,9 +6,11 @@
    the rounds alternate the apps and each ratio is the median of per-round ratios.
 2. end to end: N deliveries posted to the receiver and applied by the workers
    (the shipped pool and concurrency defaults unless given) to the Storepoint and
-   B2B simulators, Locate2u simulated for enrichment; then the same events applied
-   by a plain threaded requests.Session loop at the same concurrency; then a paced
-   run at half the relay's measured rate for receipt-to-applied latency.
+   B2B simulators, Locate2u simulated for enrichment; then a paced run at half the
+   relay's measured rate for receipt-to-applied latency; then the same events
+   published to a naive Celery consumer (``bench/naive.py``, same pool and
+   concurrency) and applied by a plain threaded requests.Session loop at the same
+   concurrency.
 3. memory: peak RSS of a web worker and of the Celery worker processes, and Redis bytes per
    pending, settled and dead-lettered delivery (``bench/memory.py``) with what each Heroku
    Key-Value Store plan holds.
@@ -23,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -153,6 +156,19 @@ def end_to_end(workdir, profile, pool, concurrency):
                   "celery_processes": len(pids),
                   "web_worker_peak_rss_mib": max(peak_rss_mib(pid) for pid in web.children())}
 
+    with Stack(workdir / "naive") as stack:
+        redis_url = stack.start_redis()
+        urls = stack.simulators(e2e.SINKS + ("locate2u",), *stop_args)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_NAIVE=json.dumps({"broker_url": redis_url, "urls": urls}))
+        stack.celery("worker", ["worker", "-l", "INFO", "-n", "naive@%h", "--without-gossip", "--without-mingle",
+                                "-P", pool, "-c", str(threads)], env, app="bench.naive")
+        cpu_before, own_before = stack.cpu(), time.process_time()
+        naive = e2e.naive_run(redis_url, events, profile["settle_timeout"])
+        naive["cpu_ms_per_event"] = cpu_per_event(cpu_before, stack.cpu(), len(events),
+                                                  load_generator=time.process_time() - own_before)
+        print(f"  naive Celery consumer ({pool} pool, concurrency {threads}): {naive['rate']:.0f} events/s; "
+              f"per event: {cost_line(naive)}", flush=True)
+
     with Stack(workdir / "plain") as stack:
         urls = stack.simulators(e2e.SINKS + ("locate2u",), *stop_args)
         cpu_before, own_before = stack.cpu(), time.process_time()
@@ -161,7 +177,8 @@ def end_to_end(workdir, profile, pool, concurrency):
                                                   plain_loop=time.process_time() - own_before)
         print(f"  plain loop, {threads} threads: {plain['rate']:.0f} events/s; per event: {cost_line(plain)}",
               flush=True)
-    return {"plain": plain, "relay": relay, "paced": paced, "memory": memory, "threads": threads, "pool": pool}
+    return {"plain": plain, "naive": naive, "relay": relay, "paced": paced, "memory": memory, "threads": threads,
+            "pool": pool}
 
 
 def cpu_per_event(before, after, events, **own):
@@ -207,13 +224,17 @@ def table(result):
                 "1.00× bare", f"{r['pipeline/bare']:.2f}× bare", f"{r['record_script/pipeline']:.2f}× pipeline",
                 f"{r['receiver/pipeline']:.2f}× pipeline ({r['receiver/bare']:.2f}× bare)",
                 f"{r['send_task/pipeline']:.2f}× pipeline"))]
-    plain, relay, paced = end["plain"], end["relay"], end["paced"]
+    plain, naive, relay, paced = end["plain"], end["naive"], end["relay"], end["paced"]
     rows.append(("end to end", f"plain requests.Session loop, {end['threads']} threads",
                  f"{plain['rate']:,.0f} events/s", "—", "—", "1.00×"))
+    rows.append(("end to end", f"naive Celery consumer ({end['pool']} ×{end['threads']}, one task per event, "
+                               "no receiver)", f"{naive['rate']:,.0f} events/s", "—", "—",
+                 f"{naive['rate'] / plain['rate']:.2f}× plain loop"))
     for sink in e2e.SINKS:
         rows.append(("end to end", f"relay, {relay['events']:,} deliveries → {sink}",
                      f"{relay['rate']:,.0f} events/s", _s(relay["sinks"][sink]["p50_ms"]),
-                     _s(relay["sinks"][sink]["p99_ms"]), f"{relay['rate'] / plain['rate']:.2f}× plain loop"))
+                     _s(relay["sinks"][sink]["p99_ms"]), f"{relay['rate'] / plain['rate']:.2f}× plain loop "
+                     f"({relay['rate'] / naive['rate']:.2f}× naive)"))
     for sink in e2e.SINKS:
         rows.append(("latency", f"relay at half that rate ({paced['target_rate']:,.0f}/s) → {sink}",
                      "receipt to applied", _s(paced["sinks"][sink]["p50_ms"]), _s(paced["sinks"][sink]["p99_ms"]),
@@ -235,7 +256,8 @@ def table(result):
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append("")
     lines.append(f"load generator: {tool}; machine: {result['machine']}")
-    lines.append(f"per event, relay: {cost_line(relay)}; plain loop: {cost_line(plain)}")
+    lines.append(f"per event, relay: {cost_line(relay)}; naive consumer: {cost_line(naive)}; "
+                 f"plain loop: {cost_line(plain)}")
     lines.append("targets: " + "; ".join(f"{name} {'met' if ok else 'NOT met'} ({value})"
                                          for name, ok, value in targets(result)))
     return "\n".join(lines)
@@ -286,6 +308,8 @@ def main(argv=None):
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs after a run that worked")
     parser.add_argument("--json", default=".l2u-relay/bench/last.json", help="where to write every number")
     args = parser.parse_args(argv)
+    # A SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so every Stack stops the processes it started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     profile = dict(PROFILES[args.profile])
     for name in ("deliveries", "seconds", "rounds", "memory_deliveries", "memory_dead_letters"):
         if getattr(args, name):
@@ -304,7 +328,7 @@ def main(argv=None):
     if "memory" not in args.skip:
         result["redis_memory"] = memory.run(workdir, profile, SECRET, EVENT_PATH)
         print("\n".join("  " + line for line in memory.lines(result["redis_memory"])), flush=True)
-    incomplete = [name for name in ("relay", "paced")
+    incomplete = [name for name in ("relay", "paced", "naive")
                   if not result.get("e2e", {}).get(name, {"complete": True})["complete"]]
     if not args.keep_logs and not incomplete:  # kept when the run failed, for its logs
         shutil.rmtree(workdir, ignore_errors=True)

@@ -129,8 +129,8 @@ class Stack:
             proc.ready()
         return proc
 
-    def celery(self, name, args, env, ready="ready.", wait=True):
-        proc = self._add(Process(name, [str(BIN / "celery"), "-A", "workers.app", *args], env, self.logdir))
+    def celery(self, name, args, env, ready="ready.", wait=True, app="workers.app"):
+        proc = self._add(Process(name, [str(BIN / "celery"), "-A", app, *args], env, self.logdir))
         proc.ready = (lambda: proc.wait_for_output(ready)) if ready else (lambda: None)
         if wait:
             proc.ready()

@@ -25,6 +25,9 @@ def test_ci_profile_completes_and_prints_the_table(tmp_path):
     numbers = json.loads(out.read_text())
     assert numbers["e2e"]["relay"]["complete"] and numbers["e2e"]["paced"]["complete"]
     assert numbers["e2e"]["plain"]["failures"] == 0
+    naive = numbers["e2e"]["naive"]
+    assert naive["complete"] and naive["done"] == naive["events"] == numbers["settings"]["deliveries"]
+    assert "| end to end | naive Celery consumer (" in result.stdout
     memory = numbers["redis_memory"]
     assert memory["deliveries"] == 100 and memory["dead_letters"] == 20
     assert set(memory["plans"]) == {"mini", "premium-0", "premium-1", "premium-2", "premium-3", "premium-5"}
