@@ -64,8 +64,9 @@ def test_a_write_to_a_healthy_sink_costs_four_round_trips(driver, sink_server):
     driver.rt.sinks["second"] = RecordingSink(HttpClient(sink_server.url), mappings=MappingStore(driver.rt.redis, "second"))
     two_sinks = fan_out(driver, "Complete", "2022-04-27T05:20:00+00:00")
     assert len(two_sinks) - len(one_sink) == 4, (one_sink, two_sinks)
-    # entry, processing lease, stop (cached), routed; then the sink's write (versions._call twice)
-    assert one_sink == ["get", "claim", "fetch_stop", "start_fan_out", "_call", "admit_and_take", "_call", "record"]
+    # entry read with the processing lease taken, stop (cached), routed; then the sink's write
+    # (versions._call twice). The entry and the lease were two round trips before.
+    assert one_sink == ["take_up", "fetch_stop", "start_fan_out", "_call", "admit_and_take", "_call", "record"]
 
 
 def storepoint_sink(simulator, redis_client):

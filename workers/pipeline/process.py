@@ -17,15 +17,15 @@ log = logging.getLogger(__name__)
 def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
     """Validate a recorded delivery and fan it out to its routed sinks, under a processing lease;
     a routed delivery whose fan-out stalled is resumed. Returns what became of it."""
-    entry = rt.ledger.entry(delivery_id)
+    lease = uuid.uuid4().hex
+    entry, claimed = rt.ledger.take_up(delivery_id, lease, rt.settings.sweep_after, attempt)
     if entry is None:
         log.warning("delivery %s is not in the ledger (expired or released); nothing to do", delivery_id)
         return "missing"
     if not entry.processable and not entry.stalled_sinks():
         return entry.status.value  # a redelivery of work already done
-    lease = uuid.uuid4().hex
-    if entry.processable and not rt.ledger.claim(delivery_id, lease, rt.settings.sweep_after, attempt):
-        return "processing"  # a live worker holds it (its lease is renewed) or it moved on meanwhile
+    if entry.processable and not claimed:
+        return "processing"  # a live worker holds it (its lease is renewed)
     try:
         event = parse_event(delivery_id, event_type, json.loads(entry.body))
     except ValidationError as exc:

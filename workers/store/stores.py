@@ -143,19 +143,21 @@ end
 return 1
 """
 
-# Take the processing lease: from "received" or "retrying", or from a holder whose lease lapsed
-# (not renewed for ARGV[3] seconds). KEYS: entry, OPEN. ARGV: id, token, lease seconds, now, attempt.
+# Read the entry and take the processing lease: from "received" or "retrying", or from a holder
+# whose lease lapsed (not renewed for ARGV[3] seconds). Returns {taken (1/0), the entry's fields as
+# they were before}. KEYS: entry, OPEN. ARGV: id, token, lease seconds, now, attempt.
 _CLAIM = """
+local fields = redis.call('HGETALL', KEYS[1])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'processing' then
   local renewed = redis.call('ZSCORE', KEYS[2], ARGV[1])
-  if renewed and tonumber(renewed) + tonumber(ARGV[3]) > tonumber(ARGV[4]) then return 0 end
+  if renewed and tonumber(renewed) + tonumber(ARGV[3]) > tonumber(ARGV[4]) then return {0, fields} end
 elseif status ~= 'received' and status ~= 'retrying' then
-  return 0
+  return {0, fields}
 end
 redis.call('HSET', KEYS[1], 'status', 'processing', 'lease', ARGV[2], 'lease_at', ARGV[4], 'attempt', ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-return 1
+return {1, fields}
 """
 
 # The sweeper takes a due entry: restart its clock only if it is still due, so sweeps that
@@ -376,8 +378,17 @@ class Ledger:
     def claim(self, delivery_id, token, lease_seconds, attempt=0):
         """Take the processing lease (status "processing"); False if the delivery does not wait
         for processing, or a live holder renewed its lease within ``lease_seconds``."""
-        return bool(self._claim(keys=[self.key(delivery_id), self.OPEN],
-                                args=[delivery_id, token, lease_seconds, repr(time.time()), attempt]))
+        return self.take_up(delivery_id, token, lease_seconds, attempt)[1]
+
+    def take_up(self, delivery_id, token, lease_seconds, attempt=0):
+        """``(entry, claimed)`` in one round trip: the ``LedgerEntry`` as it was (None when it is
+        not in the ledger), and whether the processing lease was taken (as ``claim``)."""
+        claimed, fields = self._claim(keys=[self.key(delivery_id), self.OPEN],
+                                      args=[delivery_id, token, lease_seconds, repr(time.time()), attempt])
+        if not fields:  # a compacted entry, or none
+            return self.entry(delivery_id), False
+        fields = dict(zip(fields[::2], fields[1::2]))
+        return LedgerEntry.of({**_entry(fields), "delivery_id": delivery_id}), bool(claimed)
 
     def renew(self, delivery_id, token):
         """Push the lease forward (its holder is alive and working); False once it is not held."""
