@@ -7,8 +7,11 @@
   ledger script that records, indexes and queues) in place of the pipeline, and none of the
   receiver's checks, metrics or error handling: what the durable record alone costs.
 
+- ``naive_receiver()``: the end-to-end phase's naive relay: Flask that reads the JSON body and hands it
+  to the naive Celery consumer (``bench/naive.py``) with ``send_task``, with no dedup, record or check.
+
 Served as ``gunicorn -c gunicorn.conf.py 'bench.apps:bare()'`` (``REDIS_URL`` for the second, the
-receiver's settings for the third).
+receiver's settings for the third, ``BENCH_NAIVE`` for the last).
 """
 import hashlib
 import json
@@ -65,5 +68,18 @@ def record_script():
         json.loads(text)
         delivery_id = delivery_id_for(event_type, body)
         return jsonify({"status": handoff.accept(delivery_id, event_type, text), "delivery_id": delivery_id})
+
+    return app
+
+
+def naive_receiver():
+    from bench import naive
+
+    app = Flask(__name__)
+
+    @app.post(ROUTE)
+    def receive(event_type, token):
+        naive.app.send_task(naive.TASK, [json.loads(request.get_data(cache=False))])
+        return jsonify({"status": "accepted"})
 
     return app

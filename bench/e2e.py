@@ -105,32 +105,6 @@ def relay_run(receiver_url, path, redis_url, events, concurrency, rate=None, tim
     return result
 
 
-def naive_run(redis_url, events, timeout):
-    """Publish ``events`` to the naive Celery consumer (``bench.naive``) with ``send_task`` as fast
-    as it goes; events/s run from the first publish until the last event is counted done."""
-    from celery import Celery
-
-    from bench import naive
-
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    producer = Celery("bench-naive-producer", broker=redis_url)
-    started = time.monotonic()
-    with producer.producer_or_acquire() as publisher:
-        for event in events:
-            producer.send_task(naive.TASK, [event], producer=publisher)
-    published = time.monotonic() - started
-    done = 0
-    while time.monotonic() < started + timeout:
-        done = int(client.get(naive.DONE) or 0)
-        if done >= len(events):
-            break
-        time.sleep(0.02)
-    seconds = time.monotonic() - started
-    client.close()
-    return {"events": len(events), "done": done, "complete": done >= len(events), "publish_seconds": published,
-            "seconds": seconds, "rate": done / seconds}
-
-
 class PlainClient:
     """The same HTTP calls as the relay's workers, made directly from a thread."""
 

@@ -3,14 +3,16 @@
 Issue #15 took it as the reference for its end-to-end target ("a naive Celery consumer, one task
 per event, reaches about 0.7× the plain loop"). One task per event makes the plain loop's calls
 (``e2e.PlainClient``) with Celery's defaults otherwise: early ack, no result, no retry, and no
-receiver, ledger, key lock, breaker or outcome of its own. What it created is kept in its Redis,
-since the pool's processes must share it, and each event done is counted there (``DONE``).
-``BENCH_NAIVE`` (JSON) gives its broker URL and the simulators' URLs.
+ledger, key lock, breaker or outcome of its own. What it created is kept in its Redis, since the
+pool's processes must share it, and each event done is counted there (``DONE``). ``run`` feeds it
+straight with ``send_task``, or through ``bench.apps:naive_receiver()`` (a Flask app that calls
+``send_task`` per webhook). ``BENCH_NAIVE`` (JSON) gives its broker URL and the simulators' URLs.
 """
 import functools
 import json
 import os
 import threading
+import time
 
 import redis
 from celery import Celery
@@ -67,3 +69,33 @@ def apply(event):
     client, store = _clients()
     client.apply(event, StorepointIds(store), B2BKeys(store))
     store.incr(DONE)
+
+
+def run(redis_url, events, timeout, post=None):
+    """Feed ``events`` to the consumer whose broker is ``redis_url`` and wait until all are done:
+    through ``post(bodies)`` (posting them to the naive receiver) when given, else with
+    ``send_task`` straight onto its queue. events/s run from the first post or publish to the
+    last event counted done."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    before = int(client.get(DONE) or 0)
+    started = time.monotonic()
+    if post is not None:
+        posted = post([json.dumps(event).encode() for event in events])
+        if posted["errors"]:
+            raise RuntimeError(f"{len(posted['errors'])} posts refused, e.g. {posted['errors'][:3]}")
+    else:
+        producer = Celery("bench-naive-producer", broker=redis_url)
+        with producer.producer_or_acquire() as publisher:
+            for event in events:
+                producer.send_task(TASK, [event], producer=publisher)
+    fed = time.monotonic() - started
+    done = 0
+    while time.monotonic() < started + timeout:
+        done = int(client.get(DONE) or 0) - before
+        if done >= len(events):
+            break
+        time.sleep(0.02)
+    seconds = time.monotonic() - started
+    client.close()
+    return {"events": len(events), "done": done, "complete": done >= len(events), "feed_seconds": fed,
+            "seconds": seconds, "rate": done / seconds}

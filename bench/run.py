@@ -8,9 +8,10 @@
    (the shipped pool and concurrency defaults unless given) to the Storepoint and
    B2B simulators, Locate2u simulated for enrichment; then a paced run at half the
    relay's measured rate for receipt-to-applied latency; then the same events
-   published to a naive Celery consumer (``bench/naive.py``, same pool and
-   concurrency) and applied by a plain threaded requests.Session loop at the same
-   concurrency.
+   applied by a naive Celery consumer (``bench/naive.py``, same pool and
+   concurrency), fed straight onto its queue and then through a Flask app that
+   calls send_task per webhook, and by a plain threaded requests.Session loop at
+   the same concurrency.
 3. memory: peak RSS of a web worker and of the Celery worker processes, and Redis bytes per
    pending, settled and dead-lettered delivery (``bench/memory.py``) with what each Heroku
    Key-Value Store plan holds.
@@ -20,6 +21,7 @@ Timings depend on the machine and on whatever else runs on it; only ratios from
 the same run mean much.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -32,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import e2e, load, memory, sims
+from bench import e2e, load, memory, naive, sims
 from bench.stack import Stack, peak_rss_mib
 from tests.processes import process_env
 from workers.config import Settings
@@ -156,18 +158,8 @@ def end_to_end(workdir, profile, pool, concurrency):
                   "celery_processes": len(pids),
                   "web_worker_peak_rss_mib": max(peak_rss_mib(pid) for pid in web.children())}
 
-    with Stack(workdir / "naive") as stack:
-        redis_url = stack.start_redis()
-        urls = stack.simulators(e2e.SINKS + ("locate2u",), *stop_args)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_NAIVE=json.dumps({"broker_url": redis_url, "urls": urls}))
-        stack.celery("worker", ["worker", "-l", "INFO", "-n", "naive@%h", "--without-gossip", "--without-mingle",
-                                "-P", pool, "-c", str(threads)], env, app="bench.naive")
-        cpu_before, own_before = stack.cpu(), time.process_time()
-        naive = e2e.naive_run(redis_url, events, profile["settle_timeout"])
-        naive["cpu_ms_per_event"] = cpu_per_event(cpu_before, stack.cpu(), len(events),
-                                                  load_generator=time.process_time() - own_before)
-        print(f"  naive Celery consumer ({pool} pool, concurrency {threads}): {naive['rate']:.0f} events/s; "
-              f"per event: {cost_line(naive)}", flush=True)
+    naive_runs = {via: naive_consumer(workdir, events, profile, stop_args, pool, threads, via)
+                  for via in ("queue", "receiver")}
 
     with Stack(workdir / "plain") as stack:
         urls = stack.simulators(e2e.SINKS + ("locate2u",), *stop_args)
@@ -177,8 +169,31 @@ def end_to_end(workdir, profile, pool, concurrency):
                                                   plain_loop=time.process_time() - own_before)
         print(f"  plain loop, {threads} threads: {plain['rate']:.0f} events/s; per event: {cost_line(plain)}",
               flush=True)
-    return {"plain": plain, "naive": naive, "relay": relay, "paced": paced, "memory": memory, "threads": threads,
-            "pool": pool}
+    return {"plain": plain, "naive": naive_runs["queue"], "naive_relay": naive_runs["receiver"], "relay": relay,
+            "paced": paced, "memory": memory, "threads": threads, "pool": pool}
+
+
+def naive_consumer(workdir, events, profile, stop_args, pool, threads, via):
+    """``events`` applied by the naive Celery consumer (``bench/naive.py``) on its own Redis and
+    simulators, with the relay's pool and concurrency, fed straight onto its queue (``via``
+    "queue") or posted to the naive receiver app (``via`` "receiver") at the relay's concurrency."""
+    with Stack(workdir / f"naive-{via}") as stack:
+        redis_url = stack.start_redis()
+        urls = stack.simulators(e2e.SINKS + ("locate2u",), *stop_args)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_NAIVE=json.dumps({"broker_url": redis_url, "urls": urls}))
+        stack.celery("worker", ["worker", "-l", "INFO", "-n", "naive@%h", "--without-gossip", "--without-mingle",
+                                "-P", pool, "-c", str(threads)], env, app="bench.naive")
+        post = None
+        if via == "receiver":
+            web = stack.gunicorn("receiver", "bench.apps:naive_receiver()", env)
+            post = functools.partial(load.post_all, web.url, EVENT_PATH, concurrency=profile["connections"])
+        cpu_before, own_before = stack.cpu(), time.process_time()
+        result = naive.run(redis_url, events, profile["settle_timeout"], post)
+        result["cpu_ms_per_event"] = cpu_per_event(cpu_before, stack.cpu(), len(events),
+                                                   load_generator=time.process_time() - own_before)
+    print(f"  naive Celery consumer fed {'through a send_task app' if post else 'straight'} ({pool} pool, "
+          f"concurrency {threads}): {result['rate']:.0f} events/s; per event: {cost_line(result)}", flush=True)
+    return result
 
 
 def cpu_per_event(before, after, events, **own):
@@ -224,17 +239,20 @@ def table(result):
                 "1.00× bare", f"{r['pipeline/bare']:.2f}× bare", f"{r['record_script/pipeline']:.2f}× pipeline",
                 f"{r['receiver/pipeline']:.2f}× pipeline ({r['receiver/bare']:.2f}× bare)",
                 f"{r['send_task/pipeline']:.2f}× pipeline"))]
-    plain, naive, relay, paced = end["plain"], end["naive"], end["relay"], end["paced"]
+    plain, relay, paced = end["plain"], end["relay"], end["paced"]
+    straight, paired = end["naive"], end["naive_relay"]
     rows.append(("end to end", f"plain requests.Session loop, {end['threads']} threads",
                  f"{plain['rate']:,.0f} events/s", "—", "—", "1.00×"))
-    rows.append(("end to end", f"naive Celery consumer ({end['pool']} ×{end['threads']}, one task per event, "
-                               "no receiver)", f"{naive['rate']:,.0f} events/s", "—", "—",
-                 f"{naive['rate'] / plain['rate']:.2f}× plain loop"))
+    rows.append(("end to end", f"naive Celery consumer ({end['pool']} ×{end['threads']}, one task per event), "
+                               "fed straight onto its queue", f"{straight['rate']:,.0f} events/s", "—", "—",
+                 f"{straight['rate'] / plain['rate']:.2f}× plain loop"))
+    rows.append(("end to end", "the same consumer behind a Flask app that calls send_task per webhook",
+                 f"{paired['rate']:,.0f} events/s", "—", "—", f"{paired['rate'] / plain['rate']:.2f}× plain loop"))
     for sink in e2e.SINKS:
         rows.append(("end to end", f"relay, {relay['events']:,} deliveries → {sink}",
                      f"{relay['rate']:,.0f} events/s", _s(relay["sinks"][sink]["p50_ms"]),
                      _s(relay["sinks"][sink]["p99_ms"]), f"{relay['rate'] / plain['rate']:.2f}× plain loop "
-                     f"({relay['rate'] / naive['rate']:.2f}× naive)"))
+                     f"({relay['rate'] / paired['rate']:.2f}× the naive pair)"))
     for sink in e2e.SINKS:
         rows.append(("latency", f"relay at half that rate ({paced['target_rate']:,.0f}/s) → {sink}",
                      "receipt to applied", _s(paced["sinks"][sink]["p50_ms"]), _s(paced["sinks"][sink]["p99_ms"]),
@@ -256,8 +274,8 @@ def table(result):
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append("")
     lines.append(f"load generator: {tool}; machine: {result['machine']}")
-    lines.append(f"per event, relay: {cost_line(relay)}; naive consumer: {cost_line(naive)}; "
-                 f"plain loop: {cost_line(plain)}")
+    lines.append(f"per event, relay: {cost_line(relay)}; naive consumer: {cost_line(straight)}; naive pair: "
+                 f"{cost_line(paired)}; plain loop: {cost_line(plain)}")
     lines.append("targets: " + "; ".join(f"{name} {'met' if ok else 'NOT met'} ({value})"
                                          for name, ok, value in targets(result)))
     return "\n".join(lines)
@@ -328,7 +346,7 @@ def main(argv=None):
     if "memory" not in args.skip:
         result["redis_memory"] = memory.run(workdir, profile, SECRET, EVENT_PATH)
         print("\n".join("  " + line for line in memory.lines(result["redis_memory"])), flush=True)
-    incomplete = [name for name in ("relay", "paced", "naive")
+    incomplete = [name for name in ("relay", "paced", "naive", "naive_relay")
                   if not result.get("e2e", {}).get(name, {"complete": True})["complete"]]
     if not args.keep_logs and not incomplete:  # kept when the run failed, for its logs
         shutil.rmtree(workdir, ignore_errors=True)

@@ -25,9 +25,11 @@ def test_ci_profile_completes_and_prints_the_table(tmp_path):
     numbers = json.loads(out.read_text())
     assert numbers["e2e"]["relay"]["complete"] and numbers["e2e"]["paced"]["complete"]
     assert numbers["e2e"]["plain"]["failures"] == 0
-    naive = numbers["e2e"]["naive"]
-    assert naive["complete"] and naive["done"] == naive["events"] == numbers["settings"]["deliveries"]
+    for run in ("naive", "naive_relay"):  # the naive consumer fed straight, then through its send_task app
+        naive = numbers["e2e"][run]
+        assert naive["complete"] and naive["done"] == naive["events"] == numbers["settings"]["deliveries"], run
     assert "| end to end | naive Celery consumer (" in result.stdout
+    assert "| end to end | the same consumer behind a Flask app that calls send_task per webhook |" in result.stdout
     memory = numbers["redis_memory"]
     assert memory["deliveries"] == 100 and memory["dead_letters"] == 20
     assert set(memory["plans"]) == {"mini", "premium-0", "premium-1", "premium-2", "premium-3", "premium-5"}
