@@ -60,6 +60,10 @@ def test_ordinary_fields_are_left_alone():
     ("{'Client_Secret': 'cl1ent-value'}", "cl1ent-value"),
     ("Password=pa55word-value", "pa55word-value"),
     ("Jürgen's header Bearer n0n-ascii-line", "n0n-ascii-line"),
+    # Unicode case folding, as the patterns' (?i) does it: ſ (long s) matches s, K (Kelvin) matches k
+    ("form paſſword=l0ng-s-value", "l0ng-s-value"),
+    ("https://x/callback?ſtate=ſt4te-value", "t4te-value"),
+    ("ACCESS_TO\u212aEN=kelv1n-value", "kelv1n-value"),
 ])
 def test_every_credential_pattern_is_redacted_whatever_its_case(line, leaked):
     """A pattern runs only on text holding one of its cues: each pattern, in odd case, still applies."""
