@@ -1,8 +1,10 @@
 """One loopback simulator per process for the end-to-end benchmark: ``python -m bench.sims NAME``.
 
 The simulators are the test suite's (``workers/ops/simulators``), served by werkzeug's
-threaded server with HTTP/1.1 keep-alive and without per-request log lines, so the
-relay and the plain loop both reuse connections. Each runs in its own process so
+threaded server without per-request log lines. werkzeug answers every request with
+``Connection: close`` whatever the protocol version, so the relay, the naive consumer and
+the plain loop alike open a connection (and the simulator a thread) per call; a vendor
+that keeps connections alive would cost all of them less. Each runs in its own process so
 the sinks are not one GIL. Prints its URL on the first line; ``GET /_bench/count``
 answers how many requests it served, by method.
 """
@@ -39,9 +41,7 @@ def relay_settings(settings, urls, workdir):
         b2b_country_id=B2B_COUNTRY)
 
 
-class KeepAlive(WSGIRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class Quiet(WSGIRequestHandler):
     def log_request(self, *args, **kwargs):
         pass
 
@@ -82,7 +82,7 @@ def main():
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = make_server("127.0.0.1", 0, counting(build(args.name, args.stops, args.first_stop)), threaded=True,
-                         request_handler=KeepAlive)
+                         request_handler=Quiet)
     print(f"http://127.0.0.1:{server.server_port}", flush=True)
     try:
         server.serve_forever(poll_interval=0.05)
