@@ -2,8 +2,9 @@
 
 Issue #15 took it as the reference for its end-to-end target ("a naive Celery consumer, one task
 per event, reaches about 0.7× the plain loop"). One task per event makes the plain loop's calls
-(``e2e.PlainClient``) with Celery's defaults otherwise: early ack, no result, no retry, and no
-ledger, key lock, breaker or outcome of its own. What it created is kept in its Redis, since the
+(``e2e.PlainClient``) with Celery's defaults otherwise: early ack, no result, no retry (``bench.run``
+starts it logging at INFO, as the relay's worker does), and no ledger, key lock, breaker or outcome
+of its own. What it created is kept in its Redis, since the
 pool's processes must share it, and each event done is counted there (``DONE``). ``run`` feeds it
 straight with ``send_task``, or through ``bench.apps:naive_receiver()`` (a Flask app that calls
 ``send_task`` per webhook). ``BENCH_NAIVE`` (JSON) gives its broker URL and the simulators' URLs.
