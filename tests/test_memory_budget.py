@@ -102,6 +102,18 @@ def test_a_late_outcome_after_compaction_leaves_no_fragment(redis_client):
     assert ledger.get("d-1")["sinks"]["storepoint"]["state"] == "applied"
 
 
+def test_a_redelivered_message_of_a_compacted_delivery_finds_it_settled_and_takes_no_lease(redis_client):
+    """``take_up`` reads the entry with the lease in one script; a compacted entry has no hash left,
+    so it is read from its settled record, and nothing is written back for it."""
+    ledger = Ledger(redis_client)
+    settle(ledger, "d-1")
+    compact_all(ledger, time.time() + SETTLE_GRACE)
+    entry, claimed = ledger.take_up("d-1", "late-worker", 60)
+    assert entry.status.value == "applied" and entry.delivery_id == "d-1" and not claimed
+    assert not redis_client.exists(Ledger.key("d-1")) and redis_client.zscore(Ledger.OPEN, "d-1") is None
+    assert ledger.take_up("never-recorded", "late-worker", 60) == (None, False)
+
+
 def test_a_settled_delivery_costs_at_most_400_bytes_at_default_retention(redis_client):
     ledger, count = Ledger(redis_client), 2000
     ids = [delivery_id(n) for n in range(count)]

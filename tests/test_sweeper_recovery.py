@@ -173,7 +173,7 @@ def test_a_redelivered_message_leaves_a_live_lease_alone(broker, l2u):
     rt = broker.rt
     delivery_id = accept(rt)
     _, args = broker.take(INGEST_QUEUE)
-    assert rt.ledger.claim(delivery_id, "another-worker", rt.settings.sweep_after)
+    assert rt.ledger.take_up(delivery_id, "another-worker", rt.settings.sweep_after)[1]
     assert tasks.process_delivery.run(*args) == "processing"
     assert stop_fetches(l2u) == []
 
@@ -182,7 +182,7 @@ def test_a_dead_workers_lease_lapses_and_the_sweeper_takes_it_up(broker):
     rt = broker.rt
     delivery_id = accept(rt)
     broker.take(INGEST_QUEUE)  # taken by a worker that then died: its lease is never renewed
-    assert rt.ledger.claim(delivery_id, "dead-worker", rt.settings.sweep_after)
+    assert rt.ledger.take_up(delivery_id, "dead-worker", rt.settings.sweep_after)[1]
     assert tasks.sweep_received.run() == 0
     past_sweep_after(rt)
     assert tasks.sweep_received.run() == 1

@@ -334,16 +334,19 @@ class Ledger:
         A compacted entry carries ``compacted: True``, and as ``body`` only the JSON of the body's
         ``KEPT_BODY_FIELDS``.
         """
-        entry = self.redis.hgetall(self.key(delivery_id))
-        if not entry:
+        return self._found(delivery_id, self.redis.hgetall(self.key(delivery_id)))
+
+    def _found(self, delivery_id, fields):
+        """``get``'s answer from the entry's hash ``fields``: when they are empty, its settled record
+        (compacted), or None."""
+        if not fields:
             packed = self._settled_record(delivery_id)
             return _unpack(delivery_id, packed)[0] if packed else None
-        return _entry(entry)
+        return _entry(fields)
 
     def entry(self, delivery_id):
         """The entry as a ``LedgerEntry`` (a compacted one without its body), or None."""
-        fields = self.get(delivery_id)
-        return LedgerEntry.of({**fields, "delivery_id": delivery_id}) if fields else None
+        return _ledger_entry(delivery_id, self.get(delivery_id))
 
     def get_many(self, delivery_ids):
         """``{delivery id: entry}`` (as ``get`` gives them) for those of ``delivery_ids`` in the ledger,
@@ -375,20 +378,15 @@ class Ledger:
                 pipe.zadd(self.FINAL, {delivery_id: time.time()})
             pipe.execute()
 
-    def claim(self, delivery_id, token, lease_seconds, attempt=0):
-        """Take the processing lease (status "processing"); False if the delivery does not wait
-        for processing, or a live holder renewed its lease within ``lease_seconds``."""
-        return self.take_up(delivery_id, token, lease_seconds, attempt)[1]
-
     def take_up(self, delivery_id, token, lease_seconds, attempt=0):
         """``(entry, claimed)`` in one round trip: the ``LedgerEntry`` as it was (None when it is
-        not in the ledger), and whether the processing lease was taken (as ``claim``)."""
+        not in the ledger), and whether the processing lease (status "processing") was taken; it is
+        not when the delivery does not wait for processing, or a live holder renewed its lease
+        within ``lease_seconds``."""
         claimed, fields = self._claim(keys=[self.key(delivery_id), self.OPEN],
                                       args=[delivery_id, token, lease_seconds, repr(time.time()), attempt])
-        if not fields:  # a compacted entry, or none
-            return self.entry(delivery_id), False
-        fields = dict(zip(fields[::2], fields[1::2]))
-        return LedgerEntry.of({**_entry(fields), "delivery_id": delivery_id}), bool(claimed)
+        found = self._found(delivery_id, dict(zip(fields[::2], fields[1::2])))
+        return _ledger_entry(delivery_id, found), bool(claimed)
 
     def renew(self, delivery_id, token):
         """Push the lease forward (its holder is alive and working); False once it is not held."""
@@ -621,6 +619,11 @@ def on_pipeline(client, pipe=None):
     with client.pipeline(transaction=False) as own:
         yield own
         own.execute()
+
+
+def _ledger_entry(delivery_id, found):
+    """``found`` (as ``Ledger.get`` gives it) as a ``LedgerEntry``, or None."""
+    return LedgerEntry.of({**found, "delivery_id": delivery_id}) if found else None
 
 
 def _entry(fields):
