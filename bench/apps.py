@@ -1,13 +1,12 @@
-"""The baseline web apps of the ingest benchmark, served by the same gunicorn settings as the receiver.
+"""The baseline web apps of the benchmark, served by the same gunicorn settings as the receiver.
 
 - ``bare()``: Flask, a POST that reads the JSON body and answers 200 with a small JSON object;
 - ``one_pipeline()``: the same plus one Redis pipeline per request (``SET NX`` of a dedup key
   and ``LPUSH`` of the body): the least any durable accept path can do;
 - ``record_script()``: the same with the receiver's own hand-off (``receiver.handoff.Handoff``: the
   ledger script that records, indexes and queues) in place of the pipeline, and none of the
-  receiver's checks, metrics or error handling: what the durable record alone costs.
-
-- ``naive_receiver()``: the end-to-end phase's naive relay: Flask that reads the JSON body and hands it
+  receiver's checks, metrics or error handling: what the durable record alone costs (ingest);
+- ``naive_receiver()``: the end-to-end phase's naive pair: Flask that reads the JSON body and hands it
   to the naive Celery consumer (``bench/naive.py``) with ``send_task``, with no dedup, record or check.
 
 Served as ``gunicorn -c gunicorn.conf.py 'bench.apps:bare()'`` (``REDIS_URL`` for the second, the
