@@ -41,6 +41,7 @@ from workers.config import Settings
 from workers.locate2u.webhook_auth import url_token
 
 SECRET = "bench-webhook-secret-0123456789"
+POOL_OPTION = {"thread": "threads"}  # a pool's name in the worker's banner -> its ``-P`` value, where they differ
 EVENT_PATH = f"/webhooks/locate2u/{e2e.EVENT_TYPE}/" + url_token(SECRET, e2e.EVENT_TYPE)
 PROFILES = {
     # 5,000 stops: each gets four changes, too far apart for the 10 s stop cache (relay and plain loop alike).
@@ -220,11 +221,12 @@ def commands_per_event(before, after, events):
 
 
 def worker_banner(text):
-    """The pool and concurrency a Celery worker reports at start-up ("concurrency: 8 (thread)")."""
+    """The pool (as ``celery worker -P`` names it) and concurrency a Celery worker reports at start-up
+    ("concurrency: 8 (thread)": the threads pool)."""
     match = re.search(r"concurrency:\s*(\d+)\s*\(([\w-]+)\)", text)
     if not match:
         raise RuntimeError(f"no concurrency line in the worker's banner:\n{text[-2000:]}")
-    return match.group(2), int(match.group(1))
+    return POOL_OPTION.get(match.group(2), match.group(2)), int(match.group(1))
 
 
 # ------------------------------------------------------------------ report

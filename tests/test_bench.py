@@ -1,9 +1,14 @@
 """The benchmark's tiny CI profile still runs every phase (ingest, end to end, Redis memory) and prints its table;
-no number is asserted."""
+no number is asserted; and the worker banner it reads names a pool it can start."""
 import json
 import subprocess
 import sys
 
+import pytest
+from celery.bin.worker import worker
+from celery.concurrency import ALIASES
+
+from bench.run import worker_banner
 from workers.ops.devstack import REPO_ROOT
 
 HEADER = "| phase | what | throughput | p50 | p99 | ratio |"
@@ -33,3 +38,14 @@ def test_ci_profile_completes_and_prints_the_table(tmp_path):
     memory = numbers["redis_memory"]
     assert memory["deliveries"] == 100 and memory["dead_letters"] == 20
     assert set(memory["plans"]) == {"mini", "premium-0", "premium-1", "premium-2", "premium-3", "premium-5"}
+
+
+@pytest.mark.parametrize("option", sorted(set(ALIASES) - {"custom"}))
+def test_the_pool_read_from_a_worker_banner_is_one_the_naive_consumer_can_be_started_with(option):
+    """The naive consumer is started with the relay worker's pool as its banner names it ("thread"
+    for ``-P threads``); the name given back must be a ``-P`` value for the same pool."""
+    module = ALIASES[option].partition(":")[0]
+    pool, concurrency = worker_banner(f".> concurrency: 8 ({module.split('.')[-1]})")
+    pool_option = next(param for param in worker.params if "--pool" in param.opts)
+    assert pool in pool_option.type.choices and ALIASES[pool].partition(":")[0] == module
+    assert concurrency == 8
