@@ -5,7 +5,8 @@ Storepoint answers 503 for about 20 s while deliveries arrive: the first two fai
 next step on the schedule is 300 s away), the later ones open the breaker. Once Storepoint
 answers again nothing else is posted, so only the relay's own probe can notice the recovery.
 Every held Storepoint write must then be applied long before the schedule's next step; the
-measured time is printed (``pytest -s``), never asserted tightly.
+measured time is printed (``pytest -s``), never asserted tightly. The same at issue 15's bound:
+a minute of 503s under steady traffic (120 deliveries, four changes of each of 30 stops).
 
 B2B hanging is the other way a sink fails: each write gets no answer within the client's 30 s
 read timeout and lands later all the same, so its key stays settling while it may still land.
@@ -24,12 +25,14 @@ from workers.store.stores import Ledger
 SP_TOKEN, B2B_TOKEN = "sp-recovery-token-123", "b2b-recovery-token-123"
 STOP_IDS = range(5001, 5007)
 OUTAGE_SECONDS = 20
+TRAFFIC_STOPS = range(5101, 5131)  # the minute-long outage's traffic: each stop changes four times
+STATUSES = ("Enroute", "Arrived", "Complete", "Rejected")
 DEADLINE = 60  # well below the schedule's 300 s step, far above the target of 10 s
 
 
 @pytest.fixture
 def sims(simulators):
-    return simulators([{"stopId": stop_id, "name": f"Stop {stop_id}"} for stop_id in STOP_IDS],
+    return simulators([{"stopId": stop_id, "name": f"Stop {stop_id}"} for stop_id in (*STOP_IDS, *TRAFFIC_STOPS)],
                       storepoint={"token": SP_TOKEN}, b2b={"token": B2B_TOKEN})
 
 
@@ -114,3 +117,38 @@ def test_held_b2b_writes_go_out_as_soon_as_b2b_answers_again_after_it_hung(stack
     time.sleep(max(0.0, recovered_at + 12 - time.time()))  # the hung requests have landed by now
     locations = sims["b2b"].app.config["STATE"].locations.values()
     assert sorted(location["idRemote"] for location in locations) == [f"l2u-stop-{stop_id}" for stop_id in STOP_IDS[:2]]
+
+
+def test_a_minute_long_storepoint_outage_under_steady_traffic_is_caught_up_soon_after(stack, sims, redis_client):
+    """The issue's bound, the way it happens: Storepoint answers 503 for a whole minute while
+    Locate2u keeps sending (two deliveries a second, each of 30 stops changing four times), then
+    nothing more is sent. Every held write must go out once Storepoint answers again: each stop's
+    newest change applied, its older ones applied or stale, one Storepoint location per stop."""
+    faults = sims["storepoint"].app.config["FAULTS"]
+    faults.fail_rate(1.0, 503)
+    outage_start = time.monotonic()
+    newest, delivery_ids = {}, []
+    for round_no, status in enumerate(STATUSES):
+        for stop_id in TRAFFIC_STOPS:
+            body = status_change(stop_id, status, f"2022-04-27T05:{round_no:02d}:{stop_id % 60:02d}+00:00")
+            delivery_ids.append(post(stack.url, "stop.status-changed", body).json()["delivery_id"])
+            newest[stop_id] = delivery_ids[-1]
+            time.sleep(max(0.0, outage_start + len(delivery_ids) / 2 - time.monotonic()))
+    wait_for(lambda: all(outcome.get("state") in ("retrying", "waiting", "stale")
+                         for outcome in sink_outcomes(redis_client, delivery_ids).values()), timeout=60)
+    refused, outage = faults.counts["503"], time.monotonic() - outage_start
+    faults.clear()
+    recovered_at = time.time()
+
+    outcomes = wait_for(lambda: (found := sink_outcomes(redis_client, delivery_ids)) and all(
+        outcome.get("state") in ("applied", "stale") for outcome in found.values()) and found, timeout=DEADLINE)
+    seconds = max(outcome["at"] for outcome in outcomes.values()) - recovered_at
+    print(f"\nstorepoint answered 503 for {outage:.0f} s ({refused} refusals) while {len(delivery_ids)} "
+          f"deliveries arrived; all settled {seconds:.1f} s after it answered again")
+    assert all(outcome["attempts"] <= 3 for outcome in outcomes.values()), outcomes  # the wait spent none
+    assert {stop_id: outcomes[delivery_id]["state"] for stop_id, delivery_id in newest.items()} == \
+        {stop_id: "applied" for stop_id in TRAFFIC_STOPS}
+    locations = sims["storepoint"].app.config["STATE"].find(lambda location: True)
+    assert len(locations) == len(TRAFFIC_STOPS), locations
+    assert len(sims["b2b"].app.config["STATE"].locations) == len(TRAFFIC_STOPS)
+
