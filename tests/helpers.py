@@ -6,7 +6,7 @@ import time
 
 import requests
 
-from workers.resilience.controls import RateLimiter
+from workers.resilience.controls import RateLimiter, SlowCalls
 from workers.store.stores import Ledger
 from workers.locate2u.webhook_auth import url_token
 
@@ -50,6 +50,7 @@ def metric(text, name, **labels):
 
 def admit(breaker, now=None):
     """``(verdict, wait)`` of ``breaker`` for a write, asked as the pipeline asks it (a token taken
-    from a bucket of its own that never runs dry, no retries held)."""
+    from a bucket of its own that never runs dry, no retries held, no call in flight)."""
     roomy = RateLimiter(breaker.redis, "test-roomy", rate=10_000, burst=10_000)
-    return breaker.admit_and_take(roomy, "l2u:test:held", now)[:2]
+    calls = SlowCalls("test-roomy")
+    return breaker.admit_and_take(roomy, "l2u:test:held", calls, SlowCalls.Call("test-call", 0.001), now)[:2]

@@ -10,7 +10,9 @@ a minute of 503s under steady traffic (120 deliveries, four changes of each of 3
 
 B2B hanging is the other way a sink fails: each write gets no answer within the client's 30 s
 read timeout and lands later all the same, so its key stays settling while it may still land.
-The held retries of those very writes must not wait for that.
+The held retries of those very writes must not wait for that. Nor may Storepoint wait for B2B
+while deliveries keep coming: its writes go first in each fan-out, but a worker process stuck in
+B2B takes no new delivery, and before ``SlowCalls`` every process was stuck in turn.
 """
 import time
 
@@ -20,6 +22,7 @@ from tests.fixtures import sims_settings
 from tests.helpers import post, wait_for
 from tests.payloads import status_change
 from workers.config import SVIX_RETRY_SCHEDULE
+from workers.resilience.http import DEFAULT_TIMEOUT, read_timeout
 from workers.store.stores import Ledger
 
 SP_TOKEN, B2B_TOKEN = "sp-recovery-token-123", "b2b-recovery-token-123"
@@ -152,3 +155,27 @@ def test_a_minute_long_storepoint_outage_under_steady_traffic_is_caught_up_soon_
     assert len(locations) == len(TRAFFIC_STOPS), locations
     assert len(sims["b2b"].app.config["STATE"].locations) == len(TRAFFIC_STOPS)
 
+
+def test_storepoint_writes_keep_flowing_while_b2b_hangs_under_steady_traffic(stack, sims, redis_client):
+    """B2B answers every request 40 s late (after the client's read timeout) while two deliveries a
+    second arrive for 45 s. Each Storepoint write must be applied within B2B's timeout of its
+    receipt (the first calls into the hang take every worker process until they time out; then B2B
+    may have only half of them); before, they waited for B2B's breaker: up to 87 s."""
+    sims["b2b"].app.config["FAULTS"].latency(40)
+    start = time.monotonic()
+    delivery_ids = []
+    for round_no, status in enumerate(STATUSES[:3]):
+        for stop_id in TRAFFIC_STOPS:
+            body = status_change(stop_id, status, f"2022-04-27T05:{round_no:02d}:{stop_id % 60:02d}+00:00")
+            delivery_ids.append(post(stack.url, "stop.status-changed", body).json()["delivery_id"])
+            time.sleep(max(0.0, start + len(delivery_ids) / 2 - time.monotonic()))
+    outcomes = wait_for(lambda: (found := sink_outcomes(redis_client, delivery_ids)) and all(
+        outcome.get("state") in ("applied", "stale") for outcome in found.values()) and found, timeout=DEADLINE)
+    ledger = Ledger(redis_client)
+    waited = sorted(outcomes[delivery_id]["at"] - float(ledger.get(delivery_id)["received_at"])
+                    for delivery_id in delivery_ids)
+    print(f"\nb2b hung while {len(delivery_ids)} deliveries arrived in {time.monotonic() - start:.0f} s; storepoint "
+          f"applied them {waited[len(waited) // 2]:.1f} s (median), at most {waited[-1]:.1f} s after receipt")
+    assert waited[-1] < read_timeout(DEFAULT_TIMEOUT) + 5, waited
+    b2b = sink_outcomes(redis_client, delivery_ids, "b2b").values()  # none given up: held, retried or applied
+    assert {outcome.get("state") for outcome in b2b} <= {"pending", "waiting", "retrying", "applied", "stale"}

@@ -14,6 +14,7 @@ from celery.signals import celeryd_after_setup, celeryd_init, setup_logging
 
 from workers import warm_shutdown
 from workers.resilience.beat_schedules import RetriesDue
+from workers.resilience.controls import SlowCalls
 from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, SYNC_SUBSCRIPTIONS, make_celery
 from workers.config import ConfigError, Settings
 from workers.logs import configure_logging, say_as_json
@@ -78,6 +79,12 @@ def _quiet_worker(worker, settings):
 @celeryd_after_setup.connect
 def _log_worker_start(sender=None, instance=None, **_):
     logging.getLogger("celery.apps.worker").info("%s starting:\n%s", sender, instance.startup_info(artlines=False))
+
+
+@celeryd_after_setup.connect
+def _size_slow_call_limit(instance=None, **_):
+    """A slow sink may take half of this worker's pool (``SlowCalls``); the pool processes fork after this."""
+    SlowCalls.processes = instance.concurrency
 
 
 def _load():

@@ -4,7 +4,7 @@ import functools
 from workers.config import Settings
 from workers.metrics import WorkerMetrics
 from workers.store.redis_messages import RedisTaskSender, broker_is_ledger_redis
-from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler
+from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, SlowCalls
 from workers.pipeline.routes import load_routes
 from workers.sinks import enabled_sinks
 from workers.store.stores import DeadLetterStore, Ledger, Quarantine, VersionStore, connect
@@ -40,6 +40,10 @@ class Runtime:
     @functools.cache
     def limiter(self, sink):
         return RateLimiter(self.redis, sink, **self.routes[sink].rate_limit)
+
+    @functools.cache
+    def calls(self, sink):
+        return SlowCalls(sink)
 
     @functools.cache
     def versions(self, sink):

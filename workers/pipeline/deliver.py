@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 DELIVER_LIST = keys.queue_list(keys.DELIVER_QUEUE)
 LOCK_RENEW_SECONDS = 10  # how often a key lock is renewed while its holder's sink call runs
 BUSY_RETRY_SECONDS = 1.0
+CROWDED_RETRY_SECONDS = 5.0  # a write held while its slow sink has as many calls in flight as allowed
 
 
 def lock_seconds(sink):
@@ -58,7 +59,7 @@ def deliver_to_sink(rt, job, received_at=None):
             # Only a write that is really sent asks the breaker and the rate limit, so a stale one
             # never uses up the breaker's single probe (or a token) without calling the sink.
             breaker = rt.breaker(job.sink)
-            held_back, early, failing = _hold_back(rt, breaker, job)
+            held_back, early, failing = _hold_back(rt, breaker, job, sink)
             if held_back:
                 return _wait(rt, job, *held_back)
             try:
@@ -135,15 +136,19 @@ def reassert(rt, sink_name, key):
     return True
 
 
-def _hold_back(rt, breaker, job):
+def _hold_back(rt, breaker, job, sink):
     """``(held_back, early, failing)``: ``held_back`` is ``(seconds, why, for_health)`` when the
-    breaker or the rate limit holds the write back, else None. With the breaker open, a retry
-    released before its time (a recovery probe) takes the breaker's probe slot, cooldown or not;
-    ``early`` is then when the schedule had it due (see ``RetryScheduler``). ``failing``: the sink
-    was failing (breaker not closed, failures counted or retries held), so its success has a
-    breaker to close or retries to release."""
-    limiter = rt.limiter(job.sink)
-    admission = breaker.admit_and_take(limiter, rt.scheduler.HELD + job.sink)
+    breaker, the sink's slow calls (``SlowCalls``) or the rate limit hold the write back, else None.
+    With the breaker open, a retry released before its time (a recovery probe) takes the breaker's
+    probe slot, cooldown or not; ``early`` is then when the schedule had it due (see
+    ``RetryScheduler``). ``failing``: the sink was failing (breaker not closed, failures counted or
+    retries held), so its success has a breaker to close or retries to release."""
+    limiter, calls = rt.limiter(job.sink), rt.calls(job.sink)
+    admission = breaker.admit_and_take(limiter, rt.scheduler.HELD + job.sink, calls,
+                                       calls.call(job, sink.settle_seconds))
+    if admission.verdict == "crowded":  # held for its health: released when it answers again
+        return (CROWDED_RETRY_SECONDS, f"{job.sink} is slow: {calls.limit} calls to it are in flight from this "
+                "host", True), None, True
     if admission.verdict != "open":
         held_back = (admission.throttled, "rate limited", False) if admission.throttled else None
         return held_back, None, admission.failing

@@ -18,15 +18,17 @@ _SHOWN = {
 
 
 def record(rt, job, state, attempts, *, kept=None, received_at=None, **shown):
-    """Record ``job``'s outcome ``state`` at its sink, in one Redis round trip: in the ledger (with
-    ``kept`` fields; the delivery settles when it was its last open sink) and, except for a wait, as
-    a trace line with ``shown`` and in the metrics (applied with its receipt-to-applied latency,
-    from ``received_at``); then in the log. A write held for later (waiting, retrying: ``kept``
-    says ``next_in``) that is a resend of its key's newest write pushes the key's reassert mark
-    past it, so the sweeper does not take the held resend for lost. A state that is not final never reopens a sink whose
-    outcome is (a second copy of a write that landed: its retry still goes out)."""
+    """Record ``job``'s outcome ``state`` at its sink, in one Redis round trip: its call to the sink
+    over (``SlowCalls``), in the ledger (with ``kept`` fields; the delivery settles when it was its
+    last open sink) and, except for a wait, as a trace line with ``shown`` and in the metrics
+    (applied with its receipt-to-applied latency, from ``received_at``); then in the log. A write
+    held for later (waiting, retrying: ``kept`` says ``next_in``) that is a resend of its key's
+    newest write pushes the key's reassert mark past it, so the sweeper does not take the held
+    resend for lost. A state that is not final never reopens a sink whose outcome is (a second copy
+    of a write that landed: its retry still goes out)."""
     shown_as = _SHOWN.get(state)
     with rt.redis.pipeline(transaction=False) as pipe:
+        rt.calls(job.sink).ended(job, pipe)
         rt.ledger.sink_outcome(job.delivery_id, job.sink, state, pipe, only_open=state not in FINAL_SINK_STATES,
                                attempts=attempts, **(kept or {}))
         if shown_as:

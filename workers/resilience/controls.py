@@ -7,13 +7,17 @@
 - ``CircuitBreaker``: per sink; opens after N consecutive failures, lets one
   probe through after the cooldown, closes on success.
 - ``RateLimiter``: a token bucket per sink shared by every worker.
+- ``SlowCalls``: per sink and host, the calls in flight, so a sink seen to be slow ties up at most
+  half of a host's worker processes.
 - ``KeyLock``: the per-key write lock, renewed while its holder works, with a token that fences
   what the holder records once its call returns.
 """
 import contextlib
 import json
 import logging
+import math
 import random
+import socket
 import time
 import typing
 import uuid
@@ -234,13 +238,16 @@ class CircuitBreaker:
         self._admit_and_take = client.register_script(_ADMIT_AND_TAKE)
         self._failure = client.register_script(_FAILURE)
 
-    def admit_and_take(self, limiter, held_key, now=None):
-        """The breaker's verdict for one write ("closed" or "probe" may go, "open" waits), then a
-        token from ``limiter`` unless it is open, in one step (an ``Admission``; ``held_key``: the
-        sink's retries held for its health)."""
+    def admit_and_take(self, limiter, held_key, calls, call, now=None):
+        """The breaker's verdict for one write ("closed" or "probe" may go, "open" waits), then, unless
+        it is open, "crowded" when the sink is slow and ``calls`` (``SlowCalls``) has as many in
+        flight as it allows, else a token from ``limiter`` and ``call`` (a ``SlowCalls.Call``)
+        counted in flight once it has one, in one step (an ``Admission``; ``held_key``: the sink's
+        retries held for its health)."""
+        now = time.time() if now is None else now
         verdict, wait, throttled, failing = self._admit_and_take(
-            keys=[self.key, self.probe_key, limiter.key, held_key],
-            args=[time.time() if now is None else now, max(1, int(self.cooldown)), limiter.rate, limiter.burst])
+            keys=[self.key, self.probe_key, limiter.key, held_key, calls.key, calls.slow_key],
+            args=[now, max(1, int(self.cooldown)), limiter.rate, limiter.burst, *calls.admission(call, now)])
         return Admission(verdict, float(wait), float(throttled), bool(failing))
 
     def failure(self, now=None):
@@ -283,17 +290,35 @@ _TAKE = _TAKE_FN + """
 return tostring(take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])))
 """
 
-# KEYS: breaker, probe, bucket, held retries. ARGV: now, cooldown, rate, burst. The breaker's verdict,
-# then (unless open) a token; a probe that must wait for one is given back. "failing": the breaker is
-# not closed, or the sink has failures counted or retries held for its health, so its next success
-# has something to close or release.
+# KEYS: breaker, probe, bucket, held retries, calls in flight, slow mark. ARGV: now, cooldown, rate,
+# burst, then the call's (``SlowCalls.admission``): member, slow since, calls allowed while slow,
+# lapsed before, the marks' expiry. The breaker's verdict; unless open, "crowded" while the sink is
+# slow (marked so, or a call in flight since before "slow since", which marks it) and as many calls
+# as allowed are in flight; else a token, and the call counted in flight once it has one. A probe
+# that may not go now is given back. "failing": the breaker is not closed, or the sink has failures
+# counted or retries held for its health, so its next success has something to close or release.
 _ADMIT_AND_TAKE = _ADMIT_FN + _TAKE_FN + """
 local now = tonumber(ARGV[1])
 local verdict, wait = admit(KEYS[1], KEYS[2], now, ARGV[2])
 local throttled = 0
 if verdict ~= 'open' then
-  throttled = take(KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4]), now)
-  if throttled > 0 and verdict == 'probe' then redis.call('DEL', KEYS[2]) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[8])
+  local slow = redis.call('EXISTS', KEYS[6]) == 1
+  if not slow and #redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', ARGV[6], 'LIMIT', 0, 1) > 0 then
+    redis.call('SET', KEYS[6], '1', 'EX', ARGV[9])
+    slow = true
+  end
+  if slow and redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[7]) then
+    if verdict == 'probe' then redis.call('DEL', KEYS[2]) end
+    verdict = 'crowded'
+  else
+    throttled = take(KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4]), now)
+    if throttled > 0 and verdict == 'probe' then redis.call('DEL', KEYS[2]) end
+    if throttled == 0 then
+      redis.call('ZADD', KEYS[5], now, ARGV[5])
+      redis.call('EXPIRE', KEYS[5], ARGV[9])
+    end
+  end
 end
 local failing = verdict ~= 'closed' or tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') > 0
   or redis.call('EXISTS', KEYS[4]) == 1
@@ -304,7 +329,8 @@ return {verdict, tostring(wait), tostring(throttled), failing and 1 or 0}
 class Admission(typing.NamedTuple):
     """What ``CircuitBreaker.admit_and_take`` decided for one write."""
 
-    verdict: str  # "closed" or "probe": may go (unless throttled); "open": wait ``wait`` seconds
+    verdict: str  # "closed" or "probe": may go (unless throttled); "open": wait ``wait`` seconds;
+    # "crowded": wait for one of the sink's slow calls to end (``SlowCalls``)
     wait: float
     throttled: float  # seconds the rate limit holds it back (0: a token was taken)
     failing: bool  # breaker not closed, failures counted or retries held: a success has work to do
@@ -322,6 +348,56 @@ class RateLimiter:
     def take(self, now=None):
         """Take a token; return 0.0, or the seconds to wait when the bucket is empty."""
         return float(self._take(keys=[self.key], args=[self.rate, self.burst, time.time() if now is None else now]))
+
+
+# KEYS: calls in flight, slow mark. ARGV: the call's member, now, slow after. A call that ended
+# quicker than "slow after" says the sink is not slow (any more).
+_CALL_ENDED = """
+local started = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not started then return end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(ARGV[2]) - tonumber(started) < tonumber(ARGV[3]) then redis.call('DEL', KEYS[2]) end
+"""
+
+
+class SlowCalls:
+    """A bulkhead per sink and host, so a sink that hangs or crawls cannot take every worker process
+    of a host. ``l2u:calls:<sink>:<host>`` holds the calls to the sink in flight from the host's
+    processes, scored by when each started. A call in flight for over ``SLOW_AFTER`` seconds marks
+    the sink slow (``...:slow``) until one ends sooner; while it is, at most ``limit`` calls go at
+    once and the sink's next writes wait for its health instead. A call counts from its admission
+    (``CircuitBreaker.admit_and_take``) to its outcome (``workers.pipeline.outcomes``); a killed
+    caller's lapses after ``Call.lapse`` seconds, and so does the mark without calls."""
+
+    SLOW_AFTER = 2.0
+    processes = 4  # this host's worker processes: the worker sets it at start-up (``workers.app``)
+
+    class Call(typing.NamedTuple):
+        member: str  # the delivery and attempt making the call
+        lapse: float  # seconds after which the call cannot still be running (its sink's settle time)
+
+    def __init__(self, sink, host=None):
+        self.key = keys.sink_calls(sink, host or socket.gethostname())
+        self.slow_key = self.key + ":slow"
+
+    @property
+    def limit(self):
+        """Calls in flight at once while the sink is slow: half of this host's worker processes (at least one)."""
+        return max(1, self.processes // 2)
+
+    @staticmethod
+    def call(job, lapse=0.0):
+        """The ``Call`` of ``job`` (a ``DeliverJob``)."""
+        return SlowCalls.Call(f"{job.delivery_id}|{job.attempt}", lapse)
+
+    def admission(self, call, now):
+        """The admitting script's arguments for ``call`` at ``now``."""
+        return [call.member, now - self.SLOW_AFTER, self.limit, now - call.lapse, math.ceil(call.lapse)]
+
+    def ended(self, job, pipe, now=None):
+        """On ``pipe``: ``job``'s call is over (nothing when it was never counted)."""
+        pipe.eval(_CALL_ENDED, 2, self.key, self.slow_key, self.call(job).member,
+                  repr(time.time() if now is None else now), self.SLOW_AFTER)
 
 
 _RENEW_LOCK = """

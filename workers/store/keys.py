@@ -70,6 +70,11 @@ def rate_bucket(sink):
     return f"{PREFIX}bucket:{sink}"
 
 
+def sink_calls(sink, host):
+    """The calls to ``sink`` in flight from the worker processes on ``host`` (scored by when each started)."""
+    return f"{PREFIX}calls:{sink}:{host}"
+
+
 def key_lock(sink, location_key):
     """Held while one write for this location is sent to this sink."""
     return f"{PREFIX}lock:{sink}:{location_key}"

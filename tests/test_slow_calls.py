@@ -1,0 +1,64 @@
+"""A sink that hangs or crawls may take only half of a host's worker processes (``SlowCalls``),
+against a real Redis with tasks stepped in-process (``Driver`` of tests/fixtures.py). The calls of
+other processes are put in flight by hand, started when each test says. tests/test_recovery.py
+has a hung sink under traffic through real processes.
+"""
+import time
+
+from tests.fixtures import STOP_ID, accept
+from tests.payloads import status_change
+from workers.resilience.controls import SlowCalls
+
+
+def in_flight(rt, count, started_ago):
+    """``count`` calls to storepoint from other processes of this host, started ``started_ago`` s ago."""
+    rt.redis.zadd(rt.calls("storepoint").key, {f"other-{n}|0": time.time() - started_ago for n in range(count)})
+
+
+def write(driver, minute):
+    """The storepoint outcome of a new delivery for the stop, and its id."""
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", f"2022-04-27T05:{minute:02d}:00+00:00"))
+    driver.run(release_retries=False)
+    return driver.rt.ledger.get(delivery_id)["sinks"]["storepoint"], delivery_id
+
+
+def test_a_write_waits_for_its_sinks_health_while_half_the_processes_are_in_slow_calls(driver, sink_server):
+    rt, limit = driver.rt, driver.rt.calls("storepoint").limit
+    assert limit == SlowCalls.processes // 2 == 2
+    in_flight(rt, limit, started_ago=SlowCalls.SLOW_AFTER + 1)
+    held, delivery_id = write(driver, 0)
+    assert held["state"] == "waiting" and held["attempts"] == 0, held  # no attempt spent
+    assert held["reason"] == "storepoint is slow: 2 calls to it are in flight from this host"
+    assert sink_server.app.config["STATE"].writes == []
+    assert [args[0] for args, _ in rt.scheduler.held("storepoint")] == [delivery_id]  # released on recovery
+
+    rt.redis.zrem(rt.calls("storepoint").key, "other-0|0")  # one slow call ended: one may go again
+    assert write(driver, 1)[0]["state"] == "applied"
+    assert len(sink_server.app.config["STATE"].writes) == 1
+
+
+def test_busy_but_quick_calls_never_hold_a_write_back(driver, sink_server):
+    in_flight(driver.rt, 3, started_ago=SlowCalls.SLOW_AFTER / 2)  # more than half, none slow yet
+    assert write(driver, 0)[0]["state"] == "applied"
+
+
+def test_a_killed_callers_call_lapses_with_its_sinks_settle_time(driver, sink_server):
+    settle = driver.rt.sinks["storepoint"].settle_seconds
+    in_flight(driver.rt, 2, started_ago=settle + 1)  # their processes died mid-call
+    assert write(driver, 0)[0]["state"] == "applied"
+    assert driver.rt.redis.zrange(driver.rt.calls("storepoint").key, 0, -1) == []  # gone, and so is ours
+
+
+def test_the_sink_stays_slow_until_a_call_ends_quickly(driver, sink_server):
+    rt = driver.rt
+    calls = rt.calls("storepoint")
+    in_flight(rt, 2, started_ago=SlowCalls.SLOW_AFTER + 1)
+    assert write(driver, 0)[0]["state"] == "waiting"  # seen slow: marked so
+    rt.redis.delete(calls.key)  # those two ended (timed out: no quick end among them)
+    in_flight(rt, 2, started_ago=0)  # two new calls, quick so far, but the sink is still slow
+    assert write(driver, 1)[0]["state"] == "waiting"
+    rt.redis.zrem(calls.key, "other-0|0")
+    assert write(driver, 2)[0]["state"] == "applied"  # one in flight: this one may go, and ends quickly
+    assert not rt.redis.exists(calls.slow_key)
+    in_flight(rt, 3, started_ago=0)
+    assert write(driver, 3)[0]["state"] == "applied"  # not slow any more: no limit
