@@ -7,6 +7,9 @@ import time
 
 from tests.fixtures import STOP_ID, accept
 from tests.payloads import status_change
+from tests.test_recovery_pipeline import post_for_stops
+from workers import tasks
+from workers.celery_config import DELIVER
 from workers.resilience.controls import SlowCalls
 
 
@@ -62,3 +65,17 @@ def test_the_sink_stays_slow_until_a_call_ends_quickly(driver, sink_server):
     assert not rt.redis.exists(calls.slow_key)
     in_flight(rt, 3, started_ago=0)
     assert write(driver, 3)[0]["state"] == "applied"  # not slow any more: no limit
+
+
+def test_while_the_sink_is_slow_a_success_releases_only_as_many_held_writes_as_may_go(driver, sink_server):
+    rt = driver.rt
+    in_flight(rt, 2, started_ago=SlowCalls.SLOW_AFTER + 1)
+    held = post_for_stops(rt, [11, 12, 13, 14])
+    driver.run(release_retries=False)
+    assert sorted(args[0] for args, _ in rt.scheduler.held("storepoint")) == sorted(held)
+    rt.redis.zrem(rt.calls("storepoint").key, "other-0|0")  # one ended; the sink is still marked slow
+    post_for_stops(rt, [15])
+    name, args = driver.sent.pop(0)
+    tasks.process_delivery.run(*args)  # its write goes, and succeeds: two of the held may follow
+    assert [name for name, _ in driver.sent] == [DELIVER] * rt.calls("storepoint").limit
+    assert len(rt.scheduler.held("storepoint")) == len(held) - 2

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 DELIVER_LIST = keys.queue_list(keys.DELIVER_QUEUE)
 LOCK_RENEW_SECONDS = 10  # how often a key lock is renewed while its holder's sink call runs
 BUSY_RETRY_SECONDS = 1.0
-CROWDED_RETRY_SECONDS = 5.0  # a write held while its slow sink has as many calls in flight as allowed
+# A write held while its slow sink has as many calls in flight as allowed goes out when a call to the
+# sink succeeds (or as its probe); this is only the latest, so a long backlog is not sent round and round.
+CROWDED_RETRY_SECONDS = 60.0
 
 
 def lock_seconds(sink):
@@ -59,7 +61,7 @@ def deliver_to_sink(rt, job, received_at=None):
             # Only a write that is really sent asks the breaker and the rate limit, so a stale one
             # never uses up the breaker's single probe (or a token) without calling the sink.
             breaker = rt.breaker(job.sink)
-            held_back, early, failing = _hold_back(rt, breaker, job, sink)
+            held_back, early, release = _hold_back(rt, breaker, job, sink)
             if held_back:
                 return _wait(rt, job, *held_back)
             try:
@@ -81,8 +83,8 @@ def deliver_to_sink(rt, job, received_at=None):
             recorded, held = versions.record(location.key, order, lock, job.action, job.record)
     finally:
         lock.release()
-    if failing:  # after the lock: a released write for this key need not wait for it
-        _recovered(rt, breaker, job.sink)
+    if release:  # after the lock: a released write for this key need not wait for it
+        _recovered(rt, breaker, job.sink, release)
     if route.ordered and (recorded == "older" or not held):
         reassert(rt, job.sink, location.key)
     if route.ordered and recorded == "older":  # a newer write was applied while this one was sent
@@ -137,37 +139,39 @@ def reassert(rt, sink_name, key):
 
 
 def _hold_back(rt, breaker, job, sink):
-    """``(held_back, early, failing)``: ``held_back`` is ``(seconds, why, for_health)`` when the
+    """``(held_back, early, release)``: ``held_back`` is ``(seconds, why, for_health)`` when the
     breaker, the sink's slow calls (``SlowCalls``) or the rate limit hold the write back, else None.
     With the breaker open, a retry released before its time (a recovery probe) takes the breaker's
     probe slot, cooldown or not; ``early`` is then when the schedule had it due (see
-    ``RetryScheduler``). ``failing``: the sink was failing (breaker not closed, failures counted or
-    retries held), so its success has a breaker to close or retries to release."""
+    ``RetryScheduler``). ``release``: how many retries held for the sink's health its success may
+    send: none unless it was failing (breaker not closed, failures counted or retries held); a
+    burst of its rate limit, or only as many as may be in flight while it is slow."""
     limiter, calls = rt.limiter(job.sink), rt.calls(job.sink)
     admission = breaker.admit_and_take(limiter, rt.scheduler.HELD + job.sink, calls,
                                        calls.call(job, sink.settle_seconds))
+    burst = int(limiter.burst)
     if admission.verdict == "crowded":  # held for its health: released when it answers again
         return (CROWDED_RETRY_SECONDS, f"{job.sink} is slow: {calls.limit} calls to it are in flight from this "
-                "host", True), None, True
+                "host", True), None, burst
     if admission.verdict != "open":
         held_back = (admission.throttled, "rate limited", False) if admission.throttled else None
-        return held_back, None, admission.failing
+        return held_back, None, admission.failing and (calls.limit if admission.slow else burst)
     early = rt.scheduler.take_early(job.sink, job.delivery_id, job.attempt)
     if early is None:
-        return (admission.wait, "paused: circuit breaker open", True), None, True
+        return (admission.wait, "paused: circuit breaker open", True), None, burst
     if not breaker.claim_probe():  # another probe is in flight: back to its place
-        return (max(0.0, early - time.time()), "paused: circuit breaker open", True), None, True
+        return (max(0.0, early - time.time()), "paused: circuit breaker open", True), None, burst
     wait = limiter.take()
     if wait:  # another write may probe now instead of after the next cooldown
         breaker.abandon_probe()
-        return (wait, "rate limited", False), None, True
-    return None, early, True
+        return (wait, "rate limited", False), None, burst
+    return None, early, burst
 
 
-def _recovered(rt, breaker, sink_name):
-    """The sink took a write: close its breaker and send the retries held for its health, at most a
-    burst of its rate limit (each of their successes releases the next ones)."""
-    released = rt.scheduler.recovered(sink_name, breaker, limit=int(rt.limiter(sink_name).burst))
+def _recovered(rt, breaker, sink_name, limit):
+    """The sink took a write: close its breaker and send at most ``limit`` of the retries held for its
+    health (each of their successes releases the next ones)."""
+    released = rt.scheduler.recovered(sink_name, breaker, limit=limit)
     if released:
         log.info("%s answers again: released %d held retries", sink_name, released)
 

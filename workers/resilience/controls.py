@@ -245,10 +245,10 @@ class CircuitBreaker:
         counted in flight once it has one, in one step (an ``Admission``; ``held_key``: the sink's
         retries held for its health)."""
         now = time.time() if now is None else now
-        verdict, wait, throttled, failing = self._admit_and_take(
+        verdict, wait, throttled, failing, slow = self._admit_and_take(
             keys=[self.key, self.probe_key, limiter.key, held_key, calls.key, calls.slow_key],
             args=[now, max(1, int(self.cooldown)), limiter.rate, limiter.burst, *calls.admission(call, now)])
-        return Admission(verdict, float(wait), float(throttled), bool(failing))
+        return Admission(verdict, float(wait), float(throttled), bool(failing), bool(slow))
 
     def failure(self, now=None):
         """Record a failure; return True if the breaker is (now) open."""
@@ -296,14 +296,15 @@ return tostring(take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARG
 # slow (marked so, or a call in flight since before "slow since", which marks it) and as many calls
 # as allowed are in flight; else a token, and the call counted in flight once it has one. A probe
 # that may not go now is given back. "failing": the breaker is not closed, or the sink has failures
-# counted or retries held for its health, so its next success has something to close or release.
+# counted or retries held for its health, so its next success has something to close or release;
+# "slow": the sink is slow (not asked with the breaker open).
 _ADMIT_AND_TAKE = _ADMIT_FN + _TAKE_FN + """
 local now = tonumber(ARGV[1])
 local verdict, wait = admit(KEYS[1], KEYS[2], now, ARGV[2])
-local throttled = 0
+local throttled, slow = 0, false
 if verdict ~= 'open' then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[8])
-  local slow = redis.call('EXISTS', KEYS[6]) == 1
+  slow = redis.call('EXISTS', KEYS[6]) == 1
   if not slow and #redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', ARGV[6], 'LIMIT', 0, 1) > 0 then
     redis.call('SET', KEYS[6], '1', 'EX', ARGV[9])
     slow = true
@@ -322,7 +323,7 @@ if verdict ~= 'open' then
 end
 local failing = verdict ~= 'closed' or tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') > 0
   or redis.call('EXISTS', KEYS[4]) == 1
-return {verdict, tostring(wait), tostring(throttled), failing and 1 or 0}
+return {verdict, tostring(wait), tostring(throttled), failing and 1 or 0, slow and 1 or 0}
 """
 
 
@@ -334,6 +335,7 @@ class Admission(typing.NamedTuple):
     wait: float
     throttled: float  # seconds the rate limit holds it back (0: a token was taken)
     failing: bool  # breaker not closed, failures counted or retries held: a success has work to do
+    slow: bool  # the sink is slow (``SlowCalls``): a success may release only as many as may be in flight
 
 
 class RateLimiter:
