@@ -1,20 +1,23 @@
-"""A sink that hangs or crawls may take only half of a host's worker processes (``SlowCalls``),
-against a real Redis with tasks stepped in-process (``Driver`` of tests/fixtures.py). The calls of
-other processes are put in flight by hand, started when each test says. tests/test_recovery.py
-has a hung sink under traffic through real processes.
+"""A sink that hangs or crawls may take only half of a worker's pool (``SlowCalls``),
+against a real Redis with tasks stepped in-process (``Driver`` of tests/fixtures.py), and once
+through a real worker. The calls of other processes are put in flight by hand, started when each
+test says. tests/test_recovery.py has a hung sink under traffic through real processes.
 """
 import time
 
-from tests.fixtures import STOP_ID, accept
+from tests.fixtures import STOP_ID, accept, sims_settings
+from tests.helpers import post, wait_for
 from tests.payloads import status_change
 from tests.test_recovery_pipeline import post_for_stops
 from workers import tasks
 from workers.celery_config import DELIVER
 from workers.resilience.controls import SlowCalls
+from workers.store import keys
+from workers.store.stores import Ledger
 
 
 def in_flight(rt, count, started_ago):
-    """``count`` calls to storepoint from other processes of this host, started ``started_ago`` s ago."""
+    """``count`` calls to storepoint from other processes of this worker, started ``started_ago`` s ago."""
     rt.redis.zadd(rt.calls("storepoint").key, {f"other-{n}|0": time.time() - started_ago for n in range(count)})
 
 
@@ -31,7 +34,7 @@ def test_a_write_waits_for_its_sinks_health_while_half_the_processes_are_in_slow
     in_flight(rt, limit, started_ago=SlowCalls.SLOW_AFTER + 1)
     held, delivery_id = write(driver, 0)
     assert held["state"] == "waiting" and held["attempts"] == 0, held  # no attempt spent
-    assert held["reason"] == "storepoint is slow: 2 calls to it are in flight from this host"
+    assert held["reason"] == "storepoint is slow: 2 calls to it are in flight from this worker"
     assert sink_server.app.config["STATE"].writes == []
     assert [args[0] for args, _ in rt.scheduler.held("storepoint")] == [delivery_id]  # released on recovery
 
@@ -79,3 +82,20 @@ def test_while_the_sink_is_slow_a_success_releases_only_as_many_held_writes_as_m
     tasks.process_delivery.run(*args)  # its write goes, and succeeds: two of the held may follow
     assert [name for name, _ in driver.sent] == [DELIVER] * rt.calls("storepoint").limit
     assert len(rt.scheduler.held("storepoint")) == len(held) - 2
+
+
+def test_a_real_worker_counts_the_calls_of_its_own_pool_and_allows_half_of_it(simulators, settings, start_process,
+                                                                              redis_client):
+    """The worker names itself and sizes the limit at start-up, before its pool forks: a worker run
+    with ``-c 6`` holds a write to a sink with 3 slow calls in flight from it, from its own key."""
+    sims = simulators([{"stopId": STOP_ID, "name": "Stop"}], storepoint={"token": "sp-slow-calls-token"})
+    relay = sims_settings(settings, sims)
+    web = start_process("gunicorn", relay)
+    worker = start_process("worker", relay, concurrency=6)
+    key = keys.sink_calls("storepoint", SlowCalls.name_worker(worker.proc.pid))
+    redis_client.zadd(key, {f"other-{n}|0": time.time() - SlowCalls.SLOW_AFTER - 1 for n in range(3)})
+    body = status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00")
+    delivery_id = post(web.url, "stop.status-changed", body).json()["delivery_id"]
+    outcome = wait_for(lambda: Ledger(redis_client).get(delivery_id)["sinks"].get("storepoint", {}).get("reason"))
+    assert outcome == "storepoint is slow: 3 calls to it are in flight from this worker"
+    assert sims["storepoint"].app.config["STATE"].find(lambda location: True) == []

@@ -84,7 +84,7 @@ def _log_worker_start(sender=None, instance=None, **_):
 @celeryd_after_setup.connect
 def _size_slow_call_limit(instance=None, **_):
     """A slow sink may take half of this worker's pool (``SlowCalls``); the pool processes fork after this."""
-    SlowCalls.processes = instance.concurrency
+    SlowCalls.worker, SlowCalls.processes = SlowCalls.name_worker(os.getpid()), instance.concurrency
 
 
 def _load():

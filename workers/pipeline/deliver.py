@@ -152,7 +152,7 @@ def _hold_back(rt, breaker, job, sink):
     burst = int(limiter.burst)
     if admission.verdict == "crowded":  # held for its health: released when it answers again
         return (CROWDED_RETRY_SECONDS, f"{job.sink} is slow: {calls.limit} calls to it are in flight from this "
-                "host", True), None, burst
+                "worker", True), None, burst
     if admission.verdict != "open":
         held_back = (admission.throttled, "rate limited", False) if admission.throttled else None
         return held_back, None, admission.failing and (calls.limit if admission.slow else burst)

@@ -7,8 +7,8 @@
 - ``CircuitBreaker``: per sink; opens after N consecutive failures, lets one
   probe through after the cooldown, closes on success.
 - ``RateLimiter``: a token bucket per sink shared by every worker.
-- ``SlowCalls``: per sink and host, the calls in flight, so a sink seen to be slow ties up at most
-  half of a host's worker processes.
+- ``SlowCalls``: per sink and worker, the calls in flight, so a sink seen to be slow ties up at
+  most half of a worker's pool.
 - ``KeyLock``: the per-key write lock, renewed while its holder works, with a token that fences
   what the holder records once its call returns.
 """
@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import socket
 import time
@@ -363,28 +364,36 @@ if tonumber(ARGV[2]) - tonumber(started) < tonumber(ARGV[3]) then redis.call('DE
 
 
 class SlowCalls:
-    """A bulkhead per sink and host, so a sink that hangs or crawls cannot take every worker process
-    of a host. ``l2u:calls:<sink>:<host>`` holds the calls to the sink in flight from the host's
-    processes, scored by when each started. A call in flight for over ``SLOW_AFTER`` seconds marks
-    the sink slow (``...:slow``) until one ends sooner; while it is, at most ``limit`` calls go at
-    once and the sink's next writes wait for its health instead. A call counts from its admission
-    (``CircuitBreaker.admit_and_take``) to its outcome (``workers.pipeline.outcomes``); a killed
-    caller's lapses after ``Call.lapse`` seconds, and so does the mark without calls."""
+    """A bulkhead per sink and worker, so a sink that hangs or crawls cannot take every process of a
+    worker's pool. ``l2u:calls:<sink>:<worker>`` holds the calls to the sink in flight from the
+    worker's processes, scored by when each started. A call in flight for over ``SLOW_AFTER``
+    seconds marks the sink slow (``...:slow``) until one ends sooner; while it is, at most ``limit``
+    calls go at once and the sink's next writes wait for its health instead. A call counts from its
+    admission (``CircuitBreaker.admit_and_take``) to its outcome (``workers.pipeline.outcomes``); a
+    killed caller's lapses after ``Call.lapse`` seconds, and so does the mark without calls."""
 
     SLOW_AFTER = 2.0
-    processes = 4  # this host's worker processes: the worker sets it at start-up (``workers.app``)
+    # The worker this process belongs to and its pool's size: set at the worker's start-up
+    # (``workers.app``), before its pool processes fork; a process of no worker counts as its own.
+    worker = None
+    processes = 4
 
     class Call(typing.NamedTuple):
         member: str  # the delivery and attempt making the call
         lapse: float  # seconds after which the call cannot still be running (its sink's settle time)
 
-    def __init__(self, sink, host=None):
-        self.key = keys.sink_calls(sink, host or socket.gethostname())
+    def __init__(self, sink):
+        self.key = keys.sink_calls(sink, self.worker or self.name_worker(os.getpid()))
         self.slow_key = self.key + ":slow"
+
+    @staticmethod
+    def name_worker(pid):
+        """A worker's name in the keys: its host and main process."""
+        return f"{socket.gethostname()}:{pid}"
 
     @property
     def limit(self):
-        """Calls in flight at once while the sink is slow: half of this host's worker processes (at least one)."""
+        """Calls in flight at once while the sink is slow: half of the worker's pool (at least one)."""
         return max(1, self.processes // 2)
 
     @staticmethod

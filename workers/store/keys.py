@@ -70,9 +70,9 @@ def rate_bucket(sink):
     return f"{PREFIX}bucket:{sink}"
 
 
-def sink_calls(sink, host):
-    """The calls to ``sink`` in flight from the worker processes on ``host`` (scored by when each started)."""
-    return f"{PREFIX}calls:{sink}:{host}"
+def sink_calls(sink, worker):
+    """The calls to ``sink`` in flight from ``worker``'s processes (scored by when each started)."""
+    return f"{PREFIX}calls:{sink}:{worker}"
 
 
 def key_lock(sink, location_key):
