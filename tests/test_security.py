@@ -429,7 +429,9 @@ def test_metrics_through_gunicorn_protected_and_strictly_typed(settings, start_p
     web = start_process("gunicorn", settings.replace(metrics_token=METRICS_TOKEN))
     assert requests.get(web.url + "/metrics", timeout=10).status_code == 401
     scrape = requests.get(web.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10)
-    assert scrape.status_code == 200 and "l2u_receiver_requests_total" in scrape.text
+    # a 500 here was seen once in a parallel CI run and never again in isolation: keep what explains it
+    assert scrape.status_code == 200 and "l2u_receiver_requests_total" in scrape.text, (
+        scrape.status_code, scrape.text[:500], web.output()[-3000:])
     assert strict_media_type(scrape.headers["Content-Type"])[1] == {"version": "1.0.0", "charset": "utf-8"}
     assert METRICS_TOKEN not in web.output()
 
