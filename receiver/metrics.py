@@ -5,6 +5,7 @@ Optionally protected: with ``RELAY_METRICS_TOKEN`` a scrape must send
 ``RELAY_METRICS_BASIC_AUTH`` (``user:password``) HTTP basic auth (Prometheus
 ``basic_auth``); either is accepted when both are set, compared in constant time.
 """
+import glob
 import hmac
 import os
 import time
@@ -82,5 +83,22 @@ def _receiver_registry():
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return REGISTRY
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    WrittenFilesCollector(registry)
     return registry
+
+
+class WrittenFilesCollector(multiprocess.MultiProcessCollector):
+    """The library's collector, without the files still empty: a worker process creates its file
+    empty and sizes it a moment later, so a scrape in between, or any scrape after a worker killed
+    in between, failed as a whole (prometheus/client_python#1199). An empty file holds no series."""
+
+    def collect(self):
+        return self.merge([path for path in glob.glob(os.path.join(self._path, "*.db")) if _written(path)],
+                          accumulate=True)
+
+
+def _written(path):
+    try:
+        return os.path.getsize(path) > 0
+    except FileNotFoundError:  # a dead process's live gauge file, removed since the listing
+        return False
