@@ -143,28 +143,29 @@ def _hold_back(rt, breaker, job, sink):
     breaker, the sink's slow calls (``SlowCalls``) or the rate limit hold the write back, else None.
     With the breaker open, a retry released before its time (a recovery probe) takes the breaker's
     probe slot, cooldown or not; ``early`` is then when the schedule had it due (see
-    ``RetryScheduler``). ``release``: how many retries held for the sink's health its success may
-    send: none unless it was failing (breaker not closed, failures counted or retries held); a
-    burst of its rate limit, or only as many as may be in flight while it is slow."""
+    ``RetryScheduler``). ``release``: how many retries held for the sink's health a write that goes
+    may send once it succeeds: none unless the sink was failing (breaker not closed, failures
+    counted or retries held); a burst of its rate limit, or only as many as may be in flight while
+    it is slow."""
     limiter, calls = rt.limiter(job.sink), rt.calls(job.sink)
     admission = breaker.admit_and_take(limiter, rt.scheduler.HELD + job.sink, calls,
                                        calls.call(job, sink.settle_seconds))
     burst = int(limiter.burst)
     if admission.verdict == "crowded":  # held for its health: released when it answers again
         return (CROWDED_RETRY_SECONDS, f"{job.sink} is slow: {calls.limit} calls to it are in flight from this "
-                "worker", True), None, burst
+                "worker", True), None, 0
     if admission.verdict != "open":
         held_back = (admission.throttled, "rate limited", False) if admission.throttled else None
         return held_back, None, admission.failing and (calls.limit if admission.slow else burst)
     early = rt.scheduler.take_early(job.sink, job.delivery_id, job.attempt)
     if early is None:
-        return (admission.wait, "paused: circuit breaker open", True), None, burst
+        return (admission.wait, "paused: circuit breaker open", True), None, 0
     if not breaker.claim_probe():  # another probe is in flight: back to its place
-        return (max(0.0, early - time.time()), "paused: circuit breaker open", True), None, burst
+        return (max(0.0, early - time.time()), "paused: circuit breaker open", True), None, 0
     wait = limiter.take()
     if wait:  # another write may probe now instead of after the next cooldown
         breaker.abandon_probe()
-        return (wait, "rate limited", False), None, burst
+        return (wait, "rate limited", False), None, 0
     return None, early, burst
 
 
