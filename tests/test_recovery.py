@@ -158,9 +158,10 @@ def test_a_minute_long_storepoint_outage_under_steady_traffic_is_caught_up_soon_
 
 def test_storepoint_writes_keep_flowing_while_b2b_hangs_under_steady_traffic(stack, sims, redis_client):
     """B2B answers every request 40 s late (after the client's read timeout) while two deliveries a
-    second arrive for 45 s. Each Storepoint write must be applied within B2B's timeout of its
+    second arrive for 45 s. Each Storepoint write must be applied within about B2B's timeout of its
     receipt (the first calls into the hang take every worker process until they time out; then B2B
-    may have only half of them); before, they waited for B2B's breaker: up to 87 s."""
+    may have only half of them): 29 s here, with 10 s more allowed for a loaded machine's backlog;
+    before, they waited for B2B's breaker: up to 87 s."""
     sims["b2b"].app.config["FAULTS"].latency(40)
     start = time.monotonic()
     delivery_ids = []
@@ -176,6 +177,6 @@ def test_storepoint_writes_keep_flowing_while_b2b_hangs_under_steady_traffic(sta
                     for delivery_id in delivery_ids)
     print(f"\nb2b hung while {len(delivery_ids)} deliveries arrived in {time.monotonic() - start:.0f} s; storepoint "
           f"applied them {waited[len(waited) // 2]:.1f} s (median), at most {waited[-1]:.1f} s after receipt")
-    assert waited[-1] < read_timeout(DEFAULT_TIMEOUT) + 5, waited
+    assert waited[-1] < read_timeout(DEFAULT_TIMEOUT) + 10, waited
     b2b = sink_outcomes(redis_client, delivery_ids, "b2b").values()  # none given up: held, retried or applied
     assert {outcome.get("state") for outcome in b2b} <= {"pending", "waiting", "retrying", "applied", "stale"}
