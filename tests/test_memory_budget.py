@@ -20,6 +20,9 @@ BODY = json.dumps({"stopId": 100001, "stopRef": "L2022E0000001", "tripDate": "20
                    "changedByUser": {"name": "Filbert Nicholas", "id": "a823361e-9d40-4438-bb28-b2b58cdb957e"},
                    "source": None, "sourceReference": None})
 SINKS = ("storepoint", "b2b")
+# A settled delivery as f3ac69c packed it (format "z"): applied to both sinks, B2B after one 503.
+PACKED_BY_FORMAT_Z = ("zi$)4ktf|G&+|0xnY?7X#ktvo$fh(dhqRJFcTmkb^d}30vp^-5$k#31>k`by&78Zs^@Q61eE#^(B5cQytg2%r(yj(+z"
+                      "epu-P<S8WP6_<kwGX+xvV{j}$A_>TYmq|dQpe9;UlB8g6LrGU)LFB~c14>P<kkn&HIHegvQ<@=xlm-9")
 DAY = 86400
 
 
@@ -30,11 +33,12 @@ def delivery_id(n, tag="d"):
 def settle(ledger, delivery_id, received_at=None, body=BODY):
     """What the pipeline writes for a delivery applied to two sinks."""
     ledger.record(delivery_id, "stop.status-changed", body, 86400, received_at=received_at)
-    ledger.start_fan_out(delivery_id, list(SINKS), entity="stop")
-    ledger.trace(delivery_id, "routed", sinks=list(SINKS))
+    now = time.time()
+    ledger.start_fan_out(delivery_id, list(SINKS), list(SINKS), [(now, "validated", {}), (
+        now + 0.0123, "enriched", {"from": "locate2u", "took": 0.0121})], entity="stop")
     for number, sink in enumerate(SINKS):
         ledger.sink_outcome(delivery_id, sink, "applied", attempts=1, remote_id=f"R-{number}")
-        ledger.trace(delivery_id, "applied", sink=sink, action="upsert", key="stop-100001")
+        ledger.trace(delivery_id, "applied", sink=sink, action="upsert", key="l2u-stop-100001", took=0.0234)
 
 
 def pending(ledger, delivery_id):
@@ -83,6 +87,24 @@ def test_a_settled_delivery_keeps_outcome_and_trace_without_its_body(redis_clien
     assert ledger.count() == 1 and ledger.ids() == ["d-1"]
 
 
+def test_a_delivery_compacted_by_the_earlier_format_still_reads_back(redis_client):
+    """Settled entries packed before the trace had its validated and enriched steps (format "z", as
+    commit f3ac69c packed them) stay in Redis for the history's days, and read back as they were."""
+    ledger = Ledger(redis_client)
+    redis_client.hset(f"{Ledger.SETTLED}{int(time.time() // SETTLED_BUCKET_SECONDS * SETTLED_BUCKET_SECONDS)}",
+                      "d-old", PACKED_BY_FORMAT_Z)  # settled in this quarter hour
+    entry = ledger.get("d-old")
+    assert entry["compacted"] is True and entry["status"] == "applied" and entry["entity"] == "stop"
+    assert float(entry["received_at"]) == pytest.approx(1764300000.125, abs=0.001)
+    assert {sink: (outcome["state"], outcome["attempts"], outcome["remote_id"])
+            for sink, outcome in entry["sinks"].items()} == {
+        "storepoint": ("applied", 1, "loc_abc123"), "b2b": ("applied", 2, "8812")}
+    assert json.loads(entry["body"]) == {"stopId": 100001, "stopRef": "L2022E0000001",
+                                         "actionDate": "2022-04-27T00:00:01.0000001+00:00", "newStatus": "Arrived"}
+    assert [(line["what"], line.get("sink"), line.get("status")) for line in ledger.history("d-old")] == [
+        ("routed", None, None), ("applied", "storepoint", None), ("retry", "b2b", 503), ("applied", "b2b", None)]
+
+
 def test_dead_lettered_and_unsettled_deliveries_keep_their_body(redis_client):
     ledger = Ledger(redis_client)
     pending(ledger, "open")
@@ -124,7 +146,7 @@ def test_a_settled_delivery_costs_at_most_400_bytes_at_default_retention(redis_c
     compact_all(ledger, time.time() + SETTLE_GRACE)
     with_dedup = (used(redis_client) - start) / count
     assert set(ledger.ids()) == set(ids) and ledger.get(ids[7])["delivery_id"] == ids[7]  # ids survive packing
-    assert set(ledger.get_many(ids[:5])) == set(ids[:5]) and ledger.history(ids[7])[0]["what"] == "routed"
+    assert set(ledger.get_many(ids[:5])) == set(ids[:5]) and ledger.history(ids[7])[2]["what"] == "routed"
     redis_client.delete(*[Ledger.dedup_key(one) for one in ids])  # the dedup window (a day) is over
     record = (used(redis_client) - start) / count
     # kept 14 days; the dedup key only the first of them

@@ -399,16 +399,18 @@ class Ledger:
         return bool(self._lease(keys=[self.key(delivery_id), self.OPEN],
                                 args=[delivery_id, token, repr(time.time()), "lapse"]))
 
-    def start_fan_out(self, delivery_id, sinks, routed_to=None, **fields):
+    def start_fan_out(self, delivery_id, sinks, routed_to=None, steps=(), **fields):
         """Mark the delivery routed, every sink pending, before any of them is written to; with
-        ``routed_to`` (the sinks that take it), its "routed" trace line goes in the same round trip."""
-        pending = json.dumps({"state": "pending", "attempts": 0, "at": time.time()})
+        ``routed_to`` (the sinks that take it), its "routed" trace line goes in the same round trip,
+        after the ``steps`` that led to it (``(at, what, details)`` lines: validated, enriched)."""
+        now = time.time()
+        pending = json.dumps({"state": "pending", "attempts": 0, "at": now})
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(delivery_id), mapping={"status": "routed", **fields,
                                                       **{f"sink:{sink}": pending for sink in sinks}})
-            pipe.zadd(self.OPEN, {delivery_id: time.time()})
+            pipe.zadd(self.OPEN, {delivery_id: now})
             if routed_to is not None:
-                self.trace(delivery_id, "routed", pipe, sinks=routed_to)
+                self.trace_lines(delivery_id, [*steps, (now, "routed", {"sinks": routed_to})], pipe)
             pipe.execute()
 
     def sink_outcome(self, delivery_id, sink, state, pipe=None, only_open=False, **details):
@@ -427,11 +429,17 @@ class Ledger:
         return float(self._sink_outcome(keys=script_keys, args=args) or 0)
 
     def trace(self, delivery_id, what, pipe=None, **details):
-        """Append a line to the delivery's history (``l2u-relay deliveries show``); with ``pipe``,
-        queued on that pipeline."""
+        """Append a line to the delivery's history (``l2u-relay deliveries show``, the console); with
+        ``pipe``, queued on that pipeline."""
+        self.trace_lines(delivery_id, [(time.time(), what, details)], pipe)
+
+    def trace_lines(self, delivery_id, lines, pipe=None):
+        """Append ``(at, what, details)`` lines to the delivery's history, as ``trace`` does one."""
+        if not lines:
+            return
         key = keys.trace(delivery_id)
         with on_pipeline(self.redis, pipe) as queue:
-            queue.rpush(key, json.dumps({"at": time.time(), "what": what, **details}))
+            queue.rpush(key, *(json.dumps({"at": at, "what": what, **details}) for at, what, details in lines))
             queue.ltrim(key, -TRACE_LIMIT, -1)
             queue.expire(key, LEDGER_RETENTION)
 
@@ -576,24 +584,35 @@ class Ledger:
         return settled + self.redis.zrangebyscore(self.ALL, since, "+inf")
 
 
-# Words a settled entry is made of, for raw deflate to refer back to: a 420-byte entry packs
-# into under 100 characters. Never change it: packed entries in Redis are read with it (a new
-# dictionary needs a new format letter in ``_pack``).
-_PACK_DICTIONARY = (
+# Words a settled entry is made of, for raw deflate to refer back to, by format letter: a 420-byte
+# entry packs into under 100 characters. Never change one: packed entries in Redis are read with the
+# dictionary of their letter. A new dictionary gets a new letter; ``_pack`` writes with ``_PACK_FORMAT``.
+_WORDS = (
     b'"enrich retry","retry","resumed","replayed","restored","dead_lettered","quarantined","unrouted",'
     b'"reason":"retries exhausted: ","error":"status":,"delay":"next_in":"resumes":"waiting","pending",'
     b'"locate","deliverycom","forward","note.created","trip.created","trip.assigned","trip.status-changed",'
     b'"shipment.assigned","shipment.status-changed","stop.assigned","stop.status-changed",'
     b'{"entity":"trip"},{"entity":"shipment"},{"entity":"stop"},"shipmentId":"tripId":"Completed","Enroute",'
     b'{"storepoint":{"state":"stale","at":0.0,"attempts":1,"remote_id":"1"},'
-    b'"b2b":{"state":"applied","at":0.0,"attempts":1,"remote_id":"1"}},'
-    b'[[0.0,"routed",{"sinks":["storepoint","b2b"]}],[0.0,"applied",{"sink":"storepoint","action":"upsert",'
-    b'"key":"l2u-stop-1"}],[0.0,"applied",{"sink":"b2b","action":"upsert","key":"l2u-stop-1"}]],'
-    b'{"stopId":1,"stopRef":"","actionDate":"2022-04-27T00:00:00.0000000+00:00","newStatus":"Arrived"}]')
+    b'"b2b":{"state":"applied","at":0.0,"attempts":1,"remote_id":"1"}},')
+_KEPT_BODY = b'{"stopId":1,"stopRef":"","actionDate":"2022-04-27T00:00:00.0000000+00:00","newStatus":"Arrived"}]'
+_PACK_DICTIONARIES = {
+    "z": _WORDS + (
+        b'[[0.0,"routed",{"sinks":["storepoint","b2b"]}],[0.0,"applied",{"sink":"storepoint","action":"upsert",'
+        b'"key":"l2u-stop-1"}],[0.0,"applied",{"sink":"b2b","action":"upsert","key":"l2u-stop-1"}]],') + _KEPT_BODY,
+    # since the trace has the validated and enriched steps and each sink call's time
+    "y": _WORDS + (
+        b'"errors":"schema validation failed","released early, failed again",[0.0,"stale",'
+        b'[[0.0,"validated"],[0.0,"enriched",{"from":"cache","took":0.0}],[0.0,"enriched",{"from":"locate2u",'
+        b'"took":0.0}],[0.0,"routed",{"sinks":["storepoint","b2b"]}],[0.0,"applied",{"sink":"storepoint",'
+        b'"action":"upsert","key":"l2u-stop-1","took":0.0}],[0.0,"applied",{"sink":"b2b","action":"upsert",'
+        b'"key":"l2u-stop-1","took":0.0}]],') + _KEPT_BODY,
+}
+_PACK_FORMAT = "y"
 
 
 def _deflater():
-    return zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict=_PACK_DICTIONARY)
+    return zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict=_PACK_DICTIONARIES[_PACK_FORMAT])
 
 
 def _field(delivery_id):
@@ -636,7 +655,7 @@ def _entry(fields):
 def _pack(entry, lines):
     """A settled entry (``Ledger.KEPT_FIELDS`` of its fields, ``KEPT_BODY_FIELDS`` of its body) and its
     trace as a short string: JSON with times relative to receipt, raw-deflated against
-    ``_PACK_DICTIONARY``, in base85 after the format letter "z"."""
+    the dictionary of ``_PACK_FORMAT``, in base85 after that format letter."""
     received = float(entry["received_at"])
     fields = {name: entry[name] for name in Ledger.KEPT_FIELDS if name in entry}
     body = json.loads(entry.get("body") or "{}")
@@ -654,12 +673,12 @@ def _pack(entry, lines):
     text = json.dumps([entry["status"], entry["event_type"], round(received, 3), fields, sinks, trace, kept],
                       separators=(",", ":"))
     deflater = _deflater()
-    return "z" + base64.b85encode(deflater.compress(text.encode()) + deflater.flush()).decode()
+    return _PACK_FORMAT + base64.b85encode(deflater.compress(text.encode()) + deflater.flush()).decode()
 
 
 def _unpack(delivery_id, packed):
     """``(entry, trace)`` as ``Ledger.get`` and ``Ledger.history`` give them, from ``_pack``'s text."""
-    inflater = zlib.decompressobj(-15, zdict=_PACK_DICTIONARY)
+    inflater = zlib.decompressobj(-15, zdict=_PACK_DICTIONARIES[packed[0]])
     text = inflater.decompress(base64.b85decode(packed[1:])) + inflater.flush()
     status, event_type, received, fields, sinks, trace, kept = json.loads(text)
     entry = {"delivery_id": delivery_id, "event_type": event_type, "received_at": repr(received), "status": status,
