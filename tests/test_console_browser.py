@@ -103,6 +103,12 @@ def test_find_a_dead_letter_by_stop_id_and_replay_it_after_fixing_the_simulator(
     row.find_element(By.LINK_TEXT, delivery_id).click()
     wait_for_heading(browser, lambda heading: heading == f"Delivery {delivery_id}")
     assert "injected fault" in browser.page_source  # the trace says why
+    # every step the delivery went through, each sink call with how long it took
+    rows = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in browser.find_elements(By.CSS_SELECTOR, "table.trace tr")[1:]]
+    assert [row[2] for row in rows] == ["received", "validated", "enriched", "routed", "dead-lettered", "applied"]
+    assert "from=locate2u" in rows[2][3] and "took=" in rows[2][3]
+    assert all("took=" in row[3] for row in rows[4:])  # Storepoint's refusal, then B2B's write
     browser.find_element(By.LINK_TEXT, "dead letter").click()
     wait_for_heading(browser, lambda heading: f"{delivery_id}:storepoint" in heading)
 

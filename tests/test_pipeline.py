@@ -33,7 +33,18 @@ def test_delivery_is_enriched_and_applied(driver, sink_server, l2u):
     assert entry["status"] == "applied"
     assert entry["sinks"]["storepoint"]["state"] == "applied"
     assert entry["sinks"]["storepoint"]["remote_id"] == f"rec-l2u-stop-{STOP_ID}"
-    assert [line["what"] for line in driver.rt.ledger.history(delivery_id)] == ["routed", "applied"]
+    history = driver.rt.ledger.history(delivery_id)
+    assert [line["what"] for line in history] == ["validated", "enriched", "routed", "applied"]
+    validated, enriched, routed, applied = history
+    assert float(entry["received_at"]) <= validated["at"] <= enriched["at"] <= routed["at"] <= applied["at"]
+    assert enriched["from"] == "locate2u" and 0 <= enriched["took"] <= enriched["at"] - validated["at"] + 0.001
+    assert routed["sinks"] == ["storepoint"]
+    assert applied["sink"] == "storepoint" and 0 <= applied["took"] <= applied["at"] - routed["at"] + 0.001
+    # the next event for the stop within the cache's life reads the stop from the cache
+    later = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T14:20:00+10:00"))
+    driver.run()
+    assert [(line["what"], line.get("from")) for line in driver.rt.ledger.history(later)][:2] == [
+        ("validated", None), ("enriched", "cache")]
 
 
 def test_burst_for_one_stop_fetches_it_once(driver, l2u):
@@ -69,7 +80,8 @@ def test_answers_that_are_not_the_apis_are_retried_not_dead_lettered(driver, sin
     entry = driver.rt.ledger.get(delivery_id)
     assert entry["status"] == "applied" and entry["sinks"]["storepoint"]["attempts"] == 2
     assert driver.rt.dead_letters.list() == []
-    assert [line["what"] for line in driver.rt.ledger.history(delivery_id)][:2] == ["enrich retry", "routed"]
+    assert [line["what"] for line in driver.rt.ledger.history(delivery_id)][:5] == [
+        "validated", "enrich retry", "validated", "enriched", "routed"]
     assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
 
 
@@ -79,7 +91,9 @@ def test_503_then_success_is_retried(driver, sink_server):
     driver.run()
     entry = driver.rt.ledger.get(delivery_id)
     assert entry["status"] == "applied" and entry["sinks"]["storepoint"]["attempts"] == 3
-    assert [line["what"] for line in driver.rt.ledger.history(delivery_id)] == ["routed", "retry", "retry", "applied"]
+    history = driver.rt.ledger.history(delivery_id)
+    assert [line["what"] for line in history] == ["validated", "enriched", "routed", "retry", "retry", "applied"]
+    assert [(line.get("status"), line["took"] >= 0) for line in history[3:]] == [(503, True), (503, True), (None, True)]
 
 
 def test_retry_waits_at_least_retry_after(driver, sink_server):

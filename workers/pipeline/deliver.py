@@ -64,6 +64,7 @@ def deliver_to_sink(rt, job, received_at=None):
             held_back, early, release = _hold_back(rt, breaker, job, sink)
             if held_back:
                 return _wait(rt, job, *held_back)
+            started = time.time()
             try:
                 remote_id = sink.apply(job.action, location, route.options)
             except NotYet as exc:  # the sink's own wait, nothing sent: not the sink's health
@@ -75,11 +76,13 @@ def deliver_to_sink(rt, job, received_at=None):
                     reassert(rt, job.sink, location.key)
                 elif isinstance(exc, NoAnswer):  # it may still land: nothing else goes out before
                     lock.settle(exc.settles_in)
+                took = round(time.time() - started, 3)
                 if isinstance(exc, PermanentError):
                     breaker.success()
-                    return dead_letter(rt, job, job.attempt + 1, exc)
+                    return dead_letter(rt, job, job.attempt + 1, exc, took=took)
                 breaker.failure()
-                return _retry(rt, job, exc, early)
+                return _retry(rt, job, exc, early, took)
+            took = round(time.time() - started, 3)
             recorded, held = versions.record(location.key, order, lock, job.action, job.record)
     finally:
         lock.release()
@@ -88,9 +91,9 @@ def deliver_to_sink(rt, job, received_at=None):
     if route.ordered and (recorded == "older" or not held):
         reassert(rt, job.sink, location.key)
     if route.ordered and recorded == "older":  # a newer write was applied while this one was sent
-        return record(rt, job, "stale", job.attempt + 1, key=location.key)
+        return record(rt, job, "stale", job.attempt + 1, key=location.key, took=took)
     return record(rt, job, "applied", job.attempt + 1, kept={"remote_id": remote_id}, received_at=received_at,
-                  action=job.action, key=location.key)
+                  action=job.action, key=location.key, took=took)
 
 
 def _writer(job):
@@ -184,23 +187,24 @@ def _wait(rt, job, delay, why, for_health=False):
     return record(rt, job, "waiting", job.attempt, kept={"reason": why, "next_in": round(delay, 1)})
 
 
-def _retry(rt, job, exc, early=None):
-    """Schedule the next attempt. A failure of the sink itself (5xx, timeout, no Retry-After) is held
-    for the sink's health; a retry released early that failed so goes back to its place, its attempt
-    not spent. A refusal of this delivery (429, Retry-After) keeps its schedule."""
+def _retry(rt, job, exc, early=None, took=None):
+    """Schedule the next attempt after a sink call that failed (``took`` seconds). A failure of the
+    sink itself (5xx, timeout, no Retry-After) is held for the sink's health; a retry released early
+    that failed so goes back to its place, its attempt not spent. A refusal of this delivery (429,
+    Retry-After) keeps its schedule."""
     for_health = exc.retry_after is None and (exc.status is None or exc.status >= 500)
     if for_health:
         early = early or rt.scheduler.take_early(job.sink, job.delivery_id, job.attempt)
         if early and early > time.time():
             rt.ledger.trace(job.delivery_id, "released early, failed again", sink=job.sink, error=exc.message,
-                            status=exc.status)
+                            status=exc.status, took=took)
             return _wait(rt, job, early - time.time(), f"released early, failed again: {exc.message}", True)
     delay = retry_delay(rt.settings.retry_schedule, job.attempt + 1, exc.retry_after)
     if delay is None:
-        return dead_letter(rt, job, job.attempt + 1, exc, exhausted=True)
+        return dead_letter(rt, job, job.attempt + 1, exc, exhausted=True, took=took)
     job.next_attempt().send(rt, delay, for_health)
     return record(rt, job, "retrying", job.attempt + 1, kept={"reason": exc.message, "next_in": round(delay, 1)},
-                  error=exc.message, status=exc.status, delay=round(delay, 1))
+                  error=exc.message, status=exc.status, delay=round(delay, 1), took=took)
 
 
 def deliver(rt, job, received_at=None):

@@ -29,10 +29,12 @@ STOP_CACHE_SECONDS = 10
 
 @dataclasses.dataclass
 class Plan:
-    """What one event writes: a job per sink that takes it, and the sinks that refused it (with why)."""
+    """What one event writes: a job per sink that takes it, the sinks that refused it (with why), and
+    the trace lines of its making (the stop read: "enriched")."""
 
     jobs: list = dataclasses.field(default_factory=list)
     refused: list = dataclasses.field(default_factory=list)  # (DeliverJob without a record, PermanentError)
+    steps: list = dataclasses.field(default_factory=list)  # (at, what, details), as Ledger.trace_lines takes them
 
     @property
     def sinks(self):
@@ -53,7 +55,9 @@ def plan(rt, event, sinks=None, attempts=None):
                                PermanentError(f"{sink} no longer takes {event.event_type}")))
     stop = None
     if event.stop_id is not None and any(route.needs_stop for route, _ in routed):
-        stop = fetch_stop(rt, event.stop_id)
+        started = time.time()
+        stop, source = fetch_stop(rt, event.stop_id)
+        result.steps.append((time.time(), "enriched", {"from": source, "took": round(time.time() - started, 3)}))
     context = template_context(event, stop)
     for route, action in routed:
         job = DeliverJob(event.delivery_id, route.sink, action, None, attempts.get(route.sink, 0))
@@ -88,33 +92,37 @@ def build_record(route, event, stop, context):
 
 
 def fetch_stop(rt, stop_id):
-    """The stop record, cached briefly so a burst of events for one stop costs one call."""
+    """``(the stop record, where it was read: "cache" or "locate2u")``; cached briefly, so a burst of
+    events for one stop costs one call."""
     cache_key = keys.stop_cache(stop_id)
     cached = rt.redis.get(cache_key)
     if cached:
-        return json.loads(cached)
+        return json.loads(cached), "cache"
     if rt.locate2u is None:
         raise PermanentError("Locate2u is not configured (LOCATE2U_CLIENT_ID), so stops cannot be fetched")
     stop = rt.locate2u.get_stop(stop_id)
     rt.redis.set(cache_key, json.dumps(stop), ex=STOP_CACHE_SECONDS)
-    return stop
+    return stop, "locate2u"
 
 
-def route_delivery(rt, event, received_at, attempt=0, replay=False, sinks=None):
-    """Plan ``event`` (received at ``received_at``) and deliver one job per routed sink (only
-    ``sinks``, when given: a route-stage replay redoes the sink that refused, not the ones that
-    took it)."""
+def route_delivery(rt, event, received_at, attempt=0, replay=False, sinks=None, validated_at=None):
+    """Plan ``event`` (received at ``received_at``, its body checked at ``validated_at``) and deliver
+    one job per routed sink (only ``sinks``, when given: a route-stage replay redoes the sink that
+    refused, not the ones that took it)."""
+    validated = [(validated_at, "validated", {})] if validated_at else []
     try:
         planned = plan(rt, event, sinks)
     except RetriableError as exc:
-        return _retry_enrich(rt, event, attempt, exc, replay, sinks)
+        return _retry_enrich(rt, event, attempt, exc, replay, sinks, validated)
     except PermanentError as exc:
-        return dead_letter_enrich(rt, event, attempt, exc)
+        return dead_letter_enrich(rt, event, attempt, exc, validated)
     if not planned.sinks:
         rt.ledger.set_status(event.delivery_id, "unrouted", entity=event.entity)
-        rt.ledger.trace(event.delivery_id, "unrouted", reason="no enabled sink takes this event")
+        rt.ledger.trace_lines(event.delivery_id, [*validated, (time.time(), "unrouted",
+                                                               {"reason": "no enabled sink takes this event"})])
         return "unrouted"
-    rt.ledger.start_fan_out(event.delivery_id, planned.sinks, [job.sink for job in planned.jobs], entity=event.entity)
+    rt.ledger.start_fan_out(event.delivery_id, planned.sinks, [job.sink for job in planned.jobs],
+                            validated + planned.steps, entity=event.entity)
     if replay:  # what is redone supersedes the earlier dead letters of this delivery
         for name in ["enrich"] + planned.sinks:
             rt.dead_letters.remove(rt.dead_letters.entry_id(event.delivery_id, name))
@@ -172,13 +180,15 @@ def _refuse(rt, event, planned):
         dead_letter(rt, job, job.attempt + 1, exc, stage=ROUTE, event_type=event.event_type)
 
 
-def _retry_enrich(rt, event, attempt, exc, replay, sinks=None):
+def _retry_enrich(rt, event, attempt, exc, replay, sinks=None, validated=()):
     """Schedule ``process_delivery`` again; the ledger keeps the attempt and when it is due, so the
-    sweeper re-queues it if the retry message is lost."""
+    sweeper re-queues it if the retry message is lost. ``validated``: the trace line of the body's
+    check, written first."""
     delay = retry_delay(rt.settings.retry_schedule, attempt + 1, exc.retry_after)
     if delay is None:
-        return dead_letter_enrich(rt, event, attempt, exc)
-    rt.ledger.trace(event.delivery_id, "enrich retry", error=exc.message, delay=round(delay, 1))
+        return dead_letter_enrich(rt, event, attempt, exc, validated)
+    rt.ledger.trace_lines(event.delivery_id, [*validated, (time.time(), "enrich retry",
+                                                           {"error": exc.message, "delay": round(delay, 1)})])
     rt.ledger.set_status(event.delivery_id, "retrying", due=time.time() + delay, attempt=attempt + 1,
                          replay=int(bool(replay)))
     rt.scheduler.schedule(PROCESS_DELIVERY, [event.delivery_id, event.event_type, attempt + 1, replay, sinks], delay)

@@ -50,8 +50,9 @@ def record(rt, job, state, attempts, *, kept=None, received_at=None, **shown):
     return state
 
 
-def dead_letter(rt, job, attempts, exc, exhausted=False, stage=DELIVER_STAGE, event_type=None):
-    """Keep ``job`` in the dead-letter store with ``exc`` as its reason (and what a replay needs)."""
+def dead_letter(rt, job, attempts, exc, exhausted=False, stage=DELIVER_STAGE, event_type=None, took=None):
+    """Keep ``job`` in the dead-letter store with ``exc`` as its reason (and what a replay needs);
+    ``took``: how long the sink call that ended so took, for the trace."""
     reason = f"retries exhausted: {exc.message}" if exhausted else exc.message
     kept = kept_for_replay(rt, job.delivery_id)
     kept["event_type"] = event_type or job.event_type or kept.get("event_type")
@@ -60,16 +61,19 @@ def dead_letter(rt, job, attempts, exc, exhausted=False, stage=DELIVER_STAGE, ev
                         key=key, attempts=attempts, error=exc.to_json() if isinstance(exc, RelayError) else None)
     if key:
         rt.versions(job.sink).reassert_dead_lettered(key, job.delivery_id)
-    return record(rt, job, "dead_lettered", attempts, kept={"reason": reason}, reason=reason)
+    timing = {} if took is None else {"took": took}
+    return record(rt, job, "dead_lettered", attempts, kept={"reason": reason}, reason=reason, **timing)
 
 
-def dead_letter_enrich(rt, event, attempt, exc):
-    """Dead-letter a delivery before its fan-out (its stop could not be read, or a bug)."""
+def dead_letter_enrich(rt, event, attempt, exc, steps=()):
+    """Dead-letter a delivery before its fan-out (its stop could not be read, or a bug); ``steps``:
+    trace lines of what came before (``Ledger.trace_lines``)."""
     kept = {**kept_for_replay(rt, event.delivery_id), "event_type": event.event_type}
     rt.dead_letters.add(event.delivery_id, ENRICH, exc.message, **kept, stage=ENRICH, attempts=attempt + 1,
                         error=exc.to_json())
     rt.ledger.set_status(event.delivery_id, "dead_lettered", reason=exc.message)
-    rt.ledger.trace(event.delivery_id, "dead-lettered", stage=ENRICH, reason=exc.message)
+    rt.ledger.trace_lines(event.delivery_id, [*steps, (time.time(), "dead-lettered",
+                                                       {"stage": ENRICH, "reason": exc.message})])
     log.error("dead-lettered before fan-out: %s", exc.message)
     return "dead_lettered"
 

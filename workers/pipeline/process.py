@@ -1,6 +1,7 @@
 """``process_delivery``: take a recorded delivery up, validate it, fan it out (or resume its fan-out)."""
 import json
 import logging
+import time
 import uuid
 
 from marshmallow import ValidationError
@@ -28,9 +29,11 @@ def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
         return "processing"  # a live worker holds it (its lease is renewed)
     try:
         event = parse_event(delivery_id, event_type, json.loads(entry.body))
+        validated_at = time.time()
     except ValidationError as exc:
         rt.quarantine.add(event_type, entry.body, "schema validation failed", exc.messages, delivery_id)
         rt.ledger.set_status(delivery_id, "quarantined", reason=json.dumps(exc.messages))
+        rt.ledger.trace(delivery_id, "quarantined", reason="schema validation failed", errors=exc.messages)
         return "quarantined"
     with bugs_dead_lettered(lambda exc: dead_letter_enrich(rt, event, attempt, exc)):
         if not entry.processable:  # routed before, but a sink's deliver was never queued or got lost
@@ -38,7 +41,7 @@ def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
         if entry.replay_sinks is not None:  # a replay the sweeper queued again: its message says neither
             replay, sinks = True, sinks or list(entry.replay_sinks) or None
         with _lease_renewed(rt, delivery_id, lease):
-            return route_delivery(rt, event, entry.received_at, attempt, replay, sinks)
+            return route_delivery(rt, event, entry.received_at, attempt, replay, sinks, validated_at)
 
 
 def _lease_renewed(rt, delivery_id, lease):
