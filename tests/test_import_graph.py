@@ -35,7 +35,8 @@ RECEIVER_ALLOWED = {
     "workers.store.keys": "the Redis key and queue names, so the web process reads and writes what the workers do",
     # /metrics (metrics.py)
     "workers.metrics": "queue-depth and ledger metrics collected from Redis, served by the web process",
-    "workers.sinks": "sink names and which are configured (no connector code): metrics labels, console filters",
+    "workers.sinks": "sink names and which are configured: metrics labels, console filters (it imports the sink "
+                     "modules for their declarations; the webhook path never builds a sink)",
     # Locate2u OAuth callback (oauth.py, health.py)
     "workers.resilience.errors": "retriable / permanent errors raised by the Locate2u client and token exchange",
     "workers.locate2u.client": "the Locate2u client that exchanges the callback's code",
