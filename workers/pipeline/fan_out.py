@@ -57,7 +57,8 @@ def plan(rt, event, sinks=None, attempts=None):
     if event.stop_id is not None and any(route.needs_stop for route, _ in routed):
         started = time.time()
         stop, source = fetch_stop(rt, event.stop_id)
-        result.steps.append((time.time(), "enriched", {"from": source, "took": round(time.time() - started, 3)}))
+        read_at = time.time()
+        result.steps.append((read_at, "enriched", {"from": source, "took": round(read_at - started, 3)}))
     context = template_context(event, stop)
     for route, action in routed:
         job = DeliverJob(event.delivery_id, route.sink, action, None, attempts.get(route.sink, 0))
