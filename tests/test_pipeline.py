@@ -231,7 +231,9 @@ def test_fan_out_interrupted_before_its_write_is_resumed_on_redelivery(driver, s
     driver.run()
     assert driver.rt.ledger.get(delivery_id)["status"] == "applied"
     assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["status"] == "Arrived"
-    assert "resumed" in [line["what"] for line in driver.rt.ledger.history(delivery_id)]
+    steps = [(line["what"], line.get("from")) for line in driver.rt.ledger.history(delivery_id)]
+    resumed = steps.index(("resumed", None))
+    assert steps[resumed - 1] == ("enriched", "cache")  # the resumed fan-out's own stop read, then the resume
 
 
 def test_sweeper_resumes_a_fan_out_whose_worker_died_and_whose_message_was_lost(driver, sink_server):

@@ -170,7 +170,7 @@ def resume_fan_out(rt, event, entry, grace=0.0):
     for job in jobs:
         job.send(rt)
     rt.ledger.count_resume(event.delivery_id)
-    rt.ledger.trace(event.delivery_id, "resumed", sinks=resumed)
+    rt.ledger.trace_lines(event.delivery_id, [*planned.steps, (time.time(), "resumed", {"sinks": resumed})])
     log.warning("resumed a stalled fan-out to %s", ", ".join(resumed))
     return "resumed"
 
