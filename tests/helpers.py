@@ -32,6 +32,13 @@ def wait_for(predicate, timeout=30, interval=0.1):
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+def sink_outcomes(redis_client, delivery_ids, sink="storepoint"):
+    """``{delivery id: its outcome at sink}`` ({} while it has none)."""
+    ledger = Ledger(redis_client)
+    return {delivery_id: (ledger.get(delivery_id) or {}).get("sinks", {}).get(sink, {})
+            for delivery_id in delivery_ids}
+
+
 def settled(redis_client, delivery_id):
     """The delivery's ledger entry once it is applied, stale or dead-lettered; else None."""
     entry = Ledger(redis_client).get(delivery_id)

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.fixtures import sims_settings
-from tests.helpers import post, wait_for
+from tests.helpers import post, sink_outcomes, wait_for
 from tests.payloads import status_change
 from workers.config import SVIX_RETRY_SCHEDULE
 from workers.resilience.http import DEFAULT_TIMEOUT, read_timeout
@@ -53,12 +53,6 @@ def stack(settings, sims, start_stack, tmp_path):
     return start_stack(sims_settings(settings, sims, b2b_business_partner_id="BP-1", b2b_country_id="AU",
                                      retry_schedule=SVIX_RETRY_SCHEDULE, sweep_after=5, visibility_timeout=10,
                                      routes_file=str(routes)))
-
-
-def sink_outcomes(redis_client, delivery_ids, sink="storepoint"):
-    ledger = Ledger(redis_client)
-    return {delivery_id: (ledger.get(delivery_id) or {}).get("sinks", {}).get(sink, {})
-            for delivery_id in delivery_ids}
 
 
 def test_held_storepoint_writes_are_applied_soon_after_an_outage_with_nothing_else_sent(stack, sims, redis_client):

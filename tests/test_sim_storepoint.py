@@ -190,6 +190,23 @@ def test_faults_429_5xx_rate_and_latency(app, client):
     faults.clear()
 
 
+def test_a_rate_limit_answers_429_beyond_its_bucket_and_refills(app, client, state):
+    app.config["FAULTS"].rate_limit(rate=2, burst=3, path_prefix="/locations")
+    answers = [client.post("/locations", json=valid_body(name=f"Shop {n}"), headers=AUTH) for n in range(5)]
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 429, 429]
+    assert answers[3].headers["Retry-After"] == "1" and len(state.locations) == 3  # refused: not created
+    assert client.get("/locations", headers=AUTH).status_code == 200  # reads are not limited here
+    time.sleep(0.6)  # one token back at 2 a second
+    assert client.post("/locations", json=valid_body(name="Shop 5"), headers=AUTH).status_code == 200
+    assert app.config["FAULTS"].counts["429 over the rate limit"] == 2
+    app.config["FAULTS"].clear()
+    assert all(client.post("/locations", json=valid_body(name=f"Shop {n}"), headers=AUTH).status_code == 200
+               for n in range(6, 12))
+    client.post("/_sim/faults", json={"rate_limit": {"rate": 1, "burst": 1}})  # the same over HTTP
+    assert [client.post("/locations", json=valid_body(name=f"Shop {n}"), headers=AUTH).status_code
+            for n in range(12, 14)] == [200, 429]
+
+
 def test_round_trip_over_real_http(state):
     app = create_app(state)
     app.config["FAULTS"].inject(429, retry_after=1)

@@ -4,9 +4,9 @@ Every simulator is a Flask app built by a ``create_app()`` function around a
 state object. This module gives them:
 
 - ``FaultPlan``: fault injection (a number of forced answers such as 503 or
-  429 with ``Retry-After``, a failure rate, added latency, single slow
-  requests, and requests that are applied and then answered 503, answered 200
-  with a proxy's HTML page or have their connection dropped), applied around
+  429 with ``Retry-After``, a failure rate, a vendor's rate limit, added latency,
+  single slow requests, and requests that are applied and then answered 503,
+  answered 200 with a proxy's HTML page or have their connection dropped), applied around
   the simulator's own routes and also settable over HTTP at ``/_sim/faults``; it counts what it injected by kind
   and knows which client ports have a request in progress;
 - ``SimulatorServer``: serve an app on a free loopback port in a thread;
@@ -38,6 +38,7 @@ class FaultPlan:
         self._rate_status = 503
         self._rate_prefix = ""
         self._latency = 0.0
+        self._limit = None      # the rate limit's token bucket (``rate_limit``)
         self._random = random.Random(seed)
         self.injected = 0
         self.counts = collections.Counter()  # what was injected, by kind: "503", "429", "slow", "applied then 503"...
@@ -68,6 +69,29 @@ class FaultPlan:
         with self._lock:
             self._after_apply += [(how, path_prefix, tuple(methods))] * times
 
+    def rate_limit(self, rate, burst, path_prefix="", methods=("POST", "PUT", "PATCH", "DELETE")):
+        """Enforce a rate limit, as a vendor's gateway does: matching requests beyond a token bucket
+        of ``rate`` a second holding at most ``burst`` are answered 429 with ``Retry-After: 1``
+        (counted as "429 over the rate limit")."""
+        with self._lock:
+            self._limit = {"rate": rate, "burst": burst, "prefix": path_prefix, "methods": tuple(methods),
+                           "tokens": float(burst), "at": time.monotonic()}
+
+    def _over_limit(self, path, method):
+        with self._lock:
+            limit = self._limit
+            if limit is None or not path.startswith(limit["prefix"]) or method not in limit["methods"]:
+                return False
+            now = time.monotonic()
+            limit["tokens"] = min(limit["burst"], limit["tokens"] + (now - limit["at"]) * limit["rate"])
+            limit["at"] = now
+            if limit["tokens"] >= 1:
+                limit["tokens"] -= 1
+                return False
+            self.injected += 1
+            self.counts["429 over the rate limit"] += 1
+            return True
+
     def latency(self, seconds):
         """Delay every request by ``seconds``."""
         with self._lock:
@@ -78,7 +102,7 @@ class FaultPlan:
             self._queued.clear()
             self._slow.clear()
             self._after_apply.clear()
-            self._rate, self._latency = 0.0, 0.0
+            self._rate, self._latency, self._limit = 0.0, 0.0, None
 
     def _next(self, path):
         with self._lock:
@@ -104,6 +128,8 @@ class FaultPlan:
         """Return a Flask response for a fault to inject, or None (after any delay it injects)."""
         if self._latency:
             time.sleep(self._latency)
+        if self._over_limit(path, method):
+            return _fault_response(429, 1, {"error": "rate limited", "status": 429})
         slow = self._take(self._slow, lambda fault: path.startswith(fault[1]))
         if slow:
             self.counts[slow[2]] += 1
@@ -118,11 +144,16 @@ class FaultPlan:
         with self._lock:
             self.injected += 1
             self.counts[str(status)] += 1
-        response = jsonify(body if body is not None else {"error": "injected fault", "status": status})
-        response.status_code = status
-        if retry_after is not None:
-            response.headers["Retry-After"] = str(retry_after)
-        return response
+        return _fault_response(status, retry_after, body if body is not None else {"error": "injected fault",
+                                                                                   "status": status})
+
+
+def _fault_response(status, retry_after, body):
+    response = jsonify(body)
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 def install_faults(app, faults):
@@ -169,6 +200,8 @@ def install_faults(app, faults):
             faults.fail_after_apply(spec["fail_after_apply"], spec.get("times", 1), spec.get("path_prefix", ""))
         if "latency" in spec:
             faults.latency(spec["latency"])
+        if "rate_limit" in spec:
+            faults.rate_limit(spec["rate_limit"]["rate"], spec["rate_limit"]["burst"], spec.get("path_prefix", ""))
         return jsonify({"ok": True})
 
     @app.delete("/_sim/faults")
