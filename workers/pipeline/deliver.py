@@ -72,11 +72,11 @@ def deliver_to_sink(rt, job, received_at=None):
                     breaker.abandon_probe()
                 return _wait(rt, job, exc.retry_after, exc.message)
             except RelayError as exc:
+                took = round(time.time() - started, 3)
                 if lock.lost or not lock.renew():  # it may have landed after a newer write
                     reassert(rt, job.sink, location.key)
                 elif isinstance(exc, NoAnswer):  # it may still land: nothing else goes out before
                     lock.settle(exc.settles_in)
-                took = round(time.time() - started, 3)
                 if isinstance(exc, PermanentError):
                     breaker.success()
                     return dead_letter(rt, job, job.attempt + 1, exc, took=took)
