@@ -131,3 +131,24 @@ def test_a_real_worker_runs_what_the_script_pushed(settings, start_process, redi
         entry = wait_for(lambda: (e := ledger.get(f"d-{number}")) and e["status"] not in ("received", "processing") and e)
         assert entry["status"] == "unrouted"
     assert redis_client.llen(INGEST_QUEUE) == 0
+
+
+def test_the_webhook_path_builds_and_calls_no_sink(settings, redis_client, monkeypatch):
+    """The web process imports the sink modules for their declarations (README, "The code"), but
+    accepting a delivery builds no sink and makes no HTTP call, with sinks configured."""
+    from receiver import create_app
+    from workers.locate2u.webhook_auth import url_token
+    from workers.resilience.http import HttpClient
+    from workers.sinks.base import Sink
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the webhook path built or called a sink")
+
+    monkeypatch.setattr(Sink, "__init__", refuse)
+    monkeypatch.setattr(HttpClient, "request", refuse)
+    client = create_app(settings.replace(storepoint_api_token="sp-token-123", b2b_api_token="b2b-token-123",
+                                         b2b_business_partner_id="BP-1", b2b_country_id="AU")).test_client()
+    token = url_token(settings.webhook_secret, "stop.status-changed")
+    answer = client.post(f"/webhooks/locate2u/stop.status-changed/{token}", json=PUBLISHED["stop.status-changed"])
+    assert answer.status_code == 200 and answer.get_json()["status"] == "accepted"
+    assert queued(redis_client)
