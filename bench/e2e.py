@@ -43,10 +43,14 @@ def settled_counts(client):
     return totals
 
 
-def wait_settled(client, before, count, timeout, progress_every=15):
+def wait_settled(client, before, count, timeout, progress_every=15, tick=None):
+    """True once ``count`` more deliveries than ``before`` are settled at every sink, else False after
+    ``timeout`` seconds; ``tick()`` runs on every look."""
     started = time.monotonic()
     reported = started
     while time.monotonic() < started + timeout:
+        if tick:
+            tick()
         now = settled_counts(client)
         done = {sink: now[sink] - before[sink] for sink in SINKS}
         if all(value >= count for value in done.values()):

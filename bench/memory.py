@@ -3,7 +3,9 @@
 A warm-up batch, one delivery per stop, first creates what exists once (metrics, mappings and
 versions of the stops, the Locate2u token, kombu's bindings); the measured deliveries then only
 update those stops, enough of them that writes to one stop (serialised by its lock) seldom
-wait. Then the receiver records N deliveries with no worker running (pending: ledger entry,
+wait; a write that does wait is put back for a second later, and the bench sends it when due, as
+beat's release task does (beat itself does not run here: its sweeper would compact the settled
+entries before they are measured). Then the receiver records N deliveries with no worker running (pending: ledger entry,
 dedup key, index members, the queued Celery message); a worker applies them to the Storepoint
 and B2B simulators (settled, full entry), the sweeper's compaction runs (settled, compacted),
 and the dedup keys go as they do after ``RELAY_DEDUP_WINDOW`` (the record kept for the
@@ -26,8 +28,10 @@ from bench.load import STOP_BASE, post_all, status_change
 from bench.stack import Stack
 from receiver.webhooks import delivery_id_for
 from tests.processes import process_env
+from workers.celery_config import make_celery
 from workers.config import Settings
 from workers.pipeline.fan_out import STOP_CACHE_SECONDS
+from workers.resilience.controls import RetryScheduler
 from workers.store.stores import SETTLE_GRACE, DeadLetterStore, Ledger
 
 MIB = 1024 * 1024
@@ -53,11 +57,12 @@ def run(workdir, profile, secret, path):
         client = redis.Redis.from_url(redis_url, decode_responses=True)
         server = client.info("server")["redis_version"], client.info("memory")["mem_allocator"]
         ledger = Ledger(client)
+        release_due = RetryScheduler(client, make_celery(settings, "l2u-bench").send_task).release_due
 
         worker = _worker(stack, env, "warm-up")
         before = e2e.settled_counts(client)
         _post(web.url, path, warm_up, profile["connections"])
-        _settle(client, profile, before, len(warm_up))
+        _settle(client, profile, before, len(warm_up), release_due)
         _compact(ledger)
         worker.stop()  # so the next deliveries stay pending
         base = dataset(client)
@@ -67,7 +72,7 @@ def run(workdir, profile, secret, path):
 
         before = e2e.settled_counts(client)
         _worker(stack, env, "worker")
-        _settle(client, profile, before, count)
+        _settle(client, profile, before, count, release_due)
         full = (dataset(client) - base) / count
         _compact(ledger)
         compacted = (dataset(client) - base) / count
@@ -119,9 +124,10 @@ def _worker(stack, env, name):
     return stack.celery(name, ["worker", "-n", f"{name}@%h", "--without-gossip", "--without-mingle"], env)
 
 
-def _settle(client, profile, before, count):
-    """Wait until ``count`` more deliveries than the counters had ``before`` are final at both sinks."""
-    if not e2e.wait_settled(client, before, count, profile["settle_timeout"]):
+def _settle(client, profile, before, count, release_due):
+    """Wait until ``count`` more deliveries than the counters had ``before`` are final at both sinks,
+    sending the writes put back for later when they are due (``release_due``)."""
+    if not e2e.wait_settled(client, before, count, profile["settle_timeout"], tick=release_due):
         raise RuntimeError("the memory phase's deliveries did not settle in time")
     _quiet(client)
 
