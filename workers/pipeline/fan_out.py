@@ -106,11 +106,11 @@ def fetch_stop(rt, stop_id):
     return stop, "locate2u"
 
 
-def route_delivery(rt, event, received_at, attempt=0, replay=False, sinks=None, validated_at=None):
+def route_delivery(rt, event, received_at, attempt=0, replay=False, sinks=None, *, validated_at):
     """Plan ``event`` (received at ``received_at``, its body checked at ``validated_at``) and deliver
     one job per routed sink (only ``sinks``, when given: a route-stage replay redoes the sink that
     refused, not the ones that took it)."""
-    validated = [(validated_at, "validated", {})] if validated_at else []
+    validated = [(validated_at, "validated", {})]
     try:
         planned = plan(rt, event, sinks)
     except RetriableError as exc:
@@ -181,7 +181,7 @@ def _refuse(rt, event, planned):
         dead_letter(rt, job, job.attempt + 1, exc, stage=ROUTE, event_type=event.event_type)
 
 
-def _retry_enrich(rt, event, attempt, exc, replay, sinks=None, validated=()):
+def _retry_enrich(rt, event, attempt, exc, replay, sinks, validated):
     """Schedule ``process_delivery`` again; the ledger keeps the attempt and when it is due, so the
     sweeper re-queues it if the retry message is lost. ``validated``: the trace line of the body's
     check, written first."""

@@ -41,7 +41,7 @@ def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
         if entry.replay_sinks is not None:  # a replay the sweeper queued again: its message says neither
             replay, sinks = True, sinks or list(entry.replay_sinks) or None
         with _lease_renewed(rt, delivery_id, lease):
-            return route_delivery(rt, event, entry.received_at, attempt, replay, sinks, validated_at)
+            return route_delivery(rt, event, entry.received_at, attempt, replay, sinks, validated_at=validated_at)
 
 
 def _lease_renewed(rt, delivery_id, lease):
