@@ -5,8 +5,10 @@ import base64
 import hmac
 import inspect
 import io
+import ipaddress
 import json
 import logging
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import psutil
 import pytest
 import redis
 import requests
@@ -276,7 +279,7 @@ def test_tokens_stored_under_another_secret_cannot_be_read(settings, redis_clien
 
 def flower(settings, **env):
     environment = {key: value for key, value in process_env(settings, **env).items()
-                   if key not in ("FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_ADDRESS", "FLOWER_PORT", "PORT")
+                   if key not in ("FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_ADDRESS", "FLOWER_PORT", "PORT", "DYNO")
                    or key in env}
     return Process("flower", [str(Path(sys.executable).parent / "celery"), "-A", "workers.app", "flower"],
                    environment)
@@ -313,8 +316,32 @@ def test_flower_refuses_requests_without_basic_auth(settings):
     assert "s3cret-flower-pass" not in proc.output()
 
 
-@pytest.mark.parametrize("env", [{"FLOWER_ADDRESS": "0.0.0.0"}, {"PORT": "placeholder"}],
-                         ids=["FLOWER_ADDRESS=0.0.0.0", "PORT set (binds 0.0.0.0)"])
+def non_loopback_ipv4():
+    """An IPv4 address of this machine other than loopback, as a dyno's own IP is."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not ipaddress.ip_address(address.address).is_loopback:
+                return address.address
+    raise AssertionError("this machine has no IPv4 address but loopback to reach Flower on")
+
+
+def test_flower_on_a_heroku_dyno_listens_where_heroku_exec_forwards_and_asks_for_auth(settings):
+    """Heroku routes the internet only to web dynos and sets PORT only there. A ``flower`` dyno is
+    reached with ``heroku ps:forward 5555 --dyno flower.1``, whose tunnel connects to the dyno's own
+    IP (Heroku Exec), not to its loopback: Flower listening on 127.0.0.1 there is out of reach."""
+    port = free_port()
+    proc = flower(settings, DYNO="flower.1", FLOWER_BASIC_AUTH="admin:s3cret-flower-pass", FLOWER_PORT=port)
+    try:
+        url = f"http://{non_loopback_ipv4()}:{port}"
+        wait_listening(url, proc)
+        assert requests.get(url + "/workers", timeout=10).status_code == 401
+        assert requests.get(url + "/workers", auth=("admin", "s3cret-flower-pass"), timeout=30).status_code == 200
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("env", [{"FLOWER_ADDRESS": "0.0.0.0"}, {"PORT": "placeholder"}, {"DYNO": "flower.1"}],
+                         ids=["FLOWER_ADDRESS=0.0.0.0", "PORT set (binds 0.0.0.0)", "a Heroku dyno (binds 0.0.0.0)"])
 def test_flower_will_not_start_on_all_interfaces_without_auth(settings, env):
     env = {name: (free_port() if value == "placeholder" else value) for name, value in env.items()}
     proc = flower(settings, FLOWER_PORT=free_port(), **env) if "PORT" not in env else flower(settings, **env)

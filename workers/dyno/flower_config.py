@@ -4,7 +4,11 @@ dyno, and by ``l2u-relay run`` through ``FLOWER_CONF`` (Flower executes this fil
 Flower refuses to start without authentication unless it only listens on
 loopback: set ``FLOWER_BASIC_AUTH=user:password`` (or Flower's own
 ``FLOWER_AUTH`` OAuth settings). It listens on ``$PORT`` when set (a
-Heroku-style web dyno), else 5555.
+Heroku-style web dyno), else 5555; on every interface on a dyno (``$PORT`` or
+``$DYNO`` set: Heroku routes the internet only to web dynos, so a ``flower``
+dyno is opened with ``heroku ps:forward 5555 --dyno flower.1``, whose tunnel
+connects to the dyno's own IP), else on loopback. ``FLOWER_ADDRESS`` and
+``FLOWER_PORT`` override both.
 """
 import os
 import sys
@@ -18,7 +22,8 @@ from workers.logs import configure_logging as _configure_logging
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 port = int(os.environ.get("FLOWER_PORT") or os.environ.get("PORT") or 5555)
-address = os.environ.get("FLOWER_ADDRESS") or ("0.0.0.0" if os.environ.get("PORT") else "127.0.0.1")
+address = os.environ.get("FLOWER_ADDRESS") or ("0.0.0.0" if os.environ.get("PORT") or os.environ.get("DYNO")
+                                                else "127.0.0.1")
 if os.environ.get("FLOWER_BASIC_AUTH"):
     basic_auth = [os.environ["FLOWER_BASIC_AUTH"]]
 elif not os.environ.get("FLOWER_AUTH") and address not in LOOPBACK:
