@@ -3,6 +3,9 @@ started again from its append-only file. The worker must reconnect and go on (or
 saying why); it used to die inside kombu (``AttributeError: 'NoneType' object has no attribute
 'hostname'`` in ``restore_unacked``).
 
+Also Redis closing idle connections (Heroku Key-Value Store's ``timeout``): the next delivery is
+taken at once and applied.
+
 Real processes: a redis-server with ``appendonly yes``, a Celery worker with beat, the loopback
 Locate2u, Storepoint and B2B simulators.
 """
@@ -70,3 +73,27 @@ def test_worker_goes_on_after_redis_is_killed_and_restarted_from_its_aof(stack_s
     assert worker.proc.poll() is None, worker.output()[-3000:]  # the same worker went on
     output = worker.output()
     assert "Unrecoverable error" not in output and "'hostname'" not in output, output[-3000:]
+
+
+def test_connections_redis_closes_while_idle_cost_no_delivery_and_no_503(stack_settings, own_redis, start_process):
+    """Heroku Key-Value Store closes a connection idle for its ``timeout`` (300 s by default,
+    ``heroku redis:timeout``). Every pool of every process (the receiver's, the worker's, beat's,
+    the broker's) goes idle on a quiet relay; the next delivery must be taken at once (no 503
+    for the sender to retry) and applied."""
+    settings = stack_settings.replace(redis_url=own_redis.url)
+    web = start_process("gunicorn", settings)
+    worker = start_process("worker", settings, beat=True)
+    ledger = Ledger(connect(settings.redis_url))
+    first = _deliver(web, "Arrived", "2022-04-27T05:00:00+00:00")  # every pool is warm
+    assert wait_for(lambda: _status(ledger, first), timeout=60, interval=0.2) == "applied"
+    admin = connect(settings.redis_url)
+    admin.config_set("timeout", 1)
+    open_before = {client["id"] for client in admin.client_list()} - {str(admin.client_id())}
+    time.sleep(4)  # idle past the server's timeout
+    still_open = open_before & {client["id"] for client in admin.client_list()}
+    assert len(still_open) < len(open_before)  # Redis closed the idle ones (a worker blocked in BRPOP is not idle)
+    second = _deliver(web, "Complete", "2022-04-27T06:00:00+00:00")
+    try:
+        assert wait_for(lambda: _status(ledger, second), timeout=60, interval=0.2) == "applied"
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; worker output:\n{worker.output()[-6000:]}") from None
