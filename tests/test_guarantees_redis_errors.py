@@ -12,6 +12,7 @@ from celery.exceptions import Reject
 from tests.fixtures import STOP_ID, RecordingSink, accept, fan_out_job
 from tests.payloads import status_change
 from workers import tasks
+from workers.pipeline import failures
 from workers.resilience.http import HttpClient
 from workers.pipeline.routes import Route
 from workers.store.stores import MappingStore
@@ -69,6 +70,25 @@ def test_out_of_memory_is_an_outage_and_nothing_is_dead_lettered(driver, out_of_
     driver.rt.redis.config_set("maxmemory", 0)
     assert driver.rt.dead_letters.list() == []
     assert driver.rt.ledger.get(delivery_id)["status"] == "received"
+
+
+def test_an_outage_pauses_before_its_message_goes_back_longer_each_time_in_a_row(monkeypatch):
+    """A broker still up (RabbitMQ) hands a message put back straight to a worker again: the pause is
+    what keeps an outage from being a loop (``tests/test_rabbitmq.py`` has it through real processes)."""
+    slept = []
+    monkeypatch.setattr(failures.time, "sleep", slept.append)
+    monkeypatch.setattr(tasks, "_OUTAGE_PAUSE", failures.OutagePause())
+
+    def outage():
+        with pytest.raises(Reject), tasks._redis_outage():
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    for _ in range(5):
+        outage()
+    with tasks._redis_outage():
+        pass  # a task that met no outage
+    outage()
+    assert slept == [1, 2, 4, 8, 8, 1]
 
 
 def test_a_read_only_replica_is_an_outage(redis_client):

@@ -2,8 +2,10 @@
 
 The receiver then publishes ``process_delivery`` with ``send_task`` after the ledger write; a worker
 SIGKILLed mid-task leaves the message unacknowledged, RabbitMQ hands it to the next worker, and the
-delivery is applied once. Task events, which Flower shows, stay on with RabbitMQ: the step that sends
-them only while someone watches asks Redis's ``PUBSUB NUMPAT`` and is off for another broker.
+delivery is applied once. While the ledger's Redis is down and RabbitMQ is not, a message put back
+for later comes straight back: each worker process pauses before putting one back, so the outage is
+not a loop. Task events, which Flower shows, stay on with RabbitMQ: the step that sends them only
+while someone watches asks Redis's ``PUBSUB NUMPAT`` and is off for another broker.
 """
 import threading
 import time
@@ -14,6 +16,8 @@ from tests.fixtures import STOP_ID, kill_worker_mid_write, sims_settings, storep
 from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
 from workers.celery_config import SWEEP_RECEIVED, make_celery
+from workers.ops.devstack import EmbeddedRedis
+from workers.store.stores import connect
 
 
 @pytest.fixture
@@ -43,6 +47,32 @@ def test_delivery_is_applied_through_rabbitmq_and_survives_a_worker_kill(amqp_se
     assert wait_for(lambda: settled(redis_client, later.json()["delivery_id"]), timeout=120)["status"] == "applied"
     [location] = storepoint_locations(sims)
     assert "complete" in location["tags"]
+
+
+@pytest.mark.timeout(900)
+def test_while_the_ledgers_redis_is_down_messages_are_put_back_at_a_walk_not_in_a_loop(amqp_settings, start_process,
+                                                                                       tmp_path):
+    """RabbitMQ stays up and hands a message put back (``Reject(requeue=True)``) straight to a worker
+    again; it used to go round ~250 times a second for three messages, a two-traceback WARNING each
+    time, for the whole outage."""
+    ledger_redis = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
+    try:
+        settings = amqp_settings.replace(redis_url=ledger_redis.url)
+        web = start_process("gunicorn", settings)
+        delivery_ids = [post(web.url, "stop.status-changed", status_change(STOP_ID, status, f"2022-04-27T0{hour}:00:00+00:00"))
+                        .json()["delivery_id"] for hour, status in ((5, "Arrived"), (6, "Complete"), (7, "Enroute"))]
+        ledger_redis.stop()  # queued in RabbitMQ, and no worker has taken them yet
+        worker = start_process("worker", settings, beat=True)
+        worker.wait_for_output("reject requeue=True", timeout=60)
+        time.sleep(10)
+        put_back = worker.output().count("reject requeue=True")
+        assert put_back <= 40, f"{put_back} messages put back in about 10 s"  # 4 processes, the first pause 1 s
+        ledger_redis.start()
+        client = connect(ledger_redis.url)
+        for delivery_id in delivery_ids:
+            assert wait_for(lambda: settled(client, delivery_id), timeout=120)["status"] in ("applied", "stale")
+    finally:
+        ledger_redis.stop()
 
 
 @pytest.mark.timeout(900)

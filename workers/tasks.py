@@ -17,7 +17,7 @@ from workers.store import keys
 from workers.celery_config import DELIVER, PROCESS_DELIVERY, RELEASE_DUE_RETRIES, SWEEP_RECEIVED
 from workers.logs import bind_context
 from workers.pipeline import deliver as deliver_job, process, sweeper
-from workers.pipeline.failures import redis_outage
+from workers.pipeline.failures import OutagePause, redis_outage
 from workers.pipeline.jobs import DeliverJob
 from workers.store.queue_positions import QueueTickets
 from workers.store.redis_messages import REDIS_SCHEMES
@@ -76,15 +76,22 @@ def deliver(delivery_id, sink, action, record, attempt=0, replay=False):
         return deliver_job.deliver(runtime(), DeliverJob(delivery_id, sink, action, record, attempt, replay))
 
 
+_OUTAGE_PAUSE = OutagePause()  # this process's
+
+
 @contextlib.contextmanager
 def _redis_outage():
-    """A Redis or broker outage puts the message back for redelivery instead of failing the task."""
+    """A Redis or broker outage puts the message back for redelivery instead of failing the task,
+    after a pause (``OutagePause``: a broker still up hands it straight back)."""
     try:
         yield
     except Exception as exc:
         if redis_outage(exc):
+            _OUTAGE_PAUSE.wait()
             raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
+        _OUTAGE_PAUSE.reset()
         raise
+    _OUTAGE_PAUSE.reset()
 
 
 @shared_task(name=SWEEP_RECEIVED)

@@ -1,6 +1,7 @@
 """An outage (try again later) or a bug (dead-letter it now): the one place that tells them apart."""
 import contextlib
 import logging
+import time
 
 import redis
 from kombu.exceptions import OperationalError
@@ -30,6 +31,31 @@ def _reply_code(exc):
     if text.startswith("Error running script"):
         text = text.rpartition(": -")[2]
     return text.split(" ", 1)[0]
+
+
+class OutagePause:
+    """How long a worker process pauses before it puts a message back during an outage.
+
+    A broker that is still up while the ledger's Redis is not (RabbitMQ, or a second Redis) hands a
+    message put back straight to a worker again: without a pause every process would go round its
+    messages as fast as it can take them, logging a traceback each time, for the whole outage. The
+    pause doubles from ``FIRST`` to ``LONGEST`` seconds while outages follow one another, and starts
+    again after a task that met none. Nothing else could run meanwhile: every task needs Redis.
+    """
+
+    FIRST, LONGEST = 1.0, 8.0
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wait(self):
+        """Pause before putting a message back (longer each time in a row)."""
+        self.seconds = min(self.LONGEST, self.seconds * 2 or self.FIRST)
+        time.sleep(self.seconds)
+
+    def reset(self):
+        """A task ran without an outage."""
+        self.seconds = 0.0
 
 
 @contextlib.contextmanager
