@@ -4,7 +4,7 @@ saying why); it used to die inside kombu (``AttributeError: 'NoneType' object ha
 'hostname'`` in ``restore_unacked``).
 
 Also Redis closing idle connections (Heroku Key-Value Store's ``timeout``): the next delivery is
-taken at once and applied.
+taken at once and applied; and Redis full (``OOM``): the workers stay up and go on afterwards.
 
 Real processes: a redis-server with ``appendonly yes``, a Celery worker with beat, the loopback
 Locate2u, Storepoint and B2B simulators.
@@ -97,3 +97,32 @@ def test_connections_redis_closes_while_idle_cost_no_delivery_and_no_503(stack_s
         assert wait_for(lambda: _status(ledger, second), timeout=60, interval=0.2) == "applied"
     except AssertionError as exc:
         raise AssertionError(f"{exc}; worker output:\n{worker.output()[-6000:]}") from None
+
+
+def test_a_full_redis_stops_the_work_not_the_worker_and_it_resumes_when_writes_are_taken(stack_settings, own_redis,
+                                                                                         sims, start_process):
+    """Redis full under ``noeviction`` (a plan's memory taken by pending work) refuses every write with
+    ``OOM``. Kombu's Redis transport then raised out of the worker's event loop (putting a message
+    back, restoring unacknowledged ones at start-up), Celery called it unrecoverable and the worker
+    exited, and one started meanwhile exited at once: on Heroku a crashed dyno waits ever longer to
+    be restarted. The worker must stay up, and every delivery be applied once writes are taken."""
+    settings = stack_settings.replace(redis_url=own_redis.url, sweep_after=5)
+    web = start_process("gunicorn", settings)
+    worker = start_process("worker", settings, beat=True)
+    sims["storepoint"].app.config["FAULTS"].latency(2)  # writes in flight when Redis fills
+    delivery_ids = [_deliver(web, status, f"2022-04-27T0{hour}:00:00+00:00")
+                    for hour, status in ((5, "Arrived"), (6, "Complete"), (7, "Enroute"))]
+    admin = connect(settings.redis_url)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", 1)
+    try:
+        started_while_full = start_process("worker", settings, name="started-while-full")
+        time.sleep(10)
+        for proc in (worker, started_while_full):
+            assert proc.proc.poll() is None, f"{proc.name} exited:\n{proc.output()[-4000:]}"
+    finally:
+        admin.config_set("maxmemory", 0)
+    sims["storepoint"].app.config["FAULTS"].latency(0)
+    ledger = Ledger(admin)
+    for delivery_id in delivery_ids:
+        assert wait_for(lambda: _status(ledger, delivery_id), timeout=120, interval=0.5) in ("applied", "stale")

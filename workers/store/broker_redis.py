@@ -12,14 +12,78 @@ with a Redis connection error, which Celery handles) and the consumer reconnects
 Each channel also keeps one synchronous client on its pool: kombu built a new ``redis.Redis``
 for every message taken and every ack, and building one (its response callbacks) was about a
 sixth of the worker's consumer CPU per message (py-spy, 2026-11-28).
+
+And the bookkeeping of unacknowledged messages (``QoS``) outlives a Redis that refuses writes
+(full under ``noeviction``, a read-only replica): kombu raised out of the worker's event loop, which
+Celery took for an unrecoverable error, so the worker exited (and one started meanwhile too).
 """
+import contextlib
+import logging
+
+import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+from workers.pipeline.failures import redis_outage
 
 TRANSPORT = "workers.store.broker_redis:Transport"
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _unless_write_refused(left_as_is):
+    """Run the body; when Redis refuses its write for now (``OOM``, ``READONLY``…: an outage reply, not
+    a lost connection, which Celery handles), log that ``left_as_is`` instead of raising."""
+    try:
+        yield
+    except redis.ResponseError as exc:
+        if not redis_outage(exc):
+            raise
+        log.warning("broker: Redis refused a write (%s); %s", exc, left_as_is)
+
+
+class QoS(kombu_redis.QoS):
+    """Unacknowledged messages, kept in Redis by kombu; a step Redis refuses leaves things as they
+    are, and nothing is lost: a message the broker no longer holds is still in the ledger, whose
+    sweeper queues it again."""
+
+    def append(self, message, delivery_tag):
+        with _unless_write_refused("the message is not kept for redelivery by the broker (the sweeper has "
+                                   "it) and goes to its task, which meets the same refusal"):
+            return super().append(message, delivery_tag)
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag):
+        with _unless_write_refused("the message stays unacknowledged and comes back after the visibility "
+                                   "timeout, to a task that finds its work done"):
+            return super().ack(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_by_tag(self, tag, client=None, leftmost=False):
+        with _unless_write_refused("the message stays unacknowledged and comes back after the visibility "
+                                   "timeout"):
+            super().restore_by_tag(tag, client, leftmost)
+
+    def restore_visible(self, *args, **kwargs):
+        with _unless_write_refused("messages held by dead workers are restored on a later turn"):
+            super().restore_visible(*args, **kwargs)
 
 
 class Channel(kombu_redis.Channel):
     """A Redis channel whose connection parameters do not depend on the transport staying open."""
+
+    QoS = QoS
+
+    def _size(self, queue):
+        """A queue's length; 0 while Redis refuses the transaction that reads it (a full Redis refuses
+        every command inside ``MULTI``), so declaring the queues at start-up goes on."""
+        with _unless_write_refused("a queue's length reads as 0"):
+            return super()._size(queue)
+        return 0
+
+    def _queue_bind(self, *args, **kwargs):
+        with _unless_write_refused("a queue's binding is not written now (an earlier start wrote it)"):
+            super()._queue_bind(*args, **kwargs)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
