@@ -4,7 +4,8 @@ saying why); it used to die inside kombu (``AttributeError: 'NoneType' object ha
 'hostname'`` in ``restore_unacked``).
 
 Also Redis closing idle connections (Heroku Key-Value Store's ``timeout``): the next delivery is
-taken at once and applied; and Redis full (``OOM``): the workers stay up and go on afterwards.
+taken at once and applied; and Redis refusing writes (full, a read-only replica): the workers stay
+up and go on afterwards.
 
 Real processes: a redis-server with ``appendonly yes``, a Celery worker with beat, the loopback
 Locate2u, Storepoint and B2B simulators.
@@ -17,7 +18,7 @@ import redis
 from tests.fixtures import STOP_ID
 from tests.helpers import post, wait_for
 from tests.payloads import status_change
-from workers.ops.devstack import EmbeddedRedis
+from workers.ops.devstack import EmbeddedRedis, free_port
 from workers.store.stores import Ledger, connect
 
 
@@ -99,29 +100,39 @@ def test_connections_redis_closes_while_idle_cost_no_delivery_and_no_503(stack_s
         raise AssertionError(f"{exc}; worker output:\n{worker.output()[-6000:]}") from None
 
 
-def test_a_full_redis_stops_the_work_not_the_worker_and_it_resumes_when_writes_are_taken(stack_settings, own_redis,
-                                                                                         sims, start_process):
+REFUSING_WRITES = {  # how Redis comes to refuse writes for a while: (refuse, accept again)
+    "full": (lambda admin: (admin.config_set("maxmemory-policy", "noeviction"), admin.config_set("maxmemory", 1)),
+             lambda admin: admin.config_set("maxmemory", 0)),
+    "a read-only replica": (lambda admin: admin.replicaof("127.0.0.1", free_port()),  # its primary never answers
+                            lambda admin: admin.replicaof("NO", "ONE")),
+}
+
+
+@pytest.mark.parametrize("refusing", sorted(REFUSING_WRITES))
+def test_a_redis_refusing_writes_stops_the_work_not_the_worker_and_it_resumes_after(stack_settings, own_redis, sims,
+                                                                                    start_process, refusing):
     """Redis full under ``noeviction`` (a plan's memory taken by pending work) refuses every write with
-    ``OOM``. Kombu's Redis transport then raised out of the worker's event loop (putting a message
-    back, restoring unacknowledged ones at start-up), Celery called it unrecoverable and the worker
-    exited, and one started meanwhile exited at once: on Heroku a crashed dyno waits ever longer to
-    be restarted. The worker must stay up, and every delivery be applied once writes are taken."""
+    ``OOM``, and a primary turned replica with ``READONLY``. Kombu's Redis transport then raised out
+    of the worker's event loop (taking, putting back, restoring unacknowledged messages; declaring
+    the queues at start-up), Celery called it unrecoverable and the worker exited, and one started
+    meanwhile exited at once: on Heroku a crashed dyno waits ever longer to be restarted. The
+    workers must stay up, and every delivery be applied once writes are taken."""
+    refuse, accept_again = REFUSING_WRITES[refusing]
     settings = stack_settings.replace(redis_url=own_redis.url, sweep_after=5)
     web = start_process("gunicorn", settings)
     worker = start_process("worker", settings, beat=True)
-    sims["storepoint"].app.config["FAULTS"].latency(2)  # writes in flight when Redis fills
+    sims["storepoint"].app.config["FAULTS"].latency(2)  # writes in flight when Redis starts refusing
     delivery_ids = [_deliver(web, status, f"2022-04-27T0{hour}:00:00+00:00")
                     for hour, status in ((5, "Arrived"), (6, "Complete"), (7, "Enroute"))]
     admin = connect(settings.redis_url)
-    admin.config_set("maxmemory-policy", "noeviction")
-    admin.config_set("maxmemory", 1)
+    refuse(admin)
     try:
-        started_while_full = start_process("worker", settings, name="started-while-full")
+        started_meanwhile = start_process("worker", settings, name="started-meanwhile")
         time.sleep(10)
-        for proc in (worker, started_while_full):
+        for proc in (worker, started_meanwhile):
             assert proc.proc.poll() is None, f"{proc.name} exited:\n{proc.output()[-4000:]}"
     finally:
-        admin.config_set("maxmemory", 0)
+        accept_again(admin)
     sims["storepoint"].app.config["FAULTS"].latency(0)
     ledger = Ledger(admin)
     for delivery_id in delivery_ids:

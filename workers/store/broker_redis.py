@@ -13,12 +13,15 @@ Each channel also keeps one synchronous client on its pool: kombu built a new ``
 for every message taken and every ack, and building one (its response callbacks) was about a
 sixth of the worker's consumer CPU per message (py-spy, 2026-11-28).
 
-And the bookkeeping of unacknowledged messages (``QoS``) outlives a Redis that refuses writes
-(full under ``noeviction``, a read-only replica): kombu raised out of the worker's event loop, which
-Celery took for an unrecoverable error, so the worker exited (and one started meanwhile too).
+And taking messages, the bookkeeping of unacknowledged ones (``QoS``) and declaring the queues
+outlive a Redis that refuses writes (full under ``noeviction``, a read-only replica): kombu raised
+out of the worker's event loop, which Celery took for an unrecoverable error, so the worker exited
+(and one started meanwhile too).
 """
 import contextlib
 import logging
+import time
+from queue import Empty
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -84,6 +87,14 @@ class Channel(kombu_redis.Channel):
     def _queue_bind(self, *args, **kwargs):
         with _unless_write_refused("a queue's binding is not written now (an earlier start wrote it)"):
             super()._queue_bind(*args, **kwargs)
+
+    def _brpop_read(self, **options):
+        """Take a message; a refused ``BRPOP`` (a read-only replica) takes none, after a second's pause:
+        Redis refuses the next one at once too."""
+        with _unless_write_refused("no message is taken for a second"):
+            return super()._brpop_read(**options)
+        time.sleep(1)
+        raise Empty()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
