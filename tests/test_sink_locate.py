@@ -6,7 +6,7 @@ import pytest
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.resilience.errors import PermanentError, RetriableError
+from workers.resilience.errors import NotYet, PermanentError, RetriableError
 from workers.sinks.locate import LocateSink, same_value
 
 KEY = "locate-test-key"
@@ -121,6 +121,42 @@ def test_202_that_never_shows_is_retriable_and_bounded(sim, sink):
     with pytest.raises(RetriableError, match="background processing"):
         sink.apply("upsert", sample_location(), {"background_timeout": 0.3})
     assert 0.3 <= time.monotonic() - started < 2
+
+
+def test_a_retry_while_its_create_is_still_in_background_creates_no_second_record(sim, sink):
+    """LOCATE answers a create 202 and runs it later; the relay gave up reading it back and its retry,
+    not finding the record yet, created it a second time. Background processing has no published
+    bound: the retry must wait for the first create to show, then update it."""
+    sim_state(sim).background, sim_state(sim).background_delay = "always", 1.0
+    sink.client.timeout = (1, 1)  # a create may land up to 2 s after it was sent (settle_seconds), not 120
+    with pytest.raises(RetriableError, match="background processing"):
+        sink.apply("upsert", sample_location(), {"background_timeout": 0.2})
+    with pytest.raises(NotYet) as retried:  # at once, as the retry schedule's first step does
+        sink.apply("upsert", sample_location(name="Locate2u HQ"))
+    assert 1 < retried.value.retry_after <= 2
+    assert sim_state(sim).wait_background()
+    time.sleep(retried.value.retry_after)
+    record_id = sink.apply("upsert", sample_location(name="Locate2u HQ"))  # finds the first create's record
+    [record] = records(sim, "l2u-stop-164557")
+    assert str(record["id"]) == record_id and record["name"] == "Locate2u HQ"
+    assert len(requests(sim, "POST", f"/{RESOURCE}")) == 1
+    assert sink.mappings.get("l2u-stop-164557") == record_id and sink._guard.pending("l2u-stop-164557") is None
+
+
+def test_a_delete_while_its_create_is_still_in_background_waits_for_it_then_deletes_it(sim, sink):
+    """Before, the delete found no record yet and succeeded; the create landed after it, leaving a
+    live record for a cancelled stop."""
+    sim_state(sim).background, sim_state(sim).background_delay = "always", 1.0
+    sink.client.timeout = (1, 1)
+    with pytest.raises(RetriableError, match="background processing"):
+        sink.apply("upsert", sample_location(), {"background_timeout": 0.2})
+    with pytest.raises(NotYet) as waited:
+        sink.apply("delete", sample_location(status="Cancelled"))
+    assert sim_state(sim).wait_background()
+    time.sleep(waited.value.retry_after)
+    sink.apply("delete", sample_location(status="Cancelled"))
+    assert records(sim, "l2u-stop-164557") == [] and len(records(sim, "l2u-stop-164557", with_trashed=True)) == 1
+    assert sink._guard.pending("l2u-stop-164557") is None
 
 
 def test_background_processing_header_is_a_route_option(sim, sink):

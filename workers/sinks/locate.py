@@ -6,7 +6,10 @@ addresses. Our key is written to ``key_field`` (default ``remote_key``) and
 upserts find the record by a simple filter on it, soft-deleted ones included
 (``withTrashed=1``), so a soft-deleted record is restored rather than
 duplicated. A write LOCATE moves to background processing (202, no body) is
-read back with backoff until it shows; only then does the call return.
+read back with backoff until it shows; only then does the call return. A create
+that did not show in time, or got no answer, may still land: its key keeps an
+intent mark (``CreateGuard``), and the next create or delete of that key waits
+until the create could have landed, then looks for what it left before writing.
 """
 import base64
 import json
@@ -20,6 +23,7 @@ from workers.resilience.errors import ConfigError, PermanentError, RetriableErro
 from workers.resilience.http import DEFAULT_TIMEOUT, HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import LOCATION_ATTRIBUTES, Sink, sink_fields
+from workers.sinks.create_guard import CreateGuard
 
 JSON = "application/json"
 READ_TIMEOUT = 60  # LOCATE ends every request after 60 s
@@ -90,6 +94,10 @@ class LocateSink(Sink):
     requires = ("LOCATE_API_URL",)
     default_route = {"on_status": {"Cancelled": "delete"}}
 
+    def __init__(self, client, mappings, options=None):
+        super().__init__(client, mappings, options)
+        self._guard = CreateGuard(self)
+
     @classmethod
     def from_settings(cls, settings, mappings):
         token = settings.locate_api_token
@@ -104,24 +112,33 @@ class LocateSink(Sink):
         options = {**DEFAULT_OPTIONS, **options}
         body = self.payload(location, options)
         record_id = self.mappings.get(location.key)
+        creating = False
         if record_id is None or self._update(record_id, body, options) is None:
-            record_id = self._find(location.key, options)
-            if record_id is None:
+            record_id = None if self._guard.pending(location.key) else self._find(location.key, options)
+            creating = record_id is None
+            if creating:
                 record_id = self._create(location.key, body, options)
-            elif self._update(record_id, body, options) is None:
-                raise RetriableError(f"LOCATE {options['resource']} {record_id} for {location.key} vanished "
-                                     "while it was being updated")
+            else:
+                self._update_found(location.key, record_id, body, options)
         self.remember(location.key, record_id, body)
+        if creating:  # only once the mapping is saved: a worker killed before it leaves the mark to the retry
+            self._guard.done(location.key)
         return record_id
 
     def delete(self, location, options):
-        """Soft delete every live record holding our key; none left is a success."""
+        """Soft delete every live record holding our key (once a create of ours that may still land
+        could have); none left is a success."""
         options = {**DEFAULT_OPTIONS, **options}
+        intent = self._guard.pending(location.key)
+        if intent:
+            self._guard.left_by(location.key, intent, lambda _key: None)  # NotYet while it may land
         params = {options["key_field"]: location.key, "fields": "id", "sort": "id"}
         for row in list(self._rows(options["resource"], params)):
             path = f"{options['resource']}/{row['id']}"
             self._write("DELETE", path, options, lambda: {} if self._get(path) is None else None, missing_ok=True)
         self.forget(location.key)
+        if intent:
+            self._guard.done(location.key)
 
     def reconcile(self, since=None):
         """Page through the records carrying a key (changed since ``since``): rebuild lost mappings, report drift."""
@@ -164,16 +181,30 @@ class LocateSink(Sink):
         return record_id
 
     def _create(self, key, body, options):
+        """Create the record, unless an earlier create of ours left it (``CreateGuard``): then update that one."""
         resource, key_field = options["resource"], options["key_field"]
 
         def shown():
             rows = self._rows(resource, {key_field: key, "fields": ",".join(["id", *body]), "sort": "id"})
             return next((row for row in rows if shows(row, body)), None)
 
-        record = self._write("POST", resource, options, shown, json=body)
-        if not isinstance(record, dict) or "id" not in record:
-            raise PermanentError(f"LOCATE created {key} in {resource} but answered without its id", body=str(record))
-        return str(record["id"])
+        def send():
+            record = self._write("POST", resource, options, shown, json=body)
+            if not isinstance(record, dict) or "id" not in record:
+                raise PermanentError(f"LOCATE created {key} in {resource} but answered without its id",
+                                     body=str(record))
+            return str(record["id"])
+
+        record_id, created = self._guard.create(key, send, lambda _key: self._find(key, options))
+        if not created:
+            self._update_found(key, record_id, body, options)
+        return record_id
+
+    def _update_found(self, key, record_id, body, options):
+        """Update the record found holding ``key``; RetriableError when it vanished meanwhile."""
+        if self._update(record_id, body, options) is None:
+            raise RetriableError(f"LOCATE {options['resource']} {record_id} for {key} vanished while it was "
+                                 "being updated")
 
     def _update(self, record_id, body, options):
         """PUT ``body``; the record as written, or None when there is no live record ``record_id``."""
