@@ -38,9 +38,9 @@ def serve(start_process, monkeypatch):
     return serve
 
 
-def cli(settings, *args):
-    return subprocess.run([str(BIN / "l2u-relay"), *args], env=process_env(settings), cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60)
+def cli(settings, *args, **env):
+    return subprocess.run([str(BIN / "l2u-relay"), *args], env=process_env(settings, **env), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
 
 
 def locate2u_check(web):
@@ -129,6 +129,33 @@ def test_release_sync_then_a_delivery_reaches_the_receiver(sim, relay_settings, 
     dry = cli(relay_settings, "subscriptions", "sync", "--dry-run")
     assert dry.returncode == 0 and dry.stdout.startswith("would create stop.assigned ")
     assert len(sim.state.webhooks) == 8
+
+
+@pytest.mark.parametrize("outage", ["Locate2u answers 503", "Redis is down"])
+def test_an_outage_postpones_the_release_phase_sync_instead_of_failing_the_deploy(sim, relay_settings, outage):
+    """Heroku does not release a deploy whose release phase exits non-zero, so a Locate2u or Redis
+    outage blocked every deploy, a fix for that outage included; beat syncs again anyway. Run by
+    hand (no ``DYNO=release.…``) the same outage still exits 1."""
+    settings = relay_settings
+    if outage == "Redis is down":
+        settings = relay_settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    else:
+        sim.app.config["FAULTS"].fail_rate(1.0, 503)
+    release = cli(settings, "subscriptions", "sync", DYNO="release.4711")
+    assert release.returncode == 0, release.stderr
+    assert release.stderr.startswith("sync postponed: ") and "Traceback" not in release.stderr
+    assert "the beat task syncs every 900 s" in release.stderr
+    by_hand = cli(settings, "subscriptions", "sync")
+    assert by_hand.returncode == 1 and by_hand.stderr.startswith("error: ")
+    assert sim.state.webhooks == {}
+
+
+def test_a_rejected_client_secret_still_fails_the_release_phase(sim, relay_settings):
+    """A mistake to fix is not an outage: the deploy stops and says why."""
+    release = cli(relay_settings.replace(locate2u_client_secret="not-the-secret"), "subscriptions", "sync",
+                  DYNO="release.4711")
+    assert release.returncode == 1 and release.stderr.startswith("error: ") and "invalid_client" in release.stderr
+    assert "Traceback" not in release.stderr
 
 
 def test_secret_rotation_moves_every_subscription_and_deliveries_follow(sim, relay_settings, serve):

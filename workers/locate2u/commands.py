@@ -4,10 +4,14 @@ Exit codes: 0 done; 1 Locate2u, the identity server or Redis failed, or some
 rows failed to import; 2 configuration problem (including Locate2u not
 configured, or an unreadable import file); 3 re-authorisation required.
 ``subscriptions sync`` exits 0 when it has nothing it can do yet (Locate2u not
-configured, or not yet authorised), so a first deploy's release phase passes.
+configured, or not yet authorised), so a first deploy's release phase passes;
+in the release phase (``DYNO=release.…``) it also exits 0 when Locate2u or Redis
+is unavailable, postponing to beat's sync: Heroku does not release a deploy whose
+release phase failed.
 """
 import functools
 import json
+import os
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import click
@@ -21,6 +25,7 @@ from workers.locate2u.subscriptions import SubscriptionSync, mask_url, our_prefi
 from workers.locate2u.linking import accept_pending, link_account
 from workers.locate2u.tokens import (LINK_TTL, START_PATH, OAuthStates, ReauthorizationRequired, StartLinks,
                                      TokenStore, describe_account, pkce_pair)
+from workers.pipeline.failures import redis_outage
 from workers.store.stores import connect
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_REAUTH = 1, 2, 3
@@ -210,6 +215,16 @@ def subscriptions_delete(hook_id):
     click.echo(f"deleted subscription {hook_id}")
 
 
+def _in_release_phase():
+    """True in a Heroku release phase, whose dyno is ``release.<n>``."""
+    return os.environ.get("DYNO", "").startswith("release.")
+
+
+def _outage(exc):
+    """True when ``exc`` says Locate2u or Redis is unavailable for now (not a mistake to fix)."""
+    return exc.retriable if isinstance(exc, RelayError) else redis_outage(exc)
+
+
 @subscriptions.command("sync")
 @click.option("--dry-run", is_flag=True, help="Show the changes without making them.")
 @_reported
@@ -223,6 +238,13 @@ def subscriptions_sync(dry_run):
         report = SubscriptionSync.from_settings(client, settings, redis_client).run(dry_run=dry_run)
     except ReauthorizationRequired as exc:
         click.echo(f"sync skipped: re-authorisation required: {exc}", err=True)
+        return
+    except (RelayError, redis.RedisError) as exc:
+        if not (_in_release_phase() and _outage(exc)):
+            raise
+        reason = exc.message if isinstance(exc, RelayError) else f"Redis is unavailable: {type(exc).__name__}: {exc}"
+        click.echo(f"sync postponed: {reason}\n  the deploy goes on; the beat task syncs every "
+                   f"{settings.subscription_sync_interval} s (or run l2u-relay subscriptions sync)", err=True)
         return
     for change in report.changes:
         click.echo(("would " if dry_run else "") + str(change))
