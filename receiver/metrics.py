@@ -1,5 +1,8 @@
 """``GET /metrics``: receiver series (per gunicorn worker, merged) plus the workers' series from Redis.
 
+While Redis cannot be read the scrape still answers, with the receiver's series (its 503s show the
+outage) and ``l2u_redis_up 0`` instead of the workers' series.
+
 Optionally protected: with ``RELAY_METRICS_TOKEN`` a scrape must send
 ``Authorization: Bearer <token>`` (Prometheus ``authorization``), with
 ``RELAY_METRICS_BASIC_AUTH`` (``user:password``) HTTP basic auth (Prometheus
@@ -7,11 +10,14 @@ Optionally protected: with ``RELAY_METRICS_TOKEN`` a scrape must send
 """
 import glob
 import hmac
+import logging
 import os
 import time
 
+import redis
 from flask import Blueprint, Response, current_app, g, request
-from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (REGISTRY, CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
 from prometheus_client import multiprocess
 
 from receiver.errors import error_response
@@ -19,6 +25,7 @@ from workers.metrics import RedisMetricsCollector
 from workers.sinks import configured_sink_names
 
 bp = Blueprint("metrics", __name__)
+log = logging.getLogger(__name__)
 
 REQUESTS = Counter("l2u_receiver_requests", "Receiver requests by route and status", ["route", "status"])
 ACK_SECONDS = Histogram("l2u_receiver_ack_seconds", "Seconds to answer a webhook delivery",
@@ -56,11 +63,23 @@ def metrics():
         return error_response(401, "unauthorized", "this /metrics needs the credentials of RELAY_METRICS_TOKEN "
                                                    "(Authorization: Bearer) or RELAY_METRICS_BASIC_AUTH (basic auth)",
                               headers={"WWW-Authenticate": 'Bearer realm="metrics", Basic realm="metrics"'})
-    text = generate_latest(_receiver_registry())
-    worker_registry = CollectorRegistry()
-    worker_registry.register(current_app.extensions["l2u.metrics_collector"])
+    text = generate_latest(_receiver_registry()) + _worker_series()
     # content_type, not mimetype: Flask would append a second "charset=utf-8" to the exposition format's own
-    return Response(text + generate_latest(worker_registry), content_type=CONTENT_TYPE_LATEST)
+    return Response(text, content_type=CONTENT_TYPE_LATEST)
+
+
+def _worker_series():
+    """The workers' series read from Redis, then ``l2u_redis_up`` saying whether they could be."""
+    workers = CollectorRegistry()
+    workers.register(current_app.extensions["l2u.metrics_collector"])
+    try:
+        text, up = generate_latest(workers), 1
+    except redis.RedisError as exc:
+        log.warning("/metrics without the workers' series: Redis failed (%s: %s)", type(exc).__name__, exc)
+        text, up = b"", 0
+    state = CollectorRegistry()
+    Gauge("l2u_redis_up", "1 when this scrape could read the workers' series from Redis", registry=state).set(up)
+    return text + generate_latest(state)
 
 
 def _authorized(settings):

@@ -27,7 +27,7 @@ from tests.helpers import TEST_SECRET
 from tests.payloads import PUBLISHED
 from tests.processes import Process, process_env
 from workers.locate2u import webhook_auth
-from workers.ops.devstack import REPO_ROOT, free_port
+from workers.ops.devstack import REPO_ROOT, EmbeddedRedis, free_port
 from workers.locate2u.client import Locate2uClient
 from workers.logs import json_handler, settings_secrets
 from workers.locate2u.tokens import STATE_PREFIX, STATE_TTL, TokenStore
@@ -450,6 +450,20 @@ def test_metrics_protection_on_and_off(settings, protection, accepted, refused):
         assert response.status_code == 401, headers
         assert response.get_json()["error"] == "unauthorized" and b"l2u_" not in response.data
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_scrape_while_redis_is_down_keeps_the_receivers_series_and_says_redis_is_down(settings, tmp_path):
+    """During a Redis outage the receiver's own series (its 503s) are what shows the outage; the scrape
+    answered 500 instead, with a traceback in the log for every scrape."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    client = create_app(settings.replace(redis_url=server.url)).test_client()
+    assert b"l2u_redis_up 1.0" in client.get("/metrics").data
+    server.stop()
+    assert post(client, url_token(TEST_SECRET, "stop.assigned")).status_code == 503
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert b"l2u_redis_up 0.0" in response.data and b"l2u_dead_letters" not in response.data
+    assert b'l2u_receiver_requests_total{route="/webhooks/locate2u/<event_type>/<token>",status="503"}' in response.data
 
 
 def test_metrics_through_gunicorn_protected_and_strictly_typed(settings, start_process):
