@@ -1,10 +1,12 @@
-"""The HTTP client's error classes against real sockets: what may still land, and for how long."""
+"""The HTTP client's error classes against real sockets: what may still land, and for how long; and a
+write answered with a redirect."""
+import http.server
 import socket
 import threading
 
 import pytest
 
-from workers.resilience.errors import NoAnswer, RetriableError
+from workers.resilience.errors import NoAnswer, PermanentError, RetriableError
 from workers.resilience.http import HttpClient
 
 
@@ -47,3 +49,42 @@ def test_a_dropped_connection_may_still_land_for_the_whole_settle_time(listener)
     with pytest.raises(NoAnswer) as dropped:
         client.request("POST", "locations", json={})
     assert dropped.value.settles_in == 10
+
+
+@pytest.fixture
+def redirecting():
+    """A server answering every request 301 to https on the same path (an API URL set with http://);
+    ``.requests`` lists what it was sent."""
+    seen = []
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            seen.append((self.command, self.path))
+            self.send_response(301)
+            self.send_header("Location", f"https://api.example{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.requests = seen
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_a_write_answered_with_a_redirect_is_not_sent_on_and_says_where_it_points(redirecting, method):
+    """requests sent a 301 or 302 POST on as a GET without its body: a create became a listing, read as
+    the API's answer ("a body without location.id") and retried for hours."""
+    client = HttpClient(f"http://127.0.0.1:{redirecting.server_address[1]}/admin/v1")
+    with pytest.raises(PermanentError) as redirected:
+        client.request(method, "locations", json={"name": "Locate2u"})
+    assert redirected.value.status == 301
+    assert "was redirected (301) to https://api.example/admin/v1/locations: set the API URL" in redirected.value.message
+    assert redirecting.requests == [(method, "/admin/v1/locations")]  # nothing sent on

@@ -4,7 +4,9 @@
 connection never made (with ``Retry-After`` parsed), ``NoAnswer`` (retriable)
 for a request sent without an answer (a read timeout, a dropped connection), ``NotFound`` for 404 and
 ``PermanentError`` for other 4xx — unless the status is in ``accept``, in which
-case the response is returned for the caller to interpret. ``answer`` reads a
+case the response is returned for the caller to interpret. A write answered
+with a redirect is not sent on (``requests`` would send a 301 or 302 POST on as a
+GET, without its body): it is a ``PermanentError`` naming where it points. ``answer`` reads a
 2xx answer's JSON and raises ``BadAnswer`` (retriable) when it is not the API's.
 Secrets given in ``redact`` never appear in an error.
 """
@@ -21,6 +23,7 @@ from workers.resilience.errors import BadAnswer, NoAnswer, NotFound, PermanentEr
 USER_AGENT = "locate2u-relay/0.1 (+https://github.com/locate2u-relay)"
 DEFAULT_TIMEOUT = (3.05, 30)
 RETRIABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def read_timeout(timeout):
@@ -93,6 +96,9 @@ class HttpClient:
         kwargs["headers"] = {**self.headers, **kwargs.get("headers", {})}
         if self.auth is not None:
             kwargs.setdefault("auth", self.auth)
+        refuse_redirect = "allow_redirects" not in kwargs and method.upper() not in SAFE_METHODS
+        if refuse_redirect:
+            kwargs["allow_redirects"] = False
         try:
             response = self.session.request(method, url, **kwargs)
         except (requests.Timeout, requests.ConnectionError) as exc:
@@ -103,6 +109,10 @@ class HttpClient:
             waited = read_timeout(kwargs["timeout"]) if isinstance(exc, requests.ReadTimeout) else 0
             raise NoAnswer(message, settles_in=settle_seconds(kwargs["timeout"]) - waited, method=method,
                            url=url) from None
+        if refuse_redirect and response.is_redirect:
+            raise self.error_for(response, f"{method} {self._scrub(url)} was redirected ({response.status_code}) to "
+                                           f"{self._scrub(response.headers.get('Location', '?'))}: set the API URL "
+                                           "to where it points")
         if response.ok or response.status_code in accept:
             return response
         raise self.error_for(response)
