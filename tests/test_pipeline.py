@@ -7,6 +7,7 @@ tests/test_pipeline_processes.py runs the same flow through real processes.
 import json
 import threading
 import time
+from datetime import datetime, timezone
 
 import pytest
 import redis
@@ -17,7 +18,7 @@ from tests.payloads import status_change
 from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.domain.events import parse_event
-from workers.pipeline.fan_out import resume_fan_out
+from workers.pipeline.fan_out import cache_stop, resume_fan_out
 from workers.resilience.errors import NotYet
 from workers.pipeline.replay import replay_dead_letter
 from workers.store.queue_positions import QueueTickets
@@ -45,6 +46,26 @@ def test_delivery_is_enriched_and_applied(driver, sink_server, l2u):
     driver.run()
     assert [(line["what"], line.get("from")) for line in driver.rt.ledger.history(later)][:2] == [
         ("validated", None), ("enriched", "cache")]
+
+
+def test_an_event_that_happened_after_the_cached_read_reads_the_stop_again(driver, sink_server, l2u):
+    """The stop cache served a read taken before the event happened: a stop renamed in Locate2u
+    between two events a few seconds apart kept its old name downstream, with no later event
+    bound to come and correct it. A read is reused only for events that happened before it."""
+    def happened(at):
+        return datetime.fromtimestamp(at, timezone.utc).isoformat()
+
+    accept(driver.rt, status_change(STOP_ID, "Arrived", happened(time.time() - 60)))
+    driver.run()  # the stop is read and cached
+    l2u.app.config["STATE"].stops[STOP_ID]["name"] = "Locate2u Depot"  # renamed after that read
+    renamed_at = time.time()
+    later = accept(driver.rt, status_change(STOP_ID, "Complete", happened(renamed_at)))
+    driver.run()
+    assert sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]["name"] == "Locate2u Depot"
+    assert driver.rt.ledger.history(later)[1]["from"] == "locate2u"
+    earlier = accept(driver.rt, status_change(STOP_ID, "Delayed", happened(renamed_at - 30)))
+    driver.run()  # it happened before the second read: that read serves it
+    assert driver.rt.ledger.history(earlier)[1]["from"] == "cache"
 
 
 def test_burst_for_one_stop_fetches_it_once(driver, l2u):
@@ -138,7 +159,7 @@ def test_breaker_opens_pauses_without_spending_attempts_and_closes(driver, sink_
     faults = sink_server.app.config["FAULTS"]
     faults.inject(503, times=3)
     for stop_id in (1, 2, 3):
-        driver.rt.redis.set(f"l2u:stop:{stop_id}", json.dumps({"stopId": stop_id, "name": f"S{stop_id}"}))
+        cache_stop(driver.rt.redis, stop_id, {"stopId": stop_id, "name": f"S{stop_id}"}, time.time())
         accept(driver.rt, status_change(stop_id, "Arrived", "2022-04-27T05:00:00+00:00"))
     driver.run(release_retries=False)
     breaker = driver.rt.breaker("storepoint")
@@ -361,7 +382,7 @@ def test_broker_outage_while_fanning_out_is_redelivered_not_dead_lettered(driver
 def test_a_stale_write_does_not_use_up_the_breaker_probe(driver, sink_server):
     """With the breaker open, every probe went to a write that turned out stale and never called
     the sink; with many such writes queued, B2B stayed paused for minutes after it recovered."""
-    driver.rt.redis.set("l2u:stop:2", json.dumps({"stopId": 2, "name": "S2"}))
+    cache_stop(driver.rt.redis, 2, {"stopId": 2, "name": "S2"}, time.time())
     accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
     driver.run()
     breaker = driver.rt.breaker("storepoint")

@@ -15,6 +15,7 @@ from tests.payloads import status_change
 from workers.resilience.beat_schedules import RetriesDue
 from workers.celery_config import DELIVER
 from workers.resilience.controls import CircuitBreaker, RetryScheduler
+from workers.pipeline.fan_out import cache_stop
 from workers.pipeline.routes import Route
 
 SCHEDULE = (0, 300, 1800)  # a held retry would wait five minutes by the schedule
@@ -23,7 +24,7 @@ SCHEDULE = (0, 300, 1800)  # a held retry would wait five minutes by the schedul
 def post_for_stops(rt, stop_ids, minute=0):
     ids = []
     for stop_id in stop_ids:
-        rt.redis.set(f"l2u:stop:{stop_id}", json.dumps({"stopId": stop_id, "name": f"S{stop_id}"}))
+        cache_stop(rt.redis, stop_id, {"stopId": stop_id, "name": f"S{stop_id}"}, time.time())
         ids.append(accept(rt, status_change(stop_id, "Arrived", f"2022-04-27T05:0{minute}:00+00:00")))
     return ids
 

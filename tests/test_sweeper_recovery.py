@@ -126,9 +126,9 @@ def test_every_state_before_the_end_is_in_the_sweepers_index(broker, l2u):
     note()
     real_fetch, real_deliver = fan_out.fetch_stop, fan_out.deliver_now
 
-    def fetch_and_note(rt_, stop_id):
+    def fetch_and_note(rt_, stop_id, happened_at):
         note()
-        return real_fetch(rt_, stop_id)
+        return real_fetch(rt_, stop_id, happened_at)
 
     def note_and_deliver(rt_, job, received_at):
         note()

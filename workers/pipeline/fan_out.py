@@ -56,7 +56,7 @@ def plan(rt, event, sinks=None, attempts=None):
     stop = None
     if event.stop_id is not None and any(route.needs_stop for route, _ in routed):
         started = time.time()
-        stop, source = fetch_stop(rt, event.stop_id)
+        stop, source = fetch_stop(rt, event.stop_id, event.action_date.timestamp())
         read_at = time.time()
         result.steps.append((read_at, "enriched", {"from": source, "took": round(read_at - started, 3)}))
     context = template_context(event, stop)
@@ -92,18 +92,25 @@ def build_record(route, event, stop, context):
     return record
 
 
-def fetch_stop(rt, stop_id):
-    """``(the stop record, where it was read: "cache" or "locate2u")``; cached briefly, so a burst of
-    events for one stop costs one call."""
-    cache_key = keys.stop_cache(stop_id)
-    cached = rt.redis.get(cache_key)
-    if cached:
-        return json.loads(cached), "cache"
+def fetch_stop(rt, stop_id, happened_at):
+    """``(the stop record, where it was read: "cache" or "locate2u")`` for an event that happened at
+    ``happened_at`` (epoch seconds). Reads are cached briefly, so a burst of events for one stop costs
+    one call; a cached read is used only if it was taken after the event happened (a read from
+    before it may miss a change the event follows)."""
+    cached = json.loads(rt.redis.get(keys.stop_cache(stop_id)) or "{}")
+    if cached.get("read_at", 0) >= happened_at and "stop" in cached:
+        return cached["stop"], "cache"
     if rt.locate2u is None:
         raise PermanentError("Locate2u is not configured (LOCATE2U_CLIENT_ID), so stops cannot be fetched")
+    read_at = time.time()  # when the request left: the stop is at least this fresh
     stop = rt.locate2u.get_stop(stop_id)
-    rt.redis.set(cache_key, json.dumps(stop), ex=STOP_CACHE_SECONDS)
+    cache_stop(rt.redis, stop_id, stop, read_at)
     return stop, "locate2u"
+
+
+def cache_stop(client, stop_id, stop, read_at):
+    """Keep ``stop`` (read from Locate2u at ``read_at``) for ``STOP_CACHE_SECONDS``."""
+    client.set(keys.stop_cache(stop_id), json.dumps({"read_at": read_at, "stop": stop}), ex=STOP_CACHE_SECONDS)
 
 
 def route_delivery(rt, event, received_at, attempt=0, replay=False, sinks=None, *, validated_at):
