@@ -21,6 +21,7 @@ from workers.domain.events import parse_event
 from workers.pipeline.fan_out import cache_stop, resume_fan_out
 from workers.resilience.errors import NotYet
 from workers.pipeline.replay import replay_dead_letter
+from workers.store import keys
 from workers.store.queue_positions import QueueTickets
 from workers.pipeline.routes import Route
 
@@ -201,6 +202,28 @@ def test_cancellation_routes_to_delete(driver, sink_server):
     driver.run()
     assert sim_state(sink_server).records == {}
     assert [w[0] for w in sim_state(sink_server).writes] == ["PUT", "DELETE"]
+
+
+def test_a_cancellation_whose_stop_was_deleted_in_locate2u_since_still_deletes_it_downstream(driver, sink_server,
+                                                                                             l2u):
+    """The stop of a Cancelled event was gone from Locate2u by the time the event was processed
+    (deleted after the cancellation, while a backlog waited): its read answered 404, the delivery
+    was dead-lettered at enrichment and the location stayed live downstream. A delete needs only
+    the key, so it goes on without the stop."""
+    accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run()
+    assert f"l2u-stop-{STOP_ID}" in sim_state(sink_server).records
+    del l2u.app.config["STATE"].stops[STOP_ID]
+    driver.rt.redis.delete(keys.stop_cache(STOP_ID))  # the cached read expired meanwhile
+    cancelled = accept(driver.rt, status_change(STOP_ID, "Cancelled", "2022-04-27T05:10:00+00:00"))
+    driver.run()
+    assert sim_state(sink_server).records == {}
+    assert driver.rt.ledger.get(cancelled)["status"] == "applied"
+    enriched = next(line for line in driver.rt.ledger.history(cancelled) if line["what"] == "enriched")
+    assert enriched["from"] == "locate2u, no such stop"
+    arrived_again = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:20:00+00:00"))
+    driver.run()  # an upsert cannot do without the stop: dead-lettered as before, with why
+    assert driver.rt.ledger.get(arrived_again)["status"] == "dead_lettered"
 
 
 def test_events_no_sink_takes_are_unrouted(driver):

@@ -14,7 +14,7 @@ import time
 
 from workers.store import keys
 from workers.celery_config import PROCESS_DELIVERY
-from workers.resilience.errors import PermanentError, RetriableError
+from workers.resilience.errors import NotFound, PermanentError, RetriableError
 from workers.domain.locations import Location, location_from_stop
 from workers.pipeline.deliver import deliver_now
 from workers.pipeline.jobs import DeliverJob
@@ -54,16 +54,22 @@ def plan(rt, event, sinks=None, attempts=None):
         result.refused.append((DeliverJob(event.delivery_id, sink, None, None, attempts.get(sink, 0)),
                                PermanentError(f"{sink} no longer takes {event.event_type}")))
     stop = None
-    if event.stop_id is not None and any(route.needs_stop for route, _ in routed):
+    reading = [action for route, action in routed if route.needs_stop]
+    if event.stop_id is not None and reading:
         started = time.time()
-        stop, source = fetch_stop(rt, event.stop_id, event.action_date.timestamp())
+        try:
+            stop, source = fetch_stop(rt, event.stop_id, event.action_date.timestamp())
+        except NotFound:  # deleted in Locate2u since: a delete needs only the key
+            if set(reading) != {"delete"}:
+                raise
+            source = "locate2u, no such stop"
         read_at = time.time()
         result.steps.append((read_at, "enriched", {"from": source, "took": round(read_at - started, 3)}))
     context = template_context(event, stop)
     for route, action in routed:
         job = DeliverJob(event.delivery_id, route.sink, action, None, attempts.get(route.sink, 0))
         try:
-            result.jobs.append(job._replace(record=build_record(route, event, stop, context)))
+            result.jobs.append(job._replace(record=build_record(route, action, event, stop, context)))
         except PermanentError as exc:
             result.refused.append((job, exc))
     return result
@@ -76,11 +82,11 @@ def template_context(event, stop):
             "entity": event.entity, "entity_id": entity_id, "status": event.status or ""}
 
 
-def build_record(route, event, stop, context):
-    """The Location (as JSON) one route writes for ``event``."""
+def build_record(route, action, event, stop, context):
+    """The Location (as JSON) one route writes for ``event`` with ``action``."""
     key = render(route.key, context)
     fields = {name: render(template, context) for name, template in route.fields.items()}
-    if route.needs_stop and stop is None:
+    if stop is None and route.needs_stop and action != "delete":
         raise PermanentError(f"{event.event_type} carries no stopId, so {route.sink} has no location to write")
     if stop is None:
         return Location(key=key, version=event.action_date.isoformat(), status=event.status, fields=fields,
