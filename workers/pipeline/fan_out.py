@@ -44,7 +44,8 @@ class Plan:
 def plan(rt, event, sinks=None, attempts=None):
     """The Plan for ``event``, limited to ``sinks`` when given (each listed sink the routes no longer
     send it to is refused). ``attempts``: each sink's attempts so far (a resumed fan-out). A failed
-    stop fetch raises: RetriableError to try again, PermanentError when it cannot be read."""
+    stop fetch raises: RetriableError to try again, PermanentError when it cannot be read (a stop no
+    longer in Locate2u does not hold up deletes, which need only the key)."""
     routed = [(route, action) for route in rt.routes.values()
               if route.sink in rt.sinks and (sinks is None or route.sink in sinks)
               and (action := route.action_for(event))]
