@@ -137,3 +137,15 @@ def test_a_redis_refusing_writes_stops_the_work_not_the_worker_and_it_resumes_af
     ledger = Ledger(admin)
     for delivery_id in delivery_ids:
         assert wait_for(lambda: _status(ledger, delivery_id), timeout=120, interval=0.5) in ("applied", "stale")
+
+
+def test_a_worker_whose_redis_is_gone_retries_without_a_limit(stack_settings, own_redis, start_process):
+    """Celery gives up on a lost broker after 100 retries (~47 min at kombu's 2-30 s steps) and the
+    worker exits; Heroku restarts a crashed dyno only after ever longer cool-offs, so work waited
+    after a long Redis outage ended. The retry count the worker logs has no limit."""
+    worker = start_process("worker", stack_settings.replace(redis_url=own_redis.url))
+    own_redis.stop()
+    worker.wait_for_output("Trying again in", timeout=60)
+    retries = [line for line in worker.output().splitlines() if "Trying again in" in line]
+    assert all("/None)" in line for line in retries), retries[:2]
+    assert worker.proc.poll() is None

@@ -38,6 +38,10 @@ def celery_config(settings):
         **({"broker_transport": TRANSPORT} if settings.broker.startswith(("redis://", "rediss://")) else {}),
         "broker_pool_limit": settings.broker_pool_limit,
         "broker_connection_retry_on_startup": True,
+        # Retry a lost broker for as long as it takes: Celery's default (100 retries, ~47 min at kombu's
+        # 2-30 s steps) made the worker exit during a long Redis outage, and Heroku then restarts a
+        # crashed dyno only after ever longer cool-offs, so work waited after Redis was back.
+        "broker_connection_max_retries": None,
         "broker_connection_timeout": 2,
         # Work held by a dead worker comes back after the visibility timeout; the sweep for it
         # runs every restore interval (kombu's default would scan only every 100 s).
