@@ -1,4 +1,5 @@
-"""Creates that must not happen twice, for systems without an idempotent create (Storepoint, Delivery.com).
+"""Creates that must not happen twice, for systems without an idempotent create (Storepoint, Delivery.com,
+LOCATE, whose create may run later in the background).
 
 Before a create is sent, an intent mark (when it was sent) is kept for the key until the sink has
 saved the mapping. A create refused with a 4xx drops the mark: nothing was created. One answered
@@ -8,12 +9,21 @@ The next create or delete of that key finds the mark and looks for what the earl
 before it creates again; while an attempt without an answer may still land (the client's settle
 time after it was sent), it waits (``NotYet``) instead of looking.
 """
+import functools
 import time
 
 from workers.resilience.errors import BadAnswer, NotYet, RelayError
 from workers.store.stores import MappingStore
 
 ANSWERED = "0"  # the intent of a create that was answered: nothing of it is in flight
+
+
+class GuardedCreates:
+    """For a sink whose create is not idempotent: its ``CreateGuard`` as ``_guard``."""
+
+    @functools.cached_property
+    def _guard(self):
+        return CreateGuard(self)
 
 
 class CreateGuard:

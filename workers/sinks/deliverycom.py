@@ -20,7 +20,7 @@ from workers.resilience.errors import PermanentError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
-from workers.sinks.create_guard import CreateGuard
+from workers.sinks.create_guard import GuardedCreates
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def codes(body):
         if isinstance(messages, list) else set()
 
 
-class DeliverycomSink(Sink):
+class DeliverycomSink(GuardedCreates, Sink):
     """Customer locations: create, update (PUT) and delete (DELETE) by ``location_id``."""
 
     name = "deliverycom"
@@ -89,10 +89,6 @@ class DeliverycomSink(Sink):
     )
     enabled_by = ("DELIVERYCOM_ACCESS_TOKEN",)
     default_route = {"on_status": {"Cancelled": "skip"}}
-
-    def __init__(self, client, mappings, options=None):
-        super().__init__(client, mappings, options)
-        self._guard = CreateGuard(self)
 
     @classmethod
     def from_settings(cls, settings, mappings):

@@ -23,7 +23,7 @@ from workers.resilience.errors import ConfigError, PermanentError, RetriableErro
 from workers.resilience.http import DEFAULT_TIMEOUT, HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import LOCATION_ATTRIBUTES, Sink, sink_fields
-from workers.sinks.create_guard import CreateGuard
+from workers.sinks.create_guard import GuardedCreates
 
 JSON = "application/json"
 READ_TIMEOUT = 60  # LOCATE ends every request after 60 s
@@ -80,7 +80,7 @@ def utc_iso(value):
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class LocateSink(Sink):
+class LocateSink(GuardedCreates, Sink):
     """Records of one LOCATE resource, keyed by our location key in ``key_field``."""
 
     name = "locate"
@@ -93,10 +93,6 @@ class LocateSink(Sink):
     enabled_by = ("LOCATE_API_TOKEN",)
     requires = ("LOCATE_API_URL",)
     default_route = {"on_status": {"Cancelled": "delete"}}
-
-    def __init__(self, client, mappings, options=None):
-        super().__init__(client, mappings, options)
-        self._guard = CreateGuard(self)
 
     @classmethod
     def from_settings(cls, settings, mappings):

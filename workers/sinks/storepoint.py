@@ -19,7 +19,7 @@ from workers.resilience.errors import ConfigError, PermanentError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
-from workers.sinks.create_guard import CreateGuard
+from workers.sinks.create_guard import GuardedCreates
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def key_of(location):
     return next((tag[len(MARKER):] for tag in location.get("tags") or () if tag.startswith(MARKER)), None)
 
 
-class StorepointSink(Sink):
+class StorepointSink(GuardedCreates, Sink):
     """Locations: create ``POST /locations``, update ``POST /locations/{id}``, delete ``…/delete``."""
 
     name = "storepoint"
@@ -75,7 +75,6 @@ class StorepointSink(Sink):
     def __init__(self, client, mappings, options=None):
         super().__init__(client, mappings, options)
         self._custom_field_ids = None  # fetched on first use
-        self._guard = CreateGuard(self)
 
     @classmethod
     def from_settings(cls, settings, mappings):
