@@ -105,7 +105,7 @@ def fetch_stop(rt, stop_id, happened_at):
     one call; a cached read is used only if it was taken after the event happened (a read from
     before it may miss a change the event follows)."""
     cached = json.loads(rt.redis.get(keys.stop_cache(stop_id)) or "{}")
-    if cached.get("read_at", 0) >= happened_at and "stop" in cached:
+    if cached.get("read_at", 0) >= happened_at:  # an entry of the older format has no read_at: read again
         return cached["stop"], "cache"
     if rt.locate2u is None:
         raise PermanentError("Locate2u is not configured (LOCATE2U_CLIENT_ID), so stops cannot be fetched")
