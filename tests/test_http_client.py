@@ -53,17 +53,21 @@ def test_a_dropped_connection_may_still_land_for_the_whole_settle_time(listener)
 
 @pytest.fixture
 def redirecting():
-    """A server answering every request 301 to https on the same path (an API URL set with http://);
-    ``.requests`` lists what it was sent."""
+    """A server answering every request 301 to the same path under ``/moved`` (an API that moved),
+    and 200 there; ``.requests`` lists what it was sent."""
     seen = []
 
     class Redirect(http.server.BaseHTTPRequestHandler):
         def _answer(self):
             seen.append((self.command, self.path))
-            self.send_response(301)
-            self.send_header("Location", f"https://api.example{self.path}")
-            self.send_header("Content-Length", "0")
+            moved = self.path.startswith("/moved/")
+            self.send_response(200 if moved else 301)
+            if not moved:
+                self.send_header("Location", f"http://{self.headers['Host']}/moved{self.path}")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
             self.end_headers()
+            self.wfile.write(b"{}")
 
         do_GET = do_POST = do_PUT = do_DELETE = _answer
 
@@ -73,6 +77,7 @@ def redirecting():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.requests = seen
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield server
     server.shutdown()
     server.server_close()
@@ -82,9 +87,15 @@ def redirecting():
 def test_a_write_answered_with_a_redirect_is_not_sent_on_and_says_where_it_points(redirecting, method):
     """requests sent a 301 or 302 POST on as a GET without its body: a create became a listing, read as
     the API's answer ("a body without location.id") and retried for hours."""
-    client = HttpClient(f"http://127.0.0.1:{redirecting.server_address[1]}/admin/v1")
     with pytest.raises(PermanentError) as redirected:
-        client.request(method, "locations", json={"name": "Locate2u"})
+        HttpClient(redirecting.url + "/admin/v1").request(method, "locations", json={"name": "Locate2u"})
     assert redirected.value.status == 301
-    assert "was redirected (301) to https://api.example/admin/v1/locations: set the API URL" in redirected.value.message
+    assert (f"was redirected (301) to {redirecting.url}/moved/admin/v1/locations: set the API URL"
+            in redirected.value.message)
     assert redirecting.requests == [(method, "/admin/v1/locations")]  # nothing sent on
+
+
+def test_a_read_still_follows_a_redirect(redirecting):
+    response = HttpClient(redirecting.url + "/admin/v1").request("GET", "locations")
+    assert response.status_code == 200
+    assert redirecting.requests == [("GET", "/admin/v1/locations"), ("GET", "/moved/admin/v1/locations")]

@@ -150,12 +150,19 @@ def test_an_outage_postpones_the_release_phase_sync_instead_of_failing_the_deplo
     assert sim.state.webhooks == {}
 
 
-def test_a_rejected_client_secret_still_fails_the_release_phase(sim, relay_settings):
+@pytest.mark.parametrize("mistake, said", [("a rejected client secret", "invalid_client"),
+                                            ("a type Locate2u does not offer", "does not offer event type")])
+def test_a_mistake_to_fix_still_fails_the_release_phase(sim, relay_settings, mistake, said):
     """A mistake to fix is not an outage: the deploy stops and says why."""
-    release = cli(relay_settings.replace(locate2u_client_secret="not-the-secret"), "subscriptions", "sync",
-                  DYNO="release.4711")
-    assert release.returncode == 1 and release.stderr.startswith("error: ") and "invalid_client" in release.stderr
+    settings = relay_settings
+    if mistake == "a rejected client secret":
+        settings = relay_settings.replace(locate2u_client_secret="not-the-secret")
+    else:
+        sim.state.event_types = ("stop.assigned",)
+    release = cli(settings, "subscriptions", "sync", DYNO="release.4711")
+    assert release.returncode == 1 and release.stderr.startswith("error: ") and said in release.stderr
     assert "Traceback" not in release.stderr
+    assert sim.state.webhooks == {}
 
 
 def test_secret_rotation_moves_every_subscription_and_deliveries_follow(sim, relay_settings, serve):
