@@ -76,8 +76,7 @@ def test_an_outage_pauses_before_its_message_goes_back_longer_each_time_in_a_row
     """A broker still up (RabbitMQ) hands a message put back straight to a worker again: the pause is
     what keeps an outage from being a loop (``tests/test_rabbitmq.py`` has it through real processes)."""
     slept = []
-    monkeypatch.setattr(failures.time, "sleep", slept.append)
-    monkeypatch.setattr(tasks, "_OUTAGE_PAUSE", failures.OutagePause())
+    monkeypatch.setattr(tasks, "_OUTAGE_PAUSE", failures.OutagePause(sleep=slept.append))
 
     def outage():
         with pytest.raises(Reject), tasks._redis_outage():

@@ -45,13 +45,14 @@ class OutagePause:
 
     FIRST, LONGEST = 1.0, 8.0
 
-    def __init__(self):
+    def __init__(self, sleep=time.sleep):
         self.seconds = 0.0
+        self._sleep = sleep
 
     def wait(self):
         """Pause before putting a message back (longer each time in a row)."""
         self.seconds = min(self.LONGEST, self.seconds * 2 or self.FIRST)
-        time.sleep(self.seconds)
+        self._sleep(self.seconds)
 
     def reset(self):
         """A task ran without an outage."""
