@@ -4,8 +4,9 @@ When the Celery broker is the ledger's own Redis (the default), the
 ``process_delivery`` message is pushed onto the ``ingest`` list by the same Lua
 script that writes the dedup key and the ledger entry: the delivery is recorded
 and queued together or not at all, in one round trip. With another broker
-(RabbitMQ) the message is published with ``send_task`` after the ledger write;
-a failed publish releases the entry, and a crash between the two is healed by
+(RabbitMQ) the message is published with ``send_task`` after the ledger write,
+and its queue ticket kept after that (``workers.store.queue_positions``); a
+failed publish releases the entry, and a crash between the two is healed by
 the sweeper.
 """
 import logging
@@ -14,6 +15,7 @@ import redis
 from kombu.exceptions import KombuError, OperationalError
 
 from workers.celery_config import INGEST_QUEUE, PROCESS_DELIVERY, make_celery
+from workers.store.queue_positions import ticketed
 from workers.store.redis_messages import RedisTaskMessage, broker_is_ledger_redis
 from workers.store.stores import Ledger, Quarantine, connect
 
@@ -34,6 +36,7 @@ class Handoff:
         self.producer = producer
         self.dedup_window = dedup_window
         self.messages = messages  # set: queue inside the ledger write (broker is the ledger's Redis)
+        self.send_task = ticketed(producer.send_task, ledger.redis)  # else: publish, then keep the ticket
 
     @classmethod
     def from_settings(cls, settings):
@@ -58,7 +61,7 @@ class Handoff:
 
     def _publish(self, delivery_id, args):
         try:
-            self.producer.send_task(PROCESS_DELIVERY, args=args, queue=INGEST_QUEUE, retry=False)
+            self.send_task(PROCESS_DELIVERY, args=args, queue=INGEST_QUEUE, retry=False)
         except BROKER_ERRORS as exc:
             self._release(delivery_id)
             raise Unavailable(f"broker unavailable: {type(exc).__name__}") from exc

@@ -31,6 +31,8 @@ RECEIVER_ALLOWED = {
     "workers.locate2u.webhook_auth": "the webhook URL token check, matching the URLs the subscriptions register",
     "workers.celery_config": "queue and task names, and the Celery app factory the hand-off sends with",
     "workers.store.redis_messages": "the Redis task message format, for the atomic ledger-and-queue hand-off",
+    "workers.store.queue_positions": "queue tickets: a hand-off through another broker keeps its message's ticket, "
+                                     "as the record script does on Redis",
     "workers.store.stores": "Redis connections, Ledger and Quarantine: the receiver writes the ledger the workers read",
     "workers.store.keys": "the Redis key and queue names, so the web process reads and writes what the workers do",
     # /metrics (metrics.py)

@@ -4,12 +4,15 @@ The receiver then publishes ``process_delivery`` with ``send_task`` after the le
 SIGKILLed mid-task leaves the message unacknowledged, RabbitMQ hands it to the next worker, and the
 delivery is applied once. While the ledger's Redis is down and RabbitMQ is not, a message put back
 for later comes straight back: each worker process pauses before putting one back, so the outage is
-not a loop. Task events, which Flower shows, stay on with RabbitMQ: the step that sends them only
+not a loop. The sweeper tells a message waiting in RabbitMQ behind a backlog from a lost one, as it
+does on Redis. Task events, which Flower shows, stay on with RabbitMQ: the step that sends them only
 while someone watches asks Redis's ``PUBSUB NUMPAT`` and is off for another broker.
 """
+import json
 import threading
 import time
 
+import amqp.exceptions
 import pytest
 
 from tests.fixtures import STOP_ID, kill_worker_mid_write, sims_settings, storepoint_locations
@@ -17,7 +20,10 @@ from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
 from workers.celery_config import SWEEP_RECEIVED, make_celery
 from workers.ops.devstack import EmbeddedRedis
-from workers.store.stores import connect
+from workers.pipeline.sweeper import sweep
+from workers.runtime import Runtime
+from workers.store.keys import INGEST_QUEUE
+from workers.store.stores import Ledger, connect
 
 
 @pytest.fixture
@@ -73,6 +79,44 @@ def test_while_the_ledgers_redis_is_down_messages_are_put_back_at_a_walk_not_in_
             assert wait_for(lambda: settled(client, delivery_id), timeout=120)["status"] in ("applied", "stale")
     finally:
         ledger_redis.stop()
+
+
+def ready_in(app, queue):
+    """How many messages wait in RabbitMQ's ``queue`` (not taken by a consumer); 0 before it exists."""
+    with app.connection_for_read() as connection, connection.channel() as channel:
+        try:
+            return channel.queue_declare(queue=queue, passive=True).message_count
+        except amqp.exceptions.NotFound:
+            return 0
+
+
+@pytest.mark.timeout(900)
+def test_a_backlog_waiting_in_rabbitmq_is_left_alone_by_the_sweeper_and_a_lost_delivery_is_not(
+        amqp_settings, start_process, sims, redis_client):
+    """No worker takes the ingest queue for three ``RELAY_SWEEP_AFTER``s. Each sweep used to queue the
+    whole backlog again (no queue positions with RabbitMQ): 20 messages became 80, and a backlog of
+    an hour's outage grew by itself once per ``RELAY_SWEEP_AFTER``, its redundant work quadratic."""
+    settings = amqp_settings.replace(sweep_after=2)
+    web = start_process("gunicorn", settings)
+    app = make_celery(settings, "rabbitmq-sweep-test")
+    before = ready_in(app, INGEST_QUEUE)
+    posted = [post(web.url, "stop.status-changed", status_change(STOP_ID, "Arrived", f"2022-04-27T05:{minute:02}:00+00:00"))
+              .json()["delivery_id"] for minute in range(20)]
+    lost = "lost-before-its-publish"  # recorded, then the receiver died before publishing it
+    assert Ledger(redis_client).record(lost, "stop.status-changed",
+                                       json.dumps(status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00")), 3600)
+    rt = Runtime(settings, app.send_task)
+    swept = []
+    for _ in range(3):
+        time.sleep(settings.sweep_after + 0.5)
+        swept.append(sweep(rt))
+    assert swept == [1, 0, 0], swept  # the lost one once, none of those waiting their turn
+    assert ready_in(app, INGEST_QUEUE) - before == len(posted) + 1
+    start_process("worker", settings, beat=True)
+    for delivery_id in [*posted, lost]:
+        assert wait_for(lambda: settled(redis_client, delivery_id), timeout=120)["status"] in ("applied", "stale")
+    [location] = storepoint_locations(sims)
+    assert "complete" in location["tags"]
 
 
 @pytest.mark.timeout(900)

@@ -1,17 +1,20 @@
 """Per-process collaborators of the tasks, built once from Settings after fork."""
 import functools
 
+from workers.celery_config import make_celery
 from workers.config import Settings
 from workers.metrics import WorkerMetrics
 from workers.store.redis_messages import RedisTaskSender, broker_is_ledger_redis
 from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, SlowCalls
 from workers.pipeline.routes import load_routes
 from workers.sinks import enabled_sinks
+from workers.store.queue_positions import ticketed
 from workers.store.stores import DeadLetterStore, Ledger, Quarantine, VersionStore, connect
 
 
 class Runtime:
-    """Settings plus the stores, routes, sinks and clients the tasks use."""
+    """Settings plus the stores, routes, sinks and clients the tasks use. Tasks go out through
+    ``send_task``, each work message's queue ticket kept (``workers.store.queue_positions``)."""
 
     def __init__(self, settings, send_task):
         self.settings = settings
@@ -19,9 +22,14 @@ class Runtime:
         self.ledger = Ledger(self.redis, history=settings.history_days * 86400)
         self.quarantine = Quarantine(self.redis, limit=settings.quarantine_limit)
         self.dead_letters = DeadLetterStore(self.redis)
-        self.scheduler = RetryScheduler(self.redis, send_task)
+        self.scheduler = RetryScheduler(self.redis, ticketed(send_task, self.redis))
         self.routes = load_routes(settings.routes_file)
         self.metrics = WorkerMetrics(self.redis)
+
+    @functools.cached_property
+    def broker(self):
+        """A Celery app on the broker, to read its queues' lengths when it is not the ledger's Redis."""
+        return make_celery(self.settings, "l2u-queue-lengths")
 
     @functools.cached_property
     def sinks(self):

@@ -133,7 +133,7 @@ def reassert(rt, sink_name, key):
         return False
     versions.reasserting(key, time.time() + rt.settings.sweep_after)
     DeliverJob(newest["delivery_id"], sink_name, newest["action"], newest["record"]).send(rt)
-    pushed = rt.redis.get(keys.queued_counter(DELIVER_LIST))  # None unless the broker is this Redis
+    pushed = rt.redis.get(keys.queued_counter(DELIVER_LIST))  # None only if no ticket could be kept
     if pushed is not None:  # at least this message's ticket: the sweeper tells queued from lost
         versions.reassert_queued(key, f"{DELIVER_LIST}:{pushed}")
     rt.ledger.trace(newest["delivery_id"], "reasserted", sink=sink_name, key=key)

@@ -1,21 +1,32 @@
-"""Where a queued message stands in the Redis broker, without scanning the broker's list.
+"""Where a queued message stands in the broker, without scanning the broker's queue.
 
-Every push onto a work queue's list also bumps a counter (``l2u:queued:<list>``),
-and the message's delivery keeps the counter's value as its ticket (a field of
-its ledger hash, e.g. ``queued`` = ``ingest:1234``). Kombu's Redis transport
-takes messages from the other end of the list, first in first out, so at any
-moment ``pushed - length`` messages have left the list (taken by a worker, or
-lost), and a ticket above that is still waiting its turn. The sweeper reads two
-numbers per queue and knows, for each delivery, whether its message is merely
-queued behind a backlog or gone.
+Every message sent onto a work queue also bumps a counter in the ledger's Redis
+(``l2u:queued:<queue>``), and the message's delivery keeps the counter's value as
+its ticket (a field of its ledger hash, e.g. ``queued`` = ``ingest:1234``). The
+broker hands messages out first in first out, so at any moment ``pushed -
+length`` messages have left the queue (taken by a worker, or lost), and a ticket
+above that is still waiting its turn. The sweeper reads two numbers per queue
+and knows, for each delivery, whether its message is merely queued behind a
+backlog or gone.
 
-Errors lean one way: a push counted after the message is pushed (Celery's
-``after_task_publish``), or a message kombu restores to the list uncounted,
-makes a message look queued a little longer, never gone too early. A deleted
-list (a broker that lost its queue) makes every message in it look gone, which
-is true.
+With the ledger's Redis as broker both numbers are read together (``LLEN`` of
+kombu's list). With another broker (RabbitMQ) the length is the messages ready
+in the queue, from a passive declare, read after the counters. Errors lean one
+way: a send counted after it happened, a message read as ready before its send
+was counted, or a message the broker puts back uncounted (kombu's restore,
+RabbitMQ's requeue) makes a message look queued a little longer, never gone too
+early. A deleted queue (a broker that lost it) makes every message in it look
+gone, which is true.
 """
+import logging
+
+import redis
+
+from workers.celery_config import DELIVER, PROCESS_DELIVERY, TASK_ROUTES
 from workers.store import keys
+from workers.store.redis_messages import broker_is_ledger_redis
+
+log = logging.getLogger(__name__)
 
 # KEYS: counter, ledger hash. ARGV: ticket field, list key. The ticket is kept only on an
 # existing entry (never a half entry without its TTL).
@@ -29,11 +40,55 @@ return ticket
 
 
 def work_queues(rt, queues=keys.WORK_QUEUES):
-    """A ``QueueSnapshot`` of the work queues, or an empty one (nothing counts as queued) when the
-    broker is not the ledger's Redis."""
-    if rt.settings.broker != rt.settings.redis_url:
+    """A ``QueueSnapshot`` of the work queues; an empty one (nothing counts as queued) when another
+    broker cannot be read."""
+    tickets = QueueTickets(rt.redis)
+    if broker_is_ledger_redis(rt.settings):
+        return tickets.snapshot([keys.queue_list(queue) for queue in queues])
+    pushed = tickets.counts([keys.queue_list(queue) for queue in queues])  # first: see the module's text
+    lengths = broker_lengths(rt.broker, queues)
+    if lengths is None:
         return QueueSnapshot({})
-    return QueueTickets(rt.redis).snapshot([keys.queue_list(queue) for queue in queues])
+    return QueueSnapshot({keys.queue_list(queue): (pushed[keys.queue_list(queue)], lengths[queue])
+                          for queue in queues})
+
+
+def broker_lengths(app, queues):
+    """``{queue: messages ready in it}`` from the broker of Celery ``app`` (passive declares; 0 for a
+    queue not declared yet), or None when the broker cannot be read."""
+    with app.connection_for_read() as connection:
+        try:
+            return {queue: _ready(connection, queue) for queue in queues}
+        except (*connection.connection_errors, *connection.channel_errors) as exc:
+            log.warning("cannot read the broker's queue lengths (%s); every message counts as gone", exc)
+            return None
+
+
+def _ready(connection, queue):
+    with connection.channel() as channel:
+        try:
+            return channel.queue_declare(queue=queue, passive=True).message_count
+        except connection.channel_errors:  # not declared yet (its first message declares it): none waits
+            return 0
+
+
+def ticketed(send_task, client):
+    """``send_task`` that also keeps the queue ticket of each ``process_delivery`` or ``deliver`` it
+    sends onto a work queue, in ``client`` (the ledger's Redis), once the message is sent."""
+    tickets = QueueTickets(client)
+
+    def send(name, args=(), **options):
+        send_task(name, args=args, **options)
+        queue = options.get("queue") or TASK_ROUTES[name]["queue"]
+        if name not in (PROCESS_DELIVERY, DELIVER) or queue not in keys.WORK_QUEUES:
+            return
+        field = "queued" if name == PROCESS_DELIVERY else f"queued:{args[1]}"
+        try:
+            tickets.pushed(keys.queue_list(queue), keys.delivery(args[0]), field)
+        except redis.RedisError as exc:  # sent all the same: without its ticket it may be queued once more
+            log.warning("sent %s for %s but could not keep its queue ticket: %s", name, args[0], exc)
+
+    return send
 
 
 class QueueTickets:
@@ -46,6 +101,11 @@ class QueueTickets:
     def pushed(self, list_key, ledger_key, field):
         """Count one message pushed onto ``list_key``; keep its ticket in ``field`` of ``ledger_key``."""
         return self._ticket(keys=[keys.queued_counter(list_key), ledger_key], args=[field, list_key])
+
+    def counts(self, list_keys):
+        """``{list key: messages ever pushed onto it}``."""
+        return {key: int(value or 0) for key, value in
+                zip(list_keys, self.redis.mget([keys.queued_counter(key) for key in list_keys]))}
 
     def snapshot(self, list_keys):
         """``QueueSnapshot`` of ``list_keys``: pushed count and length of each, read atomically."""

@@ -12,7 +12,6 @@ import os
 import re
 from urllib.parse import urlsplit
 
-from celery.signals import after_task_publish
 from kombu.entity import maybe_delivery_mode
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
@@ -82,9 +81,7 @@ def broker_is_ledger_redis(settings):
 class RedisTaskSender:
     """``send_task(name, args=...)`` for worker processes: LPUSH of the message onto its queue's list.
 
-    ``client`` is a callable returning the process's Redis client (the ledger's). Celery's
-    ``after_task_publish`` signal is sent as for a published task, so its receivers still run; it
-    also carries ``redis_client``, the client the message went through.
+    ``client`` is a callable returning the process's Redis client (the ledger's).
     """
 
     def __init__(self, app, client):
@@ -97,6 +94,4 @@ class RedisTaskSender:
         message = self._messages.get((name, queue))
         if message is None:
             message = self._messages[(name, queue)] = RedisTaskMessage(self.app, name, queue)
-        args, client = list(args), self.client()
-        client.lpush(message.key, message.build(args))
-        after_task_publish.send(sender=name, body=(args, {}, {}), exchange="", routing_key=queue, redis_client=client)
+        self.client().lpush(message.key, message.build(list(args)))
