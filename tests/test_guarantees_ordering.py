@@ -17,6 +17,7 @@ from workers import tasks
 from workers.celery_config import make_celery
 from workers.config import Settings
 from workers.pipeline import deliver, sweeper
+from workers.store.queue_positions import ticketed
 from workers import sinks
 
 LOCK_KEY = f"l2u:lock:storepoint:{KEY}"
@@ -97,11 +98,11 @@ def test_the_newest_write_sent_again_is_sent_once_more_when_the_broker_lost_it(d
     Redis failover) left the older write last in the sink for good, since its delivery had settled.
     While its message merely waits behind a backlog, it is not sent twice."""
     def published_too(name, args):  # run in process, and published by Celery onto the real Redis list
-        captured(name, args)           # (with its queue ticket) as the worker's broker would hold it
+        captured(name, args)           # as the worker's broker would hold it (its ticket kept as Runtime does)
         publish(name, args=args)
 
     captured, publish = driver.send_task, make_celery(driver.rt.settings).send_task
-    monkeypatch.setattr(driver.rt.scheduler, "send_task", published_too)
+    monkeypatch.setattr(driver.rt.scheduler, "send_task", ticketed(published_too, driver.rt.redis))
     newer, _older = _older_write_landed_last(driver, sink_server)
     assert driver.sent and all(args[0] == newer for _name, args in driver.sent)
     assert driver.rt.redis.llen(deliver.DELIVER_LIST) == len(driver.sent)
