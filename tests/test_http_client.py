@@ -1,8 +1,9 @@
-"""The HTTP client's error classes against real sockets: what may still land, and for how long; and a
-write answered with a redirect."""
+"""The HTTP client's error classes against real sockets: what may still land, and for how long; an
+answer that crawls or breaks off; and a write answered with a redirect."""
 import http.server
 import socket
 import threading
+import time
 
 import pytest
 
@@ -49,6 +50,52 @@ def test_a_dropped_connection_may_still_land_for_the_whole_settle_time(listener)
     with pytest.raises(NoAnswer) as dropped:
         client.request("POST", "locations", json={})
     assert dropped.value.settles_in == 10
+
+
+def answer_then(listener, then):
+    """Serve one request: read it, send a 200's status line and headers for a 100-byte JSON body,
+    then ``then(connection)``."""
+    def serve():
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        try:
+            then(connection)
+        except OSError:  # the client hung up
+            pass
+        connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def test_an_answer_that_crawls_is_cut_when_the_time_for_it_is_up(listener):
+    """A byte every 0.1 s: each read comes within the read timeout, so ``requests`` alone waits for
+    all 100 (10 s). The whole exchange gets the connect plus the read timeout (1.5 s here)."""
+    def crawl(connection):
+        for _ in range(100):
+            connection.sendall(b" ")
+            time.sleep(0.1)
+
+    answer_then(listener, crawl)
+    client = HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=(1, 0.5))
+    started = time.monotonic()
+    with pytest.raises(NoAnswer) as cut:
+        client.request("POST", "locations", json={})
+    took = time.monotonic() - started
+    assert took < 6, took  # 1.5 s, and the rest of the crawl would have been 10 s
+    assert "answered 200, but the answer was not complete within 1.5 s" in cut.value.message
+    assert cut.value.settles_in == 0  # its status came: nothing of it is still to land
+
+
+def test_an_answer_broken_off_is_no_answer_not_a_bug(listener):
+    """The connection closed after half the body (a proxy reset): ``requests`` raises
+    ChunkedEncodingError, which is not one of its connection errors."""
+    answer_then(listener, lambda connection: connection.sendall(b"{" * 50))
+    client = HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=(1, 5))
+    with pytest.raises(NoAnswer) as broken:
+        client.request("POST", "locations", json={})
+    assert "answered 200, but the answer was broken off (ChunkedEncodingError)" in broken.value.message
+    assert broken.value.settles_in == 0
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from tests.fixtures import sims_settings
 from tests.helpers import post, sink_outcomes, wait_for
 from tests.payloads import status_change
 from workers.config import SVIX_RETRY_SCHEDULE
-from workers.resilience.http import DEFAULT_TIMEOUT, read_timeout
+from workers.resilience.http import DEFAULT_TIMEOUT, answer_seconds, read_timeout
 from workers.store.stores import Ledger
 
 SP_TOKEN, B2B_TOKEN = "sp-recovery-token-123", "b2b-recovery-token-123"
@@ -174,3 +174,23 @@ def test_storepoint_writes_keep_flowing_while_b2b_hangs_under_steady_traffic(sta
     assert waited[-1] < read_timeout(DEFAULT_TIMEOUT) + 10, waited
     b2b = sink_outcomes(redis_client, delivery_ids, "b2b").values()  # none given up: held, retried or applied
     assert {outcome.get("state") for outcome in b2b} <= {"pending", "waiting", "retrying", "applied", "stale"}
+
+
+def test_a_sink_whose_answer_crawls_in_holds_the_next_one_up_no_longer_than_its_timeout(stack, sims, redis_client):
+    """Storepoint, first in the fan-out, applies the create and then sends its answer a byte every
+    half second (a crawling link or proxy). Each byte comes well within the client's 30 s read
+    timeout, so ``requests`` waited for the whole answer, minutes of it, and B2B with it: the README
+    promises a slow sink delays the next by at most its timeout. The exchange now gets the connect
+    plus the read timeout, and the retry finds the location the create made."""
+    sims["storepoint"].app.config["FAULTS"].fail_after_apply("trickle")
+    delivery_id = post(stack.url, "stop.status-changed", status_change(STOP_IDS[0], "Arrived", "2022-04-27T05:00:00+00:00")
+                       ).json()["delivery_id"]
+    wait_for(lambda: sink_outcomes(redis_client, [delivery_id], "b2b").get(delivery_id, {}).get("state") == "applied",
+             timeout=answer_seconds(DEFAULT_TIMEOUT) + DEADLINE)
+    received_at = float(Ledger(redis_client).get(delivery_id)["received_at"])
+    waited = sink_outcomes(redis_client, [delivery_id], "b2b")[delivery_id]["at"] - received_at
+    print(f"\nstorepoint's answer crawled in; b2b applied {waited:.1f} s after receipt")
+    assert waited < answer_seconds(DEFAULT_TIMEOUT) + 10, waited
+    trace = [line for line in Ledger(redis_client).history(delivery_id) if line.get("sink") == "storepoint"]
+    assert any("answered 200, but the answer was not complete within 33.05 s" in str(line.get("error")) for line in trace), trace
+    assert len(sims["storepoint"].app.config["STATE"].find(lambda location: True)) == 1

@@ -2,7 +2,8 @@
 
 ``HttpClient.request`` raises ``RetriableError`` for 408/425/429/5xx and for a
 connection never made (with ``Retry-After`` parsed), ``NoAnswer`` (retriable)
-for a request sent without an answer (a read timeout, a dropped connection), ``NotFound`` for 404 and
+for a request sent without a whole answer (a read timeout, a dropped connection, an answer broken
+off or still coming in when the exchange's time is up: ``answer_seconds``), ``NotFound`` for 404 and
 ``PermanentError`` for other 4xx — unless the status is in ``accept``, in which
 case the response is returned for the caller to interpret. A write answered
 with a redirect is not sent on (``requests`` would send a 301 or 302 POST on as a
@@ -10,7 +11,9 @@ GET, without its body): it is a ``PermanentError`` naming where it points. ``ans
 2xx answer's JSON and raises ``BadAnswer`` (retriable) when it is not the API's.
 Secrets given in ``redact`` never appear in an error.
 """
+import contextlib
 import email.utils
+import socket
 import time
 from urllib.parse import urljoin
 
@@ -19,6 +22,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
 from workers.resilience.errors import BadAnswer, NoAnswer, NotFound, PermanentError, RetriableError
+from workers.resilience.renewal import RENEWER
 
 USER_AGENT = "locate2u-relay/0.1 (+https://github.com/locate2u-relay)"
 DEFAULT_TIMEOUT = (3.05, 30)
@@ -29,6 +33,53 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 def read_timeout(timeout):
     """The read timeout of a ``requests`` timeout (``(connect, read)`` or one number)."""
     return timeout[1] if isinstance(timeout, tuple) else timeout
+
+
+def answer_seconds(timeout):
+    """How long a whole exchange may take, from sending to the answer's last byte: the connect plus
+    the read timeout of ``timeout``. ``requests``' read timeout bounds each read, not their sum, so an
+    answer that crawls in (a byte within every read timeout) would otherwise hold the caller for as
+    long as it lasts."""
+    return sum(timeout) if isinstance(timeout, tuple) else 2 * timeout
+
+
+class AnswerDeadline:
+    """Shuts the connection of an answer still coming in ``seconds`` after the request started, so
+    its read ends at once. ``requests``' response hook arms it once the headers are in (the body is
+    read after it) with its own duplicate of the socket (a server's ``Connection: close`` leaves the
+    connection without one), closed again on ``disarm``. The process's one timer thread
+    (``RENEWER``) does the cutting."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.cut = False
+        self.status = None  # the status of the answer whose body is being read
+        self._number = self._socket = None
+
+    def arm(self, response, **_):
+        """The response hook: cut ``response``'s connection if its body is not read by the end."""
+        self.disarm()
+        self.status = response.status_code
+        try:
+            self._socket = socket.fromfd(response.raw.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        except (OSError, ValueError, AttributeError):  # no socket under it: nothing to wait for
+            return response
+        self._number = RENEWER.add(self._cut, max(0.0, self.end - time.monotonic()), "an answer's deadline")
+        return response
+
+    def disarm(self):
+        if self._number is not None:
+            RENEWER.remove(self._number)
+        if self._socket is not None:
+            self._socket.close()
+        self._number = self._socket = None
+
+    def _cut(self):
+        self.cut = True
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
+        return False  # once
 
 
 def settle_seconds(timeout):
@@ -99,16 +150,24 @@ class HttpClient:
         refuse_redirect = "allow_redirects" not in kwargs and method.upper() not in SAFE_METHODS
         if refuse_redirect:
             kwargs["allow_redirects"] = False
+        deadline = AnswerDeadline(answer_seconds(kwargs["timeout"]))
+        kwargs["hooks"] = {"response": deadline.arm}
         try:
             response = self.session.request(method, url, **kwargs)
-        except (requests.Timeout, requests.ConnectionError) as exc:
+        except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
             message = f"{method} {url} failed: {type(exc).__name__}"
             if never_sent(exc):
                 raise RetriableError(message, method=method, url=url) from None
-            # A read timeout: sent at least the read timeout ago. A dropped connection: maybe just now.
-            waited = read_timeout(kwargs["timeout"]) if isinstance(exc, requests.ReadTimeout) else 0
-            raise NoAnswer(message, settles_in=settle_seconds(kwargs["timeout"]) - waited, method=method,
-                           url=url) from None
+            settles_in = settle_seconds(kwargs["timeout"])  # a connection dropped: maybe applied just now
+            if isinstance(exc, requests.ReadTimeout):  # sent at least the read timeout ago
+                settles_in -= read_timeout(kwargs["timeout"])
+            if deadline.status is not None:  # its status came: done there, only the body is missing
+                why = f"not complete within {deadline.seconds:g} s" if deadline.cut else \
+                    f"broken off ({type(exc).__name__})"
+                message, settles_in = f"{method} {url} answered {deadline.status}, but the answer was {why}", 0
+            raise NoAnswer(message, settles_in=settles_in, method=method, url=url) from None
+        finally:
+            deadline.disarm()
         if refuse_redirect and response.is_redirect:
             raise self.error_for(response, f"{method} {self._scrub(url)} was redirected ({response.status_code}) to "
                                            f"{self._scrub(response.headers.get('Location', '?'))}: set the API URL "

@@ -24,6 +24,7 @@ from werkzeug.serving import make_server
 
 # What a load balancer or proxy in front of an API may answer in its place (``fail_after_apply("garbled")``).
 GARBLED_PAGE = "<html><body><h1>Service temporarily unavailable</h1></body></html>"
+TRICKLE_SECONDS = 0.5  # between the bytes of a trickled answer (``FaultPlan.fail_after_apply``)
 
 
 class FaultPlan:
@@ -64,8 +65,9 @@ class FaultPlan:
 
     def fail_after_apply(self, how, times=1, path_prefix="", methods=("POST", "PUT", "PATCH", "DELETE")):
         """Let the next ``times`` matching writes take effect, then answer 503 (``how=503``), drop
-        the connection without an answer (``how="drop"``) or answer 200 with a proxy's HTML page
-        (``how="garbled"``): the client cannot tell it was applied."""
+        the connection without an answer (``how="drop"``), answer 200 with a proxy's HTML page
+        (``how="garbled"``) or send the answer a byte every ``TRICKLE_SECONDS`` (``how="trickle"``,
+        a crawling link): the client cannot tell it was applied."""
         with self._lock:
             self._after_apply += [(how, path_prefix, tuple(methods))] * times
 
@@ -148,6 +150,12 @@ class FaultPlan:
                                                                                    "status": status})
 
 
+def _trickled(body):
+    for byte in body:
+        time.sleep(TRICKLE_SECONDS)
+        yield bytes([byte])
+
+
 def _fault_response(status, retry_after, body):
     response = jsonify(body)
     response.status_code = status
@@ -178,6 +186,12 @@ def install_faults(app, faults):
             return response
         if how == "garbled":  # something between replaced the API's answer with its own page
             return Response(GARBLED_PAGE, 200, mimetype="text/html")
+        if how == "trickle":  # the whole answer, at a crawl (each byte well within a read timeout)
+            response.direct_passthrough = False
+            body = response.get_data()
+            response.response = _trickled(body)
+            response.headers["Content-Length"] = str(len(body))
+            return response
         failed = jsonify({"error": "injected fault", "status": how})
         failed.status_code = how
         return failed
