@@ -485,10 +485,10 @@ class Chaos(threading.Thread):
         span = profile.send_seconds
         restart = span * rng.uniform(0.4, 0.6)
 
-        def moments(count, what, details=(None,)):
+        def moments(count, what, details=(None,), latest=0.95):
             chosen = []
             while len(chosen) < count:
-                moment = span * rng.uniform(0.05, 0.95)
+                moment = span * rng.uniform(0.05, latest)
                 if abs(moment - restart) > profile.redis_down_seconds + 3:
                     chosen.append((moment, what, details[len(chosen) % len(details)]))
             return chosen
@@ -498,7 +498,8 @@ class Chaos(threading.Thread):
                   for i in range(int(span * 0.9 // profile.burst_every))]
         bursts = [event for event in bursts if abs(event[0] - restart) > profile.redis_down_seconds + 3]
         events = (moments(profile.kills, "kill", ("in sink call", "anywhere")) + [(restart, "redis", None)] + bursts
-                  + moments(profile.queue_drops, "drop queues")
+                  # early enough that deliveries still arrive while it waits for one to lose
+                  + moments(profile.queue_drops, "drop queues", latest=0.75)
                   + moments(profile.l2u_bursts, "locate2u burst") + moments(profile.l2u_timeouts, "locate2u timeout")
                   + moments(profile.applied_then_failed * 2, "applied then failed",
                             [(sink, how) for sink in sinks for how in (503, "drop", "garbled")])
