@@ -2,11 +2,13 @@
 answer that crawls or breaks off; and a write answered with a redirect."""
 import http.server
 import socket
+import ssl
 import threading
 import time
 
 import pytest
 
+from tests.processes import make_tls_certificates
 from workers.resilience.errors import NoAnswer, PermanentError, RetriableError
 from workers.resilience.http import HttpClient
 
@@ -52,11 +54,13 @@ def test_a_dropped_connection_may_still_land_for_the_whole_settle_time(listener)
     assert dropped.value.settles_in == 10
 
 
-def answer_then(listener, then):
-    """Serve one request: read it, send a 200's status line and headers for a 100-byte JSON body,
-    then ``then(connection)``."""
+def answer_then(listener, then, tls=None):
+    """Serve one request (over TLS with the server context ``tls``): read it, send a 200's status
+    line and headers for a 100-byte JSON body, then ``then(connection)``."""
     def serve():
         connection, _ = listener.accept()
+        if tls is not None:
+            connection = tls.wrap_socket(connection, server_side=True)
         connection.recv(65536)
         connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
         try:
@@ -68,7 +72,8 @@ def answer_then(listener, then):
     threading.Thread(target=serve, daemon=True).start()
 
 
-def test_an_answer_that_crawls_is_cut_when_the_time_for_it_is_up(listener):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_answer_that_crawls_is_cut_when_the_time_for_it_is_up(listener, scheme, tmp_path):
     """A byte every 0.1 s: each read comes within the read timeout, so ``requests`` alone waits for
     all 100 (10 s). The whole exchange gets the connect plus the read timeout (1.5 s here)."""
     def crawl(connection):
@@ -76,8 +81,15 @@ def test_an_answer_that_crawls_is_cut_when_the_time_for_it_is_up(listener):
             connection.sendall(b" ")
             time.sleep(0.1)
 
-    answer_then(listener, crawl)
-    client = HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=(1, 0.5))
+    tls = None
+    if scheme == "https":  # the sinks' APIs: the cut shuts the TCP connection under the TLS one
+        ca_file, cert_file, key_file = make_tls_certificates(tmp_path)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert_file, key_file)
+    answer_then(listener, crawl, tls)
+    client = HttpClient(f"{scheme}://127.0.0.1:{listener.getsockname()[1]}", timeout=(1, 0.5))
+    if tls is not None:
+        client.session.verify = ca_file
     started = time.monotonic()
     with pytest.raises(NoAnswer) as cut:
         client.request("POST", "locations", json={})
