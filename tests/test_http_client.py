@@ -95,7 +95,7 @@ def test_an_answer_that_crawls_is_cut_when_the_time_for_it_is_up(listener, schem
         client.request("POST", "locations", json={})
     took = time.monotonic() - started
     assert took < 6, took  # 1.5 s, and the rest of the crawl would have been 10 s
-    assert "answered 200, but the answer was not complete within 1.5 s" in cut.value.message
+    assert "answered 200, but its answer was not complete within 1.5 s" in cut.value.message
     assert cut.value.settles_in == 0  # its status came: nothing of it is still to land
 
 
@@ -106,7 +106,7 @@ def test_an_answer_broken_off_is_no_answer_not_a_bug(listener):
     client = HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=(1, 5))
     with pytest.raises(NoAnswer) as broken:
         client.request("POST", "locations", json={})
-    assert "answered 200, but the answer was broken off (ChunkedEncodingError)" in broken.value.message
+    assert "answered 200, but its answer could not be read whole (ChunkedEncodingError)" in broken.value.message
     assert broken.value.settles_in == 0
 
 
@@ -158,3 +158,43 @@ def test_a_read_still_follows_a_redirect(redirecting):
     response = HttpClient(redirecting.url + "/admin/v1").request("GET", "locations")
     assert response.status_code == 200
     assert redirecting.requests == [("GET", "/admin/v1/locations"), ("GET", "/moved/admin/v1/locations")]
+
+
+def test_a_read_redirected_round_in_a_loop_is_a_mistake_to_fix_not_a_bug(listener):
+    """An API URL whose server redirects to itself: ``requests`` gives up after 30 redirects with
+    TooManyRedirects, outside the client's error classes, and the write was dead-lettered as an
+    internal error."""
+    def loop():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # the test is over
+                return
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 302 Found\r\nLocation: /stops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            connection.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    with pytest.raises(PermanentError) as looped:
+        HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}").request("GET", "stops")
+    assert "was redirected more than 30 times" in looped.value.message
+
+
+def test_an_answer_that_cannot_be_decoded_is_no_answer_not_a_bug(listener):
+    """``Content-Encoding: gzip`` over a body that is not gzip (a proxy mangling the answer):
+    ``requests`` raises ContentDecodingError, outside the client's error classes."""
+    def mangled(connection):
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                           b"Content-Length: 20\r\n\r\n" + b"not gzip, not json!!")
+
+    def serve():
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        mangled(connection)
+        connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(NoAnswer) as unreadable:
+        HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}").request("POST", "locations", json={})
+    assert "answered 200, but its answer could not be read whole (ContentDecodingError)" in unreadable.value.message
+    assert unreadable.value.settles_in == 0

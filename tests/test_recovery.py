@@ -192,5 +192,5 @@ def test_a_sink_whose_answer_crawls_in_holds_the_next_one_up_no_longer_than_its_
     print(f"\nstorepoint's answer crawled in; b2b applied {waited:.1f} s after receipt")
     assert waited < answer_seconds(DEFAULT_TIMEOUT) + 10, waited
     trace = [line for line in Ledger(redis_client).history(delivery_id) if line.get("sink") == "storepoint"]
-    assert any("answered 200, but the answer was not complete within 33.05 s" in str(line.get("error")) for line in trace), trace
+    assert any("answered 200, but its answer was not complete within 33.05 s" in str(line.get("error")) for line in trace), trace
     assert len(sims["storepoint"].app.config["STATE"].find(lambda location: True)) == 1

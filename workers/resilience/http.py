@@ -3,8 +3,8 @@
 ``HttpClient.request`` raises ``RetriableError`` for 408/425/429/5xx and for a
 connection never made (with ``Retry-After`` parsed), ``NoAnswer`` (retriable)
 for a request sent without a whole answer (a read timeout, a dropped connection, an answer broken
-off or still coming in when the exchange's time is up: ``answer_seconds``), ``NotFound`` for 404 and
-``PermanentError`` for other 4xx — unless the status is in ``accept``, in which
+off, undecodable or still coming in when the exchange's time is up: ``answer_seconds``), ``NotFound``
+for 404 and ``PermanentError`` for other 4xx and a redirect loop — unless the status is in ``accept``, in which
 case the response is returned for the caller to interpret. A write answered
 with a redirect is not sent on (``requests`` would send a 301 or 302 POST on as a
 GET, without its body): it is a ``PermanentError`` naming where it points. ``answer`` reads a
@@ -28,6 +28,9 @@ USER_AGENT = "locate2u-relay/0.1 (+https://github.com/locate2u-relay)"
 DEFAULT_TIMEOUT = (3.05, 30)
 RETRIABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# An answer whose status came but whose body broke off or cannot be decoded (``requests`` raises
+# these outside its connection errors).
+UNREADABLE_ANSWER = (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)
 
 
 def read_timeout(timeout):
@@ -154,7 +157,11 @@ class HttpClient:
         kwargs["hooks"] = {"response": deadline.arm}
         try:
             response = self.session.request(method, url, **kwargs)
-        except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+        except requests.TooManyRedirects:
+            raise PermanentError(f"{method} {self._scrub(url)} was redirected more than {self.session.max_redirects} "
+                                 "times (a redirect loop): set the API URL to where the API is", method=method,
+                                 url=url) from None
+        except (requests.Timeout, requests.ConnectionError, *UNREADABLE_ANSWER) as exc:
             message = f"{method} {url} failed: {type(exc).__name__}"
             if never_sent(exc):
                 raise RetriableError(message, method=method, url=url) from None
@@ -162,9 +169,9 @@ class HttpClient:
             if isinstance(exc, requests.ReadTimeout):  # sent at least the read timeout ago
                 settles_in -= read_timeout(kwargs["timeout"])
             if deadline.status is not None:  # its status came: done there, only the body is missing
-                why = f"not complete within {deadline.seconds:g} s" if deadline.cut else \
-                    f"broken off ({type(exc).__name__})"
-                message, settles_in = f"{method} {url} answered {deadline.status}, but the answer was {why}", 0
+                why = f"was not complete within {deadline.seconds:g} s" if deadline.cut else \
+                    f"could not be read whole ({type(exc).__name__})"
+                message, settles_in = f"{method} {url} answered {deadline.status}, but its answer {why}", 0
             raise NoAnswer(message, settles_in=settles_in, method=method, url=url) from None
         finally:
             deadline.disarm()
