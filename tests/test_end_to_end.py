@@ -7,6 +7,7 @@ from tests.fixtures import KEY, STOP_ID, b2b_locations, kill_worker_mid_write, s
 from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, process_env
+from workers.store import keys
 from workers.store.stores import MappingStore
 
 
@@ -41,6 +42,22 @@ def test_cancellation_deletes_from_storepoint_and_deactivates_in_b2b(stack, sims
     assert storepoint_locations(sims) == []
     [location] = b2b_locations(sims)
     assert location["active"] is False
+
+
+def test_a_cancellation_whose_stop_was_deleted_in_locate2u_since_is_applied_in_both(stack, sims, redis_client):
+    """The stop was cancelled, then deleted in Locate2u before the relay read it (a backlog, the
+    cached read expired). Storepoint deletes and needs only the key; B2B deactivates, which took the
+    stop's fields, so the read's 404 dead-lettered the whole delivery: both locations stayed live.
+    B2B deactivates by key (its update is partial), so neither needs the stop."""
+    first = post(stack.url, "stop.status-changed", status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    wait_for(lambda: settled(redis_client, first.json()["delivery_id"]))
+    del sims["locate2u"].app.config["STATE"].stops[STOP_ID]
+    redis_client.delete(keys.stop_cache(STOP_ID))
+    cancel = post(stack.url, "stop.status-changed", status_change(STOP_ID, "Cancelled", "2022-04-27T05:30:00+00:00"))
+    assert wait_for(lambda: settled(redis_client, cancel.json()["delivery_id"]))["status"] == "applied"
+    assert storepoint_locations(sims) == []
+    [location] = b2b_locations(sims)
+    assert (location["active"], location["name"], location["city"]) == (False, "Locate2u", "Pyrmont")  # the rest kept
 
 
 def test_wiped_mapping_is_rebuilt_by_reconcile_without_duplicates(stack, stack_settings, sims, redis_client):

@@ -7,6 +7,7 @@ from workers.ops.simulators.b2b import documented_fault
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
+from workers.domain.locations import Location
 from workers.resilience.errors import BadAnswer, NotFound, PermanentError, RetriableError
 from workers.sinks.b2b import B2BSink
 
@@ -142,6 +143,17 @@ def test_deactivating_what_is_not_there_creates_it_inactive(sim, sink, mappings)
     assert created["active"] is False and remote_id == created["id"] == mappings.get("l2u-stop-164557")
     assert sink.apply("deactivate", sample_location(status="Cancelled")) == remote_id
     assert len(sim_state(sim).locations) == 1
+
+
+def test_deactivating_by_key_alone_writes_only_active_false_and_creates_nothing(sim, sink, mappings):
+    """The stop is gone from Locate2u (its read answered 404): the Location has the key and status
+    only. The location there is deactivated with its fields kept; where none is, none is made."""
+    sink.apply("upsert", sample_location())
+    assert sink.apply("deactivate", Location(key="l2u-stop-164557", version="v", status="Cancelled"))
+    kept = record(sim, "l2u-stop-164557")
+    assert (kept["active"], kept["name"], kept["city"]) == (False, "Locate2u", "New York")
+    assert sink.apply("deactivate", Location(key="l2u-stop-999", version="v", status="Cancelled")) is None
+    assert record(sim, "l2u-stop-999") is None and len(sim_state(sim).locations) == 1
 
 
 def test_delete_refused_for_the_business_partner_deactivates(sim, sink, mappings):

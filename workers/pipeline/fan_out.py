@@ -55,13 +55,14 @@ def plan(rt, event, sinks=None, attempts=None):
         result.refused.append((DeliverJob(event.delivery_id, sink, None, None, attempts.get(sink, 0)),
                                PermanentError(f"{sink} no longer takes {event.event_type}")))
     stop = None
-    reading = [action for route, action in routed if route.needs_stop]
+    reading = [(route, action) for route, action in routed if route.needs_stop]
     if event.stop_id is not None and reading:
         started = time.time()
         try:
             stop, source = fetch_stop(rt, event.stop_id, event.action_date.timestamp())
-        except NotFound:  # deleted in Locate2u since: a delete needs only the key
-            if set(reading) != {"delete"}:
+        except NotFound:  # deleted in Locate2u since: a delete (or a deactivation by key) needs only the key
+            if not all(action == "delete" or (action == "deactivate" and rt.sinks[route.sink].deactivates_by_key)
+                       for route, action in reading):
                 raise
             source = "locate2u, no such stop"
         read_at = time.time()
@@ -87,7 +88,7 @@ def build_record(route, action, event, stop, context):
     """The Location (as JSON) one route writes for ``event`` with ``action``."""
     key = render(route.key, context)
     fields = {name: render(template, context) for name, template in route.fields.items()}
-    if stop is None and route.needs_stop and action != "delete":
+    if event.stop_id is None and route.needs_stop and action != "delete":
         raise PermanentError(f"{event.event_type} carries no stopId, so {route.sink} has no location to write")
     if stop is None:
         return Location(key=key, version=event.action_date.isoformat(), status=event.status, fields=fields,

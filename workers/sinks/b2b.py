@@ -83,6 +83,7 @@ class B2BSink(Sink):
 
     name = "b2b"
     supports_deactivate = True
+    deactivates_by_key = True  # a partial update by idRemote
     settings = (
         SinkSetting("B2B_API_URL", HttpUrl(load_default=None), "B2B location API (B2Market) base URL."),
         SinkSetting("B2B_API_TOKEN", fields.String(load_default=None),
@@ -138,8 +139,12 @@ class B2BSink(Sink):
         """Upsert with ``active: false``: a location that is not there is created inactive.
 
         So a cancellation that arrives before the stop's first event (events come in any
-        order) ends as it would after it: one inactive location, not none.
+        order) ends as it would after it: one inactive location, not none. Without the stop
+        (deleted in Locate2u since: ``location.stop_id`` is None) only ``active: false`` is
+        written, to the location if there is one.
         """
+        if location.stop_id is None:
+            return self._update(location.key, {"active": False})
         return self._upsert(location.key, {**self.fields(location, options), "active": False}, options)
 
     def delete(self, location, options):

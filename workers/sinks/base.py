@@ -35,6 +35,9 @@ class Sink(abc.ABC):
 
     name = None
     supports_deactivate = False
+    #: Deactivates a location by its key alone, so a cancellation whose stop is gone from Locate2u
+    #: is still applied (``deactivate`` then gets a Location with the key and status only).
+    deactivates_by_key = False
     #: ``SinkSetting``s: the environment variables the sink reads.
     settings = ()
     #: Variables of which any one enables the sink (its credentials) ...
