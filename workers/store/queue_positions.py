@@ -11,12 +11,15 @@ backlog or gone.
 
 With the ledger's Redis as broker both numbers are read together (``LLEN`` of
 kombu's list). With another broker (RabbitMQ) the length is the messages ready
-in the queue, from a passive declare, read after the counters. Errors lean one
-way: a send counted after it happened, a message read as ready before its send
-was counted, or a message the broker puts back uncounted (kombu's restore,
-RabbitMQ's requeue) makes a message look queued a little longer, never gone too
-early. A deleted queue (a broker that lost it) makes every message in it look
-gone, which is true.
+in the queue, from a passive declare, read after the counters. Errors lean to
+"still queued": a send counted after it happened, a message read as ready before
+its send was counted, or a message kombu restores uncounted makes a message look
+queued a little longer. The exception is RabbitMQ putting messages back (a
+worker gone with messages it had taken): they wait at the head of the queue
+again, so as many messages as it put back may look gone while they wait, and a
+sweep may queue one of them again (a redundant copy, idempotent, as with no
+tickets at all). A deleted queue (a broker that lost it) makes every message in
+it look gone, which is true.
 """
 import logging
 
