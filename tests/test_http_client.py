@@ -198,3 +198,26 @@ def test_an_answer_that_cannot_be_decoded_is_no_answer_not_a_bug(listener):
         HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}").request("POST", "locations", json={})
     assert "answered 200, but its answer could not be read whole (ContentDecodingError)" in unreadable.value.message
     assert unreadable.value.settles_in == 0
+
+
+def test_an_answer_longer_than_the_relay_reads_is_cut_at_once(listener):
+    """An API URL pointing at something else (a file server, a misrouted proxy) answering with a
+    body of gigabytes: read whole into a worker's memory, it gets the dyno killed, and the
+    redelivered message kills the next one."""
+    def serve():
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                           b"Content-Length: 4000000000\r\n\r\n")
+        try:
+            for _ in range(1000):
+                connection.sendall(b"\0" * 65536)
+        except OSError:  # the client hung up
+            pass
+        connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(NoAnswer) as cut:
+        HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}").request("GET", "v1/Stops/1")
+    assert "answered 200, but its answer of 4,000,000,000 bytes is over the 33,554,432 the relay reads" \
+        in cut.value.message

@@ -3,7 +3,8 @@
 ``HttpClient.request`` raises ``RetriableError`` for 408/425/429/5xx and for a
 connection never made (with ``Retry-After`` parsed), ``NoAnswer`` (retriable)
 for a request sent without a whole answer (a read timeout, a dropped connection, an answer broken
-off, undecodable or still coming in when the exchange's time is up: ``answer_seconds``), ``NotFound``
+off, undecodable, announced longer than ``MAX_ANSWER_BYTES`` or still coming in when the exchange's
+time is up: ``answer_seconds``), ``NotFound``
 for 404 and ``PermanentError`` for other 4xx and a redirect loop — unless the status is in ``accept``, in which
 case the response is returned for the caller to interpret. A write answered
 with a redirect is not sent on (``requests`` would send a 301 or 302 POST on as a
@@ -31,6 +32,10 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # An answer whose status came but whose body broke off or cannot be decoded (``requests`` raises
 # these outside its connection errors).
 UNREADABLE_ANSWER = (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)
+# The longest answer read (its announced Content-Length): an API page is kilobytes; a URL that points
+# elsewhere may answer gigabytes, read whole into a worker's memory. One without a length is bounded
+# only by the exchange's deadline.
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
 
 
 def read_timeout(timeout):
@@ -48,25 +53,31 @@ def answer_seconds(timeout):
 
 class AnswerDeadline:
     """Shuts the connection of an answer still coming in ``seconds`` after the request started, so
-    its read ends at once. ``requests``' response hook arms it once the headers are in (the body is
-    read after it) with its own duplicate of the socket (a server's ``Connection: close`` leaves the
-    connection without one), closed again on ``disarm``. The process's one timer thread
-    (``RENEWER``) does the cutting."""
+    its read ends at once, and at once that of an answer announcing more than ``MAX_ANSWER_BYTES``.
+    ``requests``' response hook arms it once the headers are in (the body is read after it) with its
+    own duplicate of the socket (a server's ``Connection: close`` leaves the connection without
+    one), closed again on ``disarm``. The process's one timer thread (``RENEWER``) does the cutting."""
 
     def __init__(self, seconds):
         self.seconds = seconds
         self.end = time.monotonic() + seconds
         self.cut = False
         self.status = None  # the status of the answer whose body is being read
+        self.too_long = None  # the length it announced, when over MAX_ANSWER_BYTES
         self._number = self._socket = None
 
     def arm(self, response, **_):
         """The response hook: cut ``response``'s connection if its body is not read by the end."""
-        self.disarm()
-        self.status = response.status_code
+        self.disarm()  # of a redirect's answer before this one: what is kept is this one's
+        self.status, self.too_long, self.cut = response.status_code, None, False
         try:
             self._socket = socket.fromfd(response.raw.fileno(), socket.AF_INET, socket.SOCK_STREAM)
         except (OSError, ValueError, AttributeError):  # no socket under it: nothing to wait for
+            return response
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+            self.too_long = int(length)
+            self._cut()
             return response
         self._number = RENEWER.add(self._cut, max(0.0, self.end - time.monotonic()), "an answer's deadline")
         return response
@@ -169,8 +180,11 @@ class HttpClient:
             if isinstance(exc, requests.ReadTimeout):  # sent at least the read timeout ago
                 settles_in -= read_timeout(kwargs["timeout"])
             if deadline.status is not None:  # its status came: done there, only the body is missing
-                why = f"was not complete within {deadline.seconds:g} s" if deadline.cut else \
-                    f"could not be read whole ({type(exc).__name__})"
+                why = f"could not be read whole ({type(exc).__name__})"
+                if deadline.too_long:
+                    why = f"of {deadline.too_long:,} bytes is over the {MAX_ANSWER_BYTES:,} the relay reads"
+                elif deadline.cut:
+                    why = f"was not complete within {deadline.seconds:g} s"
                 message, settles_in = f"{method} {url} answered {deadline.status}, but its answer {why}", 0
             raise NoAnswer(message, settles_in=settles_in, method=method, url=url) from None
         finally:
