@@ -60,9 +60,8 @@ def plan(rt, event, sinks=None, attempts=None):
         started = time.time()
         try:
             stop, source = fetch_stop(rt, event.stop_id, event.action_date.timestamp())
-        except NotFound:  # deleted in Locate2u since: a delete (or a deactivation by key) needs only the key
-            if not all(action == "delete" or (action == "deactivate" and rt.sinks[route.sink].deactivates_by_key)
-                       for route, action in reading):
+        except NotFound:  # deleted in Locate2u since: what needs only the key goes on without it
+            if not all(rt.sinks[route.sink].needs_only_the_key(action) for route, action in reading):
                 raise
             source = "locate2u, no such stop"
         read_at = time.time()

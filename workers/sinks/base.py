@@ -116,6 +116,11 @@ class Sink(abc.ABC):
         """One line naming what was wrong, from a vendor's JSON error ``body`` (a dict), or None."""
         return None
 
+    def needs_only_the_key(self, action):
+        """True when ``action`` can be applied without the stop (gone from Locate2u since): a
+        delete, or a deactivation on a sink that ``deactivates_by_key``."""
+        return action == "delete" or (action == "deactivate" and self.deactivates_by_key)
+
     def known(self, key):
         """``(remote id or None, the flat fields last written)`` for ``key``, read in one round trip."""
         with self.mappings.redis.pipeline(transaction=False) as pipe:
