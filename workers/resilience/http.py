@@ -89,6 +89,14 @@ class AnswerDeadline:
             self._socket.close()
         self._number = self._socket = None
 
+    def unread(self, exc):
+        """Why the body of the answer whose status came was not read (``exc``: what ``requests`` raised)."""
+        if self.too_long:
+            return f"of {self.too_long:,} bytes is over the {MAX_ANSWER_BYTES:,} the relay reads"
+        if self.cut:
+            return f"was not complete within {self.seconds:g} s"
+        return f"could not be read whole ({type(exc).__name__})"
+
     def _cut(self):
         self.cut = True
         with contextlib.suppress(OSError):
@@ -180,12 +188,8 @@ class HttpClient:
             if isinstance(exc, requests.ReadTimeout):  # sent at least the read timeout ago
                 settles_in -= read_timeout(kwargs["timeout"])
             if deadline.status is not None:  # its status came: done there, only the body is missing
-                why = f"could not be read whole ({type(exc).__name__})"
-                if deadline.too_long:
-                    why = f"of {deadline.too_long:,} bytes is over the {MAX_ANSWER_BYTES:,} the relay reads"
-                elif deadline.cut:
-                    why = f"was not complete within {deadline.seconds:g} s"
-                message, settles_in = f"{method} {url} answered {deadline.status}, but its answer {why}", 0
+                message = f"{method} {url} answered {deadline.status}, but its answer {deadline.unread(exc)}"
+                settles_in = 0
             raise NoAnswer(message, settles_in=settles_in, method=method, url=url) from None
         finally:
             deadline.disarm()
