@@ -45,15 +45,14 @@ return ticket
 def work_queues(rt, queues=keys.WORK_QUEUES):
     """A ``QueueSnapshot`` of the work queues; an empty one (nothing counts as queued) when another
     broker cannot be read."""
-    tickets = QueueTickets(rt.redis)
+    tickets, lists = QueueTickets(rt.redis), {queue: keys.queue_list(queue) for queue in queues}
     if broker_is_ledger_redis(rt.settings):
-        return tickets.snapshot([keys.queue_list(queue) for queue in queues])
-    pushed = tickets.counts([keys.queue_list(queue) for queue in queues])  # first: see the module's text
+        return tickets.snapshot(list(lists.values()))
+    pushed = tickets.counts(list(lists.values()))  # first: see the module's text
     lengths = broker_lengths(rt.broker, queues)
     if lengths is None:
         return QueueSnapshot({})
-    return QueueSnapshot({keys.queue_list(queue): (pushed[keys.queue_list(queue)], lengths[queue])
-                          for queue in queues})
+    return QueueSnapshot({key: (pushed[key], lengths[queue]) for queue, key in lists.items()})
 
 
 def broker_lengths(app, queues):
