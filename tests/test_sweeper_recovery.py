@@ -8,6 +8,7 @@ Locate2u and Storepoint are the loopback simulators.
 """
 import base64
 import json
+import socket
 import threading
 import time
 
@@ -20,6 +21,7 @@ from workers import tasks
 from workers.pipeline import fan_out, sweeper
 from workers.celery_config import DELIVER, DELIVER_QUEUE, INGEST_QUEUE, PROCESS_DELIVERY, make_celery
 from workers.runtime import Runtime
+from workers.store.queue_positions import work_queues
 from workers.store.stores import Ledger
 
 SP_TOKEN = "sp-sweeper-token"
@@ -251,3 +253,17 @@ def test_overlapping_sweeps_queue_a_lost_message_once(broker):
         sweep.join(30)
     assert sorted(results) == [0, 0, 0, 1]
     assert [args[0] for _, args in broker.queued(INGEST_QUEUE)] == [lost]
+
+
+def test_a_broker_the_sweeper_cannot_read_makes_every_message_count_as_gone(settings, caplog):
+    """With another broker, the queue lengths come from it; one that does not answer (RabbitMQ down)
+    leaves no positions, so a delivery without progress is queued again, as before tickets there."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    rt = Runtime(settings.replace(broker_url=f"amqp://guest:guest@127.0.0.1:{port}//"), lambda *a, **k: None)
+    rt.redis.set("l2u:queued:ingest", 5)
+    snapshot = work_queues(rt)
+    assert snapshot.queues == {} and not snapshot.waiting("ingest:5")
+    assert "cannot read the broker's queue lengths" in caplog.text
