@@ -1,5 +1,6 @@
 """The HTTP client's error classes against real sockets: what may still land, and for how long; an
 answer that crawls or breaks off; and a write answered with a redirect."""
+import gzip
 import http.server
 import socket
 import ssl
@@ -221,3 +222,53 @@ def test_an_answer_longer_than_the_relay_reads_is_cut_at_once(listener):
         HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}").request("GET", "v1/Stops/1")
     assert "answered 200, but its answer of 4,000,000,000 bytes is over the 33,554,432 the relay reads" \
         in cut.value.message
+
+
+def serve_then_count(listener, head, chunks):
+    """Serve one request: read it, send ``head`` (status line and headers), then each of ``chunks``
+    until the client hangs up. Returns a dict whose "sent" is the body's bytes sent so far."""
+    sent = {"sent": 0}
+
+    def serve():
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.sendall(head)
+        try:
+            for chunk in chunks:
+                connection.sendall(chunk)
+                sent["sent"] += len(chunk)
+        except OSError:  # the client hung up
+            pass
+        connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sent
+
+
+def test_an_answer_without_a_length_is_cut_once_it_runs_past_what_the_relay_reads(listener):
+    """A chunked answer announces no length: a file server or a stream behind a misrouted URL sends
+    on for as long as it is read. Read whole, 64 MiB here (gigabytes at LAN speed within the
+    exchange's 33 s), it is in the worker's memory before anything looks at it."""
+    piece = b"\0" * 65536
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    sent = serve_then_count(listener, b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                      b"Transfer-Encoding: chunked\r\n\r\n", [chunk] * 1024)
+    with pytest.raises(NoAnswer) as cut:
+        HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}").request("GET", "v1/Stops/1")
+    assert "answered 200, but its answer ran past the 33,554,432 bytes the relay reads" in cut.value.message
+    assert cut.value.settles_in == 0
+    time.sleep(0.2)
+    assert sent["sent"] < 48 * 1024 * 1024, sent  # it hung up soon after 32 MiB, not at the end
+
+
+def test_a_compressed_answer_that_inflates_past_what_the_relay_reads_is_cut(listener):
+    """A small gzip answer that inflates a thousandfold (a decompression bomb, or a misrouted URL
+    serving a compressed file): its Content-Length says 100 KiB, ``requests`` inflates it to
+    100 MiB. What the relay reads is counted after decompression."""
+    body = gzip.compress(b"\0" * (100 * 1024 * 1024), compresslevel=9)
+    serve_then_count(listener, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                               b"Content-Length: %d\r\n\r\n" % len(body), [body])
+    with pytest.raises(NoAnswer) as cut:
+        HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}").request("GET", "v1/Stops/1")
+    assert len(body) < 1024 * 1024
+    assert "answered 200, but its answer ran past the 33,554,432 bytes the relay reads" in cut.value.message

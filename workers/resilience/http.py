@@ -3,8 +3,8 @@
 ``HttpClient.request`` raises ``RetriableError`` for 408/425/429/5xx and for a
 connection never made (with ``Retry-After`` parsed), ``NoAnswer`` (retriable)
 for a request sent without a whole answer (a read timeout, a dropped connection, an answer broken
-off, undecodable, announced longer than ``MAX_ANSWER_BYTES`` or still coming in when the exchange's
-time is up: ``answer_seconds``), ``NotFound``
+off, undecodable, longer than ``MAX_ANSWER_BYTES`` or still coming in when the exchange's time is
+up: ``answer_seconds``), ``NotFound``
 for 404 and ``PermanentError`` for other 4xx and a redirect loop — unless the status is in ``accept``, in which
 case the response is returned for the caller to interpret. A write answered
 with a redirect is not sent on (``requests`` would send a 301 or 302 POST on as a
@@ -32,10 +32,13 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # An answer whose status came but whose body broke off or cannot be decoded (``requests`` raises
 # these outside its connection errors).
 UNREADABLE_ANSWER = (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)
-# The longest answer read (its announced Content-Length): an API page is kilobytes; a URL that points
-# elsewhere may answer gigabytes, read whole into a worker's memory. One without a length is bounded
-# only by the exchange's deadline.
+# The longest answer read, decompressed: an API page is kilobytes; a URL that points elsewhere may
+# answer gigabytes (or a small gzip body that inflates to them), read whole into a worker's memory.
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
+
+
+class AnswerTooLong(Exception):
+    """Raised while reading an answer's body once it runs past ``MAX_ANSWER_BYTES``."""
 
 
 def read_timeout(timeout):
@@ -53,7 +56,8 @@ def answer_seconds(timeout):
 
 class AnswerDeadline:
     """Shuts the connection of an answer still coming in ``seconds`` after the request started, so
-    its read ends at once, and at once that of an answer announcing more than ``MAX_ANSWER_BYTES``.
+    its read ends at once, and at once that of an answer announcing more than ``MAX_ANSWER_BYTES``;
+    the read of one without a length (or compressed) stops once it has inflated past them.
     ``requests``' response hook arms it once the headers are in (the body is read after it) with its
     own duplicate of the socket (a server's ``Connection: close`` leaves the connection without
     one), closed again on ``disarm``. The process's one timer thread (``RENEWER``) does the cutting."""
@@ -63,20 +67,21 @@ class AnswerDeadline:
         self.end = time.monotonic() + seconds
         self.cut = False
         self.status = None  # the status of the answer whose body is being read
-        self.too_long = None  # the length it announced, when over MAX_ANSWER_BYTES
+        self.too_long = None  # why its body is not read whole: it is over MAX_ANSWER_BYTES
         self._number = self._socket = None
 
     def arm(self, response, **_):
         """The response hook: cut ``response``'s connection if its body is not read by the end."""
         self.disarm()  # of a redirect's answer before this one: what is kept is this one's
         self.status, self.too_long, self.cut = response.status_code, None, False
+        response.raw.stream = self._bounded(response.raw.stream)
         try:
             self._socket = socket.fromfd(response.raw.fileno(), socket.AF_INET, socket.SOCK_STREAM)
         except (OSError, ValueError, AttributeError):  # no socket under it: nothing to wait for
             return response
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
-            self.too_long = int(length)
+            self.too_long = f"of {int(length):,} bytes is over the {MAX_ANSWER_BYTES:,} the relay reads"
             self._cut()
             return response
         self._number = RENEWER.add(self._cut, max(0.0, self.end - time.monotonic()), "an answer's deadline")
@@ -92,10 +97,25 @@ class AnswerDeadline:
     def unread(self, exc):
         """Why the body of the answer whose status came was not read (``exc``: what ``requests`` raised)."""
         if self.too_long:
-            return f"of {self.too_long:,} bytes is over the {MAX_ANSWER_BYTES:,} the relay reads"
+            return self.too_long
         if self.cut:
             return f"was not complete within {self.seconds:g} s"
         return f"could not be read whole ({type(exc).__name__})"
+
+    def _bounded(self, stream):
+        """``stream`` (urllib3's, yielding the body decompressed) stopped once it runs past
+        ``MAX_ANSWER_BYTES``: ``AnswerTooLong``, the connection shut."""
+        def bounded(*args, **kwargs):
+            read = 0
+            for chunk in stream(*args, **kwargs):
+                read += len(chunk)
+                if read > MAX_ANSWER_BYTES:
+                    self.too_long = f"ran past the {MAX_ANSWER_BYTES:,} bytes the relay reads"
+                    if self._socket is not None:
+                        self._cut()
+                    raise AnswerTooLong(self.too_long)
+                yield chunk
+        return bounded
 
     def _cut(self):
         self.cut = True
@@ -180,7 +200,7 @@ class HttpClient:
             raise PermanentError(f"{method} {self._scrub(url)} was redirected more than {self.session.max_redirects} "
                                  "times (a redirect loop): set the API URL to where the API is", method=method,
                                  url=url) from None
-        except (requests.Timeout, requests.ConnectionError, *UNREADABLE_ANSWER) as exc:
+        except (requests.Timeout, requests.ConnectionError, AnswerTooLong, *UNREADABLE_ANSWER) as exc:
             message = f"{method} {url} failed: {type(exc).__name__}"
             if never_sent(exc):
                 raise RetriableError(message, method=method, url=url) from None
