@@ -272,3 +272,33 @@ def test_a_compressed_answer_that_inflates_past_what_the_relay_reads_is_cut(list
         HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}").request("GET", "v1/Stops/1")
     assert len(body) < 1024 * 1024
     assert "answered 200, but its answer ran past the 33,554,432 bytes the relay reads" in cut.value.message
+
+
+def test_an_answer_whose_head_crawls_in_is_cut_when_the_time_for_it_is_up(listener):
+    """The status line, then a header every 0.1 s: each read comes within the read timeout, and
+    ``requests`` reads the whole head before anything of the relay's runs, so it alone waits for
+    all 100 headers (10 s). The exchange's deadline (1.5 s) holds for the head too; with no whole
+    answer, the write may still land there, for the whole settle time."""
+    headers = [b"X-Crawl-%d: 1\r\n" % number for number in range(100)]
+    serve_then_count(listener, b"HTTP/1.1 200 OK\r\n", (time.sleep(0.1) or header for header in headers))
+    client = HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=(1, 0.5))
+    started = time.monotonic()
+    with pytest.raises(NoAnswer) as cut:
+        client.request("POST", "locations", json={})
+    took = time.monotonic() - started
+    assert took < 6, took  # 1.5 s, and the rest of the crawl would have been 10 s
+    assert "POST http://127.0.0.1:" in cut.value.message
+    assert "got no whole answer within 1.5 s" in cut.value.message
+    assert cut.value.settles_in == client.settle_seconds
+
+
+def test_an_answer_without_a_length_that_crawls_is_not_taken_for_whole_when_cut(listener):
+    """``Connection: close`` and no length: the body is whatever comes before the connection ends,
+    so the deadline's cut, read as the end, would pass half an answer off as a whole one."""
+    serve_then_count(listener, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+                     (time.sleep(0.1) or b" " for _ in range(100)))
+    client = HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=(1, 0.5))
+    with pytest.raises(NoAnswer) as cut:
+        client.request("POST", "locations", json={})
+    assert "answered 200, but its answer was not complete within 1.5 s" in cut.value.message
+    assert cut.value.settles_in == 0

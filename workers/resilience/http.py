@@ -15,11 +15,14 @@ Secrets given in ``redact`` never appear in an error.
 import contextlib
 import email.utils
 import socket
+import threading
 import time
 from urllib.parse import urljoin
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 
 from workers.resilience.errors import BadAnswer, NoAnswer, NotFound, PermanentError, RetriableError
@@ -37,8 +40,10 @@ UNREADABLE_ANSWER = (requests.exceptions.ChunkedEncodingError, requests.exceptio
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
 
 
-class AnswerTooLong(Exception):
-    """Raised while reading an answer's body once it runs past ``MAX_ANSWER_BYTES``."""
+class AnswerUnread(Exception):
+    """Raised while reading an answer the relay stopped reading: its head or body cut at the
+    exchange's deadline (a head or a body without a length ends quietly where it was cut), or its
+    body run past ``MAX_ANSWER_BYTES``."""
 
 
 def read_timeout(timeout):
@@ -55,12 +60,14 @@ def answer_seconds(timeout):
 
 
 class AnswerDeadline:
-    """Shuts the connection of an answer still coming in ``seconds`` after the request started, so
-    its read ends at once, and at once that of an answer announcing more than ``MAX_ANSWER_BYTES``;
-    the read of one without a length (or compressed) stops once it has inflated past them.
-    ``requests``' response hook arms it once the headers are in (the body is read after it) with its
-    own duplicate of the socket (a server's ``Connection: close`` leaves the connection without
-    one), closed again on ``disarm``. The process's one timer thread (``RENEWER``) does the cutting."""
+    """Shuts the connection of an answer still coming in ``seconds`` after the request started (its
+    status line and headers, then its body), so its read ends at once, and at once that of an answer
+    announcing more than ``MAX_ANSWER_BYTES``; the read of one without a length (or compressed)
+    stops once it has inflated past them. The connection's ``getresponse`` (``WatchedResponses``)
+    has it ``watch`` the socket the answer comes on, with its own duplicate of it (a server's
+    ``Connection: close`` leaves the connection without one), closed again on ``disarm``;
+    ``requests``' response hook (``arm``) sees the head before the body is read. The process's one
+    timer thread (``RENEWER``) does the cutting."""
 
     def __init__(self, seconds):
         self.seconds = seconds
@@ -70,21 +77,26 @@ class AnswerDeadline:
         self.too_long = None  # why its body is not read whole: it is over MAX_ANSWER_BYTES
         self._number = self._socket = None
 
-    def arm(self, response, **_):
-        """The response hook: cut ``response``'s connection if its body is not read by the end."""
+    def watch(self, sock):
+        """Cut ``sock``, the connection an answer is awaited on, if the answer is not in by the end."""
         self.disarm()  # of a redirect's answer before this one: what is kept is this one's
-        self.status, self.too_long, self.cut = response.status_code, None, False
-        response.raw.stream = self._bounded(response.raw.stream)
+        self.status, self.too_long, self.cut = None, None, False
         try:
-            self._socket = socket.fromfd(response.raw.fileno(), socket.AF_INET, socket.SOCK_STREAM)
-        except (OSError, ValueError, AttributeError):  # no socket under it: nothing to wait for
-            return response
+            self._socket = socket.fromfd(sock.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        except (OSError, ValueError):  # closed under it: its read fails at once
+            return
+        self._number = RENEWER.add(self._cut, max(0.0, self.end - time.monotonic()), "an answer's deadline")
+
+    def arm(self, response, **_):
+        """The response hook: the head is in (unless cut short); bound what is read of ``response``'s body."""
+        if self.cut:
+            raise AnswerUnread("its head was cut at the deadline")
+        self.status = response.status_code
+        response.raw.stream = self._bounded(response.raw.stream)
         length = response.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+        if length.isdigit() and int(length) > MAX_ANSWER_BYTES and self._socket is not None:
             self.too_long = f"of {int(length):,} bytes is over the {MAX_ANSWER_BYTES:,} the relay reads"
             self._cut()
-            return response
-        self._number = RENEWER.add(self._cut, max(0.0, self.end - time.monotonic()), "an answer's deadline")
         return response
 
     def disarm(self):
@@ -104,7 +116,8 @@ class AnswerDeadline:
 
     def _bounded(self, stream):
         """``stream`` (urllib3's, yielding the body decompressed) stopped once it runs past
-        ``MAX_ANSWER_BYTES``: ``AnswerTooLong``, the connection shut."""
+        ``MAX_ANSWER_BYTES``: ``AnswerUnread``, the connection shut; also when it ended because the
+        deadline cut it."""
         def bounded(*args, **kwargs):
             read = 0
             for chunk in stream(*args, **kwargs):
@@ -113,8 +126,10 @@ class AnswerDeadline:
                     self.too_long = f"ran past the {MAX_ANSWER_BYTES:,} bytes the relay reads"
                     if self._socket is not None:
                         self._cut()
-                    raise AnswerTooLong(self.too_long)
+                    raise AnswerUnread(self.too_long)
                 yield chunk
+            if self.cut:
+                raise AnswerUnread("its body was cut at the deadline")
         return bounded
 
     def _cut(self):
@@ -122,6 +137,37 @@ class AnswerDeadline:
         with contextlib.suppress(OSError):
             self._socket.shutdown(socket.SHUT_RDWR)
         return False  # once
+
+
+WATCHING = threading.local()  # .deadline: the AnswerDeadline of the exchange this thread is in
+
+
+class WatchedResponses:
+    """A urllib3 connection whose answer the current exchange's ``AnswerDeadline`` watches from the
+    moment it is awaited: ``requests``' read timeout bounds each read of the head, not their sum."""
+
+    def getresponse(self):
+        deadline = getattr(WATCHING, "deadline", None)
+        if deadline is not None and self.sock is not None:
+            deadline.watch(self.sock)
+        return super().getresponse()
+
+
+class WatchedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = type("WatchedHTTPConnection", (WatchedResponses, HTTPConnection), {})
+
+
+class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = type("WatchedHTTPSConnection", (WatchedResponses, HTTPSConnection), {})
+
+
+class WatchedAdapter(HTTPAdapter):
+    """``requests``' adapter with connections the exchange's deadline watches (``WatchedResponses``)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": WatchedHTTPConnectionPool,
+                                                   "https": WatchedHTTPSConnectionPool}
 
 
 def settle_seconds(timeout):
@@ -142,7 +188,7 @@ def make_session(pool_size=10):
     """A ``requests.Session`` with connection reuse and our User-Agent."""
     session = requests.Session()
     session.trust_env = False
-    adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
+    adapter = WatchedAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = USER_AGENT
@@ -192,7 +238,7 @@ class HttpClient:
         refuse_redirect = "allow_redirects" not in kwargs and method.upper() not in SAFE_METHODS
         if refuse_redirect:
             kwargs["allow_redirects"] = False
-        deadline = AnswerDeadline(answer_seconds(kwargs["timeout"]))
+        deadline = WATCHING.deadline = AnswerDeadline(answer_seconds(kwargs["timeout"]))
         kwargs["hooks"] = {"response": deadline.arm}
         try:
             response = self.session.request(method, url, **kwargs)
@@ -200,7 +246,7 @@ class HttpClient:
             raise PermanentError(f"{method} {self._scrub(url)} was redirected more than {self.session.max_redirects} "
                                  "times (a redirect loop): set the API URL to where the API is", method=method,
                                  url=url) from None
-        except (requests.Timeout, requests.ConnectionError, AnswerTooLong, *UNREADABLE_ANSWER) as exc:
+        except (requests.Timeout, requests.ConnectionError, AnswerUnread, *UNREADABLE_ANSWER) as exc:
             message = f"{method} {url} failed: {type(exc).__name__}"
             if never_sent(exc):
                 raise RetriableError(message, method=method, url=url) from None
@@ -210,8 +256,11 @@ class HttpClient:
             if deadline.status is not None:  # its status came: done there, only the body is missing
                 message = f"{method} {url} answered {deadline.status}, but its answer {deadline.unread(exc)}"
                 settles_in = 0
+            elif deadline.cut:  # its head crawled in: it may still land
+                message = f"{method} {url} got no whole answer within {deadline.seconds:g} s"
             raise NoAnswer(message, settles_in=settles_in, method=method, url=url) from None
         finally:
+            WATCHING.deadline = None
             deadline.disarm()
         if refuse_redirect and response.is_redirect:
             raise self.error_for(response, f"{method} {self._scrub(url)} was redirected ({response.status_code}) to "
