@@ -204,12 +204,15 @@ def test_create_still_in_flight_at_storepoint_is_waited_out_not_duplicated(sim, 
     assert mappings.get(location.key) == only["id"]
 
 
-def test_create_applied_then_answered_503_is_found_by_the_retry_at_once(sim, mappings):
-    """Storepoint created the location and then answered 503: nothing is in flight any more, so the
-    retry looks for it by its tag straight away and updates it instead of creating a second one."""
+@pytest.mark.parametrize("answer", [503, "trickle"])
+def test_create_applied_then_answered_badly_is_found_by_the_retry_at_once(sim, mappings, answer):
+    """Storepoint created the location and then answered 503, or 201 with an answer that crawls in
+    past the exchange's deadline: its status came, so nothing is in flight any more, and the retry
+    looks for it by its tag straight away and updates it instead of creating a second one."""
     sink = make_sink(sim, mappings)
+    sink.client.timeout = (0.2, 0.8)  # a trickled answer is cut after 1 s; a create may land 1.6 s after it was sent
     location = sample_location()
-    sim.app.config["FAULTS"].fail_after_apply(503, path_prefix="/locations")
+    sim.app.config["FAULTS"].fail_after_apply(answer, path_prefix="/locations")
     with pytest.raises(RetriableError):
         sink.apply("upsert", location)
     assert len(ours(sim, location.key)) == 1 and mappings.get(location.key) is None

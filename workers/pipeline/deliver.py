@@ -75,7 +75,7 @@ def deliver_to_sink(rt, job, received_at=None):
                 took = round(time.time() - started, 3)
                 if lock.lost or not lock.renew():  # it may have landed after a newer write
                     reassert(rt, job.sink, location.key)
-                elif isinstance(exc, NoAnswer) and exc.settles_in > 0:
+                elif isinstance(exc, NoAnswer):
                     lock.settle(exc.settles_in)  # it may still land: nothing else goes out before
                 if isinstance(exc, PermanentError):
                     breaker.success()

@@ -49,8 +49,9 @@ class NoAnswer(RetriableError):
 
 
 class BadAnswer(RetriableError):
-    """Answered 2xx, but not with what the API documents: a body that is not JSON or lacks the field
-    read (a proxy's or load balancer's own page, a body cut short). The request may have taken effect,
+    """Answered, but not with what the API documents: a 2xx body that is not JSON or lacks the field
+    read (a proxy's or load balancer's own page), or a body not read whole (broken off, undecodable,
+    too long, still coming in when the exchange's time was up). The request may have taken effect,
     so like one without an answer it is retried, and it counts against the remote's health; unlike
     one, it is over there (nothing still in flight). ``status`` stays None: it is not a refusal."""
 

@@ -2,9 +2,10 @@
 
 ``HttpClient.request`` raises ``RetriableError`` for 408/425/429/5xx and for a
 connection never made (with ``Retry-After`` parsed), ``NoAnswer`` (retriable)
-for a request sent without a whole answer (a read timeout, a dropped connection, an answer broken
-off, undecodable, longer than ``MAX_ANSWER_BYTES`` or still coming in when the exchange's time is
-up: ``answer_seconds``), ``NotFound``
+for a request sent without an answer (a read timeout, a dropped connection, a head still coming in
+when the exchange's time is up: ``answer_seconds``), ``BadAnswer`` (retriable) for one whose status
+came but whose body was not read whole (broken off, undecodable, longer than ``MAX_ANSWER_BYTES``
+or still coming in at the end of that time), ``NotFound``
 for 404 and ``PermanentError`` for other 4xx and a redirect loop — unless the status is in ``accept``, in which
 case the response is returned for the caller to interpret. A write answered
 with a redirect is not sent on (``requests`` would send a 301 or 302 POST on as a
@@ -250,13 +251,13 @@ class HttpClient:
             message = f"{method} {url} failed: {type(exc).__name__}"
             if never_sent(exc):
                 raise RetriableError(message, method=method, url=url) from None
+            if deadline.status is not None:  # its status came: done there, only the body is missing
+                raise BadAnswer(f"{method} {url} answered {deadline.status}, but its answer {deadline.unread(exc)}",
+                                method=method, url=url) from None
             settles_in = settle_seconds(kwargs["timeout"])  # a connection dropped: maybe applied just now
             if isinstance(exc, requests.ReadTimeout):  # sent at least the read timeout ago
                 settles_in -= read_timeout(kwargs["timeout"])
-            if deadline.status is not None:  # its status came: done there, only the body is missing
-                message = f"{method} {url} answered {deadline.status}, but its answer {deadline.unread(exc)}"
-                settles_in = 0
-            elif deadline.cut:  # its head crawled in: it may still land
+            if deadline.cut:  # its head crawled in: it may still land
                 message = f"{method} {url} got no whole answer within {deadline.seconds:g} s"
             raise NoAnswer(message, settles_in=settles_in, method=method, url=url) from None
         finally:
