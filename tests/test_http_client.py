@@ -1,5 +1,6 @@
 """The HTTP client's error classes against real sockets: what may still land, and for how long; an
 answer that crawls or breaks off; and a write answered with a redirect."""
+import contextlib
 import gzip
 import http.server
 import socket
@@ -297,3 +298,25 @@ def test_an_answer_without_a_length_that_crawls_is_not_taken_for_whole_when_cut(
     with pytest.raises(BadAnswer) as cut:
         client.request("POST", "locations", json={})
     assert "answered 200, but its answer was not complete within 1.5 s" in cut.value.message
+
+
+def test_a_certificate_the_client_refuses_was_never_sent_and_says_why(listener, tmp_path):
+    """A sink's certificate expired, or its URL points at a host with another name's: the TLS
+    handshake fails before the request leaves, so nothing of it can land later (before, it was
+    taken for a request without an answer and its key locked for the settle time), and the error
+    says what is wrong with the certificate instead of just "SSLError"."""
+    _, cert_file, key_file = make_tls_certificates(tmp_path)  # signed by a CA the client does not trust
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert_file, key_file)
+
+    def serve():
+        connection, _ = listener.accept()
+        with contextlib.suppress(OSError):
+            tls.wrap_socket(connection, server_side=True)
+        connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(RetriableError) as refused:
+        HttpClient(f"https://127.0.0.1:{listener.getsockname()[1]}").request("POST", "locations", json={})
+    assert not isinstance(refused.value, NoAnswer)
+    assert "its TLS certificate was refused (certificate verify failed: " in refused.value.message

@@ -16,6 +16,7 @@ Secrets given in ``redact`` never appear in an error.
 import contextlib
 import email.utils
 import socket
+import ssl
 import threading
 import time
 from urllib.parse import urljoin
@@ -24,7 +25,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import NewConnectionError, SSLError
 
 from workers.resilience.errors import BadAnswer, NoAnswer, NotFound, PermanentError, RetriableError
 from workers.resilience.renewal import RENEWER
@@ -180,9 +181,22 @@ def settle_seconds(timeout):
 
 def never_sent(exc):
     """True when a ``requests`` connection error happened before the request left (refused,
-    unreachable, connect timeout), so it cannot take effect later."""
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return isinstance(exc, requests.ConnectTimeout) or isinstance(reason, NewConnectionError)
+    unreachable, connect timeout, a certificate refused), so it cannot take effect later."""
+    return (isinstance(exc, requests.ConnectTimeout) or isinstance(_reason(exc), NewConnectionError)
+            or refused_certificate(exc) is not None)
+
+
+def refused_certificate(exc):
+    """Why the server's certificate was refused in the TLS handshake, when that is what the
+    ``requests`` connection error ``exc`` is, else None."""
+    reason = _reason(exc)
+    cause = reason.args[0] if isinstance(reason, SSLError) and reason.args else None
+    return cause.verify_message if isinstance(cause, ssl.SSLCertVerificationError) else None
+
+
+def _reason(exc):
+    """urllib3's reason for the failed request behind a ``requests`` connection error."""
+    return getattr(exc.args[0], "reason", None) if exc.args else None
 
 
 def make_session(pool_size=10):
@@ -248,18 +262,7 @@ class HttpClient:
                                  "times (a redirect loop): set the API URL to where the API is", method=method,
                                  url=url) from None
         except (requests.Timeout, requests.ConnectionError, AnswerUnread, *UNREADABLE_ANSWER) as exc:
-            message = f"{method} {url} failed: {type(exc).__name__}"
-            if never_sent(exc):
-                raise RetriableError(message, method=method, url=url) from None
-            if deadline.status is not None:  # its status came: done there, only the body is missing
-                raise BadAnswer(f"{method} {url} answered {deadline.status}, but its answer {deadline.unread(exc)}",
-                                method=method, url=url) from None
-            settles_in = settle_seconds(kwargs["timeout"])  # a connection dropped: maybe applied just now
-            if isinstance(exc, requests.ReadTimeout):  # sent at least the read timeout ago
-                settles_in -= read_timeout(kwargs["timeout"])
-            if deadline.cut:  # its head crawled in: it may still land
-                message = f"{method} {url} got no whole answer within {deadline.seconds:g} s"
-            raise NoAnswer(message, settles_in=settles_in, method=method, url=url) from None
+            raise self._unanswered(method, url, exc, deadline, kwargs["timeout"]) from None
         finally:
             WATCHING.deadline = None
             deadline.disarm()
@@ -270,6 +273,27 @@ class HttpClient:
         if response.ok or response.status_code in accept:
             return response
         raise self.error_for(response)
+
+    def _unanswered(self, method, url, exc, deadline, timeout):
+        """The RelayError of a request that got no whole answer: ``requests`` raised ``exc`` (or
+        ``AnswerDeadline`` stopped the read: ``deadline``). ``NoAnswer`` only if it may still land."""
+        url = self._scrub(url)
+        if deadline.status is not None:  # its status came: done there, only the body is missing
+            return BadAnswer(f"{method} {url} answered {deadline.status}, but its answer {deadline.unread(exc)}",
+                             method=method, url=url)
+        message = f"{method} {url} failed: {type(exc).__name__}"
+        certificate = refused_certificate(exc)
+        if certificate is not None:
+            message = f"{method} {url} failed: its TLS certificate was refused (certificate verify failed: " \
+                      f"{certificate})"
+        if never_sent(exc):
+            return RetriableError(message, method=method, url=url)
+        settles_in = settle_seconds(timeout)  # a connection dropped: maybe applied just now
+        if isinstance(exc, requests.ReadTimeout):  # sent at least the read timeout ago
+            settles_in -= read_timeout(timeout)
+        if deadline.cut:  # its head crawled in: it may still land
+            message = f"{method} {url} got no whole answer within {deadline.seconds:g} s"
+        return NoAnswer(message, settles_in=settles_in, method=method, url=url)
 
     def answer(self, response, *path, needs=()):
         """The JSON of ``response``, or the value at ``path`` (keys, indexes) in it, an object holding
