@@ -1,4 +1,5 @@
-"""Production mode: every line a stack writes is JSON — gunicorn, the Celery worker, beat and Flower,
+"""Production mode: every line a stack writes is JSON — gunicorn (with the access log Heroku's buildpack
+asks for: one line per request, its URL token redacted), the Celery worker, beat and Flower,
 their banners and warnings included; idle control tasks (retry release, sweeper) write nothing; gunicorn removes its metrics
 folder on exit; Flower's task list has the arguments column."""
 import json
@@ -23,9 +24,14 @@ def not_json(output):
     return bad
 
 
+# What Heroku's Python buildpack exports on every dyno (its vendor/python.gunicorn.sh, a .profile.d
+# script): GUNICORN_CMD_ARGS outranks gunicorn.conf.py, and asks for an access log of its own format.
+HEROKU_PYTHON_ENV = {"GUNICORN_CMD_ARGS": "--access-logfile -", "FORWARDED_ALLOW_IPS": "*"}
+
+
 def test_every_line_of_a_stack_is_json_and_idle_control_tasks_are_silent(stack_settings, start_process,
                                                                          redis_client, tmp_path):
-    web = start_process("gunicorn", stack_settings, env={"TMPDIR": str(tmp_path)})
+    web = start_process("gunicorn", stack_settings, env={"TMPDIR": str(tmp_path), **HEROKU_PYTHON_ENV})
     worker = start_process("worker", stack_settings)
     env = process_env(stack_settings)
     beat = Process("beat", [str(BIN / "celery"), "-A", "workers.app", "beat", "-l", "info"], env)
@@ -50,6 +56,8 @@ def test_every_line_of_a_stack_is_json_and_idle_control_tasks_are_silent(stack_s
         output = process.output()
         assert output.strip(), process.name
         assert not_json(output) == [], f"{process.name} wrote lines that are not JSON:\n{output[-3000:]}"
+    webhook_lines = [line for line in web.output().splitlines() if "/webhooks/locate2u/" in line]
+    assert len(webhook_lines) == 1 and "/stop.status-changed/[redacted] " in webhook_lines[0], webhook_lines
     assert any("starting" in json.loads(line)["message"] for line in worker.output().splitlines())
     assert not [line for line in idle if "release_due_retries" in line or "sweep_received" in line], idle
     assert "release_due_retries" not in beat.output()  # never sent: no retry was ever due
