@@ -4,10 +4,11 @@ Tasks run in-process here (their Celery messages are captured and driven by
 the test) so retries, breakers and ordering can be stepped deterministically;
 tests/test_pipeline_processes.py runs the same flow through real processes.
 """
+import email.utils
 import json
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import redis
@@ -19,6 +20,7 @@ from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.domain.events import parse_event
 from workers.pipeline.fan_out import cache_stop, resume_fan_out
+from workers.resilience.controls import MAX_RETRY_AFTER
 from workers.resilience.errors import NotYet
 from workers.pipeline.replay import replay_dead_letter
 from workers.store import keys
@@ -126,6 +128,25 @@ def test_retry_waits_at_least_retry_after(driver, sink_server):
     assert task == DELIVER and args[4] == 1
     assert due - time.time() > 115
     assert driver.rt.scheduler.release_due() == 0  # not due yet
+
+
+def test_a_retry_after_of_more_than_a_day_is_cut_to_a_day_and_said(driver, sink_server, caplog):
+    """A sink whose clock is a year fast (or that bans the client for a month) answers 429 with a
+    Retry-After a year ahead: honoured, the write would wait past the ledger's 14-day retention, its
+    delivery forgotten while it waits. It waits a day instead (``MAX_RETRY_AFTER``; each such wait
+    spends an attempt, so the schedule ends in a dead letter within days), and a warning names
+    what was asked."""
+    a_year_ahead = email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(days=365), usegmt=True)
+    sink_server.app.config["FAULTS"].inject(429, retry_after=a_year_ahead)
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    driver.run(release_retries=False)
+    [(task, args, due)] = driver.rt.scheduler.pending()
+    longest = MAX_RETRY_AFTER  # the test schedule's steps are seconds
+    assert task == DELIVER and longest - 5 < due - time.time() <= longest
+    [retry] = [line for line in driver.rt.ledger.history(delivery_id) if line["what"] == "retry"]
+    assert retry["delay"] == longest
+    assert any("asked to wait 31,5" in record.getMessage() and f"{longest:,.0f} s" in record.getMessage()
+               for record in caplog.records if record.levelname == "WARNING"), caplog.text
 
 
 def test_permanent_error_is_dead_lettered_at_once_with_its_body(driver, sink_server, l2u):

@@ -1,6 +1,6 @@
 """Shared-by-all-workers protections, kept in Redis: retry timing, breakers, rate limits.
 
-- ``retry_delay``: the retry schedule with jitter, never sooner than ``Retry-After``.
+- ``retry_delay``: the retry schedule with jitter, never sooner than ``Retry-After`` (up to a day).
 - ``RetryScheduler``: due retries wait in a sorted set that beat releases, so
   long delays never sit in the broker past its visibility timeout; retries held
   only by a sink's health go out early once it answers again.
@@ -28,15 +28,24 @@ from workers.store import keys
 from workers.resilience.renewal import renewed
 
 JITTER = 0.1
+MAX_RETRY_AFTER = 86400  # the longest Retry-After honoured (see retry_delay)
 log = logging.getLogger(__name__)
 
 
 def retry_delay(schedule, attempt, retry_after=None, rng=random):
-    """Seconds before retry number ``attempt`` (1-based), or None when the schedule is spent."""
+    """Seconds before retry number ``attempt`` (1-based), or None when the schedule is spent.
+    Never sooner than ``retry_after``, up to ``MAX_RETRY_AFTER`` (or the schedule's longest step, if
+    longer): a remote asking for more (a clock off by a year, a month's ban) would have the delivery
+    wait past the ledger's retention, forgotten while it waits."""
     if attempt >= len(schedule):
         return None
     base = schedule[attempt]
     delay = base + rng.uniform(0, base * JITTER)
+    longest = max(MAX_RETRY_AFTER, *schedule)
+    if retry_after and retry_after > longest:
+        log.warning("asked to wait %s s (Retry-After), longer than the relay waits: waiting %s s",
+                    f"{retry_after:,.0f}", f"{longest:,.0f}")
+        retry_after = longest
     return max(delay, retry_after or 0.0)
 
 
