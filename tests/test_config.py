@@ -51,3 +51,15 @@ def test_to_env_round_trips():
                                   "FORWARD_URLS": "http://a/x,http://b/y", "FORWARD_SECRET": "whsec_abc",
                                   "RELAY_RETRY_SCHEDULE": "0,1,2"})
     assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_a_retry_schedule_that_could_outlast_the_ledger_is_refused_with_why():
+    """A delivery is kept 14 days; each retry may wait up to a day for a Retry-After. Fifteen retries
+    could outlast its ledger entry, which would be forgotten while its write waits."""
+    fifteen = ",".join(["0"] + ["60"] * 15)
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RELAY_WEBHOOK_SECRET": SECRET, "RELAY_RETRY_SCHEDULE": fifteen})
+    problem = caught.value.problems["RELAY_RETRY_SCHEDULE"]
+    assert problem == ("its 15 retries, each waiting up to a day for a Retry-After, could take 15 days, past the "
+                       "14 days a delivery is kept: use fewer or shorter steps")
+    assert Settings.from_env({"RELAY_WEBHOOK_SECRET": SECRET, "RELAY_RETRY_SCHEDULE": ",".join(["0"] + ["60"] * 14)})

@@ -18,9 +18,11 @@ import ssl
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validate, validates_schema
 
+from workers.resilience.controls import MAX_RETRY_AFTER
 from workers.resilience.errors import ConfigError
 from workers.domain.events import EVENT_TYPES
 from workers.store.redis_tls import uses_tls
+from workers.store.stores import LEDGER_RETENTION
 from workers.settings_fields import CommaList, HttpUrl
 from workers.sinks import SINKS
 
@@ -38,6 +40,17 @@ class Seconds(CommaList):
         if wrong:
             raise ValidationError(f"{wrong[-1]!r} is not a whole number of seconds")
         return tuple(int(value) for value in values)
+
+
+def _retry_schedule_problem(schedule):
+    """Why ``schedule`` could have a delivery wait past its ledger entry (each retry waits its step,
+    or up to ``MAX_RETRY_AFTER`` for a Retry-After), or None."""
+    longest = sum(max(step, MAX_RETRY_AFTER) for step in schedule[1:])
+    if longest <= LEDGER_RETENTION:
+        return None
+    return (f"its {len(schedule) - 1} retries, each waiting up to a day for a Retry-After, could take "
+            f"{longest / 86400:g} days, past the {LEDGER_RETENTION / 86400:g} days a delivery is kept: use fewer "
+            "or shorter steps")
 
 
 def _env(name, field, secret=False):
@@ -141,6 +154,9 @@ class RelaySettingsSchema(Schema):
             problems["FLOWER_BASIC_AUTH"] = ["must be user:password"]
         if data.get("metrics_basic_auth") and ":" not in data["metrics_basic_auth"]:
             problems["RELAY_METRICS_BASIC_AUTH"] = ["must be user:password"]
+        problem = _retry_schedule_problem(data.get("retry_schedule", ()))
+        if problem:
+            problems["RELAY_RETRY_SCHEDULE"] = [problem]
         for position, key in enumerate(data.get("token_keys", ()), 1):
             if not (is_fernet_key(key) or len(key) >= 32):
                 problems["RELAY_TOKEN_KEYS"] = [f"key {position} is neither a Fernet key nor a secret of at least "
