@@ -5,7 +5,7 @@ import time
 import pytest
 
 from workers.ops.simulators.locate2u import EXAMPLE_STOP
-from workers.resilience.errors import NotFound, PermanentError, RetriableError
+from workers.resilience.errors import BadAnswer, NotFound, PermanentError, RetriableError
 from workers.locate2u.client import Locate2uClient, ReauthorizationRequired, RetryPolicy
 
 
@@ -148,3 +148,19 @@ def test_429_is_retried_even_on_post(client, sim):
     sim.faults.inject(429, times=1, retry_after=0, path_prefix="/v1/Stops")
     assert client.create_stop({"name": "A", "address": "1 A St"})["status"] == "Created"
     assert len(sim.state.stops) == 1
+
+
+@pytest.mark.parametrize("answer, why", [
+    ({**EXAMPLE_STOP, "stopId": 6}, "with stop 6"),  # a caching proxy keyed without the path, an API bug
+    ([EXAMPLE_STOP], "with a body without stopId"),
+    (None, "with a body without stopId"),
+])
+def test_a_stop_read_answered_with_another_stop_or_none_is_a_bad_answer(client, sim, answer, why):
+    """Written on, another stop's record would put its name and address under this stop's key in
+    every sink; nothing would ever flag it. Retried instead, as an answer that is not the API's."""
+    sim.state.add_stop(stopId=5)
+    client.whoami()  # token in hand
+    sim.faults.inject(200, times=3, body=answer, path_prefix="/v1/Stops")
+    with pytest.raises(BadAnswer) as caught:
+        client.get_stop(5)
+    assert f"GET {sim.url}/v1/Stops/5 answered 200 {why}" in caught.value.message

@@ -13,7 +13,7 @@ import random
 import time
 from urllib.parse import quote
 
-from workers.resilience.errors import RetriableError
+from workers.resilience.errors import BadAnswer, RetriableError
 from workers.resilience.http import HttpClient, make_session
 from workers.locate2u.tokens import (CALLBACK_PATH, IdentityServer, ReauthorizationRequired, TokenManager,
                                      TokenStore)
@@ -96,8 +96,15 @@ class Locate2uClient:
         return http.answer(response)
 
     def get_stop(self, stop_id):
-        """``GET /v1/Stops/{id}``; NotFound when there is no such stop."""
-        return self.call("GET", f"/v1/Stops/{quote(str(stop_id), safe='')}")
+        """``GET /v1/Stops/{id}``; NotFound when there is no such stop, ``BadAnswer`` when the answer
+        is not that stop's record (none, or another stop's: a cache keyed without the path would
+        put another stop's name and address under this one's key in every sink)."""
+        path = f"/v1/Stops/{quote(str(stop_id), safe='')}"
+        stop = self.call("GET", path, needs=("stopId",))
+        if str(stop["stopId"]) != str(stop_id):
+            url = self.api_url.rstrip("/") + path
+            raise BadAnswer(f"GET {url} answered 200 with stop {stop['stopId']}", method="GET", url=url)
+        return stop
 
     def create_stop(self, stop):
         """``POST /v1/Stops``: create one stop; return the stop record."""
@@ -129,8 +136,9 @@ class Locate2uClient:
 
     # transport ---------------------------------------------------------------
 
-    def call(self, method, path, body=None):
-        """Send one API request with a bearer token; return the decoded JSON (None if empty)."""
+    def call(self, method, path, body=None, needs=()):
+        """Send one API request with a bearer token; return the decoded JSON (None if empty), an object
+        holding every key in ``needs`` when given (``HttpClient.answer``)."""
         token = self.tokens.access_token()
         http, response = self._attempt(token, method, path, body)
         if response.status_code == 401:
@@ -138,7 +146,7 @@ class Locate2uClient:
             http, response = self._attempt(self.tokens.renew_rejected(token), method, path, body)
         if response.status_code == 401:
             raise http.error_for(response, f"{method} {http.url(path)} answered 401 even with a renewed token")
-        return http.answer(response) if response.content else None
+        return http.answer(response, needs=needs) if response.content or needs else None
 
     def _attempt(self, token, method, path, body):
         http = HttpClient(self.api_url, self.session, timeout=API_TIMEOUT,
