@@ -22,7 +22,8 @@ from tests.fixtures import sims_settings
 from tests.helpers import post, sink_outcomes, wait_for
 from tests.payloads import status_change
 from workers.config import SVIX_RETRY_SCHEDULE
-from workers.resilience.http import DEFAULT_TIMEOUT, answer_seconds, read_timeout
+from workers.resilience.answer_deadline import answer_seconds
+from workers.resilience.http import DEFAULT_TIMEOUT, read_timeout
 from workers.store.stores import Ledger
 
 SP_TOKEN, B2B_TOKEN = "sp-recovery-token-123", "b2b-recovery-token-123"

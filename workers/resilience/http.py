@@ -1,34 +1,28 @@
 """The HTTP client every connector uses: one session, explicit timeouts, error classes.
 
-``HttpClient.request`` raises ``RetriableError`` for 408/425/429/5xx and for a
-connection never made (with ``Retry-After`` parsed), ``NoAnswer`` (retriable)
-for a request sent without an answer (a read timeout, a dropped connection, a head still coming in
-when the exchange's time is up: ``answer_seconds``), ``BadAnswer`` (retriable) for one whose status
-came but whose body was not read whole (broken off, undecodable, longer than ``MAX_ANSWER_BYTES``
-or still coming in at the end of that time), ``NotFound``
-for 404 and ``PermanentError`` for other 4xx and a redirect loop — unless the status is in ``accept``, in which
-case the response is returned for the caller to interpret. A write answered
+``HttpClient.request`` raises ``RetriableError`` for 408/425/429/5xx (with ``Retry-After``
+parsed) and for a connection never made (refused, unreachable, a certificate refused),
+``NoAnswer`` (retriable) for a request sent without an answer (a read timeout, a dropped
+connection, a head still coming in when the exchange's time is up: ``answer_deadline``),
+``BadAnswer`` (retriable) for one whose status came but whose body was not read whole (broken
+off, undecodable, longer than ``MAX_ANSWER_BYTES`` or still coming in at the end of that time),
+``NotFound`` for 404 and ``PermanentError`` for other 4xx and a redirect loop — unless the
+status is in ``accept``, in which case the response is returned for the caller to interpret. A write answered
 with a redirect is not sent on (``requests`` would send a 301 or 302 POST on as a
 GET, without its body): it is a ``PermanentError`` naming where it points. ``answer`` reads a
 2xx answer's JSON and raises ``BadAnswer`` (retriable) when it is not the API's.
 Secrets given in ``redact`` never appear in an error.
 """
-import contextlib
 import email.utils
-import socket
 import ssl
-import threading
 import time
 from urllib.parse import urljoin
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError, SSLError
 
+from workers.resilience.answer_deadline import WATCHING, AnswerDeadline, AnswerUnread, WatchedAdapter, answer_seconds
 from workers.resilience.errors import BadAnswer, NoAnswer, NotFound, PermanentError, RetriableError
-from workers.resilience.renewal import RENEWER
 
 USER_AGENT = "locate2u-relay/0.1 (+https://github.com/locate2u-relay)"
 DEFAULT_TIMEOUT = (3.05, 30)
@@ -37,139 +31,11 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # An answer whose status came but whose body broke off or cannot be decoded (``requests`` raises
 # these outside its connection errors).
 UNREADABLE_ANSWER = (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)
-# The longest answer read, decompressed: an API page is kilobytes; a URL that points elsewhere may
-# answer gigabytes (or a small gzip body that inflates to them), read whole into a worker's memory.
-MAX_ANSWER_BYTES = 32 * 1024 * 1024
-
-
-class AnswerUnread(Exception):
-    """Raised while reading an answer the relay stopped reading: its head or body cut at the
-    exchange's deadline (a head or a body without a length ends quietly where it was cut), or its
-    body run past ``MAX_ANSWER_BYTES``."""
 
 
 def read_timeout(timeout):
     """The read timeout of a ``requests`` timeout (``(connect, read)`` or one number)."""
     return timeout[1] if isinstance(timeout, tuple) else timeout
-
-
-def answer_seconds(timeout):
-    """How long a whole exchange may take, from sending to the answer's last byte: the connect plus
-    the read timeout of ``timeout``. ``requests``' read timeout bounds each read, not their sum, so an
-    answer that crawls in (a byte within every read timeout) would otherwise hold the caller for as
-    long as it lasts."""
-    return sum(timeout) if isinstance(timeout, tuple) else 2 * timeout
-
-
-class AnswerDeadline:
-    """Shuts the connection of an answer still coming in ``seconds`` after the request started (its
-    status line and headers, then its body), so its read ends at once, and at once that of an answer
-    announcing more than ``MAX_ANSWER_BYTES``; the read of one without a length (or compressed)
-    stops once it has inflated past them. The connection's ``getresponse`` (``WatchedResponses``)
-    has it ``watch`` the socket the answer comes on, with its own duplicate of it (a server's
-    ``Connection: close`` leaves the connection without one), closed again on ``disarm``;
-    ``requests``' response hook (``arm``) sees the head before the body is read. The process's one
-    timer thread (``RENEWER``) does the cutting."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-        self.end = time.monotonic() + seconds
-        self.cut = False
-        self.status = None  # the status of the answer whose body is being read
-        self.too_long = None  # why its body is not read whole: it is over MAX_ANSWER_BYTES
-        self._number = self._socket = None
-
-    def watch(self, sock):
-        """Cut ``sock``, the connection an answer is awaited on, if the answer is not in by the end."""
-        self.disarm()  # of a redirect's answer before this one: what is kept is this one's
-        self.status, self.too_long, self.cut = None, None, False
-        try:
-            self._socket = socket.fromfd(sock.fileno(), socket.AF_INET, socket.SOCK_STREAM)
-        except (OSError, ValueError):  # closed under it: its read fails at once
-            return
-        self._number = RENEWER.add(self._cut, max(0.0, self.end - time.monotonic()), "an answer's deadline")
-
-    def arm(self, response, **_):
-        """The response hook: the head is in (unless cut short); bound what is read of ``response``'s body."""
-        if self.cut:
-            raise AnswerUnread("its head was cut at the deadline")
-        self.status = response.status_code
-        response.raw.stream = self._bounded(response.raw.stream)
-        length = response.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_ANSWER_BYTES and self._socket is not None:
-            self.too_long = f"of {int(length):,} bytes is over the {MAX_ANSWER_BYTES:,} the relay reads"
-            self._cut()
-        return response
-
-    def disarm(self):
-        if self._number is not None:
-            RENEWER.remove(self._number)
-        if self._socket is not None:
-            self._socket.close()
-        self._number = self._socket = None
-
-    def unread(self, exc):
-        """Why the body of the answer whose status came was not read (``exc``: what ``requests`` raised)."""
-        if self.too_long:
-            return self.too_long
-        if self.cut:
-            return f"was not complete within {self.seconds:g} s"
-        return f"could not be read whole ({type(exc).__name__})"
-
-    def _bounded(self, stream):
-        """``stream`` (urllib3's, yielding the body decompressed) stopped once it runs past
-        ``MAX_ANSWER_BYTES``: ``AnswerUnread``, the connection shut; also when it ended because the
-        deadline cut it."""
-        def bounded(*args, **kwargs):
-            read = 0
-            for chunk in stream(*args, **kwargs):
-                read += len(chunk)
-                if read > MAX_ANSWER_BYTES:
-                    self.too_long = f"ran past the {MAX_ANSWER_BYTES:,} bytes the relay reads"
-                    if self._socket is not None:
-                        self._cut()
-                    raise AnswerUnread(self.too_long)
-                yield chunk
-            if self.cut:
-                raise AnswerUnread("its body was cut at the deadline")
-        return bounded
-
-    def _cut(self):
-        self.cut = True
-        with contextlib.suppress(OSError):
-            self._socket.shutdown(socket.SHUT_RDWR)
-        return False  # once
-
-
-WATCHING = threading.local()  # .deadline: the AnswerDeadline of the exchange this thread is in
-
-
-class WatchedResponses:
-    """A urllib3 connection whose answer the current exchange's ``AnswerDeadline`` watches from the
-    moment it is awaited: ``requests``' read timeout bounds each read of the head, not their sum."""
-
-    def getresponse(self):
-        deadline = getattr(WATCHING, "deadline", None)
-        if deadline is not None and self.sock is not None:
-            deadline.watch(self.sock)
-        return super().getresponse()
-
-
-class WatchedHTTPConnectionPool(HTTPConnectionPool):
-    ConnectionCls = type("WatchedHTTPConnection", (WatchedResponses, HTTPConnection), {})
-
-
-class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
-    ConnectionCls = type("WatchedHTTPSConnection", (WatchedResponses, HTTPSConnection), {})
-
-
-class WatchedAdapter(HTTPAdapter):
-    """``requests``' adapter with connections the exchange's deadline watches (``WatchedResponses``)."""
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": WatchedHTTPConnectionPool,
-                                                   "https": WatchedHTTPSConnectionPool}
 
 
 def settle_seconds(timeout):
