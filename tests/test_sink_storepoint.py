@@ -6,7 +6,7 @@ import pytest
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.resilience.errors import NotYet, PermanentError, RetriableError
+from workers.resilience.errors import BadAnswer, NotYet, PermanentError, RetriableError
 from workers.sinks.storepoint import StorepointSink
 from workers.store.stores import MappingStore
 
@@ -251,3 +251,16 @@ def test_delete_after_a_create_answered_503_deletes_what_it_left(sim, mappings):
         sink.apply("upsert", location)
     assert sink.apply("delete", sample_location(status="Cancelled")) is None
     assert ours(sim, location.key) == []
+
+
+def test_a_create_answered_with_a_null_id_is_a_bad_answer_not_a_mapping_to_nothing(sim, mappings):
+    """``{"location": {"id": null}}``: the key is there, its value is not. Before, saving it as the
+    mapping failed inside the sink (a bug dead letter for the write); it is an answer that is not
+    the API's, retried (and the retry finds by its tag a location the create did make)."""
+    sink = make_sink(sim, mappings)
+    location = sample_location()
+    sim.app.config["FAULTS"].inject(201, body={"location": {"id": None}}, path_prefix="/locations")
+    with pytest.raises(BadAnswer) as caught:
+        sink.apply("upsert", location)
+    assert "answered 201 with a body without location.id" in caught.value.message
+    assert mappings.get(location.key) is None
