@@ -162,9 +162,9 @@ class HttpClient:
         return NoAnswer(message, settles_in=settles_in, method=method, url=url)
 
     def answer(self, response, *path, needs=()):
-        """The JSON of ``response``, or the (not null) value at ``path`` (keys, indexes) in it, an object
-        holding every key in ``needs``. ``BadAnswer`` when the body is not JSON or lacks one of them: not the
-        API's answer, whatever its status."""
+        """The JSON of ``response``, or the value at ``path`` (keys, indexes) in it, an object holding
+        every key in ``needs``. ``BadAnswer`` when the body is not JSON or lacks one of them (a null
+        counts as missing): not the API's answer, whatever its status."""
         try:
             value = response.json()
         except ValueError:
@@ -176,7 +176,7 @@ class HttpClient:
             value = None
         if path and value is None:  # missing, or null: as good as missing for what is read
             raise self._bad_answer(response, f"without {'.'.join(map(str, path))}")
-        missing = [key for key in needs if not isinstance(value, dict) or key not in value]
+        missing = [key for key in needs if not isinstance(value, dict) or value.get(key) is None]
         if missing:
             raise self._bad_answer(response, "without " + ", ".join(".".join(map(str, (*path, key)))
                                                                   for key in missing))
