@@ -153,6 +153,7 @@ def test_429_is_retried_even_on_post(client, sim):
 @pytest.mark.parametrize("answer, why", [
     ({**EXAMPLE_STOP, "stopId": 6}, "with stop 6"),  # a caching proxy keyed without the path, an API bug
     ([EXAMPLE_STOP], "with a body without stopId"),
+    ({**EXAMPLE_STOP, "stopId": None}, "with a body without stopId"),  # a null is as good as missing
     (None, "with a body without stopId"),
 ])
 def test_a_stop_read_answered_with_another_stop_or_none_is_a_bad_answer(client, sim, answer, why):
