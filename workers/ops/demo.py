@@ -40,6 +40,9 @@ def _stop_event(stop_id, status, minute, old=None):
                                     "oldStatus": old, "newStatus": status, "notes": None, "location": None})
 
 
+# Where the day waits until everything delivered so far has settled (so the next event is older than
+# one already applied, whatever order the workers would otherwise take them in).
+SETTLED_FIRST = "settled first"
 # A delivery day: assignments, status changes, a duplicate, an out-of-order pair (Complete sent before
 # the older Arrived), a cancellation, a stop Delivery.com cannot take, and trip/shipment/note events.
 DAY = [
@@ -53,7 +56,8 @@ DAY = [
     _stop_event(7001, "Complete", "08:30", "Arrived"),
     _stop_event(7002, "Enroute", "09:00", "Pending"),
     _stop_event(7002, "Complete", "09:40", "Arrived"),  # newer, delivered first...
-    _stop_event(7002, "Arrived", "09:25", "Enroute"),   # ...older, delivered second: stale
+    SETTLED_FIRST,
+    _stop_event(7002, "Arrived", "09:25", "Enroute"),   # ...older, delivered once it is applied: stale
     _stop_event(7003, "Cancelled", "10:00", "Pending"),
     _stop_event(7004, "Arrived", "11:00", "Enroute"),
     ("shipment.status-changed", {"shipmentId": 31, "shipmentRef": "DEMOSHIP31", "tripDate": "2026-11-23",
@@ -180,18 +184,21 @@ class DemoDriver(threading.Thread):
 
     def _play(self):
         answers = {"accepted": 0, "duplicate": 0}
-        for event_type, payload in DAY:
-            for response in self.systems.l2u.deliver(event_type, payload):
+        for event in DAY:
+            if event is SETTLED_FIRST:
+                self._wait_settled(answers["accepted"])
+                continue
+            for response in self.systems.l2u.deliver(*event):
                 response.raise_for_status()
                 answers[response.json()["status"]] += 1
         self.accepted = answers["accepted"]
-        line = (f"demo: Locate2u delivered {len(DAY)} events: {answers['accepted']} accepted, "
-                f"{answers['duplicate']} recognised as duplicates")
+        line = (f"demo: Locate2u delivered {len(DAY) - DAY.count(SETTLED_FIRST)} events: {answers['accepted']} "
+                f"accepted, {answers['duplicate']} recognised as duplicates")
         self.echo(line)
         self.summary.append(line)
 
-    def _settle(self):
-        """Wait until every accepted delivery has a final status, telling how many have."""
+    def _wait_settled(self, accepted):
+        """The ledger entries once ``accepted`` deliveries have a final status, telling how many have."""
         ledger = Ledger(connect(self.env["REDIS_URL"]))
         started, shown = time.monotonic(), None
         while True:
@@ -199,17 +206,21 @@ class DemoDriver(threading.Thread):
             settled = [e for e in entries if e["status"] in FINAL]
             progress = (len(settled), len(entries))
             if progress != shown:
-                self.echo(f"demo: waiting for the workers: {len(settled)} of {self.accepted} deliveries settled")
+                self.echo(f"demo: waiting for the workers: {len(settled)} of {accepted} deliveries settled")
                 shown = progress
-            if len(settled) >= self.accepted:
-                break
+            if len(settled) >= accepted:
+                return settled
             if time.monotonic() > started + self.timeout:
                 waiting = [f"{e['delivery_id']}: {e['status']} ({_sink_states(e)})"
                            for e in entries if e["status"] not in FINAL]
-                raise RuntimeError(f"{len(settled)} of {self.accepted} deliveries settled within {self.timeout}s; "
+                raise RuntimeError(f"{len(settled)} of {accepted} deliveries settled within {self.timeout}s; "
                                    "still open: " + ("; ".join(waiting[:5]) or "none recorded") +
                                    " (are the worker and beat running? see the process logs)")
             time.sleep(0.5)
+
+    def _settle(self):
+        """Wait until every accepted delivery has a final status, then sum up their outcomes per sink."""
+        settled = self._wait_settled(self.accepted)
         outcomes = {}
         for entry in settled:
             for sink, outcome in entry["sinks"].items():
