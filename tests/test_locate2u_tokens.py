@@ -152,3 +152,22 @@ def test_oauth_state_is_single_use(redis_client):
     state = states.issue("verifier")
     assert states.consume(state) == {"verifier": "verifier", "browser": None} and not states.consume(state)
     assert not states.consume("made-up") and not states.consume(None)
+
+
+def test_a_token_lifetime_at_or_below_zero_is_not_a_token_request_per_call(sim, cc_settings, redis_client):
+    """An identity server whose clock or configuration is off answers ``expires_in`` -5: taken as
+    said, every API call would first fetch a new token (and fight for the renewal lock). It is
+    used for at least a minute instead; if it is refused sooner, its 401 renews it."""
+    sim.state.token_lifetime = -5
+    client = Locate2uClient.from_settings(cc_settings, redis_client)
+    tokens = {client.tokens.access_token() for _ in range(5)}
+    assert len(tokens) == 1 and grants(sim) == ["client_credentials"]
+
+
+def test_a_token_lifetime_that_is_not_a_number_is_taken_for_an_hour(sim, cc_settings, redis_client):
+    """``"expires_in": "soon"`` failed inside the relay (a bug for every delivery needing a stop)."""
+    sim.faults.inject(200, body={"access_token": "the-token", "expires_in": "soon", "token_type": "Bearer"},
+                      path_prefix="/connect/token")
+    client = Locate2uClient.from_settings(cc_settings, redis_client)
+    assert client.tokens.access_token() == "the-token"
+    assert client.tokens.access_token() == "the-token" and sim.faults.injected == 1

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 from urllib.parse import urlencode
@@ -52,6 +53,8 @@ PENDING_TTL = 600        # seconds the operator has to accept a different accoun
 LOCK_TIMEOUT = 120       # longer than a renewal can take with its bounded retries
 LOCK_WAIT = 40           # how long a worker waits for another's renewal
 MAX_REFRESH_AHEAD = 300  # renew this long before expiry (at most a tenth of the lifetime)
+DEFAULT_TOKEN_SECONDS = 3600  # a token answer's lifetime when it gives none (see token_lifetime)
+MIN_TOKEN_SECONDS = 60
 TOKEN_TIMEOUT = (3.05, 15)
 # Re-encrypt a value only if nobody replaced it meanwhile (a renewal must never be undone by a rotation).
 _REPLACE_IF_UNCHANGED = """
@@ -425,7 +428,7 @@ class TokenManager:
 
     def _save(self, body, previous_refresh=None, account=None):
         now = self.clock()
-        lifetime = float(body.get("expires_in") or 3600)
+        lifetime = token_lifetime(body)
         tokens = {"access_token": body["access_token"], "refresh_token": body.get("refresh_token") or previous_refresh,
                   "expires_at": now + lifetime, "refresh_at": now + lifetime - min(MAX_REFRESH_AHEAD, lifetime / 10),
                   "scope": body.get("scope"), "grant": self.grant, "client_id": self.identity.client_id}
@@ -452,6 +455,21 @@ class TokenManager:
     def _reauthorization_required(reason):
         log.error("Locate2u re-authorisation required: %s; %s", reason, REAUTH_HINT)
         return ReauthorizationRequired(f"{reason}; {REAUTH_HINT}")
+
+
+def token_lifetime(body):
+    """Seconds the token answer ``body`` gives its access token: its ``expires_in``, an hour when it
+    has none or not a number, and at least ``MIN_TOKEN_SECONDS`` (a lifetime at or below zero would
+    have every API call fetch a new token; a token refused sooner is renewed on its 401)."""
+    try:
+        lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_SECONDS)
+    except (TypeError, ValueError):
+        lifetime = math.nan
+    if not math.isfinite(lifetime):
+        log.warning("the Locate2u token answer's expires_in is %r, not a number of seconds: taking %ds",
+                    body.get("expires_in"), DEFAULT_TOKEN_SECONDS)
+        lifetime = DEFAULT_TOKEN_SECONDS
+    return max(MIN_TOKEN_SECONDS, lifetime)
 
 
 def account_id(user):
