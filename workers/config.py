@@ -18,7 +18,7 @@ import ssl
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validate, validates_schema
 
-from workers.resilience.controls import MAX_RETRY_AFTER
+from workers.resilience.controls import longest_wait
 from workers.resilience.errors import ConfigError
 from workers.domain.events import EVENT_TYPES
 from workers.store.redis_tls import uses_tls
@@ -43,14 +43,15 @@ class Seconds(CommaList):
 
 
 def _retry_schedule_problem(schedule):
-    """Why ``schedule`` could have a delivery wait past its ledger entry (each retry waits its step,
-    or up to ``MAX_RETRY_AFTER`` for a Retry-After), or None."""
-    longest = sum(max(step, MAX_RETRY_AFTER) for step in schedule[1:])
-    if longest <= LEDGER_RETENTION:
+    """Why ``schedule`` could have a delivery wait past its ledger entry (each retry may wait up to
+    ``longest_wait``, as ``retry_delay`` lets it for a Retry-After), or None."""
+    retries, each = len(schedule) - 1, longest_wait(schedule)
+    if retries * each <= LEDGER_RETENTION:
         return None
-    return (f"its {len(schedule) - 1} retries, each waiting up to a day for a Retry-After, could take "
-            f"{longest / 86400:g} days, past the {LEDGER_RETENTION / 86400:g} days a delivery is kept: use fewer "
-            "or shorter steps")
+    each_text = "a day" if each == 86400 else f"{each / 86400:g} days"
+    return (f"its {retries} retries, each waiting up to {each_text} for a Retry-After, could take "
+            f"{retries * each / 86400:g} days, past the {LEDGER_RETENTION / 86400:g} days a delivery is kept: use "
+            "fewer or shorter steps")
 
 
 def _env(name, field, secret=False):

@@ -102,7 +102,7 @@ class Locate2uClient:
         path = f"/v1/Stops/{quote(str(stop_id), safe='')}"
         stop = self.call("GET", path, needs=("stopId",))
         if str(stop["stopId"]) != str(stop_id):
-            url = self.api_url.rstrip("/") + path
+            url = HttpClient(self.api_url, self.session).url(path)
             raise BadAnswer(f"GET {url} answered 200 with stop {stop['stopId']}", method="GET", url=url)
         return stop
 

@@ -71,7 +71,7 @@ class AnswerDeadline:
         self.status = response.status_code
         response.raw.stream = self._bounded(response.raw.stream)
         length = response.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_ANSWER_BYTES and self._socket is not None:
+        if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
             self.too_long = f"of {int(length):,} bytes is over the {MAX_ANSWER_BYTES:,} the relay reads"
             self._cut()
         return response
@@ -101,8 +101,7 @@ class AnswerDeadline:
                 read += len(chunk)
                 if read > MAX_ANSWER_BYTES:
                     self.too_long = f"ran past the {MAX_ANSWER_BYTES:,} bytes the relay reads"
-                    if self._socket is not None:
-                        self._cut()
+                    self._cut()
                     raise AnswerUnread(self.too_long)
                 yield chunk
             if self.cut:
@@ -111,8 +110,9 @@ class AnswerDeadline:
 
     def _cut(self):
         self.cut = True
-        with contextlib.suppress(OSError):
-            self._socket.shutdown(socket.SHUT_RDWR)
+        if self._socket is not None:  # else nothing is read after this but what is there already
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
         return False  # once
 
 

@@ -32,16 +32,22 @@ MAX_RETRY_AFTER = 86400  # the longest Retry-After honoured (see retry_delay)
 log = logging.getLogger(__name__)
 
 
+def longest_wait(schedule):
+    """The longest one retry of ``schedule`` may wait: ``MAX_RETRY_AFTER`` for a Retry-After, or the
+    schedule's longest step if longer."""
+    return max(MAX_RETRY_AFTER, *schedule)
+
+
 def retry_delay(schedule, attempt, retry_after=None, rng=random):
     """Seconds before retry number ``attempt`` (1-based), or None when the schedule is spent.
-    Never sooner than ``retry_after``, up to ``MAX_RETRY_AFTER`` (or the schedule's longest step, if
-    longer): a remote asking for more (a clock off by a year, a month's ban) would have the delivery
-    wait past the ledger's retention, forgotten while it waits."""
+    Never sooner than ``retry_after``, up to ``longest_wait``: a remote asking for more (a clock off
+    by a year, a month's ban) would have the delivery wait past the ledger's retention, forgotten
+    while it waits."""
     if attempt >= len(schedule):
         return None
     base = schedule[attempt]
     delay = base + rng.uniform(0, base * JITTER)
-    longest = max(MAX_RETRY_AFTER, *schedule)
+    longest = longest_wait(schedule)
     if retry_after and retry_after > longest:
         log.warning("asked to wait %s s (Retry-After), longer than the relay waits: waiting %s s",
                     f"{retry_after:,.0f}", f"{longest:,.0f}")
