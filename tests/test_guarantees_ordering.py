@@ -4,6 +4,7 @@ sink call outlives the per-key lock, and equal ``actionDate``s end in the same s
 Real Redis, the loopback recording sink with its fault plan's latency for slow calls, tasks run in
 process (the Driver of tests/fixtures.py) so the interleaving is chosen by the test.
 """
+import json
 import os
 import signal
 import threading
@@ -58,7 +59,7 @@ def test_a_sink_call_slower_than_the_lock_keeps_the_lock(driver, sink_server, mo
     assert outcome["result"] == "applied"
     assert sim_state(sink_server).records[KEY]["status"] == "Complete"
     assert driver.rt.ledger.get(older)["status"] == "stale"
-    assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == repr(1651039200.0)  # 06:00 UTC
+    assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == "1651039200.000000000"  # 06:00 UTC
 
 
 def _older_write_landed_last(driver, sink_server):
@@ -88,7 +89,7 @@ def test_a_write_whose_lock_lapsed_cannot_leave_the_sink_regressed(driver, sink_
     newer, older = _older_write_landed_last(driver, sink_server)
     driver.run()  # the newest write is asserted again
     assert sim_state(sink_server).records[KEY]["status"] == "Complete"
-    assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == repr(1651039200.0)
+    assert driver.rt.redis.hget(driver.rt.versions("storepoint").key, KEY) == "1651039200.000000000"
     assert driver.rt.ledger.get(newer)["status"] == "applied"
     assert driver.rt.ledger.get(older)["status"] == "stale"
 
@@ -314,3 +315,29 @@ def test_equal_instants_in_receipt_order_apply_both(driver, sink_server):
     accept(driver.rt, status_change(STOP_ID, "Failed", instant))
     driver.run()
     assert [body["status"] for _, _, body in sim_state(sink_server).writes] == ["Arrived", "Failed"]
+
+
+def test_instants_a_tenth_of_a_microsecond_apart_are_ordered_by_instant_not_by_receipt(driver, sink_server):
+    """``actionDate`` has seven fractional digits (.NET's 100 ns tick). The relay kept six, so two
+    changes within one microsecond were a tie broken by receipt: the older, received later, won."""
+    newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T14:16:40.9450989+10:00"))
+    older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T14:16:40.9450981+10:00"))
+    driver.run()
+    assert sim_state(sink_server).records[KEY]["status"] == "Complete"
+    assert driver.rt.ledger.get(newer)["status"] == "applied"
+    assert driver.rt.ledger.get(older)["status"] == "stale"
+
+
+@pytest.mark.parametrize("when, status", [("2022-04-27T06:00:00.4999999+00:00", "stale"),
+                                          ("2022-04-27T06:00:00.5000001+00:00", "applied")])
+def test_a_version_recorded_as_epoch_seconds_before_nanoseconds_were_kept_still_orders_writes(
+        driver, sink_server, when, status):
+    """Versions written before the upgrade are a float's text; the comparison reads them as the same
+    instant. The newest write's receipt is later than any, so only the instant can make a write newer."""
+    versions = driver.rt.versions("storepoint")
+    driver.rt.redis.hset(versions.key, KEY, repr(1651039200.5))  # 06:00:00.5 UTC
+    driver.rt.redis.hset(versions.writes_key, KEY, json.dumps({"delivery_id": "f" * 64, "received_at": 9e9,
+                                                                "action": "upsert", "record": {}}))
+    delivery = accept(driver.rt, status_change(STOP_ID, "Arrived", when))
+    driver.run()
+    assert driver.rt.ledger.get(delivery)["status"] == status

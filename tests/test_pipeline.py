@@ -32,7 +32,7 @@ def test_delivery_is_enriched_and_applied(driver, sink_server, l2u):
     delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T14:16:40.9450989+10:00"))
     driver.run()
     record = sim_state(sink_server).records[f"l2u-stop-{STOP_ID}"]
-    assert record == {"name": "Locate2u", "status": "Arrived", "version": "2022-04-27T14:16:40.945098+10:00"}
+    assert record == {"name": "Locate2u", "status": "Arrived", "version": "2022-04-27T14:16:40.9450989+10:00"}
     entry = driver.rt.ledger.get(delivery_id)
     assert entry["status"] == "applied"
     assert entry["sinks"]["storepoint"]["state"] == "applied"

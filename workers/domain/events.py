@@ -10,6 +10,8 @@ from datetime import datetime
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validates_schema
 
+from workers.domain.instants import exact_text
+
 
 @dataclasses.dataclass(frozen=True)
 class EventType:
@@ -156,10 +158,15 @@ class Event:
     def stop_id(self):
         return self.keys.get("stopId")
 
+    @property
+    def version(self):
+        """``action_date`` in ISO 8601 with every fractional digit the body gave (up to nanoseconds)."""
+        return exact_text(self.action_date, self.payload.get("actionDate"))
+
     def to_json(self):
         """A JSON-safe dict (for forwarding and task arguments)."""
         return {"delivery_id": self.delivery_id, "event_type": self.event_type, "entity": self.entity,
-                "keys": self.keys, "action_date": self.action_date.isoformat(), "status": self.status,
+                "keys": self.keys, "action_date": self.version, "status": self.status,
                 "payload": self.payload}
 
 

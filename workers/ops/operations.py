@@ -10,6 +10,7 @@ import json
 import time
 from datetime import datetime, timezone
 
+from workers.domain.instants import exact_instant
 from workers.ops import live_records, status
 from workers.resilience.controls import RetryScheduler
 
@@ -297,9 +298,9 @@ def stop_sinks(rt, events):
 
 def _instant(text):
     try:
-        return datetime.fromisoformat(text).timestamp()
+        return exact_instant(text)
     except (TypeError, ValueError):
-        return 0.0
+        return (0, 0)
 
 
 def _iso(epoch):

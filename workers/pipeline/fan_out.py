@@ -90,7 +90,7 @@ def build_record(route, action, event, stop, context):
     if event.stop_id is None and route.needs_stop and action != "delete":
         raise PermanentError(f"{event.event_type} carries no stopId, so {route.sink} has no location to write")
     if stop is None:
-        return Location(key=key, version=event.action_date.isoformat(), status=event.status, fields=fields,
+        return Location(key=key, version=event.version, status=event.status, fields=fields,
                         event=event.to_json()).to_json()
     location = location_from_stop(stop, event.to_json(), key, fields)
     overrides = {name: value for name, value in fields.items() if hasattr(location, name) and name != "fields"}

@@ -18,10 +18,10 @@ import enum
 import json
 import time
 import zlib
-from datetime import datetime
 
 import redis
 
+from workers.domain.instants import exact_instant
 from workers.store import keys
 from workers.store.redis_tls import tls_options
 
@@ -738,33 +738,42 @@ class MappingStore:
 
 
 class WriteOrder(collections.namedtuple("WriteOrder", "instant received_at delivery_id")):
-    """Which of two writes for one key is newer: the later ``actionDate`` instant; for equal instants
-    the later received (the ledger's ``received_at``), then the greater delivery id. Total, so any
-    processing order ends in the same state."""
+    """Which of two writes for one key is newer: the later ``actionDate`` instant (to the nanosecond,
+    as ``"<epoch seconds>.<nine digits>"``); for equal instants the later received (the ledger's
+    ``received_at``), then the greater delivery id. Total, so any processing order ends in the same state."""
 
     @classmethod
     def of(cls, version, received_at, delivery_id):
-        return cls(_instant(version), float(received_at), delivery_id)
+        seconds, nanos = exact_instant(version)
+        return cls(f"{seconds}.{nanos:09d}", float(received_at), delivery_id)
 
 
 # The stored order of a key's newest write, and how another compares with it: both scripts
 # below use this. KEYS: versions, writes, lock. ARGV: key, instant, received_at, delivery id, token.
 _ORDER = """
+-- an instant "<seconds>.<fraction>" as two numbers, seconds and nanoseconds: one double cannot hold
+-- both (a float's "<seconds>.<microseconds>", as recorded before nanoseconds were kept, reads the same)
+local function instant(text)
+  local seconds, fraction = string.match(text, '^(%-?%d+)%.?(%d*)')
+  return tonumber(seconds), tonumber(string.sub(fraction .. '000000000', 1, 9))
+end
 local function stored(key)
-  local instant = redis.call('HGET', KEYS[1], key)
-  if not instant then return nil end
+  local at = redis.call('HGET', KEYS[1], key)
+  if not at then return nil end
+  local seconds, nanos = instant(at)
   local last = redis.call('HGET', KEYS[2], key)
-  if not last then return {tonumber(instant), -1, ''} end  -- recorded before ties were broken
+  if not last then return {seconds, nanos, -1, ''} end  -- recorded before ties were broken
   last = cjson.decode(last)
-  return {tonumber(instant), tonumber(last.received_at), last.delivery_id}
+  return {seconds, nanos, tonumber(last.received_at), last.delivery_id}
 end
 local function compare(a, b)
-  for i = 1, 3 do
+  for i = 1, 4 do
     if a[i] < b[i] then return -1 elseif a[i] > b[i] then return 1 end
   end
   return 0
 end
-local mine = {tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]}
+local seconds, nanos = instant(ARGV[2])
+local mine = {seconds, nanos, tonumber(ARGV[3]), ARGV[4]}
 local current = stored(ARGV[1])
 local held = redis.call('GET', KEYS[3]) == ARGV[5]
 """
@@ -830,7 +839,7 @@ return 1
 class VersionStore:
     """Per (sink, key): the newest write applied, compared and stored atomically (never regressed).
 
-    ``key`` (a hash) keeps its ``actionDate`` as epoch seconds; ``writes_key`` keeps its receipt
+    ``key`` (a hash) keeps its ``actionDate`` instant (``WriteOrder``); ``writes_key`` keeps its receipt
     time, delivery id, action and record, for the tie-break and to send it again when a write
     whose lock lapsed may have landed after it. ``reasserts_key`` (a sorted set) holds the keys
     whose newest write was sent again and has not landed since, scored by when to send it once
@@ -851,7 +860,7 @@ class VersionStore:
 
     def _call(self, script, key, order, lock, *extra):
         return script(keys=[self.key, self.writes_key, lock.name, self.reasserts_key, self.reassert_tickets_key,
-                            lock.marks], args=[key, repr(order.instant), repr(order.received_at), order.delivery_id,
+                            lock.marks], args=[key, order.instant, repr(order.received_at), order.delivery_id,
                                                lock.token, *extra])
 
     def begin(self, key, order, lock):
@@ -917,10 +926,6 @@ class VersionStore:
         """``delivery_id``'s write for ``key`` was dead-lettered: if it is the newest, stop sending it
         again (the dead letter is where it is kept now)."""
         self._newest_resend(key, delivery_id, "")
-
-
-def _instant(version):
-    return datetime.fromisoformat(version).timestamp()
 
 
 # Dead letters: an entry, its place in the index and its sink's count change together. The id is
