@@ -101,3 +101,22 @@ def test_event_types_are_checked_before_any_change(sim, configured, redis_client
     with pytest.raises(PermanentError, match="does not offer event type"):
         sync(configured, redis_client)
     assert sim.state.webhooks == {}
+
+
+def test_a_platform_that_gives_urls_back_parsed_gets_no_second_subscription_per_sync(sim, settings, redis_client):
+    """A platform that parses a subscription's URL (a .NET ``Uri``) gives it back with scheme and host in
+    lower case and without the default port. With ``RELAY_PUBLIC_URL`` written otherwise, every sync took
+    ours for someone else's and subscribed again: eight more subscriptions every 15 minutes."""
+    sim.state.parses_urls = True
+    configured = sim.configure(settings, public_url="HTTPS://Relay.Example:443")
+    assert sync(configured, redis_client).counts()["create"] == 8
+    again = sync(configured, redis_client)
+    assert again.counts() == {"create": 0, "update": 0, "delete": 0, "unchanged": 8, "foreign": 0}
+    assert urls(sim) == {t: webhook_url(PUBLIC, configured.webhook_secret, t) for t in configured.event_types}
+
+
+def test_our_subscriptions_kept_as_written_are_ours_however_the_public_url_is_spelled(sim, settings, redis_client):
+    """Registered (as given) before the public URL's spelling changed: the same URLs, not foreign ones."""
+    sync(sim.configure(settings, public_url="HTTPS://Relay.Example:443/"), redis_client)
+    again = sync(sim.configure(settings, public_url=PUBLIC), redis_client)
+    assert again.changes == [] and again.counts()["unchanged"] == 8 and len(sim.state.webhooks) == 8

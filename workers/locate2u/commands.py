@@ -21,7 +21,7 @@ from cryptography.fernet import Fernet
 from workers.config import ConfigError, Settings
 from workers.resilience.errors import RelayError
 from workers.locate2u.client import Locate2uClient, redirect_uri
-from workers.locate2u.subscriptions import SubscriptionSync, mask_url, our_prefix
+from workers.locate2u.subscriptions import SubscriptionSync, is_ours, mask_url, our_prefix
 from workers.locate2u.linking import accept_pending, link_account
 from workers.locate2u.tokens import (LINK_TTL, START_PATH, OAuthStates, ReauthorizationRequired, StartLinks,
                                      TokenStore, describe_account, pkce_pair)
@@ -201,7 +201,7 @@ def subscriptions_list():
     settings, _, client = _context()
     prefix = our_prefix(settings.public_url) if settings.public_url else None
     for hook in client.list_webhooks():
-        owner = "ours" if prefix and str(hook.get("url")).startswith(prefix) else "not ours"
+        owner = "ours" if prefix and is_ours(hook, prefix) else "not ours"
         click.echo(f"{hook.get('id')}\t{hook.get('eventType')}\t{owner}\t{mask_url(str(hook.get('url')))}")
 
 

@@ -4,7 +4,8 @@ Desired: one subscription per type in ``RELAY_EVENT_TYPES``, at
 ``webhook_url(RELAY_PUBLIC_URL, RELAY_WEBHOOK_SECRET, type)``. A subscription
 is *ours* when its URL is under ``RELAY_PUBLIC_URL/webhooks/locate2u/``; only
 ours are ever updated or deleted, so other integrations on the same account
-are left alone. Planning is pure (``plan``); ``SubscriptionSync.run`` applies
+are left alone. URLs are compared in canonical form (scheme and host in lower
+case, no default port), as a platform that parses them may give them back. Planning is pure (``plan``); ``SubscriptionSync.run`` applies
 the plan under a Redis lock, so the release process and beat never race.
 """
 import dataclasses
@@ -14,7 +15,7 @@ import re
 from workers.config import ConfigError
 from workers.resilience.errors import NotFound, PermanentError, RetriableError
 from workers.store import keys
-from workers.locate2u.webhook_auth import webhook_url
+from workers.locate2u.webhook_auth import canonical_url, webhook_url
 
 log = logging.getLogger(__name__)
 SYNC_LOCK = keys.LOCATE2U_SYNC_LOCK
@@ -28,7 +29,17 @@ def mask_url(url):
 
 
 def our_prefix(public_url):
-    return public_url.rstrip("/") + "/webhooks/locate2u/"
+    return canonical_url(public_url).rstrip("/") + "/webhooks/locate2u/"
+
+
+def _url(hook):
+    """A listed subscription's URL in canonical form (``canonical_url``): what ours are compared in."""
+    return canonical_url(str(hook.get("url") or ""))
+
+
+def is_ours(hook, prefix):
+    """Whether the listed subscription ``hook`` points under ``prefix`` (``our_prefix``)."""
+    return _url(hook).startswith(prefix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +65,15 @@ _APPLY = {
 
 def plan(existing, desired, prefix):
     """The changes turning ``existing`` subscriptions into ``desired`` ({type: url}), ours only."""
-    ours = [hook for hook in existing if str(hook.get("url") or "").startswith(prefix)]
+    ours = [hook for hook in existing if is_ours(hook, prefix)]
     changes, keep = [], set()
     for event_type, url in desired.items():
-        mine = sorted((hook for hook in ours if hook.get("eventType") == event_type), key=lambda h: h["url"] != url)
+        mine = sorted((hook for hook in ours if hook.get("eventType") == event_type), key=lambda h: _url(h) != url)
         if not mine:
             changes.append(Change("create", event_type, url))
             continue
         keep.add(mine[0]["id"])
-        if mine[0]["url"] != url:
+        if _url(mine[0]) != url:
             changes.append(Change("update", event_type, url, mine[0]["id"]))
     changes += [Change("delete", hook.get("eventType"), hook["url"], hook["id"])
                 for hook in ours if hook["id"] not in keep]
@@ -121,7 +132,7 @@ class SubscriptionSync:
         self._check_event_types()
         existing = self.client.list_webhooks()
         changes = plan(existing, self.desired, self.prefix)
-        foreign = sum(not str(hook.get("url") or "").startswith(self.prefix) for hook in existing)
+        foreign = sum(not is_ours(hook, self.prefix) for hook in existing)
         unchanged = len(self.desired) - sum(change.action != "delete" for change in changes)
         for change in changes if apply else ():
             self._apply(change)

@@ -7,6 +7,9 @@ the secret changes every URL; the previous secret stays accepted meanwhile.
 import base64
 import hashlib
 import hmac
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def url_token(secret, event_type):
@@ -28,6 +31,21 @@ def token_matches(token, event_type, secrets):
     return matched
 
 
+def canonical_url(url):
+    """``url`` with scheme and host in lower case and without its scheme's default port: how a server
+    that parses URLs (a .NET ``Uri``) gives one back, so ours is known however ``RELAY_PUBLIC_URL`` is spelled."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return url
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = "".join((f"{userinfo}@" if userinfo else "", f"[{host}]" if ":" in host else host,
+                      "" if port in (None, DEFAULT_PORTS.get(scheme)) else f":{port}"))
+    return urlunsplit((scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def webhook_url(public_url, secret, event_type):
-    """The full URL to register with Locate2u for ``event_type``."""
-    return f"{public_url.rstrip('/')}/webhooks/locate2u/{event_type}/{url_token(secret, event_type)}"
+    """The full URL to register with Locate2u for ``event_type`` (in canonical form)."""
+    return f"{canonical_url(public_url).rstrip('/')}/webhooks/locate2u/{event_type}/{url_token(secret, event_type)}"

@@ -33,6 +33,7 @@ from urllib.parse import unquote_plus, urlencode, urlsplit
 
 import requests
 from flask import Blueprint, Flask, current_app, g, jsonify, redirect, request
+from urllib3.util import parse_url
 from werkzeug.exceptions import HTTPException
 
 from workers.ops.simulators.base import FaultPlan, SimulatorServer, install_faults, run_main
@@ -117,6 +118,7 @@ class Locate2uState:
         self.client_id, self.client_secret, self.token_lifetime = client_id, client_secret, token_lifetime
         self.user = dict(USER)  # who approves the next consent (and whom client credentials act as)
         self.event_types = EVENT_TYPES  # what GET /v1/Webhooks/event-types offers
+        self.parses_urls = False  # True: a subscription's URL is kept as a parsed URI gives it back (.NET's Uri)
         self.token_requests = []
         self.stops = {}
         self.webhooks = {}
@@ -249,9 +251,17 @@ class Locate2uState:
 
     # webhooks -------------------------------------------------------------
 
+    def _kept(self, url):
+        """``url`` as stored: given, or (``parses_urls``) with scheme and host in lower case and no default port."""
+        if not self.parses_urls:
+            return url
+        parsed = parse_url(url)
+        port = None if parsed.port == {"http": 80, "https": 443}.get(parsed.scheme) else parsed.port
+        return parsed._replace(port=port).url
+
     def add_webhook(self, event_type, url):
         with self._lock:
-            hook = {"id": next(self._webhook_ids), "eventType": event_type, "url": url}
+            hook = {"id": next(self._webhook_ids), "eventType": event_type, "url": self._kept(url)}
             self.webhooks[hook["id"]] = hook
             return dict(hook)
 
@@ -259,6 +269,8 @@ class Locate2uState:
         with self._lock:
             if hook_id not in self.webhooks:
                 return None
+            if "url" in changes:
+                changes["url"] = self._kept(changes["url"])
             self.webhooks[hook_id].update(changes)
             return dict(self.webhooks[hook_id])
 
