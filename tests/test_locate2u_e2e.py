@@ -220,3 +220,15 @@ def test_sync_task_runs_in_a_worker_and_beat_schedules_it(sim, relay_settings, s
     printed = subprocess.run([sys.executable, "-c", probe], env=process_env(relay_settings), cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=60).stdout.splitlines()
     assert printed == [str({"task": SYNC_SUBSCRIPTIONS, "schedule": 900}), "None"]
+
+
+def test_stops_import_cli_reports_rows_whose_request_got_no_answer_as_unconfirmed(sim, relay_settings, tmp_path):
+    path = tmp_path / "stops.csv"
+    path.write_text("name,address\nAlpha,1 George St\nBravo,2 Pitt St\n")
+    sim.faults.fail_after_apply("drop", path_prefix="/v1/Stops/import")
+    result = cli(relay_settings, "stops", "import", str(path), "--batch-size", "1")
+    assert result.returncode == 1 and len(sim.state.stops) == 2
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"line 2: row: may have been created: POST {sim.url}/v1/Stops/import ")
+    assert lines[1:] == ["created 1, failed 0, unconfirmed 1 (the request got no usable answer: the stops may have "
+                         "been created; look in Locate2u before importing those rows again)"]

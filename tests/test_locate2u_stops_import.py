@@ -85,9 +85,13 @@ def test_a_failed_batch_is_reported_row_by_row(client, sim):
     rows = [(2, {"name": "A", "address": "1 A St"}), (3, {"name": "B", "address": "2 B St"})]
     sim.faults.inject(503, path_prefix="/v1/Stops/import")
     failed = import_stops(client, rows, batch_size=1)
-    assert [str(e) for e in failed.errors] == [
-        f"line 2: row: not imported: POST {sim.url}/v1/Stops/import answered 503"]  # a POST is not retried on 5xx
-    assert [line for line, _ in failed.created] == [3]
+    assert [str(e) for e in failed.unconfirmed] == [  # a POST is not retried on 5xx: it may have been applied
+        f"line 2: row: may have been created: POST {sim.url}/v1/Stops/import answered 503"]
+    assert [line for line, _ in failed.created] == [3] and failed.errors == []
+    sim.faults.inject(422, path_prefix="/v1/Stops/import")
+    refused = import_stops(client, rows[:1], batch_size=1)
+    assert [str(e) for e in refused.errors] == [
+        f"line 2: row: not imported: POST {sim.url}/v1/Stops/import answered 422"] and refused.unconfirmed == []
 
 
 def test_rows_the_api_rejects_are_reported_with_their_lines():
@@ -98,3 +102,31 @@ def test_rows_the_api_rejects_are_reported_with_their_lines():
     rows = [(4, {"name": "A", "address": "1 A St"}), (6, {"name": "B", "address": "2 B St"})]
     report = import_stops(RejectsFirst(), rows)
     assert report.created == [(6, 501)] and [str(e) for e in report.errors] == ["line 4: address: Not deliverable."]
+
+
+@pytest.mark.parametrize("how", ["drop", "garbled"])
+def test_a_batch_that_may_have_been_created_is_not_reported_as_not_imported(client, sim, how):
+    """The import applied, then its answer was lost (``drop``) or was a proxy's page (``garbled``). The
+    report said "not imported", so the rows were imported again: every stop twice (the API has no
+    lookup by reference to check first)."""
+    rows = [(2, {"name": "A", "address": "1 A St"}), (3, {"name": "B", "address": "2 B St"})]
+    sim.faults.fail_after_apply(how, path_prefix="/v1/Stops/import")
+    report = import_stops(client, rows, batch_size=1)
+    assert len(sim.state.stops) == 2  # both were created
+    assert [line for line, _ in report.created] == [3] and report.errors == []
+    assert [row.line for row in report.unconfirmed] == [2]
+    assert str(report.unconfirmed[0]).startswith(f"line 2: row: may have been created: POST {sim.url}/v1/Stops/import ")
+    assert report.summary() == ("created 1, failed 0, unconfirmed 1 (the request got no usable answer: the stops "
+                                "may have been created; look in Locate2u before importing those rows again)")
+
+
+def test_rows_an_answer_leaves_out_are_unconfirmed_not_dropped_from_the_report():
+    class ListsOneOfTwo:
+        def import_stops(self, stops):
+            return {"created": [501], "failed": []}
+
+    report = import_stops(ListsOneOfTwo(), [(4, {"name": "A", "address": "1 A St"}), (6, {"name": "B", "address": "2 B St"})])
+    assert report.created == [] and report.errors == []
+    assert [str(row) for row in report.unconfirmed] == [
+        f"line {line}: row: may have been created: the answer lists 1 created for the 2 rows it did not refuse"
+        for line in (4, 6)]

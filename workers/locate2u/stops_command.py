@@ -1,7 +1,8 @@
 """``l2u-relay stops import PATH [--dry-run]``: the command over ``stops_import``.
 
 Exit codes as for every Locate2u command: 0 all created (or all valid, with
-``--dry-run``); 1 some rows failed; 2 a configuration problem, an unreadable
+``--dry-run``); 1 some rows failed or are unconfirmed (their request got no
+usable answer, so they may have been created); 2 a configuration problem, an unreadable
 file or a header problem (reported before anything is sent); 3 re-authorisation
 required.
 """
@@ -14,7 +15,8 @@ from workers.locate2u.stops_import import (DEFAULT_BATCH, MAX_BATCH, ImportFileE
 
 PROGRESS_MIN_ROWS = 500
 HELP = "\n\n".join([
-    "Create the stops in PATH (CSV or JSON); report every bad row; exit 1 if any failed.",
+    "Create the stops in PATH (CSV or JSON); report every bad row; exit 1 if any failed, or may have been "
+    "created without a usable answer saying so (unconfirmed: look in Locate2u before importing those again).",
     "CSV headers are matched ignoring case, spaces, _ and . (Contact Name, contact_name and contact.name are "
     "the same column); empty cells are left out. A header problem stops the import before anything is sent. "
     "A sample file: docs/stops-sample.csv.",
@@ -44,7 +46,7 @@ def stops_import(path, batch_size, dry_run):
         _, _, client = _context()
         with tqdm(total=len(rows), unit="row", disable=True if len(rows) < PROGRESS_MIN_ROWS else None) as bar:
             report = import_stops(client, rows, batch_size, progress=bar.update)
-        errors = report.errors
+        errors = report.errors + report.unconfirmed
         for error in errors:
             click.echo(str(error))
         click.echo(report.summary())

@@ -19,7 +19,7 @@ import json
 
 from marshmallow import Schema, ValidationError, fields, validate
 
-from workers.resilience.errors import RelayError
+from workers.resilience.errors import BadAnswer, NoAnswer, RelayError
 from workers.locate2u.tokens import ReauthorizationRequired
 
 DEFAULT_BATCH = 100
@@ -146,17 +146,24 @@ class RowError:
 
 @dataclasses.dataclass
 class ImportReport:
-    """Created stops as (line, stopId) and every problem as a RowError."""
+    """Created stops as (line, stopId), every problem as a RowError, and as ``unconfirmed`` RowErrors the
+    rows of a request that got no usable answer: they may have been created, so importing them again
+    could create them twice (the API has no lookup to check first)."""
 
     created: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)
+    unconfirmed: list = dataclasses.field(default_factory=list)
 
     @property
     def failed_rows(self):
         return len({error.line for error in self.errors})
 
     def summary(self):
-        return f"created {len(self.created)}, failed {self.failed_rows}"
+        summary = f"created {len(self.created)}, failed {self.failed_rows}"
+        if self.unconfirmed:
+            summary += (f", unconfirmed {len(self.unconfirmed)} (the request got no usable answer: the stops may have "
+                        "been created; look in Locate2u before importing those rows again)")
+        return summary
 
 
 # --- reading -------------------------------------------------------------------
@@ -271,11 +278,26 @@ def _send(client, batch, report):
     except ReauthorizationRequired:
         raise
     except RelayError as exc:
-        report.errors += [RowError(line, "row", f"not imported: {exc.message}") for line, _ in batch]
+        if _may_have_landed(exc):
+            report.unconfirmed += [RowError(line, "row", f"may have been created: {exc.message}") for line, _ in batch]
+        else:
+            report.errors += [RowError(line, "row", f"not imported: {exc.message}") for line, _ in batch]
         return
     failed = {item["index"]: item.get("errors") or {"row": ["rejected by Locate2u"]}
               for item in answer.get("failed", [])}
     lines = [line for index, (line, _) in enumerate(batch) if index not in failed]
-    report.created += list(zip(lines, answer.get("created", [])))
+    created = answer.get("created") or []
+    if len(created) != len(lines):  # which id is whose is unknown: none of these rows is confirmed
+        report.unconfirmed += [RowError(line, "row", f"may have been created: the answer lists {len(created)} "
+                                                     f"created for the {len(lines)} rows it did not refuse")
+                               for line in lines]
+    else:
+        report.created += list(zip(lines, created))
     for index, messages in sorted(failed.items()):
         report.errors += [RowError(batch[index][0], name, message) for name, message in _flatten(messages)]
+
+
+def _may_have_landed(error):
+    """Whether the request behind ``error`` may have been applied: sent without a usable answer, or
+    answered 5xx (a gateway's 502/504 come after the API may have run it); a 4xx or 429 refused it."""
+    return isinstance(error, (NoAnswer, BadAnswer)) or (error.status or 0) >= 500
