@@ -1,5 +1,6 @@
 """End to end through real processes: gunicorn, the l2u-relay CLI and a Celery worker, against the simulator."""
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -232,3 +233,27 @@ def test_stops_import_cli_reports_rows_whose_request_got_no_answer_as_unconfirme
     assert lines[0].startswith(f"line 2: row: may have been created: POST {sim.url}/v1/Stops/import ")
     assert lines[1:] == ["created 1, failed 0, unconfirmed 1 (the request got no usable answer: the stops may have "
                          "been created; look in Locate2u before importing those rows again)"]
+
+
+def test_stops_import_cli_interrupted_mid_batch_says_what_was_created_what_may_be_and_what_was_not_sent(
+        sim, relay_settings, tmp_path):
+    """Ctrl-C during the second batch: before, nothing was printed but "Aborted!"."""
+    path = tmp_path / "stops.csv"
+    path.write_text("name,address\n" + "".join(f"S{n},{n} George St\n" for n in range(4)))
+    sim.faults.latency(0.5)
+    importing = subprocess.Popen([str(BIN / "l2u-relay"), "stops", "import", str(path), "--batch-size", "1"],
+                                 env=process_env(relay_settings), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    imports = lambda: sum(entry[1] == "/v1/Stops/import" for entry in sim.state.requests_log)  # noqa: E731
+    while not (imports() == 2 and len(sim.state.stops) == 1):  # the first answered, the second held 0.5 s
+        assert time.monotonic() < deadline and importing.poll() is None
+        time.sleep(0.01)
+    importing.send_signal(signal.SIGINT)  # the second batch is out
+    stdout, stderr = importing.communicate(timeout=30)
+    assert importing.returncode == 1 and "Aborted!" in stderr
+    assert stdout.splitlines()[0].startswith("line 3: row: may have been created: ")
+    assert stdout.splitlines()[1:] == [
+        "created 1, failed 0, unconfirmed 1 (the request got no usable answer: the stops may have been created; "
+        "look in Locate2u before importing those rows again), not sent 2 (from line 4 on: import them once the "
+        "problem is fixed)"]

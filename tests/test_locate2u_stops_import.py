@@ -2,7 +2,9 @@
 import pytest
 
 from workers.locate2u.client import Locate2uClient, RetryPolicy
-from workers.locate2u.stops_import import ImportFileError, RowError, import_stops, read_rows, validate_rows
+from workers.locate2u.stops_import import (ImportFileError, ImportReport, RowError, import_stops, read_rows,
+                                           validate_rows)
+from workers.locate2u.tokens import ReauthorizationRequired
 
 CSV = """name,address,contact.name,contact.email,location.latitude,location.longitude,tripDate,durationMinutes
 Alpha,1 George St Sydney,Ann,ann@example.com,-33.86,151.20,2024-05-01,10
@@ -130,3 +132,25 @@ def test_rows_an_answer_leaves_out_are_unconfirmed_not_dropped_from_the_report()
     assert [str(row) for row in report.unconfirmed] == [
         f"line {line}: row: may have been created: the answer lists 1 created for the 2 rows it did not refuse"
         for line in (4, 6)]
+
+
+def test_an_import_stopped_by_a_lost_authorisation_keeps_what_it_did_and_what_it_did_not_send():
+    """Re-authorisation needed on the second batch: the report of the first was lost with the exit, so
+    the stops it had created were imported again."""
+    class RefusedAfterOne:
+        calls = 0
+
+        def import_stops(self, stops):
+            self.calls += 1
+            if self.calls > 1:
+                raise ReauthorizationRequired("the Locate2u refresh token was rejected")
+            return {"created": [501], "failed": []}
+
+    rows = [(line, {"name": f"S{line}", "address": f"{line} Main St"}) for line in (2, 3, 4)] + [(5, {"name": "X"})]
+    report = ImportReport()
+    with pytest.raises(ReauthorizationRequired):
+        import_stops(RefusedAfterOne(), rows, batch_size=1, report=report)
+    assert report.created == [(2, 501)] and [error.line for error in report.errors] == [5]
+    assert report.not_sent == [3, 4] and report.unconfirmed == []
+    assert report.summary() == ("created 1, failed 1, not sent 2 (from line 3 on: import them once the "
+                                "problem is fixed)")

@@ -10,8 +10,8 @@ import click
 from tqdm import tqdm
 
 from workers.locate2u.commands import EXIT_CONFIG, EXIT_FAILED, _context, _fail, _reported
-from workers.locate2u.stops_import import (DEFAULT_BATCH, MAX_BATCH, ImportFileError, columns_help, import_stops,
-                                           read_rows, validate_rows)
+from workers.locate2u.stops_import import (DEFAULT_BATCH, MAX_BATCH, ImportFileError, ImportReport, columns_help,
+                                           import_stops, read_rows, validate_rows)
 
 PROGRESS_MIN_ROWS = 500
 HELP = "\n\n".join([
@@ -44,11 +44,14 @@ def stops_import(path, batch_size, dry_run):
         click.echo(f"dry run: {len(valid)} row(s) valid, {len({e.line for e in errors})} failed; nothing sent")
     else:
         _, _, client = _context()
-        with tqdm(total=len(rows), unit="row", disable=True if len(rows) < PROGRESS_MIN_ROWS else None) as bar:
-            report = import_stops(client, rows, batch_size, progress=bar.update)
-        errors = report.errors + report.unconfirmed
-        for error in errors:
-            click.echo(str(error))
-        click.echo(report.summary())
+        report = ImportReport()
+        try:
+            with tqdm(total=len(rows), unit="row", disable=True if len(rows) < PROGRESS_MIN_ROWS else None) as bar:
+                import_stops(client, rows, batch_size, progress=bar.update, report=report)
+        finally:  # also when an error or Ctrl-C stops it: what was created, what may have been, what was not sent
+            errors = report.errors + report.unconfirmed
+            for error in errors:
+                click.echo(str(error))
+            click.echo(report.summary())
     if errors:
         click.get_current_context().exit(EXIT_FAILED)

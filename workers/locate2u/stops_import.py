@@ -17,6 +17,7 @@ import dataclasses
 import io
 import json
 
+import redis
 from marshmallow import Schema, ValidationError, fields, validate
 
 from workers.resilience.errors import BadAnswer, NoAnswer, RelayError
@@ -146,13 +147,15 @@ class RowError:
 
 @dataclasses.dataclass
 class ImportReport:
-    """Created stops as (line, stopId), every problem as a RowError, and as ``unconfirmed`` RowErrors the
-    rows of a request that got no usable answer: they may have been created, so importing them again
-    could create them twice (the API has no lookup to check first)."""
+    """Created stops as (line, stopId), every problem as a RowError, as ``unconfirmed`` RowErrors the
+    rows of a request that got no usable answer (they may have been created, so importing them again
+    could create them twice: the API has no lookup to check first), and the lines of valid rows
+    ``not_sent`` (all of them until the import ends, the rest when something stops it)."""
 
     created: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)
     unconfirmed: list = dataclasses.field(default_factory=list)
+    not_sent: list = dataclasses.field(default_factory=list)
 
     @property
     def failed_rows(self):
@@ -163,6 +166,9 @@ class ImportReport:
         if self.unconfirmed:
             summary += (f", unconfirmed {len(self.unconfirmed)} (the request got no usable answer: the stops may have "
                         "been created; look in Locate2u before importing those rows again)")
+        if self.not_sent:
+            summary += (f", not sent {len(self.not_sent)} (from line {self.not_sent[0]} on: import them once the "
+                        "problem is fixed)")
         return summary
 
 
@@ -254,19 +260,23 @@ def _flatten(messages, prefix=""):
         yield from _flatten(value, f"{prefix}.{name}" if prefix else name)
 
 
-def import_stops(client, rows, batch_size=DEFAULT_BATCH, progress=lambda count: None):
-    """Validate ``rows`` and create the valid ones in batches; return an ImportReport.
+def import_stops(client, rows, batch_size=DEFAULT_BATCH, progress=lambda count: None, report=None):
+    """Validate ``rows`` and create the valid ones in batches; return the ImportReport (``report``
+    when given: it holds what was done when an error or an interrupt stops the import).
 
     ``progress(count)`` is told how many rows are done (invalid ones at once).
     """
     if not 1 <= batch_size <= MAX_BATCH:
         raise ValueError(f"batch size must be between 1 and {MAX_BATCH}")
     valid, errors = validate_rows(rows)
-    report = ImportReport(errors=errors)
+    report = ImportReport() if report is None else report
+    report.errors += sorted(errors, key=lambda error: error.line)
+    report.not_sent = [line for line, _ in valid]
     progress(len(rows) - len(valid))
     for start in range(0, len(valid), batch_size):
         batch = valid[start:start + batch_size]
         _send(client, batch, report)
+        del report.not_sent[:len(batch)]
         progress(len(batch))
     report.errors.sort(key=lambda error: error.line)
     return report
@@ -275,14 +285,19 @@ def import_stops(client, rows, batch_size=DEFAULT_BATCH, progress=lambda count: 
 def _send(client, batch, report):
     try:
         answer = client.import_stops([stop for _, stop in batch])
-    except ReauthorizationRequired:
-        raise
+    except (ReauthorizationRequired, redis.RedisError):
+        raise  # from the token, before the request could go (or after a 401): the batch was not created
     except RelayError as exc:
         if _may_have_landed(exc):
             report.unconfirmed += [RowError(line, "row", f"may have been created: {exc.message}") for line, _ in batch]
         else:
             report.errors += [RowError(line, "row", f"not imported: {exc.message}") for line, _ in batch]
         return
+    except BaseException:  # an interrupt (Ctrl-C) while the request was out, or a bug
+        del report.not_sent[:len(batch)]
+        report.unconfirmed += [RowError(line, "row", "may have been created: interrupted while its request was out")
+                               for line, _ in batch]
+        raise
     failed = {item["index"]: item.get("errors") or {"row": ["rejected by Locate2u"]}
               for item in answer.get("failed", [])}
     lines = [line for index, (line, _) in enumerate(batch) if index not in failed]
