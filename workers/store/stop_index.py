@@ -26,11 +26,25 @@ class StopIndex:
     def key(kind, value):
         return f"{keys.STOP_INDEX}{kind}:{value}"
 
-    def refresh(self, limit=20000):
-        """Index up to ``limit`` deliveries recorded since the last refresh; return how many were read."""
+    def refresh(self, page=20000):
+        """Index every delivery recorded since the last refresh, ``page`` at a time; return how many were
+        read. All of them: a search answered from part of them would show a stop without its deliveries."""
         since = float(self.redis.get(WATERMARK) or 0)
-        found = self.redis.zrangebyscore(Ledger.ALL, max(0.0, since - OVERLAP_SECONDS), "+inf",
-                                         start=0, num=limit, withscores=True)
+        lowest, read, newest = max(0.0, since - OVERLAP_SECONDS), 0, since
+        while True:
+            found = self.redis.zrangebyscore(Ledger.ALL, lowest, "+inf", start=read, num=page, withscores=True)
+            self._index(found)
+            read += len(found)
+            if found:
+                newest = max(newest, found[-1][1])
+            if len(found) < page:
+                break
+        if read:
+            self.redis.set(WATERMARK, repr(newest))
+        return read
+
+    def _index(self, found):
+        """Add each of ``found`` (``(delivery id, receipt time)``) under its stop id and reference."""
         for start in range(0, len(found), BATCH):
             chunk = found[start:start + BATCH]
             with self.redis.pipeline(transaction=False) as pipe:
@@ -43,9 +57,6 @@ class StopIndex:
                         pipe.zadd(self.key(kind, value), {delivery_id: received_at})
                         pipe.expire(self.key(kind, value), LEDGER_RETENTION)
                 pipe.execute()
-        if found:
-            self.redis.set(WATERMARK, repr(max(since, found[-1][1])))
-        return len(found)
 
     def deliveries(self, stop):
         """Ids of the deliveries whose ``stopId`` or ``stopRef`` is ``stop``, newest first."""
