@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -341,3 +342,25 @@ def test_a_version_recorded_as_epoch_seconds_before_nanoseconds_were_kept_still_
     delivery = accept(driver.rt, status_change(STOP_ID, "Arrived", when))
     driver.run()
     assert driver.rt.ledger.get(delivery)["status"] == status
+
+
+def test_an_actiondate_from_a_clock_a_year_ahead_does_not_freeze_the_key_until_then(driver, sink_server):
+    """One delivery stamped a year ahead (a clock set wrong) was the newest write for a year: every real
+    change after it was stale, and the sink kept its state."""
+    ahead = (datetime.now(timezone.utc) + timedelta(days=365)).isoformat()
+    wrong = accept(driver.rt, status_change(STOP_ID, "Arrived", ahead))
+    time.sleep(0.01)
+    later = accept(driver.rt, status_change(STOP_ID, "Complete", datetime.now(timezone.utc).isoformat()))
+    driver.run()
+    assert driver.rt.ledger.get(later)["status"] == "applied"
+    assert sim_state(sink_server).records[KEY]["status"] == "Complete"
+    assert driver.rt.ledger.get(wrong)["status"] == "applied"  # it was newest when it came
+
+
+def test_an_actiondate_a_few_seconds_ahead_of_its_receipt_keeps_its_order(driver, sink_server):
+    """Clocks a little apart are not a wrong clock: within a minute, the actionDate still decides."""
+    soon = datetime.now(timezone.utc) + timedelta(seconds=20)
+    newer = accept(driver.rt, status_change(STOP_ID, "Complete", soon.isoformat()))
+    older = accept(driver.rt, status_change(STOP_ID, "Arrived", (soon - timedelta(seconds=1)).isoformat()))
+    driver.run()
+    assert driver.rt.ledger.get(older)["status"] == "stale" and driver.rt.ledger.get(newer)["status"] == "applied"

@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import enum
 import json
+import logging
+import math
 import time
 import zlib
 
@@ -24,6 +26,8 @@ import redis
 from workers.domain.instants import exact_instant
 from workers.store import keys
 from workers.store.redis_tls import tls_options
+
+log = logging.getLogger(__name__)
 
 LEDGER_RETENTION = 14 * 86400
 QUARANTINE_LIMIT = 1000
@@ -737,15 +741,28 @@ class MappingStore:
         return self.redis.hgetall(self.key)
 
 
+MAX_CLOCK_AHEAD = 60  # seconds an actionDate may be after its delivery's receipt: clocks a little apart
+
+
 class WriteOrder(collections.namedtuple("WriteOrder", "instant received_at delivery_id")):
     """Which of two writes for one key is newer: the later ``actionDate`` instant (to the nanosecond,
     as ``"<epoch seconds>.<nine digits>"``); for equal instants the later received (the ledger's
-    ``received_at``), then the greater delivery id. Total, so any processing order ends in the same state."""
+    ``received_at``), then the greater delivery id. Total, so any processing order ends in the same state.
+
+    An ``actionDate`` more than ``MAX_CLOCK_AHEAD`` seconds after the delivery's receipt came from a
+    clock ahead; it counts as the receipt time, or one wrong clock would make every real change stale
+    until the time it named came."""
 
     @classmethod
     def of(cls, version, received_at, delivery_id):
         seconds, nanos = exact_instant(version)
-        return cls(f"{seconds}.{nanos:09d}", float(received_at), delivery_id)
+        received_at = float(received_at)
+        if received_at and seconds - received_at > MAX_CLOCK_AHEAD:
+            log.warning("delivery %s: actionDate %s is %.0f s after its receipt (a clock ahead): ordered as "
+                        "received", delivery_id, version, seconds - received_at)
+            seconds = math.floor(received_at)
+            nanos = min(int((received_at - seconds) * 1e9), 999_999_999)
+        return cls(f"{seconds}.{nanos:09d}", received_at, delivery_id)
 
 
 # The stored order of a key's newest write, and how another compares with it: both scripts
