@@ -18,6 +18,7 @@ from receiver.openapi import build_document
 from tests.payloads import PUBLISHED
 from workers.domain.addresses import OTHER_COUNTRY_NAMES, US_STATES, locality_parts, split_us_address
 from workers.domain.events import ANY_ENTITY_KEYS, EVENT_TYPES, SCHEMAS, missing_key_field, parse_event
+from workers.domain.instants import exact_instant
 from workers.locate2u.webhook_auth import token_matches, url_token, webhook_url
 
 BOUNDED = settings(max_examples=int(os.environ.get("L2U_HYPOTHESIS_EXAMPLES", 200)), deadline=None,
@@ -98,6 +99,25 @@ def test_valid_bodies_parse_to_their_ids_and_instant(data, event_type):
     assert event.action_date == datetime.fromisoformat(body["actionDate"])
     assert event.entity == EVENT_TYPES[event_type].entity
     assert json.loads(json.dumps(event.to_json()))["payload"] == body  # unknown fields kept
+
+
+def locate2u_text(ticks, offset):
+    """``ticks`` (100 ns since the epoch) as Locate2u writes an actionDate: seven digits, in ``offset``."""
+    seconds, rest = divmod(ticks, 10**7)
+    local = datetime.fromtimestamp(seconds, timezone.utc).astimezone(offset)
+    return local.strftime("%Y-%m-%dT%H:%M:%S") + f".{rest:07d}" + local.isoformat()[19:]
+
+
+@BOUNDED
+@given(ticks=st.lists(st.integers(0, 7 * 10**16), min_size=2, max_size=2), offset_pair=st.tuples(offsets, offsets))
+def test_instants_order_as_locate2u_ticks_do_in_any_offsets(ticks, offset_pair):
+    """To the 100 ns, whatever each side's UTC offset: through the version text the fan-out builds too."""
+    texts = [locate2u_text(tick, offset) for tick, offset in zip(ticks, offset_pair)]
+    versions = [parse_event("d", "trip.created", {"tripId": 1, "actionDate": text}).version for text in texts]
+    for written in (texts, versions):
+        instants = [exact_instant(text) for text in written]
+        assert (instants[0] < instants[1]) == (ticks[0] < ticks[1])
+        assert (instants[0] == instants[1]) == (ticks[0] == ticks[1])
 
 
 @BOUNDED
