@@ -127,7 +127,8 @@ def test_rows_an_answer_leaves_out_are_unconfirmed_not_dropped_from_the_report()
         def import_stops(self, stops):
             return {"created": [501], "failed": []}
 
-    report = import_stops(ListsOneOfTwo(), [(4, {"name": "A", "address": "1 A St"}), (6, {"name": "B", "address": "2 B St"})])
+    rows = [(4, {"name": "A", "address": "1 A St"}), (6, {"name": "B", "address": "2 B St"})]
+    report = import_stops(ListsOneOfTwo(), rows)
     assert report.created == [] and report.errors == []
     assert [str(row) for row in report.unconfirmed] == [
         f"line {line}: row: may have been created: the answer lists 1 created for the 2 rows it did not refuse"

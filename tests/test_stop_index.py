@@ -16,8 +16,8 @@ def test_a_search_by_stop_finds_deliveries_beyond_the_20000_recorded_since_the_l
     other = json.dumps(status_change(1, "Arrived", "2022-04-27T05:00:00+00:00"))
     for n in range(25_000):
         ledger.record(f"{n:064x}", "stop.status-changed", other, 86400, received_at=start + n * 0.1)
-    ledger.record("f" * 64, "stop.status-changed", json.dumps(status_change(STOP, "Arrived", "2022-04-27T06:00:00+00:00")),
-                  86400, received_at=start + 2600)
+    mine = json.dumps(status_change(STOP, "Arrived", "2022-04-27T06:00:00+00:00"))
+    ledger.record("f" * 64, "stop.status-changed", mine, 86400, received_at=start + 2600)
     index = StopIndex(redis_client)
     index.refresh()
     assert index.deliveries(str(STOP)) == ["f" * 64]

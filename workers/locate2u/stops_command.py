@@ -2,9 +2,9 @@
 
 Exit codes as for every Locate2u command: 0 all created (or all valid, with
 ``--dry-run``); 1 some rows failed or are unconfirmed (their request got no
-usable answer, so they may have been created); 2 a configuration problem, an unreadable
-file or a header problem (reported before anything is sent); 3 re-authorisation
-required.
+usable answer, so they may have been created); 2 a configuration problem, an
+unreadable file or a header problem (reported before anything is sent); 3
+re-authorisation required.
 """
 import click
 from tqdm import tqdm

@@ -5,8 +5,9 @@ Desired: one subscription per type in ``RELAY_EVENT_TYPES``, at
 is *ours* when its URL is under ``RELAY_PUBLIC_URL/webhooks/locate2u/``; only
 ours are ever updated or deleted, so other integrations on the same account
 are left alone. URLs are compared in canonical form (scheme and host in lower
-case, no default port), as a platform that parses them may give them back. Planning is pure (``plan``); ``SubscriptionSync.run`` applies
-the plan under a Redis lock, so the release process and beat never race.
+case, no default port), as a platform that parses them may give them back.
+Planning is pure (``plan``); ``SubscriptionSync.run`` applies the plan under a
+Redis lock, so the release process and beat never race.
 """
 import dataclasses
 import logging
