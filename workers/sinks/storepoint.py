@@ -15,7 +15,7 @@ import logging
 
 from marshmallow import fields
 
-from workers.resilience.errors import ConfigError, PermanentError
+from workers.resilience.errors import ConfigError, PermanentError, RetriableError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 MARKER = "l2u:"
 BASE_TAG = "locate2u"
 PAGE_LIMIT = 500  # the documented maximum of GET /locations
+LISTING_READS = 3  # reads of the whole list before a look gives up for now (it changed during each)
 OWNED_FIELDS = ("name", "address", "description", "tags", "contact.phone", "contact.email", "coordinates.lat",
                 "coordinates.lng")
 DEFAULT_OPTIONS = {
@@ -178,11 +179,29 @@ class StorepointSink(GuardedCreates, Sink):
                                                     f"{', '.join(unknown)}; the locator has: {known}"})
 
     def _listing(self):
+        """Every location, from a read of every page during which the list did not change (the same
+        ``pagination.total`` on each page): a location deleted or added meanwhile moves the others
+        across pages, so one could be missed, and a create's look would then create it twice. Up to
+        ``LISTING_READS`` reads, then RetriableError (looked for again later)."""
+        for _ in range(LISTING_READS):
+            locations, totals = [], set()
+            for answer in self._pages():
+                locations += answer["locations"]
+                totals.add(answer["pagination"].get("total"))
+            if len(totals) == 1:
+                return locations
+            log.info("storepoint: the location list changed while it was read (totals %s); reading it again",
+                     sorted(totals, key=str))
+        raise RetriableError(f"Storepoint's location list changed while it was read, {LISTING_READS} times in a "
+                             "row; it is read again later rather than risk missing a location")
+
+    def _pages(self):
+        """The answer of each page of ``GET /locations``, in order."""
         page = 1
         while True:
             answer = self.client.answer(self.call("GET", "locations", params={"limit": PAGE_LIMIT, "page": page}),
                                         needs=("locations", "pagination"))
-            yield from answer["locations"]
+            yield answer
             if not answer["locations"] or not answer["pagination"].get("next"):
                 return
             page += 1

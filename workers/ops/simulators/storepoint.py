@@ -57,6 +57,7 @@ class StorepointState:
         self.locations = {}      # id -> location as the API returns it (active ones)
         self.deleted = {}        # id -> location as it was when deleted
         self.requests_log = []   # (method, path incl. query string, json body or None)
+        self.deletes_while_listing = 0  # so many pages served next are each followed by a delete of the first location
         self._random = random.Random()
 
     def custom_field_ids(self):
@@ -351,6 +352,9 @@ def list_locations():
         active = list(state.locations.values())
         total = len(active)
         chunk = copy.deepcopy(active[(page - 1) * limit: page * limit])
+        if state.deletes_while_listing and active:  # another client of the locator at work
+            state.deletes_while_listing -= 1
+            state.deleted[active[0]["id"]] = state.locations.pop(active[0]["id"])
     total_pages = math.ceil(total / limit)
     return jsonify({
         "success": True,
