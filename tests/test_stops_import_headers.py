@@ -98,3 +98,16 @@ def test_help_lists_the_columns():
     for column in ("name (required)", "contact.phone: also phone", "location.latitude", "customFields.NAME",
                    "docs/stops-sample.csv", "--dry-run"):
         assert column in result.stdout, column
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_a_csv_excel_wrote_with_semicolons_or_tabs_imports(sim, settings, tmp_path, delimiter):
+    """Excel writes ';' where the decimal mark is a comma, and "Text (Tab delimited)": before, the whole
+    header was one unknown column and nothing was imported."""
+    path = tmp_path / "stops.csv"
+    path.write_text(TITLE_CASE.replace(",", delimiter), encoding="utf-8-sig")
+    result = import_command(sim, settings, path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "created 2, failed 0" in result.stdout
+    assert {stop["name"]: stop["contact"]["phone"] for stop in imported(sim)} == {"Alpha": "0212345001",
+                                                                                   "Bravo": "0212345002"}

@@ -17,6 +17,7 @@ PROGRESS_MIN_ROWS = 500
 HELP = "\n\n".join([
     "Create the stops in PATH (CSV or JSON); report every bad row; exit 1 if any failed, or may have been "
     "created without a usable answer saying so (unconfirmed: look in Locate2u before importing those again).",
+    "CSV: commas, or ';' or tabs when the header line has none (as Excel writes in some locales). "
     "CSV headers are matched ignoring case, spaces, _ and . (Contact Name, contact_name and contact.name are "
     "the same column); empty cells are left out. A header problem stops the import before anything is sent. "
     "A sample file: docs/stops-sample.csv.",

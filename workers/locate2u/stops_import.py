@@ -184,9 +184,18 @@ def read_rows(path):
     return _json_rows(text) if text.lstrip().startswith("[") else _csv_rows(text)
 
 
+def _delimiter(text):
+    """The header line's delimiter: a comma, unless it holds none and a ';' (Excel where the decimal
+    mark is a comma) or a tab (Excel's "Text (Tab delimited)")."""
+    header = text.partition("\n")[0]
+    if "," in header:
+        return ","
+    return next((mark for mark in (";", "\t") if mark in header), ",")
+
+
 def _csv_rows(text):
     """Rows with the line each starts on (a quoted cell may span lines)."""
-    reader = csv.DictReader(io.StringIO(text), restkey=EXTRA_VALUES)
+    reader = csv.DictReader(io.StringIO(text), delimiter=_delimiter(text), restkey=EXTRA_VALUES)
     rows = []
     try:
         if not reader.fieldnames:
