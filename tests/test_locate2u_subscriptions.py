@@ -1,7 +1,7 @@
 """Subscription reconciliation: the plan, and syncs against the simulator."""
 import pytest
 
-from workers.resilience.errors import PermanentError
+from workers.resilience.errors import BadAnswer, PermanentError
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.subscriptions import Change, SubscriptionSync, mask_url, plan
 from workers.locate2u.webhook_auth import webhook_url
@@ -120,3 +120,14 @@ def test_our_subscriptions_kept_as_written_are_ours_however_the_public_url_is_sp
     sync(sim.configure(settings, public_url="HTTPS://Relay.Example:443/"), redis_client)
     again = sync(sim.configure(settings, public_url=PUBLIC), redis_client)
     assert again.changes == [] and again.counts()["unchanged"] == 8 and len(sim.state.webhooks) == 8
+
+
+@pytest.mark.parametrize("listed", [{"data": [], "total": 0}, "ok", 42])
+def test_a_subscription_list_that_is_not_a_list_is_a_bad_answer_not_a_crash(sim, configured, redis_client, listed):
+    """An envelope (``{"data": [...]}``), a string or nothing where the list was: the sync (also the
+    release phase's) ended in an AttributeError traceback, or took the account for one without ours."""
+    sim.faults.inject(200, body=list(sim.state.event_types), path_prefix="/v1/Webhooks/event-types")
+    sim.faults.inject(200, body=listed, path_prefix="/v1/Webhooks")
+    with pytest.raises(BadAnswer, match=r"GET .*/v1/Webhooks answered 200 with a body that is not a list"):
+        sync(configured, redis_client)
+    assert sim.state.webhooks == {}

@@ -115,12 +115,12 @@ class Locate2uClient:
         return self.call("POST", "/v1/Stops/import", list(stops))
 
     def event_types(self):
-        """``GET /v1/Webhooks/event-types``."""
-        return self.call("GET", "/v1/Webhooks/event-types")
+        """``GET /v1/Webhooks/event-types`` (a list)."""
+        return self.call("GET", "/v1/Webhooks/event-types", listed=True)
 
     def list_webhooks(self):
-        """``GET /v1/Webhooks``: every subscription of this account."""
-        return self.call("GET", "/v1/Webhooks")
+        """``GET /v1/Webhooks``: every subscription of this account (a list)."""
+        return self.call("GET", "/v1/Webhooks", listed=True)
 
     def get_webhook(self, hook_id):
         return self.call("GET", f"/v1/Webhooks/{quote(str(hook_id), safe='')}")
@@ -136,9 +136,9 @@ class Locate2uClient:
 
     # transport ---------------------------------------------------------------
 
-    def call(self, method, path, body=None, needs=()):
+    def call(self, method, path, body=None, needs=(), listed=False):
         """Send one API request with a bearer token; return the decoded JSON (None if empty), an object
-        holding every key in ``needs`` when given (``HttpClient.answer``)."""
+        holding every key in ``needs`` when given, a list when ``listed`` (``HttpClient.answer``)."""
         token = self.tokens.access_token()
         http, response = self._attempt(token, method, path, body)
         if response.status_code == 401:
@@ -146,7 +146,7 @@ class Locate2uClient:
             http, response = self._attempt(self.tokens.renew_rejected(token), method, path, body)
         if response.status_code == 401:
             raise http.error_for(response, f"{method} {http.url(path)} answered 401 even with a renewed token")
-        return http.answer(response, needs=needs) if response.content or needs else None
+        return http.answer(response, needs=needs, listed=listed) if response.content or needs or listed else None
 
     def _attempt(self, token, method, path, body):
         http = HttpClient(self.api_url, self.session, timeout=API_TIMEOUT,

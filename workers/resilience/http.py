@@ -161,10 +161,10 @@ class HttpClient:
             message = f"{method} {url} got no whole answer within {deadline.seconds:g} s"
         return NoAnswer(message, settles_in=settles_in, method=method, url=url)
 
-    def answer(self, response, *path, needs=()):
+    def answer(self, response, *path, needs=(), listed=False):
         """The JSON of ``response``, or the value at ``path`` (keys, indexes) in it, an object holding
-        every key in ``needs``. ``BadAnswer`` when the body is not JSON or lacks one of them (a null
-        counts as missing): not the API's answer, whatever its status."""
+        every key in ``needs``, a list when ``listed``. ``BadAnswer`` when the body is not JSON or lacks
+        one of them (a null counts as missing): not the API's answer, whatever its status."""
         try:
             value = response.json()
         except ValueError:
@@ -180,6 +180,8 @@ class HttpClient:
         if missing:
             raise self._bad_answer(response, "without " + ", ".join(".".join(map(str, (*path, key)))
                                                                   for key in missing))
+        if listed and not isinstance(value, list):
+            raise self._bad_answer(response, "that is not a list")
         return value
 
     def _bad_answer(self, response, what):
