@@ -113,3 +113,15 @@ def test_celery_inspect_without_the_secret_is_one_message(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "RELAY_WEBHOOK_SECRET" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_reconcile_against_a_sink_that_cannot_be_reached_is_one_clear_message(tmp_path, redis_server):
+    """A Storepoint that cannot be reached (a network down, a wrong URL): the error came as a traceback."""
+    unreachable = f"http://127.0.0.1:{free_port()}/admin/v1"
+    env = base_env(tmp_path, RELAY_WEBHOOK_SECRET=SECRET, REDIS_URL=redis_server.url, STOREPOINT_API_TOKEN="token",
+                   STOREPOINT_API_URL=unreachable)
+    result = subprocess.run([str(BIN / "l2u-relay"), "reconcile", "storepoint"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: GET {unreachable}/locations failed: ConnectionError")

@@ -3,7 +3,8 @@
 Every command but ``run`` first takes the settings of a ``l2u-relay run`` still
 running in this checkout (``<data dir>/stack.json``) as defaults for what the
 environment does not set. A configuration problem ends any command with one
-message naming the setting and exit 2; so does a Redis that cannot be reached.
+message naming the setting and exit 2; so does a Redis that cannot be reached,
+or a system the command reads (a sink during ``reconcile``) that fails.
 """
 import os
 import sys
@@ -15,6 +16,7 @@ import redis
 
 from workers.ops import commands as ops_commands
 from workers.config import ConfigError
+from workers.resilience.errors import RelayError
 from workers.locate2u import commands as locate2u_commands
 from workers.locate2u import stops_command
 from workers.locate2u.webhook_auth import webhook_url
@@ -23,7 +25,8 @@ EXIT_CONFIG = 2
 
 
 class RelayGroup(click.Group):
-    """Turns configuration problems and an unreachable Redis into one message and exit 2."""
+    """Turns configuration problems, an unreachable Redis and a system a command reads that failed
+    (``RelayError``: a sink during ``reconcile``) into one message and exit 2."""
 
     def invoke(self, ctx):
         try:
@@ -36,6 +39,8 @@ class RelayGroup(click.Group):
                        "  start it (l2u-relay run starts one in this checkout) or fix REDIS_URL", err=True)
         except redis.RedisError as exc:
             click.echo(f"error: Redis at {_redis_location()} failed: {type(exc).__name__}: {exc}", err=True)
+        except RelayError as exc:
+            click.echo(f"error: {exc.message}", err=True)
         ctx.exit(EXIT_CONFIG)
 
 

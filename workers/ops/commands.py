@@ -226,7 +226,8 @@ def reconcile(sink, since, repair, as_json):
     """Compare a sink's records with what we wrote; rebuild lost mappings; report (and repair) drift.
 
     Exit 0: no drift; 1: drift found (repaired with --repair once the workers have run); 2: a
-    configuration problem. Records that are not ours are listed but are not drift.
+    configuration problem, or Redis or the sink failed. Records that are not ours are listed but are
+    not drift.
     """
     from workers.ops import reconcile as reconciliation
 

@@ -179,17 +179,18 @@ class StorepointSink(GuardedCreates, Sink):
                                                     f"{', '.join(unknown)}; the locator has: {known}"})
 
     def _listing(self):
-        """Every location, from a read of every page during which the list did not change (the same
-        ``pagination.total`` on each page): a location deleted or added meanwhile moves the others
-        across pages, so one could be missed, and a create's look would then create it twice. Up to
-        ``LISTING_READS`` reads, then RetriableError (looked for again later)."""
+        """Every location (read when iterated), from a read of every page during which the list did not
+        change (the same ``pagination.total`` on each page): a location deleted or added meanwhile moves
+        the others across pages, so one could be missed, and a create's look would then create it twice.
+        Up to ``LISTING_READS`` reads, then RetriableError (looked for again later)."""
         for _ in range(LISTING_READS):
             locations, totals = [], set()
             for answer in self._pages():
                 locations += answer["locations"]
                 totals.add(answer["pagination"].get("total"))
             if len(totals) == 1:
-                return locations
+                yield from locations
+                return
             log.info("storepoint: the location list changed while it was read (totals %s); reading it again",
                      sorted(totals, key=str))
         raise RetriableError(f"Storepoint's location list changed while it was read, {LISTING_READS} times in a "
