@@ -131,3 +131,14 @@ def test_a_subscription_list_that_is_not_a_list_is_a_bad_answer_not_a_crash(sim,
     with pytest.raises(BadAnswer, match=r"GET .*/v1/Webhooks answered 200 with a body that is not a list"):
         sync(configured, redis_client)
     assert sim.state.webhooks == {}
+
+
+@pytest.mark.parametrize("item", [7, "hook", {"eventType": "stop.assigned", "url": PREFIX + "stop.assigned/x"}])
+def test_a_listed_subscription_that_is_not_one_is_a_bad_answer_not_a_crash(sim, configured, redis_client, item):
+    """A list holding a number, a string or an object without an id: the sync ended in a traceback."""
+    sim.faults.inject(200, body=list(sim.state.event_types), path_prefix="/v1/Webhooks/event-types")
+    sim.faults.inject(200, body=[item], path_prefix="/v1/Webhooks")
+    with pytest.raises(BadAnswer, match=r"GET .*/v1/Webhooks answered 200 with 1 subscription\(s\) without an id") \
+            as refused:
+        sync(configured, redis_client)
+    assert sim.state.webhooks == {} and "stop.assigned/x" not in refused.value.message  # a URL holds the token

@@ -119,8 +119,16 @@ class Locate2uClient:
         return self.call("GET", "/v1/Webhooks/event-types", listed=True)
 
     def list_webhooks(self):
-        """``GET /v1/Webhooks``: every subscription of this account (a list)."""
-        return self.call("GET", "/v1/Webhooks", listed=True)
+        """``GET /v1/Webhooks``: every subscription of this account (a list of objects with an ``id``)."""
+        hooks = self.call("GET", "/v1/Webhooks", listed=True)
+        odd = [hook for hook in hooks if not isinstance(hook, dict) or hook.get("id") is None]
+        if odd:
+            url = HttpClient(self.api_url, self.session).url("/v1/Webhooks")
+            first = (f"an object with {', '.join(sorted(map(str, odd[0])))}" if isinstance(odd[0], dict)
+                     else f"a {type(odd[0]).__name__}")  # never its URL: it holds our webhook token
+            raise BadAnswer(f"GET {url} answered 200 with {len(odd)} subscription(s) without an id (the first: "
+                            f"{first})", method="GET", url=url)
+        return hooks
 
     def get_webhook(self, hook_id):
         return self.call("GET", f"/v1/Webhooks/{quote(str(hook_id), safe='')}")
