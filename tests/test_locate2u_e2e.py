@@ -245,7 +245,10 @@ def test_stops_import_cli_interrupted_mid_batch_says_what_was_created_what_may_b
                                  env=process_env(relay_settings), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    imports = lambda: sum(entry[1] == "/v1/Stops/import" for entry in sim.state.requests_log)  # noqa: E731
+
+    def imports():
+        return sum(entry[1] == "/v1/Stops/import" for entry in sim.state.requests_log)
+
     while not (imports() == 2 and len(sim.state.stops) == 1):  # the first answered, the second held 0.5 s
         assert time.monotonic() < deadline and importing.poll() is None
         time.sleep(0.01)

@@ -266,17 +266,23 @@ def test_a_create_answered_with_a_null_id_is_a_bad_answer_not_a_mapping_to_nothi
     assert mappings.get(location.key) is None
 
 
-def test_a_create_looked_for_while_another_client_deletes_is_found_not_created_twice(sim, mappings):
-    """Storepoint lists by page; a location deleted on page 1 while the relay reads it moves the first
-    of page 2 onto page 1, already read. The create's location sat there: the look missed it and the
-    retry created a second one (the large chaos run of seed 20261129 found one such duplicate)."""
+def _created_behind(sim, mappings, others):
+    """The sink and a location whose create Storepoint applied after ``others`` locations and answered 503."""
     sink = make_sink(sim, mappings)
-    for n in range(500):
+    for n in range(others):
         sim_state(sim).add(name=f"Other {n}", tags=[f"l2u:l2u-stop-{n}"])
     location = sample_location()
     sim.app.config["FAULTS"].fail_after_apply(503, path_prefix="/locations")
     with pytest.raises(RetriableError):
-        sink.apply("upsert", location)  # created as the 501st, first of page 2
+        sink.apply("upsert", location)
+    return sink, location
+
+
+def test_a_create_looked_for_while_another_client_deletes_is_found_not_created_twice(sim, mappings):
+    """Storepoint lists by page; a location deleted on page 1 while the relay reads it moves the first
+    of page 2 onto page 1, already read. The create's location sat there: the look missed it and the
+    retry created a second one (the large chaos run of seed 20261129 found one such duplicate)."""
+    sink, location = _created_behind(sim, mappings, 500)  # the 501st, first of page 2
     sim_state(sim).deletes_while_listing = 1  # right after the retry's look reads page 1
     assert sink.apply("upsert", sample_location(name="Retried")) == ours(sim, location.key)[0]["id"]
     [only] = ours(sim, location.key)
@@ -284,13 +290,7 @@ def test_a_create_looked_for_while_another_client_deletes_is_found_not_created_t
 
 
 def test_a_create_look_that_never_reads_a_steady_list_waits_and_creates_nothing(sim, mappings):
-    sink = make_sink(sim, mappings)
-    for n in range(1200):
-        sim_state(sim).add(name=f"Other {n}", tags=[f"l2u:l2u-stop-{n}"])
-    location = sample_location()
-    sim.app.config["FAULTS"].fail_after_apply(503, path_prefix="/locations")
-    with pytest.raises(RetriableError):
-        sink.apply("upsert", location)
+    sink, location = _created_behind(sim, mappings, 1200)
     sim_state(sim).deletes_while_listing = 100  # a delete after every page served
     with pytest.raises(RetriableError, match="list changed while it was read, 3 times in a row"):
         sink.apply("upsert", sample_location(name="Retried"))
