@@ -295,3 +295,12 @@ def test_a_create_look_that_never_reads_a_steady_list_waits_and_creates_nothing(
     with pytest.raises(RetriableError, match="list changed while it was read, 3 times in a row"):
         sink.apply("upsert", sample_location(name="Retried"))
     assert len(ours(sim, location.key)) == 1 and requests(sim, "POST") == [("POST", "/locations")]
+
+
+def test_a_pager_that_does_not_move_is_a_bad_answer_not_an_endless_read_or_a_second_create(sim, mappings):
+    """Every page answered with page 1 and a ``next``: the look read page 1 forever."""
+    sink, location = _created_behind(sim, mappings, 500)
+    sim_state(sim).ignores_page = True
+    with pytest.raises(BadAnswer, match=r"answered page 2 with locations of earlier pages: its paging does not move"):
+        sink.apply("upsert", sample_location(name="Retried"))
+    assert len(ours(sim, location.key)) == 1 and requests(sim, "POST") == [("POST", "/locations")]

@@ -15,7 +15,7 @@ import logging
 
 from marshmallow import fields
 
-from workers.resilience.errors import ConfigError, PermanentError, RetriableError
+from workers.resilience.errors import BadAnswer, ConfigError, PermanentError, RetriableError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
@@ -197,11 +197,18 @@ class StorepointSink(GuardedCreates, Sink):
                              "row; it is read again later rather than risk missing a location")
 
     def _pages(self):
-        """The answer of each page of ``GET /locations``, in order."""
-        page = 1
+        """The answer of each page of ``GET /locations``, in order; BadAnswer for a page holding only
+        locations of earlier pages (a pager that does not move would be read forever)."""
+        page, seen = 1, set()
         while True:
             answer = self.client.answer(self.call("GET", "locations", params={"limit": PAGE_LIMIT, "page": page}),
                                         needs=("locations", "pagination"))
+            ids = {location.get("id") for location in answer["locations"]}
+            if ids and ids <= seen:
+                url = self.client.url("locations")
+                raise BadAnswer(f"GET {url} answered page {page} with locations of earlier pages: its paging does "
+                                "not move", method="GET", url=url)
+            seen |= ids
             yield answer
             if not answer["locations"] or not answer["pagination"].get("next"):
                 return

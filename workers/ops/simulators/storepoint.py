@@ -58,6 +58,7 @@ class StorepointState:
         self.deleted = {}        # id -> location as it was when deleted
         self.requests_log = []   # (method, path incl. query string, json body or None)
         self.deletes_while_listing = 0  # so many pages served next are each followed by a delete of the first location
+        self.ignores_page = False  # True: every listing request gets page 1 (a pager that does not move)
         self._random = random.Random()
 
     def custom_field_ids(self):
@@ -348,6 +349,7 @@ def list_locations():
     if problem:
         return validation_error(problem)
     state = _state()
+    page = 1 if state.ignores_page else page
     with state.lock:
         active = list(state.locations.values())
         total = len(active)
