@@ -1,5 +1,6 @@
 """The receiver served by real gunicorn against a real Redis."""
 import json
+import time
 
 import pytest
 import requests
@@ -132,6 +133,24 @@ def test_redis_down_gives_503_then_the_retry_is_accepted(settings, start_process
         accepted = post(web.url, "stop.status-changed", STOP)
         assert accepted.status_code == 200 and accepted.json()["status"] == "accepted"
         assert Ledger(connect(own.url)).get(accepted.json()["delivery_id"])["status"] == "received"
+    finally:
+        own.stop()
+
+
+def test_a_redis_that_closes_idle_connections_costs_no_delivery(settings, start_process, tmp_path):
+    """Heroku's Key-Value Store closes connections idle past its ``timeout`` (``heroku redis:timeout``):
+    a webhook after a quiet spell must find its pooled connection gone and still be accepted, not 503."""
+    own = EmbeddedRedis(tmp_path / "own-redis", appendonly=False).start()
+    try:
+        checker = connect(own.url)
+        checker.config_set("timeout", 1)
+        web = start_process("gunicorn", settings.replace(redis_url=own.url))
+        assert post(web.url, "stop.status-changed", STOP).status_code == 200
+        for stop_id in (101, 102):
+            time.sleep(2.5)
+            others = [client for client in checker.client_list() if not client["cmd"].startswith("client")]
+            assert others == []  # the server closed every connection the web workers held
+            assert post(web.url, "stop.status-changed", dict(STOP, stopId=stop_id)).status_code == 200
     finally:
         own.stop()
 
