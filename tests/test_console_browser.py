@@ -4,6 +4,7 @@ as console-*.png in $L2U_SCREENSHOTS (default: the system temp folder's l2u-cons
 run leaves the checkout clean; `L2U_SCREENSHOTS=docs/img` refreshes the ones the README shows."""
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,20 @@ def test_stop_page_shows_drift_after_the_record_changes_in_the_simulator(console
     assert drifted.find_element(By.TAG_NAME, "td").value_of_css_property("font-weight") == "600"  # highlighted
     assert browser.page_source.count("in step") == 1  # B2B still holds what we wrote
     screenshot(browser, "stop-drift")
+
+
+def test_the_stop_page_answers_while_a_sink_hangs_and_says_so(console, sims, browser, redis_client):
+    """Its live view reads each sink in the web request. Storepoint hanging, the read waited out the
+    sink's full 33 s deadline: past gunicorn's 30 s the web worker (one of the two that take webhooks)
+    was killed, and the operator got an error page instead of the stop."""
+    response = post(console.url, "stop.status-changed", status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    assert wait_for(lambda: settled(redis_client, response.json()["delivery_id"]), timeout=90)
+    log_in(browser, console.url)
+    sims["storepoint"].app.config["FAULTS"].slow(60, path_prefix="/locations/")  # the live read hangs
+    started = time.monotonic()
+    browser.get(f"{console.url}/console/stops/{STOP_ID}")
+    wait_for_heading(browser, lambda heading: heading == f"Stop {STOP_ID}", timeout=60)
+    assert time.monotonic() - started < 20  # the live read's own deadline, well inside gunicorn's 30 s
+    page = browser.page_source
+    assert "/locations/loc_" in page and "failed: ReadTimeout" in page  # the read timed out, and says so
+    assert page.count("in step") == 1  # B2B read as usual

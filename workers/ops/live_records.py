@@ -11,13 +11,18 @@ from workers.sinks.storepoint import flatten
 from workers.store.stores import MappingStore
 
 
+# A live read runs in a web request (the console's stop page), on a gunicorn worker that also takes webhooks
+# and is killed after 30 s: each sink gets a connect and read timeout of 8.05 s in all, not its write timeout.
+LIVE_TIMEOUT = (3.05, 5)
+
+
 def _storepoint(sink, remote_id):
-    response = sink.call("GET", f"locations/{remote_id}", accept=(404,))
+    response = sink.call("GET", f"locations/{remote_id}", accept=(404,), timeout=LIVE_TIMEOUT)
     return None if response.status_code == 404 else flatten(sink.client.answer(response, "location"))
 
 
 def _b2b(sink, remote_id):
-    response = sink.call("GET", "Location/getLocation", params={"id": remote_id}, accept=(404,))
+    response = sink.call("GET", "Location/getLocation", params={"id": remote_id}, accept=(404,), timeout=LIVE_TIMEOUT)
     data = [] if response.status_code == 404 else sink.client.answer(response, needs=("data",))["data"] or []
     return listed_fields(data[0]) if data else None
 
