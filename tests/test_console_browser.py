@@ -171,3 +171,16 @@ def test_the_stop_page_answers_while_a_sink_hangs_and_says_so(console, sims, bro
     page = browser.page_source
     assert "/locations/loc_" in page and "failed: ReadTimeout" in page  # the read timed out, and says so
     assert page.count("in step") == 1  # B2B read as usual
+
+
+def test_the_overview_answers_while_locate2u_hangs_and_says_so(console, sims, browser):
+    """The overview compares the Locate2u subscriptions, in the web request, with the API client's 20 s
+    read timeout and its retries: with Locate2u hanging, the landing page outlived gunicorn's 30 s and
+    its web worker (one of the two that take webhooks) was killed."""
+    log_in(browser, console.url)  # the token is fetched and the subscriptions read while Locate2u answers
+    sims["locate2u"].app.config["FAULTS"].slow(60, times=4, path_prefix="/v1/Webhooks")
+    started = time.monotonic()
+    browser.get(f"{console.url}/console/")
+    wait_for_heading(browser, lambda heading: heading == "Overview", timeout=90)
+    assert time.monotonic() - started < 20  # a page's own deadline, well inside gunicorn's 30 s
+    assert "subscriptions" in browser.page_source and "failed: ReadTimeout" in browser.page_source

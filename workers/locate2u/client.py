@@ -23,6 +23,7 @@ __all__ = ["Locate2uClient", "ReauthorizationRequired", "RetryPolicy"]
 log = logging.getLogger(__name__)
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 API_TIMEOUT = (3.05, 20)
+PAGE_TIMEOUT = (3.05, 5)  # ``for_a_page``: a call a web page waits on
 
 
 class RetryPolicy:
@@ -64,11 +65,18 @@ def redirect_uri(settings):
 class Locate2uClient:
     """Discovery, Stops and Webhooks endpoints of the Customer Integration API."""
 
-    def __init__(self, api_url, session, tokens, retry):
+    def __init__(self, api_url, session, tokens, retry, timeout=API_TIMEOUT):
         self.api_url = api_url
         self.session = session
         self.tokens = tokens
         self.retry = retry
+        self.timeout = timeout
+
+    def for_a_page(self):
+        """This client with ``PAGE_TIMEOUT`` and no retries, for calls a web page waits on: gunicorn
+        kills a web worker (one that also takes webhooks) after 30 s, and the API timeout and retries
+        could take minutes."""
+        return Locate2uClient(self.api_url, self.session, self.tokens, RetryPolicy(attempts=1), PAGE_TIMEOUT)
 
     @classmethod
     def from_settings(cls, settings, redis_client, retry=None):
@@ -157,7 +165,7 @@ class Locate2uClient:
         return http.answer(response, needs=needs, listed=listed) if response.content or needs or listed else None
 
     def _attempt(self, token, method, path, body):
-        http = HttpClient(self.api_url, self.session, timeout=API_TIMEOUT,
+        http = HttpClient(self.api_url, self.session, timeout=self.timeout,
                           headers={"Authorization": f"Bearer {token}"}, redact=(token,))
         kwargs = {"json": body} if body is not None else {}
         response = self.retry.run(lambda: http.request(method, path, accept=(401,), **kwargs),

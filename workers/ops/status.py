@@ -14,7 +14,8 @@ from workers.store.stores import Quarantine
 
 
 def collect(rt):
-    """Everything ``status`` shows, as JSON-ready data (one network call: the subscriptions list)."""
+    """Everything ``status`` shows, as JSON-ready data (one network call: the subscriptions list, with
+    a page's timeout: the console's overview shows this too)."""
     return {"redis": redis_health.check(rt.redis),
             "queues": {queue: rt.redis.llen(keys.queue_list(queue)) for queue in QUEUES},
             "in_flight": rt.redis.hlen(keys.KOMBU_UNACKED),
@@ -36,7 +37,7 @@ def _locate2u(rt):
         return {"configured": False}
     info = {"configured": True, "token": rt.locate2u.tokens.describe()}
     try:
-        report = SubscriptionSync.from_settings(rt.locate2u, rt.settings, rt.redis).run(dry_run=True)
+        report = SubscriptionSync.from_settings(rt.locate2u.for_a_page(), rt.settings, rt.redis).run(dry_run=True)
     except (RelayError, ConfigError, redis.RedisError) as exc:
         info["subscriptions"] = {"error": getattr(exc, "message", str(exc))}
     else:
