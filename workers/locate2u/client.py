@@ -14,7 +14,7 @@ import time
 from urllib.parse import quote
 
 from workers.resilience.errors import BadAnswer, RetriableError
-from workers.resilience.http import HttpClient, make_session
+from workers.resilience.http import PAGE_TIMEOUT, HttpClient, make_session
 from workers.locate2u.tokens import (CALLBACK_PATH, IdentityServer, ReauthorizationRequired, TokenManager,
                                      TokenStore)
 
@@ -23,7 +23,6 @@ __all__ = ["Locate2uClient", "ReauthorizationRequired", "RetryPolicy"]
 log = logging.getLogger(__name__)
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 API_TIMEOUT = (3.05, 20)
-PAGE_TIMEOUT = (3.05, 5)  # ``for_a_page``: a call a web page waits on
 
 
 class RetryPolicy:
@@ -73,9 +72,8 @@ class Locate2uClient:
         self.timeout = timeout
 
     def for_a_page(self):
-        """This client with ``PAGE_TIMEOUT`` and no retries, for calls a web page waits on: gunicorn
-        kills a web worker (one that also takes webhooks) after 30 s, and the API timeout and retries
-        could take minutes."""
+        """This client with ``PAGE_TIMEOUT`` and no retries, for calls a web page waits on (the API
+        timeout and retries could take minutes)."""
         return Locate2uClient(self.api_url, self.session, self.tokens, RetryPolicy(attempts=1), PAGE_TIMEOUT)
 
     @classmethod

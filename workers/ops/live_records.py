@@ -1,28 +1,26 @@
 """What a sink holds now for one of our keys, read live through the sink's own client, against what we wrote.
 
+A live read runs in a web request (the console's stop page), so it gets ``PAGE_TIMEOUT``, not the sink's own.
+
 The fields are flattened the way each sink's ``reconcile`` flattens its listing, so
 the comparison with the snapshot ``Sink.remember`` kept is the same drift check.
 """
 import json
 
 from workers.resilience.errors import RelayError
+from workers.resilience.http import PAGE_TIMEOUT
 from workers.sinks.b2b import listed_fields
 from workers.sinks.storepoint import flatten
 from workers.store.stores import MappingStore
 
 
-# A live read runs in a web request (the console's stop page), on a gunicorn worker that also takes webhooks
-# and is killed after 30 s: each sink gets a connect and read timeout of 8.05 s in all, not its write timeout.
-LIVE_TIMEOUT = (3.05, 5)
-
-
 def _storepoint(sink, remote_id):
-    response = sink.call("GET", f"locations/{remote_id}", accept=(404,), timeout=LIVE_TIMEOUT)
+    response = sink.call("GET", f"locations/{remote_id}", accept=(404,), timeout=PAGE_TIMEOUT)
     return None if response.status_code == 404 else flatten(sink.client.answer(response, "location"))
 
 
 def _b2b(sink, remote_id):
-    response = sink.call("GET", "Location/getLocation", params={"id": remote_id}, accept=(404,), timeout=LIVE_TIMEOUT)
+    response = sink.call("GET", "Location/getLocation", params={"id": remote_id}, accept=(404,), timeout=PAGE_TIMEOUT)
     data = [] if response.status_code == 404 else sink.client.answer(response, needs=("data",))["data"] or []
     return listed_fields(data[0]) if data else None
 

@@ -26,6 +26,9 @@ from workers.resilience.errors import BadAnswer, NoAnswer, NotFound, PermanentEr
 
 USER_AGENT = "locate2u-relay/0.1 (+https://github.com/locate2u-relay)"
 DEFAULT_TIMEOUT = (3.05, 30)
+# For a call a web page waits on (the console): gunicorn kills a web worker, one that also takes webhooks,
+# after 30 s, so such a call gets 8.05 s in all and no retry.
+PAGE_TIMEOUT = (3.05, 5)
 RETRIABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # An answer whose status came but whose body broke off or cannot be decoded (``requests`` raises
