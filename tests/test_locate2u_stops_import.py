@@ -122,13 +122,10 @@ def test_a_batch_that_may_have_been_created_is_not_reported_as_not_imported(clie
                                 "may have been created; look in Locate2u before importing those rows again)")
 
 
-def test_rows_an_answer_leaves_out_are_unconfirmed_not_dropped_from_the_report():
-    class ListsOneOfTwo:
-        def import_stops(self, stops):
-            return {"created": [501], "failed": []}
-
+def test_rows_an_answer_leaves_out_are_unconfirmed_not_dropped_from_the_report(client, sim):
+    sim.faults.inject(200, body={"created": [501], "failed": []}, path_prefix="/v1/Stops/import")
     rows = [(4, {"name": "A", "address": "1 A St"}), (6, {"name": "B", "address": "2 B St"})]
-    report = import_stops(ListsOneOfTwo(), rows)
+    report = import_stops(client, rows)
     assert report.created == [] and report.errors == []
     assert [str(row) for row in report.unconfirmed] == [
         f"line {line}: row: may have been created: the answer lists 1 created for the 2 rows it did not refuse"

@@ -108,8 +108,7 @@ class Locate2uClient:
         path = f"/v1/Stops/{quote(str(stop_id), safe='')}"
         stop = self.call("GET", path, needs=("stopId",))
         if str(stop["stopId"]) != str(stop_id):
-            url = HttpClient(self.api_url, self.session).url(path)
-            raise BadAnswer(f"GET {url} answered 200 with stop {stop['stopId']}", method="GET", url=url)
+            raise self._bad_answer(path, f"stop {stop['stopId']}")
         return stop
 
     def create_stop(self, stop):
@@ -129,11 +128,9 @@ class Locate2uClient:
         hooks = self.call("GET", "/v1/Webhooks", listed=True)
         odd = [hook for hook in hooks if not isinstance(hook, dict) or hook.get("id") is None]
         if odd:
-            url = HttpClient(self.api_url, self.session).url("/v1/Webhooks")
             first = (f"an object with {', '.join(sorted(map(str, odd[0])))}" if isinstance(odd[0], dict)
                      else f"a {type(odd[0]).__name__}")  # never its URL: it holds our webhook token
-            raise BadAnswer(f"GET {url} answered 200 with {len(odd)} subscription(s) without an id (the first: "
-                            f"{first})", method="GET", url=url)
+            raise self._bad_answer("/v1/Webhooks", f"{len(odd)} subscription(s) without an id (the first: {first})")
         return hooks
 
     def get_webhook(self, hook_id):
@@ -149,6 +146,11 @@ class Locate2uClient:
         return self.call("DELETE", f"/v1/Webhooks/{quote(str(hook_id), safe='')}")
 
     # transport ---------------------------------------------------------------
+
+    def _bad_answer(self, path, what):
+        """The BadAnswer of a ``GET path`` answered 200 with ``what`` instead of what the API documents."""
+        url = HttpClient(self.api_url, self.session).url(path)
+        return BadAnswer(f"GET {url} answered 200 with {what}", method="GET", url=url)
 
     def call(self, method, path, body=None, needs=(), listed=False):
         """Send one API request with a bearer token; return the decoded JSON (None if empty), an object
