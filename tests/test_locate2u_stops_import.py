@@ -1,10 +1,12 @@
 """Stop import: reading CSV/JSON with line numbers, row validation, batches against the simulator."""
+import time
+
 import pytest
 
 from workers.locate2u.client import Locate2uClient, RetryPolicy
 from workers.locate2u.stops_import import (ImportFileError, ImportReport, RowError, import_stops, read_rows,
                                            validate_rows)
-from workers.locate2u.tokens import ReauthorizationRequired
+from workers.locate2u.tokens import ReauthorizationRequired, TokenStore
 
 CSV = """name,address,contact.name,contact.email,location.latitude,location.longitude,tripDate,durationMinutes
 Alpha,1 George St Sydney,Ann,ann@example.com,-33.86,151.20,2024-05-01,10
@@ -132,23 +134,29 @@ def test_rows_an_answer_leaves_out_are_unconfirmed_not_dropped_from_the_report(c
         for line in (4, 6)]
 
 
-def test_an_import_stopped_by_a_lost_authorisation_keeps_what_it_did_and_what_it_did_not_send():
-    """Re-authorisation needed on the second batch: the report of the first was lost with the exit, so
-    the stops it had created were imported again."""
-    class RefusedAfterOne:
-        calls = 0
+def test_an_import_stopped_by_a_lost_authorisation_keeps_what_it_did_and_what_it_did_not_send(sim, settings,
+                                                                                               redis_client):
+    """Re-authorisation needed on the second batch (the user withdrew the relay's access): the report of
+    the first was lost with the exit, so the stops it had created were imported again."""
+    code_settings = sim.configure(settings, locate2u_grant="authorization_code")
+    issued = sim.state.issue_tokens(code_settings.locate2u_client_id, "integrations-api", refresh=True)
+    far = time.time() + 3600
+    TokenStore.from_settings(redis_client, code_settings).save({
+        "access_token": issued["access_token"], "refresh_token": issued["refresh_token"], "expires_at": far,
+        "refresh_at": far, "scope": "integrations-api", "grant": "authorization_code",
+        "client_id": code_settings.locate2u_client_id})
+    client = Locate2uClient.from_settings(code_settings, redis_client, RetryPolicy(sleep=lambda s: None))
 
-        def import_stops(self, stops):
-            self.calls += 1
-            if self.calls > 1:
-                raise ReauthorizationRequired("the Locate2u refresh token was rejected")
-            return {"created": [501], "failed": []}
+    def withdrawn_after_the_first_batch(count):
+        if sim.state.stops:
+            sim.state.revoke_access_tokens()
+            sim.state.revoke_refresh_tokens()
 
     rows = [(line, {"name": f"S{line}", "address": f"{line} Main St"}) for line in (2, 3, 4)] + [(5, {"name": "X"})]
     report = ImportReport()
     with pytest.raises(ReauthorizationRequired):
-        import_stops(RefusedAfterOne(), rows, batch_size=1, report=report)
-    assert report.created == [(2, 501)] and [error.line for error in report.errors] == [5]
-    assert report.not_sent == [3, 4] and report.unconfirmed == []
+        import_stops(client, rows, batch_size=1, progress=withdrawn_after_the_first_batch, report=report)
+    assert [line for line, _ in report.created] == [2] and [error.line for error in report.errors] == [5]
+    assert report.not_sent == [3, 4] and report.unconfirmed == [] and len(sim.state.stops) == 1
     assert report.summary() == ("created 1, failed 1, not sent 2 (from line 3 on: import them once the "
                                 "problem is fixed)")
