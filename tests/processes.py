@@ -104,13 +104,15 @@ class Gunicorn(Process):
 
 
 class CeleryWorker(Process):
-    """``celery -A workers.app worker`` (add ``beat=True`` for an embedded beat)."""
+    """``celery -A workers.app worker`` (add ``beat=True`` for an embedded beat, ``queues`` to consume only those)."""
 
-    def __init__(self, env, concurrency=2, pool="prefork", beat=False, name="worker"):
+    def __init__(self, env, concurrency=2, pool="prefork", beat=False, name="worker", queues=None):
         command = [str(BIN / "celery"), "-A", "workers.app", "worker", "-l", "info", "-P", pool,
                    "-c", str(concurrency), "-n", f"{name}-{free_port()}@%h", "--without-gossip", "--without-mingle"]
         if beat:
             command.append("-B")
+        if queues:  # only these (comma-separated), e.g. to leave the work it queues waiting
+            command += ["-Q", queues]
         super().__init__(name, command, env)
         self.wait_for_output("ready.", timeout=60)
 

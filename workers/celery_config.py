@@ -20,6 +20,7 @@ DELIVER = "l2u.deliver"
 SWEEP_RECEIVED = "l2u.sweep_received"
 RELEASE_DUE_RETRIES = "l2u.release_due_retries"
 SYNC_SUBSCRIPTIONS = "l2u.sync_subscriptions"
+REPLAY_DEAD_LETTERS = "l2u.replay_dead_letters"
 
 TASK_ROUTES = {
     PROCESS_DELIVERY: {"queue": INGEST_QUEUE},
@@ -27,6 +28,7 @@ TASK_ROUTES = {
     SWEEP_RECEIVED: {"queue": CONTROL_QUEUE},
     RELEASE_DUE_RETRIES: {"queue": CONTROL_QUEUE},
     SYNC_SUBSCRIPTIONS: {"queue": CONTROL_QUEUE},
+    REPLAY_DEAD_LETTERS: {"queue": CONTROL_QUEUE},
 }
 
 

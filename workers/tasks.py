@@ -11,9 +11,9 @@ from celery import shared_task
 from celery.signals import task_prerun
 from celery.exceptions import Reject
 
-from workers.celery_config import DELIVER, PROCESS_DELIVERY, RELEASE_DUE_RETRIES, SWEEP_RECEIVED
+from workers.celery_config import DELIVER, PROCESS_DELIVERY, RELEASE_DUE_RETRIES, REPLAY_DEAD_LETTERS, SWEEP_RECEIVED
 from workers.logs import bind_context
-from workers.pipeline import deliver as deliver_job, process, sweeper
+from workers.pipeline import deliver as deliver_job, process, replay, sweeper
 from workers.pipeline.failures import OutagePause, redis_outage
 from workers.pipeline.jobs import DeliverJob
 from workers.runtime import runtime
@@ -70,6 +70,13 @@ def sweep_received():
     """The one sweeper (``pipeline.sweeper``): housekeeping, then re-queue every delivery not final
     that made no progress for ``RELAY_SWEEP_AFTER`` and whose message is not waiting in the broker."""
     return sweeper.sweep(runtime())
+
+
+@shared_task(name=REPLAY_DEAD_LETTERS)
+def replay_dead_letters(batch):
+    """Replay the dead letters an operator chose in the console (``pipeline.replay.replay_batch``)."""
+    with _redis_outage():
+        return replay.replay_batch(runtime(), batch)
 
 
 @shared_task(name=RELEASE_DUE_RETRIES)

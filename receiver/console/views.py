@@ -1,6 +1,5 @@
 """Console pages: overview, deliveries, one stop, dead letters (replay, purge), quarantine."""
 import json
-import secrets
 
 from flask import abort, flash, redirect, render_template, request, url_for
 
@@ -9,11 +8,9 @@ from receiver.console.chart import activity_chart
 from workers.ops import operations
 from workers.domain.events import EVENT_TYPES
 from workers.sinks import SINK_NAMES
-from workers.store import keys
 from workers.store.stores import FINAL_STATES
 
 PAGE_SIZE = 25
-REPLAY_BATCH_SECONDS = 86400
 DEAD_LETTER_FILTERS = ("sink", "reason", "event_type", "since", "until")
 DELIVERY_STATUSES = ("received", "routed", "retrying", "open") + FINAL_STATES
 
@@ -109,26 +106,16 @@ def dead_letters_apply():
         record_action("purge_dead_letters", purged, scope=request.form["choice"])
         flash(f"Purged {purged} dead letter(s).")
         return redirect(url_for("console.dead_letters", **_filter_query()))
-    queued = operations.replay_dead_letters(rt, entries)
-    record_action("replay_dead_letters", queued, scope=request.form["choice"])
-    batch = secrets.token_urlsafe(12)
-    if entries:
-        with rt.redis.pipeline() as pipe:
-            pipe.rpush(_batch_key(batch), *[entry["id"] for entry in entries])
-            pipe.expire(_batch_key(batch), REPLAY_BATCH_SECONDS)
-            pipe.execute()
+    batch = operations.replay_dead_letters(rt, entries)  # the workers replay them: no request outlives that
+    record_action("replay_dead_letters", len(entries), scope=request.form["choice"])
     return redirect(url_for("console.replay_results", batch=batch))
 
 
 @bp.get("/replays/<batch>")
 def replay_results(batch):
-    rt = runtime()
-    ids = rt.redis.lrange(_batch_key(batch), 0, -1)
-    results = [(entry_id, *operations.replay_outcome(rt, entry_id)) for entry_id in ids]
-    totals = {}
-    for _, outcome, _ in results:
-        totals[outcome] = totals.get(outcome, 0) + 1
-    return render_template("console/replay.html", batch=batch, results=results, totals=totals)
+    done, total, totals, results = operations.replay_results(runtime(), batch)
+    return render_template("console/replay.html", batch=batch, results=results, totals=totals, done=done,
+                           total=total)
 
 
 @bp.get("/quarantine")
@@ -194,10 +181,6 @@ def _chosen_quarantine():
     if scope not in ("selected", "all") or (scope == "selected" and not ids):
         abort(400, "no quarantined delivery selected: tick at least one, or choose all")
     return ids, scope
-
-
-def _batch_key(batch):
-    return keys.console_replay(batch)
 
 
 def _pretty(body):

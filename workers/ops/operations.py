@@ -3,6 +3,7 @@
 Dead letters (select, replay, purge, what became of a replay), quarantine items
 (list, show, purge) and delivery search. Each takes a ``Runtime``.
 """
+import collections
 import hashlib
 import heapq
 import itertools
@@ -14,13 +15,14 @@ from workers.domain.instants import exact_instant
 from workers.ops import live_records, status
 from workers.resilience.controls import RetryScheduler
 
-from workers.pipeline.replay import replay_dead_letter
+from workers.pipeline.replay import batch_ids, batch_progress, start_batch
 from workers.store.stop_index import StopIndex, stop_keys
 from workers.store.stores import FINAL_STATES, SETTLED_BUCKET_SECONDS, Ledger, Quarantine
 
 ACTIVITY_SCAN_LIMIT = 5000  # newest deliveries read for the applied-per-sink series
 SEARCH_SCAN_LIMIT = 20000  # ledger entries one search reads at most
 QUARANTINE_SCAN_LIMIT = 10000
+REPLAY_ROWS = 500  # dead letters of a replay batch whose outcome the console lists
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -115,10 +117,19 @@ def dead_letters_by_id(rt, ids):
 
 
 def replay_dead_letters(rt, entries):
-    """Queue each dead letter again (it leaves the store once applied); return how many."""
-    for entry in entries:
-        replay_dead_letter(rt, entry)
-    return len(entries)
+    """Hand the dead letters to the workers to replay, however many (each leaves the store once
+    applied); return the replay batch's id, for ``replay_progress`` and ``replay_outcome``."""
+    return start_batch(rt, [entry["id"] for entry in entries])
+
+
+def replay_results(rt, batch, rows=REPLAY_ROWS):
+    """``(done, total, totals, results)`` of a replay batch: how many of its dead letters the workers
+    went through, of how many; ``{outcome: count}`` over those; ``(id, outcome, detail)`` of the first
+    ``rows`` of them (the rest are counted, not listed)."""
+    done, total = batch_progress(rt, batch)
+    results = [(entry_id, *replay_outcome(rt, entry_id)) for entry_id in batch_ids(rt, batch, done)]
+    totals = collections.Counter(outcome for _, outcome, _ in results)
+    return done, total, dict(totals), results[:rows]
 
 
 def purge_dead_letters(rt, entries):

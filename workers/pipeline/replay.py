@@ -1,9 +1,16 @@
-"""Replaying a dead letter, and what became of it."""
+"""Replaying a dead letter, and what became of it; replaying many in the workers (a replay batch)."""
 import json
+import logging
+import secrets
 
-from workers.celery_config import PROCESS_DELIVERY
+from workers.celery_config import PROCESS_DELIVERY, REPLAY_DEAD_LETTERS
 from workers.pipeline.jobs import DeliverJob
 from workers.pipeline.outcomes import DELIVER_STAGE, ENRICH
+from workers.store import keys
+
+log = logging.getLogger(__name__)
+BATCH_SECONDS = 86400  # how long a replay batch's ids and progress are kept
+BATCH_CHUNK = 500  # dead letters replayed between two records of a batch's progress
 
 
 def replay_dead_letter(rt, entry):
@@ -53,3 +60,49 @@ def replay_outcome(rt, entry, since):
     if outcome.get("state") in ("applied", "stale") and outcome["at"] >= since:
         return outcome["state"], ""
     return "queued", outcome.get("state", "")
+
+
+def start_batch(rt, ids):
+    """Keep the dead-letter ``ids`` as a replay batch and queue its replay for the workers (the
+    ``replay_dead_letters`` task: a request never replays thousands itself); return the batch's id."""
+    batch = secrets.token_urlsafe(12)
+    with rt.redis.pipeline() as pipe:
+        if ids:
+            pipe.rpush(keys.replay_batch(batch), *ids)
+        pipe.hset(keys.replay_batch_progress(batch), mapping={"total": len(ids), "done": 0})
+        for key in (keys.replay_batch(batch), keys.replay_batch_progress(batch)):
+            pipe.expire(key, BATCH_SECONDS)
+        pipe.execute()
+    if ids:
+        rt.scheduler.schedule(REPLAY_DEAD_LETTERS, [batch], 0)
+    return batch
+
+
+def replay_batch(rt, batch, chunk=BATCH_CHUNK):
+    """Replay a batch's dead letters (those still in the store) from where it stands, recording its
+    progress after every ``chunk``: run again (its task redelivered after its worker died), it goes
+    on from there, replaying at most that chunk twice, which the versions make harmless. Returns how
+    many this run replayed."""
+    done, _ = batch_progress(rt, batch)
+    replayed = 0
+    while ids := rt.redis.lrange(keys.replay_batch(batch), done, done + chunk - 1):
+        for entry_id in ids:
+            entry = rt.dead_letters.get(entry_id)
+            if entry is not None:  # else applied or purged since the operator chose it
+                replay_dead_letter(rt, entry)
+                replayed += 1
+        done += len(ids)
+        rt.redis.hset(keys.replay_batch_progress(batch), "done", done)
+    log.info("replay batch %s: %d dead letter(s) replayed", batch, replayed)
+    return replayed
+
+
+def batch_progress(rt, batch):
+    """``(done, total)`` of a replay batch: how many of its dead letters the workers have gone through."""
+    progress = rt.redis.hgetall(keys.replay_batch_progress(batch))
+    return int(progress.get("done", 0)), int(progress.get("total", 0))
+
+
+def batch_ids(rt, batch, count):
+    """The ids of the first ``count`` dead letters of a replay batch."""
+    return rt.redis.lrange(keys.replay_batch(batch), 0, count - 1) if count > 0 else []

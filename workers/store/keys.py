@@ -10,7 +10,7 @@ BROKER_KEY_PREFIX = ""
 # Celery queues, and the Redis lists kombu keeps them in.
 INGEST_QUEUE = "ingest"      # process_delivery: one message per accepted delivery
 DELIVER_QUEUE = "deliver"    # deliver: a retried, resumed, replayed or repaired write to one sink
-CONTROL_QUEUE = "control"    # the sweeper and the retry release (beat)
+CONTROL_QUEUE = "control"    # the sweeper, the retry release (beat), subscription syncs, console replays
 WORK_QUEUES = (INGEST_QUEUE, DELIVER_QUEUE)
 KOMBU_UNACKED = BROKER_KEY_PREFIX + "unacked"  # kombu's hash of delivered, unacknowledged messages
 
@@ -123,5 +123,11 @@ def console_login(remote_addr):
     return f"{PREFIX}console:login:{remote_addr}"
 
 
-def console_replay(batch):
+def replay_batch(batch):
+    """A replay of many dead letters handed to the workers: the list of their ids."""
     return f"{PREFIX}console:replay:{batch}"
+
+
+def replay_batch_progress(batch):
+    """How far a replay batch has come: a hash of ``total`` and ``done``."""
+    return f"{PREFIX}console:replay:{batch}:progress"
