@@ -18,7 +18,7 @@ from workers.ops.devstack import free_port
 from workers.domain.locations import Location
 from workers.ops.simulators import storepoint
 from workers.ops.simulators.base import SimulatorServer
-from workers.pipeline.replay import replay_batch
+from workers.pipeline import replay
 from workers.sinks.storepoint import StorepointSink
 from workers.store.stores import DeadLetterStore, Ledger, MappingStore, Quarantine, connect
 
@@ -328,7 +328,7 @@ def test_dead_letters_filter_show_confirm_replay_and_results(app, client, redis_
 
     results = done.headers["Location"]
     assert "0 of 2 replayed so far" in client.get(results).text
-    assert replay_batch(app.extensions["l2u.console_runtime"], results.rpartition("/")[2]) == 2  # the task's work
+    assert replay.replay_batch(app.extensions["l2u.console_runtime"], results.rpartition("/")[2]) == 2  # the task's work
     assert redis_client.llen("deliver") == 2  # two deliver tasks queued
     assert "2 of 2 replayed." in client.get(results).text and "queued: 2" in client.get(results).text
     ledger = Ledger(redis_client)
@@ -349,7 +349,7 @@ def test_replay_one_and_purge_selected_dead_letters(app, client, redis_client):
     assert "Replay 1 dead letter?" in one.text
     done = post_form(client, "/console/dead-letters/apply", "/console/dead-letters", choice="replay:selected",
                      id="d-1:storepoint")
-    assert replay_batch(app.extensions["l2u.console_runtime"], done.headers["Location"].rpartition("/")[2]) == 1
+    assert replay.replay_batch(app.extensions["l2u.console_runtime"], done.headers["Location"].rpartition("/")[2]) == 1
     assert Ledger(redis_client).get("d-1")["sinks"]["storepoint"]["state"] == "pending"
     assert redis_client.llen("deliver") == 1
 
@@ -391,6 +391,32 @@ def test_replaying_all_of_many_dead_letters_answers_at_once_and_the_workers_repl
     assert redis_client.llen("deliver") == 8000
     assert Ledger(redis_client).get("d-7999")["sinks"]["storepoint"]["state"] == "pending"
     assert "queued: 8000" in browser.get(done.url).text
+
+
+def test_a_replay_batch_cut_short_goes_on_from_its_last_chunk_when_run_again(app, redis_client, monkeypatch):
+    """The replay task redelivered after its worker died mid-way replays what was left, and again at
+    most the chunk it was in; a dead letter purged meanwhile is skipped."""
+    rt = app.extensions["l2u.console_runtime"]
+    ids = [seed_dead_letter(redis_client, f"d-{number}")["id"] for number in range(7)]
+    batch = replay.start_batch(rt, ids)
+    DeadLetterStore(redis_client).remove(ids[5])  # purged before the workers reach it
+    replayed, real = [], replay.replay_dead_letter
+
+    def dies_at_the_fourth(runtime_, entry):
+        if len(replayed) == 3:
+            raise SystemExit("worker killed")
+        replayed.append(entry["id"])
+        return real(runtime_, entry)
+
+    monkeypatch.setattr(replay, "replay_dead_letter", dies_at_the_fourth)
+    with pytest.raises(SystemExit):
+        replay.replay_batch(rt, batch, chunk=2)
+    assert replay.batch_progress(rt, batch) == (2, 7)  # the first chunk recorded, the second cut short
+    monkeypatch.setattr(replay, "replay_dead_letter", real)
+    assert replay.replay_batch(rt, batch, chunk=2) == 4  # d-2 again, d-3, d-4, d-6
+    assert replay.batch_progress(rt, batch) == (7, 7)
+    assert redis_client.llen("deliver") == 3 + 4
+    assert replay.replay_batch(rt, batch, chunk=2) == 0  # a third run finds nothing left
 
 
 def test_quarantine_list_view_and_purge(client, redis_client):
