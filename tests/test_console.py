@@ -1,7 +1,10 @@
 """The operator console through Flask's test client, on a real Redis (and a Storepoint simulator for drift)."""
+import http.client
 import json
 import re
 import time
+import urllib.parse
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -14,6 +17,7 @@ from tests.helpers import wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, demo_env
 from workers.config import ConfigError, Settings
+from workers.dyno.router import pass_router_client
 from workers.ops.devstack import free_port
 from workers.domain.locations import Location
 from workers.ops.simulators import storepoint
@@ -167,6 +171,67 @@ def test_wrong_password_and_rate_limit_per_client_ip(app, caplog):
     assert other_ip.post("/console/login", data={"csrf_token": token, "name": "admin", "password": PASSWORD},
                          environ_base={"REMOTE_ADDR": "10.0.0.9"}).status_code == 302
     assert "login_limited" in caplog.text and PASSWORD not in caplog.text
+
+
+def through_router(web, client_ip, path, forged=(), **headers):
+    """A request as Heroku's router passes it on: from its own address (loopback here), the client's
+    appended to the first ``X-Forwarded-For`` header the client sent (``forged``: their values; each is
+    sent as a header of its own), or in one of its own. ``(status, headers, body)``."""
+    connection = http.client.HTTPConnection("127.0.0.1", web.port, timeout=30)
+    try:
+        body = headers.pop("body", None)
+        connection.putrequest("POST" if body is not None else "GET", path)
+        forwarded = [f"{forged[0]}, {client_ip}", *forged[1:]] if forged else [client_ip]
+        for value in forwarded:
+            connection.putheader("X-Forwarded-For", value)
+        for name, value in headers.items():
+            connection.putheader(name.replace("_", "-"), value)
+        if body is not None:
+            connection.putheader("Content-Type", "application/x-www-form-urlencoded")
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body.encode() if body is not None else None)
+        response = connection.getresponse()
+        return response.status, response.headers, response.read().decode()
+    finally:
+        connection.close()
+
+
+def log_in_through_router(web, client_ip, password=PASSWORD, forged=(), **headers):
+    """A login from ``client_ip`` through the router (with ``headers`` of the client's); the answer's status."""
+    _, answer_headers, page = through_router(web, client_ip, "/console/login")
+    cookie = answer_headers["Set-Cookie"].partition(";")[0]
+    form = urllib.parse.urlencode({"csrf_token": csrf_from(SimpleNamespace(text=page)), "name": "admin",
+                                   "password": password})
+    return through_router(web, client_ip, "/console/login", forged, Cookie=cookie, body=form, **headers)[0]
+
+
+def test_behind_herokus_router_login_attempts_are_limited_per_client_not_per_router(
+        console_settings, start_process, redis_client, caplog):
+    """On Heroku every request comes from a router node: limited by the address the web process sees,
+    one attacker's failures locked every operator out (and an operator's login reset the attacker's
+    count). Behind the router (``$DYNO`` set) the limit is per client, and a client cannot leave it by
+    sending X-Forwarded-For entries of its own, in one header or several."""
+    web = start_process("gunicorn", console_settings, env={"DYNO": "web.1"})
+    attacker, operator = "203.0.113.9", "198.51.100.7"
+    for attempt in range(10):
+        forged = [[], [f"10.0.0.{attempt}"], [f"10.0.1.{attempt}", f"10.0.2.{attempt}"]][attempt % 3]
+        assert log_in_through_router(web, attacker, "wrong password!", forged) == 401
+    for forged in ([], ["10.0.0.99"], ["10.0.1.99", "10.0.2.99"], [operator], ["10.0.3.1", operator]):
+        assert log_in_through_router(web, attacker, PASSWORD, forged) == 429  # even with the right password
+    # nor by naming itself in the header the web process passes the client on in
+    assert log_in_through_router(web, attacker, PASSWORD, X_L2U_Router_Client="10.0.4.1") == 429
+    assert log_in_through_router(web, operator) == 302  # another client behind the same router
+    assert "203.0.113.9" in web.output()  # the audit names the client, not the router
+
+
+def test_the_router_client_hook_passes_on_only_what_the_router_appended():
+    headers = [("HOST", "relay"), ("X-FORWARDED-FOR", "10.0.0.1, 203.0.113.9"), ("X-FORWARDED-FOR", "10.0.0.2"),
+               ("X-L2U-ROUTER-CLIENT", "10.0.0.3"), ("X_L2U_ROUTER_CLIENT", "10.0.0.4")]
+    passed = dict(pass_router_client(headers, behind=True))
+    assert passed["X-L2U-ROUTER-CLIENT"] == "203.0.113.9, 10.0.0.2" and "X_L2U_ROUTER_CLIENT" not in passed
+    assert "X-L2U-ROUTER-CLIENT" not in dict(pass_router_client(headers, behind=False))  # not on a dyno
+    assert dict(pass_router_client([("X-FORWARDED-FOR", "not an address")], behind=True)) == {
+        "X-FORWARDED-FOR": "not an address"}
 
 
 def test_operators_with_password_hashes(settings):

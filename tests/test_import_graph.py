@@ -47,6 +47,8 @@ RECEIVER_ALLOWED = {
     # operator console (console/)
     "workers.runtime": "the Runtime (settings, Redis, sinks, task sending) the console's operations run in",
     "workers.ops.operations": "replay, release, discard and search: the console runs the CLI's operations",
+    "workers.dyno.router": "the client behind Heroku's router, which the gunicorn hook passes on: the console's "
+                           "login limit counts per client",
 }
 # Modules the web process must never load, even through the allowed ones: the command line and benchmarks.
 RECEIVER_NEVER = ("workers.ops.cli", "workers.ops.commands", "workers.locate2u.commands",

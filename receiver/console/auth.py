@@ -1,4 +1,5 @@
-"""Console login: operators from settings, constant-time checks, attempts limited per client IP in Redis."""
+"""Console login: operators from settings, constant-time checks, attempts limited per client IP in Redis
+(behind Heroku's router, the client's address it passes on: ``workers.dyno.router``)."""
 import hmac
 
 from flask import current_app, redirect, render_template, request, session, url_for
@@ -6,6 +7,7 @@ from flask_wtf.csrf import CSRFError
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from receiver.console.blueprint import bp, csrf, record_action, runtime
+from workers.dyno.router import router_clients
 from workers.store import keys
 
 SHARED_PASSWORD_OPERATOR = "admin"  # the name that goes with RELAY_CONSOLE_PASSWORD
@@ -30,21 +32,27 @@ def check_login(settings, name, password):
     return matches and name in known
 
 
-def _attempts_key():
-    return keys.console_login(request.remote_addr)
+def _client_addresses():
+    """Where this request comes from: behind Heroku's router the client it passes on (two addresses
+    when the request carried several X-Forwarded-For headers), else the address the web process sees."""
+    return router_clients(request.headers) or [request.remote_addr]
 
 
 def _count_attempt():
-    """Count a login attempt from this client IP; return the seconds to wait when over the limit, else 0."""
-    client, key = runtime().redis, _attempts_key()
-    with client.pipeline() as pipe:
-        pipe.incr(key)
-        pipe.ttl(key)
-        attempts, ttl = pipe.execute()
-    if ttl < 0:  # the window starts at the first attempt
-        client.expire(key, LOGIN_WINDOW_SECONDS)
-        ttl = LOGIN_WINDOW_SECONDS
-    return max(ttl, 1) if attempts > LOGIN_ATTEMPTS else 0
+    """Count a login attempt from each of this request's client addresses; return the seconds to wait
+    when one of them is over the limit, else 0."""
+    client, wait = runtime().redis, 0
+    for address in _client_addresses():
+        key = keys.console_login(address)
+        with client.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.ttl(key)
+            attempts, ttl = pipe.execute()
+        if ttl < 0:  # the window starts at the first attempt
+            client.expire(key, LOGIN_WINDOW_SECONDS)
+            ttl = LOGIN_WINDOW_SECONDS
+        wait = max(wait, max(ttl, 1) if attempts > LOGIN_ATTEMPTS else 0)
+    return wait
 
 
 @bp.before_request
@@ -70,16 +78,16 @@ def login():
         return render_template("console/login.html", next=next_page)
     wait = _count_attempt()
     if wait:
-        record_action("login_limited", 0, ip=request.remote_addr)
+        record_action("login_limited", 0, ip=", ".join(_client_addresses()))
         return render_template("console/login.html", next=next_page,
                                error=f"Too many login attempts from this address; try again in {wait} s."), 429
     name, password = request.form.get("name", ""), request.form.get("password", "")
     settings = current_app.extensions["l2u.settings"]
     if not check_login(settings, name, password):
-        record_action("login_failed", 0, ip=request.remote_addr)
+        record_action("login_failed", 0, ip=", ".join(_client_addresses()))
         return render_template("console/login.html", next=next_page, name=name,
                                error="Unknown name or wrong password."), 401
-    runtime().redis.delete(_attempts_key())
+    runtime().redis.delete(*[keys.console_login(address) for address in _client_addresses()])
     session.clear()
     session.permanent = True
     session["operator"] = name

@@ -4,7 +4,8 @@ dyno, and by ``l2u-relay run`` through ``--config python:workers.dyno.gunicorn_c
 Binds ``0.0.0.0:$PORT`` (gunicorn's own default when PORT is set), runs
 ``WEB_CONCURRENCY`` sync workers (default 2), logs JSON lines to stdout,
 turns on Prometheus multiprocess mode so ``/metrics`` merges every worker, and
-keeps each worker's loaded app out of the garbage collector's walks (``post_worker_init``).
+keeps each worker's loaded app out of the garbage collector's walks (``post_worker_init``) and, on a
+dyno, passes on the client address behind Heroku's router (``pre_request``).
 """
 import gc
 import os
@@ -16,6 +17,10 @@ if _OWN_METRICS_DIR:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="l2u-metrics-")
 
 from prometheus_client import multiprocess  # noqa: E402  (needs the directory set first)
+
+from workers.dyno.router import behind_router, pass_router_client  # noqa: E402
+
+_BEHIND_ROUTER = behind_router()
 
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 timeout = 30
@@ -41,6 +46,12 @@ def post_worker_init(worker):
     permanent generation, so a full collection stops walking it again and again: ~7 % of a webhook
     request's CPU under load (README, Performance). A Celery pool process gained nothing measurable."""
     gc.freeze()
+
+
+def pre_request(worker, req):
+    """Pass the client behind Heroku's router on to the app, never a client's own claim of it
+    (``workers.dyno.router``: the console's login limit counts per client)."""
+    req.headers = pass_router_client(req.headers, _BEHIND_ROUTER)
 
 
 def child_exit(server, worker):
