@@ -393,7 +393,8 @@ def test_dead_letters_filter_show_confirm_replay_and_results(app, client, redis_
 
     results = done.headers["Location"]
     assert "0 of 2 replayed so far" in client.get(results).text
-    assert replay.replay_batch(app.extensions["l2u.console_runtime"], results.rpartition("/")[2]) == 2  # the task's work
+    batch = results.rpartition("/")[2]
+    assert replay.replay_batch(app.extensions["l2u.console_runtime"], batch) == 2  # the task's work
     assert redis_client.llen("deliver") == 2  # two deliver tasks queued
     assert "2 of 2 replayed." in client.get(results).text and "queued: 2" in client.get(results).text
     ledger = Ledger(redis_client)
@@ -452,7 +453,7 @@ def test_replaying_all_of_many_dead_letters_answers_at_once_and_the_workers_repl
     assert redis_client.llen("deliver") == 0  # nothing replayed in the request
 
     start_process("worker", console_settings, queues="control")  # deliver messages stay queued, to count
-    wait_for(lambda: "8000 of 8000 replayed" in browser.get(done.url).text, timeout=120)  # the workers finish the replay
+    wait_for(lambda: "8000 of 8000 replayed" in browser.get(done.url).text, timeout=120)  # the workers finish
     assert redis_client.llen("deliver") == 8000
     assert Ledger(redis_client).get("d-7999")["sinks"]["storepoint"]["state"] == "pending"
     assert "queued: 8000" in browser.get(done.url).text
