@@ -485,6 +485,22 @@ def test_a_replay_batch_cut_short_goes_on_from_its_last_chunk_when_run_again(app
     assert replay.replay_batch(rt, batch, chunk=2) == 0  # a third run finds nothing left
 
 
+def test_a_long_replay_batch_hands_its_rest_on_instead_of_outliving_the_visibility_timeout(app, redis_client):
+    """A task still running past the broker's visibility timeout (240 s by default) is handed to a
+    second worker while the first goes on, and both replay the same letters. A run stops after its
+    time budget (a quarter of that timeout; none here) and queues a task for the rest."""
+    rt = app.extensions["l2u.console_runtime"]
+    ids = [seed_dead_letter(redis_client, f"d-{number}")["id"] for number in range(5)]
+    batch = replay.start_batch(rt, ids)
+    redis_client.delete("control")  # the task start_batch queued: this test runs it
+    assert replay.replay_batch(rt, batch, chunk=2, budget=0) == 2
+    assert replay.batch_progress(rt, batch) == (2, 5) and redis_client.llen("control") == 1  # the rest
+    assert replay.replay_batch(rt, batch, chunk=2, budget=0) == 2
+    assert replay.replay_batch(rt, batch, chunk=2, budget=0) == 1
+    assert replay.batch_progress(rt, batch) == (5, 5) and redis_client.llen("control") == 2  # none after the last
+    assert redis_client.llen("deliver") == 5
+
+
 def test_quarantine_list_view_and_purge(client, redis_client):
     quarantine = Quarantine(redis_client)
     quarantine.add("stop.assigned", '{"stopId": "x"}', "schema validation failed", {"stopId": ["Not a valid integer."]})

@@ -118,7 +118,7 @@ def dead_letters_by_id(rt, ids):
 
 def replay_dead_letters(rt, entries):
     """Hand the dead letters to the workers to replay, however many (each leaves the store once
-    applied); return the replay batch's id, for ``replay_progress`` and ``replay_outcome``."""
+    applied); return the replay batch's id, for ``replay_results``."""
     return start_batch(rt, [entry["id"] for entry in entries])
 
 

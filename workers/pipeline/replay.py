@@ -2,6 +2,7 @@
 import json
 import logging
 import secrets
+import time
 
 from workers.celery_config import PROCESS_DELIVERY, REPLAY_DEAD_LETTERS
 from workers.pipeline.jobs import DeliverJob
@@ -78,13 +79,16 @@ def start_batch(rt, ids):
     return batch
 
 
-def replay_batch(rt, batch, chunk=BATCH_CHUNK):
+def replay_batch(rt, batch, chunk=BATCH_CHUNK, budget=None):
     """Replay a batch's dead letters (those still in the store) from where it stands, recording its
     progress after every ``chunk``: run again (its task redelivered after its worker died), it goes
-    on from there, replaying at most that chunk twice, which the versions make harmless. Returns how
-    many this run replayed."""
-    done, _ = batch_progress(rt, batch)
-    replayed = 0
+    on from there, replaying at most that chunk twice, which the versions make harmless. After
+    ``budget`` seconds (default: a quarter of the broker's visibility timeout, past which the broker
+    would hand the running task to a second worker) it queues a task for the rest and returns.
+    Returns how many this run replayed."""
+    budget = rt.settings.visibility_timeout / 4 if budget is None else budget
+    started, replayed = time.monotonic(), 0
+    done, total = batch_progress(rt, batch)
     while ids := rt.redis.lrange(keys.replay_batch(batch), done, done + chunk - 1):
         for entry_id in ids:
             entry = rt.dead_letters.get(entry_id)
@@ -93,7 +97,10 @@ def replay_batch(rt, batch, chunk=BATCH_CHUNK):
                 replayed += 1
         done += len(ids)
         rt.redis.hset(keys.replay_batch_progress(batch), "done", done)
-    log.info("replay batch %s: %d dead letter(s) replayed", batch, replayed)
+        if time.monotonic() - started >= budget and done < total:
+            rt.scheduler.schedule(REPLAY_DEAD_LETTERS, [batch], 0)
+            break
+    log.info("replay batch %s: %d dead letter(s) replayed, %d of %d gone through", batch, replayed, done, total)
     return replayed
 
 
