@@ -1,4 +1,5 @@
 """Console pages: overview, deliveries, one stop, dead letters (replay, purge), quarantine."""
+import collections
 import json
 
 from flask import abort, flash, redirect, render_template, request, url_for
@@ -11,6 +12,7 @@ from workers.sinks import SINK_NAMES
 from workers.store.stores import FINAL_STATES
 
 PAGE_SIZE = 25
+DEAD_LETTER_ROWS = 500  # the newest matching dead letters listed; the rest are counted, and "all" acts on them
 DEAD_LETTER_FILTERS = ("sink", "reason", "event_type", "since", "until")
 DELIVERY_STATUSES = ("received", "routed", "retrying", "open") + FINAL_STATES
 
@@ -74,9 +76,12 @@ def stop(stop_id):
 
 @bp.get("/dead-letters")
 def dead_letters():
-    entries = operations.dead_letters_matching(runtime(), **_dead_letter_filter())
-    return render_template("console/dead_letters.html", entries=list(reversed(entries)), query=_filter_query(),
-                           sinks=SINK_NAMES + ("enrich",), event_types=EVENT_TYPES)
+    """The newest ``DEAD_LETTER_ROWS`` dead letters matching the filter, and how many match."""
+    newest, count = collections.deque(maxlen=DEAD_LETTER_ROWS), 0
+    for count, entry in enumerate(operations.dead_letters_matching(runtime(), **_dead_letter_filter()), 1):
+        newest.append(entry)
+    return render_template("console/dead_letters.html", entries=list(reversed(newest)), count=count,
+                           query=_filter_query(), sinks=SINK_NAMES + ("enrich",), event_types=EVENT_TYPES)
 
 
 @bp.get("/dead-letters/<path:entry_id>")
@@ -90,24 +95,24 @@ def dead_letter(entry_id):
 @bp.post("/dead-letters/confirm")
 def dead_letters_confirm():
     """Show what an action would touch (count) and ask for confirmation."""
-    action, entries = _chosen_dead_letters()
-    return render_template("console/confirm.html", action=action, count=len(entries), what=("dead letter", "dead letters"),
-                           target=url_for("console.dead_letters_apply"), ids=[entry["id"] for entry in entries],
+    action, ids = _chosen_dead_letters()
+    return render_template("console/confirm.html", action=action, count=len(ids), what=("dead letter", "dead letters"),
+                           target=url_for("console.dead_letters_apply"), ids=ids,
                            scope=request.form["choice"].partition(":")[2], query=_filter_query(),
                            back=url_for("console.dead_letters", **_filter_query()))
 
 
 @bp.post("/dead-letters/apply")
 def dead_letters_apply():
-    action, entries = _chosen_dead_letters()
+    action, ids = _chosen_dead_letters()
     rt = runtime()
     if action == "purge":
-        purged = operations.purge_dead_letters(rt, entries)
+        purged = operations.purge_dead_letters(rt, ids)
         record_action("purge_dead_letters", purged, scope=request.form["choice"])
         flash(f"Purged {purged} dead letter(s).")
         return redirect(url_for("console.dead_letters", **_filter_query()))
-    batch = operations.replay_dead_letters(rt, entries)  # the workers replay them: no request outlives that
-    record_action("replay_dead_letters", len(entries), scope=request.form["choice"])
+    batch = operations.replay_dead_letters(rt, ids)  # the workers replay them: no request outlives that
+    record_action("replay_dead_letters", len(ids), scope=request.form["choice"])
     return redirect(url_for("console.replay_results", batch=batch))
 
 
@@ -163,17 +168,17 @@ def _filter_query():
 
 
 def _chosen_dead_letters():
-    """``(action, entries)`` of a dead-letter form: the ticked ids, or every entry matching the filter."""
+    """``(action, ids)`` of a dead-letter form: the ticked ones still there, or every one matching the filter."""
     action, _, scope = request.form.get("choice", "").partition(":")
     if action not in ("replay", "purge") or scope not in ("selected", "all"):
         abort(400, "choose replay or purge, for the selected dead letters or all matching the filter")
     if scope == "all":
-        return action, operations.dead_letters_matching(runtime(), **_dead_letter_filter())
+        return action, [entry["id"] for entry in operations.dead_letters_matching(runtime(), **_dead_letter_filter())]
     ids = request.form.getlist("id")
     if not ids:
         abort(400, "no dead letter selected: tick at least one, or choose all matching the filter")
     entries, _ = operations.dead_letters_by_id(runtime(), ids)
-    return action, entries
+    return action, [entry["id"] for entry in entries]
 
 
 def _chosen_quarantine():

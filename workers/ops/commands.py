@@ -85,7 +85,7 @@ def _select(rt, ids, all_, sink, since):
     if bool(ids) == bool(all_):
         raise click.UsageError("give dead-letter IDs or --all (with --sink/--since to narrow it)")
     if all_:
-        return operations.dead_letters_matching(rt, sink=sink, since=_since(since))
+        return list(operations.dead_letters_matching(rt, sink=sink, since=_since(since)))
     entries, missing = operations.dead_letters_by_id(rt, ids)
     if missing:
         raise click.ClickException(f"no dead letter {', '.join(missing)}")
@@ -140,7 +140,7 @@ def dlq_replay(ids, all_, sink, since, wait):
 def dlq_purge(ids, all_, sink, since):
     """Delete dead letters for good."""
     rt = _runtime()
-    removed = operations.purge_dead_letters(rt, _select(rt, ids, all_, sink, since))
+    removed = operations.purge_dead_letters(rt, [entry["id"] for entry in _select(rt, ids, all_, sink, since)])
     click.echo(f"purged {removed} dead letter(s)")
 
 

@@ -102,12 +102,12 @@ def activity(rt, now, window=3600, buckets=12):
 # ------------------------------------------------------------------ dead letters
 
 def dead_letters_matching(rt, sink=None, since=None, until=None, reason=None, event_type=None):
-    """Dead letters, oldest first, narrowed by sink, time range, reason (substring) and event type."""
-    entries = rt.dead_letters.list(sink=sink, since=since)
-    return [entry for entry in entries
+    """Dead letters, oldest first, narrowed by sink, time range, reason (substring) and event type: an
+    iterator, read a thousand at a time (``DeadLetterStore.scan``)."""
+    return (entry for entry in rt.dead_letters.scan(sink=sink, since=since)
             if (until is None or entry["at"] <= until)
             and (not reason or reason.lower() in entry["reason"].lower())
-            and (not event_type or entry.get("event_type") == event_type)]
+            and (not event_type or entry.get("event_type") == event_type))
 
 
 def dead_letters_by_id(rt, ids):
@@ -116,10 +116,10 @@ def dead_letters_by_id(rt, ids):
     return [entry for entry in entries if entry], [i for i, entry in zip(ids, entries) if entry is None]
 
 
-def replay_dead_letters(rt, entries):
-    """Hand the dead letters to the workers to replay, however many (each leaves the store once
+def replay_dead_letters(rt, ids):
+    """Hand the dead letters ``ids`` to the workers to replay, however many (each leaves the store once
     applied); return the replay batch's id, for ``replay_results``."""
-    return start_batch(rt, [entry["id"] for entry in entries])
+    return start_batch(rt, ids)
 
 
 def replay_results(rt, batch, rows=REPLAY_ROWS):
@@ -132,9 +132,9 @@ def replay_results(rt, batch, rows=REPLAY_ROWS):
     return done, total, dict(totals), results[:rows]
 
 
-def purge_dead_letters(rt, entries):
-    """Delete dead letters for good; return how many were still there."""
-    return sum(rt.dead_letters.remove(entry["id"]) for entry in entries)
+def purge_dead_letters(rt, ids):
+    """Delete the dead letters ``ids`` for good; return how many were still there."""
+    return rt.dead_letters.remove_many(ids)
 
 
 def replay_outcome(rt, entry_id):

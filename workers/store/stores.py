@@ -1010,16 +1010,29 @@ class DeadLetterStore:
         raw = self.redis.get(f"{self.INDEX}:{entry_id}")
         return json.loads(raw) if raw else None
 
-    def list(self, sink=None, since=None):
-        """Entries oldest first, optionally for one sink and since an epoch time."""
+    def scan(self, sink=None, since=None, chunk=1000):
+        """Entries oldest first, optionally for one sink and since an epoch time, read ``chunk`` at a
+        time: what a caller does not keep is not held in memory (there may be a million)."""
         ids = self.redis.zrangebyscore(self.INDEX, since or "-inf", "+inf")
-        raws = self.redis.mget([f"{self.INDEX}:{entry_id}" for entry_id in ids]) if ids else []
-        entries = [json.loads(raw) for raw in raws if raw]
-        return [entry for entry in entries if sink is None or entry["sink"] == sink]
+        for start in range(0, len(ids), chunk):
+            raws = self.redis.mget([f"{self.INDEX}:{entry_id}" for entry_id in ids[start:start + chunk]])
+            for raw in raws:
+                entry = json.loads(raw) if raw else None  # None: removed since the index was read
+                if entry is not None and (sink is None or entry["sink"] == sink):
+                    yield entry
+
+    def list(self, sink=None, since=None):
+        """``scan``'s entries, as a list."""
+        return list(self.scan(sink, since))
 
     def remove(self, entry_id):
         """Drop an entry (applied after replay, or purged); return True if it existed."""
-        return bool(self._drop(keys=[self.INDEX, self.COUNTS], args=[entry_id]))
+        return bool(self.remove_many([entry_id]))
+
+    def remove_many(self, entry_ids, chunk=500):
+        """Drop entries, ``chunk`` per script call; return how many existed."""
+        return sum(self._drop(keys=[self.INDEX, self.COUNTS], args=entry_ids[start:start + chunk])
+                   for start in range(0, len(entry_ids), chunk))
 
     def trim(self, limit, max_age, now=None):
         """Drop entries older than ``max_age`` seconds, then the oldest beyond ``limit``; return how many."""
@@ -1027,9 +1040,7 @@ class DeadLetterStore:
         old = self.redis.zrangebyscore(self.INDEX, "-inf", cutoff)
         excess = max(0, self.redis.zcard(self.INDEX) - len(old) - limit)
         old += self.redis.zrange(self.INDEX, len(old), len(old) + excess - 1) if excess else []
-        for start in range(0, len(old), 500):
-            batch = old[start:start + 500]
-            self._drop(keys=[self.INDEX, self.COUNTS], args=batch)
+        self.remove_many(old)
         return len(old)
 
     def counts(self):
