@@ -62,13 +62,14 @@ def dlq():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def dlq_list(sink, since, as_json):
     """List dead letters, oldest first."""
-    entries = _runtime().dead_letters.list(sink=sink, since=_since(since))
+    entries = _runtime().dead_letters.scan(sink=sink, since=_since(since))
     if as_json:
-        return _echo_json(entries)
-    for entry in entries:
+        return _echo_json(list(entries))
+    count = 0
+    for count, entry in enumerate(entries, 1):  # printed as read: a million need not fit in memory
         click.echo(f"{_when(entry['at'])}  {entry['id']:<80}  {entry.get('event_type') or '-':<24} "
                    f"{entry['reason'][:100]}")
-    click.echo(f"{len(entries)} dead letter(s)")
+    click.echo(f"{count} dead letter(s)")
 
 
 @dlq.command("show")
