@@ -235,6 +235,23 @@ def test_the_router_client_hook_passes_on_only_what_the_router_appended():
         "X-FORWARDED-FOR": "not an address"}
 
 
+def test_an_ipv6_client_cannot_leave_the_login_limit_by_changing_addresses_within_its_network(app):
+    """One IPv6 client is given a /64 network: 2**64 addresses to try passwords from, ten each. Attempts
+    count per /64; another network, and any IPv4 address, keep their own count."""
+    client = app.test_client()
+
+    def log_in_from(address, password="wrong password!"):
+        token = csrf_from(client.get("/console/login", environ_base={"REMOTE_ADDR": address}))
+        return client.post("/console/login", data={"csrf_token": token, "name": "admin", "password": password},
+                           environ_base={"REMOTE_ADDR": address}).status_code
+
+    for host in range(10):
+        assert log_in_from(f"2001:db8:1:2:{host:x}::1") == 401
+    assert log_in_from("2001:db8:1:2:ffff:ffff:ffff:ffff", PASSWORD) == 429  # the same /64
+    assert log_in_from("2001:db8:1:3::1", PASSWORD) == 302  # the next network
+    assert log_in_from("192.0.2.1", PASSWORD) == 302
+
+
 def test_operators_with_password_hashes(settings):
     operators = (f"alice:{generate_password_hash('alice-password-1')}",
                  f"bob:{generate_password_hash('bob-password-22', method='pbkdf2:sha256')}")

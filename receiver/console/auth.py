@@ -1,6 +1,7 @@
 """Console login: operators from settings, constant-time checks, attempts limited per client IP in Redis
 (behind Heroku's router, the client's address it passes on: ``workers.dyno.router``)."""
 import hmac
+import ipaddress
 
 from flask import current_app, redirect, render_template, request, session, url_for
 from flask_wtf.csrf import CSRFError
@@ -38,12 +39,22 @@ def _client_addresses():
     return router_clients(request.headers) or [request.remote_addr]
 
 
+def _counted_as(address):
+    """What attempts from ``address`` count against: an IPv6 address's /64 (one client's network,
+    2**64 addresses to rotate through), else the address itself."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    return str(ipaddress.ip_network((ip, 64), strict=False)) if ip.version == 6 else address
+
+
 def _count_attempt():
     """Count a login attempt from each of this request's client addresses; return the seconds to wait
     when one of them is over the limit, else 0."""
     client, wait = runtime().redis, 0
     for address in _client_addresses():
-        key = keys.console_login(address)
+        key = keys.console_login(_counted_as(address))
         with client.pipeline() as pipe:
             pipe.incr(key)
             pipe.ttl(key)
@@ -87,7 +98,7 @@ def login():
         record_action("login_failed", 0, ip=", ".join(_client_addresses()))
         return render_template("console/login.html", next=next_page, name=name,
                                error="Unknown name or wrong password."), 401
-    runtime().redis.delete(*[keys.console_login(address) for address in _client_addresses()])
+    runtime().redis.delete(*[keys.console_login(_counted_as(address)) for address in _client_addresses()])
     session.clear()
     session.permanent = True
     session["operator"] = name
