@@ -548,6 +548,22 @@ def test_the_dead_letter_pages_hold_a_page_of_letters_however_many_match(client,
     assert large < 2 * small, (small, large)
 
 
+def test_a_replay_batch_whose_task_the_broker_lost_is_sent_again_by_the_sweeper(app, redis_client):
+    """A broker can lose the replay task (RabbitMQ restarted before persisting it, a Redis failover).
+    The dead letters stay in the store, but the operator's replay would wait forever: the sweeper
+    sends the task again once the batch made no progress for the visibility timeout plus
+    ``RELAY_SWEEP_AFTER``, and forgets the batch once it is done."""
+    rt = app.extensions["l2u.console_runtime"]
+    ids = [seed_dead_letter(redis_client, f"d-{number}")["id"] for number in range(3)]
+    batch = replay.start_batch(rt, ids)
+    redis_client.delete("control")  # lost
+    stalled_at = time.time() + rt.settings.visibility_timeout + rt.settings.sweep_after
+    assert replay.resend_stalled(rt, now=stalled_at - 1) == 0  # it may still be queued or running
+    assert replay.resend_stalled(rt, now=stalled_at + 1) == 1 and redis_client.llen("control") == 1
+    assert replay.replay_batch(rt, batch) == 3
+    assert replay.resend_stalled(rt, now=stalled_at + 86400) == 0 and redis_client.llen("control") == 1
+
+
 def test_quarantine_list_view_and_purge(client, redis_client):
     quarantine = Quarantine(redis_client)
     quarantine.add("stop.assigned", '{"stopId": "x"}', "schema validation failed", {"stopId": ["Not a valid integer."]})

@@ -70,6 +70,7 @@ def start_batch(rt, ids):
     with rt.redis.pipeline() as pipe:
         if ids:
             pipe.rpush(keys.replay_batch(batch), *ids)
+            pipe.zadd(keys.REPLAY_BATCHES, {batch: time.time() + _stall_seconds(rt)})
         pipe.hset(keys.replay_batch_progress(batch), mapping={"total": len(ids), "done": 0})
         for key in (keys.replay_batch(batch), keys.replay_batch_progress(batch)):
             pipe.expire(key, BATCH_SECONDS)
@@ -77,6 +78,30 @@ def start_batch(rt, ids):
     if ids:
         rt.scheduler.schedule(REPLAY_DEAD_LETTERS, [batch], 0)
     return batch
+
+
+def _stall_seconds(rt):
+    """How long a replay batch may make no progress before its task counts as lost: a task held by a
+    dead worker comes back after the visibility timeout, and one waiting in the queue is not lost."""
+    return rt.settings.visibility_timeout + rt.settings.sweep_after
+
+
+def resend_stalled(rt, now=None):
+    """The sweeper's part: queue the task of each unfinished replay batch that made no progress for
+    ``_stall_seconds`` again (the broker lost it), and forget finished or expired batches; return
+    how many were sent."""
+    now = time.time() if now is None else now
+    sent = 0
+    for batch in rt.redis.zrangebyscore(keys.REPLAY_BATCHES, "-inf", now):
+        done, total = batch_progress(rt, batch)
+        if done >= total:  # finished, or expired with its progress
+            rt.redis.zrem(keys.REPLAY_BATCHES, batch)
+            continue
+        rt.redis.zadd(keys.REPLAY_BATCHES, {batch: now + _stall_seconds(rt)})
+        rt.scheduler.schedule(REPLAY_DEAD_LETTERS, [batch], 0)
+        log.warning("replay batch %s made no progress (%d of %d): its task is sent again", batch, done, total)
+        sent += 1
+    return sent
 
 
 def replay_batch(rt, batch, chunk=BATCH_CHUNK, budget=None):
@@ -96,7 +121,13 @@ def replay_batch(rt, batch, chunk=BATCH_CHUNK, budget=None):
                 replay_dead_letter(rt, entry)
                 replayed += 1
         done += len(ids)
-        rt.redis.hset(keys.replay_batch_progress(batch), "done", done)
+        with rt.redis.pipeline() as pipe:
+            pipe.hset(keys.replay_batch_progress(batch), "done", done)
+            if done < total:
+                pipe.zadd(keys.REPLAY_BATCHES, {batch: time.time() + _stall_seconds(rt)})
+            else:
+                pipe.zrem(keys.REPLAY_BATCHES, batch)
+            pipe.execute()
         if time.monotonic() - started >= budget and done < total:
             rt.scheduler.schedule(REPLAY_DEAD_LETTERS, [batch], 0)
             break

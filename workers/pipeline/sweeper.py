@@ -6,7 +6,8 @@ progress. A pass reads that index oldest first; a delivery without progress for
 broker's list behind a backlog (its queue ticket says so without scanning the list); then its
 clock restarts. Received, retrying and processing deliveries whose lease lapsed get
 ``process_delivery`` again; routed ones whose sink stalled are resumed. A key's newest write
-sent again after a lock lapse (``deliver.reassert``) that has not landed is sent once more.
+sent again after a lock lapse (``deliver.reassert``) that has not landed is sent once more, and so
+is the task of a console replay batch that stopped moving (``replay.resend_stalled``).
 """
 import contextlib
 import logging
@@ -16,7 +17,7 @@ import redis
 
 from workers.store import housekeeping, keys
 from workers.celery_config import PROCESS_DELIVERY
-from workers.pipeline import deliver
+from workers.pipeline import deliver, replay
 from workers.store.queue_positions import work_queues
 from workers.store.stores import Status
 
@@ -26,14 +27,14 @@ SWEEP_BUDGET_SECONDS = 10.0  # one sweep stops after this long; the next one goe
 
 
 def sweep(rt, budget=SWEEP_BUDGET_SECONDS):
-    """Housekeeping, then one pass over the open index and the unconfirmed reasserts; return how
-    many deliveries and writes were queued again."""
+    """Housekeeping, then one pass over the open index, the unconfirmed reasserts and the stalled
+    replay batches; return how many deliveries, writes and replay batches were queued again."""
     housekeeping.run(rt)
     lock = rt.redis.lock(keys.SWEEP_LOCK, timeout=budget * 3, blocking=False)
     if not lock.acquire():
         return 0  # another sweep is still going (a backlog of sweep tasks, or a long one)
     try:
-        return sweep_open(rt, time.monotonic() + budget) + reassert_again(rt)
+        return sweep_open(rt, time.monotonic() + budget) + reassert_again(rt) + replay.resend_stalled(rt)
     finally:
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()

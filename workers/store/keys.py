@@ -123,6 +123,9 @@ def console_login(remote_addr):
     return f"{PREFIX}console:login:{remote_addr}"
 
 
+REPLAY_BATCHES = PREFIX + "console:replays"  # unfinished replay batches, scored by when they count as stalled
+
+
 def replay_batch(batch):
     """A replay of many dead letters handed to the workers: the list of their ids."""
     return f"{PREFIX}console:replay:{batch}"
