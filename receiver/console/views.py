@@ -120,7 +120,7 @@ def dead_letters_apply():
 def replay_results(batch):
     done, total, totals, results = operations.replay_results(runtime(), batch)
     return render_template("console/replay.html", batch=batch, results=results, totals=totals, done=done,
-                           total=total)
+                           total=total, counted=operations.REPLAY_COUNTED)
 
 
 @bp.get("/quarantine")

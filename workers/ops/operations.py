@@ -23,6 +23,7 @@ ACTIVITY_SCAN_LIMIT = 5000  # newest deliveries read for the applied-per-sink se
 SEARCH_SCAN_LIMIT = 20000  # ledger entries one search reads at most
 QUARANTINE_SCAN_LIMIT = 10000
 REPLAY_ROWS = 500  # dead letters of a replay batch whose outcome the console lists
+REPLAY_COUNTED = 5000  # dead letters of a replay batch whose outcomes the console counts
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -122,12 +123,12 @@ def replay_dead_letters(rt, ids):
     return start_batch(rt, ids)
 
 
-def replay_results(rt, batch, rows=REPLAY_ROWS):
+def replay_results(rt, batch, rows=REPLAY_ROWS, counted=REPLAY_COUNTED):
     """``(done, total, totals, results)`` of a replay batch: how many of its dead letters the workers
-    went through, of how many; ``{outcome: count}`` over those; ``(id, outcome, detail)`` of the first
-    ``rows`` of them (the rest are counted, not listed)."""
+    went through, of how many; ``{outcome: count}`` over the first ``counted`` of those (reading each
+    outcome costs a round trip or two); ``(id, outcome, detail)`` of the first ``rows`` of them."""
     done, total = batch_progress(rt, batch)
-    results = [(entry_id, *replay_outcome(rt, entry_id)) for entry_id in batch_ids(rt, batch, done)]
+    results = [(entry_id, *replay_outcome(rt, entry_id)) for entry_id in batch_ids(rt, batch, min(done, counted))]
     totals = collections.Counter(outcome for _, outcome, _ in results)
     return done, total, dict(totals), results[:rows]
 
