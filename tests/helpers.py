@@ -3,11 +3,12 @@ ledger and /metrics."""
 import json
 import re
 import time
+import tracemalloc
 
 import requests
 
 from workers.resilience.controls import RateLimiter, SlowCalls
-from workers.store.stores import Ledger
+from workers.store.stores import DeadLetterStore, Ledger
 from workers.locate2u.webhook_auth import url_token
 
 TEST_SECRET = "test-webhook-secret-0123456789"
@@ -61,3 +62,24 @@ def admit(breaker, now=None):
     roomy = RateLimiter(breaker.redis, "test-roomy", rate=10_000, burst=10_000)
     calls = SlowCalls("test-roomy")
     return breaker.admit_and_take(roomy, "l2u:test:held", calls, SlowCalls.Call("test-call", 0.001), now)[:2]
+
+
+def seed_dead_letters_up_to(client, count, body):
+    """Dead letters ``d-<n>:storepoint`` until the store holds ``count``, each keeping ``body`` (a JSON
+    text) as a real one keeps its delivery's body and record."""
+    letters = DeadLetterStore(client)
+    for number in range(client.zcard(letters.INDEX), count):
+        letters.add(f"d-{number}", "storepoint", "HTTP 422 from storepoint: invalid", stage="deliver",
+                    action="upsert", record={"key": f"k-{number}", "event": json.loads(body)}, body=body,
+                    event_type="stop.status-changed", attempts=1, received_at=time.time() - 60)
+
+
+def peak_allocated(work):
+    """``(the peak of Python's allocations while work() ran, in bytes, what it returned)``: exact
+    (tracemalloc), so a memory bound can be tested without timing anything."""
+    tracemalloc.start()
+    try:
+        result = work()
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()

@@ -3,7 +3,6 @@ import http.client
 import json
 import re
 import time
-import tracemalloc
 import urllib.parse
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ from werkzeug.security import generate_password_hash
 
 from receiver import create_app
 from receiver.console import session_key
-from tests.helpers import wait_for
+from tests.helpers import peak_allocated, seed_dead_letters_up_to, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, demo_env
 from workers.config import ConfigError, Settings
@@ -528,23 +527,14 @@ def test_the_dead_letter_pages_hold_a_page_of_letters_however_many_match(client,
     Python's own allocation count (tracemalloc) is exact, not a timing: the peak while serving 6,000
     letters stays within twice that of 1,500."""
     body = json.dumps({**status_change(164557, "Arrived", "2022-04-27T05:00:00+00:00"), "notes": "n" * 1500})
-    letters = DeadLetterStore(redis_client)
 
     def peak_serving(count):
-        for number in range(letters.redis.zcard(letters.INDEX), count):
-            letters.add(f"d-{number}", "storepoint", "HTTP 422 from storepoint: invalid", stage="deliver",
-                        action="upsert", record={"key": f"k-{number}", "event": json.loads(body)}, body=body,
-                        event_type="stop.status-changed", attempts=1)
-        tracemalloc.start()
-        try:
-            page = client.get("/console/dead-letters")
-            confirm = post_form(client, "/console/dead-letters/confirm", "/console/dead-letters", choice="purge:all")
-            return tracemalloc.get_traced_memory()[1], page.text, confirm.text
-        finally:
-            tracemalloc.stop()
+        seed_dead_letters_up_to(redis_client, count, body)
+        return peak_allocated(lambda: (client.get("/console/dead-letters").text, post_form(
+            client, "/console/dead-letters/confirm", "/console/dead-letters", choice="purge:all").text))
 
-    small, _, _ = peak_serving(1500)
-    large, page, confirm = peak_serving(6000)
+    small, _ = peak_serving(1500)
+    large, (page, confirm) = peak_serving(6000)
     assert "6000 dead letter(s) match" in page and "Purge 6000 dead letters?" in confirm
     assert page.count('name="id"') == 500 and "d-5999:storepoint" in page and "d-0:storepoint" not in page
     assert large < 2 * small, (small, large)

@@ -45,6 +45,7 @@ def _echo_json(data):
 
 REPLAY_WAIT = 30.0  # seconds `dlq replay` waits for outcomes by default
 REPLAY_POLL = 0.5
+REPLAY_REPORTED = ("id", "delivery_id", "stage", "sink")  # what the report reads of a replayed dead letter
 REPLAY_OUTCOMES = ("applied", "stale", "unrouted", "refused again", "not replayable", "queued")
 
 sink_option = click.option("--sink", type=click.Choice(SINK_NAMES + ("enrich",)), help="Only this sink.")
@@ -85,8 +86,8 @@ def dlq_show(entry_id):
 def _select(rt, ids, all_, sink, since):
     if bool(ids) == bool(all_):
         raise click.UsageError("give dead-letter IDs or --all (with --sink/--since to narrow it)")
-    if all_:
-        return list(operations.dead_letters_matching(rt, sink=sink, since=_since(since)))
+    if all_:  # an iterator: a million letters need not be held at once
+        return operations.dead_letters_matching(rt, sink=sink, since=_since(since))
     entries, missing = operations.dead_letters_by_id(rt, ids)
     if missing:
         raise click.ClickException(f"no dead letter {', '.join(missing)}")
@@ -109,9 +110,10 @@ def dlq_replay(ids, all_, sink, since, wait):
     from workers.pipeline.replay import replay_dead_letter, replay_outcome
 
     rt = _runtime()
-    entries = _select(rt, ids, all_, sink, since)
-    started = time.time()
-    outcomes = {entry["id"]: replay_dead_letter(rt, entry) for entry in entries}
+    started, outcomes, entries = time.time(), {}, []
+    for entry in _select(rt, ids, all_, sink, since):  # replayed as read; only what the report needs is kept
+        outcomes[entry["id"]] = replay_dead_letter(rt, entry)
+        entries.append({name: entry[name] for name in REPLAY_REPORTED})
     queued = [entry for entry in entries if outcomes[entry["id"]] == "queued"]
     click.echo(f"queued {len(queued)} dead letter(s) for replay")
     deadline = time.monotonic() + wait
