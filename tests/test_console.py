@@ -57,6 +57,11 @@ def client(app):
     return client
 
 
+def hidden_fields(page):
+    """The hidden inputs of a console page's form (a confirmation page's), as a browser posts them."""
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page))
+
+
 def post_form(client, path, page, **data):
     """POST ``data`` with the CSRF token of the console page ``page``."""
     return client.post(path, data={"csrf_token": csrf_from(client.get(page)), **data})
@@ -401,8 +406,7 @@ def test_dead_letters_filter_show_confirm_replay_and_results(app, client, redis_
     assert "Replay 2 dead letters?" in confirm.text
     assert DeadLetterStore(redis_client).get("d-1:storepoint")["reason"]  # nothing done before confirming
     before = counter("l2u_console_action_items_total", "replay_dead_letters")
-    done = post_form(client, "/console/dead-letters/apply", "/console/dead-letters", choice="replay:all",
-                     sink="storepoint")
+    done = client.post("/console/dead-letters/apply", data=hidden_fields(confirm.text))
     assert done.status_code == 302 and done.headers["Location"].startswith("/console/replays/")
     assert redis_client.llen("control") == 1 and redis_client.llen("deliver") == 0  # a replay task for the workers
     assert counter("l2u_console_action_items_total", "replay_dead_letters") == before + 2
@@ -422,6 +426,24 @@ def test_dead_letters_filter_show_confirm_replay_and_results(app, client, redis_
     DeadLetterStore(redis_client).add("d-3", "storepoint", "still invalid", stage="deliver")
     page = client.get(results).text
     assert "applied: 1" in page and "refused again: 1" in page and "still invalid" in page
+
+
+def test_purge_all_removes_the_dead_letters_confirmed_not_those_that_came_after(client, redis_client):
+    """During an outage letters keep arriving. An operator who confirmed "Purge 2 dead letters?" must
+    not lose, for good, a third that matched the filter only after the confirmation page was shown."""
+    seed_dead_letter(redis_client, "d-1")
+    seed_dead_letter(redis_client, "d-2")
+    confirm = post_form(client, "/console/dead-letters/confirm", "/console/dead-letters?sink=storepoint",
+                        choice="purge:all", sink="storepoint")
+    assert "Purge 2 dead letters?" in confirm.text
+    seed_dead_letter(redis_client, "d-3")  # arrives while the operator reads the page
+    done = client.post("/console/dead-letters/apply", data=hidden_fields(confirm.text))
+    assert done.status_code == 302
+    assert "Purged 2 dead letter(s)." in client.get(done.headers["Location"]).text
+    assert [entry["id"] for entry in DeadLetterStore(redis_client).list()] == ["d-3:storepoint"]
+    unconfirmed = post_form(client, "/console/dead-letters/apply", "/console/dead-letters", choice="purge:all")
+    assert unconfirmed.status_code == 400 and "confirmed_until" in unconfirmed.text  # only from its confirmation
+    assert DeadLetterStore(redis_client).get("d-3:storepoint")
 
 
 def test_replay_one_and_purge_selected_dead_letters(app, client, redis_client):
@@ -464,8 +486,7 @@ def test_replaying_all_of_many_dead_letters_answers_at_once_and_the_workers_repl
     confirm = browser.post(f"{web.url}/console/dead-letters/confirm", data={
         "csrf_token": csrf_from(browser.get(f"{web.url}/console/dead-letters")), "choice": "replay:all"})
     assert "Replay 8000 dead letters?" in confirm.text
-    done = browser.post(f"{web.url}/console/dead-letters/apply",
-                        data={"csrf_token": csrf_from(confirm), "choice": "replay:all"}, timeout=60)
+    done = browser.post(f"{web.url}/console/dead-letters/apply", data=hidden_fields(confirm.text), timeout=60)
     assert done.status_code == 200 and "/console/replays/" in done.url, done.text[:500]
     assert "0 of 8000 replayed" in done.text
     assert redis_client.llen("deliver") == 0  # nothing replayed in the request

@@ -1,6 +1,7 @@
 """Console pages: overview, deliveries, one stop, dead letters (replay, purge), quarantine."""
 import collections
 import json
+import math
 
 from flask import abort, flash, redirect, render_template, request, url_for
 
@@ -95,16 +96,18 @@ def dead_letter(entry_id):
 @bp.post("/dead-letters/confirm")
 def dead_letters_confirm():
     """Show what an action would touch (count) and ask for confirmation."""
-    action, ids = _chosen_dead_letters()
+    action, ids, newest = _chosen_dead_letters()
+    # "all" is then bounded by what was shown: letters arriving meanwhile are not purged unseen
+    query = {**_filter_query(), **({"confirmed_until": repr(newest)} if newest is not None else {})}
     return render_template("console/confirm.html", action=action, count=len(ids), what=("dead letter", "dead letters"),
                            target=url_for("console.dead_letters_apply"), ids=ids,
-                           scope=request.form["choice"].partition(":")[2], query=_filter_query(),
+                           scope=request.form["choice"].partition(":")[2], query=query,
                            back=url_for("console.dead_letters", **_filter_query()))
 
 
 @bp.post("/dead-letters/apply")
 def dead_letters_apply():
-    action, ids = _chosen_dead_letters()
+    action, ids, _ = _chosen_dead_letters(confirmed=True)
     rt = runtime()
     if action == "purge":
         purged = operations.purge_dead_letters(rt, ids)
@@ -167,18 +170,31 @@ def _filter_query():
     return {name: request.values[name] for name in DEAD_LETTER_FILTERS if request.values.get(name)}
 
 
-def _chosen_dead_letters():
-    """``(action, ids)`` of a dead-letter form: the ticked ones still there, or every one matching the filter."""
+def _chosen_dead_letters(confirmed=False):
+    """``(action, ids, newest)`` of a dead-letter form: the ticked ones still there, or every one
+    matching the filter (``confirmed``: recorded no later than the confirmation page showed, its
+    ``confirmed_until``); ``newest``: when the newest of them was recorded (None if none or ticked)."""
     action, _, scope = request.form.get("choice", "").partition(":")
     if action not in ("replay", "purge") or scope not in ("selected", "all"):
         abort(400, "choose replay or purge, for the selected dead letters or all matching the filter")
     if scope == "all":
-        return action, [entry["id"] for entry in operations.dead_letters_matching(runtime(), **_dead_letter_filter())]
+        bound = _confirmed_until() if confirmed else math.inf
+        entries = [(entry["id"], entry["at"]) for entry in operations.dead_letters_matching(
+            runtime(), **_dead_letter_filter()) if entry["at"] <= bound]
+        return action, [entry_id for entry_id, _ in entries], max((at for _, at in entries), default=None)
     ids = request.form.getlist("id")
     if not ids:
         abort(400, "no dead letter selected: tick at least one, or choose all matching the filter")
     entries, _ = operations.dead_letters_by_id(runtime(), ids)
-    return action, [entry["id"] for entry in entries]
+    return action, [entry["id"] for entry in entries], None
+
+
+def _confirmed_until():
+    """The ``confirmed_until`` of a confirmed "all matching" form; 400 without one."""
+    try:
+        return float(request.form["confirmed_until"])
+    except (KeyError, ValueError):
+        abort(400, "confirmed_until: missing or not a time; act on all matching from its confirmation page")
 
 
 def _chosen_quarantine():
