@@ -145,3 +145,25 @@ def test_dlq_replay_all_keeps_what_its_report_needs_not_every_letter(settings, r
     assert "queued 6000 dead letter(s) for replay" in result.output and "d-5999:storepoint  queued" in result.output
     assert len(sent) == 1500 + 6000  # every letter replayed, each run
     assert large < 2 * small, (small, large)
+
+
+def test_dlq_purge_all_asks_with_the_count_and_purges_only_what_it_counted(settings, redis_client):
+    """`dlq purge --all` asked "gone for good. Continue?" without a count, then purged whatever matched
+    once answered: a letter recorded while the prompt waited was purged unseen. It counts first, says
+    the count, and purges those."""
+    letters = DeadLetterStore(redis_client)
+    for number in (1, 2):
+        letters.add(f"d-{number}", "storepoint", "refused", stage="deliver")
+    purge = subprocess.Popen([str(BIN / "l2u-relay"), "dlq", "purge", "--all"], env=process_env(settings),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    asked = ""
+    while not asked.endswith("[y/N]: "):
+        character = purge.stdout.read(1)
+        assert character, asked  # it ended without asking
+        asked += character
+    assert "Purge 2 dead letter(s) for good?" in asked
+    letters.add("d-3", "storepoint", "refused", stage="deliver")  # arrives while the operator reads
+    output, _ = purge.communicate("y\n", timeout=60)
+    assert purge.returncode == 0 and "purged 2 dead letter(s)" in output, output
+    assert [entry["id"] for entry in letters.list()] == ["d-3:storepoint"]
+    assert "purged 1 dead letter(s)" in cli(settings, "dlq", "purge", "--all", "--yes").stdout  # no prompt

@@ -139,12 +139,15 @@ def dlq_replay(ids, all_, sink, since, wait):
 @click.option("--all", "all_", is_flag=True, help="Purge every dead letter (narrow with --sink/--since).")
 @sink_option
 @since_option
-@click.confirmation_option(prompt="Dead letters purged are gone for good. Continue?")
-def dlq_purge(ids, all_, sink, since):
-    """Delete dead letters for good."""
+@click.option("--yes", is_flag=True, help="Purge without asking.")
+def dlq_purge(ids, all_, sink, since, yes):
+    """Delete dead letters for good: those chosen when it asks (letters recorded while it waits for the
+    answer are left alone)."""
     rt = _runtime()
-    removed = operations.purge_dead_letters(rt, [entry["id"] for entry in _select(rt, ids, all_, sink, since)])
-    click.echo(f"purged {removed} dead letter(s)")
+    chosen = [entry["id"] for entry in _select(rt, ids, all_, sink, since)]
+    if not yes:
+        click.confirm(f"Purge {len(chosen)} dead letter(s) for good?", abort=True)
+    click.echo(f"purged {operations.purge_dead_letters(rt, chosen)} dead letter(s)")
 
 
 @click.group()
