@@ -244,3 +244,20 @@ def assert_demo_summary(result, data_dir):
     assert f"process logs: {data_dir / 'demo.log'}" in summary
     assert '"level"' not in result.stdout  # the processes' JSON lines went to the log file...
     assert "l2u.process_delivery" in (data_dir / "demo.log").read_text()  # ...which has them
+
+
+def answer_when_asked(args, env, meanwhile, answer="y\n"):
+    """Run ``l2u-relay *args``, call ``meanwhile()`` once it asks its ``[y/N]`` question, then answer;
+    ``(the question, the rest of its output, its exit status)``."""
+    command = subprocess.Popen([str(BIN / "l2u-relay"), *args], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    asked = ""
+    while not asked.endswith("[y/N]: "):
+        character = command.stdout.read(1)
+        if not character:
+            command.wait(timeout=60)
+            raise AssertionError(f"it ended without asking: {asked}")
+        asked += character
+    meanwhile()
+    output, _ = command.communicate(answer, timeout=60)
+    return asked, output, command.returncode

@@ -6,7 +6,8 @@ import subprocess
 import requests
 
 from tests.helpers import metric, post
-from tests.processes import BIN, process_env
+from tests.processes import BIN, answer_when_asked, process_env
+from workers.store.stores import Quarantine
 
 
 def cli(settings, *args):
@@ -45,3 +46,18 @@ def test_quarantine_list_show_purge_and_its_size_in_status_and_metrics(settings,
         items[1]["id"], items[2]["id"]]
     assert "purged 2" in cli(settings, "quarantine", "purge", "--all", "--yes").stdout
     assert json.loads(cli(settings, "status", "--json").stdout)["quarantined"] == 0
+
+
+def test_quarantine_purge_all_asks_with_the_count_and_purges_only_what_it_counted(settings, redis_client):
+    """`quarantine purge --all` deleted the whole list once answered, deliveries quarantined while it
+    waited included: it counts first, says the count and purges those."""
+    quarantine = Quarantine(redis_client)
+    for stop_ref in ("Q1", "Q2"):
+        quarantine.add("stop.status-changed", json.dumps({"stopRef": stop_ref}), "schema validation failed", {})
+    asked, output, status = answer_when_asked(
+        ["quarantine", "purge", "--all"], process_env(settings),
+        lambda: quarantine.add("stop.status-changed", '{"stopRef": "Q3"}', "schema validation failed", {}))
+    assert "Purge 2 quarantined delivery(ies) for good?" in asked
+    assert status == 0 and "purged 2 quarantined delivery(ies)" in output, output
+    assert [json.loads(json.loads(raw)["body"]) for raw in redis_client.lrange(Quarantine.KEY, 0, -1)] == [
+        {"stopRef": "Q3"}]

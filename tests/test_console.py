@@ -602,13 +602,23 @@ def test_quarantine_list_view_and_purge(client, redis_client):
     confirm = post_form(client, "/console/quarantine/confirm", "/console/quarantine", scope="selected",
                         id=item_ids[-1])
     assert "Purge 1 quarantined delivery?" in confirm.text
-    post_form(client, "/console/quarantine/apply", "/console/quarantine", scope="selected", id=item_ids[-1])
+    purged = client.post("/console/quarantine/apply", data=hidden_fields(confirm.text))  # its "Yes" button
+    assert purged.status_code == 302, purged.text  # (the confirmation's form was refused with 400 before)
     assert redis_client.llen(Quarantine.KEY) == 2
     assert client.get(f"/console/quarantine/{item_ids[-1]}").status_code == 404
-    assert "Purge 2 quarantined deliveries?" in post_form(client, "/console/quarantine/confirm",
-                                                           "/console/quarantine", scope="all").text
-    post_form(client, "/console/quarantine/apply", "/console/quarantine", scope="all")
-    assert redis_client.llen(Quarantine.KEY) == 0
+    confirm = post_form(client, "/console/quarantine/confirm", "/console/quarantine", scope="all")
+    assert "Purge 2 quarantined deliveries?" in confirm.text
+    quarantine.add("stop.created", "{}", "schema validation failed", {"stopId": ["required"]})  # meanwhile
+    unconfirmed = post_form(client, "/console/quarantine/apply", "/console/quarantine", scope="all")
+    assert unconfirmed.status_code == 400 and "confirmed_newest" in unconfirmed.text
+    client.post("/console/quarantine/apply", data=hidden_fields(confirm.text))
+    assert [json.loads(raw)["event_type"] for raw in redis_client.lrange(Quarantine.KEY, 0, -1)] == [
+        "stop.created"]  # the two counted are gone; the one that came after the count is kept
+    confirm = post_form(client, "/console/quarantine/confirm", "/console/quarantine", scope="all")
+    redis_client.delete(Quarantine.KEY)  # the newest counted goes (purged elsewhere) before the answer
+    quarantine.add("trip.created", "{}", "schema validation failed", {"tripId": ["required"]})
+    changed = client.post("/console/quarantine/apply", data=hidden_fields(confirm.text), follow_redirects=True)
+    assert "nothing was purged" in changed.text and redis_client.llen(Quarantine.KEY) == 1
 
 
 def test_stop_page_orders_events_and_shows_drift_read_live(console_settings, redis_client):

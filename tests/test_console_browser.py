@@ -19,7 +19,7 @@ from tests.fixtures import KEY, STOP_ID
 from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
 from tests.tools import require_binary
-from workers.store.stores import DeadLetterStore
+from workers.store.stores import DeadLetterStore, Quarantine
 
 PASSWORD = "browser-console-password"
 IMAGES = Path(os.environ.get("L2U_SCREENSHOTS") or Path(tempfile.gettempdir()) / "l2u-console-screenshots")
@@ -184,3 +184,24 @@ def test_the_overview_answers_while_locate2u_hangs_and_says_so(console, sims, br
     wait_for_heading(browser, lambda heading: heading == "Overview", timeout=90)
     assert time.monotonic() - started < 20  # a page's own deadline, well inside gunicorn's 30 s
     assert "subscriptions" in browser.page_source and "failed: ReadTimeout" in browser.page_source
+
+
+def test_purge_all_through_the_confirmation_pages_of_quarantine_and_dead_letters(console, browser, redis_client):
+    """What an operator clicks: each list's "Purge all", then the confirmation page's button. (The
+    quarantine's confirmation was refused with 400: its form said ``choice``, the action read ``scope``.)"""
+    for stop_ref in ("Q1", "Q2"):
+        assert post(console.url, "stop.status-changed", {"stopRef": stop_ref}).status_code == 422  # quarantined
+    letters = DeadLetterStore(redis_client)
+    for number in (1, 2):
+        letters.add(f"d-{number}", "storepoint", "refused", stage="deliver")
+    log_in(browser, console.url)
+    for page, button, heading, done in (
+            ("Quarantine", "Purge all 2", "Purge 2 quarantined deliveries?", "Purged 2 quarantined deliveries."),
+            ("Dead letters", "Purge all", "Purge 2 dead letters?", "Purged 2 dead letter(s).")):
+        browser.find_element(By.LINK_TEXT, page).click()
+        WebDriverWait(browser, 30).until(lambda driver: driver.find_elements(
+            By.XPATH, f"//button[normalize-space()='{button}']"))[0].click()
+        wait_for_heading(browser, lambda text: text == heading)
+        browser.find_element(By.ID, "confirm").click()
+        WebDriverWait(browser, 30).until(lambda driver: done in driver.page_source, message=browser.page_source)
+    assert redis_client.llen(Quarantine.KEY) == 0 and letters.list() == []

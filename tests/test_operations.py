@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from tests.fixtures import B2B_TOKEN, SP_TOKEN, STOP_ID
 from tests.helpers import metric, peak_allocated, post, seed_dead_letters_up_to, settled, wait_for
 from tests.payloads import status_change
-from tests.processes import BIN, process_env
+from tests.processes import BIN, answer_when_asked, process_env
 from workers.config import SettingsSchema
 from workers.logs import settings_secrets
 from workers.ops import commands as ops_commands
@@ -154,16 +154,10 @@ def test_dlq_purge_all_asks_with_the_count_and_purges_only_what_it_counted(setti
     letters = DeadLetterStore(redis_client)
     for number in (1, 2):
         letters.add(f"d-{number}", "storepoint", "refused", stage="deliver")
-    purge = subprocess.Popen([str(BIN / "l2u-relay"), "dlq", "purge", "--all"], env=process_env(settings),
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    asked = ""
-    while not asked.endswith("[y/N]: "):
-        character = purge.stdout.read(1)
-        assert character, asked  # it ended without asking
-        asked += character
+    asked, output, status = answer_when_asked(  # a letter arrives while the operator reads the question
+        ["dlq", "purge", "--all"], process_env(settings),
+        lambda: letters.add("d-3", "storepoint", "refused", stage="deliver"))
     assert "Purge 2 dead letter(s) for good?" in asked
-    letters.add("d-3", "storepoint", "refused", stage="deliver")  # arrives while the operator reads
-    output, _ = purge.communicate("y\n", timeout=60)
-    assert purge.returncode == 0 and "purged 2 dead letter(s)" in output, output
+    assert status == 0 and "purged 2 dead letter(s)" in output, output
     assert [entry["id"] for entry in letters.list()] == ["d-3:storepoint"]
     assert "purged 1 dead letter(s)" in cli(settings, "dlq", "purge", "--all", "--yes").stdout  # no prompt

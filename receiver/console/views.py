@@ -145,16 +145,24 @@ def quarantine_item(item_id):
 @bp.post("/quarantine/confirm")
 def quarantine_confirm():
     ids, scope = _chosen_quarantine()
-    count = operations.quarantine_count(runtime()) if scope == "all" else len(ids)
+    count, newest = operations.quarantine_counted(runtime()) if scope == "all" else (len(ids), None)
+    # "all" is then bounded by what was counted: deliveries quarantined meanwhile are not purged unseen
     return render_template("console/confirm.html", action="purge", count=count, what=("quarantined delivery", "quarantined deliveries"),
-                           target=url_for("console.quarantine_apply"), ids=ids, scope=scope, query={},
-                           back=url_for("console.quarantine"))
+                           target=url_for("console.quarantine_apply"), ids=ids, scope=scope,
+                           query={"confirmed_newest": newest} if newest else {}, back=url_for("console.quarantine"))
 
 
 @bp.post("/quarantine/apply")
 def quarantine_apply():
     ids, scope = _chosen_quarantine()
-    purged = operations.purge_quarantine(runtime(), None if scope == "all" else ids)
+    newest = None
+    if scope == "all" and not (newest := request.form.get("confirmed_newest")):
+        abort(400, "confirmed_newest: missing; purge all from its confirmation page")
+    purged = operations.purge_quarantine(runtime(), None if scope == "all" else ids, newest)
+    if purged is None:
+        flash("The quarantine changed since the confirmation (the newest delivery it counted is gone): "
+              "nothing was purged. Choose again.")
+        return redirect(url_for("console.quarantine"))
     record_action("purge_quarantine", purged, scope=scope)
     flash(f"Purged {purged} quarantined deliver{'y' if purged == 1 else 'ies'}.")
     return redirect(url_for("console.quarantine"))
@@ -198,7 +206,10 @@ def _confirmed_until():
 
 
 def _chosen_quarantine():
-    scope, ids = request.form.get("scope"), request.form.getlist("id")
+    """``(ids, scope)`` of a quarantine form: the list page's ``scope`` button, or the confirmation
+    page's ``choice`` (``purge:<scope>``)."""
+    scope = request.form.get("scope") or request.form.get("choice", "").partition(":")[2]
+    ids = request.form.getlist("id")
     if scope not in ("selected", "all") or (scope == "selected" and not ids):
         abort(400, "no quarantined delivery selected: tick at least one, or choose all")
     return ids, scope

@@ -212,12 +212,20 @@ def quarantine_show(item_id):
 @quarantine.command("purge")
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Purge every quarantined delivery.")
-@click.confirmation_option(prompt="Quarantined deliveries purged are gone for good. Continue?")
-def quarantine_purge(ids, all_):
-    """Delete quarantined deliveries for good (IDs, or --all)."""
+@click.option("--yes", is_flag=True, help="Purge without asking.")
+def quarantine_purge(ids, all_, yes):
+    """Delete quarantined deliveries for good (IDs, or --all: those counted when it asks, not those
+    quarantined while it waits for the answer)."""
     if bool(ids) == bool(all_):
         raise click.UsageError("give quarantine IDs or --all")
-    removed = operations.purge_quarantine(_runtime(), None if all_ else ids)
+    rt = _runtime()
+    count, newest = operations.quarantine_counted(rt) if all_ else (len(ids), None)
+    if not yes:
+        click.confirm(f"Purge {count} quarantined delivery(ies) for good?", abort=True)
+    removed = operations.purge_quarantine(rt, None if all_ else ids, newest)
+    if removed is None:
+        raise click.ClickException("the quarantine changed while asking (the newest delivery counted is gone): "
+                                   "nothing purged; run it again")
     click.echo(f"purged {removed} quarantined delivery(ies)")
 
 

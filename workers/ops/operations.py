@@ -181,14 +181,37 @@ def quarantine_item(rt, item_id):
     return json.loads(found[0]) if found else None
 
 
-def purge_quarantine(rt, item_ids=None):
-    """Delete the given items, or every item when ``item_ids`` is None; return how many."""
-    if item_ids is None:
-        with rt.redis.pipeline() as pipe:
-            pipe.llen(Quarantine.KEY)
-            pipe.delete(Quarantine.KEY)
-            return pipe.execute()[0]
-    return sum(rt.redis.lrem(Quarantine.KEY, 1, raw) for raw in _quarantine_raw(rt, item_ids))
+def quarantine_counted(rt):
+    """``(how many deliveries are quarantined, the id of the newest or None)``: what a purge of all
+    that an operator confirmed is bounded by (``purge_quarantine``'s ``newest``)."""
+    with rt.redis.pipeline() as pipe:
+        pipe.llen(Quarantine.KEY)
+        pipe.lindex(Quarantine.KEY, 0)
+        count, raw = pipe.execute()
+    return count, quarantine_id(raw) if raw else None
+
+
+# The item ARGV[1] and every older one (after it in the list: the newest are pushed first).
+_PURGE_FROM = """
+local at = redis.call('LPOS', KEYS[1], ARGV[1])
+if not at then return -1 end
+local total = redis.call('LLEN', KEYS[1])
+if at == 0 then redis.call('DEL', KEYS[1]) else redis.call('LTRIM', KEYS[1], 0, at - 1) end
+return total - at
+"""
+
+
+def purge_quarantine(rt, item_ids=None, newest=None):
+    """Delete the given items or, with ``item_ids`` None, the item ``newest`` and every older one: those
+    a count showed (``quarantine_counted``), not those quarantined after it. Return how many, or None
+    when ``newest`` is no longer there (the quarantine changed since the count: count again)."""
+    if item_ids is not None:
+        return sum(rt.redis.lrem(Quarantine.KEY, 1, raw) for raw in _quarantine_raw(rt, item_ids))
+    if newest is None:  # nothing was quarantined when counted
+        return 0
+    raws = _quarantine_raw(rt, [newest])
+    removed = rt.redis.eval(_PURGE_FROM, 1, Quarantine.KEY, raws[0]) if raws else -1
+    return None if removed < 0 else removed
 
 
 # ------------------------------------------------------------------ deliveries
