@@ -17,7 +17,7 @@ from tests.helpers import peak_allocated, seed_dead_letters_up_to, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, demo_env
 from workers.config import ConfigError, Settings
-from workers.dyno.router import pass_router_client
+from workers.dyno.router import pass_router_client, router_clients
 from workers.ops.devstack import free_port
 from workers.domain.locations import Location
 from workers.ops.simulators import storepoint
@@ -230,7 +230,7 @@ def test_behind_herokus_router_login_attempts_are_limited_per_client_not_per_rou
     assert "203.0.113.9" in web.output()  # the audit names the client, not the router
 
 
-def test_the_router_client_hook_passes_on_only_what_the_router_appended():
+def test_the_router_client_hook_passes_on_only_what_the_router_appended(monkeypatch):
     headers = [("HOST", "relay"), ("X-FORWARDED-FOR", "10.0.0.1, 203.0.113.9"), ("X-FORWARDED-FOR", "10.0.0.2"),
                ("X-L2U-ROUTER-CLIENT", "10.0.0.3"), ("X_L2U_ROUTER_CLIENT", "10.0.0.4")]
     passed = dict(pass_router_client(headers, behind=True))
@@ -238,6 +238,10 @@ def test_the_router_client_hook_passes_on_only_what_the_router_appended():
     assert "X-L2U-ROUTER-CLIENT" not in dict(pass_router_client(headers, behind=False))  # not on a dyno
     assert dict(pass_router_client([("X-FORWARDED-FOR", "not an address")], behind=True)) == {
         "X-FORWARDED-FOR": "not an address"}
+    monkeypatch.setenv("DYNO", "web.1")
+    assert router_clients("/console/login", {"X-L2U-Router-Client": "203.0.113.9"}) == ["203.0.113.9"]
+    # Webhooks skip the hook, so a client's own header there is never trusted
+    assert router_clients("/webhooks/locate2u/stop.created/t", {"X-L2U-Router-Client": "10.0.0.3"}) == []
 
 
 def test_an_ipv6_client_cannot_leave_the_login_limit_by_changing_addresses_within_its_network(app):

@@ -36,7 +36,7 @@ def check_login(settings, name, password):
 def _client_addresses():
     """Where this request comes from: behind Heroku's router the client it passes on (two addresses
     when the request carried several X-Forwarded-For headers), else the address the web process sees."""
-    return router_clients(request.headers) or [request.remote_addr]
+    return router_clients(request.path, request.headers) or [request.remote_addr]
 
 
 def _counted_as(address):

@@ -18,7 +18,7 @@ if _OWN_METRICS_DIR:
 
 from prometheus_client import multiprocess  # noqa: E402  (needs the directory set first)
 
-from workers.dyno.router import behind_router, pass_router_client  # noqa: E402
+from workers.dyno.router import behind_router, console_request, pass_router_client  # noqa: E402
 
 _BEHIND_ROUTER = behind_router()
 
@@ -49,9 +49,10 @@ def post_worker_init(worker):
 
 
 def pre_request(worker, req):
-    """Pass the client behind Heroku's router on to the app, never a client's own claim of it
-    (``workers.dyno.router``: the console's login limit counts per client)."""
-    req.headers = pass_router_client(req.headers, _BEHIND_ROUTER)
+    """Pass the client behind Heroku's router on to a console request, never a client's own claim of
+    it (``workers.dyno.router``: the console's login limit counts per client)."""
+    if console_request(req.path):
+        req.headers = pass_router_client(req.headers, _BEHIND_ROUTER)
 
 
 def child_exit(server, worker):

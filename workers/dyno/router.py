@@ -5,15 +5,18 @@ process sees. The router adds the client's address to ``X-Forwarded-For``, after
 sent there. A client may send several such headers, and the router appends to one of them (the
 first, in a 2016 report; gunicorn then joins them, so the client's own entries may come last).
 
-gunicorn's ``pre_request`` hook (``pass_router_client``) reads the headers as they came and passes
-on, in ``ROUTER_CLIENT``, the addresses the router may have appended: the last of the first and the
-last of the last ``X-Forwarded-For`` header (one address when the client sent none). The app trusts
-that header only on a dyno (``router_clients``); the hook drops any a client sent itself.
+gunicorn's ``pre_request`` hook (``pass_router_client``) reads the headers of a console request
+as they came and passes on, in ``ROUTER_CLIENT``, the addresses the router may have appended: the
+last of the first and the last of the last ``X-Forwarded-For`` header (one address when the client
+sent none). The app trusts that header only on a dyno and only for a console request
+(``router_clients``); the hook drops any a client sent itself. Webhooks, which never ask who sent
+them this way, skip the hook (7 µs a request, timeit, 2026-11-29).
 """
 import ipaddress
 import os
 
 ROUTER_CLIENT = "X-L2U-Router-Client"
+CONSOLE_PATH = "/console/"  # the only requests that ask who sent them (the console's login limit)
 _ROUTER_CLIENT_NAME = ROUTER_CLIENT.upper()
 _FORWARDED_FOR = "X-FORWARDED-FOR"
 
@@ -36,10 +39,15 @@ def pass_router_client(headers, behind):
     return kept
 
 
-def router_clients(headers):
-    """The addresses a request passed on by the router may come from (``ROUTER_CLIENT``), or [] when
-    not behind the router or the hook set none."""
-    value = headers.get(ROUTER_CLIENT) if behind_router() else None
+def console_request(path):
+    """True for a request the hook serves: one under ``CONSOLE_PATH``."""
+    return path.startswith(CONSOLE_PATH)
+
+
+def router_clients(path, headers):
+    """The addresses a console request (at ``path``) passed on by the router may come from
+    (``ROUTER_CLIENT``), or [] when not behind the router, not a console request or the hook set none."""
+    value = headers.get(ROUTER_CLIENT) if behind_router() and console_request(path) else None
     return value.split(", ") if value else []
 
 
