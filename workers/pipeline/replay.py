@@ -70,7 +70,7 @@ def start_batch(rt, ids):
     with rt.redis.pipeline() as pipe:
         if ids:
             pipe.rpush(keys.replay_batch(batch), *ids)
-            pipe.zadd(keys.REPLAY_BATCHES, {batch: time.time() + _stall_seconds(rt)})
+            _watch(rt, pipe, batch)
         pipe.hset(keys.replay_batch_progress(batch), mapping={"total": len(ids), "done": 0})
         for key in (keys.replay_batch(batch), keys.replay_batch_progress(batch)):
             pipe.expire(key, BATCH_SECONDS)
@@ -80,16 +80,18 @@ def start_batch(rt, ids):
     return batch
 
 
-def _stall_seconds(rt):
-    """How long a replay batch may make no progress before its task counts as lost: a task held by a
-    dead worker comes back after the visibility timeout, and one waiting in the queue is not lost."""
-    return rt.settings.visibility_timeout + rt.settings.sweep_after
+def _watch(rt, client, batch, now=None):
+    """(Re)start the sweeper's clock for ``batch`` (through ``client``, a pipeline or not): without
+    progress for the visibility timeout (after which a dead worker's task comes back) plus
+    ``sweep_after`` (a task waiting in the queue is not lost), its task counts as lost."""
+    now = time.time() if now is None else now
+    client.zadd(keys.REPLAY_BATCHES, {batch: now + rt.settings.visibility_timeout + rt.settings.sweep_after})
 
 
 def resend_stalled(rt, now=None):
-    """The sweeper's part: queue the task of each unfinished replay batch that made no progress for
-    ``_stall_seconds`` again (the broker lost it), and forget finished or expired batches; return
-    how many were sent."""
+    """The sweeper's part: queue again the task of each unfinished replay batch whose clock
+    (``_watch``) ran out (the broker lost it), and forget finished or expired batches; return how
+    many were sent."""
     now = time.time() if now is None else now
     sent = 0
     for batch in rt.redis.zrangebyscore(keys.REPLAY_BATCHES, "-inf", now):
@@ -97,7 +99,7 @@ def resend_stalled(rt, now=None):
         if done >= total:  # finished, or expired with its progress
             rt.redis.zrem(keys.REPLAY_BATCHES, batch)
             continue
-        rt.redis.zadd(keys.REPLAY_BATCHES, {batch: now + _stall_seconds(rt)})
+        _watch(rt, rt.redis, batch, now)
         rt.scheduler.schedule(REPLAY_DEAD_LETTERS, [batch], 0)
         log.warning("replay batch %s made no progress (%d of %d): its task is sent again", batch, done, total)
         sent += 1
@@ -124,7 +126,7 @@ def replay_batch(rt, batch, chunk=BATCH_CHUNK, budget=None):
         with rt.redis.pipeline() as pipe:
             pipe.hset(keys.replay_batch_progress(batch), "done", done)
             if done < total:
-                pipe.zadd(keys.REPLAY_BATCHES, {batch: time.time() + _stall_seconds(rt)})
+                _watch(rt, pipe, batch)
             else:
                 pipe.zrem(keys.REPLAY_BATCHES, batch)
             pipe.execute()
