@@ -340,19 +340,26 @@ def died_in_first_write(process_args, rt):
                           [(sink, "apply") for sink in rt.sinks.values()], rt.sinks.values())
 
 
-def kill_when_reached(work, points, sinks=()):
+def kill_when_reached(work, points, sinks=(), passed=0):
     """Run ``work`` in a forked worker process and SIGKILL it as soon as it calls one of ``points``
-    (``(object, attribute name)`` pairs, held there): the worst moment, with no ``finally`` run.
-    ``sinks``: whose HTTP connections the process must not share with this one."""
+    (``(object, attribute name)`` pairs, held there) after ``passed`` calls that went through: the
+    worst moment, with no ``finally`` run. ``sinks``: whose HTTP connections the process must not
+    share with this one."""
     reached = multiprocessing.get_context("fork").Event()
+    calls = []  # counted in the worker process
 
-    def hold(*_args, **_kwargs):
-        reached.set()
-        time.sleep(600)
+    def holding(original):
+        def hold(*args, **kwargs):
+            if len(calls) < passed:
+                calls.append(1)
+                return original(*args, **kwargs)
+            reached.set()
+            time.sleep(600)
+        return hold
 
     with pytest.MonkeyPatch.context() as patch:
         for owner, name in points:
-            patch.setattr(owner, name, hold)
+            patch.setattr(owner, name, holding(getattr(owner, name)))
         worker = in_worker_process(work, sinks)
         try:
             assert reached.wait(30), "the worker never got there"

@@ -13,6 +13,7 @@ from werkzeug.security import generate_password_hash
 
 from receiver import create_app
 from receiver.console import session_key
+from tests.fixtures import kill_when_reached
 from tests.helpers import peak_allocated, seed_dead_letters_up_to, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, demo_env
@@ -503,26 +504,16 @@ def test_replaying_all_of_many_dead_letters_answers_at_once_and_the_workers_repl
     assert "queued: 5000" in page and "outcomes counted over the first 5000, the first 500 listed" in page
 
 
-def test_a_replay_batch_cut_short_goes_on_from_its_last_chunk_when_run_again(app, redis_client, monkeypatch):
-    """The replay task redelivered after its worker died mid-way replays what was left, and again at
-    most the chunk it was in; a dead letter purged meanwhile is skipped."""
+def test_a_replay_batch_cut_short_goes_on_from_its_last_chunk_when_run_again(app, redis_client):
+    """The replay task redelivered after its worker was killed mid-way (SIGKILL in its fourth replay,
+    in the second chunk) replays what was left, and again at most the chunk it was in; a dead letter
+    purged meanwhile is skipped."""
     rt = app.extensions["l2u.console_runtime"]
     ids = [seed_dead_letter(redis_client, f"d-{number}")["id"] for number in range(7)]
     batch = replay.start_batch(rt, ids)
     DeadLetterStore(redis_client).remove(ids[5])  # purged before the workers reach it
-    replayed, real = [], replay.replay_dead_letter
-
-    def dies_at_the_fourth(runtime_, entry):
-        if len(replayed) == 3:
-            raise SystemExit("worker killed")
-        replayed.append(entry["id"])
-        return real(runtime_, entry)
-
-    monkeypatch.setattr(replay, "replay_dead_letter", dies_at_the_fourth)
-    with pytest.raises(SystemExit):
-        replay.replay_batch(rt, batch, chunk=2)
+    kill_when_reached(lambda: replay.replay_batch(rt, batch, chunk=2), [(replay, "replay_dead_letter")], passed=3)
     assert replay.batch_progress(rt, batch) == (2, 7)  # the first chunk recorded, the second cut short
-    monkeypatch.setattr(replay, "replay_dead_letter", real)
     assert replay.replay_batch(rt, batch, chunk=2) == 4  # d-2 again, d-3, d-4, d-6
     assert replay.batch_progress(rt, batch) == (7, 7)
     assert redis_client.llen("deliver") == 3 + 4

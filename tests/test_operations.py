@@ -13,7 +13,6 @@ from tests.processes import BIN, answer_when_asked, process_env
 from workers.config import SettingsSchema
 from workers.logs import settings_secrets
 from workers.ops import commands as ops_commands
-from workers.runtime import Runtime
 from workers.store.stores import DeadLetterStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,25 +124,23 @@ def test_status_dlq_and_deliveries_commands_against_a_live_stack(stack_settings,
     assert cli(settings, "dlq", "replay").returncode == 2  # neither IDs nor --all
 
 
-def test_dlq_replay_all_keeps_what_its_report_needs_not_every_letter(settings, redis_client, monkeypatch):
+def test_dlq_replay_all_keeps_what_its_report_needs_not_every_letter(settings, redis_client):
     """`dlq replay --all` in a one-off dyno (512 MB) after a long outage: it parsed and kept every dead
     letter before replaying the first, so its memory grew with the store (``RELAY_DEAD_LETTER_LIMIT``
     may be a million). It replays letters as it reads them and keeps only what the report needs:
     the peak for 6,000 letters stays within twice that for 1,500 (tracemalloc, exact)."""
-    sent = []
-    rt = Runtime(settings, lambda name, args=(), **options: sent.append(name))
-    monkeypatch.setattr(ops_commands, "_runtime", lambda: rt)
     body = json.dumps({**status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"), "notes": "n" * 1500})
 
     def peak_replaying(count):
         seed_dead_letters_up_to(redis_client, count, body)
-        return peak_allocated(lambda: CliRunner().invoke(ops_commands.dlq, ["replay", "--all", "--wait", "0"]))
+        return peak_allocated(lambda: CliRunner().invoke(ops_commands.dlq, ["replay", "--all", "--wait", "0"],
+                                                         env=settings.to_env()))
 
     small, _ = peak_replaying(1500)
     large, result = peak_replaying(6000)
     assert result.exit_code == 0, result.output
     assert "queued 6000 dead letter(s) for replay" in result.output and "d-5999:storepoint  queued" in result.output
-    assert len(sent) == 1500 + 6000  # every letter replayed, each run
+    assert redis_client.llen("deliver") == 1500 + 6000  # every letter's deliver message queued, each run
     assert large < 2 * small, (small, large)
 
 
