@@ -7,6 +7,7 @@ import urllib.parse
 from types import SimpleNamespace
 
 import pytest
+import redis
 import requests
 from prometheus_client import REGISTRY
 from werkzeug.security import generate_password_hash
@@ -260,6 +261,10 @@ def test_an_ipv6_client_cannot_leave_the_login_limit_by_changing_addresses_withi
     assert log_in_from("2001:db8:1:2:ffff:ffff:ffff:ffff", PASSWORD) == 429  # the same /64
     assert log_in_from("2001:db8:1:3::1", PASSWORD) == 302  # the next network
     assert log_in_from("192.0.2.1", PASSWORD) == 302
+    for _ in range(9):
+        log_in_from("192.0.2.7")
+    assert log_in_from("192.0.2.7", PASSWORD) == 302  # a login resets its address's count
+    assert [log_in_from("192.0.2.7") for _ in range(10)] == [401] * 10
 
 
 def test_operators_with_password_hashes(settings):
@@ -554,6 +559,22 @@ def test_the_dead_letter_pages_hold_a_page_of_letters_however_many_match(client,
     assert "6000 dead letter(s) match" in page and "Purge 6000 dead letters?" in confirm
     assert page.count('name="id"') == 500 and "d-5999:storepoint" in page and "d-0:storepoint" not in page
     assert large < 2 * small, (small, large)
+
+
+def test_a_purge_drops_five_hundred_dead_letters_per_redis_call(app, redis_client, monkeypatch):
+    rt = app.extensions["l2u.console_runtime"]
+    seed_dead_letters_up_to(redis_client, 1200, "{}")
+    ids = [entry["id"] for entry in DeadLetterStore(redis_client).list()]
+    rt.dead_letters.remove("none:storepoint")  # the script loaded, so only its calls are counted
+    scripts, send = [], redis.connection.AbstractConnection.send_packed_command
+
+    def counted(connection, command, check_health=True):
+        scripts.extend(b"EVALSHA" in bytes(part)[:40] for part in (command if isinstance(command, list) else [command]))
+        return send(connection, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    assert operations.purge_dead_letters(rt, ids) == 1200
+    assert sum(scripts) == 3 and DeadLetterStore(redis_client).list() == []
 
 
 def test_a_replay_batch_whose_task_the_broker_lost_is_sent_again_by_the_sweeper(app, redis_client):
