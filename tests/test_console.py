@@ -27,6 +27,7 @@ from workers.ops.simulators.base import SimulatorServer
 from workers.ops import operations
 from workers.pipeline import replay
 from workers.sinks.storepoint import StorepointSink
+from workers.store import keys
 from workers.store.stores import DeadLetterStore, Ledger, MappingStore, Quarantine, connect
 
 PASSWORD = "console-test-password-123"
@@ -538,6 +539,8 @@ def test_a_long_replay_batch_hands_its_rest_on_instead_of_outliving_the_visibili
     assert replay.replay_batch(rt, batch, chunk=2, budget=0) == 2
     assert replay.replay_batch(rt, batch, chunk=2, budget=0) == 1
     assert replay.batch_progress(rt, batch) == (5, 5) and redis_client.llen("control") == 2  # none after the last
+    assert 0 < redis_client.ttl(keys.replay_batch(batch)) <= 86400  # the results page is kept for a day
+    assert 0 < redis_client.ttl(keys.replay_batch_progress(batch)) <= 86400
     assert redis_client.llen("deliver") == 5
 
 
