@@ -1,9 +1,14 @@
 """Subscription reconciliation: the plan, and syncs against the simulator."""
+import threading
+import time
+
 import pytest
 
-from workers.resilience.errors import BadAnswer, PermanentError
+from workers.resilience.errors import BadAnswer, PermanentError, RetriableError
+from workers.locate2u import subscriptions
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.subscriptions import Change, SubscriptionSync, mask_url, plan
+from workers.store import keys
 from workers.locate2u.webhook_auth import webhook_url
 
 PUBLIC = "https://relay.example"
@@ -142,3 +147,57 @@ def test_a_listed_subscription_that_is_not_one_is_a_bad_answer_not_a_crash(sim, 
             as refused:
         sync(configured, redis_client)
     assert sim.state.webhooks == {} and "stop.assigned/x" not in refused.value.message  # a URL holds the token
+
+
+def started_sync(settings, redis_client):
+    """A sync running in a thread; ``join()`` returns its report or the error it raised."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(sync(settings, redis_client))
+        except Exception as exc:  # the test looks at what the sync ended with
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join_outcome = lambda: (thread.join(60), outcome[0])[1]
+    return thread
+
+
+def test_a_sync_slowed_past_its_lock_keeps_the_lock_so_a_second_one_cannot_subscribe_again(
+        sim, configured, redis_client, monkeypatch):
+    """Locate2u answering slowly (each call well inside its timeout) made a sync outlast its 120 s lock.
+    The release phase's sync or beat's then took the lock, listed what the first had created so far and
+    created the rest again: five duplicate subscriptions here, each event sent twice until the next sync.
+    Both ended in LockNotOwnedError (which the release phase reported as Redis unavailable). Shown with
+    the times cut down:
+    a 3 s lock, calls of 0.5 s, ten calls a sync."""
+    monkeypatch.setattr(subscriptions, "SYNC_LOCK_TIMEOUT", 3)
+    sim.faults.latency(0.5)
+    first = started_sync(configured, redis_client)
+    time.sleep(2)  # the second waits for the lock (1.5 s) until past the first's 3 s
+    second = started_sync(configured, redis_client)
+    assert first.join_outcome().counts()["create"] == 8
+    refused = second.join_outcome()
+    assert isinstance(refused, RetriableError) and "another subscriptions sync is still running" in str(refused)
+    assert sorted(h["eventType"] for h in sim.state.list_webhooks()) == sorted(configured.event_types)
+    assert not redis_client.exists(keys.LOCATE2U_SYNC_LOCK)
+
+
+def test_a_sync_that_loses_its_lock_stops_before_its_next_change_and_says_so(
+        sim, configured, redis_client, monkeypatch):
+    """A lock Redis no longer holds (a failover to a replica that had not got it, a flush) lets another
+    sync in: the sync stops changing subscriptions and says why, and the next one finishes the work."""
+    monkeypatch.setattr(subscriptions, "SYNC_LOCK_TIMEOUT", 1.5)
+    sim.faults.latency(0.3)
+    running = started_sync(configured, redis_client)
+    time.sleep(1.2)  # event types and the list read, some creates made
+    redis_client.delete(keys.LOCATE2U_SYNC_LOCK)
+    stopped = running.join_outcome()
+    assert isinstance(stopped, RetriableError) and "lost the subscriptions sync lock" in str(stopped)
+    made = len(sim.state.webhooks)
+    assert 0 < made < 8
+    sim.faults.latency(0)
+    assert sync(configured, redis_client).counts()["create"] == 8 - made
+    assert len(sim.state.webhooks) == 8

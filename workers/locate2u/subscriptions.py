@@ -7,14 +7,19 @@ ours are ever updated or deleted, so other integrations on the same account
 are left alone. URLs are compared in canonical form (scheme and host in lower
 case, no default port), as a platform that parses them may give them back.
 Planning is pure (``plan``); ``SubscriptionSync.run`` applies the plan under a
-Redis lock, so the release process and beat never race.
+Redis lock, so the release process and beat never race. The lock is renewed
+while the sync runs (a slow Locate2u can make one outlast the lock's
+timeout), and a sync that finds it lost stops before its next change.
 """
 import dataclasses
 import logging
 import re
 
+from redis.exceptions import LockNotOwnedError
+
 from workers.config import ConfigError
 from workers.resilience.errors import NotFound, PermanentError, RetriableError
+from workers.resilience.renewal import renewed
 from workers.store import keys
 from workers.locate2u.webhook_auth import canonical_url, webhook_url
 
@@ -81,6 +86,35 @@ def plan(existing, desired, prefix):
     return changes
 
 
+class HeldLock:
+    """The sync lock while a sync holds it: renewed on the renewal thread, checked before each change."""
+
+    def __init__(self, lock):
+        self.lock = lock
+        self.lost = False
+
+    def renew(self):
+        """Reset the lock's timeout; False (and ``lost``) once Redis no longer holds it for us."""
+        try:
+            self.lock.reacquire()
+        except LockNotOwnedError:
+            self.lost = True
+        return not self.lost
+
+    def check(self, change):
+        """RetriableError before ``change`` when the lock was lost: another sync may be applying its plan."""
+        if self.lost:
+            raise RetriableError(f"lost the subscriptions sync lock (Redis no longer held it) before: {change}; "
+                                 "stopped so that two syncs do not subscribe twice; the next sync finishes")
+
+    def release(self):
+        """Release it, unless it was lost (then there is nothing of ours to release)."""
+        try:
+            self.lock.release()
+        except LockNotOwnedError:
+            self.lost = True
+
+
 @dataclasses.dataclass
 class SyncReport:
     """What a sync found and did (``applied`` False for a dry run)."""
@@ -121,21 +155,25 @@ class SubscriptionSync:
         """Plan and (unless ``dry_run``) apply; a second run right after changes nothing."""
         if dry_run:
             return self._reconcile(apply=False)
-        lock = self.redis.lock(SYNC_LOCK, timeout=SYNC_LOCK_TIMEOUT, blocking_timeout=SYNC_LOCK_TIMEOUT / 2)
+        lock = self.redis.lock(SYNC_LOCK, timeout=SYNC_LOCK_TIMEOUT, blocking_timeout=SYNC_LOCK_TIMEOUT / 2,
+                               thread_local=False)  # the renewal thread renews it
         if not lock.acquire():
             raise RetriableError("another subscriptions sync is still running; try again later")
+        held = HeldLock(lock)
         try:
-            return self._reconcile(apply=True)
+            with renewed(held.renew, SYNC_LOCK_TIMEOUT / 3, "the subscriptions sync lock"):
+                return self._reconcile(apply=True, held=held)
         finally:
-            lock.release()
+            held.release()
 
-    def _reconcile(self, apply):
+    def _reconcile(self, apply, held=None):
         self._check_event_types()
         existing = self.client.list_webhooks()
         changes = plan(existing, self.desired, self.prefix)
         foreign = sum(not is_ours(hook, self.prefix) for hook in existing)
         unchanged = len(self.desired) - sum(change.action != "delete" for change in changes)
         for change in changes if apply else ():
+            held.check(change)
             self._apply(change)
         return SyncReport(changes, unchanged, foreign, apply)
 
