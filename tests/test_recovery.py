@@ -24,9 +24,10 @@ from tests.payloads import status_change
 from workers.config import SVIX_RETRY_SCHEDULE
 from workers.resilience.answer_deadline import answer_seconds
 from workers.resilience.http import DEFAULT_TIMEOUT, read_timeout
-from workers.store.stores import Ledger
+from workers.store.stores import DeadLetterStore, Ledger
 
 SP_TOKEN, B2B_TOKEN = "sp-recovery-token-123", "b2b-recovery-token-123"
+SP_ROTATED_TOKEN = "sp-rotated-token-456"
 STOP_IDS = range(5001, 5007)
 OUTAGE_SECONDS = 20
 TRAFFIC_STOPS = range(5101, 5131)  # the minute-long outage's traffic: each stop changes four times
@@ -38,6 +39,12 @@ DEADLINE = 60  # well below the schedule's 300 s step, far above the target of 1
 def sims(simulators):
     return simulators([{"stopId": stop_id, "name": f"Stop {stop_id}"} for stop_id in (*STOP_IDS, *TRAFFIC_STOPS)],
                       storepoint={"token": SP_TOKEN}, b2b={"token": B2B_TOKEN})
+
+
+@pytest.fixture
+def relay_settings(settings, sims):
+    return sims_settings(settings, sims, b2b_business_partner_id="BP-1", b2b_country_id="AU",
+                         retry_schedule=SVIX_RETRY_SCHEDULE)
 
 
 @pytest.fixture
@@ -195,3 +202,35 @@ def test_a_sink_whose_answer_crawls_in_holds_the_next_one_up_no_longer_than_its_
     trace = [line for line in Ledger(redis_client).history(delivery_id) if line.get("sink") == "storepoint"]
     assert any("answered 200, but its answer was not complete within 33.05 s" in str(line.get("error")) for line in trace), trace
     assert len(sims["storepoint"].app.config["STATE"].find(lambda location: True)) == 1
+
+
+def test_writes_to_a_sink_that_refuses_the_relays_credentials_wait_for_new_ones(
+        relay_settings, sims, start_process, redis_client):
+    """The customer rotates the Storepoint token in Storepoint's dashboard (its API document says to,
+    should a token leak) before the relay's config has the new one. Every Storepoint write was answered
+    401 and dead-lettered at once: an operator had to replay them all once the token was set, and past
+    ``RELAY_DEAD_LETTER_LIMIT`` (10,000) the oldest were dropped unreplayed. A refused credential is the
+    sink's condition, not the delivery's: its writes are held as in an outage (the breaker opens, a
+    probe every few seconds) and go out soon after the worker restarts with the new token, as Heroku
+    restarts every dyno when a config var is set."""
+    web = start_process("gunicorn", relay_settings)
+    worker = start_process("worker", relay_settings, beat=True)
+    sims["storepoint"].app.config["STATE"].token = SP_ROTATED_TOKEN
+    delivery_ids = [post(web.url, "stop.status-changed", status_change(stop_id, "Arrived", "2022-04-27T05:00:00+00:00"))
+                    .json()["delivery_id"] for stop_id in STOP_IDS]
+    wait_for(lambda: all(outcome.get("state") == "applied"
+                         for outcome in sink_outcomes(redis_client, delivery_ids, "b2b").values()), timeout=60)
+    held = wait_for(lambda: (found := sink_outcomes(redis_client, delivery_ids)) and all(
+        outcome.get("state") in ("retrying", "waiting") for outcome in found.values()) and found, timeout=60)
+    assert DeadLetterStore(redis_client).list() == []
+    assert any("credentials" in str(outcome.get("reason")) for outcome in held.values()), held
+
+    worker.stop()
+    restarted_at = time.time()
+    start_process("worker", relay_settings.replace(storepoint_api_token=SP_ROTATED_TOKEN), beat=True)
+    outcomes = wait_for(lambda: (found := sink_outcomes(redis_client, delivery_ids)) and all(
+        outcome.get("state") == "applied" for outcome in found.values()) and found, timeout=DEADLINE)
+    seconds = max(outcome["at"] for outcome in outcomes.values()) - restarted_at
+    print(f"\nstorepoint refused the old token; all {len(delivery_ids)} held writes applied {seconds:.1f} s after "
+          "the worker restarted with the new one")
+    assert len(sims["storepoint"].app.config["STATE"].find(lambda location: True)) == len(delivery_ids)

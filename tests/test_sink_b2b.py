@@ -8,7 +8,7 @@ from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.domain.locations import Location
-from workers.resilience.errors import BadAnswer, NotFound, PermanentError, RetriableError
+from workers.resilience.errors import BadAnswer, CredentialsRefused, NotFound, PermanentError, RetriableError
 from workers.sinks.b2b import B2BSink
 
 TOKEN, USER, PASSWORD = "b2b-static-token", "b2b-user", "b2b-pass"
@@ -103,14 +103,14 @@ def test_login_once_then_again_when_the_jwt_is_refused(sim, jwt_sink):
 def test_relogin_only_once_per_call(sim, jwt_sink):
     jwt_sink.apply("upsert", sample_location())
     documented_fault(sim.app.config["FAULTS"], 401, times=2, path_prefix="/Location")
-    with pytest.raises(PermanentError) as caught:
+    with pytest.raises(CredentialsRefused) as caught:  # held for B2B's health, never dead-lettered
         jwt_sink.apply("upsert", sample_location())
     assert caught.value.status == 401 and sim_state(sim).login_count == 2
 
 
 def test_bad_password_fails_without_showing_it(sim, mappings):
     sink = B2BSink.from_settings(settings_for(sim, b2b_username=USER, b2b_password="wrong-password"), mappings)
-    with pytest.raises(PermanentError) as caught:
+    with pytest.raises(CredentialsRefused) as caught:
         sink.apply("upsert", sample_location())
     assert caught.value.status == 401 and "/login" in caught.value.url
     assert "wrong-password" not in str(caught.value.to_json())

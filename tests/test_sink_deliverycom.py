@@ -6,7 +6,7 @@ import pytest
 from tests.fixtures import kill_when_reached, sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import Settings
-from workers.resilience.errors import NotYet, PermanentError, RetriableError
+from workers.resilience.errors import CredentialsRefused, NotYet, PermanentError, RetriableError
 from workers.sinks.deliverycom import DeliverycomSink, normalize_phone, rule_violations
 from workers.store.stores import MappingStore
 
@@ -219,9 +219,9 @@ def test_delete_of_an_address_removed_there_succeeds(sim, sink, mappings):
     assert mappings.get("l2u-stop-164557") is None
 
 
-def test_unauthorised_is_permanent_and_hides_the_token(sim, mappings):
+def test_unauthorised_is_credentials_refused_and_hides_the_token(sim, mappings):
     sink = make_deliverycom(sim, mappings, token="wrong-token-value")
-    with pytest.raises(PermanentError) as caught:
+    with pytest.raises(CredentialsRefused) as caught:
         sink.apply("upsert", sample_location())
     assert caught.value.status == 401 and "wrong-token-value" not in str(caught.value.to_json())
 

@@ -9,7 +9,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from tests.fixtures import FORWARD_SECRET
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.resilience.errors import PermanentError, RetriableError
+from workers.resilience.errors import CredentialsRefused, PermanentError, RetriableError
 from workers.sinks.forward import ForwardSink
 
 NEW_SECRET = "whsec_" + base64.b64encode(b"forward-rotated-secret-987654321").decode()
@@ -101,9 +101,9 @@ def test_rotation_signs_with_every_secret(simulator, mappings):
     assert len(received(server, "old")[0]["Webhook-Signature"].split(" ")) == 2
 
 
-def test_wrong_secret_is_permanent_401(sim, mappings):
+def test_a_signature_refused_with_401_is_credentials_refused(sim, mappings):
     sink = make_forward([f"{sim.url}/hooks/a"], mappings, secrets=(NEW_SECRET,))
-    with pytest.raises(PermanentError) as caught:
+    with pytest.raises(CredentialsRefused) as caught:
         sink.apply("upsert", sample_location())
     assert caught.value.status == 401 and "signature" in caught.value.body.lower()
 

@@ -6,7 +6,7 @@ import pytest
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.resilience.errors import NotYet, PermanentError, RetriableError
+from workers.resilience.errors import CredentialsRefused, NotYet, PermanentError, RetriableError
 from workers.sinks.locate import LocateSink, same_value
 
 KEY = "locate-test-key"
@@ -214,9 +214,9 @@ def test_422_names_the_fields(sim, sink):
         assert text in message
 
 
-def test_unauthorised_is_permanent_and_hides_the_key(sim, mappings):
+def test_unauthorised_is_credentials_refused_and_hides_the_key(sim, mappings):
     sink = make_locate(sim, mappings, token="wrong-locate-key")
-    with pytest.raises(PermanentError) as caught:
+    with pytest.raises(CredentialsRefused) as caught:
         sink.apply("upsert", sample_location())
     assert caught.value.status == 401 and "wrong-locate-key" not in str(caught.value.to_json())
 

@@ -13,7 +13,7 @@ import random
 import time
 from urllib.parse import quote
 
-from workers.resilience.errors import BadAnswer, RetriableError
+from workers.resilience.errors import BadAnswer, CredentialsRefused, RetriableError
 from workers.resilience.http import PAGE_TIMEOUT, HttpClient, make_session
 from workers.locate2u.tokens import (CALLBACK_PATH, IdentityServer, ReauthorizationRequired, TokenManager,
                                      TokenStore)
@@ -35,7 +35,8 @@ class RetryPolicy:
         self.sleep = sleep
 
     def run(self, call, idempotent):
-        """Return ``call()``, retrying RetriableError while allowed; re-raise it when not."""
+        """Return ``call()``, retrying RetriableError while allowed (never refused credentials: the
+        same ones are refused again); re-raise it when not."""
         waited = 0.0
         for attempt in range(1, self.attempts + 1):
             try:
@@ -43,7 +44,7 @@ class RetryPolicy:
             except RetriableError as exc:
                 delay = self._delay(exc, attempt)
                 if attempt == self.attempts or not (idempotent or exc.status == 429) \
-                        or waited + delay > self.max_wait:
+                        or isinstance(exc, CredentialsRefused) or waited + delay > self.max_wait:
                     raise
                 log.info("%s; retrying in %.1fs (attempt %d of %d)", exc.message, delay, attempt + 1, self.attempts)
                 self.sleep(delay)

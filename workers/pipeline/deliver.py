@@ -6,7 +6,7 @@ import logging
 import time
 
 from workers.store import keys
-from workers.resilience.errors import NoAnswer, NotYet, PermanentError, RelayError
+from workers.resilience.errors import CredentialsRefused, NoAnswer, NotYet, PermanentError, RelayError
 from workers.domain.locations import Location
 from workers.logs import bound_context
 from workers.pipeline.failures import bugs_dead_lettered, redis_outage
@@ -189,10 +189,11 @@ def _wait(rt, job, delay, why, for_health=False):
 
 def _retry(rt, job, exc, early=None, took=None):
     """Schedule the next attempt after a sink call that failed (``took`` seconds). A failure of the
-    sink itself (5xx, timeout, no Retry-After) is held for the sink's health; a retry released early
-    that failed so goes back to its place, its attempt not spent. A refusal of this delivery (429,
-    Retry-After) keeps its schedule."""
-    for_health = exc.retry_after is None and (exc.status is None or exc.status >= 500)
+    sink itself (5xx, timeout, credentials refused; no Retry-After) is held for the sink's health; a
+    retry released early that failed so goes back to its place, its attempt not spent. A refusal of
+    this delivery (429, Retry-After) keeps its schedule."""
+    for_health = exc.retry_after is None and (exc.status is None or exc.status >= 500
+                                              or isinstance(exc, CredentialsRefused))
     if for_health:
         early = early or rt.scheduler.take_early(job.sink, job.delivery_id, job.attempt)
         if early and early > time.time():

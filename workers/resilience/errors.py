@@ -1,9 +1,10 @@
 """One exception root for everything that goes wrong talking to another system.
 
 ``RetriableError``: trying again later may succeed (429, 5xx, timeouts, lost
-connections, a 2xx whose body is not the API's answer); the pipeline retries it
-on its schedule. ``PermanentError``: trying again will not help (other 4xx,
-data a sink cannot accept); it goes to the dead-letter store at once.
+connections, a 2xx whose body is not the API's answer, credentials refused);
+the pipeline retries it on its schedule. ``PermanentError``: trying again will
+not help (other 4xx, data a sink cannot accept); it goes to the dead-letter
+store at once.
 ``NotYet``: the write waits without spending an attempt (the sink's own reason,
 not the remote's health). Both keep the request and the answer that caused
 them, so a dead letter explains itself. Configuration problems are
@@ -54,6 +55,13 @@ class BadAnswer(RetriableError):
     too long, still coming in when the exchange's time was up). The request may have taken effect,
     so like one without an answer it is retried, and it counts against the remote's health; unlike
     one, it is over there (nothing still in flight). ``status`` stays None: it is not a refusal."""
+
+
+class CredentialsRefused(RetriableError):
+    """The remote system refused the relay's credentials (401, 403): a token rotated or revoked there,
+    a password changed. Nothing about this request: every one fails so until an operator sets working
+    credentials, so it is held for the remote's health (breaker, recovery probe) like an outage, and
+    never retried in place."""
 
 
 class PermanentError(RelayError):

@@ -22,7 +22,7 @@ import requests
 from urllib3.exceptions import NewConnectionError, SSLError
 
 from workers.resilience.answer_deadline import WATCHING, AnswerDeadline, AnswerUnread, WatchedAdapter, answer_seconds
-from workers.resilience.errors import BadAnswer, NoAnswer, NotFound, PermanentError, RetriableError
+from workers.resilience.errors import BadAnswer, CredentialsRefused, NoAnswer, NotFound, PermanentError, RetriableError
 
 USER_AGENT = "locate2u-relay/0.1 (+https://github.com/locate2u-relay)"
 DEFAULT_TIMEOUT = (3.05, 30)
@@ -30,6 +30,7 @@ DEFAULT_TIMEOUT = (3.05, 30)
 # after 30 s, so such a call gets 8.05 s in all and no retry.
 PAGE_TIMEOUT = (3.05, 5)
 RETRIABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+REFUSED_CREDENTIALS = frozenset({401, 403})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # An answer whose status came but whose body broke off or cannot be decoded (``requests`` raises
 # these outside its connection errors).
@@ -202,6 +203,9 @@ class HttpClient:
         if status in RETRIABLE_STATUSES:
             return RetriableError(message, retry_after=parse_retry_after(response.headers.get("Retry-After")),
                                   **details)
+        if status in REFUSED_CREDENTIALS:
+            return CredentialsRefused(f"{message}: the credentials were refused (rotated or revoked there?)",
+                                      **details)
         if status == 404:
             return NotFound(message, **details)
         return PermanentError(message, **details)
