@@ -109,7 +109,8 @@ def test_code_grant_without_consent_needs_reauthorization(sim, settings, redis_c
         redis_client)
     with pytest.raises(ReauthorizationRequired) as caught:
         client.get_stop(1)
-    assert isinstance(caught.value, PermanentError) and "l2u-relay oauth url" in str(caught.value)
+    # retriable: what needs Locate2u waits for the new consent instead of being dead-lettered
+    assert isinstance(caught.value, RetriableError) and "l2u-relay oauth url" in str(caught.value)
     assert client.tokens.status().startswith("reauthorization required: ")
     assert sim.state.token_requests == []
 

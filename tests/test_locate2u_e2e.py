@@ -9,14 +9,19 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from tests.payloads import PUBLISHED
+from tests.fixtures import sims_settings
+from tests.helpers import post, sink_outcomes, wait_for
+from tests.payloads import PUBLISHED, status_change
 from tests.processes import BIN, process_env
+from workers.config import SVIX_RETRY_SCHEDULE
 from workers.celery_config import CONTROL_QUEUE, SYNC_SUBSCRIPTIONS, make_celery
 from workers.ops.devstack import REPO_ROOT, free_port
 from workers.locate2u.tokens import REAUTH_HINT, TokenStore
 from workers.locate2u.webhook_auth import url_token
+from workers.store.stores import DeadLetterStore, Ledger
 
 REAUTH = f"reauthorization required: {REAUTH_HINT}"
+STOP_IDS = (7001, 7002, 7003)
 
 
 @pytest.fixture
@@ -50,6 +55,23 @@ def locate2u_check(web):
     return ready.json()["checks"]["locate2u"]
 
 
+def link_through_the_receiver(sim, settings, web):
+    """The operator's link: ``oauth url``, opened in a browser, the user consents, the callback stores the
+    tokens. Returns the callback URL (spent)."""
+    browser = requests.Session()  # keeps the state cookie, as the operator's browser does
+    link = cli(settings, "oauth", "url").stdout.strip()
+    assert link.startswith(web.url + "/oauth/locate2u/start?link=")
+    start = browser.get(link, allow_redirects=False, timeout=5)
+    assert start.status_code == 302 and start.headers["Location"].startswith(sim.url + "/connect/authorize?")
+    assert parse_qs(urlsplit(start.headers["Location"]).query)["scope"] == ["integrations-api offline_access"]
+    approved = requests.get(start.headers["Location"], allow_redirects=False, timeout=5)  # the user consents
+    callback = approved.headers["Location"]
+    assert callback.startswith(settings.public_url + "/oauth/locate2u/callback?code=")
+    done = browser.get(callback, timeout=10)
+    assert done.status_code == 200 and done.json()["status"] == "authorized"
+    return callback
+
+
 def grants(sim):
     return [request["grant_type"] for request in sim.state.token_requests]
 
@@ -58,17 +80,7 @@ def test_code_flow_through_the_receiver_then_refresh_and_reauthorization(sim, co
     sim.state.token_lifetime = 1
     web = serve(code_settings)
     assert locate2u_check(web) == REAUTH
-    browser = requests.Session()  # keeps the state cookie, as the operator's browser does
-    link = cli(code_settings, "oauth", "url").stdout.strip()
-    assert link.startswith(web.url + "/oauth/locate2u/start?link=")
-    start = browser.get(link, allow_redirects=False, timeout=5)
-    assert start.status_code == 302 and start.headers["Location"].startswith(sim.url + "/connect/authorize?")
-    assert parse_qs(urlsplit(start.headers["Location"]).query)["scope"] == ["integrations-api offline_access"]
-    approved = requests.get(start.headers["Location"], allow_redirects=False, timeout=5)  # the user consents
-    callback = approved.headers["Location"]
-    assert callback.startswith(code_settings.public_url + "/oauth/locate2u/callback?code=")
-    done = browser.get(callback, timeout=10)
-    assert done.status_code == 200 and done.json()["status"] == "authorized"
+    callback = link_through_the_receiver(sim, code_settings, web)
     assert locate2u_check(web) == "ok"
     assert json.loads(redis_client.lindex(CONTROL_QUEUE, 0))["headers"]["task"] == SYNC_SUBSCRIPTIONS
     replayed = requests.get(callback, timeout=5)
@@ -260,3 +272,41 @@ def test_stops_import_cli_interrupted_mid_batch_says_what_was_created_what_may_b
         "created 1, failed 0, unconfirmed 1 (the request got no usable answer: the stops may have been created; "
         "look in Locate2u before importing those rows again), not sent 2 (from line 4 on: import them once the "
         "problem is fixed)"]
+
+
+def test_deliveries_that_arrive_while_locate2u_needs_reauthorisation_wait_for_it_not_the_dead_letter_store(
+        sim, code_settings, serve, start_process, simulator, redis_client):
+    """The user withdraws the relay's access in Locate2u (or the refresh token's lifetime ends) while
+    stops keep changing. Each delivery's stop read then needs a new consent; it was a PermanentError,
+    so every stop delivery was dead-lettered at once until an operator linked the account again and
+    replayed them all (past ``RELAY_DEAD_LETTER_LIMIT`` the oldest were dropped). They now wait on the
+    retry schedule, and linking the account again brings them forward: applied within seconds."""
+    storepoint = simulator("storepoint")
+    for stop_id in STOP_IDS:
+        sim.state.add_stop(stopId=stop_id, name=f"Stop {stop_id}")
+    relay = sims_settings(code_settings, {"storepoint": storepoint}, retry_schedule=SVIX_RETRY_SCHEDULE)
+    web = serve(relay)
+    start_process("worker", relay, beat=True)
+    link_through_the_receiver(sim, relay, web)
+    sim.state.token_lifetime = 1
+    link_through_the_receiver(sim, relay, web)  # tokens of a second's life: the next read refreshes
+    sim.state.revoke_refresh_tokens()  # the user withdraws the relay's access
+    time.sleep(1.05)
+    delivery_ids = [post(web.url, "stop.status-changed", status_change(stop_id, "Arrived", "2022-04-27T05:00:00+00:00"))
+                    .json()["delivery_id"] for stop_id in STOP_IDS]
+    waiting = wait_for(lambda: (found := {d: Ledger(redis_client).get(d) for d in delivery_ids}) and all(
+        entry["status"] == "retrying" for entry in found.values()) and found, timeout=60)
+    assert DeadLetterStore(redis_client).list() == []
+    assert locate2u_check(web) == REAUTH
+    assert all(REAUTH_HINT in str(Ledger(redis_client).history(d)) for d in waiting)  # the trace says what to do
+
+    sim.state.token_lifetime = 3600
+    linked_at = time.time()
+    link_through_the_receiver(sim, relay, web)
+    outcomes = wait_for(lambda: (found := sink_outcomes(redis_client, delivery_ids)) and all(
+        outcome.get("state") == "applied" for outcome in found.values()) and found, timeout=60)
+    seconds = max(outcome["at"] for outcome in outcomes.values()) - linked_at
+    print(f"\nLocate2u needed a new consent; all {len(delivery_ids)} waiting deliveries applied {seconds:.1f} s "
+          "after the account was linked again")
+    assert seconds < 30  # the schedule's next step was 300 s away
+    assert len(storepoint.app.config["STATE"].find(lambda location: True)) == len(STOP_IDS)

@@ -19,7 +19,7 @@ import redis
 from cryptography.fernet import Fernet
 
 from workers.config import ConfigError, Settings
-from workers.resilience.errors import RelayError
+from workers.resilience.errors import CredentialsRefused, RelayError
 from workers.locate2u.client import Locate2uClient, redirect_uri
 from workers.locate2u.subscriptions import SubscriptionSync, is_ours, mask_url, our_prefix
 from workers.locate2u.linking import accept_pending, link_account
@@ -222,7 +222,9 @@ def _in_release_phase():
 
 def _outage(exc):
     """True when ``exc`` says Locate2u or Redis is unavailable for now (not a mistake to fix)."""
-    return exc.retriable if isinstance(exc, RelayError) else redis_outage(exc)
+    if isinstance(exc, RelayError):  # refused credentials are a mistake to fix, not an outage
+        return exc.retriable and not isinstance(exc, CredentialsRefused)
+    return redis_outage(exc)
 
 
 @subscriptions.command("sync")

@@ -29,7 +29,9 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from redis.exceptions import LockError
 
 from workers.config import ConfigError, is_fernet_key
-from workers.resilience.errors import BadAnswer, PermanentError, RetriableError
+from workers.celery_config import PROCESS_DELIVERY
+from workers.resilience.controls import bring_forward
+from workers.resilience.errors import BadAnswer, CredentialsRefused, PermanentError, RetriableError
 from workers.resilience.http import HttpClient
 from workers.metrics import WorkerMetrics
 from workers.store import keys
@@ -65,8 +67,9 @@ KEY_WARNING = ("RELAY_TOKEN_KEYS is unset: stored Locate2u tokens are encrypted 
                "RELAY_WEBHOOK_SECRET; set RELAY_TOKEN_KEYS (l2u-relay oauth new-key)")
 
 
-class ReauthorizationRequired(PermanentError):
-    """No usable token can be obtained: a user must approve the relay again."""
+class ReauthorizationRequired(CredentialsRefused):
+    """No usable token can be obtained: a user must approve the relay again. What needs Locate2u waits
+    on its retry schedule meanwhile, and linking the account again brings it forward (``store_grant``)."""
 
 
 class TokenRejected(PermanentError):
@@ -360,8 +363,13 @@ class TokenManager:
         return body
 
     def store_grant(self, body, account):
-        """Store a redeemed token response as the tokens of ``account`` (the whoami answer)."""
-        return self._save(body, account=account)
+        """Store a redeemed token response as the tokens of ``account`` (the whoami answer), and make the
+        deliveries waiting to read their stop (re-authorisation was required) due now."""
+        tokens = self._save(body, account=account)
+        waiting = bring_forward(self.store.redis, PROCESS_DELIVERY)
+        if waiting:
+            log.info("Locate2u linked: %d deliveries waiting to read their stop are due now", waiting)
+        return tokens
 
     def status(self):
         """"ok" or "reauthorization required: ..." (reads Redis only, never the network)."""

@@ -136,6 +136,26 @@ return due
 """
 
 
+# Every retry of task ARGV[2] due after ARGV[1] becomes due at ARGV[1]. KEYS: the retries' sorted set.
+_BRING_FORWARD = """
+local moved = 0
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')) do
+  if cjson.decode(member)['task'] == ARGV[2] then
+    redis.call('ZADD', KEYS[1], ARGV[1], member)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+
+def bring_forward(client, task_name, now=None):
+    """Make every retry of ``task_name`` waiting in ``RetryScheduler``'s set due now (beat sends them
+    within a second); return how many. For retries that waited on what an operator has just fixed."""
+    now = time.time() if now is None else now
+    return client.register_script(_BRING_FORWARD)(keys=[keys.RETRIES], args=[repr(now), task_name])
+
+
 class RetryScheduler:
     """Tasks due later, held in a Redis sorted set until ``release_due`` sends them.
 
