@@ -7,6 +7,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from receiver.errors import error_response
 from receiver.handoff import Unavailable
+from workers.domain import json_text
 from workers.domain.events import EVENT_TYPES, missing_key_field
 from workers.locate2u.webhook_auth import token_matches
 
@@ -33,6 +34,8 @@ def _parse(body):
         return None, None, "body is not valid JSON: nested too deeply"
     if not isinstance(payload, dict):
         return None, None, f"body must be a JSON object, not {type(payload).__name__}"
+    if json_text.nested_deeper_than(payload):
+        return None, None, f"body is nested deeper than {json_text.MAX_DEPTH} levels"
     return text, payload, None
 
 

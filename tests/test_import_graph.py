@@ -28,6 +28,7 @@ RECEIVER_ALLOWED = {
     # webhook intake and hand-off (webhooks.py, handoff.py, openapi.py)
     "workers.domain.events": "event types, key fields and schemas: what the receiver accepts and documents is what "
                       "the workers process",
+    "workers.domain.json_text": "how deeply a delivery may nest: the receiver refuses what a worker could not carry",
     "workers.locate2u.webhook_auth": "the webhook URL token check, matching the URLs the subscriptions register",
     "workers.celery_config": "queue and task names, and the Celery app factory the hand-off sends with",
     "workers.store.redis_messages": "the Redis task message format, for the atomic ledger-and-queue hand-off",

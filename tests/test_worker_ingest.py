@@ -58,6 +58,21 @@ def test_sweeper_requeues_an_orphaned_ledger_entry(settings, start_process, redi
     assert entry["status"] == "unrouted"
 
 
+def test_a_deep_body_recorded_before_the_receiver_refused_it_is_quarantined_and_the_worker_lives(
+        settings, start_process, redis_client):
+    """Bodies nested hundreds of levels deep, recorded by a receiver from before the depth check: the
+    worker retried them forever, or died handing their write to its pool. They are quarantined."""
+    ledger = Ledger(redis_client)
+    for depth in (40, 960):
+        body = json.dumps(PUBLISHED["stop.assigned"])[:-1] + ', "x": %s}' % ("[" * depth + "]" * depth)
+        assert ledger.record(f"deep-{depth}", "stop.assigned", body, 3600, received_at=time.time() - 10)
+    worker = start_process("worker", settings, beat=True)  # the sweeper queues them
+    for depth in (40, 960):
+        entry = wait_for(lambda: settled(ledger, f"deep-{depth}"), timeout=60)
+        assert entry["status"] == "quarantined" and "nested" in entry["reason"], entry
+    assert worker.proc.poll() is None
+
+
 def test_ledger_index_forgets_deliveries_past_retention(redis_client):
     ledger = Ledger(redis_client)
     now = time.time()

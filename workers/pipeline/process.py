@@ -6,6 +6,7 @@ import uuid
 
 from marshmallow import ValidationError
 
+from workers.domain import json_text
 from workers.domain.events import parse_event
 from workers.pipeline.failures import bugs_dead_lettered
 from workers.pipeline.fan_out import resume_fan_out, route_delivery
@@ -28,13 +29,13 @@ def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
     if entry.processable and not claimed:
         return "processing"  # a live worker holds it (its lease is renewed)
     try:
-        event = parse_event(delivery_id, event_type, json.loads(entry.body))
+        payload = json_text.loads(entry.body)
+        if json_text.nested_deeper_than(payload):  # recorded before the receiver refused such bodies
+            raise ValidationError({"_schema": [f"nested deeper than {json_text.MAX_DEPTH} levels"]})
+        event = parse_event(delivery_id, event_type, payload)
         validated_at = time.time()
-    except ValidationError as exc:
-        rt.quarantine.add(event_type, entry.body, "schema validation failed", exc.messages, delivery_id)
-        rt.ledger.set_status(delivery_id, "quarantined", reason=json.dumps(exc.messages))
-        rt.ledger.trace(delivery_id, "quarantined", reason="schema validation failed", errors=exc.messages)
-        return "quarantined"
+    except (ValidationError, RecursionError) as exc:
+        return _quarantine(rt, delivery_id, event_type, entry.body, exc)
     with bugs_dead_lettered(lambda exc: dead_letter_enrich(rt, event, attempt, exc)):
         if not entry.processable:  # routed before, but a sink's deliver was never queued or got lost
             return resume_fan_out(rt, event, entry)
@@ -42,6 +43,15 @@ def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
             replay, sinks = True, sinks or list(entry.replay_sinks) or None
         with _lease_renewed(rt, delivery_id, lease):
             return route_delivery(rt, event, entry.received_at, attempt, replay, sinks, validated_at=validated_at)
+
+
+def _quarantine(rt, delivery_id, event_type, body, exc):
+    """Quarantine a recorded delivery whose body the schema refused (or too deep to read at all)."""
+    errors = exc.messages if isinstance(exc, ValidationError) else {"_schema": ["nested too deeply to read"]}
+    rt.quarantine.add(event_type, body, "schema validation failed", errors, delivery_id)
+    rt.ledger.set_status(delivery_id, "quarantined", reason=json.dumps(errors))
+    rt.ledger.trace(delivery_id, "quarantined", reason="schema validation failed", errors=errors)
+    return "quarantined"
 
 
 def _lease_renewed(rt, delivery_id, lease):

@@ -21,6 +21,7 @@ from urllib.parse import urljoin
 import requests
 from urllib3.exceptions import NewConnectionError, SSLError
 
+from workers.domain import json_text
 from workers.resilience.answer_deadline import WATCHING, AnswerDeadline, AnswerUnread, WatchedAdapter, answer_seconds
 from workers.resilience.errors import BadAnswer, CredentialsRefused, NoAnswer, NotFound, PermanentError, RetriableError
 
@@ -173,6 +174,8 @@ class HttpClient:
             value = response.json()
         except ValueError:
             raise self._bad_answer(response, "that is not JSON") from None
+        if json_text.holds_escaped_surrogate(response.content):
+            value = json_text.repaired(value)
         try:
             for step in path:
                 value = value[step]
