@@ -43,7 +43,8 @@ class HealthSchema(Schema):
 
 # status -> description, for the answers documented on each operation
 WEBHOOK_ERRORS = {
-    400: "empty_body: the body is empty; invalid_body: not UTF-8 JSON or not a JSON object",
+    400: "empty_body: the body is empty; invalid_body: not UTF-8 JSON, not a JSON object or nested deeper than 32 "
+         "levels",
     401: "invalid_token: the URL token is not valid for this event type (current or previous secret)",
     404: "unknown_event_type, or not_found: unknown route",
     413: "request_entity_too_large: the body is larger than RELAY_MAX_BODY_BYTES",
