@@ -63,3 +63,21 @@ def test_a_retry_schedule_that_could_outlast_the_ledger_is_refused_with_why():
     assert problem == ("its 15 retries, each waiting up to a day for a Retry-After, could take 15 days, past the "
                        "14 days a delivery is kept: use fewer or shorter steps")
     assert Settings.from_env({"RELAY_WEBHOOK_SECRET": SECRET, "RELAY_RETRY_SCHEDULE": ",".join(["0"] + ["60"] * 14)})
+
+
+@pytest.mark.parametrize("value", ["-1", "0,abc", ",", " "])
+def test_a_retry_schedule_that_is_not_seconds_is_named_not_a_type_error(value):
+    """Each of these ended every process (CLI, worker, gunicorn) in ``TypeError: 'int' object is not
+    iterable``, hiding every other problem."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RELAY_WEBHOOK_SECRET": SECRET, "RELAY_RETRY_SCHEDULE": value, "PORT": "0"})
+    assert set(caught.value.problems) == {"RELAY_RETRY_SCHEDULE", "PORT"}
+
+
+@pytest.mark.parametrize("value", [",", " , "])
+def test_event_types_that_name_none_are_refused_not_taken_for_no_subscriptions(value):
+    """A stray comma was read as no event type at all, and the release phase's sync then deleted every
+    subscription: the relay received nothing more."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RELAY_WEBHOOK_SECRET": SECRET, "RELAY_EVENT_TYPES": value})
+    assert "names no event type" in caught.value.problems["RELAY_EVENT_TYPES"]

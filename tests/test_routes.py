@@ -81,6 +81,32 @@ def test_not_yaml_or_not_a_mapping(tmp_path):
         load_routes(write(tmp_path, "- storepoint\n"))
 
 
+@pytest.mark.parametrize("template", ["l2u-{}", "{0}", "{stopId!x}", "{stopId:d}", "{stopId.real}", "{stopId[0]}"])
+def test_a_template_that_cannot_render_is_refused_at_start_up_not_at_every_event(tmp_path, template):
+    """These parse as format strings, so they passed the start-up check, then ``render`` raised
+    (IndexError, ValueError, AttributeError, TypeError) for every event: each dead-lettered as an internal
+    error. Templates name fields only."""
+    with pytest.raises(ConfigError) as caught:
+        load_routes(write(tmp_path, f'storepoint:\n  key: "{template}"\n'))
+    assert f"line 2: storepoint.key: bad template {template!r}" in caught.value.problems["RELAY_ROUTES_FILE"]
+
+
+def test_a_routes_file_that_cannot_be_read_is_one_message_not_a_traceback(tmp_path):
+    """``RELAY_ROUTES_FILE`` naming a missing file, a folder or a file that is not UTF-8 (a spreadsheet
+    saved as Latin-1), or whose sink names are not all text: every process ended in a traceback."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("storepoint:\n  fields: {name: 'Café'}\n".encode("latin-1"))
+    for path, said in ((tmp_path / "nope.yaml", "cannot read it: No such file"),
+                       (tmp_path, "cannot read it: Is a directory"),
+                       (latin1, "cannot read it: not UTF-8")):
+        with pytest.raises(ConfigError) as caught:
+            load_routes(str(path))
+        assert said in caught.value.problems["RELAY_ROUTES_FILE"]
+    with pytest.raises(ConfigError) as caught:
+        load_routes(write(tmp_path, "1: {}\nstorepoint: {}\n"))
+    assert "line 1: 1: unknown sink" in caught.value.problems["RELAY_ROUTES_FILE"]
+
+
 def test_worker_refuses_to_start_with_a_bad_routes_file(tmp_path, settings):
     import subprocess
     import sys

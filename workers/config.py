@@ -39,6 +39,8 @@ class Seconds(CommaList):
         wrong = [value for value in values if not value.isdigit()]
         if wrong:
             raise ValidationError(f"{wrong[-1]!r} is not a whole number of seconds")
+        if not values:
+            raise ValidationError("names no number of seconds; leave it unset for the default")
         return tuple(int(value) for value in values)
 
 
@@ -140,6 +142,8 @@ class RelaySettingsSchema(Schema):
                 problems["RELAY_CONSOLE_OPERATORS"] = [
                     f"{name!r}: each entry is name:hash, the hash from werkzeug's generate_password_hash "
                     "(scrypt:… or pbkdf2:…)"]
+        if "event_types" in data and not data["event_types"]:  # a subscriptions sync would delete every one
+            problems["RELAY_EVENT_TYPES"] = ["names no event type; leave it unset for all eight"]
         for name in data.get("event_types", ()):
             if name not in EVENT_TYPES:
                 problems["RELAY_EVENT_TYPES"] = [f"unknown event type {name!r}; known: {', '.join(EVENT_TYPES)}"]
@@ -155,7 +159,7 @@ class RelaySettingsSchema(Schema):
             problems["FLOWER_BASIC_AUTH"] = ["must be user:password"]
         if data.get("metrics_basic_auth") and ":" not in data["metrics_basic_auth"]:
             problems["RELAY_METRICS_BASIC_AUTH"] = ["must be user:password"]
-        problem = _retry_schedule_problem(data.get("retry_schedule", ()))
+        problem = "retry_schedule" in data and _retry_schedule_problem(data["retry_schedule"])
         if problem:
             problems["RELAY_RETRY_SCHEDULE"] = [problem]
         for position, key in enumerate(data.get("token_keys", ()), 1):

@@ -5,11 +5,13 @@ Binds ``0.0.0.0:$PORT`` (gunicorn's own default when PORT is set), runs
 ``WEB_CONCURRENCY`` sync workers (default 2), logs JSON lines to stdout,
 turns on Prometheus multiprocess mode so ``/metrics`` merges every worker, and
 keeps each worker's loaded app out of the garbage collector's walks (``post_worker_init``) and, on a
-dyno, passes on the client address behind Heroku's router (``pre_request``).
+dyno, passes on the client address behind Heroku's router (``pre_request``). A bad configuration stops
+it with one message and exit 2 before any worker boots (``on_starting``).
 """
 import gc
 import os
 import shutil
+import sys
 import tempfile
 
 _OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # made here, so removed on exit
@@ -18,9 +20,12 @@ if _OWN_METRICS_DIR:
 
 from prometheus_client import multiprocess  # noqa: E402  (needs the directory set first)
 
+from workers.config import ConfigError, Settings  # noqa: E402
 from workers.dyno.router import behind_router, console_request, pass_router_client  # noqa: E402
+from workers.pipeline.routes import load_routes  # noqa: E402
 
 _BEHIND_ROUTER = behind_router()
+RECEIVER_APP = "receiver.wsgi:app"
 
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 timeout = 30
@@ -39,6 +44,19 @@ logconfig_dict = {
     "loggers": {"gunicorn.error": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
                 "gunicorn.access": {"handlers": ["stdout"], "level": "INFO", "propagate": False}},
 }
+
+
+def on_starting(server):
+    """Check the configuration once in the master: each worker would otherwise log the ConfigError
+    inside a traceback, and gunicorn exit 3 ("Worker failed to boot"). Only for the receiver's app."""
+    if getattr(server.app, "app_uri", None) != RECEIVER_APP:
+        return
+    try:
+        load_routes(Settings.from_env().routes_file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        on_exit(server)
+        sys.exit(2)
 
 
 def post_worker_init(worker):

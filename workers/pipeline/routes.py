@@ -84,11 +84,18 @@ DEFAULT_ROUTES = _DefaultRoutes()
 
 
 def _template(value):
-    """Reject malformed format strings at load time."""
+    """Reject at load time what ``render`` could not fill for every event: a malformed format string,
+    and any replacement field other than a bare ``{name}`` (``{}``, ``{0}``, ``{name.attr}``,
+    ``{name[0]}``, ``{name!x}``, ``{name:d}``: each raised for events without such a value)."""
     try:
-        list(string.Formatter().parse(value))
+        names = [(name, conversion, spec) for _, name, spec, conversion in string.Formatter().parse(value)
+                 if name is not None]
     except ValueError as exc:
         raise ValidationError(f"bad template {value!r}: {exc}") from None
+    for name, conversion, spec in names:
+        if not name.isidentifier() or conversion or spec:
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValidationError(f"bad template {value!r}: {field} is not a field name in braces, e.g. {{stopId}}")
 
 
 class RateLimitSchema(Schema):
@@ -146,8 +153,13 @@ def render(template, context):
 
 
 def _load_yaml(path):
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError({"RELAY_ROUTES_FILE": f"{path}: cannot read it: {exc.strerror}"}) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError({"RELAY_ROUTES_FILE": f"{path}: cannot read it: not UTF-8 (byte {exc.start})"}) from None
     try:
         return yaml.safe_load(text) or {}, yaml.compose(text)
     except yaml.YAMLError as exc:
@@ -184,7 +196,7 @@ def load_routes(path=None):
     data, root = _load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError({"RELAY_ROUTES_FILE": f"{path}: line 1: the file must map sink names to routes"})
-    unknown = sorted(set(data) - set(SINKS))
+    unknown = sorted(set(data) - set(SINKS), key=str)  # a name YAML read as a number or null too
     problems = [f"line {_line_of(root, [name])}: {name}: unknown sink; known: {', '.join(SINKS)}"
                 for name in unknown]
     try:
