@@ -76,6 +76,10 @@ CASES = {
     "a bad setting": ({"RELAY_WEBHOOK_SECRET": SECRET, "REDIS_URL": "redis://127.0.0.1:6379/0",
                        "RELAY_MAX_BODY_BYTES": "lots"}, "RELAY_MAX_BODY_BYTES"),
     "a REDIS_URL that is no URL": ({"RELAY_WEBHOOK_SECRET": SECRET, "REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+    "a REDIS_URL whose host cannot be read": ({"RELAY_WEBHOOK_SECRET": SECRET, "REDIS_URL": "redis://[::1/0"},
+                                              "REDIS_URL"),
+    "a broker of no known transport": ({"RELAY_WEBHOOK_SECRET": SECRET, "REDIS_URL": "redis://127.0.0.1:6379/0",
+                                        "CELERY_BROKER_URL": "foo://x"}, "CELERY_BROKER_URL"),
 }
 
 

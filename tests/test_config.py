@@ -81,3 +81,19 @@ def test_event_types_that_name_none_are_refused_not_taken_for_no_subscriptions(v
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"RELAY_WEBHOOK_SECRET": SECRET, "RELAY_EVENT_TYPES": value})
     assert "names no event type" in caught.value.problems["RELAY_EVENT_TYPES"]
+
+
+@pytest.mark.parametrize("variable, value, said", [
+    ("REDIS_URL", "redis://u:pw-secret@127.0.0.1:99999/0", "Port out of range 0-65535"),
+    ("REDIS_URL", "redis://[::1/0", "Invalid IPv6 URL"),
+    ("REDIS_URL", "http://u:pw-secret@host/0", "must start with redis://, rediss:// or unix://, not http://"),
+    ("CELERY_BROKER_URL", "foo://u:pw-secret@x", "must start with redis://, rediss://, amqp://, amqps:// or "
+                                                 "pyamqp://, not foo://"),
+])
+def test_a_redis_or_broker_url_no_client_can_use_is_named_without_its_password(variable, value, said):
+    """A port out of range, a host that cannot be read or a scheme of no transport passed the settings
+    and ended the worker and gunicorn in a kombu or urllib traceback."""
+    environ = {"RELAY_WEBHOOK_SECRET": SECRET, "REDIS_URL": "redis://127.0.0.1:6379/0", variable: value}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(environ)
+    assert said in caught.value.problems[variable] and "pw-secret" not in str(caught.value)

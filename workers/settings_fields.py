@@ -5,8 +5,9 @@ without importing ``workers.config`` (which reads every sink's declarations).
 """
 import dataclasses
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
-from marshmallow import fields
+from marshmallow import ValidationError, fields
 
 
 class CommaList(fields.Field):
@@ -21,6 +22,28 @@ class HttpUrl(fields.Url):
 
     def __init__(self, **kwargs):
         super().__init__(schemes={"http", "https"}, require_tld=False, **kwargs)
+
+
+class ServiceUrl(fields.String):
+    """The URL a client connects to a service with (``REDIS_URL``, ``CELERY_BROKER_URL``): one of
+    ``schemes``, a host and port that can be read. A problem never shows the value: it may hold a password."""
+
+    def __init__(self, schemes, **kwargs):
+        super().__init__(**kwargs)
+        self.schemes = schemes
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - reading it checks it
+        except ValueError as exc:
+            raise ValidationError(f"not a URL a client can use: {exc}") from None
+        if parts.scheme not in self.schemes:
+            shown = f"{parts.scheme}://" if parts.scheme else "no scheme"
+            allowed = ", ".join(f"{scheme}://" for scheme in self.schemes[:-1]) + f" or {self.schemes[-1]}://"
+            raise ValidationError(f"must start with {allowed}, not {shown}")
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
