@@ -5,6 +5,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from tests.processes import BIN, demo_env
 from workers.ops.devstack import free_port
 
@@ -43,6 +45,13 @@ def test_a_cli_in_a_second_process_finds_the_running_local_stack(tmp_path):
                                  capture_output=True, text=True, timeout=120)
         assert letters.returncode == 0, letters.stdout + letters.stderr
         assert "dead letter(s)" in letters.stdout and "l2u-stop-7004 to Delivery.com" in letters.stdout
+        # A second `run` in the same folder overwrote the first's stack file and, without a demo, shared
+        # its embedded Redis's append-only file with it (two servers writing one file).
+        second = subprocess.run([str(BIN / "l2u-relay"), "run", "--port", str(free_port())], env=demo_env(),
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"another `l2u-relay run` (pid {stack.pid}) uses" in second.stderr, \
+            second.stdout + second.stderr
+        assert stack_file.read_text() == written
         ping = subprocess.run([str(BIN / "celery"), "-A", "workers.app", "inspect", "ping", "--timeout", "10"],
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
@@ -57,3 +66,16 @@ def test_a_cli_in_a_second_process_finds_the_running_local_stack(tmp_path):
     after = subprocess.run([str(BIN / "l2u-relay"), "status"], env=env, cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
     assert after.returncode == 2 and "Traceback" not in after.stderr  # the stack is gone: a plain config message
+
+
+@pytest.mark.parametrize("argv, env, said", [
+    (["--port", "70000"], {}, "70000 is not in the range 1<=x<=65535"),
+    ([], {"PORT": "abc"}, "PORT must be a port number (1-65535), not 'abc'"),
+    (["--data-dir", "a-file"], {}, "cannot use"),
+])
+def test_run_with_a_port_or_data_dir_it_cannot_use_says_which(tmp_path, argv, env, said):
+    """These ended in OverflowError, ValueError or FileExistsError tracebacks."""
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([str(BIN / "l2u-relay"), "run", *argv], env={**demo_env(), **env}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr

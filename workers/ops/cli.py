@@ -65,8 +65,8 @@ def main(ctx):
 
 
 @main.command()
-@click.option("--port", type=int, default=None, help="Web port (default: $PORT, else 8000 or a free one if "
-                                                     "8000 is taken).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Web port (default: $PORT, else 8000 or a free one if 8000 is taken).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the web process listens on (0.0.0.0 for every interface).")
 @click.option("--data-dir", default=None, help="Folder for the embedded Redis, local secret, stack settings and "
@@ -89,17 +89,31 @@ def run(port, host, data_dir, demo_then_exit, verbose):
     from workers.ops import devstack
 
     data_dir = Path(data_dir or os.environ.get("RELAY_DATA_DIR") or devstack.DEFAULT_DATA_DIR).resolve()
-    port = _free_web_port(host, port or (int(os.environ["PORT"]) if os.environ.get("PORT") else None))
+    port = _free_web_port(host, port or _port_from_environment())
+    try:
+        claim = devstack.claim_data_dir(data_dir)  # held until this process ends
+    except devstack.DataDirUnavailable as exc:
+        raise click.UsageError(str(exc)) from None
     env = devstack.local_environment(data_dir, port)
     env.setdefault("GUNICORN_CMD_ARGS", f"--bind {host}:{port}")
     demo_mode = not env.get("LOCATE2U_CLIENT_ID")
     console_line = devstack.local_console(env)
-    with devstack.LocalStack(data_dir, env, demo=demo_mode, verbose=verbose, echo=click.echo) as stack:
+    with claim, devstack.LocalStack(data_dir, env, demo=demo_mode, verbose=verbose, echo=click.echo) as stack:
         click.echo(console_line)
         if not demo_mode:
             _print_urls(stack.settings)
         code = stack.run(demo_then_exit)
     sys.exit(code)
+
+
+def _port_from_environment():
+    """``$PORT`` as a number, None when unset; a UsageError when it is not a port."""
+    value = os.environ.get("PORT")
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise click.UsageError(f"PORT must be a port number (1-65535), not {value!r}")
+    return int(value)
 
 
 def _free_web_port(host, port):

@@ -6,6 +6,7 @@ demo's fixed test values), so every ``l2u-relay`` command in the same checkout
 finds the running stack (``stack_environment``).
 """
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -28,6 +29,7 @@ LOCAL_PROCESSES = ("web", "worker", "beat")
 DEFAULT_DATA_DIR = ".l2u-relay"
 INTERRUPTED = (130, 143)  # honcho's exit codes after Ctrl-C or SIGTERM
 STACK_FILE = "stack.json"
+RUN_LOCK = "run.lock"
 WEBHOOK_SECRET_FILE = "webhook-secret"
 # Settings never written to the stack file (a password in REDIS_URL keeps that out too).
 SECRET_SETTINGS = ("RELAY_WEBHOOK_SECRET", "RELAY_WEBHOOK_SECRET_PREVIOUS", "LOCATE2U_CLIENT_SECRET",
@@ -176,6 +178,35 @@ def run_processes(env, names=LOCAL_PROCESSES, on_start=None, printer=None):
     manager.loop()
     return manager.returncode
 
+
+
+class DataDirUnavailable(Exception):
+    """``l2u-relay run`` cannot use the data dir: another run holds it, or it cannot be made."""
+
+
+def claim_data_dir(data_dir):
+    """Make ``data_dir`` and hold it for this ``l2u-relay run``: an exclusive lock on its ``run.lock``
+    (holding this process's pid), released when the returned file is closed or the process ends. A
+    second run there would overwrite the first's stack file and share its embedded Redis's files."""
+    data_dir = Path(data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(data_dir / RUN_LOCK, "a+")  # noqa: SIM115 - held open for the whole run
+    except OSError as exc:
+        raise DataDirUnavailable(f"cannot use {data_dir} as the data dir: {exc.strerror}; choose another "
+                                 "with --data-dir") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise DataDirUnavailable(f"another `l2u-relay run` (pid {holder}) uses {data_dir}: stop it first, or "
+                                 "give this one a data dir of its own with --data-dir") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 class LocalStack:
