@@ -63,6 +63,9 @@ def test_json_rows_keep_their_lines(tmp_path):
     ('[{"name": "A"} {"name": "B"}]', "expected ',' or ']'"),
     ('[{"name": "A",]', "invalid JSON at line 1"),
     ('[] trailing', "unexpected content"),
+    ('[' + '[' * 100000 + ']' * 100000 + ']', "invalid JSON at line 1: nested too deeply"),  # RecursionError before
+    ("name,address,customFields.a,customFields.a.b\nA,1 St,x,y\n",  # TypeError before
+     "columns customFields.a and customFields.a.b clash: one holds a value, the other a field inside it"),
 ])
 def test_unreadable_files_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(ImportFileError, match=message):

@@ -211,13 +211,23 @@ def _csv_rows(text):
 
 
 def _nest(flat):
-    nested = {}
+    """``{"contact.name": v}`` as ``{"contact": {"name": v}}``; ImportFileError for two columns of which
+    one names a value and the other a field inside it."""
+    nested, placed = {}, {}
     for key, value in flat.items():
         *parents, leaf = key.strip().split(".")
-        target = nested
+        target, path = nested, []
         for part in parents:
+            path.append(part)
             target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ImportFileError(f"columns {placed['.'.join(path)]} and {key} clash: one holds a value, "
+                                      "the other a field inside it")
+        if isinstance(target.get(leaf), dict):
+            inner = next(column for name, column in placed.items() if name.startswith(f"{key.strip()}."))
+            raise ImportFileError(f"columns {key} and {inner} clash: one holds a value, the other a field inside it")
         target[leaf] = value
+        placed[key.strip()] = key
     return nested
 
 
@@ -232,6 +242,8 @@ def _json_rows(text):
             item, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise ImportFileError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        except RecursionError:
+            raise ImportFileError(f"invalid JSON at line {line}: nested too deeply") from None
         rows.append((line, item))
         pos = _skip(text, end)
         if text[pos:pos + 1] == ",":
