@@ -354,6 +354,21 @@ def test_flower_will_not_start_on_all_interfaces_without_auth(settings, env):
     assert "refusing to listen on 0.0.0.0 without authentication" in proc.output()
 
 
+def test_flower_with_a_port_it_cannot_use_says_so(settings):
+    """``FLOWER_PORT=70000`` quietly listened on 4464 (70000 modulo 65536): an operator forwarding 70000
+    reached nothing. (``FLOWER_PORT=abc`` is refused by Flower itself, in a traceback of its own, before
+    it reads this configuration; ``PORT=abc`` by the relay's settings.)"""
+    name, value = "FLOWER_PORT", "70000"
+    proc = flower(settings, FLOWER_BASIC_AUTH="admin:s3cret-flower-pass", **{name: value})
+    try:
+        proc.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.stop()
+        raise AssertionError(f"flower started on {name}={value}:\n{proc.output()[-2000:]}") from None
+    assert proc.proc.returncode != 0 and "Traceback" not in proc.output()
+    assert f"flower: {name} must be a port number (1-65535), not {value!r}" in proc.output()
+
+
 # --- body size limit ----------------------------------------------------------------------------------
 
 def padded(size):

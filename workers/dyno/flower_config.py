@@ -21,7 +21,17 @@ from workers.logs import configure_logging as _configure_logging
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-port = int(os.environ.get("FLOWER_PORT") or os.environ.get("PORT") or 5555)
+def _port():
+    """FLOWER_PORT, else PORT, else 5555; exit with why when it is out of range (Flower would listen on
+    4464 for 70000)."""
+    name = "FLOWER_PORT" if os.environ.get("FLOWER_PORT") else "PORT"
+    value = os.environ.get(name) or "5555"
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        sys.exit(f"flower: {name} must be a port number (1-65535), not {value!r}")
+    return int(value)
+
+
+port = _port()
 address = os.environ.get("FLOWER_ADDRESS") or ("0.0.0.0" if os.environ.get("PORT") or os.environ.get("DYNO")
                                                 else "127.0.0.1")
 if os.environ.get("FLOWER_BASIC_AUTH"):
