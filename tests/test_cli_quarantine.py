@@ -40,6 +40,8 @@ def test_quarantine_list_show_purge_and_its_size_in_status_and_metrics(settings,
     assert metric(requests.get(web.url + "/metrics", timeout=10).text, "l2u_quarantined") == 3
 
     assert cli(settings, "quarantine", "purge", "--yes").returncode == 2  # neither IDs nor --all
+    unknown = cli(settings, "quarantine", "purge", "nope", "--yes")  # said "purged 0", exit 0, as if done
+    assert unknown.returncode == 1 and "no quarantined delivery nope" in unknown.stderr
     purged = cli(settings, "quarantine", "purge", items[0]["id"], "--yes")
     assert purged.returncode == 0 and "purged 1" in purged.stdout
     assert [item["id"] for item in json.loads(cli(settings, "quarantine", "list", "--json").stdout)] == [

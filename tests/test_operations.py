@@ -122,6 +122,10 @@ def test_status_dlq_and_deliveries_commands_against_a_live_stack(stack_settings,
         assert step in trace
     assert "storepoint   applied" in trace
     assert cli(settings, "dlq", "replay").returncode == 2  # neither IDs nor --all
+    narrowed = cli(settings, "dlq", "purge", entry_id, "--sink", "b2b", "--yes")  # --sink was ignored: purged
+    assert narrowed.returncode == 2 and "--sink and --since narrow --all" in narrowed.stderr
+    since = cli(settings, "dlq", "list", "--since", "yesterday")
+    assert since.returncode == 2 and "'--since'" in since.stderr
 
 
 def test_dlq_replay_all_keeps_what_its_report_needs_not_every_letter(settings, redis_client):

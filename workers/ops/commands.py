@@ -36,7 +36,7 @@ def _since(value):
     try:
         return operations.parse_moment(value)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="'--since'") from None
 
 
 def _echo_json(data):
@@ -86,6 +86,8 @@ def dlq_show(entry_id):
 def _select(rt, ids, all_, sink, since):
     if bool(ids) == bool(all_):
         raise click.UsageError("give dead-letter IDs or --all (with --sink/--since to narrow it)")
+    if ids and (sink or since):  # said, rather than silently ignored
+        raise click.UsageError("--sink and --since narrow --all; with IDs, give only the IDs")
     if all_:  # an iterator: a million letters need not be held at once
         return operations.dead_letters_matching(rt, sink=sink, since=_since(since))
     entries, missing = operations.dead_letters_by_id(rt, ids)
@@ -185,7 +187,8 @@ def quarantine():
 
 
 @quarantine.command("list")
-@click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="Show at most this many.")
+@click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True,
+              help="Show at most this many.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def quarantine_list(limit, as_json):
     """List quarantined deliveries, newest first, with the ID that show and purge take."""
@@ -219,6 +222,10 @@ def quarantine_purge(ids, all_, yes):
     if bool(ids) == bool(all_):
         raise click.UsageError("give quarantine IDs or --all")
     rt = _runtime()
+    missing = sorted(set(ids) - {operations.quarantine_id(raw) for raw in operations.quarantined(rt, ids)})
+    if missing:
+        raise click.ClickException(f"no quarantined delivery {', '.join(missing)} (l2u-relay quarantine list "
+                                   "shows the IDs)")
     count, newest = operations.quarantine_counted(rt) if all_ else (len(ids), None)
     if not yes:
         click.confirm(f"Purge {count} quarantined delivery(ies) for good?", abort=True)

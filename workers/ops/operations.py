@@ -169,7 +169,8 @@ def quarantine_count(rt):
     return rt.redis.llen(Quarantine.KEY)
 
 
-def _quarantine_raw(rt, item_ids):
+def quarantined(rt, item_ids):
+    """The stored items (raw JSON) of those of ``item_ids`` still quarantined."""
     wanted = set(item_ids)
     return [raw for raw in rt.redis.lrange(Quarantine.KEY, 0, QUARANTINE_SCAN_LIMIT - 1)
             if quarantine_id(raw) in wanted]
@@ -177,7 +178,7 @@ def _quarantine_raw(rt, item_ids):
 
 def quarantine_item(rt, item_id):
     """One quarantined item by id, or None."""
-    found = _quarantine_raw(rt, [item_id])
+    found = quarantined(rt, [item_id])
     return json.loads(found[0]) if found else None
 
 
@@ -206,10 +207,10 @@ def purge_quarantine(rt, item_ids=None, newest=None):
     a count showed (``quarantine_counted``), not those quarantined after it. Return how many, or None
     when ``newest`` is no longer there (the quarantine changed since the count: count again)."""
     if item_ids is not None:
-        return sum(rt.redis.lrem(Quarantine.KEY, 1, raw) for raw in _quarantine_raw(rt, item_ids))
+        return sum(rt.redis.lrem(Quarantine.KEY, 1, raw) for raw in quarantined(rt, item_ids))
     if newest is None:  # nothing was quarantined when counted
         return 0
-    raws = _quarantine_raw(rt, [newest])
+    raws = quarantined(rt, [newest])
     removed = rt.redis.eval(_PURGE_FROM, 1, Quarantine.KEY, raws[0]) if raws else -1
     return None if removed < 0 else removed
 
