@@ -73,7 +73,8 @@ class RelaySettingsSchema(Schema):
     sinks = ()  # the sink classes whose settings settings_schema() added
 
     redis_url = _env("REDIS_URL", ServiceUrl(("redis", "rediss", "unix"), load_default=None))
-    broker_url = _env("CELERY_BROKER_URL", ServiceUrl(("redis", "rediss", "amqp", "amqps", "pyamqp"), load_default=None))
+    broker_url = _env("CELERY_BROKER_URL",
+                      ServiceUrl(("redis", "rediss", "amqp", "amqps", "pyamqp"), load_default=None))
     redis_ca_file = _env("RELAY_REDIS_CA_FILE", fields.String(load_default=None))
     redis_max_connections = _env("RELAY_REDIS_MAX_CONNECTIONS",
                                  fields.Integer(load_default=1, validate=validate.Range(1, 1000)))

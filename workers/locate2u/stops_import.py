@@ -213,22 +213,27 @@ def _csv_rows(text):
 def _nest(flat):
     """``{"contact.name": v}`` as ``{"contact": {"name": v}}``; ImportFileError for two columns of which
     one names a value and the other a field inside it."""
-    nested, placed = {}, {}
+    nested = {}
     for key, value in flat.items():
         *parents, leaf = key.strip().split(".")
-        target, path = nested, []
+        target = nested
         for part in parents:
-            path.append(part)
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
-                raise ImportFileError(f"columns {placed['.'.join(path)]} and {key} clash: one holds a value, "
-                                      "the other a field inside it")
+                raise _clash(flat, key)
         if isinstance(target.get(leaf), dict):
-            inner = next(column for name, column in placed.items() if name.startswith(f"{key.strip()}."))
-            raise ImportFileError(f"columns {key} and {inner} clash: one holds a value, the other a field inside it")
+            raise _clash(flat, key)
         target[leaf] = value
-        placed[key.strip()] = key
     return nested
+
+
+def _clash(flat, key):
+    """The ImportFileError for column ``key`` and the column of ``flat`` it clashes with."""
+    name = key.strip()
+    other = next(column for column in flat if column != key and (
+        name.startswith(column.strip() + ".") or column.strip().startswith(name + ".")))
+    outer, inner = sorted((key, other), key=len)
+    return ImportFileError(f"columns {outer} and {inner} clash: one holds a value, the other a field inside it")
 
 
 def _json_rows(text):
