@@ -3,7 +3,8 @@ import time
 
 from tests.fixtures import kill_when_reached
 from tests.helpers import admit
-from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, retry_delay
+from workers.celery_config import DELIVER, PROCESS_DELIVERY
+from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, bring_forward, retry_delay
 
 SCHEDULE = (0, 5, 300, 1800)
 
@@ -92,3 +93,16 @@ def test_rate_limiter_is_a_token_bucket_shared_through_redis(redis_client):
     assert [first.take(now), second.take(now), first.take(now)] == [0.0, 0.0, 0.0]
     assert second.take(now) == 0.5
     assert first.take(now + 0.5) == 0.0
+
+
+def test_bring_forward_makes_one_tasks_retries_due_now_and_leaves_the_others(redis_client):
+    """What linking Locate2u again does to the deliveries waiting to read their stop. A member holding an
+    escape cjson cannot decode (kept before lone surrogates were repaired) must not stop it."""
+    scheduler = RetryScheduler(redis_client, send_task=lambda *args, **kwargs: None)
+    scheduler.schedule(PROCESS_DELIVERY, ["d-1", "stop.assigned", 2], 300)
+    scheduler.schedule(PROCESS_DELIVERY, ["d-2", "stop.assigned", 3, False, None, "cut \ud83d"], 1800)
+    scheduler.schedule(DELIVER, ["d-3", "storepoint", "upsert", {}, 2], 300)
+    now = time.time()
+    assert bring_forward(redis_client, PROCESS_DELIVERY, now=now) == 2
+    due = {args[0]: when for _, args, when in scheduler.pending()}
+    assert due["d-1"] == due["d-2"] == now and due["d-3"] > now + 200

@@ -26,7 +26,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 
 from workers.config import ConfigError, is_fernet_key
 from workers.celery_config import PROCESS_DELIVERY
@@ -366,9 +366,13 @@ class TokenManager:
         """Store a redeemed token response as the tokens of ``account`` (the whoami answer), and make the
         deliveries waiting to read their stop (re-authorisation was required) due now."""
         tokens = self._save(body, account=account)
-        waiting = bring_forward(self.store.redis, PROCESS_DELIVERY)
-        if waiting:
-            log.info("Locate2u linked: %d deliveries waiting to read their stop are due now", waiting)
+        try:
+            waiting = bring_forward(self.store.redis, PROCESS_DELIVERY)
+        except RedisError as exc:  # linked all the same: they go out on their schedule
+            log.warning("could not bring forward the deliveries waiting for Locate2u: %s", exc)
+        else:
+            if waiting:
+                log.info("Locate2u linked: %d deliveries waiting to read their stop are due now", waiting)
         return tokens
 
     def status(self):

@@ -136,11 +136,12 @@ return due
 """
 
 
-# Every retry of task ARGV[2] due after ARGV[1] becomes due at ARGV[1]. KEYS: the retries' sorted set.
+# Every member due after ARGV[1] that starts with ARGV[2] (a task's) becomes due at ARGV[1]. KEYS: the
+# retries' sorted set. A prefix, not cjson: a member cjson cannot decode must not stop the others.
 _BRING_FORWARD = """
 local moved = 0
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')) do
-  if cjson.decode(member)['task'] == ARGV[2] then
+  if string.sub(member, 1, #ARGV[2]) == ARGV[2] then
     redis.call('ZADD', KEYS[1], ARGV[1], member)
     moved = moved + 1
   end
@@ -153,7 +154,8 @@ def bring_forward(client, task_name, now=None):
     """Make every retry of ``task_name`` waiting in ``RetryScheduler``'s set due now (beat sends them
     within a second); return how many. For retries that waited on what an operator has just fixed."""
     now = time.time() if now is None else now
-    return client.register_script(_BRING_FORWARD)(keys=[keys.RETRIES], args=[repr(now), task_name])
+    prefix = RetryScheduler.member_prefix(task_name)
+    return client.register_script(_BRING_FORWARD)(keys=[keys.RETRIES], args=[repr(now), prefix])
 
 
 class RetryScheduler:
@@ -238,6 +240,11 @@ class RetryScheduler:
     @staticmethod
     def _member(task_name, args):
         return json.dumps({"task": task_name, "args": args, "id": uuid.uuid4().hex})
+
+    @staticmethod
+    def member_prefix(task_name):
+        """How every member ``_member`` makes for ``task_name`` starts."""
+        return json.dumps({"task": task_name, "args": None})[:-len('"args": null}')]
 
 
 _ADMIT_FN = """
