@@ -51,6 +51,29 @@ def test_delivery_is_enriched_and_applied(driver, sink_server, l2u):
         ("validated", None), ("enriched", "cache")]
 
 
+def test_a_write_kept_with_a_lone_surrogate_before_they_were_repaired_poisons_no_later_write(driver, sink_server):
+    """A relay upgraded past the repair of lone surrogates (``workers/domain/json_text.py``) still holds the
+    writes it kept before: the newest write of a key, a sink's outcome, a retry waiting in the due set.
+    Redis's cjson refused them, so every later write of that key, every outcome beside it and every
+    release of due retries failed. The scripts read them with the same repair."""
+    key = f"l2u-stop-{STOP_ID}"
+    versions = driver.rt.versions("storepoint")
+    poisoned = json.dumps({"delivery_id": "d-old", "received_at": 1.0, "action": "upsert",
+                           "record": {"key": key, "notes": "Left at door \ud83d"}})
+    redis_client = driver.rt.redis
+    redis_client.hset(versions.key, key, "1651000000.000000000")  # a day before the event below
+    redis_client.hset(versions.writes_key, key, poisoned)
+    driver.rt.scheduler.schedule(PROCESS_DELIVERY, ["d-old", "stop.status-changed", 1, False, None, "\ud83d"], 60)
+    delivery_id = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T14:16:40.9450989+10:00"))
+    driver.rt.ledger.sink_outcome(delivery_id, "forward", "retrying", reason="cut \ud83d")  # an outcome beside it
+    assert driver.rt.scheduler.release_due(now=time.time() + 120) == 1  # refused (cjson) before
+    driver.sent.clear()  # d-old is not in the ledger: nothing to run
+    driver.sent.append((PROCESS_DELIVERY, [delivery_id, "stop.status-changed"]))
+    driver.run()
+    assert driver.rt.ledger.get(delivery_id)["sinks"]["storepoint"]["state"] == "applied"
+    assert versions.newest(key)["delivery_id"] == delivery_id
+
+
 def test_an_event_that_happened_after_the_cached_read_reads_the_stop_again(driver, sink_server, l2u):
     """The stop cache served a read taken before the event happened: a stop renamed in Locate2u
     between two events a few seconds apart kept its old name downstream, with no later event

@@ -24,6 +24,7 @@ import typing
 import uuid
 
 from workers.celery_config import DELIVER
+from workers.domain import json_text
 from workers.store import keys
 from workers.resilience.renewal import renewed
 
@@ -62,9 +63,9 @@ def retry_delay(schedule, attempt, retry_after=None, rng=random):
 # (sink|delivery|attempt, score: its due time), so a failure sends it back to its place without
 # spending an attempt. Claimed members go to the claimed set; a claim whose releaser died before
 # sending goes back to the due set once its lease is over: still at least once.
-_CLAIM_ONE = """
+_CLAIM_ONE = json_text.LUA_DECODED + """
 local function claim(member, now, out)
-  local item = cjson.decode(member)
+  local item = decoded(member)
   if item.task == ARGV[4] then
     local held = ARGV[5] .. item.args[2]
     local due = redis.call('ZSCORE', held, member)

@@ -23,6 +23,7 @@ import zlib
 
 import redis
 
+from workers.domain import json_text
 from workers.domain.instants import exact_instant
 from workers.store import keys
 from workers.store.redis_tls import tls_options
@@ -198,11 +199,11 @@ return 1
 # With ARGV[5] = 'open' it changes a sink still open only, else returns -1 (a resume that read the
 # entry before the sink's write landed must not reopen it).
 # KEYS: entry, OPEN, FINAL. ARGV: sink field, outcome JSON, now, delivery id, condition.
-_SINK_OUTCOME = """
+_SINK_OUTCOME = json_text.LUA_DECODED + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if ARGV[5] == 'open' then
   local current = redis.call('HGET', KEYS[1], ARGV[1])
-  local state = current and cjson.decode(current)['state']
+  local state = current and decoded(current)['state']
   if state == 'applied' or state == 'stale' or state == 'dead_lettered' then return -1 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -213,7 +214,7 @@ for i = 1, #fields, 2 do
   if name == 'received_at' then
     received = fields[i + 1]
   elseif string.sub(name, 1, 5) == 'sink:' then
-    local outcome = cjson.decode(fields[i + 1])
+    local outcome = decoded(fields[i + 1])
     local state = outcome['state']
     if state == 'applied' or state == 'stale' or state == 'dead_lettered' then
       dead = dead or state == 'dead_lettered'
@@ -767,7 +768,7 @@ class WriteOrder(collections.namedtuple("WriteOrder", "instant received_at deliv
 
 # The stored order of a key's newest write, and how another compares with it: both scripts
 # below use this. KEYS: versions, writes, lock. ARGV: key, instant, received_at, delivery id, token.
-_ORDER = """
+_ORDER = json_text.LUA_DECODED + """
 -- an instant "<seconds>.<fraction>" as two numbers, seconds and nanoseconds: one double cannot hold
 -- both (a float's "<seconds>.<microseconds>", as recorded before nanoseconds were kept, reads the same)
 local function instant(text)
@@ -780,7 +781,7 @@ local function stored(key)
   local seconds, nanos = instant(at)
   local last = redis.call('HGET', KEYS[2], key)
   if not last then return {seconds, nanos, -1, ''} end  -- recorded before ties were broken
-  last = cjson.decode(last)
+  last = decoded(last)
   return {seconds, nanos, tonumber(last.received_at), last.delivery_id}
 end
 local function compare(a, b)
@@ -843,10 +844,10 @@ return {verdict, held and 1 or 0}
 # held for later, its reassert mark (KEYS[1]) is due only at ARGV[3]; dead-lettered (ARGV[3]
 # empty), the mark goes. Either way its queue ticket (KEYS[3]) is gone with its message. Nothing
 # happens for a delivery that is not the newest write's.
-_NEWEST_RESEND = """
+_NEWEST_RESEND = json_text.LUA_DECODED + """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 local newest = redis.call('HGET', KEYS[2], ARGV[1])
-if not newest or cjson.decode(newest).delivery_id ~= ARGV[2] then return 0 end
+if not newest or decoded(newest).delivery_id ~= ARGV[2] then return 0 end
 if ARGV[3] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
 redis.call('HDEL', KEYS[3], ARGV[1])
 return 1
