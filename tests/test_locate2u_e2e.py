@@ -139,6 +139,9 @@ def test_release_sync_then_a_delivery_reaches_the_receiver(sim, relay_settings, 
     assert url_token(relay_settings.webhook_secret, "stop.assigned") not in listing.stdout + first.stdout
     ours = next(h["id"] for h in sim.state.list_webhooks() if h["eventType"] == "stop.assigned")
     assert cli(relay_settings, "subscriptions", "delete", str(ours)).returncode == 0
+    for not_an_id in ("", "../Stops/1"):  # sent as DELETE /v1/Webhooks/ and /v1/Webhooks/../Stops/1
+        refused = cli(relay_settings, "subscriptions", "delete", not_an_id)
+        assert refused.returncode == 2 and "is not a subscription id" in refused.stderr
     dry = cli(relay_settings, "subscriptions", "sync", "--dry-run")
     assert dry.returncode == 0 and dry.stdout.startswith("would create stop.assigned ")
     assert len(sim.state.webhooks) == 8

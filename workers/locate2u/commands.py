@@ -205,8 +205,16 @@ def subscriptions_list():
         click.echo(f"{hook.get('id')}\t{hook.get('eventType')}\t{owner}\t{mask_url(str(hook.get('url')))}")
 
 
+def _hook_id(ctx, param, value):
+    """A subscription id as ``subscriptions list`` shows it: one path segment (an empty one deleted
+    ``/v1/Webhooks/`` itself)."""
+    if not value.strip() or any(mark in value for mark in "/?#") or value != value.strip():
+        raise click.BadParameter(f"{value!r} is not a subscription id (l2u-relay subscriptions list shows them)")
+    return value
+
+
 @subscriptions.command("delete")
-@click.argument("hook_id")
+@click.argument("hook_id", callback=_hook_id)
 @_reported
 def subscriptions_delete(hook_id):
     """Delete the subscription HOOK_ID."""
