@@ -74,6 +74,25 @@ def test_a_write_kept_with_a_lone_surrogate_before_they_were_repaired_poisons_no
     assert versions.newest(key)["delivery_id"] == delivery_id
 
 
+@pytest.mark.parametrize("fields, named", [
+    ({"status": 3}, "status is 3, not text"),  # an enum as .NET may write it
+    ({"contact": "someone"}, "contact is 'someone', not an object"),
+    ({"location": {"latitude": float("nan"), "longitude": 151.19}}, "location.latitude is nan, not a number"),
+    ({"name": {"first": "x"}}, "name is {'first': 'x'}, not text"),
+])
+def test_a_stop_record_of_another_shape_is_dead_lettered_naming_the_field(driver, l2u, fields, named):
+    """Each ended in "internal error: AttributeError…" (or InvalidJSONError) with a traceback logged,
+    as if the relay had a bug; the spec asks for what breaks processing to be refused naming the field."""
+    sim_state(l2u).add_stop(stopId=STOP_ID + 7, **fields)
+    delivery_id = accept(driver.rt, {"stopId": STOP_ID + 7, "actionDate": "2022-04-27T05:00:00+00:00"},
+                         "stop.assigned")
+    driver.run()
+    entry = driver.rt.ledger.get(delivery_id)
+    assert entry["status"] == "dead_lettered"
+    assert entry["reason"] == f"Locate2u's stop {STOP_ID + 7} cannot be mapped: {named}"
+    assert driver.rt.redis.get(keys.stop_cache(STOP_ID + 7)) is None  # not kept for the next event
+
+
 def test_an_event_that_happened_after_the_cached_read_reads_the_stop_again(driver, sink_server, l2u):
     """The stop cache served a read taken before the event happened: a stop renamed in Locate2u
     between two events a few seconds apart kept its old name downstream, with no later event

@@ -1,5 +1,6 @@
 """The canonical location a stop becomes, as every location sink receives it."""
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,32 @@ class Location:
 
 
 _ATTRIBUTES = tuple(field.name for field in dataclasses.fields(Location))
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The fields of a stop record a location is built from: (path, check, what it must be).
+_TEXT = (lambda value: isinstance(value, str), "text")
+_OBJECT = (lambda value: isinstance(value, dict), "an object")
+_NUMBER = (_is_number, "a number")
+_STOP_FIELDS = (("name", _TEXT), ("address", _TEXT), ("notes", _TEXT), ("status", _TEXT), ("contact", _OBJECT),
+                ("contact.name", _TEXT), ("contact.phone", _TEXT), ("contact.email", _TEXT), ("location", _OBJECT),
+                ("location.latitude", _NUMBER), ("location.longitude", _NUMBER))
+
+
+def stop_record_problem(stop):
+    """What in a ``GET /v1/Stops/{id}`` record a location cannot be built from (naming the field), or
+    None. Only the fields read are checked (a null is fine); every other field is kept as it came."""
+    for path, (check, rule) in _STOP_FIELDS:
+        parent, _, name = path.rpartition(".")
+        holder = stop.get(parent) if parent else stop
+        value = holder.get(name) if isinstance(holder, dict) else None
+        if value is not None and not check(value):
+            shown = repr(value)
+            return f"{path} is {shown[:80] + '…' if len(shown) > 80 else shown}, not {rule}"
+    return None
 
 
 def location_from_stop(stop, event, key, fields=None):

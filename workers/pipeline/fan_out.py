@@ -15,7 +15,7 @@ import time
 from workers.store import keys
 from workers.celery_config import PROCESS_DELIVERY
 from workers.resilience.errors import NotFound, PermanentError, RetriableError
-from workers.domain.locations import Location, location_from_stop
+from workers.domain.locations import Location, location_from_stop, stop_record_problem
 from workers.pipeline.deliver import deliver_now
 from workers.pipeline.jobs import DeliverJob
 from workers.pipeline.outcomes import ROUTE, dead_letter, dead_letter_enrich
@@ -111,6 +111,9 @@ def fetch_stop(rt, stop_id, happened_at):
         raise PermanentError("Locate2u is not configured (LOCATE2U_CLIENT_ID), so stops cannot be fetched")
     read_at = time.time()  # when the request left: the stop is at least this fresh
     stop = rt.locate2u.get_stop(stop_id)
+    problem = stop_record_problem(stop)
+    if problem:
+        raise PermanentError(f"Locate2u's stop {stop_id} cannot be mapped: {problem}")
     cache_stop(rt.redis, stop_id, stop, read_at)
     return stop, "locate2u"
 
