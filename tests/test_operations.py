@@ -128,6 +128,18 @@ def test_status_dlq_and_deliveries_commands_against_a_live_stack(stack_settings,
     assert since.returncode == 2 and "'--since'" in since.stderr
 
 
+def test_status_says_which_dead_letters_are_before_fan_out_and_which_are_of_a_sink_not_configured_now(
+        settings, redis_client):
+    """Dead letters of a sink whose credentials were removed since were listed as "before fan-out"."""
+    letters = DeadLetterStore(redis_client)
+    letters.add("d-1", "enrich", "Locate2u's stop 1 cannot be mapped", stage="enrich")
+    for number in (2, 3):
+        letters.add(f"d-{number}", "b2b", "refused", stage="deliver")
+    table = cli(settings.replace(storepoint_api_token="sp-token"), "status").stdout
+    assert "dead letters before fan-out (their stop could not be read): 1" in table
+    assert "dead letters of sinks not configured now: b2b=2" in table
+
+
 def test_dlq_replay_all_keeps_what_its_report_needs_not_every_letter(settings, redis_client):
     """`dlq replay --all` in a one-off dyno (512 MB) after a long outage: it parsed and kept every dead
     letter before replaying the first, so its memory grew with the store (``RELAY_DEAD_LETTER_LIMIT``

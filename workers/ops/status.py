@@ -7,6 +7,7 @@ from workers.config import ConfigError
 from workers.resilience.errors import RelayError
 from workers.locate2u.subscriptions import SubscriptionSync
 from workers.metrics import QUEUES
+from workers.pipeline.outcomes import ENRICH
 from workers.resilience.controls import RetryScheduler
 from workers.store import keys
 from workers.store.stores import Quarantine
@@ -57,8 +58,10 @@ def render(data):
     for name, sink in data["sinks"].items():
         lines.append(f"{name:<13} {sink['breaker']:<8} {sink['mapped']:>7} {sink['dead_letters']:>13}")
     other = {k: v for k, v in data["dead_letters"].items() if k not in data["sinks"]}
-    if other:
-        lines.append("dead letters before fan-out: " + ", ".join(f"{k}={v}" for k, v in other.items()))
+    if other.get(ENRICH):
+        lines.append(f"dead letters before fan-out (their stop could not be read): {other.pop(ENRICH)}")
+    if other:  # a sink whose credentials were removed since: its letters are still in the store
+        lines.append("dead letters of sinks not configured now: " + ", ".join(f"{k}={v}" for k, v in other.items()))
     l2u = data["locate2u"]
     if not l2u["configured"]:
         lines.append("locate2u      not configured (LOCATE2U_CLIENT_ID)")
