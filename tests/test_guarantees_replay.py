@@ -121,6 +121,34 @@ def test_cli_replay_says_what_became_of_each_dead_letter(driver, sink_server, l2
     assert "replayed 2 dead letter(s): 1 applied, 1 refused again" in result.output
 
 
+def test_cli_replay_waiting_for_outcomes_reads_again_only_those_still_queued(driver, sink_server, l2u, monkeypatch):
+    """`dlq replay --all` polled the outcome of every replayed letter every half second until all were
+    final, two round trips each: at a million letters, minutes of Redis reads per poll while one stayed
+    queued. Each poll now reads only those still queued."""
+    faults = sink_server.app.config["FAULTS"]
+    monkeypatch.setattr(ops_commands, "_runtime", lambda: driver.rt)
+
+    def reads_replaying(first_stop, wait):
+        """HGETALL calls while ten fresh dead letters are replayed, the first staying queued (a 429)."""
+        faults.inject(400, times=10)
+        for n in range(10):
+            sim_state(l2u).add_stop(stopId=first_stop + n)
+            accept(driver.rt, status_change(first_stop + n, "Arrived", "2022-04-27T05:00:00+00:00"))
+        driver.run()
+        time.sleep(1)  # the sink's rate limit fills again
+        driver.rt.scheduler.send_task = InlineDriver().send_task
+        faults.inject(429, retry_after=60)  # it waits a minute, whatever the others do
+        before = driver.rt.redis.info("commandstats")["cmdstat_hgetall"]["calls"]
+        result = CliRunner().invoke(ops_commands.dlq, ["replay", "--all", "--wait", wait])
+        assert "replayed 10 dead letter(s): 9 applied, 1 queued" in result.output, result.output
+        driver.rt.scheduler.send_task = driver.send_task
+        return driver.rt.redis.info("commandstats")["cmdstat_hgetall"]["calls"] - before
+
+    once = reads_replaying(1000, "0")
+    polled = reads_replaying(2000, "1.6")  # the first poll and about three more
+    assert polled - once <= 6, (once, polled)  # about 30 more before: the ten read again each poll
+
+
 def test_route_stage_replay_whose_message_is_lost_still_redoes_only_the_refused_sink(driver, two_sinks):
     """The sweeper re-queues a replayed delivery whose process_delivery message was lost from what
     the ledger says; the restriction to the refused sink has to be there too."""
