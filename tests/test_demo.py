@@ -1,5 +1,8 @@
 """The README's run command in demo mode: a bounded smoke test of the whole mission, run twice in a row."""
+import os
+import signal
 import subprocess
+import time
 
 from tests.processes import BIN, assert_demo_summary, demo_env
 from workers.ops.devstack import REPO_ROOT, free_port
@@ -31,3 +34,26 @@ def test_a_busy_port_is_named_with_what_to_do(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"port {port} is already in use" in result.stderr and "--port" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_ctrl_c_while_the_demo_waits_for_its_workers_stops_it_without_a_traceback(tmp_path):
+    """Ctrl-C while the demo waited for its workers printed a thread's traceback (its Redis was already
+    stopped under it): the first thing a new user may see when they stop the README's run command."""
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen([str(BIN / "l2u-relay"), "run", "--port", str(free_port()), "--data-dir",
+                                str(tmp_path / "data")], env=demo_env(), cwd=REPO_ROOT, stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "demo: waiting for the workers" not in log.read_text() and time.monotonic() < deadline:
+            assert run.poll() is None, log.read_text()
+            time.sleep(0.1)
+        os.killpg(run.pid, signal.SIGINT)
+        run.wait(60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    time.sleep(1)  # a daemon thread's traceback would be written as the process exits
+    output = log.read_text()
+    assert "demo: waiting for the workers" in output and "Traceback" not in output, output[-3000:]

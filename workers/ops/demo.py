@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 import requests
+from redis.exceptions import RedisError
 
 from workers.store.stores import FINAL_STATES as FINAL, DeadLetterStore, Ledger, connect
 
@@ -148,6 +149,7 @@ class DemoDriver(threading.Thread):
         self.log_path, self.on_done, self.echo, self.timeout = log_path, on_done, echo, timeout
         self.ok = self.reported = False
         self.summary = []
+        self.stopped = threading.Event()  # set once the stack's processes have stopped (Ctrl-C)
 
     def run(self):
         try:
@@ -159,7 +161,9 @@ class DemoDriver(threading.Thread):
             self._play()
             self._settle()
             self.ok = self._report()
-        except (OSError, RuntimeError, subprocess.SubprocessError, requests.RequestException) as exc:
+        except (OSError, RuntimeError, subprocess.SubprocessError, requests.RequestException, RedisError) as exc:
+            if self.stopped.is_set():  # stopped under it (Ctrl-C): nothing to report
+                return
             self.summary.append(f"demo: FAILED: {exc}")
         self.summary.append(f"process logs: {self.log_path} (l2u-relay run -v streams them)")
         self.echo("\n".join(["", "=== demo summary ===", *self.summary]))

@@ -288,6 +288,8 @@ class LocalStack:
             self.driver.start()
 
         code = run_processes(self.env, LOCAL_PROCESSES + ("flower",), start, printer)
+        if self.driver:  # before its Redis and simulators stop under it
+            self.driver.stopped.set()
         if code not in INTERRUPTED and not (self.driver and self.driver.reported):
             self.echo(f"a process stopped the stack (exit {code}); see {self.log_path}")
         elif self.verbose and demo_then_exit:  # the summary again, after the processes' last lines
