@@ -72,9 +72,11 @@ def test_a_cli_in_a_second_process_finds_the_running_local_stack(tmp_path):
     (["--port", "70000"], {}, "70000 is not in the range 1<=x<=65535"),
     ([], {"PORT": "abc"}, "PORT must be a port number (1-65535), not 'abc'"),
     (["--data-dir", "a-file"], {}, "cannot use"),
+    (["--host", "192.0.2.1", "--port", "18124"], {}, "cannot listen on 192.0.2.1: Cannot assign requested address"),
 ])
 def test_run_with_a_port_or_data_dir_it_cannot_use_says_which(tmp_path, argv, env, said):
-    """These ended in OverflowError, ValueError or FileExistsError tracebacks."""
+    """These ended in OverflowError, ValueError or FileExistsError tracebacks; an address not of this machine
+    (192.0.2.1 is for documentation) was said to have its port "already in use"."""
     (tmp_path / "a-file").write_text("")
     done = subprocess.run([str(BIN / "l2u-relay"), "run", *argv], env={**demo_env(), **env}, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

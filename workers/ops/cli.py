@@ -117,19 +117,24 @@ def _port_from_environment():
 
 
 def _free_web_port(host, port):
-    """``port`` when given and free (else exit 2 naming it); with none given, 8000 or a free one."""
+    """``port`` when given and free (else exit 2 naming it); with none given, 8000 or a free one. Exit 2
+    too when ``host`` cannot be listened on at all."""
     from workers.ops.devstack import free_port, port_in_use
 
-    if port is not None:
-        if port_in_use(host, port):
-            raise click.UsageError(f"port {port} is already in use on {host}: stop what uses it, or choose "
-                                   "another with --port (or PORT)")
-        return port
-    if port_in_use(host, 8000):
-        port = free_port()
-        click.echo(f"port 8000 is already in use; the receiver uses port {port} instead (--port chooses one)")
-        return port
-    return 8000
+    try:
+        if port is not None:
+            if port_in_use(host, port):
+                raise click.UsageError(f"port {port} is already in use on {host}: stop what uses it, or choose "
+                                       "another with --port (or PORT)")
+            return port
+        if port_in_use(host, 8000):
+            port = free_port()
+            click.echo(f"port 8000 is already in use; the receiver uses port {port} instead (--port chooses one)")
+            return port
+        return 8000
+    except OSError as exc:  # not "in use": the address itself cannot be listened on
+        raise click.UsageError(f"cannot listen on {host}: {exc.strerror} (--host takes an address of this "
+                               "machine, or 0.0.0.0 for every interface)") from None
 
 
 def _print_urls(settings):

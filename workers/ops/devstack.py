@@ -6,6 +6,7 @@ demo's fixed test values), so every ``l2u-relay`` command in the same checkout
 finds the running stack (``stack_environment``).
 """
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -61,13 +62,16 @@ def free_port():
 
 
 def port_in_use(host, port):
-    """True when ``host:port`` cannot be bound (another program listens there)."""
+    """True when ``host:port`` cannot be bound because another program listens there; OSError when it
+    cannot be bound for another reason (``host`` is not an address of this machine)."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return True
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
     return False
 
 
