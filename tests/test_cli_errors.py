@@ -80,6 +80,8 @@ CASES = {
                                               "REDIS_URL"),
     "a broker of no known transport": ({"RELAY_WEBHOOK_SECRET": SECRET, "REDIS_URL": "redis://127.0.0.1:6379/0",
                                         "CELERY_BROKER_URL": "foo://x"}, "CELERY_BROKER_URL"),
+    "a routes file that cannot be read": ({"RELAY_WEBHOOK_SECRET": SECRET, "REDIS_URL": "redis://127.0.0.1:6379/0",
+                                           "RELAY_ROUTES_FILE": "/nonexistent/routes.yaml"}, "RELAY_ROUTES_FILE"),
 }
 
 
@@ -96,6 +98,7 @@ def test_a_configuration_problem_ends_every_command_with_one_message_and_exit_2(
             continue  # documented: sync exits 0 while Locate2u is not configured (a first deploy's release phase)
         assert result.returncode == 2, f"{command} exited {result.returncode}: {output}"
         assert named in result.stderr or "LOCATE2U_CLIENT_ID" in result.stderr, f"{command}: {output}"
+        assert "celery -A workers.app reads" not in result.stderr, f"{command}: Celery's hint in a command: {output}"
 
 
 def test_an_unreachable_redis_is_one_clear_message(tmp_path):

@@ -8,6 +8,7 @@ import click
 from workers.ops import operations
 from workers.config import ConfigError, Settings
 from workers.ops.reconcile import RECONCILABLE
+from workers.pipeline.routes import load_routes
 from workers.sinks import SINK_NAMES
 
 
@@ -18,6 +19,7 @@ def _runtime():
         raise ConfigError({"REDIS_URL": "not set: the relay's state is in Redis; set REDIS_URL "
                                         "(redis://host:6379/0), or start `l2u-relay run` in this checkout, "
                                         "whose settings every command here picks up"})
+    load_routes(settings.routes_file)  # said as a command's problem, before the Celery app would say it
     from workers.app import app
     from workers.runtime import Runtime
 
