@@ -19,7 +19,7 @@ from tests.helpers import peak_allocated, seed_dead_letters_up_to, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, demo_env
 from workers.config import ConfigError, Settings
-from workers.dyno.router import pass_router_client, router_clients
+from workers.dyno.router import console_request, pass_router_client, router_clients
 from workers.ops.devstack import free_port
 from workers.domain.locations import Location
 from workers.ops.simulators import storepoint
@@ -205,13 +205,14 @@ def through_router(web, client_ip, path, forged=(), **headers):
         connection.close()
 
 
-def log_in_through_router(web, client_ip, password=PASSWORD, forged=(), **headers):
-    """A login from ``client_ip`` through the router (with ``headers`` of the client's); the answer's status."""
+def log_in_through_router(web, client_ip, password=PASSWORD, forged=(), path="/console/login", **headers):
+    """A login from ``client_ip`` through the router (with ``headers`` of the client's, posted to ``path``);
+    the answer's status."""
     _, answer_headers, page = through_router(web, client_ip, "/console/login")
     cookie = answer_headers["Set-Cookie"].partition(";")[0]
     form = urllib.parse.urlencode({"csrf_token": csrf_from(SimpleNamespace(text=page)), "name": "admin",
                                    "password": password})
-    return through_router(web, client_ip, "/console/login", forged, Cookie=cookie, body=form, **headers)[0]
+    return through_router(web, client_ip, path, forged, Cookie=cookie, body=form, **headers)[0]
 
 
 def test_behind_herokus_router_login_attempts_are_limited_per_client_not_per_router(
@@ -227,8 +228,10 @@ def test_behind_herokus_router_login_attempts_are_limited_per_client_not_per_rou
         assert log_in_through_router(web, attacker, "wrong password!", forged) == 401
     for forged in ([], ["10.0.0.99"], ["10.0.1.99", "10.0.2.99"], [operator], ["10.0.3.1", operator]):
         assert log_in_through_router(web, attacker, PASSWORD, forged) == 429  # even with the right password
-    # nor by naming itself in the header the web process passes the client on in
-    assert log_in_through_router(web, attacker, PASSWORD, X_L2U_Router_Client="10.0.4.1") == 429
+    # nor by naming itself in the header the web process passes the client on in, also at a path spelled
+    # percent-encoded: the hook saw gunicorn's raw path and skipped it, the console the decoded one
+    for path in ("/console/login", "/%63onsole/login", "/console%2Flogin"):
+        assert log_in_through_router(web, attacker, PASSWORD, path=path, X_L2U_Router_Client="10.0.4.1") == 429
     assert log_in_through_router(web, operator) == 302  # another client behind the same router
     assert "203.0.113.9" in web.output()  # the audit names the client, not the router
 
@@ -245,6 +248,7 @@ def test_the_router_client_hook_passes_on_only_what_the_router_appended(monkeypa
     assert router_clients("/console/login", {"X-L2U-Router-Client": "203.0.113.9"}) == ["203.0.113.9"]
     # Webhooks skip the hook, so a client's own header there is never trusted
     assert router_clients("/webhooks/locate2u/stop.created/t", {"X-L2U-Router-Client": "10.0.0.3"}) == []
+    assert console_request("/%63onsole/login") and console_request("/console%2Flogin")  # as Flask decodes it
 
 
 def test_an_ipv6_client_cannot_leave_the_login_limit_by_changing_addresses_within_its_network(app):

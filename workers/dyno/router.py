@@ -14,6 +14,7 @@ them this way, skip the hook (7 µs a request, timeit, 2026-11-29).
 """
 import ipaddress
 import os
+from urllib.parse import unquote
 
 ROUTER_CLIENT = "X-L2U-Router-Client"
 CONSOLE_PATH = "/console/"  # the only requests that ask who sent them (the console's login limit)
@@ -40,8 +41,10 @@ def pass_router_client(headers, behind):
 
 
 def console_request(path):
-    """True for a request the hook serves: one under ``CONSOLE_PATH``."""
-    return path.startswith(CONSOLE_PATH)
+    """True for a request the hook serves: one under ``CONSOLE_PATH`` once percent-decoded, as Flask routes
+    it (gunicorn's ``req.path`` is still encoded: ``/%63onsole/login`` skipped the hook and reached the
+    console with the client's own header)."""
+    return unquote(path).startswith(CONSOLE_PATH)
 
 
 def router_clients(path, headers):
