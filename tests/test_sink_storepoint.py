@@ -266,6 +266,33 @@ def test_a_create_answered_with_a_null_id_is_a_bad_answer_not_a_mapping_to_nothi
     assert mappings.get(location.key) is None
 
 
+@pytest.mark.parametrize("location_id", ["", 7, "   "])
+def test_a_create_answered_with_an_id_that_is_not_one_is_a_bad_answer_not_a_second_location(sim, mappings,
+                                                                                              location_id):
+    """``"id": ""`` was mapped: the next change found no id to update and created the location again."""
+    sink = make_sink(sim, mappings)
+    sim.app.config["FAULTS"].inject(200, body={"success": True, "location": {"id": location_id}},
+                                    path_prefix="/locations")
+    with pytest.raises(BadAnswer, match="not a Storepoint location id"):
+        sink.apply("upsert", sample_location())
+    assert mappings.get("l2u-stop-164557") is None
+
+
+@pytest.mark.parametrize("action", ["upsert", "delete"])
+def test_a_404_that_is_not_storepoints_not_found_is_retried_not_taken_for_a_deleted_location(sim, mappings, action):
+    """A 404 a gateway answers itself (``{"message": "no Route matched…"}``, not Storepoint's
+    ``{"error": "not_found"}``) was taken for a location deleted there: an update created a second
+    location, a delete was recorded as done with the location still there."""
+    sink = make_sink(sim, mappings)
+    remote_id = sink.apply("upsert", sample_location())
+    sim.app.config["FAULTS"].inject(404, body={"message": "no Route matched with those values"},
+                                    path_prefix="/locations/")
+    with pytest.raises(RetriableError, match="not Storepoint's not_found"):
+        sink.apply(action, sample_location(name="Renamed"))
+    assert [location["id"] for location in ours(sim, "l2u-stop-164557")] == [remote_id]
+    assert mappings.get("l2u-stop-164557") == remote_id
+
+
 def _created_behind(sim, mappings, others):
     """The sink and a location whose create Storepoint applied after ``others`` locations and answered 503."""
     sink = make_sink(sim, mappings)

@@ -173,7 +173,7 @@ class HttpClient:
         try:
             value = response.json()
         except ValueError:
-            raise self._bad_answer(response, "that is not JSON") from None
+            raise self.bad_answer(response, "that is not JSON") from None
         if json_text.holds_escaped_surrogate(response.content):
             value = json_text.repaired(value)
         try:
@@ -182,16 +182,17 @@ class HttpClient:
         except (LookupError, TypeError):
             value = None
         if path and value is None:  # missing, or null: as good as missing for what is read
-            raise self._bad_answer(response, f"without {'.'.join(map(str, path))}")
+            raise self.bad_answer(response, f"without {'.'.join(map(str, path))}")
         missing = [key for key in needs if not isinstance(value, dict) or value.get(key) is None]
         if missing:
-            raise self._bad_answer(response, "without " + ", ".join(".".join(map(str, (*path, key)))
+            raise self.bad_answer(response, "without " + ", ".join(".".join(map(str, (*path, key)))
                                                                   for key in missing))
         if listed and not isinstance(value, list):
-            raise self._bad_answer(response, "that is not a list")
+            raise self.bad_answer(response, "that is not a list")
         return value
 
-    def _bad_answer(self, response, what):
+    def bad_answer(self, response, what):
+        """The BadAnswer for ``response``: "<method> <url> answered <status> with a body <what>"."""
         method, url = response.request.method, self._scrub(response.request.url)
         return BadAnswer(f"{method} {url} answered {response.status_code} with a body {what}",
                          body=self._scrub(response.text), method=method, url=url)

@@ -93,7 +93,7 @@ class StorepointSink(GuardedCreates, Sink):
         body = self.body(location, options)
         remote_id, before = self.known(location.key)
         if remote_id:
-            if self.call("POST", f"locations/{remote_id}", accept=(404,), json=body).ok:
+            if not self._gone(self.call("POST", f"locations/{remote_id}", accept=(404,), json=body)):
                 self.remember(location.key, remote_id, flatten(body), before)
                 return remote_id
             log.info("storepoint: %s (%s) was deleted there; creating it again", location.key, remote_id)
@@ -106,9 +106,8 @@ class StorepointSink(GuardedCreates, Sink):
 
     def _create(self, key, body, before):
         """Create, unless an earlier attempt left a location (``CreateGuard``): then update that one."""
-        remote_id, created = self._guard.create(
-            key, lambda: self.client.answer(self.call("POST", "locations", json=body), "location", "id"),
-            self._find_created)
+        remote_id, created = self._guard.create(key, lambda: self._created_id(self.call("POST", "locations", json=body)),
+                                                self._find_created)
         if not created:
             log.info("storepoint: %s was created by an interrupted attempt (%s); updating it", key, remote_id)
             self.call("POST", f"locations/{remote_id}", json=body)
@@ -129,11 +128,34 @@ class StorepointSink(GuardedCreates, Sink):
         if intent:
             remote_id = self._guard.left_by(location.key, intent, self._find_created)
         if remote_id:
-            self.call("POST", f"locations/{remote_id}/delete", accept=(404,))
+            self._gone(self.call("POST", f"locations/{remote_id}/delete", accept=(404,)))
             self.forget(location.key)
         if intent:  # only once the location it may have left is gone
             self._guard.done(location.key)
         return None
+
+    def _created_id(self, response):
+        """The ``loc_`` id a create answered; BadAnswer for anything else (``""`` was mapped, and the next
+        change, finding no id, created the location again): the retry looks for it by its tag."""
+        remote_id = self.client.answer(response, "location", "id")
+        if not isinstance(remote_id, str) or not remote_id.strip():
+            raise self.client.bad_answer(response, f"whose location.id {remote_id!r} is not a Storepoint location "
+                                                   "id")
+        return remote_id
+
+    def _gone(self, response):
+        """True for Storepoint's own 404 (``"error": "not_found"``): the location is not there. A 404 a
+        gateway answered itself is a BadAnswer (retried): taken for a deleted location, an update created
+        a second one, and a delete was recorded as done."""
+        if response.status_code != 404:
+            return False
+        try:
+            found = response.json().get("error") == "not_found"
+        except (ValueError, AttributeError):
+            found = False
+        if not found:
+            raise self.client.bad_answer(response, "that is not Storepoint's not_found (a gateway's 404?)")
+        return True
 
     def _find_created(self, key):
         """The ``loc_`` id of the location tagged with ``key`` in the full listing, or None."""
