@@ -170,6 +170,30 @@ def test_delete_when_allowed_deletes_and_forgets(sim, sink, mappings):
     assert record(sim, "l2u-stop-164557") is None and mappings.get("l2u-stop-164557") is None
 
 
+@pytest.mark.parametrize("action", ["upsert", "delete"])
+def test_a_404_that_is_not_b2bs_no_entity_found_is_retried_not_taken_for_a_missing_location(sim, sink, mappings,
+                                                                                             action):
+    """A 404 a gateway answers itself was taken for B2B's "No entity found": a delete was recorded as done
+    with the location still active there."""
+    sim_state(sim).allow_delete = True
+    sink.apply("upsert", sample_location())
+    sim.app.config["FAULTS"].inject(404, body={"message": "no Route matched with those values"},
+                                    path_prefix="/Location/")
+    with pytest.raises(RetriableError, match="not B2B's No entity found"):
+        sink.apply(action, sample_location(name="Renamed"))
+    assert record(sim, "l2u-stop-164557")["active"] is True and mappings.get("l2u-stop-164557")
+
+
+def test_a_create_refused_as_a_duplicate_whose_update_then_finds_nothing_is_retried(sim, sink, mappings):
+    """409 on the create, then 404 on the update: the location was deleted between the two calls. It was a
+    PermanentError, dead-lettered at once; the next try creates it."""
+    sim.app.config["FAULTS"].inject(409, body={"code": 409, "error": "Duplicate entry"}, path_prefix="/Location/create")
+    with pytest.raises(RetriableError, match="yet no location has that idRemote"):
+        sink.apply("upsert", sample_location())
+    sink.apply("upsert", sample_location())
+    assert record(sim, "l2u-stop-164557")["active"] is True
+
+
 def test_errors_name_the_parameter(sim, sink):
     with pytest.raises(PermanentError, match="Parameter name is required") as caught:
         sink.apply("upsert", sample_location(name=None))

@@ -14,7 +14,7 @@ import requests
 from marshmallow import fields
 
 from workers.domain.addresses import locality_parts
-from workers.resilience.errors import ConfigError, RelayError
+from workers.resilience.errors import ConfigError, RelayError, RetriableError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import Sink, sink_fields
@@ -25,6 +25,7 @@ KEY_PREFIX = "l2u-"  # an idRemote starting so is one of our keys
 FULL_HISTORY = "1999-01-01"  # updatedFrom's documented default date: every location
 PAGE_SIZE = 100
 PARTNER_REFUSAL = re.compile(r"business\s*partner", re.IGNORECASE)
+NO_ENTITY = "No entity found"  # how B2B's own 404 begins: "No entity found for Location with <id>."
 # Route fields that may set a parameter directly (e.g. when the address splits badly).
 FIELD_PARAMETERS = ("city", "postalCode", "stateId")
 # Route option → create/update parameter; business_partner_id and country_id default to the settings.
@@ -130,9 +131,9 @@ class B2BSink(Sink):
             return self._remember(key, fields, response, before)
         log.info("b2b: %s exists already (409); updating it", key)
         remote_id = self._update(key, fields)
-        if remote_id is None:
-            raise self.client.error_for(response, f"creating {key} answered 409 Duplicate entry, "
-                                                  "yet no location has that idRemote to update")
+        if remote_id is None:  # deleted there between the two calls: the next try creates it
+            raise RetriableError(f"creating {key} answered 409 Duplicate entry, yet no location has that idRemote "
+                                 "to update", status=409, method="POST", url=self.client.url("Location/create"))
         return remote_id
 
     def deactivate(self, location, options):
@@ -150,7 +151,7 @@ class B2BSink(Sink):
     def delete(self, location, options):
         """Delete by idRemote (gone already is a success); refused for its business partner: deactivate."""
         try:
-            self.call("DELETE", f"Location/delete/{quote(location.key, safe='')}", accept=(404,))
+            self._gone(self.call("DELETE", f"Location/delete/{quote(location.key, safe='')}", accept=(404,)))
         except RelayError as error:
             if not PARTNER_REFUSAL.search(error.body or ""):
                 raise
@@ -205,10 +206,24 @@ class B2BSink(Sink):
     def _update(self, key, fields, before=None):
         """PUT ``fields`` by idRemote; the B2B id, or None (mapping dropped) when there is no such location."""
         response = self.call("PUT", f"Location/update/{quote(key, safe='')}", accept=(404,), json=fields)
-        if response.status_code == 404:
+        if self._gone(response):
             self.forget(key)
             return None
         return self._remember(key, fields, response, before)
+
+    def _gone(self, response):
+        """True for B2B's own 404 ("No entity found for Location with …"): no such location. A 404 a
+        gateway answered itself is a BadAnswer (retried): taken for a missing location, a delete was
+        recorded as done with the location still there."""
+        if response.status_code != 404:
+            return False
+        try:
+            found = str(response.json().get("error", "")).startswith(NO_ENTITY)
+        except (ValueError, AttributeError):
+            found = False
+        if not found:
+            raise self.client.bad_answer(response, "that is not B2B's No entity found (a gateway's 404?)")
+        return True
 
     def _remember(self, key, fields, response, before=None):
         """Map ``key`` to the B2B id the answer gives (else to ``key``, which the API accepts as id);
