@@ -2,6 +2,7 @@
 import time
 
 import pytest
+from flask import request as flask_request
 
 from tests.fixtures import sim_state
 from tests.sink_contract import SinkContract, sample_location
@@ -278,3 +279,31 @@ def test_reconcile_since_is_sent_in_utc(sim, sink, since, sent):
 ])
 def test_read_back_tolerates_how_locate_serves_values(remote, written, same):
     assert same_value(remote, written) is same
+
+
+@pytest.mark.parametrize("body", [{}, [], {"message": "Accepted"}])
+def test_a_backgrounded_write_answered_with_a_body_is_read_back_not_taken_as_done(sim, mappings, body):
+    """LOCATE answers 202 when it moved a write to the background; only a 202 without a body was read back,
+    so one with ``{}`` or a message was recorded as applied while LOCATE still held the old record."""
+    sink = make_locate(sim, mappings, background_timeout=0.3)
+    sink.apply("upsert", sample_location())
+    sim.app.config["FAULTS"].inject(202, body=body, path_prefix=f"/{RESOURCE}/")  # moved to the background,
+    with pytest.raises(RetriableError, match="moved PUT .* to background processing"):  # never done here
+        sink.apply("upsert", sample_location(name="Renamed"))
+    assert [row["name"] for row in records(sim, "l2u-stop-164557")] == ["Locate2u"]
+
+
+def test_a_create_answered_without_its_id_is_retried_and_found_not_dead_lettered(sim, mappings):
+    """A create LOCATE applied and answered 201 with no body was a PermanentError, dead-lettered at once
+    though the record was there; the retry finds it by its key."""
+    @sim.app.after_request
+    def without_a_body(response):
+        if flask_request.method == "POST" and flask_request.path == f"/{RESOURCE}" and response.status_code == 201:
+            response.set_data(b"")
+        return response
+
+    sink = make_locate(sim, mappings)
+    with pytest.raises(RetriableError, match="answered without its id"):
+        sink.apply("upsert", sample_location())
+    assert sink.apply("upsert", sample_location()) == str(records(sim, "l2u-stop-164557")[0]["id"])
+    assert len(records(sim, "l2u-stop-164557")) == 1

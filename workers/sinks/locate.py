@@ -5,7 +5,7 @@ route options, since LOCATE does not publish which resource holds customer
 addresses. Our key is written to ``key_field`` (default ``remote_key``) and
 upserts find the record by a simple filter on it, soft-deleted ones included
 (``withTrashed=1``), so a soft-deleted record is restored rather than
-duplicated. A write LOCATE moves to background processing (202, no body) is
+duplicated. A write LOCATE moves to background processing (202, whatever its body) is
 read back with backoff until it shows; only then does the call return. A create
 that did not show in time, or got no answer, may still land: its key keeps an
 intent mark (``CreateGuard``), and the next create or delete of that key waits
@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from marshmallow import fields
 
-from workers.resilience.errors import ConfigError, PermanentError, RetriableError
+from workers.resilience.errors import BadAnswer, ConfigError, PermanentError, RetriableError
 from workers.resilience.http import DEFAULT_TIMEOUT, HttpClient
 from workers.settings_fields import HttpUrl, SinkSetting
 from workers.sinks.base import LOCATION_ATTRIBUTES, Sink, sink_fields
@@ -186,9 +186,8 @@ class LocateSink(GuardedCreates, Sink):
 
         def send():
             record = self._write("POST", resource, options, shown, json=body)
-            if not isinstance(record, dict) or "id" not in record:
-                raise PermanentError(f"LOCATE created {key} in {resource} but answered without its id",
-                                     body=str(record))
+            if not isinstance(record, dict) or "id" not in record:  # created all the same: the retry finds it
+                raise BadAnswer(f"LOCATE created {key} in {resource} but answered without its id", body=str(record))
             return str(record["id"])
 
         record_id, created = self._guard.create(key, send, lambda _key: self._find(key, options))
@@ -221,7 +220,7 @@ class LocateSink(GuardedCreates, Sink):
         response = self._send(method, path, accept=(404,) if missing_ok else (), headers=headers, **kwargs)
         if response.status_code == 404:
             return None
-        if response.status_code == 202 and not response.content:
+        if response.status_code == 202:  # backgrounded, not done: whatever its body says
             return self._await(shown, options, f"{method} {path}")
         return self.client.answer(response) if response.content else {}
 
