@@ -147,6 +147,37 @@ def test_login_returns_to_the_page_asked_for_but_never_off_the_console(app):
         assert answer.headers["Location"] == landing, target
 
 
+def test_a_cookie_kept_from_before_logout_no_longer_opens_the_console(app, redis_client):
+    """The session was only the signed cookie: a copy kept from before a logout (a shared computer, a
+    proxy's log) still opened every page and its forms. A login now has a record in Redis that logout
+    deletes."""
+    client = app.test_client()
+    log_in(client)
+    cookie = client.get_cookie("l2u_console", path="/console")
+    token = csrf_from(client.get("/console/"))
+    assert client.post("/console/logout", data={"csrf_token": token}).status_code == 302
+    copy = app.test_client()
+    copy.set_cookie("l2u_console", cookie.value, path="/console")
+    assert copy.get("/console/").status_code == 302 and copy.get("/console/dead-letters").status_code == 302
+
+
+def test_a_login_lasts_its_session_minutes_however_often_it_is_used(console_settings, redis_client):
+    """Flask signs the cookie anew on every request, so a login used every few minutes never expired: the
+    setting worked as an idle timeout. The login's record in Redis expires that long after the login,
+    and requests do not push it back."""
+    app = create_app(console_settings.replace(console_session_minutes=5))
+    client = app.test_client()
+    log_in(client)
+    [record] = redis_client.keys("l2u:console:session:*")
+    assert 299 <= redis_client.ttl(record) <= 300
+    redis_client.expire(record, 120)  # three minutes on
+    for _ in range(3):
+        assert client.get("/console/").status_code == 200
+    assert redis_client.ttl(record) <= 120  # not renewed by use
+    redis_client.delete(record)  # its five minutes are up
+    assert client.get("/console/").status_code == 302
+
+
 def test_session_expires(console_settings):
     app = create_app(console_settings.replace(console_session_minutes=5))
     client = app.test_client()

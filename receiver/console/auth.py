@@ -2,6 +2,7 @@
 (behind Heroku's router, the client's address it passes on: ``workers.dyno.router``)."""
 import hmac
 import ipaddress
+import secrets
 
 from flask import current_app, redirect, render_template, request, session, url_for
 from flask_wtf.csrf import CSRFError
@@ -69,9 +70,19 @@ def _count_attempt():
 @bp.before_request
 def _require_login():
     csrf.protect()
-    if request.endpoint not in OPEN_ENDPOINTS and not session.get("operator"):
+    if request.endpoint not in OPEN_ENDPOINTS and not _logged_in():
+        session.clear()
         return redirect(url_for("console.login", next=request.full_path if request.method == "GET" else None))
     return None
+
+
+def _logged_in():
+    """Whether the session's login still has its record in Redis: it expires
+    ``RELAY_CONSOLE_SESSION_MINUTES`` after the login however often the cookie is used (Flask signs the
+    cookie anew on each request), and logout deletes it (a copy of the cookie kept from before opened
+    the console)."""
+    login_id, operator = session.get("login"), session.get("operator")
+    return bool(login_id and operator) and runtime().redis.get(keys.console_session(login_id)) == operator
 
 
 @bp.errorhandler(CSRFError)
@@ -101,7 +112,8 @@ def login():
     runtime().redis.delete(*[keys.console_login(_counted_as(address)) for address in _client_addresses()])
     session.clear()
     session.permanent = True
-    session["operator"] = name
+    session["operator"], session["login"] = name, secrets.token_urlsafe(16)
+    runtime().redis.set(keys.console_session(session["login"]), name, ex=settings.console_session_minutes * 60)
     record_action("login", 1)
     return redirect(next_page or url_for("console.overview"))
 
@@ -109,6 +121,7 @@ def login():
 @bp.post("/logout")
 def logout():
     record_action("logout", 1)
+    runtime().redis.delete(keys.console_session(session.get("login", "")))
     session.clear()
     return redirect(url_for("console.login"))
 

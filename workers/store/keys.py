@@ -123,6 +123,11 @@ def console_login(remote_addr):
     return f"{PREFIX}console:login:{remote_addr}"
 
 
+def console_session(session_id):
+    """A console login's record (the operator's name), expiring with the login: logout deletes it."""
+    return f"{PREFIX}console:session:{session_id}"
+
+
 REPLAY_BATCHES = PREFIX + "console:replays"  # unfinished replay batches, scored by when they count as stalled
 
 
