@@ -194,6 +194,27 @@ def test_a_create_refused_as_a_duplicate_whose_update_then_finds_nothing_is_retr
     assert record(sim, "l2u-stop-164557")["active"] is True
 
 
+@pytest.mark.parametrize("error, raised", [({"code": 500, "error": "Database connection failed."}, RetriableError),
+                                           ({"code": 400, "error": "Parameter city is required"}, PermanentError)])
+def test_a_write_answered_200_with_an_error_body_is_that_error_not_applied(sim, sink, mappings, error, raised):
+    """B2B's error bodies carry their own ``code``; one answered with HTTP 200 was recorded as applied
+    (``remote_id`` the key) while B2B held nothing."""
+    sim.app.config["FAULTS"].inject(200, body=error, path_prefix="/Location/create")
+    with pytest.raises(raised, match=f"answered 200 saying it failed \\({error['code']}\\)"):
+        sink.apply("upsert", sample_location())
+    assert record(sim, "l2u-stop-164557") is None and mappings.get("l2u-stop-164557") is None
+
+
+def test_a_delete_refused_for_its_business_partner_with_200_deactivates(sim, sink, mappings):
+    """The refusal to delete a location tied to a business partner, answered with 200, was recorded as
+    deleted with the location still active there."""
+    sink.apply("upsert", sample_location())
+    sim.app.config["FAULTS"].inject(200, body={"code": 400, "error": "Location has a Business Partner"},
+                                    path_prefix="/Location/delete")
+    sink.apply("delete", sample_location())
+    assert record(sim, "l2u-stop-164557")["active"] is False and mappings.get("l2u-stop-164557")
+
+
 def test_errors_name_the_parameter(sim, sink):
     with pytest.raises(PermanentError, match="Parameter name is required") as caught:
         sink.apply("upsert", sample_location(name=None))

@@ -293,6 +293,20 @@ def test_a_404_that_is_not_storepoints_not_found_is_retried_not_taken_for_a_dele
     assert mappings.get("l2u-stop-164557") == remote_id
 
 
+@pytest.mark.parametrize("action", ["upsert", "delete"])
+def test_a_write_answered_200_with_success_false_is_an_error_not_applied(sim, mappings, action):
+    """Every Storepoint answer carries ``success``; a 200 saying ``false`` was recorded as applied (an
+    update, a delete) while Storepoint kept the old location."""
+    sink = make_sink(sim, mappings)
+    remote_id = sink.apply("upsert", sample_location())
+    sim.app.config["FAULTS"].inject(200, body={"success": False, "error": "error", "message": "Could not save"},
+                                    path_prefix="/locations/")
+    with pytest.raises(RetriableError, match="answered 200 saying it failed.*error: Could not save"):
+        sink.apply(action, sample_location(name="Renamed"))
+    [record] = ours(sim, "l2u-stop-164557")
+    assert record["name"] == "Locate2u" and mappings.get("l2u-stop-164557") == remote_id
+
+
 def _created_behind(sim, mappings, others):
     """The sink and a location whose create Storepoint applied after ``others`` locations and answered 503."""
     sink = make_sink(sim, mappings)

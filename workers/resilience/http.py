@@ -197,10 +197,11 @@ class HttpClient:
         return BadAnswer(f"{method} {url} answered {response.status_code} with a body {what}",
                          body=self._scrub(response.text), method=method, url=url)
 
-    def error_for(self, response, message=None):
-        """The RelayError an unexpected response stands for."""
+    def error_for(self, response, message=None, status=None):
+        """The RelayError an unexpected response stands for (as if answered ``status``, when given: the
+        status a 2xx's error body says)."""
         method, url = response.request.method, self._scrub(response.request.url)
-        status = response.status_code
+        status = status or response.status_code
         body = self._scrub(response.text)
         message = message or f"{method} {url} answered {status}"
         details = {"status": status, "body": body, "method": method, "url": url}

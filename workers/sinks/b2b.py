@@ -197,6 +197,12 @@ class B2BSink(Sink):
         """The ``error`` of ``{"code": N, "error": "Parameter city is required"}``."""
         return body.get("error")
 
+    def failure_status(self, body):
+        """B2B's error bodies carry their own ``code``: one of 400 or more with an ``error`` is that
+        failure, also when answered with HTTP 200."""
+        code = body.get("code")
+        return code if isinstance(code, int) and 400 <= code <= 599 and body.get("error") else None
+
     def _log_in(self):
         credentials = {"_username": self.login.username, "_password": self.login.password}
         response = super().call("POST", "login", json=credentials, auth=None)

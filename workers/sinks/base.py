@@ -100,9 +100,11 @@ class Sink(abc.ABC):
     # Helpers for subclasses: vendor-worded errors, and the mapping plus what was last written.
 
     def call(self, method, path, accept=(), **kwargs):
-        """``client.request``, whose errors say what the vendor's error body says (``error_detail``)."""
+        """``client.request``, whose errors say what the vendor's error body says (``error_detail``); a
+        2xx whose body says it failed (``failure_status``) is that failure, never a success."""
         response = self.client.request(method, path, accept=ANY_ERROR, **kwargs)
-        if response.ok or response.status_code in accept:
+        said = self._failure_said(response) if response.ok else None
+        if said is None and (response.ok or response.status_code in accept):
             return response
         error = self.client.error_for(response)  # its body has the secrets scrubbed
         try:
@@ -110,7 +112,23 @@ class Sink(abc.ABC):
         except ValueError:
             body = None
         detail = self.error_detail(body) if isinstance(body, dict) else None
-        raise self.client.error_for(response, f"{error.message}: {detail}" if detail else None)
+        message = error.message + (f" saying it failed ({said})" if said else "")
+        raise self.client.error_for(response, f"{message}: {detail}" if detail else message, said)
+
+    def _failure_said(self, response):
+        """The status a 2xx's JSON body says it failed with (``failure_status``), or None."""
+        if type(self).failure_status is Sink.failure_status or not response.content:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        return self.failure_status(body) if isinstance(body, dict) else None
+
+    def failure_status(self, body):
+        """The HTTP status a vendor's 2xx JSON ``body`` (a dict) says the request failed with, or None
+        when it does not say so. Some APIs answer an error with 200 and put the failure in the body."""
+        return None
 
     def error_detail(self, body):
         """One line naming what was wrong, from a vendor's JSON error ``body`` (a dict), or None."""

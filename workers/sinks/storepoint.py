@@ -184,6 +184,13 @@ class StorepointSink(GuardedCreates, Sink):
             body["custom_fields"] = custom
         return body
 
+    def failure_status(self, body):
+        """Every Storepoint answer carries ``success``: false is a failure whatever the HTTP status (its
+        ``error`` code as the status it stands for; an unknown one counts as a server error)."""
+        if body.get("success") is not False:
+            return None
+        return {"validation_error": 400, "not_found": 404}.get(body.get("error"), 500)
+
     def error_detail(self, body):
         """``validation_error: Invalid input data (contact.email: must be a valid email)``."""
         details = body.get("details") or {}
