@@ -304,3 +304,16 @@ def test_a_worker_killed_before_the_mapping_was_saved_leaves_the_mark_for_the_re
     location_id = sink.apply("upsert", sample_location(name="Redelivered"))
     assert [location["company"] for location in sim_state(sim).locations.values()] == ["Redelivered"]
     assert mappings.get("l2u-stop-164557") == location_id
+
+
+def test_an_update_answered_200_with_a_bad_message_is_refused_not_applied(sim, sink, mappings):
+    """A successful update says ``loc_update_success``; one answered 200 with a ``bad_*`` message and the
+    location as it was was recorded as applied, and its snapshot hid the drift from reconcile."""
+    location_id = sink.apply("upsert", sample_location())
+    [before] = sim_state(sim).locations.values()
+    sim.app.config["FAULTS"].inject(200, path_prefix="/customer/location/", body={
+        "message": [{"code": "bad_phone", "field": "phone", "user_msg": "The phone must be at least 10 characters.",
+                     "dev_msg": "The phone must be at least 10 characters."}],
+        "location": {**before, "location_id": location_id}})
+    with pytest.raises(PermanentError, match="answered 200 saying it failed \\(400\\).*bad_phone"):
+        sink.apply("upsert", sample_location(name="Renamed Co"))

@@ -167,6 +167,11 @@ class DeliverycomSink(GuardedCreates, Sink):
             raise PermanentError(f"cannot send {location.key} to Delivery.com: " + "; ".join(problems.values()))
         return body
 
+    def failure_status(self, body):
+        """A ``bad_*`` message is a refusal (400) whatever the HTTP status: a 200 carrying one, with the
+        location as it was, was recorded as applied."""
+        return 400 if any(str(code).startswith("bad_") for code in codes(body)) else None
+
     def error_detail(self, body):
         """``bad_street (street): <user_msg> [<dev_msg>]`` for each message of a 400."""
         messages = body.get("message") if isinstance(body.get("message"), list) else []
