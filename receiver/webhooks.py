@@ -27,7 +27,7 @@ def _parse(body):
     """
     try:
         text = body.decode("utf-8-sig")
-        payload = json.loads(text)
+        payload = json.loads(text, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         return None, None, f"body is not valid JSON: {exc}"
     except RecursionError:
@@ -37,6 +37,12 @@ def _parse(body):
     if json_text.nested_deeper_than(payload):
         return None, None, f"body is nested deeper than {json_text.MAX_DEPTH} levels"
     return text, payload, None
+
+
+def _not_json(token):
+    """``json.loads`` reads ``NaN`` and ``Infinity``; JSON has no such numbers (a forward endpoint's
+    parser refuses them), so a body holding one is not valid JSON."""
+    raise ValueError(f"{token} is not a JSON number")
 
 
 def _read_body():

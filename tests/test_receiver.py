@@ -72,6 +72,11 @@ def test_rejected_requests_store_nothing(web, redis_client, event_type, token, s
     (b" \r\n", "empty_body", "the request body is empty; a JSON object is required"),
     (b"[1, 2]", "invalid_body", "body must be a JSON object, not list"),
     (b"\xff\xfe", "invalid_body", "body is not valid JSON"),
+    # Python's json reads these; JSON has no such tokens, and a forward endpoint's parser refuses them
+    (b'{"stopId": 1, "actionDate": "2022-04-27T05:00:00Z", "x": NaN}', "invalid_body",
+     "body is not valid JSON: NaN is not a JSON number"),
+    (b'{"stopId": 1, "actionDate": "2022-04-27T05:00:00Z", "x": -Infinity}', "invalid_body",
+     "body is not valid JSON: -Infinity is not a JSON number"),
 ])
 def test_bad_bodies_get_400_saying_what_is_wrong(web, redis_client, body, error, message):
     response = post(web.url, "stop.status-changed", body)
