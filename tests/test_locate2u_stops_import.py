@@ -50,6 +50,12 @@ def test_csv_rows_are_validated_with_line_and_field(tmp_path):
     ]
 
 
+def test_a_nested_field_of_the_wrong_type_is_named_itself(tmp_path):
+    """``"contact": "Ann"`` was reported as field ``contact.row``."""
+    rows = read_rows(write(tmp_path, "stops.json", '[{"name": "A", "address": "1 St", "contact": "Ann"}]'))
+    assert validate_rows(rows)[1] == [RowError(1, "contact", "Invalid input type.")]
+
+
 def test_json_rows_keep_their_lines(tmp_path):
     valid, errors = validate_rows(read_rows(write(tmp_path, "stops.json", JSON)))
     assert [(line, stop["name"]) for line, stop in valid] == [(2, "Alpha"), (5, "Charlie")]

@@ -278,12 +278,13 @@ def validate_rows(rows):
 
 
 def _flatten(messages, prefix=""):
+    """``(field, message)`` of marshmallow's nested ``messages``; a problem with a whole object (its
+    ``_schema``) is the object's own field (``contact``, not ``contact.row``), the row's at the top."""
     if isinstance(messages, list):
         yield prefix or "row", "; ".join(map(str, messages))
         return
     for key, value in messages.items():
-        name = "row" if key == "_schema" else key
-        yield from _flatten(value, f"{prefix}.{name}" if prefix else name)
+        yield from _flatten(value, prefix if key == "_schema" else f"{prefix}.{key}" if prefix else key)
 
 
 def import_stops(client, rows, batch_size=DEFAULT_BATCH, progress=lambda count: None, report=None):
