@@ -197,7 +197,7 @@ def test_a_sync_that_loses_its_lock_stops_before_its_next_change_and_says_so(
     stopped = running.join_outcome()
     assert isinstance(stopped, RetriableError) and "lost the subscriptions sync lock" in str(stopped)
     made = len(sim.state.webhooks)
-    assert 0 < made < 8
+    assert made < 8  # stopped before its last change (how many it made depends on the machine's pace)
     sim.faults.latency(0)
     assert sync(configured, redis_client).counts()["create"] == 8 - made
     assert len(sim.state.webhooks) == 8
