@@ -167,12 +167,16 @@ def test_an_outage_postpones_the_release_phase_sync_instead_of_failing_the_deplo
 
 
 @pytest.mark.parametrize("mistake, said", [("a rejected client secret", "invalid_client"),
-                                            ("a type Locate2u does not offer", "does not offer event type")])
+                                            ("a type Locate2u does not offer", "does not offer event type"),
+                                            ("a client without the webhooks' permission", "credentials were refused")])
 def test_a_mistake_to_fix_still_fails_the_release_phase(sim, relay_settings, mistake, said):
-    """A mistake to fix is not an outage: the deploy stops and says why."""
+    """A mistake to fix is not an outage: the deploy stops and says why. Refused credentials (a 403) are
+    retriable for deliveries (held until fixed), but in the release phase a mistake, not "postponed"."""
     settings = relay_settings
     if mistake == "a rejected client secret":
         settings = relay_settings.replace(locate2u_client_secret="not-the-secret")
+    elif mistake == "a client without the webhooks' permission":
+        sim.faults.inject(403, times=10, path_prefix="/v1/Webhooks")
     else:
         sim.state.event_types = ("stop.assigned",)
     release = cli(settings, "subscriptions", "sync", DYNO="release.4711")
