@@ -354,6 +354,23 @@ def test_flower_will_not_start_on_all_interfaces_without_auth(settings, env):
     assert "refusing to listen on 0.0.0.0 without authentication" in proc.output()
 
 
+def test_flower_on_a_port_already_taken_says_so(settings):
+    """A taken port ended Flower in tornado's ``OSError: Address already in use`` traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = flower(settings, FLOWER_BASIC_AUTH="admin:s3cret-flower-pass", FLOWER_ADDRESS="127.0.0.1",
+                      FLOWER_PORT=port)
+        try:
+            proc.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.stop()
+            raise AssertionError(f"flower kept running:\n{proc.output()[-2000:]}") from None
+    assert proc.proc.returncode != 0 and "Traceback" not in proc.output()
+    assert f"flower: port {port} is already in use on 127.0.0.1" in proc.output()
+
+
 def test_flower_with_a_port_it_cannot_use_says_so(settings):
     """``FLOWER_PORT=70000`` quietly listened on 4464 (70000 modulo 65536): an operator forwarding 70000
     reached nothing. (``FLOWER_PORT=abc`` is refused by Flower itself, in a traceback of its own, before

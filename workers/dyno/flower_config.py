@@ -18,8 +18,10 @@ from flower.inspector import Inspector
 
 from workers.config import Settings as _Settings
 from workers.logs import configure_logging as _configure_logging
+from workers.ops.devstack import port_in_use
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 def _port():
     """FLOWER_PORT, else PORT, else 5555; exit with why when it is out of range (Flower would listen on
@@ -34,6 +36,11 @@ def _port():
 port = _port()
 address = os.environ.get("FLOWER_ADDRESS") or ("0.0.0.0" if os.environ.get("PORT") or os.environ.get("DYNO")
                                                 else "127.0.0.1")
+try:  # said now: tornado's bind would end Flower in a traceback
+    if port_in_use(address, port):
+        sys.exit(f"flower: port {port} is already in use on {address}; set FLOWER_PORT to another")
+except OSError as exc:
+    sys.exit(f"flower: cannot listen on {address}:{port}: {exc.strerror}")
 if os.environ.get("FLOWER_BASIC_AUTH"):
     basic_auth = [os.environ["FLOWER_BASIC_AUTH"]]
 elif not os.environ.get("FLOWER_AUTH") and address not in LOOPBACK:
