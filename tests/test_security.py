@@ -340,18 +340,24 @@ def test_flower_on_a_heroku_dyno_listens_where_heroku_exec_forwards_and_asks_for
         proc.stop()
 
 
-@pytest.mark.parametrize("env", [{"FLOWER_ADDRESS": "0.0.0.0"}, {"PORT": "placeholder"}, {"DYNO": "flower.1"}],
-                         ids=["FLOWER_ADDRESS=0.0.0.0", "PORT set (binds 0.0.0.0)", "a Heroku dyno (binds 0.0.0.0)"])
-def test_flower_will_not_start_on_all_interfaces_without_auth(settings, env):
-    env = {name: (free_port() if value == "placeholder" else value) for name, value in env.items()}
-    proc = flower(settings, FLOWER_PORT=free_port(), **env) if "PORT" not in env else flower(settings, **env)
+def flower_refused(settings, **env):
+    """The output of a Flower started with ``env`` that must exit at once, with an error and no traceback."""
+    proc = flower(settings, **env)
     try:
         proc.proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.stop()
-        raise AssertionError(f"flower started without authentication:\n{proc.output()[-2000:]}") from None
-    assert proc.proc.returncode != 0
-    assert "refusing to listen on 0.0.0.0 without authentication" in proc.output()
+        raise AssertionError(f"flower started with {env}:\n{proc.output()[-2000:]}") from None
+    assert proc.proc.returncode != 0 and "Traceback" not in proc.output(), proc.output()[-2000:]
+    return proc.output()
+
+
+@pytest.mark.parametrize("env", [{"FLOWER_ADDRESS": "0.0.0.0"}, {"PORT": "placeholder"}, {"DYNO": "flower.1"}],
+                         ids=["FLOWER_ADDRESS=0.0.0.0", "PORT set (binds 0.0.0.0)", "a Heroku dyno (binds 0.0.0.0)"])
+def test_flower_will_not_start_on_all_interfaces_without_auth(settings, env):
+    env = {name: (free_port() if value == "placeholder" else value) for name, value in env.items()}
+    output = flower_refused(settings, **({"FLOWER_PORT": free_port()} if "PORT" not in env else {}), **env)
+    assert "refusing to listen on 0.0.0.0 without authentication" in output
 
 
 def test_flower_on_a_port_already_taken_says_so(settings):
@@ -360,30 +366,17 @@ def test_flower_on_a_port_already_taken_says_so(settings):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = flower(settings, FLOWER_BASIC_AUTH="admin:s3cret-flower-pass", FLOWER_ADDRESS="127.0.0.1",
-                      FLOWER_PORT=port)
-        try:
-            proc.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.stop()
-            raise AssertionError(f"flower kept running:\n{proc.output()[-2000:]}") from None
-    assert proc.proc.returncode != 0 and "Traceback" not in proc.output()
-    assert f"flower: port {port} is already in use on 127.0.0.1" in proc.output()
+        output = flower_refused(settings, FLOWER_BASIC_AUTH="admin:s3cret-flower-pass", FLOWER_ADDRESS="127.0.0.1",
+                                FLOWER_PORT=port)
+    assert f"flower: port {port} is already in use on 127.0.0.1" in output
 
 
 def test_flower_with_a_port_it_cannot_use_says_so(settings):
     """``FLOWER_PORT=70000`` quietly listened on 4464 (70000 modulo 65536): an operator forwarding 70000
     reached nothing. (``FLOWER_PORT=abc`` is refused by Flower itself, in a traceback of its own, before
     it reads this configuration; ``PORT=abc`` by the relay's settings.)"""
-    name, value = "FLOWER_PORT", "70000"
-    proc = flower(settings, FLOWER_BASIC_AUTH="admin:s3cret-flower-pass", **{name: value})
-    try:
-        proc.proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.stop()
-        raise AssertionError(f"flower started on {name}={value}:\n{proc.output()[-2000:]}") from None
-    assert proc.proc.returncode != 0 and "Traceback" not in proc.output()
-    assert f"flower: {name} must be a port number (1-65535), not {value!r}" in proc.output()
+    output = flower_refused(settings, FLOWER_BASIC_AUTH="admin:s3cret-flower-pass", FLOWER_PORT="70000")
+    assert "flower: FLOWER_PORT must be a port number (1-65535), not '70000'" in output
 
 
 # --- body size limit ----------------------------------------------------------------------------------
