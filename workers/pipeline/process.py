@@ -34,8 +34,10 @@ def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
             raise ValidationError({"_schema": [f"nested deeper than {json_text.MAX_DEPTH} levels"]})
         event = parse_event(delivery_id, event_type, payload)
         validated_at = time.time()
-    except (ValidationError, RecursionError) as exc:
-        return _quarantine(rt, delivery_id, event_type, entry.body, exc)
+    except ValidationError as exc:
+        return _quarantine(rt, delivery_id, event_type, entry.body, exc.messages)
+    except RecursionError:  # too deep even to read
+        return _quarantine(rt, delivery_id, event_type, entry.body, {"_schema": ["nested too deeply to read"]})
     with bugs_dead_lettered(lambda exc: dead_letter_enrich(rt, event, attempt, exc)):
         if not entry.processable:  # routed before, but a sink's deliver was never queued or got lost
             return resume_fan_out(rt, event, entry)
@@ -45,9 +47,8 @@ def process(rt, delivery_id, event_type, attempt=0, replay=False, sinks=None):
             return route_delivery(rt, event, entry.received_at, attempt, replay, sinks, validated_at=validated_at)
 
 
-def _quarantine(rt, delivery_id, event_type, body, exc):
-    """Quarantine a recorded delivery whose body the schema refused (or too deep to read at all)."""
-    errors = exc.messages if isinstance(exc, ValidationError) else {"_schema": ["nested too deeply to read"]}
+def _quarantine(rt, delivery_id, event_type, body, errors):
+    """Quarantine a recorded delivery whose body the schema refused with ``errors`` (marshmallow's shape)."""
     rt.quarantine.add(event_type, body, "schema validation failed", errors, delivery_id)
     rt.ledger.set_status(delivery_id, "quarantined", reason=json.dumps(errors))
     rt.ledger.trace(delivery_id, "quarantined", reason="schema validation failed", errors=errors)

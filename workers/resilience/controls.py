@@ -245,7 +245,7 @@ class RetryScheduler:
     @staticmethod
     def member_prefix(task_name):
         """How every member ``_member`` makes for ``task_name`` starts."""
-        return json.dumps({"task": task_name, "args": None})[:-len('"args": null}')]
+        return json.dumps({"task": task_name})[:-1] + ", "  # the key ``_member`` writes first
 
 
 _ADMIT_FN = """
