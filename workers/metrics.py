@@ -15,6 +15,7 @@ from workers.store.stores import DeadLetterStore, Quarantine, on_pipeline
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 COUNTERS = keys.METRICS_COUNTERS
 LATENCY = keys.METRICS_LATENCY
+_BUCKET = "in:"  # + a bucket's bound: observations whose smallest bucket it is
 QUEUES = (keys.INGEST_QUEUE, keys.DELIVER_QUEUE, keys.CONTROL_QUEUE)
 
 # counter name -> (help, label names)
@@ -42,11 +43,21 @@ class WorkerMetrics:
             queue.hincrby(COUNTERS, _field("l2u_worker_deliveries", {"sink": sink, "outcome": outcome}), 1)
             if latency is not None:
                 key = LATENCY + sink
-                for bound in LATENCY_BUCKETS:
-                    if latency <= bound:
-                        queue.hincrby(key, repr(bound), 1)
+                bound = next((bound for bound in LATENCY_BUCKETS if latency <= bound), None)
+                if bound is not None:  # one field: the smallest bucket it fits, cumulated when collected
+                    queue.hincrby(key, _BUCKET + repr(bound), 1)
                 queue.hincrby(key, "count", 1)
                 queue.hincrbyfloat(key, "sum", latency)
+
+
+def _cumulative_buckets(data):
+    """``[(le, count)]`` of a latency hash: the fields ``_BUCKET`` + bound count the observations whose
+    smallest bucket it is; a bare bound's field holds a cumulative count an earlier version kept."""
+    buckets, fitted = [], 0
+    for bound in LATENCY_BUCKETS:
+        fitted += int(data.get(_BUCKET + repr(bound), 0))
+        buckets.append((repr(bound), fitted + int(data.get(repr(bound), 0))))
+    return buckets + [("+Inf", int(data["count"]))]
 
 
 def _field(name, labels):
@@ -99,7 +110,5 @@ class RedisMetricsCollector:
             data = self.redis.hgetall(LATENCY + sink)
             if not data:
                 continue
-            buckets = [(repr(bound), int(data.get(repr(bound), 0))) for bound in LATENCY_BUCKETS]
-            buckets.append(("+Inf", int(data["count"])))
-            family.add_metric([sink], buckets, float(data["sum"]))
+            family.add_metric([sink], _cumulative_buckets(data), float(data["sum"]))
         yield family
