@@ -116,3 +116,30 @@ def test_re_encrypting_never_undoes_a_newer_token_set(settings, redis_client):
     reader.save(renewed)  # another worker renews
     reader._reencrypt(TOKENS_KEY, stale)  # the first worker's re-encryption of what it read before
     assert reader.load() == renewed
+
+
+class CountingFernet(Fernet):
+    """A Fernet that counts its decryptions."""
+
+    decrypted = 0
+
+    def decrypt(self, token, ttl=None):
+        CountingFernet.decrypted += 1
+        return super().decrypt(token, ttl)
+
+
+def test_a_stored_value_read_again_unchanged_is_decrypted_once(redis_client, monkeypatch):
+    """Every stop read takes the access token from Redis; a value unchanged since this process
+    decrypted it is not decrypted again (an HMAC check and an AES decryption per read), a new one is."""
+    monkeypatch.setattr(CountingFernet, "decrypted", 0)
+    tokens = TokenStore(redis_client, [CountingFernet(NEW_KEY)], dedicated=True)
+    tokens.save(TOKENS, account=ACCOUNT)
+    assert [tokens.load() for _ in range(3)] == [TOKENS] * 3 and tokens.account() == ACCOUNT
+    assert CountingFernet.decrypted == 2  # the token set once, the account once
+    renewed = {**TOKENS, "access_token": "renewed-access-token"}
+    TokenStore(redis_client, [Fernet(NEW_KEY)]).save(renewed)  # by another process
+    assert tokens.load() == renewed and tokens.load() == renewed
+    assert CountingFernet.decrypted == 3
+    loaded = tokens.load()
+    loaded["access_token"] = "changed by a caller"
+    assert tokens.load() == renewed

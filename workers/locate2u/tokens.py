@@ -105,6 +105,7 @@ class TokenStore:
         self._fernets = list(fernets)
         self._all = MultiFernet(self._fernets)
         self.dedicated = dedicated
+        self._decrypted = {}  # key -> (the value read last, its plaintext): unchanged, it is not decrypted again
         self._replace_if_unchanged = redis_client.register_script(_REPLACE_IF_UNCHANGED)
 
     @classmethod
@@ -124,10 +125,16 @@ class TokenStore:
         blob = self.redis.get(key)
         if blob is None:
             return None
+        last_blob, plaintext = self._decrypted.get(key, (None, None))
+        if blob == last_blob:
+            return json.loads(plaintext)
         try:
-            return json.loads(self._fernets[0].decrypt(blob))
+            plaintext = self._fernets[0].decrypt(blob)
         except InvalidToken:
             pass
+        else:
+            self._decrypted[key] = (blob, plaintext)
+            return json.loads(plaintext)
         try:
             value = json.loads(self._all.decrypt(blob))
         except InvalidToken:
