@@ -9,6 +9,7 @@ forgetting it; a key never created: mapping and intent mark); B2B two either way
 three, three (four for a never-created key) and three before.
 """
 import contextlib
+import time
 import traceback
 
 import kombu
@@ -25,7 +26,9 @@ from tests.test_sink_storepoint import TOKEN as STOREPOINT_TOKEN
 from workers.config import Settings
 from workers.sinks.b2b import B2BSink
 from workers.sinks.storepoint import StorepointSink
+from workers.pipeline.fan_out import fetch_stop
 from workers.pipeline.routes import Route
+from workers.store import keys
 from workers.resilience.http import HttpClient
 from workers.store.broker_redis import TRANSPORT
 from workers.store.stores import MappingStore, connect
@@ -66,7 +69,18 @@ def test_a_write_to_a_healthy_sink_costs_four_round_trips(driver, sink_server):
     assert len(two_sinks) - len(one_sink) == 4, (one_sink, two_sinks)
     # entry read with the processing lease taken, stop (cached), routed; then the sink's write
     # (versions._call twice). The entry and the lease were two round trips before.
-    assert one_sink == ["take_up", "fetch_stop", "start_fan_out", "_call", "admit_and_take", "_call", "record"]
+    assert one_sink == ["take_up", "fetch_stop", "route_delivery", "_call", "admit_and_take", "_call", "record"]
+
+
+def test_a_stop_read_from_locate2u_is_cached_in_the_round_trip_that_routes_its_delivery(driver):
+    """The read stop went into the cache with a SET of its own before."""
+    first = fan_out(driver, "Enroute", "2022-04-27T05:00:00+00:00")  # the token obtained, the stop read
+    driver.rt.redis.delete(keys.stop_cache(STOP_ID))
+    read = fan_out(driver, "Arrived", "2022-04-27T05:10:00+00:00")
+    assert read[:4] == ["take_up", "fetch_stop", "_read", "route_delivery"], read
+    assert len(read) == 8 and "cache_stop" not in first + read
+    cached, source = fetch_stop(driver.rt, STOP_ID, time.time() - 1)
+    assert source == "cache" and cached["stopId"] == STOP_ID
 
 
 def storepoint_sink(simulator, redis_client):

@@ -35,10 +35,16 @@ class Plan:
     jobs: list = dataclasses.field(default_factory=list)
     refused: list = dataclasses.field(default_factory=list)  # (DeliverJob without a record, PermanentError)
     steps: list = dataclasses.field(default_factory=list)  # (at, what, details), as Ledger.trace_lines takes them
+    stop_read: tuple | None = None  # (stop id, record, when the read left) of a stop read from Locate2u now
 
     @property
     def sinks(self):
         return [job.sink for job in self.jobs] + [job.sink for job, _ in self.refused]
+
+    def cache_read(self, client):
+        """Cache the stop this plan read from Locate2u, if it did (``client``: Redis, or a pipeline)."""
+        if self.stop_read is not None:
+            cache_stop(client, *self.stop_read)
 
 
 def plan(rt, event, sinks=None, attempts=None):
@@ -60,6 +66,8 @@ def plan(rt, event, sinks=None, attempts=None):
         started = time.time()
         try:
             stop, source = fetch_stop(rt, event.stop_id, event.action_date.timestamp())
+            if source == "locate2u":
+                result.stop_read = (event.stop_id, stop, started)
         except NotFound:  # deleted in Locate2u since: what needs only the key goes on without it
             if not all(rt.sinks[route.sink].needs_only_the_key(action) for route, action in reading):
                 raise
@@ -101,20 +109,18 @@ def build_record(route, action, event, stop, context):
 
 def fetch_stop(rt, stop_id, happened_at):
     """``(the stop record, where it was read: "cache" or "locate2u")`` for an event that happened at
-    ``happened_at`` (epoch seconds). Reads are cached briefly, so a burst of events for one stop costs
-    one call; a cached read is used only if it was taken after the event happened (a read from
-    before it may miss a change the event follows)."""
+    ``happened_at`` (epoch seconds). Reads are cached briefly (``Plan.cache_read``), so a burst of
+    events for one stop costs one call; a cached read is used only if it was taken after the event
+    happened (a read from before it may miss a change the event follows)."""
     cached = json.loads(rt.redis.get(keys.stop_cache(stop_id)) or "{}")
     if cached.get("read_at", 0) >= happened_at:  # an entry of the older format has no read_at: read again
         return cached["stop"], "cache"
     if rt.locate2u is None:
         raise PermanentError("Locate2u is not configured (LOCATE2U_CLIENT_ID), so stops cannot be fetched")
-    read_at = time.time()  # when the request left: the stop is at least this fresh
     stop = rt.locate2u.get_stop(stop_id)
     problem = stop_record_problem(stop)
     if problem:
         raise PermanentError(f"Locate2u's stop {stop_id} cannot be mapped: {problem}")
-    cache_stop(rt.redis, stop_id, stop, read_at)
     return stop, "locate2u"
 
 
@@ -139,8 +145,11 @@ def route_delivery(rt, event, received_at, attempt=0, replay=False, sinks=None, 
         rt.ledger.trace_lines(event.delivery_id, [*validated, (time.time(), "unrouted",
                                                                {"reason": "no enabled sink takes this event"})])
         return "unrouted"
-    rt.ledger.start_fan_out(event.delivery_id, planned.sinks, [job.sink for job in planned.jobs],
-                            validated + planned.steps, entity=event.entity)
+    with rt.redis.pipeline() as pipe:  # one round trip: the stop read is cached as the fan-out starts
+        planned.cache_read(pipe)
+        rt.ledger.start_fan_out(event.delivery_id, planned.sinks, [job.sink for job in planned.jobs],
+                                validated + planned.steps, pipe, entity=event.entity)
+        pipe.execute()
     if replay:  # what is redone supersedes the earlier dead letters of this delivery
         for name in ["enrich"] + planned.sinks:
             rt.dead_letters.remove(rt.dead_letters.entry_id(event.delivery_id, name))
@@ -176,6 +185,7 @@ def resume_fan_out(rt, event, entry, grace=0.0):
     except PermanentError as exc:  # every stalled sink is refused for it
         planned = Plan(refused=[(DeliverJob(event.delivery_id, sink, None, None, attempts[sink]), exc)
                                 for sink in stalled])
+    planned.cache_read(rt.redis)
     # Only a sink still open: its write may have landed since ``entry`` was read.
     jobs = [job for job in planned.jobs if rt.ledger.sink_outcome(
         job.delivery_id, job.sink, "pending", only_open=True, attempts=job.attempt, reason="resumed") >= 0]

@@ -404,19 +404,19 @@ class Ledger:
         return bool(self._lease(keys=[self.key(delivery_id), self.OPEN],
                                 args=[delivery_id, token, repr(time.time()), "lapse"]))
 
-    def start_fan_out(self, delivery_id, sinks, routed_to=None, steps=(), **fields):
+    def start_fan_out(self, delivery_id, sinks, routed_to=None, steps=(), pipe=None, **fields):
         """Mark the delivery routed, every sink pending, before any of them is written to; with
         ``routed_to`` (the sinks that take it), its "routed" trace line goes in the same round trip,
-        after the ``steps`` that led to it (``(at, what, details)`` lines: validated, enriched)."""
+        after the ``steps`` that led to it (``(at, what, details)`` lines: validated, enriched).
+        With ``pipe`` (a transaction), queued on it."""
         now = time.time()
         pending = json.dumps({"state": "pending", "attempts": 0, "at": now})
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.key(delivery_id), mapping={"status": "routed", **fields,
-                                                      **{f"sink:{sink}": pending for sink in sinks}})
-            pipe.zadd(self.OPEN, {delivery_id: now})
+        with on_pipeline(self.redis, pipe, transaction=True) as queue:
+            queue.hset(self.key(delivery_id), mapping={"status": "routed", **fields,
+                                                       **{f"sink:{sink}": pending for sink in sinks}})
+            queue.zadd(self.OPEN, {delivery_id: now})
             if routed_to is not None:
-                self.trace_lines(delivery_id, [*steps, (now, "routed", {"sinks": routed_to})], pipe)
-            pipe.execute()
+                self.trace_lines(delivery_id, [*steps, (now, "routed", {"sinks": routed_to})], queue)
 
     def sink_outcome(self, delivery_id, sink, state, pipe=None, only_open=False, **details):
         """Record one sink's outcome; once every sink is final, the delivery settles (one script).
@@ -635,12 +635,13 @@ def _delivery_id(field):
 
 
 @contextlib.contextmanager
-def on_pipeline(client, pipe=None):
-    """Queue commands on ``pipe`` (the caller executes it), or on a pipeline of ``client`` executed here."""
+def on_pipeline(client, pipe=None, transaction=False):
+    """Queue commands on ``pipe`` (the caller executes it), or on a pipeline of ``client`` executed here
+    (a MULTI/EXEC transaction with ``transaction``)."""
     if pipe is not None:
         yield pipe
         return
-    with client.pipeline(transaction=False) as own:
+    with client.pipeline(transaction=transaction) as own:
         yield own
         own.execute()
 
