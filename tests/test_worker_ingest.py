@@ -70,6 +70,10 @@ def test_a_deep_body_recorded_before_the_receiver_refused_it_is_quarantined_and_
     for depth in (40, 960):
         entry = wait_for(lambda: settled(ledger, f"deep-{depth}"), timeout=60)
         assert entry["status"] == "quarantined" and "nested" in entry["reason"], entry
+    # and the worker still takes work: a delivery recorded after them is processed
+    assert ledger.record("after", "stop.assigned", json.dumps(PUBLISHED["stop.assigned"]), 3600,
+                         received_at=time.time() - 10)
+    assert wait_for(lambda: settled(ledger, "after"), timeout=60)["status"] not in ("quarantined", "dead_lettered")
     assert worker.proc.poll() is None
 
 
