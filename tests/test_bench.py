@@ -29,6 +29,10 @@ def test_ci_profile_completes_and_prints_the_table(tmp_path):
         assert line in result.stdout, line
     numbers = json.loads(out.read_text())
     assert numbers["e2e"]["relay"]["complete"] and numbers["e2e"]["paced"]["complete"]
+    for run in ("relay", "paced"):  # what each event cost, saturated and at half rate
+        assert numbers["e2e"][run]["cpu_ms_per_event"]["worker"] > 0, run
+        assert numbers["e2e"][run]["redis_commands_per_event"]["by_command"]["evalsha"] > 0, run
+    assert "relay at half rate (idle time included): CPU worker " in result.stdout
     assert numbers["e2e"]["plain"]["failures"] == 0
     for run in ("naive", "naive_relay"):  # the naive consumer fed straight, then through its send_task app
         naive = numbers["e2e"][run]
