@@ -259,7 +259,10 @@ def test_stops_import_cli_interrupted_mid_batch_says_what_was_created_what_may_b
     """Ctrl-C during the second batch: before, nothing was printed but "Aborted!"."""
     path = tmp_path / "stops.csv"
     path.write_text("name,address\n" + "".join(f"S{n},{n} George St\n" for n in range(4)))
-    sim.faults.latency(0.5)
+    # the first import answered at once, the second held 10 s (of the client's 20 s read timeout): a
+    # window a loaded machine cannot miss (a 0.5 s latency on every request was missed once in CI)
+    sim.faults.slow(0, path_prefix="/v1/Stops/import")
+    sim.faults.slow(10, path_prefix="/v1/Stops/import")
     importing = subprocess.Popen([str(BIN / "l2u-relay"), "stops", "import", str(path), "--batch-size", "1"],
                                  env=process_env(relay_settings), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
@@ -268,7 +271,7 @@ def test_stops_import_cli_interrupted_mid_batch_says_what_was_created_what_may_b
     def imports():
         return sum(entry[1] == "/v1/Stops/import" for entry in sim.state.requests_log)
 
-    while not (imports() == 2 and len(sim.state.stops) == 1):  # the first answered, the second held 0.5 s
+    while not (imports() == 2 and len(sim.state.stops) == 1):  # the first answered, the second held
         assert time.monotonic() < deadline and importing.poll() is None
         time.sleep(0.01)
     importing.send_signal(signal.SIGINT)  # the second batch is out
