@@ -21,6 +21,15 @@ from workers.ops.devstack import REPO_ROOT, free_port, procfile_commands
 BIN = Path(sys.executable).parent
 
 
+def from_a_terminal(command):
+    """``command`` as a shell runs a foreground command, Ctrl-C's SIGINT at its default. A background
+    job (``&`` without job control, as a CI script may start the tests) passes SIGINT on ignored, and
+    Python then never raises KeyboardInterrupt, whatever the test sends."""
+    restore = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+               "os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", restore, *map(str, command)]
+
+
 def process_env(settings, **extra):
     """Environment for a child process: the settings as variables plus ``extra``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RELAY_", "LOCATE", "B2B_",

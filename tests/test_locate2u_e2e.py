@@ -12,7 +12,7 @@ import requests
 from tests.fixtures import sims_settings
 from tests.helpers import post, sink_outcomes, wait_for
 from tests.payloads import PUBLISHED, status_change
-from tests.processes import BIN, process_env
+from tests.processes import BIN, from_a_terminal, process_env
 from workers.config import SVIX_RETRY_SCHEDULE
 from workers.celery_config import CONTROL_QUEUE, SYNC_SUBSCRIPTIONS, make_celery
 from workers.ops.devstack import REPO_ROOT, free_port
@@ -259,11 +259,9 @@ def test_stops_import_cli_interrupted_mid_batch_says_what_was_created_what_may_b
     """Ctrl-C during the second batch: before, nothing was printed but "Aborted!"."""
     path = tmp_path / "stops.csv"
     path.write_text("name,address\n" + "".join(f"S{n},{n} George St\n" for n in range(4)))
-    # the first import answered at once, the second held 10 s (of the client's 20 s read timeout): a
-    # window a loaded machine cannot miss (a 0.5 s latency on every request was missed once in CI)
-    sim.faults.slow(0, path_prefix="/v1/Stops/import")
-    sim.faults.slow(10, path_prefix="/v1/Stops/import")
-    importing = subprocess.Popen([str(BIN / "l2u-relay"), "stops", "import", str(path), "--batch-size", "1"],
+    sim.faults.slow(0, path_prefix="/v1/Stops/import")  # the first import answered at once
+    sim.faults.slow(10, path_prefix="/v1/Stops/import")  # the second held (of the client's 20 s read timeout)
+    importing = subprocess.Popen(from_a_terminal([BIN / "l2u-relay", "stops", "import", path, "--batch-size", "1"]),
                                  env=process_env(relay_settings), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
