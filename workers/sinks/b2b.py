@@ -151,7 +151,7 @@ class B2BSink(Sink):
     def delete(self, location, options):
         """Delete by idRemote (gone already is a success); refused for its business partner: deactivate."""
         try:
-            self._gone(self.call("DELETE", f"Location/delete/{quote(location.key, safe='')}", accept=(404,)))
+            self.gone(self.call("DELETE", f"Location/delete/{quote(location.key, safe='')}", accept=(404,)))
         except RelayError as error:
             if not PARTNER_REFUSAL.search(error.body or ""):
                 raise
@@ -212,24 +212,16 @@ class B2BSink(Sink):
     def _update(self, key, fields, before=None):
         """PUT ``fields`` by idRemote; the B2B id, or None (mapping dropped) when there is no such location."""
         response = self.call("PUT", f"Location/update/{quote(key, safe='')}", accept=(404,), json=fields)
-        if self._gone(response):
+        if self.gone(response):
             self.forget(key)
             return None
         return self._remember(key, fields, response, before)
 
-    def _gone(self, response):
-        """True for B2B's own 404 ("No entity found for Location with …"): no such location. A 404 a
-        gateway answered itself is a BadAnswer (retried): taken for a missing location, a delete was
-        recorded as done with the location still there."""
-        if response.status_code != 404:
-            return False
-        try:
-            found = str(response.json().get("error", "")).startswith(NO_ENTITY)
-        except (ValueError, AttributeError):
-            found = False
-        if not found:
-            raise self.client.bad_answer(response, "that is not B2B's No entity found (a gateway's 404?)")
-        return True
+    NOT_FOUND = "B2B's No entity found"
+
+    def not_found_answer(self, body):
+        """B2B's own 404 says "No entity found for Location with <id>."."""
+        return str(body.get("error", "")).startswith(NO_ENTITY)
 
     def _remember(self, key, fields, response, before=None):
         """Map ``key`` to the B2B id the answer gives (else to ``key``, which the API accepts as id);

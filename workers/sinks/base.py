@@ -125,6 +125,26 @@ class Sink(abc.ABC):
             return None
         return self.failure_status(body) if isinstance(body, dict) else None
 
+    def gone(self, response):
+        """True for the vendor's own 404 (``not_found_answer``): no such record. Any other 404 (one a
+        gateway answered itself) is a BadAnswer, retried: taken for a missing record, an update created
+        a second one and a delete was recorded as done with the record still there."""
+        if response.status_code != 404:
+            return False
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not (isinstance(body, dict) and self.not_found_answer(body)):
+            raise self.client.bad_answer(response, f"that is not {self.NOT_FOUND} (a gateway's 404?)")
+        return True
+
+    NOT_FOUND = "the vendor's not-found answer"  # how ``gone`` names what it did not get
+
+    def not_found_answer(self, body):
+        """Whether a 404's JSON ``body`` (a dict) is the vendor's own "no such record" (``gone``)."""
+        return True
+
     def failure_status(self, body):
         """The HTTP status a vendor's 2xx JSON ``body`` (a dict) says the request failed with, or None
         when it does not say so. Some APIs answer an error with 200 and put the failure in the body."""

@@ -93,7 +93,7 @@ class StorepointSink(GuardedCreates, Sink):
         body = self.body(location, options)
         remote_id, before = self.known(location.key)
         if remote_id:
-            if not self._gone(self.call("POST", f"locations/{remote_id}", accept=(404,), json=body)):
+            if not self.gone(self.call("POST", f"locations/{remote_id}", accept=(404,), json=body)):
                 self.remember(location.key, remote_id, flatten(body), before)
                 return remote_id
             log.info("storepoint: %s (%s) was deleted there; creating it again", location.key, remote_id)
@@ -128,7 +128,7 @@ class StorepointSink(GuardedCreates, Sink):
         if intent:
             remote_id = self._guard.left_by(location.key, intent, self._find_created)
         if remote_id:
-            self._gone(self.call("POST", f"locations/{remote_id}/delete", accept=(404,)))
+            self.gone(self.call("POST", f"locations/{remote_id}/delete", accept=(404,)))
             self.forget(location.key)
         if intent:  # only once the location it may have left is gone
             self._guard.done(location.key)
@@ -143,19 +143,11 @@ class StorepointSink(GuardedCreates, Sink):
                                                    "id")
         return remote_id
 
-    def _gone(self, response):
-        """True for Storepoint's own 404 (``"error": "not_found"``): the location is not there. A 404 a
-        gateway answered itself is a BadAnswer (retried): taken for a deleted location, an update created
-        a second one, and a delete was recorded as done."""
-        if response.status_code != 404:
-            return False
-        try:
-            found = response.json().get("error") == "not_found"
-        except (ValueError, AttributeError):
-            found = False
-        if not found:
-            raise self.client.bad_answer(response, "that is not Storepoint's not_found (a gateway's 404?)")
-        return True
+    NOT_FOUND = "Storepoint's not_found"
+
+    def not_found_answer(self, body):
+        """Storepoint's own 404 says ``"error": "not_found"``."""
+        return body.get("error") == "not_found"
 
     def _find_created(self, key):
         """The ``loc_`` id of the location tagged with ``key`` in the full listing, or None."""
