@@ -18,7 +18,7 @@ from flower.inspector import Inspector
 
 from workers.config import Settings as _Settings
 from workers.logs import configure_logging as _configure_logging
-from workers.ops.devstack import port_in_use
+from workers.ops.devstack import port_in_use, port_number
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -27,10 +27,10 @@ def _port():
     """FLOWER_PORT, else PORT, else 5555; exit with why when it is out of range (Flower would listen on
     4464 for 70000)."""
     name = "FLOWER_PORT" if os.environ.get("FLOWER_PORT") else "PORT"
-    value = os.environ.get(name) or "5555"
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
-        sys.exit(f"flower: {name} must be a port number (1-65535), not {value!r}")
-    return int(value)
+    try:
+        return port_number(os.environ.get(name) or "5555")
+    except ValueError as exc:
+        sys.exit(f"flower: {name} {exc}")
 
 
 port = _port()

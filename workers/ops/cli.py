@@ -108,12 +108,13 @@ def run(port, host, data_dir, demo_then_exit, verbose):
 
 def _port_from_environment():
     """``$PORT`` as a number, None when unset; a UsageError when it is not a port."""
+    from workers.ops.devstack import port_number
+
     value = os.environ.get("PORT")
-    if not value:
-        return None
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
-        raise click.UsageError(f"PORT must be a port number (1-65535), not {value!r}")
-    return int(value)
+    try:
+        return port_number(value) if value else None
+    except ValueError as exc:
+        raise click.UsageError(f"PORT {exc}") from None
 
 
 def _free_web_port(host, port):

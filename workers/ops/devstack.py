@@ -61,6 +61,13 @@ def free_port():
     raise OSError(f"no free port on 127.0.0.1 in {ports.start}-{ports.stop - 1}")
 
 
+def port_number(text):
+    """``text`` (an environment variable's value) as a port, 1-65535; ValueError naming the range."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"must be a port number (1-65535), not {text!r}")
+    return int(text)
+
+
 def port_in_use(host, port):
     """True when ``host:port`` cannot be bound because another program listens there; OSError when it
     cannot be bound for another reason (``host`` is not an address of this machine)."""
