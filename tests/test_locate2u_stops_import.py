@@ -1,10 +1,13 @@
 """Stop import: reading CSV/JSON with line numbers, row validation, batches against the simulator."""
+import json
 import time
 
 import pytest
+from click.testing import CliRunner
 
 from workers.locate2u.client import Locate2uClient, RetryPolicy
-from workers.locate2u.stops_import import (ImportFileError, ImportReport, RowError, import_stops, read_rows,
+from workers.locate2u.stops_command import stops_import
+from workers.locate2u.stops_import import (ImportFileError, ImportReport, Place, RowError, import_stops, read_rows,
                                            validate_rows)
 from workers.locate2u.tokens import ReauthorizationRequired, TokenStore
 
@@ -35,7 +38,7 @@ def write(tmp_path, name, text):
 
 def test_csv_rows_are_validated_with_line_and_field(tmp_path):
     valid, errors = validate_rows(read_rows(write(tmp_path, "stops.csv", CSV)))
-    assert [line for line, _ in valid] == [2, 7]
+    assert [place for place, _ in valid] == [Place(2), Place(7)]
     assert valid[0][1] == {"name": "Alpha", "address": "1 George St Sydney",
                            "contact": {"name": "Ann", "email": "ann@example.com"},
                            "location": {"latitude": -33.86, "longitude": 151.2},
@@ -53,15 +56,34 @@ def test_csv_rows_are_validated_with_line_and_field(tmp_path):
 def test_a_nested_field_of_the_wrong_type_is_named_itself(tmp_path):
     """``"contact": "Ann"`` was reported as field ``contact.row``."""
     rows = read_rows(write(tmp_path, "stops.json", '[{"name": "A", "address": "1 St", "contact": "Ann"}]'))
-    assert validate_rows(rows)[1] == [RowError(1, "contact", "Invalid input type.")]
+    assert validate_rows(rows)[1] == [RowError(Place(1, 1), "contact", "Invalid input type.")]
 
 
 def test_json_rows_keep_their_lines(tmp_path):
     valid, errors = validate_rows(read_rows(write(tmp_path, "stops.json", JSON)))
-    assert [(line, stop["name"]) for line, stop in valid] == [(2, "Alpha"), (5, "Charlie")]
+    assert [(place, stop["name"]) for place, stop in valid] == [(Place(2, 1), "Alpha"), (Place(5, 3), "Charlie")]
     assert valid[0][1]["customerId"] == "7"
-    assert errors == [RowError(3, "address", "Must not be blank."), RowError(3, "adress", "Unknown field."),
-                      RowError(6, "row", "Invalid input type.")]
+    assert errors == [RowError(Place(3, 2), "address", "Must not be blank."), RowError(Place(3, 2), "adress", "Unknown field."),
+                      RowError(Place(6, 4), "row", "Invalid input type.")]
+
+
+def test_items_of_minified_json_are_told_apart_by_their_number(tmp_path):
+    """Minified JSON is one line: every row was "line 1", and rows failing for two reasons were
+    counted once with all the others ("failed 1" for three failed rows)."""
+    rows = [{"name": "A", "address": "1 St"}, {"name": "B"}, {"address": "3 St"}, {"name": "D", "adress": "x"}]
+    path = write(tmp_path, "stops.json", json.dumps(rows, separators=(",", ":")))
+    valid, errors = validate_rows(read_rows(path))
+    assert [str(place) for place, _ in valid] == ["line 1, item 1"]
+    assert [str(error) for error in errors] == [
+        "line 1, item 2: address: Missing data for required field.",
+        "line 1, item 3: name: Missing data for required field.",
+        "line 1, item 4: address: Missing data for required field.",
+        "line 1, item 4: adress: Unknown field."]
+    report = ImportReport(errors=errors, not_sent=[place for place, _ in valid])
+    assert report.summary() == ("created 0, failed 3, not sent 1 (from line 1, item 1 on: import them once the "
+                                "problem is fixed)")
+    result = CliRunner().invoke(stops_import, [str(path), "--dry-run"])
+    assert result.exit_code == 1 and result.output.splitlines()[-1] == "dry run: 1 row(s) valid, 3 failed; nothing sent"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -84,23 +106,23 @@ def client(sim, settings, redis_client):
 
 
 def test_valid_rows_go_in_batches_and_the_report_adds_up(client, sim, tmp_path):
-    rows = [(n + 2, {"name": f"S{n}", "address": f"{n} Main St"}) for n in range(7)] + [(9, {"name": "no address"})]
+    rows = [(Place(n + 2), {"name": f"S{n}", "address": f"{n} Main St"}) for n in range(7)] + [(Place(9), {"name": "no address"})]
     done = []
     report = import_stops(client, rows, batch_size=3, progress=done.append)
     assert done == [1, 3, 3, 1] and sum(done) == len(rows)
-    assert [line for line, _ in report.created] == list(range(2, 9))
+    assert [place.line for place, _ in report.created] == list(range(2, 9))
     assert sorted(stop_id for _, stop_id in report.created) == sorted(sim.state.stops)
     assert [p for p in sim.state.requests_log if p[1] == "/v1/Stops/import"] == [("POST", "/v1/Stops/import")] * 3
     assert report.summary() == "created 7, failed 1"
 
 
 def test_a_failed_batch_is_reported_row_by_row(client, sim):
-    rows = [(2, {"name": "A", "address": "1 A St"}), (3, {"name": "B", "address": "2 B St"})]
+    rows = [(Place(2), {"name": "A", "address": "1 A St"}), (Place(3), {"name": "B", "address": "2 B St"})]
     sim.faults.inject(503, path_prefix="/v1/Stops/import")
     failed = import_stops(client, rows, batch_size=1)
     assert [str(e) for e in failed.unconfirmed] == [  # a POST is not retried on 5xx: it may have been applied
         f"line 2: row: may have been created: POST {sim.url}/v1/Stops/import answered 503"]
-    assert [line for line, _ in failed.created] == [3] and failed.errors == []
+    assert [place for place, _ in failed.created] == [Place(3)] and failed.errors == []
     sim.faults.inject(422, path_prefix="/v1/Stops/import")
     refused = import_stops(client, rows[:1], batch_size=1)
     assert [str(e) for e in refused.errors] == [
@@ -112,9 +134,9 @@ def test_rows_the_api_rejects_are_reported_with_their_lines():
         def import_stops(self, stops):
             return {"created": [501], "failed": [{"index": 0, "errors": {"address": ["Not deliverable."]}}]}
 
-    rows = [(4, {"name": "A", "address": "1 A St"}), (6, {"name": "B", "address": "2 B St"})]
+    rows = [(Place(4), {"name": "A", "address": "1 A St"}), (Place(6), {"name": "B", "address": "2 B St"})]
     report = import_stops(RejectsFirst(), rows)
-    assert report.created == [(6, 501)] and [str(e) for e in report.errors] == ["line 4: address: Not deliverable."]
+    assert report.created == [(Place(6), 501)] and [str(e) for e in report.errors] == ["line 4: address: Not deliverable."]
 
 
 @pytest.mark.parametrize("how", ["drop", "garbled"])
@@ -122,12 +144,12 @@ def test_a_batch_that_may_have_been_created_is_not_reported_as_not_imported(clie
     """The import applied, then its answer was lost (``drop``) or was a proxy's page (``garbled``). The
     report said "not imported", so the rows were imported again: every stop twice (the API has no
     lookup by reference to check first)."""
-    rows = [(2, {"name": "A", "address": "1 A St"}), (3, {"name": "B", "address": "2 B St"})]
+    rows = [(Place(2), {"name": "A", "address": "1 A St"}), (Place(3), {"name": "B", "address": "2 B St"})]
     sim.faults.fail_after_apply(how, path_prefix="/v1/Stops/import")
     report = import_stops(client, rows, batch_size=1)
     assert len(sim.state.stops) == 2  # both were created
-    assert [line for line, _ in report.created] == [3] and report.errors == []
-    assert [row.line for row in report.unconfirmed] == [2]
+    assert [place for place, _ in report.created] == [Place(3)] and report.errors == []
+    assert [row.place for row in report.unconfirmed] == [Place(2)]
     assert str(report.unconfirmed[0]).startswith(f"line 2: row: may have been created: POST {sim.url}/v1/Stops/import ")
     assert report.summary() == ("created 1, failed 0, unconfirmed 1 (the request got no usable answer: the stops "
                                 "may have been created; look in Locate2u before importing those rows again)")
@@ -135,7 +157,7 @@ def test_a_batch_that_may_have_been_created_is_not_reported_as_not_imported(clie
 
 def test_rows_an_answer_leaves_out_are_unconfirmed_not_dropped_from_the_report(client, sim):
     sim.faults.inject(200, body={"created": [501], "failed": []}, path_prefix="/v1/Stops/import")
-    rows = [(4, {"name": "A", "address": "1 A St"}), (6, {"name": "B", "address": "2 B St"})]
+    rows = [(Place(4), {"name": "A", "address": "1 A St"}), (Place(6), {"name": "B", "address": "2 B St"})]
     report = import_stops(client, rows)
     assert report.created == [] and report.errors == []
     assert [str(row) for row in report.unconfirmed] == [
@@ -161,11 +183,11 @@ def test_an_import_stopped_by_a_lost_authorisation_keeps_what_it_did_and_what_it
             sim.state.revoke_access_tokens()
             sim.state.revoke_refresh_tokens()
 
-    rows = [(line, {"name": f"S{line}", "address": f"{line} Main St"}) for line in (2, 3, 4)] + [(5, {"name": "X"})]
+    rows = [(Place(line), {"name": f"S{line}", "address": f"{line} Main St"}) for line in (2, 3, 4)] + [(Place(5), {"name": "X"})]
     report = ImportReport()
     with pytest.raises(ReauthorizationRequired):
         import_stops(client, rows, batch_size=1, progress=withdrawn_after_the_first_batch, report=report)
-    assert [line for line, _ in report.created] == [2] and [error.line for error in report.errors] == [5]
-    assert report.not_sent == [3, 4] and report.unconfirmed == [] and len(sim.state.stops) == 1
+    assert [place for place, _ in report.created] == [Place(2)] and [error.place for error in report.errors] == [Place(5)]
+    assert report.not_sent == [Place(3), Place(4)] and report.unconfirmed == [] and len(sim.state.stops) == 1
     assert report.summary() == ("created 1, failed 1, not sent 2 (from line 3 on: import them once the "
                                 "problem is fixed)")

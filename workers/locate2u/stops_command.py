@@ -42,7 +42,7 @@ def stops_import(path, batch_size, dry_run):
         valid, errors = validate_rows(rows)
         for error in errors:
             click.echo(str(error))
-        click.echo(f"dry run: {len(valid)} row(s) valid, {len({e.line for e in errors})} failed; nothing sent")
+        click.echo(f"dry run: {len(valid)} row(s) valid, {len({e.place for e in errors})} failed; nothing sent")
     else:
         _, _, client = _context()
         report = ImportReport()

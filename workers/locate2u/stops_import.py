@@ -8,7 +8,7 @@ taken (``COLUMNS``: ``phone``, ``lat``, ``date``…). Header problems (an unknow
 column, two columns for one field, ``name`` or ``address`` missing) are reported
 together, with the accepted columns, before any row is read or sent.
 JSON: an array of stop objects. Rows are validated with marshmallow before
-anything is sent, each problem reported with its line and field; valid rows
+anything is sent, each problem reported with its line (and a JSON item's number) and field; valid rows
 go to ``POST /v1/Stops/import`` in batches. A batch that fails is reported
 row by row and not retried on 5xx (the import may have partly applied).
 """
@@ -135,21 +135,32 @@ class StopRowSchema(Schema):
     load = fields.Dict(keys=fields.String(), allow_none=True)
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class Place:
+    """Where a row is in its file: the line it starts on and, for an item of a JSON array, its number
+    (1 for the first; 0 for a CSV row). Items on one line, as in minified JSON, differ only by it."""
+    line: int
+    item: int = 0
+
+    def __str__(self):
+        return f"line {self.line}, item {self.item}" if self.item else f"line {self.line}"
+
+
 @dataclasses.dataclass(frozen=True)
 class RowError:
-    line: int
+    place: Place
     field: str
     message: str
 
     def __str__(self):
-        return f"line {self.line}: {self.field}: {self.message}"
+        return f"{self.place}: {self.field}: {self.message}"
 
 
 @dataclasses.dataclass
 class ImportReport:
-    """Created stops as (line, stopId), every problem as a RowError, as ``unconfirmed`` RowErrors the
+    """Created stops as (Place, stopId), every problem as a RowError, as ``unconfirmed`` RowErrors the
     rows of a request that got no usable answer (they may have been created, so importing them again
-    could create them twice: the API has no lookup to check first), and the lines of valid rows
+    could create them twice: the API has no lookup to check first), and the Places of valid rows
     ``not_sent`` (all of them until the import ends, the rest when something stops it)."""
 
     created: list = dataclasses.field(default_factory=list)
@@ -159,7 +170,7 @@ class ImportReport:
 
     @property
     def failed_rows(self):
-        return len({error.line for error in self.errors})
+        return len({error.place for error in self.errors})
 
     def summary(self):
         summary = f"created {len(self.created)}, failed {self.failed_rows}"
@@ -167,7 +178,7 @@ class ImportReport:
             summary += (f", unconfirmed {len(self.unconfirmed)} (the request got no usable answer: the stops may have "
                         "been created; look in Locate2u before importing those rows again)")
         if self.not_sent:
-            summary += (f", not sent {len(self.not_sent)} (from line {self.not_sent[0]} on: import them once the "
+            summary += (f", not sent {len(self.not_sent)} (from {self.not_sent[0]} on: import them once the "
                         "problem is fixed)")
         return summary
 
@@ -175,7 +186,7 @@ class ImportReport:
 # --- reading -------------------------------------------------------------------
 
 def read_rows(path):
-    """The file's rows as ``[(line, row)]``; JSON when it starts with ``[``, CSV otherwise."""
+    """The file's rows as ``[(Place, row)]``; JSON when it starts with ``[``, CSV otherwise."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
             text = handle.read()
@@ -203,7 +214,7 @@ def _csv_rows(text):
         columns = {**map_header(reader.fieldnames), EXTRA_VALUES: EXTRA_VALUES}
         start = reader.line_num + 1
         for row in reader:
-            rows.append((start, _nest({columns[k]: v for k, v in row.items() if v not in ("", None)})))
+            rows.append((Place(start), _nest({columns[k]: v for k, v in row.items() if v not in ("", None)})))
             start = reader.line_num + 1
     except csv.Error as exc:
         raise ImportFileError(f"CSV error at line {reader.line_num}: {exc}") from None
@@ -237,7 +248,7 @@ def _clash(flat, key):
 
 
 def _json_rows(text):
-    """The items of a top-level JSON array, each with the line it starts on."""
+    """The items of a top-level JSON array, each with its Place (the line it starts on, its number)."""
     decoder, rows = json.JSONDecoder(), []
     pos = _skip(text, text.index("[") + 1)
     line, counted = 1, 0
@@ -249,12 +260,13 @@ def _json_rows(text):
             raise ImportFileError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
         except RecursionError:
             raise ImportFileError(f"invalid JSON at line {line}: nested too deeply") from None
-        rows.append((line, item))
+        rows.append((Place(line, len(rows) + 1), item))
         pos = _skip(text, end)
         if text[pos:pos + 1] == ",":
             pos = _skip(text, pos + 1)
         elif text[pos:pos + 1] != "]":
-            raise ImportFileError(f"invalid JSON after the item starting on line {line}: expected ',' or ']'")
+            raise ImportFileError(f"invalid JSON after item {len(rows)} (starting on line {line}): "
+                                  "expected ',' or ']'")
     if text[pos + 1:].strip():
         raise ImportFileError("unexpected content after the JSON array")
     return rows
@@ -267,13 +279,13 @@ def _skip(text, pos):
 # --- validating and sending ------------------------------------------------------
 
 def validate_rows(rows):
-    """Split ``[(line, row)]`` into valid API payloads ``[(line, stop)]`` and RowErrors."""
+    """Split ``[(Place, row)]`` into valid API payloads ``[(Place, stop)]`` and RowErrors."""
     schema, valid, errors = StopRowSchema(), [], []
-    for line, row in rows:
+    for place, row in rows:
         try:
-            valid.append((line, schema.dump(schema.load(row))))
+            valid.append((place, schema.dump(schema.load(row))))
         except ValidationError as exc:
-            errors += [RowError(line, name, message) for name, message in _flatten(exc.messages)]
+            errors += [RowError(place, name, message) for name, message in _flatten(exc.messages)]
     return valid, errors
 
 
@@ -297,15 +309,15 @@ def import_stops(client, rows, batch_size=DEFAULT_BATCH, progress=lambda count: 
         raise ValueError(f"batch size must be between 1 and {MAX_BATCH}")
     valid, errors = validate_rows(rows)
     report = ImportReport() if report is None else report
-    report.errors += sorted(errors, key=lambda error: error.line)
-    report.not_sent = [line for line, _ in valid]
+    report.errors += sorted(errors, key=lambda error: error.place)
+    report.not_sent = [place for place, _ in valid]
     progress(len(rows) - len(valid))
     for start in range(0, len(valid), batch_size):
         batch = valid[start:start + batch_size]
         _send(client, batch, report)
         del report.not_sent[:len(batch)]
         progress(len(batch))
-    report.errors.sort(key=lambda error: error.line)
+    report.errors.sort(key=lambda error: error.place)
     return report
 
 
@@ -316,25 +328,25 @@ def _send(client, batch, report):
         raise  # from the token, before the request could go (or after a 401): the batch was not created
     except RelayError as exc:
         if _may_have_landed(exc):
-            report.unconfirmed += [RowError(line, "row", f"may have been created: {exc.message}") for line, _ in batch]
+            report.unconfirmed += [RowError(place, "row", f"may have been created: {exc.message}") for place, _ in batch]
         else:
-            report.errors += [RowError(line, "row", f"not imported: {exc.message}") for line, _ in batch]
+            report.errors += [RowError(place, "row", f"not imported: {exc.message}") for place, _ in batch]
         return
     except BaseException:  # an interrupt (Ctrl-C) while the request was out, or a bug
         del report.not_sent[:len(batch)]
-        report.unconfirmed += [RowError(line, "row", "may have been created: interrupted while its request was out")
-                               for line, _ in batch]
+        report.unconfirmed += [RowError(place, "row", "may have been created: interrupted while its request was out")
+                               for place, _ in batch]
         raise
     failed = {item["index"]: item.get("errors") or {"row": ["rejected by Locate2u"]}
               for item in answer.get("failed", [])}
-    lines = [line for index, (line, _) in enumerate(batch) if index not in failed]
+    places = [place for index, (place, _) in enumerate(batch) if index not in failed]
     created = answer.get("created") or []
-    if len(created) != len(lines):  # which id is whose is unknown: none of these rows is confirmed
-        report.unconfirmed += [RowError(line, "row", f"may have been created: the answer lists {len(created)} "
-                                                     f"created for the {len(lines)} rows it did not refuse")
-                               for line in lines]
+    if len(created) != len(places):  # which id is whose is unknown: none of these rows is confirmed
+        report.unconfirmed += [RowError(place, "row", f"may have been created: the answer lists {len(created)} "
+                                                      f"created for the {len(places)} rows it did not refuse")
+                               for place in places]
     else:
-        report.created += list(zip(lines, created))
+        report.created += list(zip(places, created))
     for index, messages in sorted(failed.items()):
         report.errors += [RowError(batch[index][0], name, message) for name, message in _flatten(messages)]
 
