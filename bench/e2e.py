@@ -19,7 +19,7 @@ from bench import sims
 from bench.load import percentile, post_all, status_change
 from receiver.webhooks import delivery_id_for
 from workers.metrics import COUNTERS
-from workers.store.stores import Ledger
+from workers.store.ledger import Ledger
 
 EVENT_TYPE = "stop.status-changed"
 SINKS = ("storepoint", "b2b")

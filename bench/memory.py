@@ -32,7 +32,8 @@ from workers.celery_config import make_celery
 from workers.config import Settings
 from workers.pipeline.fan_out import STOP_CACHE_SECONDS
 from workers.resilience.controls import RetryScheduler
-from workers.store.stores import SETTLE_GRACE, DeadLetterStore, Ledger
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.ledger import SETTLE_GRACE, Ledger
 
 MIB = 1024 * 1024
 # Heroku Key-Value Store plans (deploy-facts.md): name, maxmemory.

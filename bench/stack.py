@@ -13,7 +13,7 @@ import requests
 
 from tests.processes import Process as TestProcess
 from workers.ops.devstack import REPO_ROOT, EmbeddedRedis, free_port
-from workers.store.stores import connect
+from workers.store.redis_client import connect
 
 BIN = Path(sys.executable).parent
 

@@ -15,9 +15,11 @@ import redis
 from kombu.exceptions import KombuError, OperationalError
 
 from workers.celery_config import INGEST_QUEUE, PROCESS_DELIVERY, make_celery
+from workers.store.ledger import Ledger
+from workers.store.quarantine import Quarantine
 from workers.store.queue_positions import ticketed
+from workers.store.redis_client import connect
 from workers.store.redis_messages import RedisTaskMessage, broker_is_ledger_redis
-from workers.store.stores import Ledger, Quarantine, connect
 
 log = logging.getLogger(__name__)
 BROKER_ERRORS = (KombuError, OperationalError, ConnectionError, OSError, redis.RedisError)

@@ -68,17 +68,19 @@ import requests
 from receiver.webhooks import delivery_id_for
 from tests.payloads import PUBLISHED
 from tests.processes import BIN, CeleryWorker, Gunicorn, Process, process_env
-from workers.ops.simulators import b2b, locate2u, storepoint
-from workers.ops.simulators.base import SimulatorServer
 from workers.celery_config import DELIVER_QUEUE, INGEST_QUEUE
 from workers.config import Settings
-from workers.ops.devstack import EmbeddedRedis
 from workers.locate2u.client import API_TIMEOUT
-from workers.resilience.http import DEFAULT_TIMEOUT
-from workers.metrics import COUNTERS
-from workers.resilience.controls import RetryScheduler
-from workers.store.stores import FINAL_SINK_STATES, FINAL_STATES, DeadLetterStore, Ledger, connect
 from workers.locate2u.webhook_auth import url_token
+from workers.metrics import COUNTERS
+from workers.ops.devstack import EmbeddedRedis
+from workers.ops.simulators import b2b, locate2u, storepoint
+from workers.ops.simulators.base import SimulatorServer
+from workers.resilience.controls import RetryScheduler
+from workers.resilience.http import DEFAULT_TIMEOUT
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.ledger import FINAL_SINK_STATES, FINAL_STATES, Ledger
+from workers.store.redis_client import connect
 
 STATUSES = ("Enroute", "Arrived", "Complete", "Failed", "Cancelled")
 STOP_RECORD_STATUS = "Pending"  # what a stop.assigned event (no newStatus) leaves: the stop's own status

@@ -35,15 +35,17 @@ from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.config import Settings
 from workers.ops.devstack import EmbeddedRedis
-from workers.resilience.http import HttpClient
 from workers.ops.simulators import b2b, deliverycom, locate, locate2u, recorder, storepoint
 from workers.ops.simulators.base import SimulatorServer
 from workers.ops.simulators.forward_receiver import create_receiver
 from workers.pipeline import deliver, fan_out
 from workers.pipeline.routes import DEFAULT_ROUTES, Route
+from workers.resilience.http import HttpClient
 from workers.runtime import Runtime
 from workers.sinks.base import Sink
-from workers.store.stores import Ledger, MappingStore, connect
+from workers.store.ledger import Ledger
+from workers.store.mappings import MappingStore
+from workers.store.redis_client import connect
 
 STOP_ID = 164557
 KEY = f"l2u-stop-{STOP_ID}"

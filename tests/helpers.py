@@ -7,9 +7,10 @@ import tracemalloc
 
 import requests
 
-from workers.resilience.controls import RateLimiter, SlowCalls
-from workers.store.stores import DeadLetterStore, Ledger
 from workers.locate2u.webhook_auth import url_token
+from workers.resilience.controls import RateLimiter, SlowCalls
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.ledger import Ledger
 
 TEST_SECRET = "test-webhook-secret-0123456789"
 

@@ -12,9 +12,9 @@ A sink's test module subclasses ``SinkContract`` and provides:
 import pytest
 
 from tests.fixtures import sim_faults
-from workers.resilience.errors import PermanentError, RetriableError
 from workers.domain.locations import Location
-from workers.store.stores import MappingStore
+from workers.resilience.errors import PermanentError, RetriableError
+from workers.store.mappings import MappingStore
 
 
 def sample_location(stop_id=164557, name="Locate2u", status="Pending", version="2022-04-27T04:35:56.114829+00:00",

@@ -7,7 +7,7 @@ import requests
 
 from tests.helpers import metric, post
 from tests.processes import BIN, answer_when_asked, process_env
-from workers.store.stores import Quarantine
+from workers.store.quarantine import Quarantine
 
 
 def cli(settings, *args):

@@ -19,7 +19,7 @@ from tests.payloads import status_change
 from tests.processes import ProcfileProcess, process_env
 from workers.config import Settings
 from workers.ops.devstack import EmbeddedRedis
-from workers.store.stores import Ledger
+from workers.store.ledger import Ledger
 
 MINI_PLAN_CONNECTIONS = 20
 DELIVERIES = 120

@@ -20,16 +20,20 @@ from tests.helpers import peak_allocated, seed_dead_letters_up_to, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, demo_env
 from workers.config import ConfigError, Settings
-from workers.dyno.router import console_request, pass_router_client, router_clients
-from workers.ops.devstack import free_port
 from workers.domain.locations import Location
+from workers.dyno.router import console_request, pass_router_client, router_clients
+from workers.ops import operations
+from workers.ops.devstack import free_port
 from workers.ops.simulators import storepoint
 from workers.ops.simulators.base import SimulatorServer
-from workers.ops import operations
 from workers.pipeline import replay
 from workers.sinks.storepoint import StorepointSink
 from workers.store import keys
-from workers.store.stores import DeadLetterStore, Ledger, MappingStore, Quarantine, connect
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.ledger import Ledger
+from workers.store.mappings import MappingStore
+from workers.store.quarantine import Quarantine
+from workers.store.redis_client import connect
 
 PASSWORD = "console-test-password-123"
 SP_TOKEN = "sp-console-token-123"

@@ -19,7 +19,8 @@ from tests.fixtures import KEY, STOP_ID
 from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
 from tests.tools import require_binary
-from workers.store.stores import DeadLetterStore, Quarantine
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.quarantine import Quarantine
 
 PASSWORD = "browser-console-password"
 IMAGES = Path(os.environ.get("L2U_SCREENSHOTS") or Path(tempfile.gettempdir()) / "l2u-console-screenshots")

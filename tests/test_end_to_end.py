@@ -10,7 +10,7 @@ from tests.helpers import post, settled, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, process_env
 from workers.store import keys
-from workers.store.stores import MappingStore
+from workers.store.mappings import MappingStore
 
 
 def test_status_change_becomes_one_location_in_each_system(stack, sims, redis_client):

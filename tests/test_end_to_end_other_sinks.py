@@ -4,7 +4,7 @@ import pytest
 from tests.fixtures import FORWARD_SECRET, sims_settings
 from tests.helpers import post, settled, wait_for
 from tests.payloads import PUBLISHED, status_change
-from workers.store.stores import DeadLetterStore
+from workers.store.dead_letters import DeadLetterStore
 
 US_STOP, AU_STOP = 501, 502
 LOCATE_KEY, DC_TOKEN = "locate-e2e-key-123", "dc-e2e-token-123"

@@ -25,10 +25,10 @@ from receiver import create_app
 from receiver.openapi import build_document
 from tests.helpers import TEST_SECRET
 from tests.payloads import PUBLISHED
-from workers.ops.simulators.locate2u import Locate2uServer
 from workers.domain.events import EVENT_TYPES
-from workers.store.stores import Ledger
 from workers.locate2u.webhook_auth import url_token
+from workers.ops.simulators.locate2u import Locate2uServer
+from workers.store.ledger import Ledger
 
 EXAMPLES = 40        # per operation and generation mode: 812 schemathesis cases in all
 RAW_EXAMPLES = 200   # hypothesis cases for each raw-body property

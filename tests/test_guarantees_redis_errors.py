@@ -13,9 +13,9 @@ from tests.fixtures import STOP_ID, RecordingSink, accept, fan_out_job
 from tests.payloads import status_change
 from workers import tasks
 from workers.pipeline import failures
-from workers.resilience.http import HttpClient
 from workers.pipeline.routes import Route
-from workers.store.stores import MappingStore
+from workers.resilience.http import HttpClient
+from workers.store.mappings import MappingStore
 
 
 def test_wrongtype_is_a_bug_dead_lettered_with_the_error_not_requeued_forever(driver):
@@ -106,7 +106,7 @@ def test_a_read_only_replica_is_an_outage(redis_client):
 def test_a_server_busy_running_a_long_script_is_an_outage(redis_server, redis_client):
     import threading
 
-    from workers.store.stores import connect
+    from workers.store.redis_client import connect
     from workers.tasks import redis_outage
 
     redis_client.config_set("lua-time-limit", 100)  # BUSY after 100 ms of one script

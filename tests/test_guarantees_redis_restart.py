@@ -19,7 +19,8 @@ from tests.fixtures import STOP_ID
 from tests.helpers import post, wait_for
 from tests.payloads import status_change
 from workers.ops.devstack import EmbeddedRedis, free_port
-from workers.store.stores import Ledger, connect
+from workers.store.ledger import Ledger
+from workers.store.redis_client import connect
 
 
 @pytest.fixture

@@ -9,14 +9,14 @@ from click.testing import CliRunner
 from tests.fixtures import STOP_ID, Driver, RecordingSink, accept, sim_state
 from tests.payloads import PUBLISHED, status_change
 from workers import tasks
-from workers.ops import commands as ops_commands
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
-from workers.resilience.http import HttpClient
+from workers.ops import commands as ops_commands
 from workers.ops.simulators import recorder
 from workers.ops.simulators.base import SimulatorServer
 from workers.pipeline.replay import replay_dead_letter, replay_outcome
 from workers.pipeline.routes import Route
-from workers.store.stores import MappingStore
+from workers.resilience.http import HttpClient
+from workers.store.mappings import MappingStore
 
 UNKNOWN_STOP = 424242
 

@@ -7,11 +7,12 @@ import pytest
 from receiver.handoff import Handoff, RedisTaskMessage, Unavailable, broker_is_ledger_redis
 from tests.helpers import wait_for
 from tests.payloads import PUBLISHED
-from workers.store import keys
 from workers.celery_config import INGEST_QUEUE, PROCESS_DELIVERY, make_celery
 from workers.ops.devstack import EmbeddedRedis
+from workers.store import keys
+from workers.store.ledger import Ledger
 from workers.store.queue_positions import QueueTickets
-from workers.store.stores import Ledger, connect
+from workers.store.redis_client import connect
 
 BODY = json.dumps(PUBLISHED["trip.created"])
 

@@ -24,14 +24,15 @@ from tests.sink_contract import sample_location
 from tests.test_sink_b2b import settings_for as b2b_settings
 from tests.test_sink_storepoint import TOKEN as STOREPOINT_TOKEN
 from workers.config import Settings
-from workers.sinks.b2b import B2BSink
-from workers.sinks.storepoint import StorepointSink
 from workers.pipeline.fan_out import fetch_stop
 from workers.pipeline.routes import Route
-from workers.store import keys
 from workers.resilience.http import HttpClient
+from workers.sinks.b2b import B2BSink
+from workers.sinks.storepoint import StorepointSink
+from workers.store import keys
 from workers.store.broker_redis import TRANSPORT
-from workers.store.stores import MappingStore, connect
+from workers.store.mappings import MappingStore
+from workers.store.redis_client import connect
 
 
 @contextlib.contextmanager

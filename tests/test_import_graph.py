@@ -34,7 +34,9 @@ RECEIVER_ALLOWED = {
     "workers.store.redis_messages": "the Redis task message format, for the atomic ledger-and-queue hand-off",
     "workers.store.queue_positions": "queue tickets: a hand-off through another broker keeps its message's ticket, "
                                      "as the record script does on Redis",
-    "workers.store.stores": "Redis connections, Ledger and Quarantine: the receiver writes the ledger the workers read",
+    "workers.store.redis_client": "Redis connections with the relay's timeouts and TLS, as the workers open them",
+    "workers.store.ledger": "the Ledger (and its final states): the receiver writes the ledger the workers read",
+    "workers.store.quarantine": "the Quarantine: the receiver keeps invalid deliveries where the workers' CLI reads them",
     "workers.store.keys": "the Redis key and queue names, so the web process reads and writes what the workers do",
     # /metrics (metrics.py)
     "workers.metrics": "queue-depth and ledger metrics collected from Redis, served by the web process",

@@ -20,9 +20,9 @@ from tests.fixtures import STOP_ID, storepoint_locations
 from tests.helpers import TEST_SECRET, post, settled, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, process_env
-from workers.ops.devstack import free_port
-from workers.store.stores import Ledger
 from workers.locate2u.webhook_auth import url_token
+from workers.ops.devstack import free_port
+from workers.store.ledger import Ledger
 
 HEROKU_KILL_AFTER = 30  # seconds from SIGTERM to SIGKILL on a dyno
 EVENT = "stop.status-changed"

@@ -13,12 +13,13 @@ from tests.fixtures import sims_settings
 from tests.helpers import post, sink_outcomes, wait_for
 from tests.payloads import PUBLISHED, status_change
 from tests.processes import BIN, from_a_terminal, process_env
-from workers.config import SVIX_RETRY_SCHEDULE
 from workers.celery_config import CONTROL_QUEUE, SYNC_SUBSCRIPTIONS, make_celery
-from workers.ops.devstack import REPO_ROOT, free_port
+from workers.config import SVIX_RETRY_SCHEDULE
 from workers.locate2u.tokens import REAUTH_HINT, TokenStore
 from workers.locate2u.webhook_auth import url_token
-from workers.store.stores import DeadLetterStore, Ledger
+from workers.ops.devstack import REPO_ROOT, free_port
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.ledger import Ledger
 
 REAUTH = f"reauthorization required: {REAUTH_HINT}"
 STOP_IDS = (7001, 7002, 7003)

@@ -8,9 +8,11 @@ import pytest
 
 from workers.ops import operations
 
-from workers.store import housekeeping
 from workers.config import Settings
-from workers.store.stores import (DeadLetterStore, Ledger, Quarantine, SETTLED_BUCKET_SECONDS, SETTLE_GRACE)
+from workers.store import housekeeping
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.ledger import Ledger, SETTLED_BUCKET_SECONDS, SETTLE_GRACE
+from workers.store.quarantine import Quarantine
 from tests.helpers import TEST_SECRET
 
 BODY = json.dumps({"stopId": 100001, "stopRef": "L2022E0000001", "tripDate": "2022-04-27", "shipmentId": None,

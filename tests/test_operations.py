@@ -13,7 +13,7 @@ from tests.processes import BIN, answer_when_asked, process_env
 from workers.config import SettingsSchema
 from workers.logs import settings_secrets
 from workers.ops import commands as ops_commands
-from workers.store.stores import DeadLetterStore
+from workers.store.dead_letters import DeadLetterStore
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -508,7 +508,7 @@ def test_a_sink_that_must_wait_keeps_its_attempt_and_the_breakers_probe(driver, 
 
 
 def test_activity_on_one_sink_does_not_hide_another_sinks_stall(redis_client):
-    from workers.store.stores import Ledger
+    from workers.store.ledger import Ledger
 
     ledger = Ledger(redis_client)
     ledger.record("d-1", "stop.status-changed", "{}", 3600)

@@ -23,7 +23,8 @@ from workers.ops.devstack import EmbeddedRedis
 from workers.pipeline.sweeper import sweep
 from workers.runtime import Runtime
 from workers.store.keys import INGEST_QUEUE
-from workers.store.stores import Ledger, connect
+from workers.store.ledger import Ledger
+from workers.store.redis_client import connect
 
 
 @pytest.fixture

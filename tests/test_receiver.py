@@ -7,9 +7,11 @@ import requests
 
 from tests.helpers import TEST_SECRET, post
 from tests.payloads import PUBLISHED
-from workers.ops.devstack import EmbeddedRedis
-from workers.store.stores import Ledger, Quarantine, connect
 from workers.locate2u.webhook_auth import url_token
+from workers.ops.devstack import EmbeddedRedis
+from workers.store.ledger import Ledger
+from workers.store.quarantine import Quarantine
+from workers.store.redis_client import connect
 
 STOP = PUBLISHED["stop.status-changed"]
 

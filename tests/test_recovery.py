@@ -24,7 +24,8 @@ from tests.payloads import status_change
 from workers.config import SVIX_RETRY_SCHEDULE
 from workers.resilience.answer_deadline import answer_seconds
 from workers.resilience.http import DEFAULT_TIMEOUT, read_timeout
-from workers.store.stores import DeadLetterStore, Ledger
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.ledger import Ledger
 
 SP_TOKEN, B2B_TOKEN = "sp-recovery-token-123", "b2b-recovery-token-123"
 SP_ROTATED_TOKEN = "sp-rotated-token-456"

@@ -11,12 +11,13 @@ from tests.helpers import TEST_SECRET, post
 from tests.payloads import PUBLISHED
 from receiver import create_app
 from workers import tasks
-from workers.ops import status
-from workers.store import redis_health
 from workers.config import Settings
+from workers.ops import status
 from workers.ops.devstack import EmbeddedRedis
 from workers.runtime import Runtime
-from workers.store.stores import Ledger, connect
+from workers.store import redis_health
+from workers.store.ledger import Ledger
+from workers.store.redis_client import connect
 
 STOP = PUBLISHED["stop.status-changed"]
 

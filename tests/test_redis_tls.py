@@ -13,7 +13,8 @@ from tests.helpers import TEST_SECRET, post, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, CeleryWorker, Gunicorn, ProcfileProcess, make_tls_certificates, process_env
 from workers.config import ConfigError, Settings
-from workers.store.stores import Ledger, connect
+from workers.store.ledger import Ledger
+from workers.store.redis_client import connect
 
 STOPS = (164601, 164602)
 SP_TOKEN = "sp-tls-token-123"

@@ -27,12 +27,12 @@ from tests.helpers import TEST_SECRET
 from tests.payloads import PUBLISHED
 from tests.processes import Process, process_env
 from workers.locate2u import webhook_auth
-from workers.ops.devstack import REPO_ROOT, EmbeddedRedis, free_port
 from workers.locate2u.client import Locate2uClient
-from workers.logs import json_handler, settings_secrets
 from workers.locate2u.tokens import STATE_PREFIX, STATE_TTL, TokenStore
-from workers.store.stores import DeadLetterStore
 from workers.locate2u.webhook_auth import token_matches, url_token
+from workers.logs import json_handler, settings_secrets
+from workers.ops.devstack import REPO_ROOT, EmbeddedRedis, free_port
+from workers.store.dead_letters import DeadLetterStore
 
 PREVIOUS = "previous-secret-0123456789"
 ROTATED_OUT = "rotated-out-secret-0123456789"

@@ -8,7 +8,7 @@ from tests.sink_contract import SinkContract, sample_location
 from workers.config import Settings
 from workers.resilience.errors import CredentialsRefused, NotYet, PermanentError, RetriableError
 from workers.sinks.deliverycom import DeliverycomSink, normalize_phone, rule_violations
-from workers.store.stores import MappingStore
+from workers.store.mappings import MappingStore
 
 TOKEN = "dc-test-token"
 

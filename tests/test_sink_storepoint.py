@@ -8,7 +8,7 @@ from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.resilience.errors import BadAnswer, NotYet, PermanentError, RetriableError
 from workers.sinks.storepoint import StorepointSink
-from workers.store.stores import MappingStore
+from workers.store.mappings import MappingStore
 
 TOKEN = "sp-test-token"
 

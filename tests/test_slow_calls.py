@@ -13,7 +13,7 @@ from workers import tasks
 from workers.celery_config import DELIVER
 from workers.resilience.controls import SlowCalls
 from workers.store import keys
-from workers.store.stores import Ledger
+from workers.store.ledger import Ledger
 
 
 def in_flight(rt, count, started_ago):

@@ -3,8 +3,8 @@ import json
 import time
 
 from tests.payloads import status_change
+from workers.store.ledger import Ledger
 from workers.store.stop_index import StopIndex
-from workers.store.stores import Ledger
 
 STOP = 424242
 

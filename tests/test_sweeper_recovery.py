@@ -18,11 +18,11 @@ from receiver.handoff import RedisTaskMessage
 from tests.fixtures import STOP_ID, died_in_first_write, sims_settings
 from tests.payloads import status_change
 from workers import tasks
-from workers.pipeline import fan_out, sweeper
 from workers.celery_config import DELIVER, DELIVER_QUEUE, INGEST_QUEUE, PROCESS_DELIVERY, make_celery
+from workers.pipeline import fan_out, sweeper
 from workers.runtime import Runtime
+from workers.store.ledger import Ledger
 from workers.store.queue_positions import work_queues
-from workers.store.stores import Ledger
 
 SP_TOKEN = "sp-sweeper-token"
 

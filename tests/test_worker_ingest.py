@@ -8,7 +8,8 @@ from tests.helpers import post, wait_for
 from tests.payloads import PUBLISHED
 from workers.pipeline import sweeper
 from workers.runtime import Runtime
-from workers.store.stores import LEDGER_RETENTION, Ledger, Quarantine
+from workers.store.ledger import LEDGER_RETENTION, Ledger
+from workers.store.quarantine import Quarantine
 
 
 @pytest.fixture

@@ -18,13 +18,13 @@ import ssl
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validate, validates_schema
 
+from workers.domain.events import EVENT_TYPES
 from workers.resilience.controls import longest_wait
 from workers.resilience.errors import ConfigError
-from workers.domain.events import EVENT_TYPES
-from workers.store.redis_tls import uses_tls
-from workers.store.stores import LEDGER_RETENTION
 from workers.settings_fields import CommaList, HttpUrl, ServiceUrl
 from workers.sinks import SINKS
+from workers.store.ledger import LEDGER_RETENTION
+from workers.store.redis_tls import uses_tls
 
 MIB = 1024 * 1024
 SVIX_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)

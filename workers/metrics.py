@@ -10,7 +10,9 @@ import json
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from workers.store import keys
-from workers.store.stores import DeadLetterStore, Quarantine, on_pipeline
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.quarantine import Quarantine
+from workers.store.redis_client import on_pipeline
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 COUNTERS = keys.METRICS_COUNTERS

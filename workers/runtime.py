@@ -4,12 +4,16 @@ import functools
 from workers.celery_config import make_celery
 from workers.config import Settings
 from workers.metrics import WorkerMetrics
-from workers.store.redis_messages import RedisTaskSender, broker_is_ledger_redis
-from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, SlowCalls
 from workers.pipeline.routes import load_routes
+from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, SlowCalls
 from workers.sinks import enabled_sinks
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.ledger import Ledger
+from workers.store.quarantine import Quarantine
 from workers.store.queue_positions import ticketed
-from workers.store.stores import DeadLetterStore, Ledger, Quarantine, VersionStore, connect
+from workers.store.redis_client import connect
+from workers.store.redis_messages import RedisTaskSender, broker_is_ledger_redis
+from workers.store.versions import VersionStore
 
 
 class Runtime:

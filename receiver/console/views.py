@@ -7,10 +7,10 @@ from flask import abort, flash, redirect, render_template, request, url_for
 
 from receiver.console.blueprint import bp, record_action, runtime
 from receiver.console.chart import activity_chart
-from workers.ops import operations
 from workers.domain.events import EVENT_TYPES
+from workers.ops import operations
 from workers.sinks import SINK_NAMES
-from workers.store.stores import FINAL_STATES
+from workers.store.ledger import FINAL_STATES
 
 PAGE_SIZE = 25
 DEAD_LETTER_ROWS = 500  # the newest matching dead letters listed; the rest are counted, and "all" acts on them

@@ -26,7 +26,7 @@ from workers.locate2u.linking import accept_pending, link_account
 from workers.locate2u.tokens import (LINK_TTL, START_PATH, OAuthStates, ReauthorizationRequired, StartLinks,
                                      TokenStore, describe_account, pkce_pair)
 from workers.pipeline.failures import redis_outage
-from workers.store.stores import connect
+from workers.store.redis_client import connect
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_REAUTH = 1, 2, 3
 NOT_CONFIGURED = "Locate2u is not configured: set LOCATE2U_CLIENT_ID and LOCATE2U_CLIENT_SECRET"

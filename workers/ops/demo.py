@@ -16,7 +16,9 @@ from collections import Counter
 import requests
 from redis.exceptions import RedisError
 
-from workers.store.stores import FINAL_STATES as FINAL, DeadLetterStore, Ledger, connect
+from workers.store.dead_letters import DeadLetterStore
+from workers.store.ledger import FINAL_STATES as FINAL, Ledger
+from workers.store.redis_client import connect
 
 SECRETS = {"locate2u": "demo-locate2u-client-secret", "storepoint": "demo-storepoint-token", "b2b": "demo-b2b-token", "locate": "demo-locate-key",
            "deliverycom": "demo-deliverycom-token",

@@ -247,7 +247,7 @@ class LocalStack:
 
     def _start(self):
         from workers.config import Settings
-        from workers.store.stores import connect
+        from workers.store.redis_client import connect
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.demo:

@@ -11,7 +11,7 @@ from workers.resilience.errors import RelayError
 from workers.resilience.http import PAGE_TIMEOUT
 from workers.sinks.b2b import listed_fields
 from workers.sinks.storepoint import flatten
-from workers.store.stores import MappingStore
+from workers.store.mappings import MappingStore
 
 
 def _storepoint(sink, remote_id):

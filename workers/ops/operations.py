@@ -16,8 +16,9 @@ from workers.ops import live_records, status
 from workers.resilience.controls import RetryScheduler
 
 from workers.pipeline.replay import batch_ids, batch_progress, start_batch
+from workers.store.ledger import FINAL_STATES, SETTLED_BUCKET_SECONDS, Ledger
+from workers.store.quarantine import Quarantine
 from workers.store.stop_index import StopIndex, stop_keys
-from workers.store.stores import FINAL_STATES, SETTLED_BUCKET_SECONDS, Ledger, Quarantine
 
 ACTIVITY_SCAN_LIMIT = 5000  # newest deliveries read for the applied-per-sink series
 SEARCH_SCAN_LIMIT = 20000  # ledger entries one search reads at most

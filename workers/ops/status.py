@@ -2,15 +2,15 @@
 Locate2u."""
 import redis
 
-from workers.store import redis_health
 from workers.config import ConfigError
-from workers.resilience.errors import RelayError
 from workers.locate2u.subscriptions import SubscriptionSync
 from workers.metrics import QUEUES
 from workers.pipeline.outcomes import ENRICH
 from workers.resilience.controls import RetryScheduler
+from workers.resilience.errors import RelayError
+from workers.store import redis_health
 from workers.store import keys
-from workers.store.stores import Quarantine
+from workers.store.quarantine import Quarantine
 
 
 

@@ -5,15 +5,15 @@ import json
 import logging
 import time
 
-from workers.store import keys
-from workers.resilience.errors import CredentialsRefused, NoAnswer, NotYet, PermanentError, RelayError
 from workers.domain.locations import Location
 from workers.logs import bound_context
 from workers.pipeline.failures import bugs_dead_lettered, redis_outage
 from workers.pipeline.jobs import DeliverJob
 from workers.pipeline.outcomes import dead_letter, record
 from workers.resilience.controls import KeyLock, retry_delay
-from workers.store.stores import WriteOrder
+from workers.resilience.errors import CredentialsRefused, NoAnswer, NotYet, PermanentError, RelayError
+from workers.store import keys
+from workers.store.versions import WriteOrder
 
 log = logging.getLogger(__name__)
 DELIVER_LIST = keys.queue_list(keys.DELIVER_QUEUE)

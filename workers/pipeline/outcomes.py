@@ -3,7 +3,7 @@ import logging
 import time
 
 from workers.resilience.errors import RelayError
-from workers.store.stores import FINAL_SINK_STATES
+from workers.store.ledger import FINAL_SINK_STATES
 
 log = logging.getLogger(__name__)
 # Dead-letter stages: what a replay has to redo.

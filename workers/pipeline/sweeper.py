@@ -15,11 +15,11 @@ import time
 
 import redis
 
-from workers.store import housekeeping, keys
 from workers.celery_config import PROCESS_DELIVERY
 from workers.pipeline import deliver, replay
+from workers.store import housekeeping, keys
+from workers.store.ledger import Status
 from workers.store.queue_positions import work_queues
-from workers.store.stores import Status
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 500

@@ -12,7 +12,7 @@ import redis
 from celery.schedules import schedule
 
 from workers.resilience.controls import RetryScheduler
-from workers.store.stores import connect
+from workers.store.redis_client import connect
 
 
 class RetriesDue(schedule):

@@ -10,7 +10,7 @@ from workers.sinks.deliverycom import DeliverycomSink
 from workers.sinks.forward import ForwardSink
 from workers.sinks.locate import LocateSink
 from workers.sinks.storepoint import StorepointSink
-from workers.store.stores import MappingStore
+from workers.store.mappings import MappingStore
 
 BUILT_IN = (StorepointSink, B2BSink, LocateSink, DeliverycomSink, ForwardSink)
 SINKS = {}  # name -> class, every registered sink

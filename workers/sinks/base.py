@@ -16,9 +16,11 @@ import abc
 import dataclasses
 import json
 
-from workers.resilience.errors import PermanentError
 from workers.domain.locations import Location
-from workers.store.stores import MappingStore, VersionStore, on_pipeline
+from workers.resilience.errors import PermanentError
+from workers.store.mappings import MappingStore
+from workers.store.redis_client import on_pipeline
+from workers.store.versions import VersionStore
 
 ACTIONS = ("upsert", "deactivate", "delete")
 ANY_ERROR = range(400, 600)

@@ -13,7 +13,7 @@ import functools
 import time
 
 from workers.resilience.errors import BadAnswer, NotYet, RelayError
-from workers.store.stores import MappingStore
+from workers.store.mappings import MappingStore
 
 ANSWERED = "0"  # the intent of a create that was answered: nothing of it is in flight
 

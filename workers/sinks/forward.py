@@ -13,13 +13,13 @@ from urllib.parse import urlsplit
 
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
-from workers.resilience.errors import ConfigError, PermanentError, RelayError, RetriableError
 from workers.domain.events import EVENT_TYPES
+from workers.resilience.errors import ConfigError, PermanentError, RelayError, RetriableError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import CommaList, SinkSetting
 from workers.sinks.base import Sink
 from workers.store import keys
-from workers.store.stores import LEDGER_RETENTION
+from workers.store.ledger import LEDGER_RETENTION
 
 
 def signer(secret):

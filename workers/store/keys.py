@@ -25,7 +25,7 @@ def queued_counter(list_key):
     return f"{PREFIX}queued:{list_key}"
 
 
-# The ledger (``workers.store.stores.Ledger``).
+# The ledger (``workers.store.ledger.Ledger``).
 def delivery(delivery_id):
     """The delivery's hash: body, status, per-sink outcomes."""
     return f"{PREFIX}delivery:{delivery_id}"

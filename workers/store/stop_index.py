@@ -9,7 +9,7 @@ on the accept path writes it, so receiving a webhook costs nothing more.
 import json
 
 from workers.store import keys
-from workers.store.stores import LEDGER_RETENTION, Ledger
+from workers.store.ledger import LEDGER_RETENTION, Ledger
 
 WATERMARK = keys.STOP_INDEX_WATERMARK
 OVERLAP_SECONDS = 30  # receipts on other web processes may land slightly out of time order

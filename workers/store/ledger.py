@@ -1,4 +1,4 @@
-"""Redis-backed stores: the delivery ledger (with dedup) and the quarantine.
+"""The delivery ledger (with dedup): what was received, where each delivery stands, its history.
 
 Keys all start with ``l2u:``. The ledger keeps the raw delivery (event type,
 body, received-at, status) in one hash per delivery; ``record()`` writes it,
@@ -11,32 +11,24 @@ runs short of memory. A dead-lettered delivery keeps its full entry until the
 ledger's retention, so a replay continues from it.
 """
 import base64
-import collections
-import contextlib
 import dataclasses
 import enum
 import json
 import logging
-import math
 import time
 import zlib
 
-import redis
-
 from workers.domain import json_text
-from workers.domain.instants import exact_instant
 from workers.store import keys
-from workers.store.redis_tls import tls_options
+from workers.store.redis_client import on_pipeline
 
 log = logging.getLogger(__name__)
 
 LEDGER_RETENTION = 14 * 86400
-QUARANTINE_LIMIT = 1000
 SETTLED_BUCKET_SECONDS = 900
 # A settled delivery is compacted this long after it settled, so the trace lines written just
 # after its final outcome are part of it.
 SETTLE_GRACE = 15
-
 
 
 class Status(str, enum.Enum):
@@ -132,7 +124,6 @@ class LedgerEntry:
         that only looks stalled (its deliver waits behind a backlog) never feeds the backlog."""
         return grace * 2 ** self.resumes
 TRACE_LIMIT = 200
-POOL_WAIT = 5  # seconds a thread waits for a free connection of a bounded pool
 
 _RECORD = """
 if redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[2]) == false then return 0 end
@@ -252,24 +243,6 @@ redis.call('DEL', KEYS[1], KEYS[2])
 for i = 4, 7 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return 1
 """
-
-
-def connect(url, ca_file=None, max_connections=None, **options):
-    """A Redis client for ``url`` with short timeouts, so an outage fails fast.
-
-    ``rediss://`` gets the TLS options of ``workers.store.redis_tls`` (``ca_file``: verify against that CA).
-    ``max_connections`` bounds the pool: a thread wanting one more waits for a free connection (up to
-    ``POOL_WAIT`` seconds, then ``redis.ConnectionError``) instead of opening it.
-    """
-    options.setdefault("socket_timeout", 5)
-    options.setdefault("socket_connect_timeout", 2)
-    options.setdefault("retry_on_timeout", False)
-    options.update(tls_options(url, ca_file))
-    if max_connections is None:
-        return redis.Redis.from_url(url, decode_responses=True, **options)
-    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=POOL_WAIT,
-                                                 decode_responses=True, **options)
-    return redis.Redis(connection_pool=pool)
 
 
 class Ledger:
@@ -634,18 +607,6 @@ def _delivery_id(field):
     return base64.urlsafe_b64decode(field[1:] + "=").hex() if field.startswith("~") else field
 
 
-@contextlib.contextmanager
-def on_pipeline(client, pipe=None, transaction=False):
-    """Queue commands on ``pipe`` (the caller executes it), or on a pipeline of ``client`` executed here
-    (a MULTI/EXEC transaction with ``transaction``)."""
-    if pipe is not None:
-        yield pipe
-        return
-    with client.pipeline(transaction=transaction) as own:
-        yield own
-        own.execute()
-
-
 def _ledger_entry(delivery_id, found):
     """``found`` (as ``Ledger.get`` gives it) as a ``LedgerEntry``, or None."""
     return LedgerEntry.of({**found, "delivery_id": delivery_id}) if found else None
@@ -692,362 +653,3 @@ def _unpack(delivery_id, packed):
              "sinks": {name: {**outcome, "at": received + outcome["at"]} for name, outcome in sinks.items()}}
     history = [{"at": received + line[0], "what": line[1], **(line[2] if len(line) > 2 else {})} for line in trace]
     return entry, history
-
-
-class Quarantine:
-    """Deliveries that passed authentication but not validation, kept for inspection."""
-
-    KEY = keys.QUARANTINE
-
-    def __init__(self, client, limit=QUARANTINE_LIMIT):
-        self.redis = client
-        self.limit = limit  # the newest this many are kept
-
-    def add(self, event_type, body, reason, errors=None, delivery_id=None):
-        item = {"event_type": event_type, "body": body, "reason": reason, "errors": errors,
-                "delivery_id": delivery_id, "received_at": time.time()}
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.lpush(self.KEY, json.dumps(item))
-            pipe.ltrim(self.KEY, 0, self.limit - 1)
-            pipe.execute()
-
-    def items(self, limit=100):
-        """The newest quarantined deliveries first."""
-        return [json.loads(raw) for raw in self.redis.lrange(self.KEY, 0, limit - 1)]
-
-
-class MappingStore:
-    """One sink's map of our location key → the remote system's id."""
-
-    def __init__(self, client, sink):
-        self.redis = client
-        self.key = keys.mappings(sink)
-
-    def get(self, key):
-        return self.redis.hget(self.key, key)
-
-    def set(self, key, remote_id):
-        self.redis.hset(self.key, key, remote_id)
-
-    def set_unless_held(self, key, value):
-        """Set ``key`` to ``value`` unless it has a value already; return that value (None: set now).
-        One transaction, so the value read is the one ``HSETNX`` found."""
-        with self.redis.pipeline() as pipe:
-            set_now, held = pipe.hsetnx(self.key, key, value).hget(self.key, key).execute()
-        return None if set_now else held
-
-    def delete(self, key):
-        self.redis.hdel(self.key, key)
-
-    def all(self):
-        return self.redis.hgetall(self.key)
-
-
-MAX_CLOCK_AHEAD = 60  # seconds an actionDate may be after its delivery's receipt: clocks a little apart
-
-
-class WriteOrder(collections.namedtuple("WriteOrder", "instant received_at delivery_id")):
-    """Which of two writes for one key is newer: the later ``actionDate`` instant (to the nanosecond,
-    as ``"<epoch seconds>.<nine digits>"``); for equal instants the later received (the ledger's
-    ``received_at``), then the greater delivery id. Total, so any processing order ends in the same state.
-
-    An ``actionDate`` more than ``MAX_CLOCK_AHEAD`` seconds after the delivery's receipt came from a
-    clock ahead; it counts as the receipt time, or one wrong clock would make every real change stale
-    until the time it named came."""
-
-    @classmethod
-    def of(cls, version, received_at, delivery_id):
-        seconds, nanos = exact_instant(version)
-        received_at = float(received_at)
-        if received_at and seconds - received_at > MAX_CLOCK_AHEAD:
-            log.warning("delivery %s: actionDate %s is %.0f s after its receipt (a clock ahead): ordered as "
-                        "received", delivery_id, version, seconds - received_at)
-            seconds = math.floor(received_at)
-            nanos = min(int((received_at - seconds) * 1e9), 999_999_999)
-        return cls(f"{seconds}.{nanos:09d}", received_at, delivery_id)
-
-
-# The stored order of a key's newest write, and how another compares with it: both scripts
-# below use this. KEYS: versions, writes, lock. ARGV: key, instant, received_at, delivery id, token.
-_ORDER = json_text.LUA_DECODED + """
--- an instant "<seconds>.<fraction>" as two numbers, seconds and nanoseconds: one double cannot hold
--- both (a float's "<seconds>.<microseconds>", as recorded before nanoseconds were kept, reads the same)
-local function instant(text)
-  local seconds, fraction = string.match(text, '^(%-?%d+)%.?(%d*)')
-  return tonumber(seconds), tonumber(string.sub(fraction .. '000000000', 1, 9))
-end
-local function stored(key)
-  local at = redis.call('HGET', KEYS[1], key)
-  if not at then return nil end
-  local seconds, nanos = instant(at)
-  local last = redis.call('HGET', KEYS[2], key)
-  if not last then return {seconds, nanos, -1, ''} end  -- recorded before ties were broken
-  last = decoded(last)
-  return {seconds, nanos, tonumber(last.received_at), last.delivery_id}
-end
-local function compare(a, b)
-  for i = 1, 4 do
-    if a[i] < b[i] then return -1 elseif a[i] > b[i] then return 1 end
-  end
-  return 0
-end
-local seconds, nanos = instant(ARGV[2])
-local mine = {seconds, nanos, tonumber(ARGV[3]), ARGV[4]}
-local current = stored(ARGV[1])
-local held = redis.call('GET', KEYS[3]) == ARGV[5]
-"""
-
-# Before the write, in one step: take the lock (ARGV[6]: its length in ms), also when it is this
-# very write's own settle time (ARGV[7]: its settling value; it went out before without an
-# answer), and mark its writer (KEYS[6], member ARGV[9]: the lock's mark, scored ARGV[8]: when
-# the lock would lapse), then is the write not older than the newest applied? Returns the verdict and the
-# ms of settle time the lock was taken over with.
-_BEGIN_WRITE = """
-local left = 0
-if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[6]) then
-  if redis.call('GET', KEYS[3]) ~= ARGV[7] then return {'busy', 0} end
-  left = redis.call('PTTL', KEYS[3])
-  redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
-end
-redis.call('ZADD', KEYS[6], ARGV[8], ARGV[9])
-""" + _ORDER + """
-if current and compare(mine, current) < 0 then return {'stale', left} end
-return {'ok', left}
-"""
-
-# After the write: store it only if newer (ARGV[6]: the write as JSON); say whether the lock was
-# still ours, and free it if so (or leave it settling, ARGV[8], for the ARGV[7] ms left of a
-# settle time it was taken over with) with its writer mark (KEYS[6], ARGV[9]), then drop the
-# key's reassert mark and its queue ticket (KEYS[4], KEYS[5]).
-_RECORD_WRITE = _ORDER + """
-local verdict = 'newer'
-if current then
-  local order = compare(mine, current)
-  if order == 0 then verdict = 'same' elseif order < 0 then verdict = 'older' end
-end
-if verdict == 'newer' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
-end
-if held then
-  if tonumber(ARGV[7]) > 0 then redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[7]) else redis.call('DEL', KEYS[3]) end
-  redis.call('ZREM', KEYS[6], ARGV[9])
-  -- the newest write (or a newer one) landed last under its lock: nothing is out of order any more
-  if verdict ~= 'older' then
-    redis.call('ZREM', KEYS[4], ARGV[1])
-    redis.call('HDEL', KEYS[5], ARGV[1])
-  end
-end
-return {verdict, held and 1 or 0}
-"""
-
-# The resend of the key's newest write (KEYS[2]: the writes; ARGV[2]: a delivery) changed course:
-# held for later, its reassert mark (KEYS[1]) is due only at ARGV[3]; dead-lettered (ARGV[3]
-# empty), the mark goes. Either way its queue ticket (KEYS[3]) is gone with its message. Nothing
-# happens for a delivery that is not the newest write's.
-_NEWEST_RESEND = json_text.LUA_DECODED + """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-local newest = redis.call('HGET', KEYS[2], ARGV[1])
-if not newest or decoded(newest).delivery_id ~= ARGV[2] then return 0 end
-if ARGV[3] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
-redis.call('HDEL', KEYS[3], ARGV[1])
-return 1
-"""
-
-
-class VersionStore:
-    """Per (sink, key): the newest write applied, compared and stored atomically (never regressed).
-
-    ``key`` (a hash) keeps its ``actionDate`` instant (``WriteOrder``); ``writes_key`` keeps its receipt
-    time, delivery id, action and record, for the tie-break and to send it again when a write
-    whose lock lapsed may have landed after it. ``reasserts_key`` (a sorted set) holds the keys
-    whose newest write was sent again and has not landed since, scored by when to send it once
-    more (the message may be lost). ``writers_key`` (a sorted set) holds the writer mark of each
-    key lock taken (``KeyLock``), scored by when that lock would lapse; one left after it lapsed
-    is a writer that vanished (``writers_vanished``).
-    """
-
-    def __init__(self, client, sink):
-        self.redis = client
-        self.key = keys.versions(sink)
-        self.writes_key = self.key + ":writes"
-        self.reasserts_key = keys.versions(sink, "reassert")  # housekeeping prunes these two with the key
-        self.reassert_tickets_key = keys.versions(sink, "reassert:queued")  # key -> the resend's queue ticket
-        self.writers_key = keys.versions(sink, "writing")
-        self._begin = client.register_script(_BEGIN_WRITE)
-        self._record = client.register_script(_RECORD_WRITE)
-
-    def _call(self, script, key, order, lock, *extra):
-        return script(keys=[self.key, self.writes_key, lock.name, self.reasserts_key, self.reassert_tickets_key,
-                            lock.marks], args=[key, order.instant, repr(order.received_at), order.delivery_id,
-                                               lock.token, *extra])
-
-    def begin(self, key, order, lock):
-        """Right before a write, in one step: take ``lock`` (also from this write's own settle time,
-        see ``KeyLock``), then "busy" when another holder has it, "stale" (the lock taken) when a
-        newer write is already applied, else "ok" (the lock taken)."""
-        verdict, settle_millis = self._call(self._begin, key, order, lock, lock.millis, lock.settling,
-                                            repr(time.time() + lock.millis / 1000), lock.mark)
-        lock.released = verdict == "busy"  # another holder's: nothing for this one to release
-        lock.took_over(settle_millis)
-        return verdict
-
-    def record(self, key, order, lock, action, record):
-        """After a write: store it if newer than the newest (compare-and-set) and release ``lock``.
-        Returns ``(verdict, held)``: verdict "newer", "same" (this delivery's write again) or "older"
-        (a newer one was applied meanwhile); held is False when ``lock`` lapsed during the write."""
-        write = json.dumps({"delivery_id": order.delivery_id, "received_at": order.received_at, "action": action,
-                            "record": record})
-        verdict, held = self._call(self._record, key, order, lock, write, lock.settle_millis_left(), lock.settling,
-                                   lock.mark)
-        lock.released = True
-        return verdict, bool(held)
-
-    def newest(self, key):
-        """The newest write applied for ``key`` (delivery_id, received_at, action, record), or None."""
-        raw = self.redis.hget(self.writes_key, key)
-        return json.loads(raw) if raw else None
-
-    def reasserting(self, key, again_at):
-        """``key``'s newest write is being sent again: send it once more at ``again_at`` (epoch)
-        unless a write recorded under its lock (``record``) or its dead letter drops the mark."""
-        self.redis.zadd(self.reasserts_key, {key: again_at})
-
-    def reassert_queued(self, key, ticket):
-        """Keep the queue ticket (``workers.store.queue_positions``) of ``key``'s resend."""
-        self.redis.hset(self.reassert_tickets_key, key, ticket)
-
-    def reassert_held(self, key, delivery_id, again_at, pipe):
-        """On ``pipe``: ``delivery_id``'s write for ``key`` is held for later; if it is the resend of
-        the newest write, send that once more only at ``again_at`` (epoch), should it not land."""
-        self._newest_resend(key, delivery_id, repr(again_at), pipe)
-
-    def _newest_resend(self, key, delivery_id, again_at, pipe=None):
-        script_keys = [self.reasserts_key, self.writes_key, self.reassert_tickets_key]
-        with on_pipeline(self.redis, pipe) as queue:  # EVAL: a script object on a pipeline costs a round trip
-            queue.eval(_NEWEST_RESEND, len(script_keys), *script_keys, key, delivery_id, again_at)
-
-    def reasserts_due(self, now):
-        """``{key: its resend's queue ticket or None}`` of the resends that have not landed by ``now``."""
-        due = self.redis.zrangebyscore(self.reasserts_key, "-inf", now)
-        return dict(zip(due, self.redis.hmget(self.reassert_tickets_key, due))) if due else {}
-
-    def writers_vanished(self, lapsed_by):
-        """``{writer mark: location key}`` of the key locks that lapsed by ``lapsed_by`` (epoch) and
-        whose holder never let go under them: it died, or froze and may still send its write."""
-        return {mark: mark.partition(":")[2] for mark in self.redis.zrangebyscore(self.writers_key, "-inf", lapsed_by)}
-
-    def forget_writer(self, mark):
-        """The vanished writer ``mark`` was dealt with (its key's newest write sent again)."""
-        self.redis.zrem(self.writers_key, mark)
-
-    def reassert_dead_lettered(self, key, delivery_id):
-        """``delivery_id``'s write for ``key`` was dead-lettered: if it is the newest, stop sending it
-        again (the dead letter is where it is kept now)."""
-        self._newest_resend(key, delivery_id, "")
-
-
-# Dead letters: an entry, its place in the index and its sink's count change together. The id is
-# "<delivery id>:<sink>" and a delivery id has no ":", so the sink is what follows the first ":".
-_DLQ_ADD = """
-if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
-redis.call('SET', KEYS[3], ARGV[4])
-"""
-_DLQ_DROP = """
--- DEL first: once a script has written, a full Redis (noeviction) lets it finish, so trimming frees memory
-local removed = 0
-for _, id in ipairs(ARGV) do
-  removed = removed + redis.call('DEL', KEYS[1] .. ':' .. id)
-  if redis.call('ZREM', KEYS[1], id) == 1 then
-    redis.call('HINCRBY', KEYS[2], string.sub(id, string.find(id, ':', 1, true) + 1), -1)
-  end
-end
-return removed
-"""
-_DLQ_RECOUNT = """
-local counts = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local sink = string.sub(id, string.find(id, ':', 1, true) + 1)
-  counts[sink] = (counts[sink] or 0) + 1
-end
-local flat = {}
-for sink, count in pairs(counts) do
-  redis.call('HSET', KEYS[2], sink, count)
-  table.insert(flat, sink)
-  table.insert(flat, count)
-end
-return flat
-"""
-
-
-class DeadLetterStore:
-    """What could not be applied, with everything needed to explain and replay it.
-
-    One entry per (delivery, sink) — or (delivery, "enrich") when the event could
-    not be turned into a location — so replaying twice cannot double it.
-    """
-
-    INDEX = keys.DEAD_LETTERS
-    COUNTS = keys.DEAD_LETTER_COUNTS  # sink -> entries, kept as entries come and go (metrics read only this)
-
-    def __init__(self, client):
-        self.redis = client
-        self._add = client.register_script(_DLQ_ADD)
-        self._drop = client.register_script(_DLQ_DROP)
-        self._recount = client.register_script(_DLQ_RECOUNT)
-
-    @staticmethod
-    def entry_id(delivery_id, sink):
-        return f"{delivery_id}:{sink}"
-
-    def add(self, delivery_id, sink, reason, **details):
-        entry_id = self.entry_id(delivery_id, sink)
-        entry = {"id": entry_id, "delivery_id": delivery_id, "sink": sink, "reason": reason,
-                 "at": time.time(), **details}
-        self._add(keys=[self.INDEX, self.COUNTS, f"{self.INDEX}:{entry_id}"],
-                  args=[entry_id, entry["at"], sink, json.dumps(entry)])
-        return entry
-
-    def get(self, entry_id):
-        raw = self.redis.get(f"{self.INDEX}:{entry_id}")
-        return json.loads(raw) if raw else None
-
-    def scan(self, sink=None, since=None, chunk=1000):
-        """Entries oldest first, optionally for one sink and since an epoch time, read ``chunk`` at a
-        time: what a caller does not keep is not held in memory (there may be a million)."""
-        ids = self.redis.zrangebyscore(self.INDEX, since or "-inf", "+inf")
-        for start in range(0, len(ids), chunk):
-            raws = self.redis.mget([f"{self.INDEX}:{entry_id}" for entry_id in ids[start:start + chunk]])
-            for raw in raws:
-                entry = json.loads(raw) if raw else None  # None: removed since the index was read
-                if entry is not None and (sink is None or entry["sink"] == sink):
-                    yield entry
-
-    def list(self, sink=None, since=None):
-        """``scan``'s entries, as a list."""
-        return list(self.scan(sink, since))
-
-    def remove(self, entry_id):
-        """Drop an entry (applied after replay, or purged); return True if it existed."""
-        return bool(self.remove_many([entry_id]))
-
-    def remove_many(self, entry_ids, chunk=500):
-        """Drop entries, ``chunk`` per script call; return how many existed."""
-        return sum(self._drop(keys=[self.INDEX, self.COUNTS], args=entry_ids[start:start + chunk])
-                   for start in range(0, len(entry_ids), chunk))
-
-    def trim(self, limit, max_age, now=None):
-        """Drop entries older than ``max_age`` seconds, then the oldest beyond ``limit``; return how many."""
-        cutoff = (time.time() if now is None else now) - max_age
-        old = self.redis.zrangebyscore(self.INDEX, "-inf", cutoff)
-        excess = max(0, self.redis.zcard(self.INDEX) - len(old) - limit)
-        old += self.redis.zrange(self.INDEX, len(old), len(old) + excess - 1) if excess else []
-        self.remove_many(old)
-        return len(old)
-
-    def counts(self):
-        """Dead letters per sink, from the counts kept as entries come and go (O(sinks), not O(entries))."""
-        counts = self.redis.hgetall(self.COUNTS)
-        if not counts and self.redis.zcard(self.INDEX):  # entries from before the counts were kept
-            counts = dict(zip(*[iter(self._recount(keys=[self.INDEX, self.COUNTS]))] * 2))
-        return {sink: int(count) for sink, count in counts.items() if int(count) > 0}
