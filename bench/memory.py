@@ -31,7 +31,7 @@ from tests.processes import process_env
 from workers.celery_config import make_celery
 from workers.config import Settings
 from workers.pipeline.fan_out import STOP_CACHE_SECONDS
-from workers.resilience.controls import RetryScheduler
+from workers.resilience.retries import RetryScheduler
 from workers.store.dead_letters import DeadLetterStore
 from workers.store.ledger import SETTLE_GRACE, Ledger
 

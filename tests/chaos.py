@@ -76,8 +76,8 @@ from workers.metrics import COUNTERS
 from workers.ops.devstack import EmbeddedRedis
 from workers.ops.simulators import b2b, locate2u, storepoint
 from workers.ops.simulators.base import SimulatorServer
-from workers.resilience.controls import RetryScheduler
 from workers.resilience.http import DEFAULT_TIMEOUT
+from workers.resilience.retries import RetryScheduler
 from workers.store.dead_letters import DeadLetterStore
 from workers.store.ledger import FINAL_SINK_STATES, FINAL_STATES, Ledger
 from workers.store.redis_client import connect

@@ -8,7 +8,7 @@ import tracemalloc
 import requests
 
 from workers.locate2u.webhook_auth import url_token
-from workers.resilience.controls import RateLimiter, SlowCalls
+from workers.resilience.admission import RateLimiter, SlowCalls
 from workers.store.dead_letters import DeadLetterStore
 from workers.store.ledger import Ledger
 

@@ -20,12 +20,12 @@ from workers import tasks
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
 from workers.domain.events import parse_event
 from workers.pipeline.fan_out import cache_stop, resume_fan_out
-from workers.resilience.controls import MAX_RETRY_AFTER
-from workers.resilience.errors import NotYet
 from workers.pipeline.replay import replay_dead_letter
+from workers.pipeline.routes import Route
+from workers.resilience.errors import NotYet
+from workers.resilience.retries import MAX_RETRY_AFTER
 from workers.store import keys
 from workers.store.queue_positions import QueueTickets
-from workers.pipeline.routes import Route
 
 
 def test_delivery_is_enriched_and_applied(driver, sink_server, l2u):

@@ -12,11 +12,12 @@ import pytest
 
 from tests.fixtures import accept, sim_state
 from tests.payloads import status_change
-from workers.resilience.beat_schedules import RetriesDue
 from workers.celery_config import DELIVER
-from workers.resilience.controls import CircuitBreaker, RetryScheduler
 from workers.pipeline.fan_out import cache_stop
 from workers.pipeline.routes import Route
+from workers.resilience.admission import CircuitBreaker
+from workers.resilience.beat_schedules import RetriesDue
+from workers.resilience.retries import RetryScheduler
 
 SCHEDULE = (0, 300, 1800)  # a held retry would wait five minutes by the schedule
 

@@ -4,7 +4,8 @@ import time
 from tests.fixtures import kill_when_reached
 from tests.helpers import admit
 from workers.celery_config import DELIVER, PROCESS_DELIVERY
-from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, bring_forward, retry_delay
+from workers.resilience.admission import CircuitBreaker, RateLimiter
+from workers.resilience.retries import RetryScheduler, bring_forward, retry_delay
 
 SCHEDULE = (0, 5, 300, 1800)
 

@@ -11,7 +11,7 @@ from tests.payloads import status_change
 from tests.test_recovery_pipeline import post_for_stops
 from workers import tasks
 from workers.celery_config import DELIVER
-from workers.resilience.controls import SlowCalls
+from workers.resilience.admission import SlowCalls
 from workers.store import keys
 from workers.store.ledger import Ledger
 

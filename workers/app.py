@@ -13,12 +13,12 @@ from celery.apps.beat import Beat
 from celery.signals import celeryd_after_setup, celeryd_init, setup_logging
 
 from workers import warm_shutdown
-from workers.resilience.beat_schedules import RetriesDue
-from workers.resilience.controls import SlowCalls
 from workers.celery_config import RELEASE_DUE_RETRIES, SWEEP_RECEIVED, SYNC_SUBSCRIPTIONS, make_celery
 from workers.config import ConfigError, Settings
 from workers.logs import configure_logging, say_as_json
 from workers.pipeline.routes import load_routes
+from workers.resilience.admission import SlowCalls
+from workers.resilience.beat_schedules import RetriesDue
 from workers.task_events import TaskEventsWhileWatched
 
 MAX_SWEEP_INTERVAL = 30.0

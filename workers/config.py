@@ -19,8 +19,8 @@ import ssl
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validate, validates_schema
 
 from workers.domain.events import EVENT_TYPES
-from workers.resilience.controls import longest_wait
 from workers.resilience.errors import ConfigError
+from workers.resilience.retries import longest_wait
 from workers.settings_fields import CommaList, HttpUrl, ServiceUrl
 from workers.sinks import SINKS
 from workers.store.ledger import LEDGER_RETENTION

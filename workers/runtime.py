@@ -5,7 +5,8 @@ from workers.celery_config import make_celery
 from workers.config import Settings
 from workers.metrics import WorkerMetrics
 from workers.pipeline.routes import load_routes
-from workers.resilience.controls import CircuitBreaker, RateLimiter, RetryScheduler, SlowCalls
+from workers.resilience.admission import CircuitBreaker, RateLimiter, SlowCalls
+from workers.resilience.retries import RetryScheduler
 from workers.sinks import enabled_sinks
 from workers.store.dead_letters import DeadLetterStore
 from workers.store.ledger import Ledger

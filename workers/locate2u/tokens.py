@@ -28,12 +28,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from redis.exceptions import LockError, RedisError
 
-from workers.config import ConfigError, is_fernet_key
 from workers.celery_config import PROCESS_DELIVERY
-from workers.resilience.controls import bring_forward
+from workers.config import ConfigError, is_fernet_key
+from workers.metrics import WorkerMetrics
 from workers.resilience.errors import BadAnswer, CredentialsRefused, PermanentError, RetriableError
 from workers.resilience.http import HttpClient
-from workers.metrics import WorkerMetrics
+from workers.resilience.retries import bring_forward
 from workers.store import keys
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from workers.domain.instants import exact_instant
 from workers.ops import live_records, status
-from workers.resilience.controls import RetryScheduler
+from workers.resilience.retries import RetryScheduler
 
 from workers.pipeline.replay import batch_ids, batch_progress, start_batch
 from workers.store.ledger import FINAL_STATES, SETTLED_BUCKET_SECONDS, Ledger

@@ -6,8 +6,8 @@ from workers.config import ConfigError
 from workers.locate2u.subscriptions import SubscriptionSync
 from workers.metrics import QUEUES
 from workers.pipeline.outcomes import ENRICH
-from workers.resilience.controls import RetryScheduler
 from workers.resilience.errors import RelayError
+from workers.resilience.retries import RetryScheduler
 from workers.store import redis_health
 from workers.store import keys
 from workers.store.quarantine import Quarantine

@@ -10,8 +10,9 @@ from workers.logs import bound_context
 from workers.pipeline.failures import bugs_dead_lettered, redis_outage
 from workers.pipeline.jobs import DeliverJob
 from workers.pipeline.outcomes import dead_letter, record
-from workers.resilience.controls import KeyLock, retry_delay
 from workers.resilience.errors import CredentialsRefused, NoAnswer, NotYet, PermanentError, RelayError
+from workers.resilience.key_lock import KeyLock
+from workers.resilience.retries import retry_delay
 from workers.store import keys
 from workers.store.versions import WriteOrder
 

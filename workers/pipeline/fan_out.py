@@ -12,16 +12,16 @@ import json
 import logging
 import time
 
-from workers.store import keys
 from workers.celery_config import PROCESS_DELIVERY
-from workers.resilience.errors import NotFound, PermanentError, RetriableError
 from workers.domain.locations import Location, location_from_stop, stop_record_problem
 from workers.pipeline.deliver import deliver_now
 from workers.pipeline.jobs import DeliverJob
 from workers.pipeline.outcomes import ROUTE, dead_letter, dead_letter_enrich
-from workers.store.queue_positions import work_queues
-from workers.resilience.controls import retry_delay
 from workers.pipeline.routes import render
+from workers.resilience.errors import NotFound, PermanentError, RetriableError
+from workers.resilience.retries import retry_delay
+from workers.store import keys
+from workers.store.queue_positions import work_queues
 
 log = logging.getLogger(__name__)
 STOP_CACHE_SECONDS = 10

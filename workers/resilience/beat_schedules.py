@@ -11,7 +11,7 @@ import time
 import redis
 from celery.schedules import schedule
 
-from workers.resilience.controls import RetryScheduler
+from workers.resilience.retries import RetryScheduler
 from workers.store.redis_client import connect
 
 

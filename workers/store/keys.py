@@ -89,7 +89,7 @@ def housekeeping_cursor(sink):
     return f"{PREFIX}housekeeping:locations:{sink}"
 
 
-# Retries (``workers.resilience.controls.RetryScheduler``).
+# Retries (``workers.resilience.retries.RetryScheduler``).
 RETRIES = PREFIX + "retries"
 RETRIES_CLAIMED = PREFIX + "retries:claimed"
 RETRIES_HELD = PREFIX + "retries:held:"  # + sink
