@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.fixtures import sims_settings
+from tests.fixtures import FORWARD_SECRET, sim_faults, sim_state, sims_settings
 from tests.helpers import post, sink_outcomes, wait_for
 from tests.payloads import status_change
 from workers.config import SVIX_RETRY_SCHEDULE
@@ -235,3 +235,42 @@ def test_writes_to_a_sink_that_refuses_the_relays_credentials_wait_for_new_ones(
     print(f"\nstorepoint refused the old token; all {len(delivery_ids)} held writes applied {seconds:.1f} s after "
           "the worker restarted with the new one")
     assert len(sims["storepoint"].app.config["STATE"].find(lambda location: True)) == len(delivery_ids)
+
+
+def test_one_forward_url_down_holds_up_neither_the_other_nor_its_own_catch_up(
+        settings, sims, simulator, start_stack, redis_client):
+    """Two forward URLs; the second answers 503 for 20 s while two deliveries a second arrive, then
+    nothing more is sent. Before, its failures opened the forward's one breaker: the first URL then
+    got messages only as the forward's probes went out until the second answered again (it had
+    not all of them 10 s after the outage). Now the first gets each
+    message as it comes, and once the second answers, all it missed goes out within seconds."""
+    receiver = simulator("forward", secrets={"a": FORWARD_SECRET, "b": FORWARD_SECRET})
+    web = start_stack(sims_settings(settings, {**sims, "forward": receiver}, b2b_business_partner_id="BP-1",
+                                    b2b_country_id="AU", retry_schedule=SVIX_RETRY_SCHEDULE))
+
+    def reached(name):
+        """The deliveries whose message reached URL ``name`` (its webhook id starts with the delivery id)."""
+        return {headers["Webhook-Id"].partition(".")[0] for endpoint, headers in list(sim_state(receiver).log)
+                if endpoint == name}
+
+    faults = sim_faults(receiver)
+    faults.fail_rate(1.0, 503, path_prefix="/hooks/b")
+    start, delivery_ids = time.monotonic(), []
+    while time.monotonic() - start < OUTAGE_SECONDS:
+        stop_id = TRAFFIC_STOPS[len(delivery_ids) % len(TRAFFIC_STOPS)]
+        body = status_change(stop_id, STATUSES[len(delivery_ids) // len(TRAFFIC_STOPS)],
+                             f"2022-04-27T05:{len(delivery_ids) // 60:02d}:{len(delivery_ids) % 60:02d}+00:00")
+        delivery_ids.append(post(web.url, "stop.status-changed", body).json()["delivery_id"])
+        time.sleep(max(0.0, start + len(delivery_ids) / 2 - time.monotonic()))
+    wait_for(lambda: reached("a") == set(delivery_ids), timeout=10)  # while b is still down
+    refused = faults.counts["503"]
+    assert refused < len(delivery_ids) / 2, refused  # b paused, not called for every message
+
+    faults.clear()
+    recovered_at = time.time()
+    outcomes = wait_for(lambda: (found := sink_outcomes(redis_client, delivery_ids, "forward")) and all(
+        outcome.get("state") == "applied" for outcome in found.values()) and found, timeout=DEADLINE)
+    seconds = max(outcome["at"] for outcome in outcomes.values()) - recovered_at
+    print(f"\nforward URL b answered 503 for {OUTAGE_SECONDS} s ({refused} calls to it) while {len(delivery_ids)} "
+          f"deliveries arrived; URL a got each as it came, b all it missed {seconds:.1f} s after it answered again")
+    assert reached("a") == reached("b") == set(delivery_ids)

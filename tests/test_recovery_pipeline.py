@@ -5,19 +5,22 @@ the short-cadence probe with the oldest held retry), its attempt not spent for t
 delivery the sink refused itself (429 with Retry-After) keeps its schedule.
 tests/test_recovery.py runs an outage through real processes.
 """
+import dataclasses
 import json
 import time
 
 import pytest
 
-from tests.fixtures import accept, sim_state
+from tests.fixtures import FORWARD_SECRET, accept, sim_faults, sim_state, sims_settings
 from tests.payloads import status_change
 from workers.celery_config import DELIVER
 from workers.pipeline.fan_out import cache_stop
-from workers.pipeline.routes import Route
+from workers.pipeline.routes import DEFAULT_ROUTES, Route
 from workers.resilience.admission import CircuitBreaker
 from workers.resilience.beat_schedules import RetriesDue
 from workers.resilience.retries import RetryScheduler
+from workers.sinks.forward import ENDPOINT_FAILURES, ENDPOINT_PAUSE_SECONDS, ForwardSink
+from workers.store.mappings import MappingStore
 
 SCHEDULE = (0, 300, 1800)  # a held retry would wait five minutes by the schedule
 
@@ -131,3 +134,32 @@ def test_concurrent_releasers_send_each_held_retry_once(redis_client):
     assert sorted(sent) == sorted(f"d{n}" for n in range(20))
     assert sent[:5] == ["d0", "d1", "d2", "d3", "d4"]
     assert scheduler.held("sp") == [] and redis_client.zcard(RetryScheduler.CLAIMED) == 0
+
+
+def test_one_forward_endpoint_failing_holds_up_neither_the_others_nor_its_own_catch_up(driver, simulator):
+    """Two forward URLs, one answering 503. Before, its failures opened the forward's one breaker,
+    which then held every message back: the URL that answered got messages only as probes went out
+    instead of each as it came, for as long as the other was down. Now the URL that fails is paused on its own
+    (not called for every message), and once it answers again all it missed goes out at once."""
+    receiver = simulator("forward", secrets={"a": FORWARD_SECRET, "b": FORWARD_SECRET})
+    rt = driver.rt
+    rt.settings = rt.settings.replace(retry_schedule=SCHEDULE)
+    rt.routes = {"forward": dataclasses.replace(DEFAULT_ROUTES["forward"], breaker={"threshold": 3, "cooldown": 60.0})}
+    rt.sinks = {"forward": ForwardSink.from_settings(sims_settings(rt.settings, {"forward": receiver}),
+                                                     MappingStore(rt.redis, "forward"))}
+    faults, messages = sim_faults(receiver), sim_state(receiver).messages
+    faults.fail_rate(1.0, 503, path_prefix="/hooks/b")
+    ids = post_for_stops(rt, range(1, 9))
+    driver.run(release_retries=False)
+    assert sorted(messages["a"]) == sorted(ids)  # each as it came (a message without a stop read: by delivery id)
+    assert rt.breaker("forward").state() == "closed"
+    assert faults.counts["503"] == ENDPOINT_FAILURES  # then b was paused, not called for every message
+    assert sorted(args[0] for args, _ in rt.scheduler.held("forward")) == sorted(ids)
+
+    faults.clear()  # b answers again: a message tries it within a pause, and its success releases the rest
+    time.sleep(ENDPOINT_PAUSE_SECONDS)
+    assert rt.scheduler.release_due(now=time.time() + RetryScheduler.PROBE_SECONDS + 0.5) == 1
+    driver.run(release_retries=False)
+    assert sorted(messages["b"]) == sorted(messages["a"])
+    assert {rt.ledger.get(delivery_id)["status"] for delivery_id in ids} == {"applied"}
+    assert rt.scheduler.held("forward") == [] and rt.scheduler.pending() == []

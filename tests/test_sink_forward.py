@@ -10,7 +10,7 @@ from tests.fixtures import FORWARD_SECRET
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
 from workers.resilience.errors import CredentialsRefused, PermanentError, RetriableError
-from workers.sinks.forward import ForwardSink
+from workers.sinks.forward import ENDPOINT_FAILURES, ENDPOINT_PAUSE_SECONDS, ForwardSink
 
 NEW_SECRET = "whsec_" + base64.b64encode(b"forward-rotated-secret-987654321").decode()
 
@@ -138,6 +138,47 @@ def test_mixed_failures_are_retriable_and_name_every_url(sim, mappings):
         sink.apply("delete", sample_location())
     assert "2 of 2" in str(caught.value) and "/hooks/a" in str(caught.value) and "/hooks/b" in str(caught.value)
     assert caught.value.status == 502
+
+
+def test_a_url_failing_in_a_row_is_paused_and_then_tried_by_one_message_every_few_seconds(sim, mappings):
+    """Before, every message called a URL that was down (a timeout each, when it hangs) and every
+    failure counted against the whole forward."""
+    sink = make_forward([f"{sim.url}/hooks/a", f"{sim.url}/hooks/b"], mappings)
+    faults = sim.app.config["FAULTS"]
+    faults.fail_rate(1.0, 503, path_prefix="/hooks/b")
+    caught = []
+    for n in range(ENDPOINT_FAILURES + 2):
+        with pytest.raises(RetriableError) as error:
+            sink.apply("upsert", sample_location(stop_id=n))
+        caught.append(error.value)
+    assert faults.counts["503"] == ENDPOINT_FAILURES and len(received(sim, "a")) == ENDPOINT_FAILURES + 2
+    assert [error.status for error in caught] == [503] * ENDPOINT_FAILURES + [None, None]
+    assert str(caught[-1]) == (f"forward endpoint {sim.url}/hooks/b is paused: it failed {ENDPOINT_FAILURES} times "
+                               f"in a row; a message tries it every {ENDPOINT_PAUSE_SECONDS} s")
+    assert all(error.others_answer for error in caught)  # a answers: not the forward's own failure
+
+    time.sleep(ENDPOINT_PAUSE_SECONDS)  # paused for that long: the next message tries b, once
+    faults.clear()
+    sink.apply("upsert", sample_location(stop_id=0))
+    sink.apply("upsert", sample_location(stop_id=99))
+    assert len(received(sim, "b")) == 2
+
+
+def test_a_failure_is_the_forwards_own_when_no_other_url_answers(sim, mappings):
+    faults = sim.app.config["FAULTS"]
+    faults.fail_rate(1.0, 503, path_prefix="/hooks/")
+    both = make_forward([f"{sim.url}/hooks/a", f"{sim.url}/hooks/b"], mappings)
+    only = make_forward([f"{sim.url}/hooks/a"], mappings)
+    for sink in (both, only):
+        with pytest.raises(RetriableError) as caught:
+            sink.apply("upsert", sample_location())
+        assert caught.value.others_answer is False
+    faults.clear()
+    both.apply("upsert", sample_location(stop_id=1))  # a and b answer again
+    faults.fail_rate(1.0, 503, path_prefix="/hooks/b")
+    with pytest.raises(RetriableError) as caught:
+        both.apply("upsert", sample_location(stop_id=2))
+    assert caught.value.others_answer is True
 
 
 def test_redirect_is_not_success(sim, mappings):

@@ -81,7 +81,10 @@ def deliver_to_sink(rt, job, received_at=None):
                 if isinstance(exc, PermanentError):
                     breaker.success()
                     return dead_letter(rt, job, job.attempt + 1, exc, took=took)
-                breaker.failure()
+                if exc.others_answer:  # one endpoint failed while another answers: the sink is not down
+                    breaker.success()
+                else:
+                    breaker.failure()
                 return _retry(rt, job, exc, early, took)
             took = round(time.time() - started, 3)
             recorded, held = versions.record(location.key, order, lock, job.action, job.record)

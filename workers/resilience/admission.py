@@ -15,6 +15,7 @@ import time
 import typing
 
 from workers.store import keys
+from workers.store.redis_client import on_pipeline
 
 
 _ADMIT_FN = """
@@ -25,6 +26,11 @@ local function admit(breaker, probe, now, cooldown)
   if redis.call('SET', probe, '1', 'NX', 'EX', cooldown) then return 'probe', 0 end
   return 'open', 1
 end
+"""
+
+_ADMIT = _ADMIT_FN + """
+local verdict, wait = admit(KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2])
+return {verdict, tostring(wait)}
 """
 
 _FAILURE = """
@@ -50,6 +56,7 @@ class CircuitBreaker:
         self.cooldown = cooldown
         self._admit_and_take = client.register_script(_ADMIT_AND_TAKE)
         self._failure = client.register_script(_FAILURE)
+        self._admit = client.register_script(_ADMIT)
 
     def admit_and_take(self, limiter, held_key, calls, call, now=None):
         """The breaker's verdict for one write ("closed" or "probe" may go, "open" waits), then, unless
@@ -62,6 +69,13 @@ class CircuitBreaker:
             keys=[self.key, self.probe_key, limiter.key, held_key, calls.key, calls.slow_key],
             args=[now, max(1, int(self.cooldown)), limiter.rate, limiter.burst, *calls.admission(call, now)])
         return Admission(verdict, float(wait), float(throttled), bool(failing), bool(slow))
+
+    def admit(self, now=None):
+        """``(verdict, wait)`` for one call: "closed" goes, "probe" goes as the one probe after the
+        cooldown, "open" waits ``wait`` seconds (another probe is out: 1)."""
+        verdict, wait = self._admit(keys=[self.key, self.probe_key],
+                                    args=[time.time() if now is None else now, max(1, int(self.cooldown))])
+        return verdict, float(wait)
 
     def failure(self, now=None):
         """Record a failure; return True if the breaker is (now) open."""
@@ -77,11 +91,11 @@ class CircuitBreaker:
         """Give back the probe this caller was admitted with but did not use."""
         self.redis.delete(self.probe_key)
 
-    def success(self):
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.key, mapping={"state": "closed", "failures": 0})
-            pipe.delete(self.probe_key)
-            pipe.execute()
+    def success(self, pipe=None):
+        """Close the breaker (with ``pipe``, queued on it)."""
+        with on_pipeline(self.redis, pipe, transaction=True) as queue:
+            queue.hset(self.key, mapping={"state": "closed", "failures": 0})
+            queue.delete(self.probe_key)
 
     def state(self):
         return self.redis.hget(self.key, "state") or "closed"

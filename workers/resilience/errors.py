@@ -18,6 +18,9 @@ class RelayError(Exception):
     """Root of the relay's errors about external systems."""
 
     retriable = False
+    #: One endpoint's failure while another endpoint of the same sink answers (the signed forward's
+    #: URLs): not the sink's failure, so its breaker is not told and the others keep getting messages.
+    others_answer = False
 
     def __init__(self, message, *, status=None, body=None, method=None, url=None, retry_after=None):
         super().__init__(message)

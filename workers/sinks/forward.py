@@ -14,12 +14,16 @@ from urllib.parse import urlsplit
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from workers.domain.events import EVENT_TYPES
+from workers.resilience.admission import CircuitBreaker
 from workers.resilience.errors import ConfigError, PermanentError, RelayError, RetriableError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import CommaList, SinkSetting
 from workers.sinks.base import Sink
 from workers.store import keys
 from workers.store.ledger import LEDGER_RETENTION
+
+ENDPOINT_FAILURES = 3  # failures in a row that pause one URL
+ENDPOINT_PAUSE_SECONDS = 3  # while a URL is paused, one message tries it this often
 
 
 def signer(secret):
@@ -29,6 +33,12 @@ def signer(secret):
     except (ValueError, EmptyWebhookSecretError):
         raise ConfigError({"FORWARD_SECRET": "each secret must be a Standard Webhooks secret: "
                                              "whsec_ followed by base64"}) from None
+
+
+def _digest(text):
+    """16 hex digits of ``text``'s SHA-256: a stable short name (a URL in a Redis key, which may hold a
+    token; a message body in its webhook id)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def not_http_urls(urls):
@@ -69,6 +79,12 @@ class ForwardSink(Sink):
         super().__init__(client, mappings, options)
         self.urls = tuple(urls)
         self.signers = tuple(signer(secret) for secret in secrets)
+        # Each URL's breaker: paused after ENDPOINT_FAILURES failures in a row, then tried by one
+        # message every ENDPOINT_PAUSE_SECONDS, so one URL down neither costs every message a call
+        # to it nor pauses the forward (whose breaker only hears of it when no URL answers).
+        self.endpoints = {url: CircuitBreaker(mappings.redis, f"{self.name}:{_digest(url)}",
+                                              threshold=ENDPOINT_FAILURES, cooldown=ENDPOINT_PAUSE_SECONDS)
+                          for url in self.urls}
 
     @classmethod
     def from_settings(cls, settings, mappings):
@@ -88,25 +104,49 @@ class ForwardSink(Sink):
         return self.forward("delete", location)
 
     def forward(self, action, location):
-        """POST the message to every URL it has not reached yet; raise one error for those that failed."""
+        """POST the message to every URL it has not reached yet, but to one paused (``endpoints``) only
+        as its probe; raise one error for those that failed or were paused, marked ``others_answer``
+        when another URL answers (see ``workers.resilience.errors.RelayError``)."""
         data = json.dumps(self.message(action, location), sort_keys=True, separators=(",", ":"), default=str)
         webhook_id = self.webhook_id(location, data)
         reached = keys.forward_sent(self.name, webhook_id)
         done = self.mappings.redis.smembers(reached)
-        errors = []
+        errors = {}
         for url in self.urls:
             if url in done:
+                continue
+            endpoint = self.endpoints[url]
+            if endpoint.admit()[0] == "open":
+                errors[url] = RetriableError(f"forward endpoint {url} is paused: it failed {endpoint.threshold} "
+                                             f"times in a row; a message tries it every {endpoint.cooldown:g} s",
+                                             method="POST", url=url)
                 continue
             try:
                 self._post(url, webhook_id, data)
             except RelayError as error:
-                errors.append(error)
+                errors[url] = error
+                if error.retriable:
+                    endpoint.failure()
+                else:  # it answered: this message is refused, not the URL down
+                    endpoint.success()
                 continue
             with self.mappings.redis.pipeline() as pipe:
-                pipe.sadd(reached, url).expire(reached, LEDGER_RETENTION).execute()
+                pipe.sadd(reached, url).expire(reached, LEDGER_RETENTION)
+                endpoint.success(pipe)
+                pipe.execute()
         if errors:
-            raise combined(errors, len(self.urls))
+            error = combined(list(errors.values()), len(self.urls))
+            error.others_answer = self._others_answer(errors)
+            raise error
         return webhook_id
+
+    def _others_answer(self, failed):
+        """Whether a URL other than those ``failed`` answers: its last call did not fail."""
+        others = [self.endpoints[url].key for url in self.urls if url not in failed]
+        with self.mappings.redis.pipeline(transaction=False) as pipe:
+            for key in others:
+                pipe.hget(key, "failures")
+            return any(int(failures or 0) == 0 for failures in pipe.execute())
 
     def message(self, action, location):
         """The normalized event plus ``action``, and the location's fields when it is a stop's."""
@@ -117,8 +157,7 @@ class ForwardSink(Sink):
 
     def webhook_id(self, location, data):
         """The delivery id plus a suffix stable for this sink and message, so retries keep the id."""
-        digest = hashlib.sha256(data.encode()).hexdigest()[:16]
-        return f"{location.event['delivery_id']}.{self.name}.{digest}"
+        return f"{location.event['delivery_id']}.{self.name}.{_digest(data)}"
 
     def _post(self, url, webhook_id, data):
         timestamp = datetime.now(timezone.utc)
