@@ -1,6 +1,7 @@
 """The signed forward sink against a loopback receiver that verifies Standard Webhooks signatures."""
 import base64
 import json
+import threading
 import time
 
 import pytest
@@ -161,6 +162,30 @@ def test_a_url_failing_in_a_row_is_paused_and_then_tried_by_one_message_every_fe
     faults.clear()
     sink.apply("upsert", sample_location(stop_id=0))
     sink.apply("upsert", sample_location(stop_id=99))
+    assert len(received(sim, "b")) == 2
+
+
+def test_a_paused_url_has_one_probe_out_at_a_time_however_long_it_takes(sim, mappings):
+    """A paused URL that hangs: its probe waits for an answer longer than the pause. The probe's slot
+    lasted the pause (3 s), so every message after it sent one more call into the hang, each tying
+    up a worker process until its timeout."""
+    sink = make_forward([f"{sim.url}/hooks/a", f"{sim.url}/hooks/b"], mappings)
+    faults = sim.app.config["FAULTS"]
+    faults.fail_rate(1.0, 503, path_prefix="/hooks/b")
+    for n in range(ENDPOINT_FAILURES):
+        with pytest.raises(RetriableError):
+            sink.apply("upsert", sample_location(stop_id=n))
+    faults.clear()
+    time.sleep(ENDPOINT_PAUSE_SECONDS)
+    faults.slow(ENDPOINT_PAUSE_SECONDS + 2, path_prefix="/hooks/b")  # the probe's answer takes that long
+    probe = threading.Thread(target=sink.apply, args=("upsert", sample_location(stop_id=10)))
+    probe.start()
+    time.sleep(ENDPOINT_PAUSE_SECONDS + 0.5)  # the probe still waits
+    with pytest.raises(RetriableError, match="is paused"):
+        sink.apply("upsert", sample_location(stop_id=11))
+    probe.join()
+    assert faults.counts["slow"] == 1 and len(received(sim, "b")) == 1
+    sink.apply("upsert", sample_location(stop_id=11))  # the probe answered: b takes messages again
     assert len(received(sim, "b")) == 2
 
 

@@ -48,12 +48,15 @@ return 0
 class CircuitBreaker:
     """One sink's breaker: closed → open (after ``threshold`` failures) → one probe → closed."""
 
-    def __init__(self, client, sink, threshold=5, cooldown=30.0):
+    def __init__(self, client, sink, threshold=5, cooldown=30.0, probe_seconds=None):
         self.redis = client
         self.key = keys.breaker(sink)
         self.probe_key = self.key + ":probe"
         self.threshold = threshold
         self.cooldown = cooldown
+        # How long the one probe holds its slot (no other goes out meanwhile): as long as its call may
+        # take, so a probe into a hang is not joined by others; by default the cooldown.
+        self.probe_seconds = max(1, int(probe_seconds or cooldown))
         self._admit_and_take = client.register_script(_ADMIT_AND_TAKE)
         self._failure = client.register_script(_FAILURE)
         self._admit = client.register_script(_ADMIT)
@@ -67,14 +70,14 @@ class CircuitBreaker:
         now = time.time() if now is None else now
         verdict, wait, throttled, failing, slow = self._admit_and_take(
             keys=[self.key, self.probe_key, limiter.key, held_key, calls.key, calls.slow_key],
-            args=[now, max(1, int(self.cooldown)), limiter.rate, limiter.burst, *calls.admission(call, now)])
+            args=[now, self.probe_seconds, limiter.rate, limiter.burst, *calls.admission(call, now)])
         return Admission(verdict, float(wait), float(throttled), bool(failing), bool(slow))
 
     def admit(self, now=None):
         """``(verdict, wait)`` for one call: "closed" goes, "probe" goes as the one probe after the
         cooldown, "open" waits ``wait`` seconds (another probe is out: 1)."""
         verdict, wait = self._admit(keys=[self.key, self.probe_key],
-                                    args=[time.time() if now is None else now, max(1, int(self.cooldown))])
+                                    args=[time.time() if now is None else now, self.probe_seconds])
         return verdict, float(wait)
 
     def failure(self, now=None):
@@ -85,7 +88,7 @@ class CircuitBreaker:
     def claim_probe(self):
         """Take the probe slot now, cooldown or not (a held retry released as the recovery probe);
         True when no other probe is in flight."""
-        return bool(self.redis.set(self.probe_key, "1", nx=True, ex=max(1, int(self.cooldown))))
+        return bool(self.redis.set(self.probe_key, "1", nx=True, ex=self.probe_seconds))
 
     def abandon_probe(self):
         """Give back the probe this caller was admitted with but did not use."""

@@ -8,6 +8,7 @@ retry only goes to the ones that failed.
 """
 import hashlib
 import json
+import math
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
@@ -15,6 +16,7 @@ from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from workers.domain.events import EVENT_TYPES
 from workers.resilience.admission import CircuitBreaker
+from workers.resilience.answer_deadline import answer_seconds
 from workers.resilience.errors import ConfigError, PermanentError, RelayError, RetriableError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import CommaList, SinkSetting
@@ -80,10 +82,12 @@ class ForwardSink(Sink):
         self.urls = tuple(urls)
         self.signers = tuple(signer(secret) for secret in secrets)
         # Each URL's breaker: paused after ENDPOINT_FAILURES failures in a row, then tried by one
-        # message every ENDPOINT_PAUSE_SECONDS, so one URL down neither costs every message a call
-        # to it nor pauses the forward (whose breaker only hears of it when no URL answers).
+        # message every ENDPOINT_PAUSE_SECONDS (one at a time, however long its call takes), so one URL
+        # down neither costs every message a call to it nor pauses the forward (whose breaker only
+        # hears of it when no URL answers).
         self.endpoints = {url: CircuitBreaker(mappings.redis, f"{self.name}:{_digest(url)}",
-                                              threshold=ENDPOINT_FAILURES, cooldown=ENDPOINT_PAUSE_SECONDS)
+                                              threshold=ENDPOINT_FAILURES, cooldown=ENDPOINT_PAUSE_SECONDS,
+                                              probe_seconds=math.ceil(answer_seconds(client.timeout)))
                           for url in self.urls}
 
     @classmethod
