@@ -6,14 +6,16 @@ from pathlib import Path
 import requests
 from click.testing import CliRunner
 
-from tests.fixtures import B2B_TOKEN, SP_TOKEN, STOP_ID
+from tests.fixtures import B2B_TOKEN, FORWARD_SECRET, SP_TOKEN, STOP_ID
 from tests.helpers import metric, peak_allocated, post, seed_dead_letters_up_to, settled, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, answer_when_asked, process_env
 from workers.config import SettingsSchema
 from workers.logs import settings_secrets
 from workers.ops import commands as ops_commands
+from workers.sinks.forward import ENDPOINT_FAILURES, ForwardSink
 from workers.store.dead_letters import DeadLetterStore
+from workers.store.mappings import MappingStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +97,7 @@ def test_status_dlq_and_deliveries_commands_against_a_live_stack(stack_settings,
 
     status = json.loads(cli(settings, "status", "--json").stdout)
     assert status["dead_letters"] == {"storepoint": 1}
-    assert status["sinks"]["storepoint"] == {"breaker": "closed", "mapped": 0, "dead_letters": 1}
+    assert status["sinks"]["storepoint"] == {"breaker": "closed", "mapped": 0, "dead_letters": 1, "paused": []}
     assert status["sinks"]["b2b"]["mapped"] == 1
     assert set(status["queues"]) == {"ingest", "deliver", "control"} and status["scheduled_retries"] == 0
     assert status["locate2u"]["token"]["status"] == "ok"
@@ -138,6 +140,20 @@ def test_status_says_which_dead_letters_are_before_fan_out_and_which_are_of_a_si
     table = cli(settings.replace(storepoint_api_token="sp-token"), "status").stdout
     assert "dead letters before fan-out (their stop could not be read): 1" in table
     assert "dead letters of sinks not configured now: b2b=2" in table
+
+
+def test_status_names_the_forward_urls_paused_on_their_own(settings, redis_client):
+    """A forward URL paused after failing in a row left the forward's breaker closed (the other URLs
+    answer): status said "closed" and nothing else, so nobody learnt that one URL got nothing."""
+    urls = ("https://hooks.example.com/orders?token=t0ken", "https://other.example.com/hook")
+    sink = ForwardSink.from_settings(settings.replace(forward_urls=urls, forward_secret=(FORWARD_SECRET,)),
+                                     MappingStore(redis_client, "forward"))
+    for _ in range(ENDPOINT_FAILURES):
+        sink.endpoints[urls[0]].failure()
+    table = cli(settings.replace(forward_urls=urls, forward_secret=(FORWARD_SECRET,)), "status").stdout
+    assert "forward       closed" in table
+    assert "  paused: https://hooks.example.com/orders (failed in a row; tried again every 3 s)" in table
+    assert "t0ken" not in table and "other.example.com" not in table
 
 
 def test_dlq_replay_all_keeps_what_its_report_needs_not_every_letter(settings, redis_client):

@@ -13,7 +13,6 @@ from workers.store import keys
 from workers.store.quarantine import Quarantine
 
 
-
 def collect(rt):
     """Everything ``status`` shows, as JSON-ready data (one network call: the subscriptions list, with
     a page's timeout: the console's overview shows this too)."""
@@ -30,7 +29,8 @@ def collect(rt):
 def _sink(rt, name):
     return {"breaker": rt.breaker(name).state(),
             "mapped": rt.redis.hlen(keys.mappings(name)),
-            "dead_letters": rt.dead_letters.counts().get(name, 0)}
+            "dead_letters": rt.dead_letters.counts().get(name, 0),
+            "paused": rt.sinks[name].paused_endpoints()}
 
 
 def _locate2u(rt):
@@ -57,6 +57,7 @@ def render(data):
     lines.append(f"{'sink':<13} {'breaker':<8} {'mapped':>7} {'dead letters':>13}")
     for name, sink in data["sinks"].items():
         lines.append(f"{name:<13} {sink['breaker']:<8} {sink['mapped']:>7} {sink['dead_letters']:>13}")
+        lines += [f"  paused: {endpoint}" for endpoint in sink["paused"]]
     other = {k: v for k, v in data["dead_letters"].items() if k not in data["sinks"]}
     if other.get(ENRICH):
         lines.append(f"dead letters before fan-out (their stop could not be read): {other.pop(ENRICH)}")

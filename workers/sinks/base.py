@@ -156,6 +156,11 @@ class Sink(abc.ABC):
         """One line naming what was wrong, from a vendor's JSON error ``body`` (a dict), or None."""
         return None
 
+    def paused_endpoints(self):
+        """The sink's endpoints paused on their own (the signed forward's URLs), each as one line for
+        ``l2u-relay status``: where, and why."""
+        return []
+
     def needs_only_the_key(self, action):
         """True when ``action`` can be applied without the stop (gone from Locate2u since): a
         delete, or a deactivation on a sink that ``deactivates_by_key``."""

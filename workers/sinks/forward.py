@@ -152,6 +152,11 @@ class ForwardSink(Sink):
                 pipe.hget(key, "failures")
             return any(int(failures or 0) == 0 for failures in pipe.execute())
 
+    def paused_endpoints(self):
+        """The URLs paused after failing in a row (shown without their query, which may hold a token)."""
+        return [f"{urlsplit(url)._replace(query='', fragment='').geturl()} (failed in a row; tried again every "
+                f"{endpoint.cooldown:g} s)" for url, endpoint in self.endpoints.items() if endpoint.state() == "open"]
+
     def message(self, action, location):
         """The normalized event plus ``action``, and the location's fields when it is a stop's."""
         body = {**location.event, "action": action}
