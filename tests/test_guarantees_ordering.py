@@ -19,6 +19,7 @@ from workers import tasks
 from workers.celery_config import make_celery
 from workers.config import Settings
 from workers.pipeline import deliver, sweeper
+from workers.store.mappings import MappingStore
 from workers.store.queue_positions import ticketed
 from workers import sinks
 
@@ -288,12 +289,12 @@ def test_a_retry_that_took_the_settling_key_and_failed_leaves_it_settling(driver
     assert tasks.deliver.run(*newer_args) == "waiting"
 
 
-def test_a_killed_holders_lock_outlasts_every_request_it_may_have_sent():
+def test_a_killed_holders_lock_outlasts_every_request_it_may_have_sent(redis_client):
     """A lock lapses between ``length - renew`` and ``length`` after its holder's last request."""
     settings = Settings(webhook_secret="x" * 16, forward_urls=("http://127.0.0.1:9/hook",),
                         b2b_api_url="http://127.0.0.1:9/b2b", locate_api_url="http://127.0.0.1:9/locate")
     for sink_class in sinks.BUILT_IN:
-        sink = sink_class.from_settings(settings, mappings=None)
+        sink = sink_class.from_settings(settings, MappingStore(redis_client, sink_class.name))
         length, renew = deliver.lock_seconds(sink)
         assert length - renew >= sink.settle_seconds >= 60, sink_class.name
 
