@@ -15,7 +15,7 @@ from werkzeug.security import generate_password_hash
 from receiver import create_app
 from receiver.console import session_key
 from receiver.console.auth import check_login, decoy_hash, operators
-from tests.fixtures import kill_when_reached
+from tests.fixtures import FORWARD_SECRET, kill_when_reached
 from tests.helpers import peak_allocated, seed_dead_letters_up_to, wait_for
 from tests.payloads import status_change
 from tests.processes import BIN, Process, demo_env
@@ -27,6 +27,7 @@ from workers.ops.devstack import free_port
 from workers.ops.simulators import storepoint
 from workers.ops.simulators.base import SimulatorServer
 from workers.pipeline import replay
+from workers.sinks.forward import ENDPOINT_FAILURES, ForwardSink
 from workers.sinks.storepoint import StorepointSink
 from workers.store import keys
 from workers.store.dead_letters import DeadLetterStore
@@ -383,6 +384,20 @@ def test_overview_shows_activity_queues_breakers_and_counts(console_settings, re
     assert "not configured (LOCATE2U_CLIENT_ID)" in page.text
     assert re.search(r'<td class="bad">open since [^<]+ UTC, probe after [^<]+ UTC \(5 failure\(s\) counted\)</td>',
                      page.text)
+
+
+def test_overview_names_the_forward_urls_paused_on_their_own(console_settings, redis_client):
+    """A forward URL paused on its own leaves the forward's breaker closed: the overview said "closed"."""
+    urls = ("https://hooks.example.com/orders?token=t0ken", "https://other.example.com/hook")
+    settings = console_settings.replace(forward_urls=urls, forward_secret=(FORWARD_SECRET,))
+    client = create_app(settings).test_client()
+    log_in(client)
+    for _ in range(ENDPOINT_FAILURES):
+        ForwardSink.from_settings(settings, MappingStore(redis_client, "forward")).endpoints[urls[0]].failure()
+    page = client.get("/console/")
+    assert ('<td class="bad">closed<br>paused: https://hooks.example.com/orders (failed in a row; tried again '
+            'every 3 s)</td>') in page.text
+    assert "t0ken" not in page.text and "paused: https://other" not in page.text
 
 
 def test_a_page_without_redis_says_so(app, client):
