@@ -14,15 +14,12 @@ import base64
 import dataclasses
 import enum
 import json
-import logging
 import time
 import zlib
 
 from workers.domain import json_text
 from workers.store import keys
 from workers.store.redis_client import on_pipeline
-
-log = logging.getLogger(__name__)
 
 LEDGER_RETENTION = 14 * 86400
 SETTLED_BUCKET_SECONDS = 900
