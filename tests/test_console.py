@@ -395,7 +395,7 @@ def test_overview_names_the_forward_urls_paused_on_their_own(console_settings, r
     for _ in range(ENDPOINT_FAILURES):
         ForwardSink.from_settings(settings, MappingStore(redis_client, "forward")).endpoints[urls[0]].failure()
     page = client.get("/console/")
-    assert ('<td class="bad">closed<br>paused: https://hooks.example.com/orders (failed in a row; tried again '
+    assert ('<td class="bad">closed<br>paused: https://hooks.example.com/orders?[redacted] (failed in a row; tried again '
             'every 3 s)</td>') in page.text
     assert "t0ken" not in page.text and "paused: https://other" not in page.text
 

@@ -181,9 +181,10 @@ def test_a_read_redirected_round_in_a_loop_is_a_mistake_to_fix_not_a_bug(listene
             connection.close()
 
     threading.Thread(target=loop, daemon=True).start()
-    with pytest.raises(PermanentError) as looped:
-        HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}").request("GET", "stops")
+    with pytest.raises(PermanentError) as looped:  # the API URL's password shows nowhere (it did in ``url``)
+        HttpClient(f"http://relay:pw-4e1b@127.0.0.1:{listener.getsockname()[1]}").request("GET", "stops")
     assert "was redirected more than 30 times" in looped.value.message
+    assert "pw-4e1b" not in str(looped.value.to_json()) and "relay:[redacted]@" in looped.value.url
 
 
 def test_an_answer_that_cannot_be_decoded_is_retried_not_a_bug(listener):

@@ -10,7 +10,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from tests.fixtures import FORWARD_SECRET
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.resilience.errors import CredentialsRefused, PermanentError, RetriableError
+from workers.resilience.errors import CredentialsRefused, PermanentError, RelayError, RetriableError
 from workers.sinks.forward import ENDPOINT_FAILURES, ENDPOINT_PAUSE_SECONDS, ForwardSink
 
 NEW_SECRET = "whsec_" + base64.b64encode(b"forward-rotated-secret-987654321").decode()
@@ -219,6 +219,32 @@ def test_secret_never_in_errors(sim, mappings):
     with pytest.raises(PermanentError) as caught:
         sink.apply("upsert", sample_location())
     assert FORWARD_SECRET not in str(caught.value.to_json())
+
+
+def test_a_credential_in_a_forward_url_is_in_no_error_status_or_redis_key(sim, mappings):
+    """A forward URL may carry its receiver's credential: a token in its query, a password before its
+    host. Before, the errors (so dead letters and log lines), the paused URLs of ``status`` and the
+    set of URLs a message reached showed it whole."""
+    token, password = "tok-5f3a9c", "pw-77d1e0"
+    answering = f"http://relay:{password}@{sim.url.split('//')[1]}/hooks/b?token={token}"
+    refusing = f"http://relay:{password}@127.0.0.1:9/hooks/c?token={token}"  # nothing listens there
+    sink = make_forward([f"{sim.url}/hooks/a", answering, refusing], mappings)
+    faults = sim.app.config["FAULTS"]
+    shown = []
+    for n, status in enumerate((503, 410, 307, 503)):  # refusing is paused after its third refusal
+        faults.inject(status, path_prefix="/hooks/b")
+        with pytest.raises(RelayError) as caught:
+            sink.apply("upsert", sample_location(stop_id=n))
+        shown.append(json.dumps(caught.value.to_json()))
+        shown.append(str(caught.value))
+    shown.extend(sink.paused_endpoints())
+    with pytest.raises(RetriableError, match="is paused"):  # b answers: the message reached a and b
+        sink.apply("upsert", sample_location(stop_id=0))
+    redis = mappings.redis
+    shown.extend(str(redis.smembers(key)) for key in redis.scan_iter() if redis.type(key) == b"set")
+    assert "answered 410" in shown[2] and "redirect (307)" in shown[4] and "is paused" in shown[6]
+    assert "ConnectionError" in shown[0] and "127.0.0.1:9/hooks/c" in shown[0]
+    assert [text for text in shown if token in text or password in text] == []
 
 
 @pytest.mark.parametrize("secret", ["whsec_", "not base64!"])

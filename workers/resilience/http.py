@@ -11,14 +11,16 @@ status is in ``accept``, in which case the response is returned for the caller t
 with a redirect is not sent on (``requests`` would send a 301 or 302 POST on as a
 GET, without its body): it is a ``PermanentError`` naming where it points. ``answer`` reads a
 2xx answer's JSON and raises ``BadAnswer`` (retriable) when it is not the API's.
-Secrets given in ``redact`` never appear in an error.
+Secrets given in ``redact``, and the password and query of the URLs the client is for
+(``url_secrets``), never appear in an error.
 """
 import email.utils
 import ssl
 import time
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
+from requests.utils import requote_uri
 from urllib3.exceptions import NewConnectionError, SSLError
 
 from workers.domain import json_text
@@ -70,6 +72,13 @@ def _reason(exc):
     return getattr(exc.args[0], "reason", None) if exc.args else None
 
 
+def url_secrets(url):
+    """The parts of a configured URL that may carry a credential: its password and its query, as
+    written and as ``requests`` sends them."""
+    parts = {part for each in (url, requote_uri(url)) for part in (urlsplit(each).password, urlsplit(each).query)}
+    return tuple(sorted(part for part in parts if part))
+
+
 def make_session(pool_size=10):
     """A ``requests.Session`` with connection reuse and our User-Agent."""
     session = requests.Session()
@@ -96,15 +105,19 @@ def parse_retry_after(value, now=None):
 
 
 class HttpClient:
-    """Requests against one base URL, with the relay's error classification."""
+    """Requests against one base URL, with the relay's error classification. ``redact``: secrets an
+    error must not show, besides those of the base URL and of ``urls`` (``url_secrets``), the other
+    URLs the client calls."""
 
-    def __init__(self, base_url, session=None, timeout=DEFAULT_TIMEOUT, headers=None, auth=None, redact=()):
+    def __init__(self, base_url, session=None, timeout=DEFAULT_TIMEOUT, headers=None, auth=None, redact=(),
+                 urls=()):
         self.base_url = base_url.rstrip("/") + "/"
         self.session = session or make_session()
         self.timeout = timeout
         self.headers = dict(headers or {})
         self.auth = auth
-        self.redact = tuple(secret for secret in redact if secret)
+        secrets = {*redact, *(part for url in (base_url, *urls) for part in url_secrets(url))} - {"", None}
+        self.redact = tuple(sorted(secrets, key=len, reverse=True))  # a secret inside another goes after it
 
     @property
     def settle_seconds(self):
@@ -129,17 +142,17 @@ class HttpClient:
         try:
             response = self.session.request(method, url, **kwargs)
         except requests.TooManyRedirects:
-            raise PermanentError(f"{method} {self._scrub(url)} was redirected more than {self.session.max_redirects} "
+            raise PermanentError(f"{method} {self.scrub(url)} was redirected more than {self.session.max_redirects} "
                                  "times (a redirect loop): set the API URL to where the API is", method=method,
-                                 url=url) from None
+                                 url=self.scrub(url)) from None
         except (requests.Timeout, requests.ConnectionError, AnswerUnread, *UNREADABLE_ANSWER) as exc:
             raise self._unanswered(method, url, exc, deadline, kwargs["timeout"]) from None
         finally:
             WATCHING.deadline = None
             deadline.disarm()
         if refuse_redirect and response.is_redirect:
-            raise self.error_for(response, f"{method} {self._scrub(url)} was redirected ({response.status_code}) to "
-                                           f"{self._scrub(response.headers.get('Location', '?'))}: set the API URL "
+            raise self.error_for(response, f"{method} {self.scrub(url)} was redirected ({response.status_code}) to "
+                                           f"{self.scrub(response.headers.get('Location', '?'))}: set the API URL "
                                            "to where it points")
         if response.ok or response.status_code in accept:
             return response
@@ -148,7 +161,7 @@ class HttpClient:
     def _unanswered(self, method, url, exc, deadline, timeout):
         """The RelayError of a request that got no whole answer: ``requests`` raised ``exc`` (or
         ``AnswerDeadline`` stopped the read: ``deadline``). ``NoAnswer`` only if it may still land."""
-        url = self._scrub(url)
+        url = self.scrub(url)
         if deadline.status is not None:  # its status came: done there, only the body is missing
             return BadAnswer(f"{method} {url} answered {deadline.status}, but its answer {deadline.unread(exc)}",
                              method=method, url=url)
@@ -193,17 +206,17 @@ class HttpClient:
 
     def bad_answer(self, response, what):
         """The BadAnswer for ``response``: "<method> <url> answered <status> with a body <what>"."""
-        method, url = response.request.method, self._scrub(response.request.url)
+        method, url = response.request.method, self.scrub(response.request.url)
         return BadAnswer(f"{method} {url} answered {response.status_code} with a body {what}",
-                         body=self._scrub(response.text), method=method, url=url)
+                         body=self.scrub(response.text), method=method, url=url)
 
     def error_for(self, response, message=None, status=None):
         """The RelayError an unexpected response stands for (as if answered ``status``, when given: the
         status a 2xx's error body says)."""
-        method, url = response.request.method, self._scrub(response.request.url)
+        method, url = response.request.method, self.scrub(response.request.url)
         status = status or response.status_code
-        body = self._scrub(response.text)
-        message = message or f"{method} {url} answered {status}"
+        body = self.scrub(response.text)
+        message = self.scrub(message) if message else f"{method} {url} answered {status}"
         details = {"status": status, "body": body, "method": method, "url": url}
         if status in RETRIABLE_STATUSES:
             return RetriableError(message, retry_after=parse_retry_after(response.headers.get("Retry-After")),
@@ -215,7 +228,8 @@ class HttpClient:
             return NotFound(message, **details)
         return PermanentError(message, **details)
 
-    def _scrub(self, text):
+    def scrub(self, text):
+        """``text`` with every secret the client knows (``redact``) shown as ``[redacted]``."""
         for secret in self.redact:
             text = text.replace(secret, "[redacted]")
         return text

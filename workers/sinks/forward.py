@@ -92,7 +92,7 @@ class ForwardSink(Sink):
 
     @classmethod
     def from_settings(cls, settings, mappings):
-        client = HttpClient(settings.forward_urls[0], redact=settings.forward_secret)
+        client = HttpClient(settings.forward_urls[0], redact=settings.forward_secret, urls=settings.forward_urls)
         return cls(client, mappings, settings.forward_urls, settings.forward_secret)
 
     def upsert(self, location, options):
@@ -117,13 +117,13 @@ class ForwardSink(Sink):
         done = self.mappings.redis.smembers(reached)
         errors = {}
         for url in self.urls:
-            if url in done:
+            if _digest(url) in done or url in done:  # named by digest (a URL may hold a token); whole before
                 continue
             endpoint = self.endpoints[url]
             if endpoint.admit()[0] == "open":
-                errors[url] = RetriableError(f"forward endpoint {url} is paused: it failed {endpoint.threshold} "
-                                             f"times in a row; a message tries it every {endpoint.cooldown:g} s",
-                                             method="POST", url=url)
+                errors[url] = RetriableError(f"forward endpoint {self.client.scrub(url)} is paused: it failed "
+                                             f"{endpoint.threshold} times in a row; a message tries it every "
+                                             f"{endpoint.cooldown:g} s", method="POST", url=self.client.scrub(url))
                 continue
             try:
                 self._post(url, webhook_id, data)
@@ -135,7 +135,7 @@ class ForwardSink(Sink):
                     endpoint.success()
                 continue
             with self.mappings.redis.pipeline() as pipe:
-                pipe.sadd(reached, url).expire(reached, LEDGER_RETENTION)
+                pipe.sadd(reached, _digest(url)).expire(reached, LEDGER_RETENTION)
                 endpoint.success(pipe)
                 pipe.execute()
         if errors:
@@ -153,8 +153,8 @@ class ForwardSink(Sink):
             return any(int(failures or 0) == 0 for failures in pipe.execute())
 
     def paused_endpoints(self):
-        """The URLs paused after failing in a row (shown without their query, which may hold a token)."""
-        return [f"{urlsplit(url)._replace(query='', fragment='').geturl()} (failed in a row; tried again every "
+        """The URLs paused after failing in a row (without their query or password, which may be a credential)."""
+        return [f"{self.client.scrub(url)} (failed in a row; tried again every "
                 f"{endpoint.cooldown:g} s)" for url, endpoint in self.endpoints.items() if endpoint.state() == "open"]
 
     def message(self, action, location):
