@@ -122,7 +122,7 @@ def test_oauth_cli_for_hosts_without_a_browser(sim, code_settings):
 
 
 def test_release_sync_then_a_delivery_reaches_the_receiver(sim, relay_settings, serve):
-    web = serve(relay_settings)
+    serve(relay_settings)  # the receiver the simulator delivers to
     foreign = sim.state.add_webhook("trip.created", "https://crm.example/hooks/trips")
     first = cli(relay_settings, "subscriptions", "sync")
     assert first.returncode == 0, first.stderr

@@ -7,7 +7,6 @@ so the suite runs what dynos run). ``make lock`` regenerates the file.
 """
 import importlib.metadata
 import subprocess
-from pathlib import Path
 
 import pytest
 from packaging.markers import default_environment
