@@ -4,6 +4,7 @@ sink call outlives the per-key lock, and equal ``actionDate``s end in the same s
 Real Redis, the loopback recording sink with its fault plan's latency for slow calls, tasks run in
 process (the Driver of tests/fixtures.py) so the interleaving is chosen by the test.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -244,6 +245,21 @@ def test_a_write_that_got_no_answer_is_not_overtaken_while_it_may_still_land(dri
     driver.run()
     assert sim_state(sink_server).records[KEY]["status"] == "Complete"
     assert driver.rt.ledger.get(newer)["status"] == "applied"
+
+
+def test_an_unordered_routes_next_write_does_not_wait_for_one_that_got_no_answer(driver, sink_server):
+    """A route that is not ordered (the forward's: its consumers order events themselves) promises no
+    order per key, yet a write without an answer held the key for the sink's settle time (60 s by
+    default): with the forward, one URL that hung held every other URL's next message for that stop."""
+    driver.rt.routes["storepoint"] = dataclasses.replace(driver.rt.routes["storepoint"], ordered=False)
+    driver.rt.sinks["storepoint"].client.timeout = (1, 0.5)  # settle time: 1 s
+    sink_server.app.config["FAULTS"].slow(0.7, path_prefix="/records")  # applied after the client gave up
+    older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
+    newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
+    older_args, newer_args = fan_out_job(driver, older), fan_out_job(driver, newer)
+    assert tasks.deliver.run(*older_args) == "retrying"  # read timeout; the sink still holds it
+    assert tasks.deliver.run(*newer_args) == "applied"
+    assert driver.rt.redis.get(LOCK_KEY) is None
 
 
 def _older_write_unanswered(driver, sink_server):

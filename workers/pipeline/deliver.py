@@ -40,7 +40,8 @@ def deliver_to_sink(rt, job, received_at=None):
     than the lock) may have landed after a newer one, so the newest applied write is sent again
     (``reassert``). A write sent without an answer keeps the key locked for the sink's settle time
     (``KeyLock.settle``), as a killed holder's lock does, except for that same write sent again
-    (its retry goes out as soon as the sink answers). ``received_at``: the delivery's receipt
+    (its retry goes out as soon as the sink answers); on an ordered route only, as the rest of the
+    fencing (an unordered route's writes may land in any order). ``received_at``: the delivery's receipt
     time when the caller has it (the fan-out), else it is read from the ledger.
     """
     sink, route = rt.sinks.get(job.sink), rt.routes[job.sink]
@@ -76,7 +77,7 @@ def deliver_to_sink(rt, job, received_at=None):
                 took = round(time.time() - started, 3)
                 if lock.lost or not lock.renew():  # it may have landed after a newer write
                     reassert(rt, job.sink, location.key)
-                elif isinstance(exc, NoAnswer):
+                elif isinstance(exc, NoAnswer) and route.ordered:
                     lock.settle(exc.settles_in)  # it may still land: nothing else goes out before
                 if isinstance(exc, PermanentError):
                     breaker.success()
