@@ -31,6 +31,7 @@ SP_TOKEN, B2B_TOKEN = "sp-recovery-token-123", "b2b-recovery-token-123"
 SP_ROTATED_TOKEN = "sp-rotated-token-456"
 STOP_IDS = range(5001, 5007)
 OUTAGE_SECONDS = 20
+HANG_SECONDS = 12  # how late forward URL b answers in the hang test (under the 30 s read timeout)
 TRAFFIC_STOPS = range(5101, 5131)  # the minute-long outage's traffic: each stop changes four times
 STATUSES = ("Enroute", "Arrived", "Complete", "Rejected")
 DEADLINE = 60  # well below the schedule's 300 s step, far above the target of 10 s
@@ -237,40 +238,78 @@ def test_writes_to_a_sink_that_refuses_the_relays_credentials_wait_for_new_ones(
     assert len(sims["storepoint"].app.config["STATE"].find(lambda location: True)) == len(delivery_ids)
 
 
-def test_one_forward_url_down_holds_up_neither_the_other_nor_its_own_catch_up(
-        settings, sims, simulator, start_stack, redis_client):
-    """Two forward URLs; the second answers 503 for 20 s while two deliveries a second arrive, then
-    nothing more is sent. Before, its failures opened the forward's one breaker: the first URL then
-    got messages only as the forward's probes went out until the second answered again (it had
-    not all of them 10 s after the outage). Now the first gets each
-    message as it comes, and once the second answers, all it missed goes out within seconds."""
+@pytest.fixture
+def forward(settings, sims, simulator, start_stack):
+    """``(receiver, web)``: the stack with the forward's two URLs, a and b, on a receiver simulator."""
     receiver = simulator("forward", secrets={"a": FORWARD_SECRET, "b": FORWARD_SECRET})
-    web = start_stack(sims_settings(settings, {**sims, "forward": receiver}, b2b_business_partner_id="BP-1",
-                                    b2b_country_id="AU", retry_schedule=SVIX_RETRY_SCHEDULE))
+    return receiver, start_stack(sims_settings(settings, {**sims, "forward": receiver}, b2b_business_partner_id="BP-1",
+                                               b2b_country_id="AU", retry_schedule=SVIX_RETRY_SCHEDULE))
 
-    def reached(name):
-        """The deliveries whose message reached URL ``name`` (its webhook id starts with the delivery id)."""
-        return {headers["Webhook-Id"].partition(".")[0] for endpoint, headers in list(sim_state(receiver).log)
-                if endpoint == name}
 
-    faults = sim_faults(receiver)
-    faults.fail_rate(1.0, 503, path_prefix="/hooks/b")
+def reached(receiver, name):
+    """The deliveries whose message reached forward URL ``name`` (its webhook id starts with the delivery id)."""
+    return {headers["Webhook-Id"].partition(".")[0] for endpoint, headers in list(sim_state(receiver).log)
+            if endpoint == name}
+
+
+def two_a_second(web, seconds):
+    """Post two deliveries a second for ``seconds`` (changes of ``TRAFFIC_STOPS``); their ids."""
     start, delivery_ids = time.monotonic(), []
-    while time.monotonic() - start < OUTAGE_SECONDS:
+    while time.monotonic() - start < seconds:
         stop_id = TRAFFIC_STOPS[len(delivery_ids) % len(TRAFFIC_STOPS)]
         body = status_change(stop_id, STATUSES[len(delivery_ids) // len(TRAFFIC_STOPS)],
                              f"2022-04-27T05:{len(delivery_ids) // 60:02d}:{len(delivery_ids) % 60:02d}+00:00")
         delivery_ids.append(post(web.url, "stop.status-changed", body).json()["delivery_id"])
         time.sleep(max(0.0, start + len(delivery_ids) / 2 - time.monotonic()))
-    wait_for(lambda: reached("a") == set(delivery_ids), timeout=10)  # while b is still down
+    return delivery_ids
+
+
+def forward_caught_up(redis_client, delivery_ids, since):
+    """Seconds from ``since`` (an epoch time) until every forward write of ``delivery_ids`` is applied
+    (waiting ``DEADLINE`` at most)."""
+    outcomes = wait_for(lambda: (found := sink_outcomes(redis_client, delivery_ids, "forward")) and all(
+        outcome.get("state") == "applied" for outcome in found.values()) and found, timeout=DEADLINE)
+    return max(outcome["at"] for outcome in outcomes.values()) - since
+
+
+def test_one_forward_url_down_holds_up_neither_the_other_nor_its_own_catch_up(forward, redis_client):
+    """Two forward URLs; the second answers 503 for 20 s while two deliveries a second arrive, then
+    nothing more is sent. Before, its failures opened the forward's one breaker: the first URL then
+    got messages only as the forward's probes went out until the second answered again (it had
+    not all of them 10 s after the outage). Now the first gets each
+    message as it comes, and once the second answers, all it missed goes out within seconds."""
+    receiver, web = forward
+    faults = sim_faults(receiver)
+    faults.fail_rate(1.0, 503, path_prefix="/hooks/b")
+    delivery_ids = two_a_second(web, OUTAGE_SECONDS)
+    wait_for(lambda: reached(receiver, "a") == set(delivery_ids), timeout=10)  # while b is still down
     refused = faults.counts["503"]
     assert refused < len(delivery_ids) / 2, refused  # b paused, not called for every message
 
     faults.clear()
-    recovered_at = time.time()
-    outcomes = wait_for(lambda: (found := sink_outcomes(redis_client, delivery_ids, "forward")) and all(
-        outcome.get("state") == "applied" for outcome in found.values()) and found, timeout=DEADLINE)
-    seconds = max(outcome["at"] for outcome in outcomes.values()) - recovered_at
+    seconds = forward_caught_up(redis_client, delivery_ids, time.time())
     print(f"\nforward URL b answered 503 for {OUTAGE_SECONDS} s ({refused} calls to it) while {len(delivery_ids)} "
           f"deliveries arrived; URL a got each as it came, b all it missed {seconds:.1f} s after it answered again")
-    assert reached("a") == reached("b") == set(delivery_ids)
+    assert reached(receiver, "a") == reached(receiver, "b") == set(delivery_ids)
+
+
+def test_one_forward_url_hanging_holds_up_neither_the_other_nor_its_own_catch_up(forward, redis_client):
+    """The second URL answers each call 12 s late (a hang, under the read timeout) while two
+    deliveries a second arrive for 6 s. Before, once a call into it had waited 2 s the forward was
+    slow (``SlowCalls``): at most half the worker's processes in calls to it, every other message held
+    60 s, so the first URL had few of them while the second hung. Now messages skip a URL whose call
+    has waited over 2 s: the first gets each as it comes, and the second all it missed once it answers."""
+    receiver, web = forward
+    faults = sim_faults(receiver)
+    faults.slow(HANG_SECONDS, times=1000, path_prefix="/hooks/b")
+    start = time.time()
+    delivery_ids = two_a_second(web, HANG_SECONDS / 2)
+    wait_for(lambda: reached(receiver, "a") == set(delivery_ids), timeout=HANG_SECONDS / 4)
+    assert not reached(receiver, "b")  # its first call still waits
+    faults.clear()  # the calls waiting now go on waiting
+    calls = faults.counts["slow"]
+    seconds = forward_caught_up(redis_client, delivery_ids, start) - HANG_SECONDS
+    print(f"\nforward URL b answered {HANG_SECONDS} s late while {len(delivery_ids)} deliveries arrived "
+          f"({calls} calls into it); URL a got each as it came, b all it missed {seconds:.1f} s after its "
+          "first call answered")
+    assert reached(receiver, "a") == reached(receiver, "b") == set(delivery_ids)

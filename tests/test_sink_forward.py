@@ -3,15 +3,19 @@ import base64
 import json
 import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.fixtures import FORWARD_SECRET
+from tests.helpers import wait_for
 from tests.sink_contract import SinkContract, sample_location
 from workers.config import ConfigError, Settings
-from workers.resilience.errors import CredentialsRefused, PermanentError, RelayError, RetriableError
-from workers.sinks.forward import ENDPOINT_FAILURES, ENDPOINT_PAUSE_SECONDS, ForwardSink
+from workers.resilience.admission import SlowCalls
+from workers.resilience.errors import CredentialsRefused, NotYet, PermanentError, RelayError, RetriableError
+from workers.sinks.forward import (ENDPOINT_BUSY_AFTER, ENDPOINT_CROWDED_SECONDS, ENDPOINT_FAILURES,
+                                   ENDPOINT_PAUSE_SECONDS, ForwardSink)
 
 NEW_SECRET = "whsec_" + base64.b64encode(b"forward-rotated-secret-987654321").decode()
 
@@ -187,6 +191,68 @@ def test_a_paused_url_has_one_probe_out_at_a_time_however_long_it_takes(sim, map
     assert faults.counts["slow"] == 1 and len(received(sim, "b")) == 1
     sink.apply("upsert", sample_location(stop_id=11))  # the probe answered: b takes messages again
     assert len(received(sim, "b")) == 2
+
+
+def test_a_url_with_a_call_waiting_over_2_s_is_skipped_until_that_call_ends(sim, mappings):
+    """A URL that hangs: before, every message called it (each tying up a worker process for the
+    read timeout) until its third timeout paused it, and a URL listed after it got each message only
+    once that call was over."""
+    sink = make_forward([f"{sim.url}/hooks/b", f"{sim.url}/hooks/a"], mappings)
+    faults = sim.app.config["FAULTS"]
+    faults.slow(SlowCalls.SLOW_AFTER + 3, path_prefix="/hooks/b")  # one call into b answered 5 s late
+    first = threading.Thread(target=sink.apply, args=("upsert", sample_location(stop_id=1)))
+    first.start()
+    time.sleep(SlowCalls.SLOW_AFTER + 0.5)
+    for n in (2, 3):
+        with pytest.raises(RetriableError) as caught:
+            sink.apply("upsert", sample_location(stop_id=n))
+        assert str(caught.value) == (f"forward endpoint {sim.url}/hooks/b is slow: a call to it has waited over "
+                                     f"{SlowCalls.SLOW_AFTER:g} s; messages skip it until that call ends")
+        assert caught.value.others_answer
+    assert len(received(sim, "a")) == 2 and len(received(sim, "b")) == 0  # a has them; b's call still waits
+    first.join()
+    assert faults.counts["slow"] == 1 and len(received(sim, "a")) == 3 and len(received(sim, "b")) == 1
+    sink.apply("upsert", sample_location(stop_id=2))  # b answered: messages go to it again
+    assert len(received(sim, "b")) == 2
+
+
+def fill_calls(sim, sink, url, seconds):
+    """Start as many calls into ``url`` as ``sink`` lets be in flight, each answered ``seconds`` late;
+    return their threads once the simulator holds them all."""
+    faults, limit = sim.app.config["FAULTS"], sink.calls[url].limit
+    faults.slow(seconds, times=limit, path_prefix=urlsplit(url).path)
+    calls = [threading.Thread(target=sink.apply, args=("upsert", sample_location(stop_id=n))) for n in range(limit)]
+    for call in calls:
+        call.start()
+    wait_for(lambda: len(faults.in_progress) == limit, timeout=1)
+    return calls
+
+
+@pytest.mark.parametrize("failed_before", [False, True], ids=["healthy", "after-a-failure"])
+def test_a_url_takes_at_most_half_of_a_workers_processes_in_calls_at_once(sim, mappings, failed_before):
+    """Before a call into a hang has waited long enough to be seen, each message called it: a burst
+    could tie up every process of the worker. Now a message finding half of them in calls to the URL
+    that have waited over ``ENDPOINT_BUSY_AFTER`` (or in any calls, when its last call failed: the
+    burst of messages waiting for it) waits a moment without spending an attempt (NotYet), after the
+    others got it."""
+    sink = make_forward([f"{sim.url}/hooks/b", f"{sim.url}/hooks/a"], mappings)
+    faults, limit = sim.app.config["FAULTS"], sink.calls[f"{sim.url}/hooks/b"].limit
+    if failed_before:
+        faults.inject(503, path_prefix="/hooks/b")
+        with pytest.raises(RetriableError):
+            sink.apply("upsert", sample_location(stop_id=99))
+    calls = fill_calls(sim, sink, f"{sim.url}/hooks/b", 1.5)
+    if not failed_before:
+        time.sleep(ENDPOINT_BUSY_AFTER)  # a URL answering sooner is not limited
+    with pytest.raises(NotYet) as caught:
+        sink.apply("upsert", sample_location(stop_id=limit))
+    assert str(caught.value) == f"forward endpoint {sim.url}/hooks/b is busy: {limit} calls to it are in flight " \
+                                "from this worker"
+    assert caught.value.retry_after == ENDPOINT_CROWDED_SECONDS and len(received(sim, "a")) == 1 + failed_before
+    for call in calls:
+        call.join()
+    sink.apply("upsert", sample_location(stop_id=limit))  # the calls ended: the message goes to b
+    assert faults.counts["slow"] == limit and len(received(sim, "b")) == limit + 1
 
 
 def test_a_failure_is_the_forwards_own_when_no_other_url_answers(sim, mappings):

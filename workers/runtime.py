@@ -56,7 +56,7 @@ class Runtime:
 
     @functools.cache
     def calls(self, sink):
-        return SlowCalls(sink)
+        return SlowCalls(sink, bulkhead=getattr(self.sinks.get(sink), "bulkhead", True))
 
     @functools.cache
     def versions(self, sink):

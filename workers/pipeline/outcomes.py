@@ -2,6 +2,7 @@
 import logging
 import time
 
+from workers.resilience.admission import SlowCalls
 from workers.resilience.errors import RelayError
 from workers.store.ledger import FINAL_SINK_STATES
 
@@ -28,7 +29,7 @@ def record(rt, job, state, attempts, *, kept=None, received_at=None, **shown):
     of a write that landed: its retry still goes out)."""
     shown_as = _SHOWN.get(state)
     with rt.redis.pipeline(transaction=False) as pipe:
-        rt.calls(job.sink).ended(job, pipe)
+        rt.calls(job.sink).ended(SlowCalls.call(job).member, pipe)
         rt.ledger.sink_outcome(job.delivery_id, job.sink, state, pipe, only_open=state not in FINAL_SINK_STATES,
                                attempts=attempts, **(kept or {}))
         if shown_as:

@@ -28,8 +28,29 @@ local function admit(breaker, probe, now, cooldown)
 end
 """
 
+# KEYS: breaker, probe, calls in flight (``SlowCalls.key``). ARGV: now, probe seconds, then the call's
+# (``SlowCalls.admission``): member, slow since, calls allowed at once, lapsed before, the calls'
+# expiry; then busy since. The breaker's verdict; unless it is open, "slow" while a call has been in
+# flight since before "slow since", "crowded" while as many calls as allowed have been since before
+# "busy since" (any calls while failures are counted) (a probe taken is given back), else the call
+# counted in flight.
 _ADMIT = _ADMIT_FN + """
-local verdict, wait = admit(KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2])
+local now = tonumber(ARGV[1])
+local verdict, wait = admit(KEYS[1], KEYS[2], now, ARGV[2])
+if verdict == 'open' then return {verdict, tostring(wait)} end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
+local failing = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') > 0
+local held = nil
+if #redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[4], 'LIMIT', 0, 1) > 0 then held = 'slow'
+elseif redis.call('ZCOUNT', KEYS[3], '-inf', failing and '+inf' or ARGV[8]) >= tonumber(ARGV[5]) then
+  held = 'crowded'
+end
+if held then
+  if verdict == 'probe' then redis.call('DEL', KEYS[2]) end
+  return {held, '0'}
+end
+redis.call('ZADD', KEYS[3], now, ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[7])
 return {verdict, tostring(wait)}
 """
 
@@ -73,11 +94,16 @@ class CircuitBreaker:
             args=[now, self.probe_seconds, limiter.rate, limiter.burst, *calls.admission(call, now)])
         return Admission(verdict, float(wait), float(throttled), bool(failing), bool(slow))
 
-    def admit(self, now=None):
-        """``(verdict, wait)`` for one call: "closed" goes, "probe" goes as the one probe after the
-        cooldown, "open" waits ``wait`` seconds (another probe is out: 1)."""
-        verdict, wait = self._admit(keys=[self.key, self.probe_key],
-                                    args=[time.time() if now is None else now, self.probe_seconds])
+    def admit(self, calls, call, busy_after, now=None):
+        """``(verdict, wait)`` for one call, ``call`` (a ``SlowCalls.Call``) counted in ``calls`` (a
+        ``SlowCalls``) once it may go: "closed" goes, "probe" goes as the one probe after the cooldown,
+        "open" waits ``wait`` seconds (another probe is out: 1); "slow" while a call counted there has
+        been in flight over ``SlowCalls.SLOW_AFTER`` seconds, and "crowded" while ``calls.limit`` have
+        been over ``busy_after`` (or in flight at all while failures are counted: a burst into a URL
+        that just failed), wait for them (``SlowCalls.ended``)."""
+        now = time.time() if now is None else now
+        verdict, wait = self._admit(keys=[self.key, self.probe_key, calls.key],
+                                    args=[now, self.probe_seconds, *calls.admission(call, now), now - busy_after])
         return verdict, float(wait)
 
     def failure(self, now=None):
@@ -211,9 +237,10 @@ class SlowCalls:
         member: str  # the delivery and attempt making the call
         lapse: float  # seconds after which the call cannot still be running (its sink's settle time)
 
-    def __init__(self, sink):
+    def __init__(self, sink, bulkhead=True):
         self.key = keys.sink_calls(sink, self.worker or self.name_worker(os.getpid()))
         self.slow_key = self.key + ":slow"
+        self.bulkhead = bulkhead  # False: the sink bounds its slow calls itself (``Sink.bulkhead``)
 
     @staticmethod
     def name_worker(pid):
@@ -222,8 +249,9 @@ class SlowCalls:
 
     @property
     def limit(self):
-        """Calls in flight at once while the sink is slow: half of the worker's pool (at least one)."""
-        return max(1, self.processes // 2)
+        """Calls in flight at once while the sink is slow: half of the worker's pool (at least one);
+        the whole pool without a bulkhead."""
+        return max(1, self.processes // 2) if self.bulkhead else self.processes
 
     @staticmethod
     def call(job, lapse=0.0):
@@ -234,7 +262,7 @@ class SlowCalls:
         """The admitting script's arguments for ``call`` at ``now``."""
         return [call.member, now - self.SLOW_AFTER, self.limit, now - call.lapse, math.ceil(call.lapse)]
 
-    def ended(self, job, pipe, now=None):
-        """On ``pipe``: ``job``'s call is over (nothing when it was never counted)."""
-        pipe.eval(_CALL_ENDED, 2, self.key, self.slow_key, self.call(job).member,
-                  repr(time.time() if now is None else now), self.SLOW_AFTER)
+    def ended(self, member, pipe, now=None):
+        """On ``pipe``: the call ``member`` is over (nothing when it was never counted)."""
+        pipe.eval(_CALL_ENDED, 2, self.key, self.slow_key, member, repr(time.time() if now is None else now),
+                  self.SLOW_AFTER)

@@ -52,6 +52,9 @@ class Sink(abc.ABC):
     default_route = {}
     #: Writes a stop's location, so the stop record is fetched from Locate2u (an event sink: False).
     needs_stop = True
+    #: While the sink is slow, at most half of a worker's processes call it (``SlowCalls``); False for a
+    #: sink that bounds its slow calls itself, per endpoint (the forward).
+    bulkhead = True
 
     def __init__(self, client, mappings, options=None):
         self.client = client

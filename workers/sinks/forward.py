@@ -10,14 +10,15 @@ import hashlib
 import json
 import math
 from datetime import datetime, timezone
+from secrets import token_hex
 from urllib.parse import urlsplit
 
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from workers.domain.events import EVENT_TYPES
-from workers.resilience.admission import CircuitBreaker
+from workers.resilience.admission import CircuitBreaker, SlowCalls
 from workers.resilience.answer_deadline import answer_seconds
-from workers.resilience.errors import ConfigError, PermanentError, RelayError, RetriableError
+from workers.resilience.errors import ConfigError, NotYet, PermanentError, RelayError, RetriableError
 from workers.resilience.http import HttpClient
 from workers.settings_fields import CommaList, SinkSetting
 from workers.sinks.base import Sink
@@ -26,6 +27,17 @@ from workers.store.ledger import LEDGER_RETENTION
 
 ENDPOINT_FAILURES = 3  # failures in a row that pause one URL
 ENDPOINT_PAUSE_SECONDS = 3  # while a URL is paused, one message tries it this often
+# A message that finds half of a worker's processes in calls to a URL, each over ENDPOINT_BUSY_AFTER
+# seconds (a URL answering sooner is never limited) or any while its last call failed, waits
+# ENDPOINT_CROWDED_SECONDS for it.
+ENDPOINT_BUSY_AFTER = 0.25
+ENDPOINT_CROWDED_SECONDS = 1
+# Why a message skips a URL, by the verdict of its breaker's ``admit``.
+SKIPPED = {"open": "paused: it failed {endpoint.threshold} times in a row; a message tries it every "
+                   "{endpoint.cooldown:g} s",
+           "slow": f"slow: a call to it has waited over {SlowCalls.SLOW_AFTER:g} s; messages skip it until that "
+                   "call ends",
+           "crowded": "busy: {calls.limit} calls to it are in flight from this worker"}
 
 
 def signer(secret):
@@ -76,6 +88,7 @@ class ForwardSink(Sink):
     requires = ("FORWARD_SECRET",)
     default_route = {"events": tuple(EVENT_TYPES), "key": "l2u-{entity}-{entity_id}", "ordered": False}
     needs_stop = False  # it forwards events; it writes a stop's location when another sink fetched it
+    bulkhead = False  # one per URL: a URL that hangs keeps neither the others nor the worker waiting
 
     def __init__(self, client, mappings, urls, secrets, options=None):
         super().__init__(client, mappings, options)
@@ -84,11 +97,15 @@ class ForwardSink(Sink):
         # Each URL's breaker: paused after ENDPOINT_FAILURES failures in a row, then tried by one
         # message every ENDPOINT_PAUSE_SECONDS (one at a time, however long its call takes), so one URL
         # down neither costs every message a call to it nor pauses the forward (whose breaker only
-        # hears of it when no URL answers).
+        # hears of it when no URL answers). Each URL's calls in flight from this worker (``SlowCalls``):
+        # none while one has waited over SLOW_AFTER seconds, and no more once half of its processes have
+        # waited over ENDPOINT_BUSY_AFTER (or are in calls at all after a failure), so a URL that hangs
+        # ties up at most about that and the other URLs get each message as it comes.
         self.endpoints = {url: CircuitBreaker(mappings.redis, f"{self.name}:{_digest(url)}",
                                               threshold=ENDPOINT_FAILURES, cooldown=ENDPOINT_PAUSE_SECONDS,
                                               probe_seconds=math.ceil(answer_seconds(client.timeout)))
                           for url in self.urls}
+        self.calls = {url: SlowCalls(f"{self.name}:{_digest(url)}") for url in self.urls}
 
     @classmethod
     def from_settings(cls, settings, mappings):
@@ -109,40 +126,63 @@ class ForwardSink(Sink):
 
     def forward(self, action, location):
         """POST the message to every URL it has not reached yet, but to one paused (``endpoints``) only
-        as its probe; raise one error for those that failed or were paused, marked ``others_answer``
-        when another URL answers (see ``workers.resilience.errors.RelayError``)."""
+        as its probe and to none with a slow call or its share of calls in flight (``calls``); raise
+        one error for those that failed or were skipped, marked ``others_answer`` when another URL
+        answers (see ``workers.resilience.errors.RelayError``), or NotYet when the only ones left were
+        busy."""
         data = json.dumps(self.message(action, location), sort_keys=True, separators=(",", ":"), default=str)
         webhook_id = self.webhook_id(location, data)
         reached = keys.forward_sent(self.name, webhook_id)
         done = self.mappings.redis.smembers(reached)
-        errors = {}
+        errors, busy = {}, []
         for url in self.urls:
             if _digest(url) in done or url in done:  # named by digest (a URL may hold a token); whole before
                 continue
-            endpoint = self.endpoints[url]
-            if endpoint.admit()[0] == "open":
-                errors[url] = RetriableError(f"forward endpoint {self.client.scrub(url)} is paused: it failed "
-                                             f"{endpoint.threshold} times in a row; a message tries it every "
-                                             f"{endpoint.cooldown:g} s", method="POST", url=self.client.scrub(url))
+            endpoint, calls = self.endpoints[url], self.calls[url]
+            call = SlowCalls.Call(token_hex(8), endpoint.probe_seconds)
+            verdict = endpoint.admit(calls, call, ENDPOINT_BUSY_AFTER)[0]
+            if verdict in SKIPPED:
+                why = f"forward endpoint {self.client.scrub(url)} is " + SKIPPED[verdict].format(endpoint=endpoint,
+                                                                                                  calls=calls)
+                if verdict == "crowded":
+                    busy.append(why)
+                else:
+                    errors[url] = RetriableError(why, method="POST", url=self.client.scrub(url))
                 continue
-            try:
-                self._post(url, webhook_id, data)
-            except RelayError as error:
+            error = self._send(url, call.member, webhook_id, data, reached)
+            if error is not None:
                 errors[url] = error
-                if error.retriable:
-                    endpoint.failure()
-                else:  # it answered: this message is refused, not the URL down
-                    endpoint.success()
-                continue
-            with self.mappings.redis.pipeline() as pipe:
-                pipe.sadd(reached, _digest(url)).expire(reached, LEDGER_RETENTION)
-                endpoint.success(pipe)
-                pipe.execute()
         if errors:
             error = combined(list(errors.values()), len(self.urls))
             error.others_answer = self._others_answer(errors)
             raise error
+        if busy:
+            raise NotYet("; ".join(busy), retry_after=ENDPOINT_CROWDED_SECONDS)
         return webhook_id
+
+    def _send(self, url, call, webhook_id, data, reached):
+        """POST the message to ``url`` as the call ``call`` (counted in flight by ``admit``); record
+        its outcome (the URL reached, its breaker, the call over) and return its RelayError or None."""
+        endpoint, calls, error = self.endpoints[url], self.calls[url], None
+        try:
+            self._post(url, webhook_id, data)
+        except RelayError as exc:
+            error = exc
+        except BaseException:  # cut short (a time limit): not in flight any more
+            with self.mappings.redis.pipeline() as pipe:
+                calls.ended(call, pipe)
+                pipe.execute()
+            raise
+        with self.mappings.redis.pipeline() as pipe:
+            calls.ended(call, pipe)
+            if error is None:
+                pipe.sadd(reached, _digest(url)).expire(reached, LEDGER_RETENTION)
+            if error is None or not error.retriable:  # answered: a refusal of this message is not the URL down
+                endpoint.success(pipe)
+            pipe.execute()
+        if error is not None and error.retriable:
+            endpoint.failure()
+        return error
 
     def _others_answer(self, failed):
         """Whether a URL other than those ``failed`` answers: its last call did not fail."""
