@@ -505,14 +505,20 @@ def test_dead_letters_filter_show_confirm_replay_and_results(app, client, redis_
     assert "applied: 1" in page and "refused again: 1" in page and "still invalid" in page
 
 
-def test_purge_all_removes_the_dead_letters_confirmed_not_those_that_came_after(client, redis_client):
+@pytest.mark.parametrize("behind", [0, 60], ids=["same-clock", "worker-clock-a-minute-behind"])
+def test_purge_all_removes_the_dead_letters_confirmed_not_those_that_came_after(client, redis_client, monkeypatch,
+                                                                               behind):
     """During an outage letters keep arriving. An operator who confirmed "Purge 2 dead letters?" must
-    not lose, for good, a third that matched the filter only after the confirmation page was shown."""
+    not lose, for good, a third that matched the filter only after the confirmation page was shown.
+    Letters were stamped by the recording worker's clock: one recorded by a worker whose clock is
+    behind looked older than those confirmed, and was purged unseen."""
     seed_dead_letter(redis_client, "d-1")
     seed_dead_letter(redis_client, "d-2")
     confirm = post_form(client, "/console/dead-letters/confirm", "/console/dead-letters?sink=storepoint",
                         choice="purge:all", sink="storepoint")
     assert "Purge 2 dead letters?" in confirm.text
+    clock = time.time
+    monkeypatch.setattr("workers.store.dead_letters.time", SimpleNamespace(time=lambda: clock() - behind))
     seed_dead_letter(redis_client, "d-3")  # arrives while the operator reads the page
     done = client.post("/console/dead-letters/apply", data=hidden_fields(confirm.text))
     assert done.status_code == 302

@@ -6,9 +6,15 @@ from workers.store import keys
 
 # Dead letters: an entry, its place in the index and its sink's count change together. The id is
 # "<delivery id>:<sink>" and a delivery id has no ":", so the sink is what follows the first ":".
+# It is stamped with Redis's clock, one for every worker, so a letter recorded after another never
+# looks older (a purge of "all" is bounded by the newest letter shown). ARGV[3]: the entry's JSON
+# without its closing brace, to which "at" is added.
 _DLQ_ADD = """
-if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
-redis.call('SET', KEYS[3], ARGV[4])
+local now = redis.call('TIME')
+local at = now[1] .. '.' .. string.format('%06d', now[2])
+if redis.call('ZADD', KEYS[1], at, ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
+redis.call('SET', KEYS[3], ARGV[3] .. ', "at": ' .. at .. '}')
+return at
 """
 _DLQ_DROP = """
 -- DEL first: once a script has written, a full Redis (noeviction) lets it finish, so trimming frees memory
@@ -58,11 +64,12 @@ class DeadLetterStore:
         return f"{delivery_id}:{sink}"
 
     def add(self, delivery_id, sink, reason, **details):
+        """Record (or replace) the dead letter of ``delivery_id`` at ``sink``; return its entry, with
+        ``at``: when Redis recorded it."""
         entry_id = self.entry_id(delivery_id, sink)
-        entry = {"id": entry_id, "delivery_id": delivery_id, "sink": sink, "reason": reason,
-                 "at": time.time(), **details}
-        self._add(keys=[self.INDEX, self.COUNTS, f"{self.INDEX}:{entry_id}"],
-                  args=[entry_id, entry["at"], sink, json.dumps(entry)])
+        entry = {"id": entry_id, "delivery_id": delivery_id, "sink": sink, "reason": reason, **details}
+        entry["at"] = float(self._add(keys=[self.INDEX, self.COUNTS, f"{self.INDEX}:{entry_id}"],
+                                      args=[entry_id, sink, json.dumps(entry)[:-1]]))
         return entry
 
     def get(self, entry_id):
