@@ -132,6 +132,25 @@ def test_code_grant_refreshes_once_for_many_workers(sim, code_settings, redis_cl
     assert sim.state.token_requests[0]["redirect_uri"] == PUBLIC_URL + "/oauth/locate2u/callback"
 
 
+def test_a_refresh_slower_than_the_lock_timeout_is_still_the_only_one(sim, code_settings, redis_client, monkeypatch):
+    """The renewal lock lapsed after a fixed time (120 s; 1 s here) however long the renewal took
+    (bounded retries of a slow identity server), so a second worker then refreshed with the same
+    refresh token: refresh tokens rotate, one of the two was refused (invalid_grant) and the account
+    was marked as needing re-authorisation. Now the lock is renewed while the renewal runs."""
+    monkeypatch.setattr("workers.locate2u.tokens.LOCK_TIMEOUT", 1)
+    sim.state.token_lifetime = 1
+    first, second = (Locate2uClient.from_settings(code_settings, redis_client) for _ in range(2))
+    consent(first)
+    time.sleep(1.05)
+    sim.faults.slow(2.5, path_prefix="/connect/token")  # the refresh's answer takes 2.5 s
+    renewing = threading.Thread(target=first.whoami)
+    renewing.start()
+    time.sleep(1.5)  # the first refresh still waits for its answer
+    assert second.whoami()["userId"] == 12345
+    renewing.join()
+    assert grants(sim) == ["authorization_code", "refresh_token"] and first.tokens.status() == "ok"
+
+
 def test_rejected_refresh_token_requires_reauthorization(sim, code_settings, redis_client, caplog):
     sim.state.token_lifetime = 1
     client = Locate2uClient.from_settings(code_settings, redis_client)

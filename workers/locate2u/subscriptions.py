@@ -15,11 +15,9 @@ import dataclasses
 import logging
 import re
 
-from redis.exceptions import LockNotOwnedError
-
 from workers.config import ConfigError
 from workers.resilience.errors import NotFound, PermanentError, RetriableError
-from workers.resilience.renewal import renewed
+from workers.resilience.renewal import HeldLock, renewed
 from workers.store import keys
 from workers.locate2u.webhook_auth import canonical_url, webhook_url
 
@@ -86,35 +84,6 @@ def plan(existing, desired, prefix):
     return changes
 
 
-class HeldLock:
-    """The sync lock while a sync holds it: renewed on the renewal thread, checked before each change."""
-
-    def __init__(self, lock):
-        self.lock = lock
-        self.lost = False
-
-    def renew(self):
-        """Reset the lock's timeout; False (and ``lost``) once Redis no longer holds it for us."""
-        try:
-            self.lock.reacquire()
-        except LockNotOwnedError:
-            self.lost = True
-        return not self.lost
-
-    def check(self, change):
-        """RetriableError before ``change`` when the lock was lost: another sync may be applying its plan."""
-        if self.lost:
-            raise RetriableError(f"lost the subscriptions sync lock (Redis no longer held it) before: {change}; "
-                                 "stopped so that two syncs do not subscribe twice; the next sync finishes")
-
-    def release(self):
-        """Release it, unless it was lost (then there is nothing of ours to release)."""
-        try:
-            self.lock.release()
-        except LockNotOwnedError:
-            self.lost = True
-
-
 @dataclasses.dataclass
 class SyncReport:
     """What a sync found and did (``applied`` False for a dry run)."""
@@ -159,9 +128,10 @@ class SubscriptionSync:
                                thread_local=False)  # the renewal thread renews it
         if not lock.acquire():
             raise RetriableError("another subscriptions sync is still running; try again later")
-        held = HeldLock(lock)
+        held = HeldLock(lock, "the subscriptions sync lock",
+                        "so that two syncs do not subscribe twice; the next sync finishes")
         try:
-            with renewed(held.renew, SYNC_LOCK_TIMEOUT / 3, "the subscriptions sync lock"):
+            with renewed(held.renew, SYNC_LOCK_TIMEOUT / 3, held.what):
                 return self._reconcile(apply=True, held=held)
         finally:
             held.release()

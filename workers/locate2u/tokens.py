@@ -26,13 +26,14 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import RedisError
 
 from workers.celery_config import PROCESS_DELIVERY
 from workers.config import ConfigError, is_fernet_key
 from workers.metrics import WorkerMetrics
 from workers.resilience.errors import BadAnswer, CredentialsRefused, PermanentError, RetriableError
 from workers.resilience.http import HttpClient
+from workers.resilience.renewal import HeldLock, renewed
 from workers.resilience.retries import bring_forward
 from workers.store import keys
 
@@ -52,7 +53,9 @@ LINK_PREFIX = keys.LOCATE2U_OAUTH_LINK
 STATE_TTL = 600          # seconds a /start state stays redeemable
 LINK_TTL = 600           # seconds a signed /start link printed by the CLI stays valid
 PENDING_TTL = 600        # seconds the operator has to accept a different account
-LOCK_TIMEOUT = 120       # longer than a renewal can take with its bounded retries
+# The renewal lock lapses LOCK_TIMEOUT after its last renewal (every third of it while the token
+# request and its retries run), so a killed renewer holds up the others for less than LOCK_WAIT.
+LOCK_TIMEOUT = 30
 LOCK_WAIT = 40           # how long a worker waits for another's renewal
 MAX_REFRESH_AHEAD = 300  # renew this long before expiry (at most a tenth of the lifetime)
 DEFAULT_TOKEN_SECONDS = 3600  # a token answer's lifetime when it gives none (see token_lifetime)
@@ -204,7 +207,8 @@ class TokenStore:
         return self.redis.get(REAUTH_KEY)
 
     def lock(self):
-        return self.redis.lock(LOCK_KEY, timeout=LOCK_TIMEOUT, blocking_timeout=LOCK_WAIT)
+        """The renewal lock, renewed from the renewal thread while held (``HeldLock``)."""
+        return self.redis.lock(LOCK_KEY, timeout=LOCK_TIMEOUT, blocking_timeout=LOCK_WAIT, thread_local=False)
 
 
 def _digest(value):
@@ -419,16 +423,19 @@ class TokenManager:
             if wait:
                 raise RetriableError("timed out waiting for another worker to renew the Locate2u token")
             return None
+        held = HeldLock(lock, "the Locate2u token lock", "so that two workers do not renew with one refresh token; "
+                              "the next call renews it")
         try:
-            tokens = self._load()
-            if self._fresh(tokens, rejected):
-                return tokens["access_token"]  # another worker renewed it meanwhile
-            return self._fetch(tokens)["access_token"]
+            with renewed(held.renew, LOCK_TIMEOUT / 3, held.what):
+                tokens = self._load()
+                if self._fresh(tokens, rejected):
+                    return tokens["access_token"]  # another worker renewed it meanwhile
+                held.check("the token request")
+                return self._fetch(tokens)["access_token"]
         finally:
-            try:
-                lock.release()
-            except LockError:
-                log.warning("the Locate2u token lock expired during a renewal")
+            held.release()
+            if held.lost:
+                log.warning("the Locate2u token lock was lost during a renewal (Redis no longer held it)")
 
     def _fetch(self, tokens):
         if self.grant == "client_credentials":

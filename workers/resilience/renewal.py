@@ -13,6 +13,9 @@ import threading
 import time
 
 import redis
+from redis.exceptions import LockNotOwnedError
+
+from workers.resilience.errors import RetriableError
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,37 @@ class Renewer:
 
 RENEWER = Renewer()
 os.register_at_fork(after_in_child=RENEWER._forget)
+
+
+class HeldLock:
+    """A redis-py lock (``thread_local=False``) while its holder works: renewed on the renewal thread
+    (``renewed(held.renew, ...)``), checked before each step that another holder must not repeat."""
+
+    def __init__(self, lock, what, why):
+        self.lock = lock
+        self.what = what  # "the subscriptions sync lock"
+        self.why = why  # what stopping protects, and what happens next
+        self.lost = False
+
+    def renew(self):
+        """Reset the lock's timeout; False (and ``lost``) once Redis no longer holds it for us."""
+        try:
+            self.lock.reacquire()
+        except LockNotOwnedError:
+            self.lost = True
+        return not self.lost
+
+    def check(self, step):
+        """RetriableError before ``step`` when the lock was lost: another holder may be at work."""
+        if self.lost:
+            raise RetriableError(f"lost {self.what} (Redis no longer held it) before: {step}; stopped {self.why}")
+
+    def release(self):
+        """Release it, unless it was lost (then there is nothing of ours to release)."""
+        try:
+            self.lock.release()
+        except LockNotOwnedError:
+            self.lost = True
 
 
 @contextlib.contextmanager
