@@ -23,7 +23,7 @@ from workers.config import ConfigError
 from workers.resilience.errors import PermanentError, RetriableError
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.linking import AccountChanged, link_account
-from workers.locate2u.tokens import STATE_TTL, OAuthStates, StartLinks, pkce_pair
+from workers.locate2u.oauth_links import STATE_TTL, OAuthStates, StartLinks, pkce_pair
 
 log = logging.getLogger(__name__)
 bp = Blueprint("oauth", __name__, url_prefix="/oauth/locate2u")

@@ -46,7 +46,7 @@ RECEIVER_ALLOWED = {
     "workers.resilience.errors": "retriable / permanent errors raised by the Locate2u client and token exchange",
     "workers.locate2u.client": "the Locate2u client that exchanges the callback's code",
     "workers.locate2u.linking": "linking the authorising account (and refusing another one) as the CLI does",
-    "workers.locate2u.tokens": "OAuth states, start links, PKCE and the token store shared with the workers",
+    "workers.locate2u.oauth_links": "OAuth states, start links and PKCE of the code flow",
     # operator console (console/)
     "workers.runtime": "the Runtime (settings, Redis, sinks, task sending) the console's operations run in",
     "workers.ops.operations": "replay, release, discard and search: the console runs the CLI's operations",
@@ -183,7 +183,7 @@ def without_known_cycles(graph):
 def test_the_graph_sees_module_level_and_function_level_imports():
     graph = import_graph()
     assert "workers.config" in graph["receiver"]  # module level, ``from workers.config import ...``
-    assert "workers.locate2u.tokens" in graph["workers.locate2u.client"]  # parenthesised ``from ... import``
+    assert "workers.locate2u.stops_import" in graph["workers.locate2u.stops_command"]  # parenthesised ``from ... import``
     assert "workers.ops.simulators.base" in graph["workers.ops.simulators.b2b"]  # relative ``from .base import``
     assert "workers.ops.devstack" in graph["workers.ops.cli"]  # only imported inside functions
 

@@ -15,7 +15,8 @@ from tests.payloads import PUBLISHED, status_change
 from tests.processes import BIN, from_a_terminal, process_env
 from workers.celery_config import CONTROL_QUEUE, SYNC_SUBSCRIPTIONS, make_celery
 from workers.config import SVIX_RETRY_SCHEDULE
-from workers.locate2u.tokens import REAUTH_HINT, TokenStore
+from workers.locate2u.token_store import TokenStore
+from workers.locate2u.tokens import REAUTH_HINT
 from workers.locate2u.webhook_auth import url_token
 from workers.ops.devstack import REPO_ROOT, free_port
 from workers.store.dead_letters import DeadLetterStore

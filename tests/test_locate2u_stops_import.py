@@ -9,7 +9,8 @@ from workers.locate2u.client import Locate2uClient, RetryPolicy
 from workers.locate2u.stops_command import stops_import
 from workers.locate2u.stops_import import (ImportFileError, ImportReport, Place, RowError, import_stops, read_rows,
                                            validate_rows)
-from workers.locate2u.tokens import ReauthorizationRequired, TokenStore
+from workers.locate2u.token_store import TokenStore
+from workers.locate2u.tokens import ReauthorizationRequired
 
 CSV = """name,address,contact.name,contact.email,location.latitude,location.longitude,tripDate,durationMinutes
 Alpha,1 George St Sydney,Ann,ann@example.com,-33.86,151.20,2024-05-01,10

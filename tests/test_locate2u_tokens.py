@@ -9,8 +9,9 @@ import requests
 from tests.fixtures import PUBLIC_URL
 from workers.locate2u.client import Locate2uClient
 from workers.locate2u.linking import link_account
-from workers.locate2u.tokens import (LOCK_KEY, REAUTH_HINT, TOKENS_KEY, OAuthStates, ReauthorizationRequired,
-                                     TokenStore, pkce_pair)
+from workers.locate2u.oauth_links import OAuthStates, pkce_pair
+from workers.locate2u.token_store import LOCK_KEY, TOKENS_KEY, TokenStore
+from workers.locate2u.tokens import REAUTH_HINT, ReauthorizationRequired
 from workers.resilience.errors import BadAnswer
 
 
@@ -137,7 +138,7 @@ def test_a_refresh_slower_than_the_lock_timeout_is_still_the_only_one(sim, code_
     (bounded retries of a slow identity server), so a second worker then refreshed with the same
     refresh token: refresh tokens rotate, one of the two was refused (invalid_grant) and the account
     was marked as needing re-authorisation. Now the lock is renewed while the renewal runs."""
-    monkeypatch.setattr("workers.locate2u.tokens.LOCK_TIMEOUT", 1)
+    monkeypatch.setattr("workers.locate2u.token_store.LOCK_TIMEOUT", 1)
     sim.state.token_lifetime = 1
     first, second = (Locate2uClient.from_settings(code_settings, redis_client) for _ in range(2))
     consent(first)

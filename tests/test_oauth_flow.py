@@ -13,7 +13,8 @@ from receiver import create_app
 from tests.fixtures import PUBLIC_URL
 from workers.ops.cli import main
 from workers.locate2u.client import Locate2uClient
-from workers.locate2u.tokens import ACCOUNT_KEY, LINK_TTL, StartLinks
+from workers.locate2u.oauth_links import LINK_TTL, StartLinks
+from workers.locate2u.token_store import ACCOUNT_KEY
 from workers.ops.simulators.locate2u import USER, s256
 
 OTHER_USER = {"userId": 999, "email": "intruder@example.com", "teamId": 4242, "teamName": "Someone Else"}

@@ -9,7 +9,7 @@ from cryptography.fernet import Fernet
 from receiver import create_app
 from workers.ops.cli import main
 from workers.config import ConfigError, Settings
-from workers.locate2u.tokens import ACCOUNT_KEY, KEY_WARNING, TOKENS_KEY, TokenStore
+from workers.locate2u.token_store import ACCOUNT_KEY, KEY_WARNING, TOKENS_KEY, TokenStore
 
 OLD_KEY, NEW_KEY = Fernet.generate_key().decode(), Fernet.generate_key().decode()
 TOKENS = {"access_token": "stored-access-token", "refresh_token": "stored-refresh-token"}

@@ -28,7 +28,8 @@ from tests.payloads import PUBLISHED
 from tests.processes import Process, process_env
 from workers.locate2u import webhook_auth
 from workers.locate2u.client import Locate2uClient
-from workers.locate2u.tokens import STATE_PREFIX, STATE_TTL, TokenStore
+from workers.locate2u.oauth_links import STATE_PREFIX, STATE_TTL
+from workers.locate2u.token_store import TokenStore
 from workers.locate2u.webhook_auth import token_matches, url_token
 from workers.logs import json_handler, settings_secrets
 from workers.ops.devstack import REPO_ROOT, EmbeddedRedis, free_port

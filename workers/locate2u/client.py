@@ -15,8 +15,8 @@ from urllib.parse import quote
 
 from workers.resilience.errors import BadAnswer, CredentialsRefused, RetriableError
 from workers.resilience.http import PAGE_TIMEOUT, HttpClient, make_session
-from workers.locate2u.tokens import (CALLBACK_PATH, IdentityServer, ReauthorizationRequired, TokenManager,
-                                     TokenStore)
+from workers.locate2u.token_store import TokenStore
+from workers.locate2u.tokens import CALLBACK_PATH, IdentityServer, ReauthorizationRequired, TokenManager
 
 __all__ = ["Locate2uClient", "ReauthorizationRequired", "RetryPolicy"]
 

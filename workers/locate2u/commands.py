@@ -23,8 +23,9 @@ from workers.resilience.errors import CredentialsRefused, RelayError
 from workers.locate2u.client import Locate2uClient, redirect_uri
 from workers.locate2u.subscriptions import SubscriptionSync, is_ours, mask_url, our_prefix
 from workers.locate2u.linking import accept_pending, link_account
-from workers.locate2u.tokens import (LINK_TTL, START_PATH, OAuthStates, ReauthorizationRequired, StartLinks,
-                                     TokenStore, describe_account, pkce_pair)
+from workers.locate2u.oauth_links import LINK_TTL, OAuthStates, StartLinks, pkce_pair
+from workers.locate2u.token_store import TokenStore
+from workers.locate2u.tokens import START_PATH, ReauthorizationRequired, describe_account
 from workers.pipeline.failures import redis_outage
 from workers.store.redis_client import connect
 

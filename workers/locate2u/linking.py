@@ -8,7 +8,8 @@ from the CLI (``l2u-relay oauth accept-account``).
 import logging
 
 from workers.resilience.errors import PermanentError, RelayError
-from workers.locate2u.tokens import PENDING_TTL, account_id, describe_account
+from workers.locate2u.token_store import PENDING_TTL
+from workers.locate2u.tokens import account_id, describe_account
 
 log = logging.getLogger(__name__)
 

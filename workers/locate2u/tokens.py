@@ -4,38 +4,24 @@ Both grants of the identity server's ``/connect/token`` are supported:
 ``client_credentials`` (unattended) and ``authorization_code`` (one user
 consent, with ``offline_access`` so a refresh token keeps it alive, PKCE S256).
 
-The token set, the linked account and a pending account change are Fernet
-values in Redis under ``RELAY_TOKEN_KEYS`` (a ``MultiFernet``: the first key
-encrypts, every key decrypts). Without it the key is derived from
-``RELAY_WEBHOOK_SECRET`` with HKDF, as before, and ``key_warning`` says so;
-keys derived from the webhook secrets always still decrypt, so a value is
-moved to the current first key when it is next read (or by ``rotate``).
-Renewal happens under a Redis lock, so many workers make one token request.
+The token set is kept encrypted by ``workers.locate2u.token_store``; the code flow's one-time
+values (PKCE, ``state``, start links) are in ``workers.locate2u.oauth_links``. Renewal happens
+under a Redis lock, so many workers make one token request.
 """
-import base64
-import hashlib
-import hmac
-import json
 import logging
 import math
-import secrets
 import time
 from urllib.parse import urlencode
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from redis.exceptions import RedisError
 
 from workers.celery_config import PROCESS_DELIVERY
-from workers.config import ConfigError, is_fernet_key
+from workers.config import ConfigError
 from workers.metrics import WorkerMetrics
 from workers.resilience.errors import BadAnswer, CredentialsRefused, PermanentError, RetriableError
 from workers.resilience.http import HttpClient
 from workers.resilience.renewal import HeldLock, renewed
 from workers.resilience.retries import bring_forward
-from workers.store import keys
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +29,10 @@ REAUTH_HINT = "run l2u-relay oauth url and open the link it prints"
 CALLBACK_PATH = "/oauth/locate2u/callback"
 START_PATH = "/oauth/locate2u/start"
 OFFLINE_SCOPE = "offline_access"
-TOKENS_KEY = keys.LOCATE2U_TOKENS
-ACCOUNT_KEY = keys.LOCATE2U_ACCOUNT
-PENDING_KEY = keys.LOCATE2U_PENDING_LINK
-REAUTH_KEY = keys.LOCATE2U_REAUTH
-LOCK_KEY = keys.LOCATE2U_TOKEN_LOCK
-STATE_PREFIX = keys.LOCATE2U_OAUTH_STATE
-LINK_PREFIX = keys.LOCATE2U_OAUTH_LINK
-STATE_TTL = 600          # seconds a /start state stays redeemable
-LINK_TTL = 600           # seconds a signed /start link printed by the CLI stays valid
-PENDING_TTL = 600        # seconds the operator has to accept a different account
-# The renewal lock lapses LOCK_TIMEOUT after its last renewal (every third of it while the token
-# request and its retries run), so a killed renewer holds up the others for less than LOCK_WAIT.
-LOCK_TIMEOUT = 30
-LOCK_WAIT = 40           # how long a worker waits for another's renewal
 MAX_REFRESH_AHEAD = 300  # renew this long before expiry (at most a tenth of the lifetime)
 DEFAULT_TOKEN_SECONDS = 3600  # a token answer's lifetime when it gives none (see token_lifetime)
 MIN_TOKEN_SECONDS = 60
 TOKEN_TIMEOUT = (3.05, 15)
-# Re-encrypt a value only if nobody replaced it meanwhile (a renewal must never be undone by a rotation).
-_REPLACE_IF_UNCHANGED = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL') end
-return false
-"""
-KEY_WARNING = ("RELAY_TOKEN_KEYS is unset: stored Locate2u tokens are encrypted under a key derived from "
-               "RELAY_WEBHOOK_SECRET; set RELAY_TOKEN_KEYS (l2u-relay oauth new-key)")
 
 
 class ReauthorizationRequired(CredentialsRefused):
@@ -81,201 +46,6 @@ class TokenRejected(PermanentError):
     def __init__(self, message, oauth_error=None, **details):
         super().__init__(message, **details)
         self.oauth_error = oauth_error
-
-
-def _derived_fernet(secret, info=b"locate2u token store v1"):
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"locate2u-relay", info=info)
-    return Fernet(base64.urlsafe_b64encode(hkdf.derive(secret.encode())))
-
-
-def _token_key_fernet(key):
-    """A Fernet key as it is; another secret (app.json generates 64 hex characters) through HKDF."""
-    return Fernet(key.encode()) if is_fernet_key(key) else _derived_fernet(key, info=b"RELAY_TOKEN_KEYS v1")
-
-
-def token_fernets(settings):
-    """``RELAY_TOKEN_KEYS`` in order, then the keys derived from the webhook secrets (decryption only
-    while dedicated keys are set; the current webhook secret's key encrypts when they are not)."""
-    derived = [_derived_fernet(s) for s in (settings.webhook_secret, settings.webhook_secret_previous) if s]
-    return [_token_key_fernet(key) for key in settings.token_keys] + derived
-
-
-class TokenStore:
-    """Encrypted values in Redis: the token set, the linked account, a pending account change."""
-
-    def __init__(self, redis_client, fernets, dedicated=True):
-        self.redis = redis_client
-        self._fernets = list(fernets)
-        self._all = MultiFernet(self._fernets)
-        self.dedicated = dedicated
-        self._decrypted = {}  # key -> (the value read last, its plaintext): unchanged, it is not decrypted again
-        self._replace_if_unchanged = redis_client.register_script(_REPLACE_IF_UNCHANGED)
-
-    @classmethod
-    def from_settings(cls, redis_client, settings):
-        return cls(redis_client, token_fernets(settings), dedicated=bool(settings.token_keys))
-
-    @property
-    def key_warning(self):
-        """None with ``RELAY_TOKEN_KEYS`` set, else what to do about the derived key."""
-        return None if self.dedicated else KEY_WARNING
-
-    def _encrypt(self, value):
-        return self._fernets[0].encrypt(json.dumps(value).encode()).decode()
-
-    def _read(self, key):
-        """The decrypted JSON value at ``key`` (moved to the first key if an older one encrypted it)."""
-        blob = self.redis.get(key)
-        if blob is None:
-            return None
-        last_blob, plaintext = self._decrypted.get(key, (None, None))
-        if blob == last_blob:
-            return json.loads(plaintext)
-        try:
-            plaintext = self._fernets[0].decrypt(blob)
-        except InvalidToken:
-            pass
-        else:
-            self._decrypted[key] = (blob, plaintext)
-            return json.loads(plaintext)
-        try:
-            value = json.loads(self._all.decrypt(blob))
-        except InvalidToken:
-            log.warning("a stored Locate2u value (%s) cannot be decrypted with RELAY_TOKEN_KEYS or the webhook "
-                        "secrets; ignoring it", key)
-            return None
-        self._reencrypt(key, blob)
-        return value
-
-    def _reencrypt(self, key, blob):
-        """Store ``blob`` under the first key unless the value changed since it was read."""
-        self._replace_if_unchanged(keys=[key], args=[blob, self._all.rotate(blob)])
-
-    def load(self):
-        """The stored token set as a dict, or None (absent or undecryptable)."""
-        return self._read(TOKENS_KEY)
-
-    def save(self, tokens, account=None):
-        """Store ``tokens`` (and the ``account`` they act as) encrypted; clear any re-authorisation mark."""
-        with self.redis.pipeline() as pipe:
-            pipe.set(TOKENS_KEY, self._encrypt(tokens))
-            if account is not None:
-                pipe.set(ACCOUNT_KEY, self._encrypt(account))
-            pipe.delete(REAUTH_KEY)
-            pipe.execute()
-
-    def account(self):
-        """The Locate2u user/team linked last (kept through re-authorisation), or None."""
-        return self._read(ACCOUNT_KEY)
-
-    def save_pending(self, tokens, account):
-        """Hold a token set for a different account until the operator accepts it (or it expires)."""
-        self.redis.set(PENDING_KEY, self._encrypt({"tokens": tokens, "account": account}), ex=PENDING_TTL)
-
-    def take_pending(self):
-        """The pending ``{"tokens", "account"}`` (removed from Redis), or None."""
-        blob = self.redis.getdel(PENDING_KEY)
-        if blob is None:
-            return None
-        try:
-            return json.loads(self._all.decrypt(blob))
-        except InvalidToken:
-            return None
-
-    def rotate(self):
-        """Re-encrypt every stored value under the first key: ``(re-encrypted, undecryptable)`` key names."""
-        done, failed = [], []
-        for key in (TOKENS_KEY, ACCOUNT_KEY, PENDING_KEY):
-            blob = self.redis.get(key)
-            if blob is None:
-                continue
-            try:
-                self._reencrypt(key, blob)
-                done.append(key)
-            except InvalidToken:
-                failed.append(key)
-        return done, failed
-
-    def mark_reauthorization_required(self, reason):
-        """Forget the tokens and remember why a user must approve again."""
-        with self.redis.pipeline() as pipe:
-            pipe.delete(TOKENS_KEY)
-            pipe.set(REAUTH_KEY, reason)
-            pipe.execute()
-
-    def reauthorization_reason(self):
-        return self.redis.get(REAUTH_KEY)
-
-    def lock(self):
-        """The renewal lock, renewed from the renewal thread while held (``HeldLock``)."""
-        return self.redis.lock(LOCK_KEY, timeout=LOCK_TIMEOUT, blocking_timeout=LOCK_WAIT, thread_local=False)
-
-
-def _digest(value):
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
-def pkce_pair():
-    """A PKCE ``(code_verifier, code_challenge)`` pair, method S256 (RFC 7636)."""
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    return verifier, challenge
-
-
-class OAuthStates:
-    """Single-use ``state`` values for the code flow, kept (hashed) in Redis for ten minutes.
-
-    Each holds the PKCE verifier and, for a browser flow, the hash of the
-    nonce in the starting browser's cookie.
-    """
-
-    def __init__(self, redis_client):
-        self.redis = redis_client
-
-    def issue(self, verifier, browser_nonce=None):
-        state = secrets.token_urlsafe(32)
-        record = {"verifier": verifier, "browser": _digest(browser_nonce) if browser_nonce else None}
-        self.redis.set(STATE_PREFIX + _digest(state), json.dumps(record), ex=STATE_TTL)
-        return state
-
-    def consume(self, state):
-        """The state's record exactly once for a state issued here and not yet expired, else None."""
-        raw = self.redis.getdel(STATE_PREFIX + _digest(state)) if state else None
-        return json.loads(raw) if raw else None
-
-    @staticmethod
-    def same_browser(record, browser_nonce):
-        """True when ``browser_nonce`` (the callback's cookie) is the one that started the flow."""
-        if not record.get("browser") or not browser_nonce:
-            return False
-        return hmac.compare_digest(record["browser"], _digest(browser_nonce))
-
-
-class StartLinks:
-    """The operator's signed, expiring, single-use links to ``/oauth/locate2u/start``."""
-
-    SALT = "l2u-relay oauth start link"
-
-    def __init__(self, redis_client, settings):
-        self.redis = redis_client
-        keys = [key for key in (settings.webhook_secret_previous, settings.webhook_secret) if key]  # newest last
-        self.serializer = URLSafeTimedSerializer(keys, salt=self.SALT)
-
-    def make(self):
-        return self.serializer.dumps({"nonce": secrets.token_urlsafe(16)})
-
-    def check(self, link):
-        """None when ``link`` is valid and unused (it is then spent), else the error code."""
-        try:
-            payload = self.serializer.loads(link or "", max_age=LINK_TTL)
-        except SignatureExpired:
-            return "expired_link"
-        except BadSignature:
-            return "invalid_link"
-        if not isinstance(payload, dict) or not self.redis.set(LINK_PREFIX + _digest(str(payload.get("nonce"))),
-                                                                "1", nx=True, ex=LINK_TTL + 60):
-            return "used_link"
-        return None
 
 
 class IdentityServer:
@@ -426,7 +196,7 @@ class TokenManager:
         held = HeldLock(lock, "the Locate2u token lock", "so that two workers do not renew with one refresh token; "
                               "the next call renews it")
         try:
-            with renewed(held.renew, LOCK_TIMEOUT / 3, held.what):
+            with renewed(held.renew, lock.timeout / 3, held.what):
                 tokens = self._load()
                 if self._fresh(tokens, rejected):
                     return tokens["access_token"]  # another worker renewed it meanwhile
