@@ -229,17 +229,24 @@ def test_no_writer_mark_outlives_a_write_that_let_go_of_its_lock(driver, sink_se
     assert driver.rt.redis.zcard(marks) == 0
 
 
-def test_a_write_that_got_no_answer_is_not_overtaken_while_it_may_still_land(driver, sink_server):
-    """The sink held a write past the client's read timeout and applied it afterwards (a server
-    finishes a request whose client gave up). The lock was released with the error, so a newer
-    write went out at once, and the older one landed after it: the sink ended regressed."""
+def _newer_after_one_without_answer(driver, sink_server):
+    """An older write for a key sent and held by the sink past the client's read timeout (settle time
+    1 s), applied by the sink afterwards; then a newer one for the key: ``(newer, its outcome)``."""
     driver.rt.sinks["storepoint"].client.timeout = (1, 0.5)  # settle time: 1 s
     sink_server.app.config["FAULTS"].slow(0.7, path_prefix="/records")  # applied after the client gave up
     older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
     newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
     older_args, newer_args = fan_out_job(driver, older), fan_out_job(driver, newer)
     assert tasks.deliver.run(*older_args) == "retrying"  # read timeout; the sink still holds it
-    assert tasks.deliver.run(*newer_args) == "waiting"
+    return newer, tasks.deliver.run(*newer_args)
+
+
+def test_a_write_that_got_no_answer_is_not_overtaken_while_it_may_still_land(driver, sink_server):
+    """The sink held a write past the client's read timeout and applied it afterwards (a server
+    finishes a request whose client gave up). The lock was released with the error, so a newer
+    write went out at once, and the older one landed after it: the sink ended regressed."""
+    newer, outcome = _newer_after_one_without_answer(driver, sink_server)
+    assert outcome == "waiting"
     assert driver.rt.ledger.get(newer)["sinks"]["storepoint"]["reason"].endswith("may still land")
     time.sleep(1.2)  # the held write landed, and the key's settle time is over
     driver.run()
@@ -252,13 +259,7 @@ def test_an_unordered_routes_next_write_does_not_wait_for_one_that_got_no_answer
     order per key, yet a write without an answer held the key for the sink's settle time (60 s by
     default): with the forward, one URL that hung held every other URL's next message for that stop."""
     driver.rt.routes["storepoint"] = dataclasses.replace(driver.rt.routes["storepoint"], ordered=False)
-    driver.rt.sinks["storepoint"].client.timeout = (1, 0.5)  # settle time: 1 s
-    sink_server.app.config["FAULTS"].slow(0.7, path_prefix="/records")  # applied after the client gave up
-    older = accept(driver.rt, status_change(STOP_ID, "Arrived", "2022-04-27T05:00:00+00:00"))
-    newer = accept(driver.rt, status_change(STOP_ID, "Complete", "2022-04-27T06:00:00+00:00"))
-    older_args, newer_args = fan_out_job(driver, older), fan_out_job(driver, newer)
-    assert tasks.deliver.run(*older_args) == "retrying"  # read timeout; the sink still holds it
-    assert tasks.deliver.run(*newer_args) == "applied"
+    assert _newer_after_one_without_answer(driver, sink_server)[1] == "applied"
     assert driver.rt.redis.get(LOCK_KEY) is None
 
 
