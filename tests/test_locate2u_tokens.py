@@ -134,19 +134,19 @@ def test_code_grant_refreshes_once_for_many_workers(sim, code_settings, redis_cl
 
 
 def test_a_refresh_slower_than_the_lock_timeout_is_still_the_only_one(sim, code_settings, redis_client, monkeypatch):
-    """The renewal lock lapsed after a fixed time (120 s; 1 s here) however long the renewal took
+    """The renewal lock lapsed after a fixed time (120 s; 2 s here) however long the renewal took
     (bounded retries of a slow identity server), so a second worker then refreshed with the same
     refresh token: refresh tokens rotate, one of the two was refused (invalid_grant) and the account
     was marked as needing re-authorisation. Now the lock is renewed while the renewal runs."""
-    monkeypatch.setattr("workers.locate2u.token_store.LOCK_TIMEOUT", 1)
+    monkeypatch.setattr("workers.locate2u.token_store.LOCK_TIMEOUT", 2)
     sim.state.token_lifetime = 1
     first, second = (Locate2uClient.from_settings(code_settings, redis_client) for _ in range(2))
     consent(first)
     time.sleep(1.05)
-    sim.faults.slow(2.5, path_prefix="/connect/token")  # the refresh's answer takes 2.5 s
+    sim.faults.slow(4, path_prefix="/connect/token")  # the refresh's answer takes 4 s
     renewing = threading.Thread(target=first.whoami)
     renewing.start()
-    time.sleep(1.5)  # the first refresh still waits for its answer
+    time.sleep(2.5)  # past the lock's timeout; the first refresh still waits for its answer
     assert second.whoami()["userId"] == 12345
     renewing.join()
     assert grants(sim) == ["authorization_code", "refresh_token"] and first.tokens.status() == "ok"
