@@ -17,7 +17,7 @@ import re
 
 from workers.config import ConfigError
 from workers.resilience.errors import NotFound, PermanentError, RetriableError
-from workers.resilience.renewal import HeldLock, renewed
+from workers.resilience.renewal import HeldLock
 from workers.store import keys
 from workers.locate2u.webhook_auth import canonical_url, webhook_url
 
@@ -130,11 +130,8 @@ class SubscriptionSync:
             raise RetriableError("another subscriptions sync is still running; try again later")
         held = HeldLock(lock, "the subscriptions sync lock",
                         "so that two syncs do not subscribe twice; the next sync finishes")
-        try:
-            with renewed(held.renew, SYNC_LOCK_TIMEOUT / 3, held.what):
-                return self._reconcile(apply=True, held=held)
-        finally:
-            held.release()
+        with held.kept():
+            return self._reconcile(apply=True, held=held)
 
     def _reconcile(self, apply, held=None):
         self._check_event_types()

@@ -20,7 +20,7 @@ from workers.config import ConfigError
 from workers.metrics import WorkerMetrics
 from workers.resilience.errors import BadAnswer, CredentialsRefused, PermanentError, RetriableError
 from workers.resilience.http import HttpClient
-from workers.resilience.renewal import HeldLock, renewed
+from workers.resilience.renewal import HeldLock
 from workers.resilience.retries import bring_forward
 
 log = logging.getLogger(__name__)
@@ -195,17 +195,12 @@ class TokenManager:
             return None
         held = HeldLock(lock, "the Locate2u token lock", "so that two workers do not renew with one refresh token; "
                               "the next call renews it")
-        try:
-            with renewed(held.renew, lock.timeout / 3, held.what):
-                tokens = self._load()
-                if self._fresh(tokens, rejected):
-                    return tokens["access_token"]  # another worker renewed it meanwhile
-                held.check("the token request")
-                return self._fetch(tokens)["access_token"]
-        finally:
-            held.release()
-            if held.lost:
-                log.warning("the Locate2u token lock was lost during a renewal (Redis no longer held it)")
+        with held.kept():
+            tokens = self._load()
+            if self._fresh(tokens, rejected):
+                return tokens["access_token"]  # another worker renewed it meanwhile
+            held.check("the token request")
+            return self._fetch(tokens)["access_token"]
 
     def _fetch(self, tokens):
         if self.grant == "client_credentials":

@@ -263,6 +263,7 @@ class SlowCalls:
         return [call.member, now - self.SLOW_AFTER, self.limit, now - call.lapse, math.ceil(call.lapse)]
 
     def ended(self, member, pipe, now=None):
-        """On ``pipe``: the call ``member`` is over (nothing when it was never counted)."""
+        """On ``pipe`` (or a client, at once): the call ``member`` is over (nothing when it was never
+        counted)."""
         pipe.eval(_CALL_ENDED, 2, self.key, self.slow_key, member, repr(time.time() if now is None else now),
                   self.SLOW_AFTER)

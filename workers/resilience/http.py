@@ -142,9 +142,10 @@ class HttpClient:
         try:
             response = self.session.request(method, url, **kwargs)
         except requests.TooManyRedirects:
-            raise PermanentError(f"{method} {self.scrub(url)} was redirected more than {self.session.max_redirects} "
-                                 "times (a redirect loop): set the API URL to where the API is", method=method,
-                                 url=self.scrub(url)) from None
+            shown = self.scrub(url)
+            raise PermanentError(f"{method} {shown} was redirected more than {self.session.max_redirects} times "
+                                 "(a redirect loop): set the API URL to where the API is", method=method,
+                                 url=shown) from None
         except (requests.Timeout, requests.ConnectionError, AnswerUnread, *UNREADABLE_ANSWER) as exc:
             raise self._unanswered(method, url, exc, deadline, kwargs["timeout"]) from None
         finally:

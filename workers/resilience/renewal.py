@@ -114,7 +114,7 @@ os.register_at_fork(after_in_child=RENEWER._forget)
 
 class HeldLock:
     """A redis-py lock (``thread_local=False``) while its holder works: renewed on the renewal thread
-    (``renewed(held.renew, ...)``), checked before each step that another holder must not repeat."""
+    (``kept``), checked before each step that another holder must not repeat."""
 
     def __init__(self, lock, what, why):
         self.lock = lock
@@ -135,12 +135,20 @@ class HeldLock:
         if self.lost:
             raise RetriableError(f"lost {self.what} (Redis no longer held it) before: {step}; stopped {self.why}")
 
-    def release(self):
-        """Release it, unless it was lost (then there is nothing of ours to release)."""
+    @contextlib.contextmanager
+    def kept(self):
+        """Renew the lock every third of its timeout while the body runs, then release it (a warning
+        when it was lost meanwhile: nothing of ours is left to release)."""
         try:
-            self.lock.release()
-        except LockNotOwnedError:
-            self.lost = True
+            with renewed(self.renew, self.lock.timeout / 3, self.what):
+                yield self
+        finally:
+            try:
+                self.lock.release()
+            except LockNotOwnedError:
+                self.lost = True
+            if self.lost:
+                log.warning("%s was lost while held (Redis no longer held it)", self.what)
 
 
 @contextlib.contextmanager

@@ -169,9 +169,7 @@ class ForwardSink(Sink):
         except RelayError as exc:
             error = exc
         except BaseException:  # cut short (a time limit): not in flight any more
-            with self.mappings.redis.pipeline() as pipe:
-                calls.ended(call, pipe)
-                pipe.execute()
+            calls.ended(call, self.mappings.redis)
             raise
         with self.mappings.redis.pipeline() as pipe:
             calls.ended(call, pipe)
