@@ -255,6 +255,34 @@ def test_a_url_takes_at_most_half_of_a_workers_processes_in_calls_at_once(sim, m
     assert faults.counts["slow"] == limit and len(received(sim, "b")) == limit + 1
 
 
+@pytest.mark.parametrize("failed_before", [False, True], ids=["healthy", "after-a-failure"])
+def test_a_urls_admission_goes_by_the_age_of_its_calls_and_its_last_outcome(mappings, failed_before):
+    """The rules behind the skips, at chosen instants on a real Redis. Healthy: any number of calls
+    younger than ``ENDPOINT_BUSY_AFTER`` go (a URL answering sooner is never limited); half the pool
+    older than that holds the next one back ("crowded"). After a failure, half the pool of any age
+    does. One call older than ``SLOW_AFTER``: "slow". A call older than its probe slot has lapsed."""
+    sink = make_forward(["http://127.0.0.1:9/hooks/b"], mappings)
+    [url] = sink.urls
+    endpoint, calls = sink.endpoints[url], sink.calls[url]
+    assert calls.key.startswith("l2u:calls:forward:") and calls.limit == SlowCalls.processes // 2
+    if failed_before:
+        endpoint.failure()
+    start = time.time()
+
+    def admit(call, after):
+        return endpoint.admit(calls, SlowCalls.Call(call, endpoint.probe_seconds), ENDPOINT_BUSY_AFTER,
+                              now=start + after)[0]
+
+    young = [admit(f"young-{n}", n / 100) for n in range(calls.limit + 1)]
+    if failed_before:
+        assert young == ["closed"] * calls.limit + ["crowded"]
+    else:
+        assert young == ["closed"] * (calls.limit + 1)
+        assert admit("later", ENDPOINT_BUSY_AFTER + 0.1) == "crowded"
+    assert admit("slower", SlowCalls.SLOW_AFTER + 0.1) == "slow"
+    assert admit("after-the-lapse", endpoint.probe_seconds + 1) == "closed"
+
+
 def test_a_failure_is_the_forwards_own_when_no_other_url_answers(sim, mappings):
     faults = sim.app.config["FAULTS"]
     faults.fail_rate(1.0, 503, path_prefix="/hooks/")
